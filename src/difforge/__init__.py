@@ -1,0 +1,132 @@
+"""difforge: a torch.compile backend for diffusion models.
+
+import difforge
+model = difforge.compile(model, options={"mode": "O2"})
+model = torch.compile(model, backend="difforge", options={"mode": "O3"})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, overload
+
+import torch
+from torch import nn
+
+from difforge._version import __version__
+from difforge.backend import DifforgeBackend, compile_records, difforge_backend
+from difforge.errors import DifforgeError, OptionsError, PassError
+from difforge.memory_format import apply_memory_format
+from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
+from difforge.passes import counters
+
+__all__ = [
+    "MODES",
+    "PRESETS",
+    "CompileConfig",
+    "DifforgeBackend",
+    "DifforgeError",
+    "OptionsError",
+    "PassError",
+    "__version__",
+    "compile",
+    "compile_records",
+    "counters",
+    "parse_options",
+]
+
+OUR_BACKENDS = ("difforge", "nexfort")  # "nexfort": the seed's examples run unchanged
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+
+def _register_with_dynamo() -> None:
+    from torch._dynamo.backends import registry
+
+    # When torch found us through the entry point it is importing us right now and
+    # registers the name itself afterwards; registering here too would be a duplicate.
+    if "difforge" not in registry._BACKENDS and "difforge" not in registry._COMPILER_FNS:
+        registry.register_backend(difforge_backend, name="difforge")
+
+
+_register_with_dynamo()
+
+
+@overload
+def compile(
+    module: None = None,
+    *,
+    backend: str | Callable[..., Any] = ...,
+    options: Mapping[str, Any] | str | None = ...,
+    dynamic: bool | None = ...,
+    fullgraph: bool | None = ...,
+) -> Callable[[T], T]: ...
+
+
+@overload
+def compile(
+    module: T,
+    *,
+    backend: str | Callable[..., Any] = ...,
+    options: Mapping[str, Any] | str | None = ...,
+    dynamic: bool | None = ...,
+    fullgraph: bool | None = ...,
+) -> T: ...
+
+
+def compile(
+    module: Any = None,
+    *,
+    backend: str | Callable[..., Any] = "difforge",
+    options: Mapping[str, Any] | str | None = None,
+    dynamic: bool | None = None,
+    fullgraph: bool | None = None,
+) -> Any:
+    """Compile ``module`` (an ``nn.Module`` or a function) with difforge.
+
+    Options are validated now, not at the first forward. The result shares parameters
+    and buffers with ``module``: in-place weight updates show up in its outputs without
+    recompiling, except under the ``freezing`` mode, which folds weights into the graph.
+    With no ``module`` this returns a decorator. ``backend="nexfort"`` is an alias of
+    ``"difforge"``; any other backend is handed to ``torch.compile`` unchanged, with
+    ``options`` as that backend's own options.
+    """
+    if module is None:
+        return lambda fn: compile(
+            fn, backend=backend, options=options, dynamic=dynamic, fullgraph=fullgraph
+        )
+    if not isinstance(module, nn.Module) and not callable(module):
+        raise TypeError(
+            f"difforge.compile expects an nn.Module or a callable, got {type(module).__name__}"
+        )
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        raise DifforgeError(
+            "this module is already compiled (torch.compile/difforge.compile returned it); "
+            "compile the original module instead (its `_orig_mod`)"
+        )
+
+    if not (isinstance(backend, str) and backend in OUR_BACKENDS):
+        return torch.compile(
+            module,
+            backend=backend,
+            dynamic=dynamic,
+            fullgraph=bool(fullgraph),
+            options=load_options(options) or None,
+        )
+
+    config = parse_options(options, dynamic=dynamic, fullgraph=fullgraph)
+    if config.disable:
+        return module
+    if config.memory_format != "preserve":
+        if not isinstance(module, nn.Module):
+            raise OptionsError(
+                f"memory_format={config.memory_format!r} needs an nn.Module (it re-lays conv "
+                "weights); for a plain function use 'preserve'"
+            )
+        apply_memory_format(module, config.memory_format)
+    return torch.compile(
+        module,
+        backend=DifforgeBackend(config),
+        dynamic=config.dynamic,
+        fullgraph=config.fullgraph,
+    )

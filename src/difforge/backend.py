@@ -1,0 +1,145 @@
+"""The Dynamo backend: difforge's FX passes, then Inductor with our config and hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
+import torch.fx
+
+from difforge.cache import CacheLayout, using_cache
+from difforge.errors import OptionsError
+from difforge.options import CompileConfig, load_options, parse_options
+from difforge.passes import PostGradPasses, enabled_passes, run_fx_passes
+from difforge.precision import with_tf32
+
+log = logging.getLogger("difforge")
+
+
+@dataclass
+class CompileRecord:
+    """What one graph's compilation did (for tests, `explain` output and benchmarks)."""
+
+    mode: str
+    inductor_patches: dict[str, Any]
+    rewrites: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+#: Every graph compiled by difforge in this process, oldest first.
+compile_records: list[CompileRecord] = []
+
+
+def _post_grad_hook(config: CompileConfig, stage: str, key: str) -> PostGradPasses | None:
+    passes = enabled_passes(stage, config.pass_enabled)  # type: ignore[arg-type]
+    # A user's own hook (explicit option, else the global config) keeps running after ours.
+    user_hook = config.inductor_patches().get(key, getattr(inductor_config, key, None))
+    hook = PostGradPasses(stage, passes, chained=user_hook)  # type: ignore[arg-type]
+    return hook if hook else None
+
+
+class DifforgeBackend:
+    """A compiler for ``torch.compile(backend=...)`` bound to one parsed config."""
+
+    def __init__(self, config: CompileConfig) -> None:
+        self.config = config
+        self.records: list[CompileRecord] = []
+
+    def __call__(
+        self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+    ) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        config = self.config
+        if config.disable:
+            return gm.forward
+        start = time.perf_counter()
+        record = CompileRecord(mode=config.mode, inductor_patches={})
+        record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
+
+        patches = config.inductor_patches()
+        hooks = {
+            "post_grad_custom_pre_pass": _post_grad_hook(
+                config, "post_grad_pre", "post_grad_custom_pre_pass"
+            ),
+            "post_grad_custom_post_pass": _post_grad_hook(
+                config, "post_grad_post", "post_grad_custom_post_pass"
+            ),
+        }
+        patches.update({k: v for k, v in hooks.items() if v is not None})
+        record.inductor_patches = dict(patches)
+
+        if patches.get("freezing") and torch.is_grad_enabled():
+            note = (
+                "freezing needs inference: call the compiled module under torch.no_grad() "
+                "or torch.inference_mode(); this graph was compiled without freezing"
+            )
+            record.notes.append(note)
+            warnings.warn(f"difforge: {note}", stacklevel=2)
+
+        with (
+            using_cache(CacheLayout(config.cache_dir))
+            if config.cache_enabled
+            else contextlib.nullcontext(),
+            functorch_config.patch(config.functorch_patches()),
+        ):
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+
+        for hook in hooks.values():
+            if hook is not None:
+                for name, count in hook.made.items():
+                    record.rewrites[name] = record.rewrites.get(name, 0) + count
+        record.seconds = time.perf_counter() - start
+        self.records.append(record)
+        compile_records.append(record)
+        log.info(
+            "difforge compiled a graph in %.1f s (mode %r, rewrites %s)",
+            record.seconds,
+            config.mode or "O1",
+            {k: v for k, v in record.rewrites.items() if v},
+        )
+        return with_tf32(compiled) if config.allow_tf32 else compiled
+
+
+_warned_dynamic = False
+
+
+def difforge_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Mapping[str, Any] | str | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """The ``"difforge"`` backend as ``torch.compile`` finds it (entry point or registry).
+
+    ``torch.compile(m, backend="difforge", options={...})`` passes ``options`` here at
+    the first call; ``mode="O3"`` is accepted as a shorthand for ``options={"mode": ...}``.
+    """
+    global _warned_dynamic
+    opts = load_options(options)
+    if mode is not None:
+        if "mode" in opts and opts["mode"] != mode:
+            raise OptionsError(
+                f"conflicting 'mode': torch.compile(mode={mode!r}) but options say "
+                f"{opts['mode']!r}; give it once"
+            )
+        opts["mode"] = mode
+    config = parse_options(opts)
+    if config.dynamic is not None and not _warned_dynamic:
+        _warned_dynamic = True
+        warnings.warn(
+            "difforge: the 'dynamic' option only takes effect through difforge.compile(); "
+            "with torch.compile pass dynamic=... to torch.compile itself",
+            stacklevel=2,
+        )
+    return DifforgeBackend(config)(gm, example_inputs)

@@ -1,0 +1,449 @@
+"""Compile options: parsed once, at call time, into one frozen :class:`CompileConfig`.
+
+Every switch is a dotted key (``inductor.max_autotune``, ``passes.fuse_qkv``,
+``matmul.allow_tf32``, ``cache.enabled`` …). A mode is nothing but a named bundle of
+such keys (:data:`MODE_SETTINGS`), so the README's mode table, the code and the tests
+read from the same place. Precedence, highest first: explicit dotted option, the
+modes, environment variables, defaults.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from difforge.errors import OptionsError
+
+MODES: tuple[str, ...] = (
+    "cache-all",
+    "max-autotune",
+    "max-optimize",
+    "cudagraphs",
+    "freezing",
+    "low-precision",
+)
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "O1": (),
+    "O2": ("max-optimize",),
+    "O3": ("max-optimize", "low-precision", "cudagraphs"),
+}
+
+DEFAULT_MODE = "O1"
+
+#: What each mode switches on. Keys missing from the installed torch are skipped.
+MODE_SETTINGS: dict[str, dict[str, Any]] = {
+    "cache-all": {
+        "cache.enabled": True,
+        "inductor.fx_graph_cache": True,
+        "inductor.autotune_local_cache": True,
+        "functorch.enable_autograd_cache": True,
+    },
+    "max-autotune": {
+        "inductor.max_autotune": True,
+        "inductor.max_autotune_gemm": True,
+        "inductor.coordinate_descent_tuning": True,
+    },
+    "max-optimize": {
+        "inductor.aggressive_fusion": True,
+        "inductor.epilogue_fusion": True,
+        "inductor.coordinate_descent_tuning": True,
+        "inductor.shape_padding": True,
+        "passes.fuse_qkv": True,
+    },
+    "cudagraphs": {
+        "inductor.triton.cudagraphs": True,
+        "inductor.triton.cudagraph_trees": True,
+    },
+    "freezing": {
+        "inductor.freezing": True,
+    },
+    "low-precision": {
+        "inductor.triton.codegen_upcast_to_fp32": False,
+        "inductor.emulate_precision_casts": False,
+        "inductor.use_fast_math": True,
+        "matmul.allow_tf32": True,
+    },
+}
+
+#: One line per mode for docs and error messages.
+MODE_DOCS: dict[str, str] = {
+    "cache-all": "persist every compiled artifact under the difforge cache folder",
+    "max-autotune": "benchmark GEMM/conv/Triton configs and keep the fastest (slow compile)",
+    "max-optimize": "aggressive Inductor fusion and all exact difforge rewrites",
+    "cudagraphs": "replay the step as CUDA graphs (cudagraph trees) to remove launch gaps",
+    "freezing": "fold weights into the graph as constants; later weight updates are ignored",
+    "low-precision": "fp16/bf16 elementwise math, fast-math, TF32 matmuls (small numeric change)",
+}
+
+MemoryFormat = Literal["channels_last", "contiguous", "preserve"]
+MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "contiguous", "preserve")
+
+TOP_LEVEL_KEYS: tuple[str, ...] = ("mode", "dynamic", "fullgraph", "memory_format", "disable")
+
+# Keys of our own (not mirrored from a torch config module): default and doc.
+OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
+    "matmul.allow_tf32": (
+        False,
+        bool,
+        "TF32 for float32 matmuls and convs while the compiled code runs "
+        "(risk: ~1e-3 relative error on fp32 models; none on fp16/bf16)",
+    ),
+    "cache.enabled": (False, bool, "persist compiled artifacts under cache.dir"),
+    "cache.dir": (None, (str, type(None)), "where cache-all persists artifacts"),
+}
+
+TORCH_CONFIG_NAMESPACES: tuple[str, ...] = ("inductor", "functorch")
+NAMESPACES: tuple[str, ...] = ("inductor", "functorch", "passes", "matmul", "cache")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _closest(word: str, candidates: list[str] | tuple[str, ...]) -> str:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _torch_config(namespace: str) -> dict[str, Any]:
+    """The current values of a torch config module, keyed by their dotted names."""
+    if namespace == "inductor":
+        import torch._inductor.config as module
+    else:
+        import torch._functorch.config as module
+    return module.get_config_copy()
+
+
+def _pass_defaults() -> dict[str, bool]:
+    from difforge.passes.registry import all_passes
+
+    return {f"passes.{p.name}": p.tier == "cleanup" for p in all_passes().values()}
+
+
+def _check_type(key: str, value: Any, expected: type | tuple[type, ...]) -> None:
+    # bool is an int subclass; a user writing 1 for true is most likely a mistake.
+    if isinstance(value, bool) and bool not in _as_tuple(expected):
+        raise OptionsError(f"option {key!r} expects {_type_names(expected)}, got bool {value!r}")
+    if not isinstance(value, expected):
+        raise OptionsError(
+            f"option {key!r} expects {_type_names(expected)}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _type_names(t: type | tuple[type, ...]) -> str:
+    return " or ".join("null" if x is type(None) else x.__name__ for x in _as_tuple(t))
+
+
+def _expected_type_of(current: Any) -> type | tuple[type, ...] | None:
+    if isinstance(current, bool):
+        return bool
+    if isinstance(current, int):
+        return int
+    if isinstance(current, float):
+        return (int, float)
+    if isinstance(current, str):
+        return str
+    return None  # None-valued or structured torch settings: accept as given
+
+
+def _env_bool(env: Mapping[str, str], name: str) -> bool | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise OptionsError(f"environment variable {name}={raw!r} must be 1 or 0 (or true/false)")
+
+
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The cache folder: DIFFORGE_CACHE_DIR > TORCHINDUCTOR_CACHE_DIR > the user cache dir."""
+    env = os.environ if env is None else env
+    for name in ("DIFFORGE_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        if env.get(name):
+            return Path(env[name]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "difforge"
+
+
+def parse_mode(mode: str) -> tuple[str | None, tuple[str, ...]]:
+    """Split ``"O2:cache-all"`` into its preset (if any) and its modes in canonical order."""
+    if not isinstance(mode, str):
+        raise OptionsError(f"option 'mode' expects str, got {type(mode).__name__} {mode!r}")
+    tokens = [t.strip() for t in mode.split(":")]
+    if mode.strip() == "":
+        tokens = []
+    preset: str | None = None
+    chosen: set[str] = set()
+    valid = [*PRESETS, *MODES]
+    for token in tokens:
+        if token in PRESETS:
+            if preset is not None and preset != token:
+                raise OptionsError(
+                    f"mode {mode!r} combines presets {preset!r} and {token!r}; pick one "
+                    "(presets may be combined with single modes, e.g. 'O2:cache-all')"
+                )
+            preset = token
+            chosen.update(PRESETS[token])
+        elif token in MODES:
+            chosen.add(token)
+        else:
+            shown = "empty mode (check for '::' or a trailing ':')" if not token else repr(token)
+            raise OptionsError(
+                f"unknown mode {shown} in {mode!r}; valid modes: {', '.join(MODES)}; "
+                f"presets: {', '.join(PRESETS)}{_closest(token, valid)}"
+            )
+    return preset, tuple(m for m in MODES if m in chosen)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything one compilation needs, validated. Build it with :func:`parse_options`."""
+
+    mode: str
+    """The modes in force, canonical order, joined by ':' ('' for plain O1)."""
+    preset: str | None
+    """The preset named in ``mode``, if any."""
+    modes: tuple[str, ...]
+    dynamic: bool | None
+    """Dynamic shapes: True = symbolic from the start, None = after the first change."""
+    fullgraph: bool
+    """Raise on graph breaks instead of splitting the model."""
+    memory_format: MemoryFormat
+    """Layout for 4-D conv weights and inputs; channels_last is faster for UNets/VAEs."""
+    disable: bool
+    """Return the module unchanged (eager), for A/B checks."""
+    settings: Mapping[str, Any] = field(repr=False)
+    """Every dotted switch in force (mode values, env, explicit overrides)."""
+    explicit: frozenset[str] = field(default_factory=frozenset, repr=False)
+    """The dotted keys the user set explicitly (they beat modes and env)."""
+
+    def namespace(self, name: str) -> dict[str, Any]:
+        """The settings of one namespace, without the prefix."""
+        prefix = f"{name}."
+        return {k[len(prefix) :]: v for k, v in self.settings.items() if k.startswith(prefix)}
+
+    def inductor_patches(self) -> dict[str, Any]:
+        """The ``torch._inductor.config`` patch this config applies while compiling."""
+        return self.namespace("inductor")
+
+    def functorch_patches(self) -> dict[str, Any]:
+        """The ``torch._functorch.config`` patch this config applies while compiling."""
+        return self.namespace("functorch")
+
+    def pass_enabled(self, name: str) -> bool:
+        return bool(self.settings.get(f"passes.{name}", False))
+
+    @property
+    def allow_tf32(self) -> bool:
+        return bool(self.settings["matmul.allow_tf32"])
+
+    @property
+    def cache_enabled(self) -> bool:
+        return bool(self.settings["cache.enabled"])
+
+    @property
+    def cache_dir(self) -> Path:
+        configured = self.settings.get("cache.dir")
+        return Path(configured).expanduser() if configured else default_cache_dir()
+
+    def key(self) -> str:
+        """A stable JSON string of everything that can change the compiled result."""
+        return json.dumps(
+            {
+                "mode": self.mode,
+                "dynamic": self.dynamic,
+                "fullgraph": self.fullgraph,
+                "memory_format": self.memory_format,
+                "settings": {k: v for k, v in self.settings.items() if k != "cache.dir"},
+            },
+            sort_keys=True,
+            default=repr,
+        )
+
+
+def load_options(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """Options as a plain dict: JSON strings decoded, with position-bearing errors."""
+    if options is None:
+        return {}
+    if isinstance(options, str):
+        try:
+            loaded = json.loads(options) if options.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise OptionsError(
+                f"options are not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
+                f"(char {exc.pos}) in {options!r}"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise OptionsError(f"options JSON must be an object, got {type(loaded).__name__}")
+        return loaded
+    if isinstance(options, Mapping):
+        bad = [k for k in options if not isinstance(k, str)]
+        if bad:
+            raise OptionsError(f"option keys must be strings, got {bad!r}")
+        return dict(options)
+    raise OptionsError(
+        f"options must be a dict, a JSON string or None, got {type(options).__name__}"
+    )
+
+
+def _validate_dotted(key: str, value: Any, torch_configs: dict[str, dict[str, Any]]) -> None:
+    namespace, _, name = key.partition(".")
+    if namespace in TORCH_CONFIG_NAMESPACES:
+        current = torch_configs[namespace]
+        if name not in current:
+            raise OptionsError(
+                f"unknown option {key!r}: torch.{'_inductor' if namespace == 'inductor' else '_functorch'}"
+                f".config has no setting {name!r}{_closest(name, list(current))}"
+            )
+        expected = _expected_type_of(current[name])
+        if expected is not None:
+            _check_type(key, value, expected)
+        return
+    if namespace == "passes":
+        known = _pass_defaults()
+        if key not in known:
+            raise OptionsError(
+                f"unknown pass {name!r}; registered passes: "
+                f"{', '.join(k.split('.', 1)[1] for k in known)}{_closest(key, list(known))}"
+            )
+        _check_type(key, value, bool)
+        return
+    if key in OWN_SETTINGS:
+        _check_type(key, value, OWN_SETTINGS[key][1])
+        return
+    valid = [*TOP_LEVEL_KEYS, *OWN_SETTINGS, *(f"{n}.<name>" for n in TORCH_CONFIG_NAMESPACES)]
+    raise OptionsError(
+        f"unknown option {key!r}; valid keys: {', '.join(valid)}, passes.<name>"
+        f"{_closest(key, [*TOP_LEVEL_KEYS, *OWN_SETTINGS])}"
+    )
+
+
+def _merge_call_arg(name: str, from_options: Any, from_call: Any) -> Any:
+    if from_call is not None and from_options is not None and from_call != from_options:
+        raise OptionsError(
+            f"conflicting {name!r}: {name}={from_call!r} was passed to compile() but the "
+            f"options say {from_options!r}; give it once"
+        )
+    return from_call if from_call is not None else from_options
+
+
+def parse_options(
+    options: Mapping[str, Any] | str | None = None,
+    *,
+    dynamic: bool | None = None,
+    fullgraph: bool | None = None,
+    env: Mapping[str, str] | None = None,
+) -> CompileConfig:
+    """Validate ``options`` (dict or JSON string) against the modes, env and torch configs.
+
+    Raises :class:`OptionsError` for anything wrong, before any tracing happens.
+    """
+    env = os.environ if env is None else env
+    raw = load_options(options)
+
+    for key in raw:
+        if "." not in key and key not in TOP_LEVEL_KEYS:
+            raise OptionsError(
+                f"unknown option {key!r}; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}, "
+                f"or dotted keys such as 'inductor.max_autotune' or 'passes.fuse_qkv'"
+                f"{_closest(key, [*TOP_LEVEL_KEYS, *MODES])}"
+            )
+
+    mode_text = raw.get("mode")
+    if mode_text is None:
+        mode_text = env.get("DIFFORGE_MODE") or DEFAULT_MODE
+    preset, modes = parse_mode(mode_text)
+
+    for key in ("dynamic",):
+        if key in raw and raw[key] is not None:
+            _check_type(key, raw[key], bool)
+    for key in ("fullgraph", "disable"):
+        if key in raw:
+            _check_type(key, raw[key], bool)
+    memory_format = raw.get("memory_format", "preserve")
+    if memory_format not in MEMORY_FORMATS:
+        raise OptionsError(
+            f"option 'memory_format' must be one of {', '.join(MEMORY_FORMATS)}, "
+            f"got {memory_format!r}{_closest(str(memory_format), MEMORY_FORMATS)}"
+        )
+    if dynamic is not None:
+        _check_type("dynamic", dynamic, bool)
+    if fullgraph is not None:
+        _check_type("fullgraph", fullgraph, bool)
+
+    torch_configs = {ns: _torch_config(ns) for ns in TORCH_CONFIG_NAMESPACES}
+    dotted = {k: v for k, v in raw.items() if "." in k}
+    for key, value in dotted.items():
+        _validate_dotted(key, value, torch_configs)
+
+    settings: dict[str, Any] = {k: v[0] for k, v in OWN_SETTINGS.items()}
+    settings.update(_pass_defaults())
+
+    # Environment: lowest precedence above the defaults.
+    graph_cache = _env_bool(env, "DIFFORGE_GRAPH_CACHE")
+    if graph_cache is None:
+        graph_cache = _env_bool(env, "NEXFORT_GRAPH_CACHE")
+    if graph_cache is not None:
+        settings["cache.enabled"] = graph_cache
+        if graph_cache:
+            settings.update(_available(MODE_SETTINGS["cache-all"], torch_configs))
+    if env.get("DIFFORGE_CACHE_DIR") or env.get("TORCHINDUCTOR_CACHE_DIR"):
+        settings["cache.dir"] = str(default_cache_dir(env))
+
+    for mode in modes:
+        settings.update(_available(MODE_SETTINGS[mode], torch_configs))
+    settings.update(dotted)
+
+    if "cache.dir" in dotted and not settings["cache.enabled"]:
+        raise OptionsError(
+            "option 'cache.dir' is set but caching is off; add 'cache-all' to the mode "
+            "or set 'cache.enabled': true"
+        )
+
+    return CompileConfig(
+        mode=":".join(modes),
+        preset=preset,
+        modes=modes,
+        dynamic=_merge_call_arg("dynamic", raw.get("dynamic"), dynamic),
+        fullgraph=bool(_merge_call_arg("fullgraph", raw.get("fullgraph"), fullgraph)),
+        memory_format=memory_format,
+        disable=bool(raw.get("disable", False)),
+        settings=types.MappingProxyType(settings),
+        explicit=frozenset(dotted),
+    )
+
+
+def _available(mode_settings: dict[str, Any], torch_configs: dict[str, dict[str, Any]]) -> dict:
+    """Drop the torch settings this torch version lacks (modes target 2.9 through 2.13+)."""
+    kept = {}
+    for key, value in mode_settings.items():
+        namespace, _, name = key.partition(".")
+        if namespace in TORCH_CONFIG_NAMESPACES and name not in torch_configs[namespace]:
+            continue
+        kept[key] = value
+    return kept
+
+
+def mode_table_markdown() -> str:
+    """The README's mode table, generated from :data:`MODE_SETTINGS` and the presets."""
+    rows = ["| mode | what it does | settings it turns on |", "| --- | --- | --- |"]
+    for mode in MODES:
+        settings = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in MODE_SETTINGS[mode].items())
+        rows.append(f"| `{mode}` | {MODE_DOCS[mode]} | {settings} |")
+    for preset, modes in PRESETS.items():
+        what = " + ".join(f"`{m}`" for m in modes) or "Inductor defaults + cleanup passes"
+        rows.append(f"| `{preset}` | preset | {what} |")
+    return "\n".join(rows)

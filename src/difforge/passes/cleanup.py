@@ -1,0 +1,130 @@
+"""Exact cleanups: drop calls that return their input unchanged.
+
+They make no kernel faster on their own (Inductor drops most of them too); they run
+first so that the fusion passes see the real data flow (a ``dropout`` or
+``contiguous`` between a shared input and its linears hides the sharing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from difforge.passes.registry import register_pass
+
+_DROPOUTS = {
+    F.dropout: ("training", 2),
+    F.dropout1d: ("training", 2),
+    F.dropout2d: ("training", 2),
+    F.dropout3d: ("training", 2),
+    F.alpha_dropout: ("training", 2),
+    F.feature_alpha_dropout: ("training", 2),
+    torch.dropout: ("train", 2),
+    torch.alpha_dropout: ("train", 2),
+    torch.feature_alpha_dropout: ("train", 2),
+}
+
+# Tensor methods that return `self` when the result would equal the input.
+_SELF_RETURNING_METHODS = {"contiguous", "to", "float", "half", "bfloat16", "double", "type_as"}
+
+
+def _arg(node: torch.fx.Node, name: str, index: int, default: Any) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _example(node: Any) -> Any:
+    return (
+        node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(node, torch.fx.Node)
+        else None
+    )
+
+
+@register_pass("remove_dropout", stage="fx", tier="cleanup")
+def remove_dropout(graph: torch.fx.Graph) -> int:
+    """Remove dropout calls that are identities (inference mode, or p == 0)."""
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _DROPOUTS:
+            continue
+        training_name, training_index = _DROPOUTS[node.target]
+        training = _arg(node, training_name, training_index, True)
+        p = _arg(node, "p", 1, 0.5)
+        # Only literal False / 0.0 are provably identities; a traced flag is left alone.
+        if training is False or (isinstance(p, (int, float)) and p == 0):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+def _same_tensor_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.device != b.device or a.dim() != b.dim():
+        return False
+    same = [sa == sb for sa, sb in zip(a.shape, b.shape)]
+    same += [sa == sb for sa, sb in zip(a.stride(), b.stride())]
+    return all(statically_known_true(s) for s in same)
+
+
+@register_pass("remove_noop_conversions", stage="fx", tier="cleanup")
+def remove_noop_conversions(graph: torch.fx.Graph) -> int:
+    """Remove .contiguous()/.to()/.float()… calls whose result equals their input."""
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_method" or node.target not in _SELF_RETURNING_METHODS:
+            continue
+        if node.kwargs.get("copy") is True or (node.target == "to" and True in node.args[1:]):
+            continue  # an explicit copy must stay a copy (no new aliasing)
+        if node.kwargs.get("memory_format") not in (None, torch.contiguous_format):
+            continue
+        before, after = _example(node.args[0]), _example(node)
+        if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+            continue
+        if node.target == "contiguous" and not statically_known_true(before.is_contiguous()):
+            continue
+        if _same_tensor_meta(before, after):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+_WIDER_THAN = {
+    torch.float16: {torch.float32, torch.float64},
+    torch.bfloat16: {torch.float32, torch.float64},
+    torch.float32: {torch.float64},
+}
+
+
+@register_pass("remove_roundtrip_casts", stage="post_grad_pre", tier="cleanup")
+def remove_roundtrip_casts(graph: torch.fx.Graph) -> int:
+    """Replace cast(cast(x, wide), x.dtype) by x when `wide` holds every value of x exactly."""
+    convert = torch.ops.prims.convert_element_type.default
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not convert:
+            continue
+        inner = node.args[0]
+        if not isinstance(inner, torch.fx.Node) or inner.target is not convert:
+            continue
+        source = inner.args[0]
+        source_val = _example(source)
+        if not isinstance(source_val, torch.Tensor):
+            continue
+        wide, narrow = inner.args[1], node.args[1]
+        if narrow == source_val.dtype and wide in _WIDER_THAN.get(source_val.dtype, ()):
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            if not inner.users:
+                graph.erase_node(inner)
+            removed += 1
+    return removed
+
+
+__all__ = ["remove_dropout", "remove_noop_conversions", "remove_roundtrip_casts"]

@@ -1,0 +1,124 @@
+"""The registry of difforge graph passes, their counters and their debug dumps.
+
+A pass is a function that rewrites a graph in place and returns how many rewrites it
+made. It runs at one of three stages:
+
+- ``fx``: on the Dynamo FX graph (torch-level ops, before AOT autograd);
+- ``post_grad_pre`` / ``post_grad_post``: on the ATen graph, through Inductor's
+  ``post_grad_custom_pre_pass`` / ``post_grad_custom_post_pass`` hooks.
+
+Each pass has a name (the option ``passes.<name>`` switches it), a tier saying which
+modes turn it on, and a counter (``counters[name]``) bumped per rewrite, so tests can
+assert that it fired, and did not fire where it must not.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch.fx
+
+log = logging.getLogger("difforge.passes")
+
+Stage = Literal["fx", "post_grad_pre", "post_grad_post"]
+STAGES: tuple[Stage, ...] = ("fx", "post_grad_pre", "post_grad_post")
+
+# Tier "cleanup": exact, always on unless switched off. Tier "optimize": exact up to
+# floating-point reassociation; turned on by `max-optimize` (and so by O2/O3).
+Tier = Literal["cleanup", "optimize", "low-precision"]
+
+#: Rewrites made per pass name, summed over every compilation in this process.
+counters: collections.Counter[str] = collections.Counter()
+
+PassFn = Callable[[torch.fx.Graph], int]
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    """One named rewrite: ``fn(graph) -> number of rewrites``."""
+
+    name: str
+    stage: Stage
+    tier: Tier
+    fn: PassFn
+    doc: str
+
+    @property
+    def source_file(self) -> Path:
+        """The file whose contents decide this pass's behaviour (hashed into cache keys)."""
+        return Path(inspect.getfile(self.fn))
+
+
+_REGISTRY: dict[str, GraphPass] = {}
+
+
+def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], PassFn]:
+    """Decorator adding a pass to the registry; its docstring's first line is its description."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {STAGES}")
+
+    def add(fn: PassFn) -> PassFn:
+        if name in _REGISTRY:
+            raise ValueError(f"pass {name!r} is registered twice")
+        doc = (inspect.getdoc(fn) or "").split("\n", 1)[0]
+        _REGISTRY[name] = GraphPass(name=name, stage=stage, tier=tier, fn=fn, doc=doc)
+        return fn
+
+    return add
+
+
+def all_passes() -> dict[str, GraphPass]:
+    """Every registered pass by name, in registration (= execution) order."""
+    _load_builtin_passes()
+    return dict(_REGISTRY)
+
+
+def _load_builtin_passes() -> None:
+    # Importing the modules registers their passes; done lazily so that the registry
+    # module itself stays importable from `options` without a cycle.
+    from difforge.passes import cleanup, fuse_linear  # noqa: F401
+
+
+def _dump_requested(name: str) -> bool:
+    wanted = os.environ.get("DIFFORGE_DUMP_PASSES", "")
+    names = {w.strip() for w in wanted.split(",") if w.strip()}
+    return bool(names) and ("all" in names or "1" in names or name in names)
+
+
+def _dump(name: str, when: str, graph: torch.fx.Graph) -> None:
+    text = str(graph)
+    folder = os.environ.get("DIFFORGE_DUMP_DIR")
+    if folder:
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        index = len(list(path.glob(f"*_{name}_before.txt")))
+        (path / f"{index:03d}_{name}_{when}.txt").write_text(text)
+    else:
+        log.warning("difforge pass %s, graph %s:\n%s", name, when, text)
+
+
+def run_pass(graph_pass: GraphPass, graph: torch.fx.Graph) -> int:
+    """Run one pass with its dump hooks and counter; wraps failures in a PassError."""
+    from difforge.errors import PassError
+
+    dump = _dump_requested(graph_pass.name)
+    if dump:
+        _dump(graph_pass.name, "before", graph)
+    try:
+        made = int(graph_pass.fn(graph))
+    except Exception as exc:
+        raise PassError(graph_pass.name, graph_pass.stage, exc) from exc
+    if made:
+        graph.lint()
+        counters[graph_pass.name] += made
+        log.debug("difforge pass %s made %d rewrites", graph_pass.name, made)
+    if dump:
+        _dump(graph_pass.name, "after", graph)
+    return made
