@@ -67,8 +67,8 @@ def remove_dropout(graph: torch.fx.Graph) -> int:
 def _same_tensor_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.device != b.device or a.dim() != b.dim():
         return False
-    same = [sa == sb for sa, sb in zip(a.shape, b.shape)]
-    same += [sa == sb for sa, sb in zip(a.stride(), b.stride())]
+    same = [sa == sb for sa, sb in zip(a.shape, b.shape, strict=True)]
+    same += [sa == sb for sa, sb in zip(a.stride(), b.stride(), strict=True)]
     return all(statically_known_true(s) for s in same)
 
 

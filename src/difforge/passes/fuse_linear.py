@@ -87,7 +87,7 @@ def _fuse_group(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> list[tor
         split = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
         for i in range(len(linears)):
             outputs.append(graph.call_function(operator.getitem, (split, i)))
-    for old, new in zip(linears, outputs):
+    for old, new in zip(linears, outputs, strict=True):
         new.meta.update({k: v for k, v in old.meta.items() if k != "example_value"})
         old.replace_all_uses_with(new)
         graph.erase_node(old)
