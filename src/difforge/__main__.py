@@ -1,0 +1,5 @@
+"""``python -m difforge``: the same command line as ``difforge``."""
+
+from difforge.cli import main
+
+raise SystemExit(main())
