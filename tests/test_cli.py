@@ -14,6 +14,7 @@ import torch
 
 import difforge
 from difforge import info
+from difforge.cache import CacheLayout
 from difforge.cli import main
 
 VENV_BIN = Path(sys.executable).parent
@@ -157,6 +158,11 @@ def test_cache_clear_removes_only_owned_folders(
 ) -> None:
     root = tmp_path / "cache"
     _fill(root, {"inductor/x": 10, "triton/abc/kernel.cubin": 10, "keep.txt": 5, "mine/y": 5})
+    # Without difforge's marker the folders are somebody else's: nothing is removed.
+    assert main(["cache", "clear", "--dir", str(root)]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+    assert (root / "inductor" / "x").exists()
+    CacheLayout(root).create()
     outside = tmp_path / "outside.txt"
     outside.write_text("not ours")
 
@@ -178,6 +184,7 @@ def test_cache_clear_inductor_default(
 ) -> None:
     root = tmp_path / "cache"
     _fill(root, {"inductor/x": 10})
+    CacheLayout(root).create()
     assert main(["cache", "clear", "--dir", str(root), "--inductor-default", "--dry-run"]) == 0
     assert f"would remove {inductor_default}" in capsys.readouterr().out
     assert inductor_default.exists() and (root / "inductor").exists()

@@ -14,9 +14,10 @@ import torch
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 import torch.fx
+from torch import nn
 
 from difforge.cache import CacheLayout, using_cache
-from difforge.errors import OptionsError
+from difforge.errors import DifforgeError, OptionsError
 from difforge.options import CompileConfig, load_options, parse_options
 from difforge.passes import PostGradPasses, enabled_passes, run_fx_passes
 from difforge.precision import with_tf32
@@ -78,7 +79,9 @@ class DifforgeBackend:
         patches.update({k: v for k, v in hooks.items() if v is not None})
         record.inductor_patches = dict(patches)
 
-        if patches.get("freezing") and torch.is_grad_enabled():
+        freezing = bool(patches.get("freezing"))
+        if freezing and torch.is_grad_enabled():
+            freezing = False
             note = (
                 "freezing needs inference: call the compiled module under torch.no_grad() "
                 "or torch.inference_mode(); this graph was compiled without freezing"
@@ -107,7 +110,40 @@ class DifforgeBackend:
             config.mode or "O1",
             {k: v for k, v in record.rewrites.items() if v},
         )
+        if freezing:
+            compiled = guard_frozen_weights(compiled, example_inputs)
         return with_tf32(compiled) if config.allow_tf32 else compiled
+
+
+def guard_frozen_weights(
+    compiled: Callable[..., Any], example_inputs: Sequence[Any]
+) -> Callable[..., Any]:
+    """Refuse to run a frozen graph after its weights were changed in place.
+
+    Freezing turns parameters and buffers into constants and folds what depends on
+    them (transposes, casts, the fused-QKV concatenation); weights that were not
+    folded stay shared. An in-place update would then reach some layers and not
+    others. Each tensor's version counter shows the update, so we fail loudly instead.
+    """
+    watched = [
+        (i, t, t._version)
+        for i, t in enumerate(example_inputs)
+        if isinstance(t, torch.Tensor)
+        and (isinstance(t, nn.Parameter) or getattr(t, "_dynamo_static_input_type", None))
+    ]
+
+    def run(*args: Any) -> Any:
+        for index, tensor, version in watched:
+            if tensor._version != version:
+                raise DifforgeError(
+                    "a weight was changed in place after this graph was compiled with the "
+                    "'freezing' mode, which folded the old values into constants; recompile "
+                    "(torch._dynamo.reset() and call again) or drop 'freezing' from the mode "
+                    f"(input #{index}, shape {tuple(tensor.shape)})"
+                )
+        return compiled(*args)
+
+    return run
 
 
 _warned_dynamic = False

@@ -127,13 +127,6 @@ def _cache_root(args: argparse.Namespace) -> Path:
     return Path(args.dir).expanduser() if args.dir else default_cache_dir()
 
 
-def _inductor_default_dir() -> Path:
-    """Inductor's own cache folder, resolved the way torch resolves it."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
-
-
 def _cmd_cache_info(args: argparse.Namespace, out: TextIO) -> int:
     from difforge.cache import cache_info, human_size
 
@@ -207,13 +200,13 @@ def _refuse_unsafe_root(root: Path) -> None:
 
 
 def _cmd_cache_clear(args: argparse.Namespace, out: TextIO) -> int:
-    from difforge.cache import CacheLayout, clear_cache
+    from difforge.cache import CacheLayout, clear_cache, inductor_default_dir
 
     root = _cache_root(args)
     _refuse_unsafe_root(root)
     targets = [p for p in CacheLayout(root).owned() if p.exists()]
     if args.inductor_default:
-        inductor_dir = _inductor_default_dir()
+        inductor_dir = inductor_default_dir()
         if _is_precious(inductor_dir):
             raise CliError(
                 f"refusing to remove Inductor's cache folder {inductor_dir}: it is the "

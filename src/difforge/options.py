@@ -169,11 +169,14 @@ def _env_bool(env: Mapping[str, str], name: str) -> bool | None:
 
 
 def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
-    """The cache folder: DIFFORGE_CACHE_DIR > TORCHINDUCTOR_CACHE_DIR > the user cache dir."""
+    """The cache root: DIFFORGE_CACHE_DIR, else a ``difforge`` folder inside
+    TORCHINDUCTOR_CACHE_DIR (never that folder itself, which Inductor owns), else the
+    user cache directory."""
     env = os.environ if env is None else env
-    for name in ("DIFFORGE_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
-        if env.get(name):
-            return Path(env[name]).expanduser()
+    if env.get("DIFFORGE_CACHE_DIR"):
+        return Path(env["DIFFORGE_CACHE_DIR"]).expanduser()
+    if env.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(env["TORCHINDUCTOR_CACHE_DIR"]).expanduser() / "difforge"
     base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "difforge"
 

@@ -95,36 +95,4 @@ def remove_noop_conversions(graph: torch.fx.Graph) -> int:
     return removed
 
 
-_WIDER_THAN = {
-    torch.float16: {torch.float32, torch.float64},
-    torch.bfloat16: {torch.float32, torch.float64},
-    torch.float32: {torch.float64},
-}
-
-
-@register_pass("remove_roundtrip_casts", stage="post_grad_pre", tier="cleanup")
-def remove_roundtrip_casts(graph: torch.fx.Graph) -> int:
-    """Replace cast(cast(x, wide), x.dtype) by x when `wide` holds every value of x exactly."""
-    convert = torch.ops.prims.convert_element_type.default
-    removed = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not convert:
-            continue
-        inner = node.args[0]
-        if not isinstance(inner, torch.fx.Node) or inner.target is not convert:
-            continue
-        source = inner.args[0]
-        source_val = _example(source)
-        if not isinstance(source_val, torch.Tensor):
-            continue
-        wide, narrow = inner.args[1], node.args[1]
-        if narrow == source_val.dtype and wide in _WIDER_THAN.get(source_val.dtype, ()):
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-            if not inner.users:
-                graph.erase_node(inner)
-            removed += 1
-    return removed
-
-
-__all__ = ["remove_dropout", "remove_noop_conversions", "remove_roundtrip_casts"]
+__all__ = ["remove_dropout", "remove_noop_conversions"]

@@ -1,0 +1,23 @@
+"""Helpers shared by the tests: error metric and tiny-model inputs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def dit_inputs(batch: int = 2, size: int = 16, tokens: int = 7) -> tuple[torch.Tensor, ...]:
+    return (
+        torch.randn(batch, 4, size, size),
+        torch.rand(batch) * 1000,
+        torch.randn(batch, tokens, 48),
+    )
+
+
+def unet_inputs(batch: int = 2, size: int = 16) -> tuple[torch.Tensor, ...]:
+    return torch.randn(batch, 4, size, size), torch.rand(batch) * 1000

@@ -1,0 +1,237 @@
+"""Each pass: fires where it should (counter > 0, output equal to eager) and not elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import difforge
+from difforge.errors import PassError
+from difforge.passes import PostGradPasses, all_passes, enabled_passes, registry
+
+from .helpers import rel_err
+
+
+def _run(fn, *inputs, options=None):  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        ref = fn(*inputs)
+        out = difforge.compile(fn, options=options or {"mode": "O2"})(*inputs)
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for o, r in zip(outs, refs, strict=True):
+        assert rel_err(o, r) < 1e-5
+    return out
+
+
+# ----------------------------------------------------------------------------- cleanup
+def test_remove_dropout_fires_in_inference() -> None:
+    _run(
+        lambda x: F.dropout(x, 0.3, training=False) * 2 + F.dropout(x, 0.0, True), torch.randn(4, 8)
+    )
+    assert difforge.counters["remove_dropout"] == 2
+
+
+def test_remove_dropout_keeps_training_dropout() -> None:
+    fn = difforge.compile(lambda x: F.dropout(x, 0.5, training=True), options={"mode": "O1"})
+    out = fn(torch.ones(1000))
+    assert difforge.counters["remove_dropout"] == 0
+    assert (out == 0).any() and (out == 2).any()  # still drops and rescales
+
+
+def test_remove_noop_conversions_fires_only_on_noops() -> None:
+    def fn(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = x.contiguous().to(torch.float32).float() * 2  # three no-ops
+        b = x.transpose(0, 1).contiguous()  # real copy: must stay
+        c = x.to(torch.float64)  # real conversion: must stay
+        return a, b, c
+
+    out = _run(fn, torch.randn(4, 8), options={"mode": "O1"})
+    assert difforge.counters["remove_noop_conversions"] == 3
+    assert out[1].is_contiguous() and out[2].dtype == torch.float64
+
+
+def test_remove_noop_conversions_keeps_explicit_copies() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32, copy=True) + 1
+
+    _run(fn, torch.randn(3, 5), options={"mode": "O1"})
+    assert difforge.counters["remove_noop_conversions"] == 0
+
+
+# ---------------------------------------------------------------------------- fuse_qkv
+class SelfAttentionProjections(nn.Module):
+    def __init__(self, dim: int = 32, bias: bool = True) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(dim, dim, bias=bias)
+        self.to_v = nn.Linear(dim, 2 * dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.to_q(x).view(b, n, 4, c // 4)
+        return q.sum(-1) + self.to_k(x)[..., :4] - self.to_v(x)[..., 4:8]
+
+
+def test_fuse_qkv_fuses_self_attention_projections() -> None:
+    _run(SelfAttentionProjections().eval(), torch.randn(2, 9, 32))
+    assert difforge.counters["fuse_qkv"] == 1
+
+
+def test_fuse_qkv_cross_attention_fuses_only_kv() -> None:
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.to_q, self.to_k, self.to_v = (
+                nn.Linear(16, 16),
+                nn.Linear(24, 16),
+                nn.Linear(24, 16),
+            )
+
+        def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(
+                self.to_q(x)[:, None], self.to_k(ctx)[:, None], self.to_v(ctx)[:, None]
+            )
+
+    _run(Cross().eval(), torch.randn(2, 5, 16), torch.randn(2, 7, 24))
+    assert difforge.counters["fuse_qkv"] == 1  # the k/v pair; q reads another input
+
+
+def test_fuse_qkv_does_not_fire_on_unshared_or_computed_weights() -> None:
+    class NoShare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            z = self.b(y)  # different input: a chain, not parallel
+            w = F.linear(x, self.c.weight * 2)  # computed weight: not a graph input
+            return z + w
+
+    _run(NoShare().eval(), torch.randn(3, 8))
+    assert difforge.counters["fuse_qkv"] == 0
+
+
+def test_fuse_qkv_off_in_o1_and_by_option() -> None:
+    _run(SelfAttentionProjections().eval(), torch.randn(2, 9, 32), options={"mode": "O1"})
+    torch._dynamo.reset()
+    _run(
+        SelfAttentionProjections().eval(),
+        torch.randn(2, 9, 32),
+        options={"mode": "O2", "passes.fuse_qkv": False},
+    )
+    assert difforge.counters["fuse_qkv"] == 0
+
+
+def test_fuse_qkv_makes_slices_contiguous_when_a_view_needs_it() -> None:
+    class Flattens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.to_q, self.to_k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # view(-1) needs a contiguous tensor; a strided slice of the fused GEMM isn't.
+            return self.to_q(x).view(-1) + self.to_k(x).view(-1)
+
+    _run(Flattens().eval(), torch.randn(3, 5, 8))
+    assert difforge.counters["fuse_qkv"] == 1
+
+
+def test_fuse_qkv_mixed_bias_groups_separately() -> None:
+    _run(SelfAttentionProjections(bias=False).eval(), torch.randn(2, 9, 32))
+    assert difforge.counters["fuse_qkv"] == 1
+
+
+# ------------------------------------------------------------------------ infrastructure
+def test_every_pass_is_registered_with_a_doc_and_stage() -> None:
+    passes = all_passes()
+    assert {"remove_dropout", "remove_noop_conversions", "fuse_qkv"} <= set(passes)
+    for p in passes.values():
+        assert p.doc and p.stage in ("fx", "post_grad_pre", "post_grad_post")
+        assert p.source_file.is_file()
+
+
+def test_post_grad_uuid_tracks_enabled_passes_and_sources() -> None:
+    some = enabled_passes("fx", lambda name: name == "remove_dropout")
+    on = PostGradPasses("post_grad_pre", some)
+    again = PostGradPasses("post_grad_pre", list(some))
+    off = PostGradPasses("post_grad_pre", [])
+    assert on.uuid() == again.uuid()
+    assert on.uuid() != off.uuid()
+
+    class NoCache:
+        def __call__(self, graph: torch.fx.Graph) -> None: ...
+
+        def uuid(self) -> None:
+            return None
+
+    # A chained user pass that opts out of caching must opt us out too.
+    assert PostGradPasses("post_grad_pre", [], chained=NoCache()).uuid() is None
+
+
+def test_failing_pass_names_itself_and_its_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(graph: torch.fx.Graph) -> int:
+        raise ValueError("boom")
+
+    monkeypatch.setitem(
+        registry._REGISTRY,
+        "fuse_qkv",
+        registry.GraphPass("fuse_qkv", "fx", "optimize", broken, "broken for the test"),
+    )
+    with pytest.raises(
+        Exception, match=r"pass 'fuse_qkv'.*boom.*\"passes.fuse_qkv\": false"
+    ) as info:
+        difforge.compile(lambda x: x + 1, options={"mode": "O2"})(torch.randn(3))
+    assert isinstance(info.value.__cause__ or info.value, (PassError, Exception))
+    # The suggested switch works.
+    torch._dynamo.reset()
+    out = difforge.compile(lambda x: x + 1, options={"mode": "O2", "passes.fuse_qkv": False})(
+        torch.zeros(3)
+    )
+    torch.testing.assert_close(out, torch.ones(3))
+
+
+def test_dump_env_writes_before_and_after(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIFFORGE_DUMP_PASSES", "fuse_qkv")
+    monkeypatch.setenv("DIFFORGE_DUMP_DIR", str(tmp_path))
+    _run(SelfAttentionProjections().eval(), torch.randn(2, 9, 32))
+    before = sorted(tmp_path.glob("*_fuse_qkv_before.txt"))
+    after = sorted(tmp_path.glob("*_fuse_qkv_after.txt"))
+    assert before and after
+    assert before[0].read_text().count("torch._C._nn.linear") == 3
+    assert after[0].read_text().count("torch._C._nn.linear") == 1
+    assert not list(tmp_path.glob("*remove_dropout*"))  # only the pass asked for
+
+
+def test_post_grad_stage_runs_inside_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def count_addmm(graph: torch.fx.Graph) -> int:
+        """Test pass: sees the ATen graph (addmm, not torch-level linear)."""
+        targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        seen.extend(targets)
+        return sum("addmm" in t for t in targets)
+
+    test_pass = registry.GraphPass("count_addmm", "post_grad_post", "cleanup", count_addmm, "t")
+    monkeypatch.setitem(registry._REGISTRY, "count_addmm", test_pass)
+    lin = nn.Linear(8, 8)
+    _run(lambda x: lin(x).relu(), torch.randn(4, 8), options={"inductor.fx_graph_cache": False})
+    assert any("aten.addmm" in t for t in seen)
+    assert difforge.counters["count_addmm"] == 1
+    assert difforge.compile_records[-1].rewrites["count_addmm"] == 1
+    assert "post_grad_custom_post_pass" in difforge.compile_records[-1].inductor_patches
+
+    def broken(graph: torch.fx.Graph) -> int:
+        raise KeyError("aten")
+
+    monkeypatch.setitem(
+        registry._REGISTRY,
+        "count_addmm",
+        registry.GraphPass("count_addmm", "post_grad_post", "cleanup", broken, "t"),
+    )
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"pass 'count_addmm' \(post_grad_post stage\)"):
+        difforge.compile(lambda x: lin(x) * 3, options={"inductor.fx_graph_cache": False})(
+            torch.randn(4, 8)
+        )
