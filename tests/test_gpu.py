@@ -1,0 +1,97 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): what the CPU cannot show.
+
+CUDA graphs really replayed, autotuning really benchmarked, and fp16/bf16 accuracy of
+every preset measured against a float32 reference relative to eager's own error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import difforge
+from difforge.models import TinyDiT, TinyUNet
+
+from .helpers import dit_inputs, rel_err, unet_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _cuda(inputs: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(
+        t.cuda().to(dtype) if t.is_floating_point() and t.dim() > 1 else t.cuda() for t in inputs
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["O1", "O2", "O3", "max-optimize:freezing"])
+def test_presets_stay_within_eager_error(mode: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    ref_model = TinyDiT(dim=128, depth=2, heads=4).cuda().eval()
+    inputs = dit_inputs(batch=2, size=32, tokens=20)
+    with torch.no_grad():
+        ref = ref_model(*_cuda(inputs, torch.float32))
+        model = TinyDiT(dim=128, depth=2, heads=4).cuda().eval()
+        model.load_state_dict(ref_model.state_dict())
+        model.to(dtype)
+        low = _cuda(inputs, dtype)
+        eager_err = rel_err(model(*low), ref)
+        out = difforge.compile(model, options={"mode": mode})(*low)
+    err = rel_err(out, ref)
+    # Precise tier: within 1.5x of eager's own error. O3 (low-precision): within 3x.
+    bound = (3.0 if mode == "O3" else 1.5) * eager_err + 1e-6
+    assert err <= bound, f"{mode} {dtype}: {err:.3e} > {bound:.3e} (eager {eager_err:.3e})"
+
+
+def test_cudagraphs_are_recorded_and_replayed() -> None:
+    model = TinyDiT().cuda().half().eval()
+    inputs = _cuda(dit_inputs(), torch.float16)
+    compiled = difforge.compile(model, options={"mode": "O3"})
+    with torch.no_grad():
+        for _ in range(3):
+            out = compiled(*inputs)
+        ref = model(*inputs)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+    assert manager is not None, "no cudagraph tree manager: graphs were never recorded"
+    assert sum(len(nodes) for nodes in manager.roots.values()) >= 1
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_max_autotune_benchmarks_gemms() -> None:
+    model = TinyDiT(dim=256).cuda().half().eval()
+    inputs = _cuda(dit_inputs(size=32), torch.float16)
+    with torch.no_grad():
+        difforge.compile(model, options={"mode": "max-autotune"})(*inputs)
+    assert torch._dynamo.utils.counters["inductor"]["select_algorithm_autotune"] >= 1
+
+
+def test_low_precision_uses_tf32_for_fp32_models() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(1024, 1024, device="cuda"), torch.randn(1024, 1024, device="cuda")
+    exact = (a.double() @ b.double()).float()
+    fp32 = difforge.compile(lambda x, y: x @ y, options={"mode": "O1"})(a, b)
+    torch._dynamo.reset()
+    tf32 = difforge.compile(lambda x, y: x @ y, options={"mode": "low-precision"})(a, b)
+    assert rel_err(fp32, exact) < 1e-5
+    assert 1e-5 < rel_err(tf32, exact) < 5e-3  # TF32 really used, within its error
+
+
+def test_unet_channels_last_fp16() -> None:
+    torch.manual_seed(0)
+    model = TinyUNet().cuda().eval()
+    inputs = unet_inputs(size=32)
+    with torch.no_grad():
+        ref = model(*_cuda(inputs, torch.float32))
+        model.half()
+        low = _cuda(inputs, torch.float16)
+        eager_err = rel_err(model(*low), ref)
+        out = difforge.compile(model, options={"mode": "O2", "memory_format": "channels_last"})(
+            *low
+        )
+    assert rel_err(out, ref) <= 1.5 * eager_err + 1e-6
