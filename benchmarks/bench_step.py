@@ -252,7 +252,8 @@ def bench_model(
             with torch.no_grad():
                 _sync(device)
                 t0 = time.perf_counter()
-                out = _first_tensor(call(fn))
+                # Clone: a CUDA-graph replay reuses its output buffers on the next call.
+                out = _first_tensor(call(fn)).clone()
                 _sync(device)
                 result.compile_s = time.perf_counter() - t0
                 for _ in range(args.warmup):

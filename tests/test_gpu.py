@@ -26,15 +26,17 @@ def _cuda(inputs: tuple, dtype: torch.dtype) -> tuple:
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["O1", "O2", "O3", "max-optimize:freezing"])
+@pytest.mark.parametrize(
+    ("mode", "dtype"),
+    [("O2", torch.float16), ("O3", torch.bfloat16), ("max-optimize:freezing", torch.float16)],
+)
 def test_presets_stay_within_eager_error(mode: str, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    ref_model = TinyDiT(dim=128, depth=2, heads=4).cuda().eval()
+    ref_model = TinyDiT(dim=128, depth=1, heads=4).cuda().eval()
     inputs = dit_inputs(batch=2, size=32, tokens=20)
     with torch.no_grad():
         ref = ref_model(*_cuda(inputs, torch.float32))
-        model = TinyDiT(dim=128, depth=2, heads=4).cuda().eval()
+        model = TinyDiT(dim=128, depth=1, heads=4).cuda().eval()
         model.load_state_dict(ref_model.state_dict())
         model.to(dtype)
         low = _cuda(inputs, dtype)
@@ -64,7 +66,7 @@ def test_cudagraphs_are_recorded_and_replayed() -> None:
 
 
 def test_max_autotune_benchmarks_gemms() -> None:
-    model = TinyDiT(dim=256).cuda().half().eval()
+    model = TinyDiT(dim=256, depth=1).cuda().half().eval()
     inputs = _cuda(dit_inputs(size=32), torch.float16)
     with torch.no_grad():
         difforge.compile(model, options={"mode": "max-autotune"})(*inputs)
