@@ -154,3 +154,10 @@ def test_mode_table_names_every_mode_and_setting() -> None:
         assert f"`{mode}`" in table
         for key in settings:
             assert key in table
+
+
+def test_readme_mode_table_is_current() -> None:
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert mode_table_markdown() in readme.read_text(), "regenerate the README's mode table"

@@ -78,7 +78,7 @@ MODE_DOCS: dict[str, str] = {
     "max-autotune": "benchmark GEMM/conv/Triton configs and keep the fastest (slow compile)",
     "max-optimize": "aggressive Inductor fusion and all exact difforge rewrites",
     "cudagraphs": "replay the step as CUDA graphs (cudagraph trees) to remove launch gaps",
-    "freezing": "fold weights into the graph as constants; later weight updates are ignored",
+    "freezing": "fold weights into the graph as constants (inference only); a later in-place weight update raises until you recompile",
     "low-precision": "fp16/bf16 elementwise math, fast-math, TF32 matmuls (small numeric change)",
 }
 
