@@ -83,6 +83,7 @@ class VariantResult:
     speedup_vs_eager: float | None = None
     speedup_vs_compile: float | None = None
     breakdown_ms: dict[str, float] = field(default_factory=dict)
+    top_kernels: list[tuple[str, str, float, int]] = field(default_factory=list)
     error: str | None = None
 
 
@@ -129,14 +130,25 @@ def _count_flops(module: nn.Module, call: StepCall) -> float:
 
 def _category(name: str) -> str:
     lowered = name.lower()
+    # Inductor names its kernels after the ops they fuse ("triton_poi_fused_addmm_gelu",
+    # "triton_poi_fused__scaled_dot_product_cudnn_attention_…" for a layout copy feeding
+    # attention), so its own kernels are classified by prefix first: templates are GEMMs,
+    # everything else it generates is elementwise/reduction work.
+    if lowered.startswith("triton_tem"):
+        return "gemm"
+    if lowered.startswith(("triton_", "triton__")):
+        return "elementwise"
     for category, fragments in _CATEGORIES:
         if any(f in lowered for f in fragments):
             return category
     return "other"
 
 
-def _breakdown(fn: Callable[[], Any], device: torch.device, iters: int = 5) -> dict[str, float]:
-    """Kernel time per category and idle time between kernels, per step (ms)."""
+def _breakdown(
+    fn: Callable[[], Any], device: torch.device, iters: int = 5, top: int = 25
+) -> tuple[dict[str, float], list[tuple[str, str, float, int]]]:
+    """Kernel time per category and idle time between kernels, per step (ms), and the
+    ``top`` kernels by time as (category, name, ms per step, launches per step)."""
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
@@ -150,10 +162,13 @@ def _breakdown(fn: Callable[[], Any], device: torch.device, iters: int = 5) -> d
         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
     ]
     totals: dict[str, float] = {}
+    per_kernel: dict[str, list[float]] = {}
     intervals = []
     for e in kernels:
         cat = _category(e.name)
-        totals[cat] = totals.get(cat, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
+        ms = (e.time_range.end - e.time_range.start) / 1e3
+        totals[cat] = totals.get(cat, 0.0) + ms
+        per_kernel.setdefault(e.name, []).append(ms)
         intervals.append((e.time_range.start, e.time_range.end))
     intervals.sort()
     busy, span_start, span_end, cur_s, cur_e = 0.0, None, None, None, None
@@ -171,7 +186,9 @@ def _breakdown(fn: Callable[[], Any], device: torch.device, iters: int = 5) -> d
     out = {k: v / iters for k, v in sorted(totals.items())}
     if span_start is not None:
         out["idle"] = ((span_end - span_start) - busy) / 1e3 / iters
-    return out
+    ranked = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:top]
+    tops = [(_category(n), n[:160], sum(t) / iters, len(t) // iters) for n, t in ranked]
+    return out, tops
 
 
 def _variant_options(variant: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +277,9 @@ def bench_model(
                     call(fn)
                 times = _time_ms(lambda fn=fn: call(fn), device, args.iters)
                 if args.profile and device.type == "cuda":
-                    result.breakdown_ms = _breakdown(lambda fn=fn: call(fn), device)
+                    result.breakdown_ms, result.top_kernels = _breakdown(
+                        lambda fn=fn: call(fn), device
+                    )
             result.median_ms = statistics.median(times)
             result.min_ms = min(times)
             result.tflops = flops / (result.median_ms * 1e-3) / 1e12
