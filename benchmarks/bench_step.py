@@ -85,6 +85,7 @@ class VariantResult:
     breakdown_ms: dict[str, float] = field(default_factory=dict)
     top_kernels: list[tuple[str, str, float, int]] = field(default_factory=list)
     error: str | None = None
+    options: dict[str, Any] | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -192,7 +193,11 @@ def _breakdown(
 
 
 def _variant_options(variant: str, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"mode": variant, **extra}
+    """``"O2"`` -> mode O2; ``'label={"mode": "O2", ...}'`` -> those options (A/B of knobs)."""
+    label, sep, spec = variant.partition("=")
+    if sep:
+        return {**extra, **difforge.options.load_options(spec)}
+    return {"mode": label, **extra}
 
 
 def _compile(module: nn.Module, variant: str, extra: dict[str, Any]) -> Callable[..., Any]:
@@ -263,7 +268,10 @@ def bench_model(
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        result = VariantResult(spec, variant, None, None, None, None, None, None)
+        label = variant.partition("=")[0]
+        result = VariantResult(spec, label, None, None, None, None, None, None)
+        if label not in ("eager", "compile", "compile-max-autotune"):
+            result.options = _variant_options(variant, extra)
         try:
             fn = _compile(module, variant, extra)
             with torch.no_grad():
@@ -405,7 +413,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
-    args.variants = [v for v in args.variants.split(",") if v]
+    sep = ";" if ";" in args.variants else ","
+    args.variants = [v for v in args.variants.split(sep) if v]
     return args
 
 
