@@ -1,0 +1,309 @@
+"""``compile_pipe``: compile every module of a diffusers pipeline that is worth compiling.
+
+>>> pipe = compile_pipe(pipe, options={"mode": "O2", "memory_format": "channels_last"})
+
+Components, by pipeline attribute: the text encoders, the denoiser (``transformer`` or
+``unet``), ``controlnet``, and the VAE's ``decoder`` and ``encoder``. The VAE itself stays
+an ``AutoencoderKL`` (its ``config``, ``dtype`` and the pipelines' fp32-upcast logic keep
+working); only its two halves are swapped for compiled modules, since ``vae.decode`` calls
+``self.decoder``. What was compiled, with which options, is recorded on the pipe, so a
+second call compiles nothing twice and a call with other options recompiles from the
+original modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import difforge
+from difforge.memory_format import apply_memory_format
+from difforge.options import CompileConfig, load_options, parse_options
+
+log = logging.getLogger("difforge.diffusers")
+
+__all__ = ["COMPONENTS", "CONV_COMPONENTS", "PipeState", "compile_pipe", "pipe_state"]
+
+#: Every component ``compile_pipe`` knows, in compile order.
+COMPONENTS: tuple[str, ...] = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "transformer",
+    "unet",
+    "controlnet",
+    "vae.decoder",
+    "vae.encoder",
+)
+
+#: Conv nets: the only components that get the ``memory_format`` option.
+CONV_COMPONENTS: frozenset[str] = frozenset({"unet", "controlnet", "vae.decoder", "vae.encoder"})
+
+DENOISERS: tuple[str, ...] = ("transformer", "unet")
+
+STATE_ATTR = "_difforge_state"
+COMPILED_ATTR = "_difforge_compiled"
+
+_OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
+
+
+@dataclass
+class PipeState:
+    """What ``compile_pipe`` did to one pipeline (stored on it as ``_difforge_state``)."""
+
+    compiled: dict[str, str] = field(default_factory=dict)
+    """Component name -> key of the options it was compiled with (also ``_difforge_compiled``)."""
+    configs: dict[str, CompileConfig | None] = field(default_factory=dict)
+    """Component name -> parsed config (None for a backend other than difforge)."""
+    fused: set[str] = field(default_factory=set)
+    """Modules whose QKV projections we fused (``"transformer"``, ``"unet"``, ``"vae"``)."""
+    ran_components: set[str] = field(default_factory=set)
+    """Compiled components called since they were (re)compiled: their graphs now exist."""
+
+    @property
+    def ran(self) -> bool:
+        """Whether any compiled component has run (so this process has compiled graphs)."""
+        return bool(self.ran_components)
+
+
+def pipe_state(pipe: Any) -> PipeState | None:
+    """The :class:`PipeState` of a pipe that went through ``compile_pipe``, else None."""
+    state = getattr(pipe, STATE_ATTR, None)
+    return state if isinstance(state, PipeState) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Finding components
+# --------------------------------------------------------------------------------------------
+
+
+def _owner_and_attr(pipe: Any, name: str) -> tuple[Any, str]:
+    """The object holding component ``name`` and its attribute there."""
+    if name.startswith("vae."):
+        return getattr(pipe, "vae", None), name.split(".", 1)[1]
+    return pipe, name
+
+
+def _get(pipe: Any, name: str) -> Any:
+    owner, attr = _owner_and_attr(pipe, name)
+    return getattr(owner, attr, None) if owner is not None else None
+
+
+def _set(pipe: Any, name: str, module: nn.Module) -> None:
+    owner, attr = _owner_and_attr(pipe, name)
+    setattr(owner, attr, module)
+
+
+def _slots(pipe: Any) -> list[str]:
+    """Component names this pipeline has a slot for (the module itself may be None)."""
+    registered = set(getattr(pipe, "components", None) or ())
+    slots = [n for n in COMPONENTS if "." not in n and (n in registered or hasattr(pipe, n))]
+    if getattr(pipe, "vae", None) is not None:
+        slots += [n for n in COMPONENTS if n.startswith("vae.") and _get(pipe, n) is not None]
+    if "vae" in registered or hasattr(pipe, "vae"):
+        slots.append("vae")  # the prefix of both halves, valid even when the VAE is absent
+    return slots
+
+
+def _modules(pipe: Any) -> list[str]:
+    """Component names whose current value is an ``nn.Module``."""
+    return [n for n in COMPONENTS if isinstance(_get(pipe, n), nn.Module)]
+
+
+def _check_ignores(pipe: Any, ignores: Iterable[str] | str) -> tuple[str, ...]:
+    """Validate ``ignores`` against this pipeline's components; unknown names raise."""
+    if isinstance(ignores, str):
+        ignores = (ignores,)
+    ignores = tuple(ignores)
+    valid = _slots(pipe)
+    for name in ignores:
+        if not isinstance(name, str):
+            raise TypeError(f"ignores must be component names (str), got {name!r}")
+        if name not in valid:
+            raise ValueError(
+                f"ignores: {type(pipe).__name__} has no component {name!r}; "
+                f"valid names: {', '.join(valid)}"
+            )
+    return ignores
+
+
+def _ignored(name: str, ignores: tuple[str, ...]) -> bool:
+    return any(name == ig or name.startswith(f"{ig}.") for ig in ignores)
+
+
+# --------------------------------------------------------------------------------------------
+# Options per component
+# --------------------------------------------------------------------------------------------
+
+
+def _is_ours(backend: str | Callable[..., Any]) -> bool:
+    return isinstance(backend, str) and backend in difforge.OUR_BACKENDS
+
+
+def _component_options(
+    options: Mapping[str, Any] | str | None, backend: str | Callable[..., Any], conv: bool
+) -> tuple[dict[str, Any], CompileConfig | None]:
+    """The options one component is compiled with, and their parsed config.
+
+    ``memory_format`` re-lays conv weights; on a transformer or a text encoder it would
+    only add input conversions, so non-conv components always get ``preserve``.
+    """
+    raw = load_options(options)
+    if not _is_ours(backend):
+        return raw, None
+    if not conv:
+        raw["memory_format"] = "preserve"
+    return raw, parse_options(raw)
+
+
+def _key(
+    backend: str | Callable[..., Any],
+    raw: Mapping[str, Any],
+    config: CompileConfig | None,
+    fused: bool,
+) -> str:
+    """What decides whether a compiled component can be reused: backend, options, fusion."""
+    name = "difforge" if _is_ours(backend) else backend
+    # Nested, not a JSON string inside JSON, so the key stays readable in the metadata.
+    options: Any = json.loads(config.key()) if config is not None else raw
+    return json.dumps(
+        {"backend": name, "options": options, "fuse_qkv": fused}, sort_keys=True, default=repr
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# QKV fusion
+# --------------------------------------------------------------------------------------------
+
+
+def _fusion_owner(name: str) -> str | None:
+    """The module whose ``fuse_qkv_projections`` covers component ``name``."""
+    if name in DENOISERS:
+        return name
+    if name.startswith("vae."):
+        return "vae"
+    return None
+
+
+def _original(module: Any) -> Any:
+    return module._orig_mod if isinstance(module, _OptimizedModule) else module
+
+
+def _set_fusion(pipe: Any, owner: str, fuse: bool, state: PipeState) -> bool:
+    """Fuse (or unfuse) ``owner``'s QKV projections; returns whether they end up fused."""
+    module = _original(getattr(pipe, owner, None))
+    if fuse == (owner in state.fused):
+        return fuse
+    if not fuse:
+        unfuse = getattr(module, "unfuse_qkv_projections", None)
+        if unfuse is not None:
+            unfuse()
+        state.fused.discard(owner)
+        return False
+    method = getattr(module, "fuse_qkv_projections", None)
+    if method is None:
+        log.info("difforge: %s has no fuse_qkv_projections(); left unfused", owner)
+        return False
+    try:
+        method()
+    except (ValueError, NotImplementedError, AttributeError) as err:
+        # diffusers refuses e.g. models with added KV projections; eager stays correct.
+        log.info("difforge: %s cannot fuse its QKV projections (%s); left unfused", owner, err)
+        return False
+    state.fused.add(owner)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# compile_pipe
+# --------------------------------------------------------------------------------------------
+
+
+def _mark_ran(state: PipeState, name: str) -> Callable[..., None]:
+    # Runs outside the compiled frame (OptimizedModule's own hooks), so it adds no guards.
+    def hook(module: nn.Module, _args: tuple[Any, ...]) -> None:
+        state.ran_components.add(name)
+
+    return hook
+
+
+def _restore(pipe: Any, name: str, state: PipeState, why: str) -> nn.Module:
+    """Put the original module of ``name`` back on the pipe and forget its record."""
+    original = _original(_get(pipe, name))
+    _set(pipe, name, original)
+    state.compiled.pop(name, None)
+    state.configs.pop(name, None)
+    state.ran_components.discard(name)
+    if name in CONV_COMPONENTS:
+        apply_memory_format(original, "preserve")  # drop the old input-layout hook
+    log.info("difforge: %s: %s", name, why)
+    return original
+
+
+def _ensure_state(pipe: Any) -> PipeState:
+    state = pipe_state(pipe)
+    if state is None:
+        state = PipeState()
+        setattr(pipe, STATE_ATTR, state)
+        setattr(pipe, COMPILED_ATTR, state.compiled)
+    return state
+
+
+def compile_pipe(
+    pipe: Any,
+    *,
+    options: Mapping[str, Any] | str | None = None,
+    backend: str | Callable[..., Any] = "difforge",
+    ignores: Iterable[str] | str = (),
+    fuse_qkv_projections: bool = False,
+) -> Any:
+    """Compile the pipeline's text encoders, denoiser, controlnet and VAE halves in place.
+
+    ``options`` (dict or JSON string) are validated before anything changes.
+    ``ignores``: component names or dotted prefixes left eager (``"vae"`` = both halves);
+    names this pipeline does not have raise ``ValueError``. ``fuse_qkv_projections`` calls
+    diffusers' ``fuse_qkv_projections()`` on the denoiser and the VAE first, where the model
+    supports it. Calling again with the same arguments compiles nothing; with other
+    options, components are recompiled from their original modules. Returns ``pipe``.
+    """
+    ignores = _check_ignores(pipe, ignores)
+    if not (callable(backend) or isinstance(backend, str)):
+        raise TypeError(f"backend must be a name or a callable, got {backend!r}")
+    targets = [n for n in _modules(pipe) if not _ignored(n, ignores)]
+    # Parse everything first: a bad option must fail before the pipe is touched.
+    plans = {n: _component_options(options, backend, n in CONV_COMPONENTS) for n in targets}
+    state = _ensure_state(pipe)
+
+    for name in [n for n in state.compiled if _ignored(n, ignores)]:
+        _restore(pipe, name, state, "now ignored; restored the original module")
+
+    # Fusion changes the original modules, so their compiled keys record it.
+    owners = sorted({o for o in (_fusion_owner(n) for n in targets) if o is not None})
+    fused = {o: _set_fusion(pipe, o, fuse_qkv_projections, state) for o in owners}
+
+    for name in targets:
+        raw, config = plans[name]
+        owner = _fusion_owner(name)
+        key = _key(backend, raw, config, bool(owner and fused.get(owner)))
+        current = _get(pipe, name)
+        if isinstance(current, _OptimizedModule):
+            recorded = state.compiled.get(name)
+            if recorded == key:
+                log.debug("difforge: %s is already compiled with these options", name)
+                continue
+            why = "was compiled outside difforge" if recorded is None else "compile options changed"
+            current = _restore(pipe, name, state, f"{why}; recompiling from the original module")
+        compiled = difforge.compile(current, backend=backend, options=raw)
+        if compiled is current:  # "disable": true returns the module unchanged
+            continue
+        compiled.register_forward_pre_hook(_mark_ran(state, name))
+        _set(pipe, name, compiled)
+        state.compiled[name] = key
+        state.configs[name] = config
+    return pipe
