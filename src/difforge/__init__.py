@@ -124,9 +124,10 @@ def compile(
                 "weights); for a plain function use 'preserve'"
             )
         apply_memory_format(module, config.memory_format)
+    name = getattr(module, "__qualname__", None) or type(module).__name__
     return torch.compile(
         module,
-        backend=DifforgeBackend(config),
+        backend=DifforgeBackend(config, name=name),
         dynamic=config.dynamic,
         fullgraph=config.fullgraph,
     )

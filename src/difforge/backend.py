@@ -21,6 +21,7 @@ from difforge.errors import DifforgeError, OptionsError
 from difforge.options import CompileConfig, load_options, parse_options
 from difforge.passes import PostGradPasses, enabled_passes, run_fx_passes
 from difforge.precision import with_tf32
+from difforge.recompiles import RecompileTracker
 
 log = logging.getLogger("difforge")
 
@@ -51,9 +52,12 @@ def _post_grad_hook(config: CompileConfig, stage: str, key: str) -> PostGradPass
 class DifforgeBackend:
     """A compiler for ``torch.compile(backend=...)`` bound to one parsed config."""
 
-    def __init__(self, config: CompileConfig) -> None:
+    def __init__(self, config: CompileConfig, name: str = "a compiled function") -> None:
         self.config = config
         self.records: list[CompileRecord] = []
+        self.recompiles = RecompileTracker(
+            config.settings["recompile.limit"], bool(config.settings["recompile.strict"]), name
+        )
 
     def __call__(
         self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
@@ -63,6 +67,7 @@ class DifforgeBackend:
         config = self.config
         if config.disable:
             return gm.forward
+        self.recompiles.on_compile()
         start = time.perf_counter()
         record = CompileRecord(mode=config.mode, inductor_patches={})
         record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
@@ -147,6 +152,7 @@ def guard_frozen_weights(
 
 
 _warned_dynamic = False
+_ENTRY_POINT_BACKENDS: dict[str, DifforgeBackend] = {}
 
 
 def difforge_backend(
@@ -171,6 +177,8 @@ def difforge_backend(
             )
         opts["mode"] = mode
     config = parse_options(opts)
+    # One backend per distinct options, so recompiles of a function are counted across calls.
+    backend = _ENTRY_POINT_BACKENDS.setdefault(config.key(), DifforgeBackend(config))
     if config.dynamic is not None and not _warned_dynamic:
         _warned_dynamic = True
         warnings.warn(
@@ -178,4 +186,4 @@ def difforge_backend(
             "with torch.compile pass dynamic=... to torch.compile itself",
             stacklevel=2,
         )
-    return DifforgeBackend(config)(gm, example_inputs)
+    return backend(gm, example_inputs)

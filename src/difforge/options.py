@@ -97,10 +97,17 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
     ),
     "cache.enabled": (False, bool, "persist compiled artifacts under cache.dir"),
     "cache.dir": (None, (str, type(None)), "where cache-all persists artifacts"),
+    "recompile.limit": (
+        None,
+        (int, type(None)),
+        "recompilations per function before recompile.strict raises "
+        "(default: torch._dynamo.config.recompile_limit)",
+    ),
+    "recompile.strict": (False, bool, "raise instead of warning past recompile.limit"),
 }
 
 TORCH_CONFIG_NAMESPACES: tuple[str, ...] = ("inductor", "functorch")
-NAMESPACES: tuple[str, ...] = ("inductor", "functorch", "passes", "matmul", "cache")
+NAMESPACES: tuple[str, ...] = ("inductor", "functorch", "passes", "matmul", "cache", "recompile")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
