@@ -1,0 +1,386 @@
+"""Measuring one compiler: warm-up (compile) time, inference time, memory, recompiles.
+
+Nothing here prints tables or writes files; :mod:`difforge.bench.report` does that from
+the :class:`CompilerResult` objects returned here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from difforge.bench.args import BenchConfig
+from difforge.bench.compilers import apply_compiler
+from difforge.bench.pipeline import MULTIPLE_RESOLUTIONS, RARE_RESOLUTIONS, Workload, sweep_sizes
+
+T = TypeVar("T")
+
+#: Names of the image-comparison outcomes in the results.
+REFERENCE, IDENTICAL, DIFFERS, NO_REFERENCE = "reference", "identical", "differs", "n/a"
+
+
+@dataclass
+class ResolutionResult:
+    """One size of a resolution sweep."""
+
+    kind: str
+    """``multiple`` or ``rare``."""
+    requested: str
+    """The seed's size, ``HxW`` at 1024-pixel scale."""
+    height: int
+    """The size actually run (scaled for tiny presets, rounded to the model's multiple)."""
+    width: int
+    first_run_s: float | None = None
+    """Wall time of the first call at this size, recompilation included."""
+    run_s: float | None = None
+    """One more call at this size, after any recompilation."""
+    recompiles: int | None = None
+    """Graphs Dynamo compiled during the first call (0: the compiled code was reused)."""
+    error: str | None = None
+
+
+@dataclass
+class CompilerResult:
+    """Everything measured for one compiler."""
+
+    compiler: str
+    how: str = ""
+    """What was applied (e.g. ``torch.compile(mode=None) on transformer, ...``)."""
+    error: str | None = None
+    first_run_s: float | None = None
+    """Wall time of the first warm-up run: compilation plus one inference."""
+    warmup_s: float | None = None
+    """Wall time of all warm-up runs together."""
+    warmup_runs_s: list[float] = field(default_factory=list)
+    inference_s: float | None = None
+    """Median of the timed runs (CUDA events on a GPU, perf_counter on the CPU)."""
+    inference_runs_s: list[float] = field(default_factory=list)
+    iterations_per_s: float | None = None
+    """Denoising steps per second of the median run (whole pipeline call)."""
+    peak_memory_bytes: int | None = None
+    """Peak CUDA memory allocated during the timed runs; ``None`` on the CPU."""
+    peak_memory_warmup_bytes: int | None = None
+    """Peak CUDA memory allocated during the warm-up (compilation, autotuning)."""
+    graphs: int | None = None
+    """Graphs Dynamo compiled during the warm-up."""
+    recompiles_in_timed_runs: int | None = None
+    """Graphs compiled during the timed runs; anything but 0 spoils the timing."""
+    image_match: str = NO_REFERENCE
+    """``reference``, ``identical``, ``differs`` or ``n/a`` (no ``none`` run to compare)."""
+    psnr_db: float | None = None
+    """PSNR against the ``none`` run's image, in dB (``inf`` when identical)."""
+    max_abs_diff: float | None = None
+    """Largest absolute pixel difference on [0, 1] images against the ``none`` run."""
+    resolutions: list[ResolutionResult] = field(default_factory=list)
+    image_files: list[str] = field(default_factory=list)
+    image: torch.Tensor | None = field(default=None, repr=False)
+    """The last timed run's images, (B, 3, H, W) float32 on the CPU (not in the JSON)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready fields; an infinite PSNR becomes ``null`` (``image_match`` says why)."""
+        out = dataclasses.asdict(dataclasses.replace(self, image=None))
+        out.pop("image")
+        if out["psnr_db"] is not None and math.isinf(out["psnr_db"]):
+            out["psnr_db"] = None
+        return out
+
+
+class Progress:
+    """One tqdm bar over all pipeline calls of the benchmark, on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=total, disable=not enabled, unit="call", file=sys.stderr, dynamic_ncols=True
+        )
+
+    def phase(self, text: str) -> None:
+        self.bar.set_description_str(text)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        """Print a line on stdout without breaking the bar."""
+        tqdm.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct log message through once: the pipeline repeats the same warning
+    (e.g. prompt truncated by a tiny tokenizer) on every one of dozens of calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@contextmanager
+def quiet_repeated_logs(loggers: tuple[str, ...] = ("diffusers", "transformers")) -> Iterator[None]:
+    """Install :class:`_OncePerMessage` on these libraries' handlers for the duration."""
+    once = _OncePerMessage()
+    handlers = [h for name in loggers for h in logging.getLogger(name).handlers]
+    for handler in handlers:
+        handler.addFilter(once)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(once)
+
+
+def calls_per_compiler(config: BenchConfig) -> int:
+    """Pipeline calls one compiler makes (for the progress bar's total)."""
+    sweeps = len(MULTIPLE_RESOLUTIONS) * config.multiple_resolutions
+    sweeps += len(RARE_RESOLUTIONS) * config.rare_resolutions
+    return config.warmups + config.runs + 2 * sweeps
+
+
+def unique_graphs() -> int:
+    """Graphs Dynamo has compiled in this process (since the last counters reset)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_time(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """Wall-clock seconds of ``fn()`` with the device drained before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def device_time(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """Seconds of ``fn()``: CUDA events around the call on a GPU, perf_counter on a CPU."""
+    if device.type != "cuda":
+        return wall_time(fn, device)
+    torch.cuda.synchronize(device)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1000.0, out
+
+
+def fresh_state(device: torch.device) -> None:
+    """Forget all compiled code and free memory, so compilers do not see each other."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
+
+
+@contextmanager
+def _recording_errors(result: Any, what: str) -> Iterator[None]:
+    """Turn a failure into ``result.error`` (traceback on stderr) so the others still run."""
+    try:
+        yield
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        print(f"{what} failed: {_describe(e)}", file=sys.stderr)
+        result.error = _describe(e)
+
+
+def measure_steady(
+    workload: Workload, config: BenchConfig, result: CompilerResult, progress: Progress
+) -> None:
+    """Warm-up runs (the first compiles), then timed runs at the main size."""
+    device = workload.device
+    name = result.compiler
+    before = unique_graphs()
+    for i in range(config.warmups):
+        progress.phase(f"{name}: warm-up {i + 1}/{config.warmups}" + (" (compiling)" * (i == 0)))
+        seconds, _ = wall_time(workload.call, device)
+        result.warmup_runs_s.append(seconds)
+        progress.advance()
+    result.first_run_s = result.warmup_runs_s[0]
+    result.warmup_s = sum(result.warmup_runs_s)
+    result.graphs = unique_graphs() - before
+    result.peak_memory_warmup_bytes = _peak_memory(device)
+
+    _reset_peak(device)
+    before = unique_graphs()
+    image = None
+    for i in range(config.runs):
+        progress.phase(f"{name}: timed run {i + 1}/{config.runs}")
+        seconds, image = device_time(workload.call, device)
+        result.inference_runs_s.append(seconds)
+        progress.advance()
+    result.recompiles_in_timed_runs = unique_graphs() - before
+    result.peak_memory_bytes = _peak_memory(device)
+    result.inference_s = statistics.median(result.inference_runs_s)
+    result.iterations_per_s = workload.steps / result.inference_s
+    assert image is not None
+    result.image = image.detach().float().cpu()
+
+
+def measure_resolutions(
+    workload: Workload,
+    kind: str,
+    sizes: tuple[tuple[int, int], ...],
+    result: CompilerResult,
+    progress: Progress,
+) -> None:
+    """Run each size twice: the first call shows recompilation, the second the speed."""
+    extra = workload.sweep_kwargs()
+    for (req_h, req_w), (height, width) in sweep_sizes(workload, sizes):
+        entry = ResolutionResult(kind, f"{req_h}x{req_w}", height, width)
+        result.resolutions.append(entry)
+        progress.phase(f"{result.compiler}: {height}x{width}")
+
+        def call(h: int = height, w: int = width) -> torch.Tensor:
+            return _call_with(workload, extra, h, w)
+
+        with _recording_errors(entry, f"{result.compiler} at {height}x{width}"):
+            before = unique_graphs()
+            entry.first_run_s, _ = wall_time(call, workload.device)
+            entry.recompiles = unique_graphs() - before
+            progress.advance()
+            entry.run_s, _ = device_time(call, workload.device)
+            progress.advance()
+        progress.write(resolution_line(result.compiler, entry))
+
+
+def resolution_line(compiler: str, r: ResolutionResult) -> str:
+    """One line per sweep size, printed as soon as it is measured."""
+    size = f"{r.height}x{r.width}" + (
+        f" (seed {r.requested})" if r.requested != f"{r.height}x{r.width}" else ""
+    )
+    if r.error is not None:
+        return f"[{compiler}] {size}: FAILED: {r.error}"
+    return (
+        f"[{compiler}] {size}: first run {r.first_run_s:.3f} s with {r.recompiles} "
+        f"recompiled graphs, then {r.run_s:.4f} s"
+    )
+
+
+def _call_with(workload: Workload, extra: dict[str, Any], height: int, width: int) -> Any:
+    if not extra:
+        return workload.call(height=height, width=width)
+    saved = workload.call_kwargs
+    workload.call_kwargs = {**saved, **extra}
+    try:
+        return workload.call(height=height, width=width)
+    finally:
+        workload.call_kwargs = saved
+
+
+@contextmanager
+def compile_cache(fresh: bool) -> Iterator[None]:
+    """An empty temporary Inductor/Triton cache (and cleared in-memory code caches) when
+    ``fresh``; otherwise the shared on-disk caches."""
+    if not fresh:
+        yield
+        return
+    from torch._inductor.utils import fresh_cache  # torch >= 2.8 (we need 2.9)
+
+    with fresh_cache():
+        yield
+
+
+def run_compiler(
+    workload: Workload,
+    compiler: str,
+    config: BenchConfig,
+    progress: Progress,
+    on_steady: Callable[[CompilerResult], None] | None = None,
+) -> CompilerResult:
+    """Apply ``compiler`` to the workload's pipeline and measure it.
+
+    ``on_steady`` sees the result once the main-size timings exist, before any sweep. The
+    caller restores the original modules afterwards (:class:`PipelineSnapshot`); a
+    failure is recorded in the result instead of raised.
+    """
+    result = CompilerResult(compiler)
+    fresh_state(workload.device)
+    with _recording_errors(result, f"compiler {compiler!r}"), compile_cache(config.fresh_cache):
+        progress.phase(f"{compiler}: compiling")
+        applied = apply_compiler(
+            workload.pipe,
+            compiler,
+            options=config.compiler_config if compiler == "difforge" else None,
+            fuse_qkv_projections=config.fuse_qkv_projections and compiler == "difforge",
+            quantize=config.quantize and compiler == "difforge",
+        )
+        result.how = applied.how
+        # compile_pipe may hand back another pipeline object; run that one.
+        run = dataclasses.replace(workload, pipe=applied.pipe)
+        measure_steady(run, config, result, progress)
+        if on_steady is not None:
+            on_steady(result)
+        if config.multiple_resolutions:
+            measure_resolutions(run, "multiple", MULTIPLE_RESOLUTIONS, result, progress)
+        if config.rare_resolutions:
+            measure_resolutions(run, "rare", RARE_RESOLUTIONS, result, progress)
+    return result
+
+
+def image_metrics(image: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(PSNR in dB, max absolute difference) of two [0, 1] images; PSNR is inf if equal."""
+    if image.shape != reference.shape:
+        raise ValueError(f"image shapes differ: {tuple(image.shape)} vs {tuple(reference.shape)}")
+    diff = image.double() - reference.double()
+    mse = float(diff.square().mean())
+    max_abs = float(diff.abs().max())
+    psnr = math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+    return psnr, max_abs
+
+
+def compare_to_reference(results: list[CompilerResult], reference: str = "none") -> None:
+    """Fill ``psnr_db``/``max_abs_diff``/``image_match`` against the ``reference`` run."""
+    ref = next((r for r in results if r.compiler == reference and r.image is not None), None)
+    for r in results:
+        if ref is None or r.image is None:
+            r.image_match = NO_REFERENCE
+            continue
+        r.psnr_db, r.max_abs_diff = image_metrics(r.image, ref.image)  # type: ignore[arg-type]
+        if r is ref:
+            r.image_match = REFERENCE
+        else:
+            r.image_match = IDENTICAL if r.max_abs_diff == 0.0 else DIFFERS

@@ -1,0 +1,321 @@
+"""The text-to-image benchmark: flags, pipeline setup, snapshot/restore, metrics, and
+end-to-end runs on the tiny PixArt preset (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import difforge.bench as bench
+from difforge.bench import args as bench_args
+from difforge.bench import measure
+from difforge.bench.args import BenchError, parse_args
+from difforge.bench.compilers import PipelineSnapshot, compile_stock, load_quantize_pipe
+from difforge.bench.measure import image_metrics
+from difforge.bench.pipeline import MULTIPLE_RESOLUTIONS, RARE_RESOLUTIONS, build_workload
+from difforge.bench.pipeline import sweep_sizes as sweep
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# ------------------------------------------------------------------------------ flags
+
+
+def test_cpu_defaults(cpu_only: None) -> None:
+    c = parse_args([])
+    assert c.model == "tiny-pixart"
+    assert c.device == "cpu"
+    assert c.steps == bench_args.CPU_DEFAULT_STEPS
+    assert c.compilers == ("difforge",)
+    assert (c.warmups, c.runs, c.batch) == (2, 3, 1)
+    assert c.scheduler is None and c.dtype is None and c.text_encoders is None
+    assert c.output_json is None and c.chart is None
+
+
+def test_gpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    c = parse_args([])
+    assert c.model == "pixart-xl-2-1024"
+    assert c.device == "cuda"
+    assert c.steps is None  # the preset's default, resolved once the pipeline exists
+
+
+def test_seed_aliases(cpu_only: None) -> None:
+    c = parse_args(["--base", "sdxl", "--n_steps", "7", "--saved_image", "out/a.png"])
+    assert c.model == "sdxl"
+    assert c.steps == 7
+    assert c.output_image == Path("out/a.png")
+    assert parse_args(["--compiler", "nexfort"]).compilers == ("difforge",)
+    assert parse_args(["--compare", "none, nexfort,compile"]).compilers == (
+        "none",
+        "difforge",
+        "compile",
+    )
+    assert parse_args(["--cfg-scale", "3"]).guidance_scale == 3.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "multiple", "rare"),
+    [
+        (["--run_multiple_resolutions"], True, False),
+        (["--run_multiple_resolutions", "true", "--run_rare_resolutions", "0"], True, False),
+        (["--run-rare-resolutions", "yes"], False, True),
+        ([], False, False),
+    ],
+)
+def test_resolution_flags(cpu_only: None, argv: list[str], multiple: bool, rare: bool) -> None:
+    c = parse_args(argv)
+    assert (c.multiple_resolutions, c.rare_resolutions) == (multiple, rare)
+
+
+def test_bad_values(cpu_only: None) -> None:
+    with pytest.raises(BenchError, match="unknown compiler 'tvm'"):
+        parse_args(["--compare", "none,tvm"])
+    with pytest.raises(BenchError, match="'difforge' twice"):
+        parse_args(["--compare", "difforge,nexfort"])
+    with pytest.raises(BenchError, match="--compiler-config"):
+        parse_args(["--compiler-config", '{"mode": "O9"}'])
+    with pytest.raises(BenchError, match="CUDA is not available"):
+        parse_args(["--device", "cuda"])
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "0"])
+    assert parse_args(["--compiler-config", '{"mode": "O2"}']).compiler_config is not None
+
+
+def test_chart_defaults_next_to_json(cpu_only: None) -> None:
+    c = parse_args(["--output-json", "r/x.json"])
+    assert c.chart == Path("r/x.png")
+    assert parse_args(["--output-json", "r/x.json", "--chart", "c.png"]).chart == Path("c.png")
+
+
+def test_bad_input_exits_2_before_building(
+    cpu_only: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.main(["--compiler-config", "{not json"]) == 2
+    assert "difforge bench: error: --compiler-config" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(load_quantize_pipe() is not None, reason="quantize_pipe exists here")
+def test_quantize_not_available(cpu_only: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--quantize"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize is not available in this version" in err
+    # Same through the `difforge bench` subcommand.
+    from difforge.cli import main as cli_main
+
+    assert cli_main(["bench", "--quantize"]) == 2
+    assert "not available in this version" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- pipeline setup
+
+
+@pytest.fixture
+def tiny_workload(cpu_only: None) -> Any:
+    return build_workload(parse_args(["--no-text-encoders", "--steps", "2", "--no-progress"]))
+
+
+def test_workload_uses_random_embeddings(tiny_workload: Any) -> None:
+    w = tiny_workload
+    assert not w.text_encoders and "prompt" not in w.prompt_kwargs
+    assert "prompt_embeds" in w.prompt_kwargs
+    assert (w.height, w.width, w.steps, w.dtype) == (64, 64, 2, torch.float32)
+    image = w.call()
+    assert image.shape == (1, 3, 64, 64)
+    assert torch.equal(image, w.call())  # same seed, same image
+
+
+def test_local_directory_model(cpu_only: None, tmp_path: Path) -> None:
+    from difforge.diffusers.presets import build_pipeline
+
+    build_pipeline("tiny-pixart").save_pretrained(tmp_path / "pipe")
+    base = ["--model", str(tmp_path / "pipe"), "--height", "64", "--width", "64"]
+    w = build_workload(parse_args(base))
+    assert w.preset is None and w.text_encoders
+    assert w.prompt_kwargs == {"prompt": bench_args.DEFAULT_PROMPT}
+    assert w.call_kwargs["clean_caption"] is False  # bs4/ftfy are not needed
+    assert w.call().shape == (1, 3, 64, 64)
+    w = build_workload(parse_args([*base, "--no-text-encoders"]))
+    assert not w.text_encoders and "prompt_embeds" in w.prompt_kwargs
+    assert w.call().shape == (1, 3, 64, 64)
+
+
+def test_scheduler_swap(cpu_only: None) -> None:
+    c = parse_args(["--no-text-encoders", "--scheduler", "EulerDiscreteScheduler"])
+    w = build_workload(c)
+    assert type(w.pipe.scheduler).__name__ == w.scheduler == "EulerDiscreteScheduler"
+    bad = parse_args(["--no-text-encoders", "--scheduler", "EulerDiscretScheduler"])
+    with pytest.raises(BenchError, match="did you mean 'EulerDiscreteScheduler'"):
+        build_workload(bad)
+
+
+def test_sweep_sizes_scaled_for_tiny(tiny_workload: Any) -> None:
+    assert tiny_workload.size_multiple == 16  # VAE factor 8 x patch 2
+    sizes = sweep(tiny_workload, MULTIPLE_RESOLUTIONS)
+    assert sizes[0] == ((1024, 1024), (64, 64))
+    assert sizes[1] == ((768, 1024), (48, 64))
+    for _, (h, w) in sweep(tiny_workload, RARE_RESOLUTIONS):
+        assert h % 16 == 0 and w % 16 == 0 and h > 0 and w > 0
+
+
+def test_snapshot_undoes_compile_pipe_and_torch_compile(tiny_workload: Any) -> None:
+    from difforge.diffusers import compile_pipe
+
+    pipe = tiny_workload.pipe
+    before = tiny_workload.call()
+    transformer, decoder = pipe.transformer, pipe.vae.decoder
+    snapshot = PipelineSnapshot(pipe)
+
+    # Compiling is lazy: nothing runs here, so this test costs no compile time.
+    compile_pipe(pipe, options={"memory_format": "channels_last"}, fuse_qkv_projections=True)
+    assert pipe.transformer is not transformer
+    assert any(hasattr(m, "to_qkv") for m in transformer.modules())
+    assert decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    snapshot.restore()
+
+    assert pipe.transformer is transformer and pipe.vae.decoder is decoder
+    assert not hasattr(pipe, "_difforge_state")
+    assert not any(hasattr(m, "to_qkv") for m in transformer.modules())
+    assert decoder.conv_in.weight.is_contiguous()
+    assert not any(m._forward_pre_hooks for m in pipe.vae.modules())
+
+    compile_stock(pipe, mode=None)
+    assert isinstance(pipe.transformer, torch._dynamo.eval_frame.OptimizedModule)
+    snapshot.restore()
+    assert pipe.transformer is transformer and pipe.vae.decoder is decoder
+    assert torch.equal(tiny_workload.call(), before)
+
+
+# ------------------------------------------------------------------------- metrics
+
+
+def test_image_metrics() -> None:
+    a = torch.rand(1, 3, 8, 8)
+    assert image_metrics(a, a.clone()) == (math.inf, 0.0)
+    b = (a + 0.01).clamp(0, 1)
+    psnr, max_abs = image_metrics(b, a)
+    assert 35 < psnr < 45 and max_abs == pytest.approx(0.01, abs=1e-6)
+    with pytest.raises(ValueError, match="shapes differ"):
+        image_metrics(a, a[..., :4])
+
+
+def test_failing_compiler_is_reported_and_others_still_run(
+    cpu_only: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real = measure.apply_compiler
+
+    def broken(pipe: Any, compiler: str, **kwargs: Any) -> Any:
+        if compiler == "compile":
+            raise RuntimeError("planted failure")
+        return real(pipe, compiler, **kwargs)
+
+    monkeypatch.setattr(measure, "apply_compiler", broken)
+    out = tmp_path / "r.json"
+    argv = ["--compare", "compile,none", "--no-text-encoders", "--steps", "2", "--no-progress"]
+    assert bench.main([*argv, "--output-json", str(out)]) == 1
+    data = json.loads(out.read_text())
+    failed, eager = data["results"]
+    assert failed["error"] == "RuntimeError: planted failure" and failed["inference_s"] is None
+    assert eager["error"] is None and eager["image_match"] == "reference"
+    assert "FAILED" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One `--compare none,compile,difforge` run on tiny-pixart, shared by the tests."""
+    tmp = tmp_path_factory.mktemp("bench")
+    argv = [
+        "--compare",
+        "none,compile,difforge",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--device",
+        "cpu",
+        "--output-json",
+        str(tmp / "x.json"),
+        "--output-image",
+        str(tmp / "img.png"),
+        "--no-progress",
+    ]
+    rc = bench.main(argv)
+    return {"rc": rc, "tmp": tmp, "data": json.loads((tmp / "x.json").read_text())}
+
+
+@pytest.mark.slow
+def test_compare_writes_json_with_three_results(compare_run: dict[str, Any]) -> None:
+    assert compare_run["rc"] == 0
+    data = compare_run["data"]
+    assert [r["compiler"] for r in data["results"]] == ["none", "compile", "difforge"]
+    assert data["reference"] == "none"
+    assert data["workload"]["steps"] == 2 and data["workload"]["height"] == 64
+    assert data["args"]["compilers"] == ["none", "compile", "difforge"]
+    for key in ("torch", "diffusers", "difforge", "device_name", "date", "triton"):
+        assert key in data["environment"]
+    for r in data["results"]:
+        assert r["error"] is None
+        assert r["first_run_s"] > 0 and r["warmup_s"] >= r["first_run_s"]
+        assert r["inference_s"] > 0 and len(r["inference_runs_s"]) == 3
+        assert r["iterations_per_s"] == pytest.approx(2 / r["inference_s"])
+        assert r["peak_memory_bytes"] is None  # CPU
+        assert r["recompiles_in_timed_runs"] == 0
+    none, compiled, ours = data["results"]
+    assert none["image_match"] == "reference" and none["psnr_db"] is None
+    assert none["max_abs_diff"] == 0.0 and none["graphs"] == 0
+    for r in (compiled, ours):
+        assert r["graphs"] >= 1
+        # Identical images have no finite PSNR; JSON says so with image_match.
+        assert r["image_match"] == "identical" or r["psnr_db"] > 30
+        assert r["max_abs_diff"] < 1e-2
+    assert set(data["speedup_vs_none"]) == {"none", "compile", "difforge"}
+
+
+@pytest.mark.slow
+def test_compare_writes_chart_and_images(compare_run: dict[str, Any]) -> None:
+    tmp = compare_run["tmp"]
+    chart = tmp / "x.png"
+    assert chart.read_bytes()[:8] == PNG_SIGNATURE
+    for compiler in ("none", "compile", "difforge"):
+        assert (tmp / f"img-{compiler}.png").read_bytes()[:8] == PNG_SIGNATURE
+    files = [f for r in compare_run["data"]["results"] for f in r["image_files"]]
+    assert len(files) == 3
+
+
+@pytest.mark.slow
+def test_rare_resolutions_report_recompiles(
+    cpu_only: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "rare.json"
+    argv = ["--compiler", "nexfort", "--run_rare_resolutions", "--no-text-encoders"]
+    argv += ["--steps", "2", "--warmups", "1", "--runs", "1", "--no-progress"]
+    assert bench.main([*argv, "--output-json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["compiler"] == "difforge"
+    sizes = result["resolutions"]
+    assert [s["requested"] for s in sizes] == ["960x720", "544x408"]
+    for s in sizes:
+        assert s["kind"] == "rare" and s["error"] is None
+        assert isinstance(s["recompiles"], int) and s["recompiles"] >= 0
+        assert s["first_run_s"] > 0 and s["run_s"] > 0
+    # A new size makes Dynamo compile at least once (then shapes become dynamic).
+    assert sizes[0]["recompiles"] >= 1
+    assert "recompiles" in capsys.readouterr().out
