@@ -59,6 +59,8 @@ def worker(action: str, folder: str, out: str) -> None:
     from torch._dynamo.utils import counters
 
     pipe, kwargs = tiny_pipe()
+    if action == "save":
+        run(pipe, kwargs)  # an eager run first, as when comparing; the loader skips it
     compile_pipe(pipe)
     result = load_pipe(pipe, folder) if action == "load" else None
     image = run(pipe, kwargs)

@@ -131,6 +131,7 @@ def test_pixart_with_text_encoders_and_second_call_compiles_nothing(
 
 
 @pytest.mark.filterwarnings("ignore:.*upcast_vae.*:FutureWarning")
+@pytest.mark.filterwarnings("ignore:difforge. recompiling:UserWarning")  # the fp16 graph: wanted
 def test_sdxl_fp16_vae_with_force_upcast() -> None:
     """SDXL casts an fp16 VAE to fp32 around decode when ``force_upcast`` is set. The
     compiled decoder shares the VAE's parameters, so each dtype gets its own graph (a
@@ -165,6 +166,22 @@ def test_sdxl_fp16_vae_with_force_upcast() -> None:
     # Back through the pipeline: the fp32 graph is picked again, results unchanged.
     assert psnr(run(pipe, kwargs), ref) >= PSNR_MIN_DB
     assert len(difforge.compile_records) == graphs + 1
+
+
+def test_text_encoders_get_their_output_hooks_before_compiling() -> None:
+    """transformers >= 5 adds output-capturing hooks at the first forward, under a lock
+    Dynamo cannot trace; compile_pipe adds them first, so a compiled first call traces the
+    same graph as one after an eager run (and saved artifacts match across processes)."""
+    output_capturing = pytest.importorskip("transformers.utils.output_capturing")
+    if not hasattr(output_capturing, "maybe_install_capturing_hooks"):
+        pytest.skip("this transformers installs no output-capturing hooks")
+    pipe, _ = tiny("tiny-sdxl", text_encoders=True)
+    compile_pipe(pipe, ignores=("unet", "vae"))
+    hooked = "_output_capturing_hooks_installed"
+    assert getattr(pipe.text_encoder._orig_mod, hooked, False)  # CLIPTextModel: itself
+    with_projection = pipe.text_encoder_2._orig_mod  # delegates to a CLIPTextModel
+    assert getattr(with_projection.text_model, hooked, False)
+    assert not getattr(with_projection, hooked, False)  # never both: states recorded twice
 
 
 # ------------------------------------------------------------------------------------------

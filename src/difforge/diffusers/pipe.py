@@ -225,6 +225,46 @@ def _set_fusion(pipe: Any, owner: str, fuse: bool, state: PipeState) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _captures_outputs(forward: Any) -> bool:
+    """Whether ``forward`` is wrapped by transformers' ``capture_outputs`` decorator."""
+    fn = forward
+    for _ in range(8):  # a short chain of functools.wraps layers
+        code = getattr(fn, "__code__", None)
+        if code is not None and code.co_filename.endswith("output_capturing.py"):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False
+
+
+def _install_output_hooks(module: nn.Module) -> None:
+    """Install transformers' output-capturing hooks on a text encoder now.
+
+    transformers >= 5 installs them at the first forward that asks for hidden states,
+    under a threading lock Dynamo cannot trace: the first compiled call would break the
+    graph there and compile other graphs than a process that ran the encoder eagerly
+    first, so saved artifacts would miss. Installed up front, every process compiles the
+    same graphs. As in eager, the outermost decorated module on each path hooks its own
+    subtree (``CLIPTextModelWithProjection`` delegates to a decorated ``CLIPTextModel``).
+    """
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return
+    install = getattr(output_capturing, "maybe_install_capturing_hooks", None)
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    if install is None or registry is None:
+        return
+    pending = [module]
+    while pending:
+        current = pending.pop()
+        if registry.get(current) and _captures_outputs(type(current).forward):
+            install(current)
+        else:
+            pending.extend(current.children())
+
+
 def _mark_ran(state: PipeState, name: str) -> Callable[..., None]:
     # Runs outside the compiled frame (OptimizedModule's own hooks), so it adds no guards.
     def hook(module: nn.Module, _args: tuple[Any, ...]) -> None:
@@ -299,6 +339,8 @@ def compile_pipe(
                 continue
             why = "was compiled outside difforge" if recorded is None else "compile options changed"
             current = _restore(pipe, name, state, f"{why}; recompiling from the original module")
+        if name.startswith("text_encoder"):
+            _install_output_hooks(current)
         compiled = difforge.compile(current, backend=backend, options=raw)
         if compiled is current:  # "disable": true returns the module unchanged
             continue
