@@ -184,6 +184,16 @@ def test_text_encoders_get_their_output_hooks_before_compiling() -> None:
     assert not getattr(with_projection, hooked, False)  # never both: states recorded twice
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-flux"])
+def test_fused_qkv_compiled_matches_unfused_eager(name: str) -> None:
+    pipe, kwargs = tiny(name)
+    ref = run(pipe, kwargs)
+    compile_pipe(pipe, fuse_qkv_projections=True, options={"mode": "O2"})
+    assert pipe_state(pipe).fused == {get_preset(name).denoiser, "vae"}
+    assert psnr(run(pipe, kwargs), ref) >= PSNR_MIN_DB
+
+
 # ------------------------------------------------------------------------------------------
 # Arguments (no pipeline run: compilation is lazy, so these are quick)
 # ------------------------------------------------------------------------------------------
@@ -297,6 +307,15 @@ def test_fuse_qkv_projections_where_supported(caplog: pytest.LogCaptureFixture) 
     processors = pipe.transformer._orig_mod.attn_processors.values()
     assert all(type(p).__name__ == "FusedAttnProcessor2_0" for p in processors)
     assert '"fuse_qkv": true' in pipe._difforge_compiled["transformer"]
+
+    # Unfused behind our back (e.g. a benchmark restoring its snapshot): fused again, and
+    # the compiled module, whose key says "fused", stays valid.
+    transformer = pipe.transformer
+    transformer._orig_mod.unfuse_qkv_projections()
+    compile_pipe(pipe, fuse_qkv_projections=True)
+    assert pipe.transformer is transformer
+    processors = pipe.transformer._orig_mod.attn_processors.values()
+    assert all(type(p).__name__ == "FusedAttnProcessor2_0" for p in processors)
 
     # Without fusion: unfused and recompiled; the VAE, never fused, keeps its graph.
     decoder = pipe.vae.decoder

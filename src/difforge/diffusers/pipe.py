@@ -195,17 +195,34 @@ def _original(module: Any) -> Any:
     return module._orig_mod if isinstance(module, _OptimizedModule) else module
 
 
+def _is_fused(module: nn.Module) -> bool:
+    """Whether ``module``'s attention runs with fused QKV projections right now.
+
+    diffusers has two styles: older models swap in ``Fused*`` processors (and restore the
+    originals on unfuse, leaving ``fused_projections`` set); newer attention modules keep
+    their processor and flip ``fused_projections``.
+    """
+    processors = getattr(module, "attn_processors", None) or {}
+    if any(type(p).__name__.startswith("Fused") for p in processors.values()):
+        return True
+    if getattr(module, "original_attn_processors", None) is not None:
+        return False  # older style, unfused: the original processors are back
+    return any(getattr(m, "fused_projections", False) is True for m in module.modules())
+
+
 def _set_fusion(pipe: Any, owner: str, fuse: bool, state: PipeState) -> bool:
-    """Fuse (or unfuse) ``owner``'s QKV projections; returns whether they end up fused."""
+    """Fuse (or unfuse what we fused of) ``owner``'s QKV projections; returns whether they
+    end up fused. Reads the module itself, so modules restored behind our back count."""
     module = _original(getattr(pipe, owner, None))
-    if fuse == (owner in state.fused):
-        return fuse
+    fused = _is_fused(module)
     if not fuse:
-        unfuse = getattr(module, "unfuse_qkv_projections", None)
-        if unfuse is not None:
-            unfuse()
+        if fused and owner in state.fused:  # a user's own fusion is left alone
+            getattr(module, "unfuse_qkv_projections", lambda: None)()
+            fused = _is_fused(module)
         state.fused.discard(owner)
-        return False
+        return fused
+    if fused:
+        return True
     method = getattr(module, "fuse_qkv_projections", None)
     if method is None:
         log.info("difforge: %s has no fuse_qkv_projections(); left unfused", owner)
@@ -217,7 +234,7 @@ def _set_fusion(pipe: Any, owner: str, fuse: bool, state: PipeState) -> bool:
         log.info("difforge: %s cannot fuse its QKV projections (%s); left unfused", owner, err)
         return False
     state.fused.add(owner)
-    return True
+    return _is_fused(module)
 
 
 # --------------------------------------------------------------------------------------------
