@@ -282,6 +282,13 @@ def test_memory_format_applies_to_conv_components_only() -> None:
     assert '"memory_format": "channels_last"' in pipe._difforge_compiled["vae.decoder"]
 
 
+def test_not_a_pipeline() -> None:
+    with pytest.raises(TypeError, match=r"difforge\.compile\(\)"):
+        compile_pipe(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expects a diffusers pipeline"):
+        compile_pipe(object())
+
+
 def test_bad_options_fail_at_call_time_and_change_nothing() -> None:
     pipe, _ = tiny("tiny-pixart")
     with pytest.raises(OptionsError, match="unknown mode"):

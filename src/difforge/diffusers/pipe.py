@@ -329,6 +329,11 @@ def compile_pipe(
     supports it. Calling again with the same arguments compiles nothing; with other
     options, components are recompiled from their original modules. Returns ``pipe``.
     """
+    if isinstance(pipe, nn.Module) or not _slots(pipe):
+        raise TypeError(
+            f"compile_pipe expects a diffusers pipeline (with some of {', '.join(COMPONENTS)}), "
+            f"got {type(pipe).__name__}; compile a single module with difforge.compile()"
+        )
     ignores = _check_ignores(pipe, ignores)
     if not (callable(backend) or isinstance(backend, str)):
         raise TypeError(f"backend must be a name or a callable, got {backend!r}")
