@@ -1,0 +1,280 @@
+"""8-bit attention: quantization, torch oracle vs SDPA, Triton kernel vs oracle, op registration.
+
+On a CPU-only machine the kernel runs in Triton's interpreter (conftest sets
+``TRITON_INTERPRET=1``), so shapes are tiny and blocks are 16 to exercise several ragged q and
+kv blocks; on a CUDA machine the same tests run the compiled kernel, plus the ``gpu`` tests at
+real DiT shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from difforge.kernels import attention_int8 as mod
+from difforge.kernels.attention_int8 import (
+    attention_int8,
+    attention_int8_reference,
+    quantize_per_block_int8,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+if DEVICE == "cpu" and not type(mod._attention_int8_kernel).__name__.startswith("Interpreted"):
+    pytest.skip(
+        "the kernel module was imported before TRITON_INTERPRET=1 was set (no CUDA here)",
+        allow_module_level=True,
+    )
+
+# (B, H, Sq, Skv, D): ragged q and kv tails, cross-attention both ways, D=72 padded to 128.
+SHAPES = [(1, 2, 37, 53, 64), (2, 1, 16, 130, 72), (1, 1, 65, 17, 128)]
+DTYPES = [torch.float16, torch.bfloat16]
+# Kernel vs oracle: same quantization, so only P's rounding to fp16/bf16 differs (the kernel
+# rounds exp2(s - running max), the oracle exp(s - final max)) plus the output's rounding.
+# Measured: fp16 <= 3e-4, bf16 <= 2e-3 at blocks of 16.
+KERNEL_TOL = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
+# int8 Q·Kᵀ against exact float32 attention: measured 1.0e-2 .. 1.3e-2 on unit Gaussians.
+INT8_VS_SDPA_TOL = 3e-2
+SMALL_BLOCKS = {"block_m": 16, "block_n": 16}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def qkv(
+    b: int, h: int, sq: int, skv: int, d: int, dtype: torch.dtype, device: str = DEVICE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw(s: int) -> torch.Tensor:
+        return torch.randn(b, h, s, d, device=device, dtype=dtype)
+
+    return draw(sq), draw(skv), draw(skv)
+
+
+def sdpa32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+
+# --------------------------------------------------------------------------------------
+# quantization
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("s,block", [(37, 16), (16, 16), (5, 64)])
+def test_quantize_per_block_int8(s: int, block: int) -> None:
+    x = torch.randn(2, 3, s, 72) * torch.linspace(0.1, 10, s)[:, None]
+    x8, scale = quantize_per_block_int8(x, block)
+    n_blocks = -(-s // block)
+    assert x8.dtype == torch.int8 and x8.shape == x.shape and x8.is_contiguous()
+    assert scale.dtype == torch.float32 and scale.shape == (2, 3, n_blocks)
+    assert int(x8.abs().max()) <= 127
+    row_scale = scale.repeat_interleave(block, dim=-1)[..., :s, None]
+    # Round to nearest: every value within half a step of its dequantized value.
+    assert ((x8.float() * row_scale - x).abs() <= row_scale / 2 * (1 + 1e-6)).all()
+    for i in range(n_blocks):
+        amax = x[:, :, i * block : (i + 1) * block].abs().amax(dim=(-2, -1))
+        torch.testing.assert_close(scale[:, :, i], amax / 127)
+
+
+def test_quantize_all_zero_block_gets_unit_scale() -> None:
+    x = torch.randn(1, 1, 32, 64)
+    x[:, :, 16:] = 0
+    x8, scale = quantize_per_block_int8(x, 16)
+    assert scale[0, 0, 1] == 1 and (x8[:, :, 16:] == 0).all()
+    assert torch.isfinite(scale).all()
+
+
+# --------------------------------------------------------------------------------------
+# the torch oracle
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_float32_close_to_sdpa(shape: tuple[int, ...]) -> None:
+    q, k, v = qkv(*shape, torch.float32)
+    ref = sdpa32(q, k, v)
+    out = attention_int8_reference(q, k, v, **SMALL_BLOCKS)
+    err = rel_err(out, ref)
+    # Not exact (it is quantized), but within the int8 error budget.
+    assert 1e-4 < err < INT8_VS_SDPA_TOL
+
+
+def test_reference_honours_sm_scale() -> None:
+    q, k, v = qkv(1, 2, 20, 24, 64, torch.float32)
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert rel_err(attention_int8_reference(q, k, v, 0.3), ref) < INT8_VS_SDPA_TOL
+
+
+def test_k_smoothing_invariance() -> None:
+    """A constant vector added to every key leaves the output unchanged (softmax shift)."""
+    q, k, v = qkv(1, 2, 37, 53, 64, torch.float32)
+    offset = 5.0 * torch.randn(1, 2, 1, 64, device=DEVICE)
+    out = attention_int8_reference(q, k, v, **SMALL_BLOCKS)
+    shifted = attention_int8_reference(q, k + offset, v, **SMALL_BLOCKS)
+    # Only float32 rounding of (k + c) - mean(k + c) vs k - mean(k) differs; it can flip a
+    # rare int8 rounding, hence not bit-exact.
+    assert rel_err(shifted, out) < 2e-3
+    # Exact attention is invariant too, and the int8 error does not grow with the offset
+    # (without smoothing the k quantization step would grow with |offset|).
+    assert rel_err(shifted, sdpa32(q, k + offset, v)) < INT8_VS_SDPA_TOL
+
+
+# --------------------------------------------------------------------------------------
+# the Triton kernel
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernel_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    q, k, v = qkv(*shape, dtype)
+    out = attention_int8(q, k, v, **SMALL_BLOCKS)
+    ref = attention_int8_reference(q, k, v, **SMALL_BLOCKS)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < KERNEL_TOL[dtype]
+    assert rel_err(out, sdpa32(q, k, v)) < INT8_VS_SDPA_TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_default_blocks(dtype: torch.dtype) -> None:
+    # Default tiles (128 x 64) are larger than these sequences: one ragged block each way.
+    q, k, v = qkv(1, 2, 37, 53, 72, dtype)
+    ref = attention_int8_reference(q, k, v)
+    assert rel_err(attention_int8(q, k, v), ref) < KERNEL_TOL[dtype]
+
+
+def test_kernel_sm_scale_and_key_offset() -> None:
+    q, k, v = qkv(1, 1, 24, 40, 64, torch.float16)
+    k = k + 4.0  # a shared key offset, as DiT keys often have; smoothing removes it
+    out = attention_int8(q, k, v, 0.2, **SMALL_BLOCKS)
+    ref = attention_int8_reference(q, k, v, 0.2, **SMALL_BLOCKS)
+    assert rel_err(out, ref) < KERNEL_TOL[torch.float16]
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.2)
+    assert rel_err(out, exact) < INT8_VS_SDPA_TOL
+
+
+def test_kernel_arbitrary_strides() -> None:
+    """diffusers layout: [B, S, H*D] projections viewed as [B, H, S, D] without a copy."""
+    b, h, sq, skv, d = 2, 2, 21, 34, 64
+    x = torch.randn(b, sq, 3 * h * d, device=DEVICE, dtype=torch.float16)  # fused qkv
+    q = x[..., : h * d].view(b, sq, h, d).transpose(1, 2)
+    kv = torch.randn(b, skv, 2 * h * d, device=DEVICE, dtype=torch.float16)
+    k = kv[..., : h * d].view(b, skv, h, d).transpose(1, 2)
+    v = kv[..., h * d :].view(b, skv, h, d).transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out = attention_int8(q, k, v, **SMALL_BLOCKS)
+    ref = attention_int8(q.contiguous(), k.contiguous(), v.contiguous(), **SMALL_BLOCKS)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# launcher errors
+# --------------------------------------------------------------------------------------
+
+
+def test_launcher_rejects_bad_inputs() -> None:
+    q, k, v = qkv(1, 1, 16, 16, 64, torch.float16)
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        attention_int8(q.float(), k.float(), v.float())
+    with pytest.raises(TypeError, match="share a dtype"):
+        attention_int8(q, k.bfloat16(), v)
+    with pytest.raises(ValueError, match="stride 1"):
+        attention_int8(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v)  # D-major
+    with pytest.raises(ValueError, match=r"\[B, H, S, D\]"):
+        attention_int8(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="same shape"):
+        attention_int8(q, k, v[:, :, :8])
+    with pytest.raises(ValueError, match="agree on B, H and D"):
+        attention_int8(q, torch.cat([k, k], dim=1), torch.cat([v, v], dim=1))
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        attention_int8(q, k, v, block_m=24)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        attention_int8(q, k, v, block_n=8)
+
+
+@pytest.mark.parametrize("d", [20, 160, 256])
+def test_launcher_rejects_head_dims(d: int) -> None:
+    q, k, v = qkv(1, 1, 4, 4, d, torch.float16)
+    with pytest.raises(ValueError, match=f"head dim {d} not supported"):
+        attention_int8(q, k, v)
+
+
+# --------------------------------------------------------------------------------------
+# the torch.library op
+# --------------------------------------------------------------------------------------
+
+
+def test_op_opcheck() -> None:
+    q, k, v = qkv(1, 2, 20, 24, 64, torch.float16)
+    torch.library.opcheck(torch.ops.difforge.attention_int8.default, (q, k, v, None, 16, 16))
+
+
+def test_op_fake_output_like_q() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = qkv(2, 3, 40, 7, 72, torch.bfloat16)
+        out = torch.ops.difforge.attention_int8(q, k, v)
+        assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_op_compiles_as_one_opaque_node(backend: str) -> None:
+    q, k, v = qkv(1, 2, 20, 24, 64, torch.float16)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.ops.difforge.attention_int8(q * 2, k, v, None, 16, 16) + 1
+
+    out = torch.compile(f, backend=record, fullgraph=True)(q, k, v)
+    eager = attention_int8(q * 2, k, v, **SMALL_BLOCKS) + 1
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert len(graphs) == 1
+    calls = [n for n in graphs[0].graph.nodes if "attention_int8" in str(n.target)]
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------
+# GPU: real DiT shapes (run on the GPU machine)
+# --------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((2, 16, 4096, 4096, 72), torch.float16),  # PixArt-α/Σ 1024px, CFG batch
+        ((1, 24, 4608, 4608, 128), torch.bfloat16),  # FLUX.1 1024px: 4096 image + 512 text
+        ((2, 16, 4096, 120, 72), torch.float16),  # cross-attention to T5 tokens
+    ],
+    ids=["pixart-d72", "flux-d128", "cross-d72"],
+)
+def test_gpu_kernel_vs_sdpa_dit_shapes(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    q, k, v = qkv(*shape, dtype, device="cuda")
+    out = attention_int8(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    # Long sequences average more keys per row, so the int8 error should not exceed the
+    # tiny-shape budget; the half-precision SDPA is itself ~1e-3 off float32.
+    assert rel_err(out, ref) < INT8_VS_SDPA_TOL
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_benchmark_helper_runs() -> None:
+    res = mod.benchmark_attention(1, 4, 1024, 72, warmup_ms=5, rep_ms=10)
+    assert set(res) == {"sdpa_ms", "int8_ms", "int8_kernel_only_ms", "speedup", "rel_err"}
+    assert res["sdpa_ms"] > 0 and res["int8_ms"] > 0 and res["rel_err"] < INT8_VS_SDPA_TOL
