@@ -1,0 +1,124 @@
+"""quantize_pipe on tiny diffusers pipelines: the filter's choices, end to end images,
+order (quantize before compile), idempotence and the slow-path warning."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from difforge.diffusers.presets import build_component, build_pipeline, get_preset
+from difforge.diffusers.quantize import (
+    QuantizeOrderError,
+    quant_report,
+    quantize_pipe,
+)
+from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
+
+PRESET = "tiny-pixart"
+#: Stated bound for the tiny PixArt (float32, 2 steps, 64x64): measured 51.7 dB.
+MIN_PSNR_DB = 35.0
+
+
+def _pipe() -> Any:
+    return build_pipeline(PRESET, text_encoders=False, dtype=torch.float32)
+
+
+def _image(pipe: Any) -> np.ndarray:
+    p = get_preset(PRESET)
+    kwargs = {**p.call_kwargs(), "num_inference_steps": 2, "height": 64, "width": 64}
+    torch.manual_seed(0)  # the same random prompt embeddings for both pipes
+    prompts = p.prompt_kwargs(batch=1)
+    gen = torch.Generator().manual_seed(0)
+    return pipe(**prompts, **kwargs, generator=gen, output_type="np").images
+
+
+def _quiet_quantize(pipe: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "fp8 GEMM not available" on CPU
+        return quantize_pipe(pipe, **kwargs)
+
+
+def test_filter_choices_on_the_tiny_pixart_transformer() -> None:
+    model = build_component(PRESET, "transformer", dtype=torch.float32, device="cpu")
+    # Tiny widths (48/192) are far below the default min_features: pass 0 to convert.
+    report = quantize_linears(model, ModuleFilter(min_features=0))
+    blocks = [n for n in report.converted if n.startswith("transformer_blocks.")]
+    assert blocks == report.converted  # only the transformer blocks' linears
+    per_block = {n.split(".", 2)[2] for n in blocks}
+    assert per_block == {
+        *(f"attn{i}.to_{p}" for i in (1, 2) for p in ("q", "k", "v")),
+        "attn1.to_out.0",
+        "attn2.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    }
+    skipped = report.skipped
+    assert "'proj_out'" in skipped["proj_out"]
+    assert "'emb'" in skipped["adaln_single.emb.timestep_embedder.linear_1"]
+    assert "'adaln'" in skipped["adaln_single.linear"]
+    assert "caption_projection" in skipped["caption_projection.linear_1"]
+    assert all(isinstance(model.get_submodule(n), Fp8Linear) for n in report.converted)
+    # With the default min_features nothing in a tiny model qualifies.
+    fresh = build_component(PRESET, "transformer", dtype=torch.float32, device="cpu")
+    assert quantize_linears(fresh).converted == []
+
+
+def test_quantize_pipe_end_to_end_image() -> None:
+    ref = _image(_pipe())
+    pipe = _quiet_quantize(_pipe(), min_features=0)
+    report = quant_report(pipe)
+    assert report is not None and report.component == "transformer"
+    assert len(report.converted) == 20 and report.bytes_saved > 0
+    out = _image(pipe)
+    assert np.isfinite(out).all()
+    mse = float(((out.astype(np.float64) - ref) ** 2).mean())
+    psnr = 10 * np.log10(1.0 / max(mse, 1e-20))
+    assert psnr > MIN_PSNR_DB, f"PSNR {psnr:.1f} dB vs unquantized"
+
+
+def test_second_call_does_nothing_and_other_settings_raise() -> None:
+    pipe = _quiet_quantize(_pipe(), min_features=0)
+    first = quant_report(pipe)
+    modules = dict(pipe.transformer.named_modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second slow-path warning either
+        assert quantize_pipe(pipe, min_features=0) is pipe
+    assert quant_report(pipe) is first
+    assert dict(pipe.transformer.named_modules()) == modules
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_pipe(pipe, min_features=0, exclude=())
+
+
+def test_refuses_after_compile_pipe() -> None:
+    from difforge.diffusers import compile_pipe
+
+    pipe = compile_pipe(_pipe())  # lazy: nothing is traced until the pipe runs
+    with pytest.raises(QuantizeOrderError, match="quantize before compile"):
+        quantize_pipe(pipe, min_features=0)
+    assert not any(isinstance(m, Fp8Linear) for m in pipe.transformer.modules())
+
+
+def test_refuses_a_denoiser_compiled_outside_difforge() -> None:
+    pipe = _pipe()
+    pipe.transformer = torch.compile(pipe.transformer)
+    with pytest.raises(QuantizeOrderError, match="transformer"):
+        quantize_pipe(pipe)
+
+
+def test_warns_once_without_fp8_gemm_and_checks_arguments() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the warning is for machines without an fp8 GEMM")
+    pipe = _pipe()
+    with pytest.warns(RuntimeWarning, match="fp8 GEMM not available") as record:
+        quantize_pipe(pipe, min_features=0)
+    assert len([w for w in record if "fp8 GEMM" in str(w.message)]) == 1
+    with pytest.raises(ValueError, match="dtype"):
+        quantize_pipe(_pipe(), dtype="int4")
+    with pytest.raises(TypeError, match="pipeline"):
+        quantize_pipe(pipe.transformer)
