@@ -19,6 +19,7 @@ from difforge.kernels.attention_int8 import (
     attention_int8,
     attention_int8_reference,
     quantize_per_block_int8,
+    quantize_per_block_int8_triton,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,6 +88,33 @@ def test_quantize_all_zero_block_gets_unit_scale() -> None:
     x8, scale = quantize_per_block_int8(x, 16)
     assert scale[0, 0, 1] == 1 and (x8[:, :, 16:] == 0).all()
     assert torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("s,d,block", [(37, 72, 16), (16, 64, 16), (5, 128, 64)])
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothed"])
+def test_quantize_triton_matches_torch(
+    s: int, d: int, block: int, dtype: torch.dtype, smooth: bool
+) -> None:
+    # A strided view (diffusers' [B, S, H, D] -> [B, H, S, D]) with a shared offset, so the
+    # smoothing has something to remove.
+    x = (torch.randn(2, s, 3, d, device=DEVICE) * 3 + 1).to(dtype).transpose(1, 2)
+    mean = mod._k_mean(x) if smooth else None
+    x8, scale = quantize_per_block_int8_triton(x, block, subtract_mean=mean)
+    ref8, ref_scale = quantize_per_block_int8(mod._smooth_k(x) if smooth else x, block)
+    # Same float32 operations in the same order (IEEE divisions, ties to even): bit-identical.
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(x8, ref8)
+
+
+def test_quantize_triton_rejects_bad_inputs() -> None:
+    x = torch.randn(1, 1, 16, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        quantize_per_block_int8_triton(x.transpose(-1, -2), 16)
+    with pytest.raises(ValueError, match="power of two"):
+        quantize_per_block_int8_triton(x, 24)
+    with pytest.raises(ValueError, match="subtract_mean must be float32"):
+        quantize_per_block_int8_triton(x, 16, subtract_mean=torch.zeros(1, 1, 64).half())
 
 
 # --------------------------------------------------------------------------------------

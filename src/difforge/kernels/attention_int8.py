@@ -20,9 +20,11 @@ the same launcher as an opaque ``torch.library`` op for Dynamo/Inductor.
 
 Status: correctness is tested on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``).
 Speed is unmeasured until the GPU run (``benchmark_attention`` and the ``gpu`` tests); the
-block sizes and warp counts below are untuned first guesses. Quantization is plain torch in
-v1 (two extra passes over q and k and one over k for the mean); fusing it into a Triton
-pre-pass is the obvious next step if the GPU run shows it matters.
+block sizes and warp counts below are untuned first guesses. Quantization runs as a separate
+Triton pre-pass (:func:`quantize_per_block_int8_triton`, bit-identical to the plain-torch
+:func:`quantize_per_block_int8`): it reads q once and k twice (once for K's mean, in torch)
+and writes int8 copies, so at DiT shapes it is not free next to the attention itself;
+``benchmark_attention`` reports the kernel alone and the total so the GPU run can tell.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "attention_int8_reference",
     "benchmark_attention",
     "quantize_per_block_int8",
+    "quantize_per_block_int8_triton",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -60,7 +63,8 @@ def quantize_per_block_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, 
     ``x ≈ x_int8 * scale`` broadcast over each block's rows. ``scale = absmax / 127`` over the
     block's ``block x D`` values, rounding is to nearest (ties to even, ``torch.round``). An
     all-zero block gets scale 1 so nothing divides by zero (its int8 values are 0 anyway).
-    The last block may be ragged. Plain torch (v1): no Triton version yet.
+    The last block may be ragged. Plain torch: the oracle of
+    :func:`quantize_per_block_int8_triton`, which the attention launcher uses.
     """
     if x.dim() != 4:
         raise ValueError(f"quantize_per_block_int8: expected [B, H, S, D], got {tuple(x.shape)}")
@@ -81,10 +85,14 @@ def quantize_per_block_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, 
     return q.contiguous(), scale.contiguous()
 
 
+def _k_mean(k: torch.Tensor) -> torch.Tensor:
+    """Mean of k over the sequence, ``[B, H, D]`` float32 (shared by kernel and oracle)."""
+    return k.mean(dim=2, dtype=torch.float32)
+
+
 def _smooth_k(k: torch.Tensor) -> torch.Tensor:
     """K minus its mean over the sequence (per batch, head), in float32."""
-    kf = k.float()
-    return kf - kf.mean(dim=2, keepdim=True)
+    return k.float() - _k_mean(k)[:, :, None, :]
 
 
 def _expand_scale(scale: torch.Tensor, block: int, s: int) -> torch.Tensor:
@@ -126,6 +134,106 @@ def attention_int8_reference(
 # --------------------------------------------------------------------------------------
 # Triton kernel
 # --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_half_even(x):
+    """Round float32 to the nearest integer, ties to even (``torch.round``'s rule).
+
+    Written with floor because libdevice's rint is missing from Triton's interpreter.
+    ``x + 0.5`` is exact for ``0.5 <= |x| < 2**22``; below 0.5 the answer is 0 anyway.
+    """
+    r = tl.floor(x + 0.5)
+    odd_tie = ((r - x) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0)
+    r = tl.where(odd_tie, r - 1.0, r)
+    return tl.where(tl.abs(x) < 0.5, 0.0, r)
+
+
+@triton.jit
+def _quantize_per_block_int8_kernel(
+    x_ptr,  # fp16/bf16/fp32 [B, H, S, D], any strides with the last one 1
+    mean_ptr,  # float32 [B, H, D] contiguous (only read when SUBTRACT_MEAN)
+    out_ptr,  # int8 [B, H, S, D] contiguous
+    scale_ptr,  # float32 [B, H, cdiv(S, BLOCK)] contiguous
+    stride_xb,
+    stride_xh,
+    stride_xs,
+    n_heads,
+    seq,
+    n_blocks,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr,
+):
+    pid_blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_s = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_s < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x_base = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(x_base + offs_s[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if SUBTRACT_MEAN:
+        mean = tl.load(mean_ptr + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        # Padded rows must stay 0, not -mean, or they would inflate the block's absmax.
+        x = tl.where(mask, x - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    # IEEE divisions (div_rn, not Triton's approximate '/') so the GPU matches torch exactly.
+    scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)
+    q = _round_half_even(tl.div_rn(x, scale))
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    out_base = out_ptr + pid_bh.to(tl.int64) * seq * HEAD_DIM
+    tl.store(out_base + offs_s[:, None] * HEAD_DIM + offs_d[None, :], q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + pid_bh * n_blocks + pid_blk, scale)
+
+
+def quantize_per_block_int8_triton(
+    x: torch.Tensor, block: int, *, subtract_mean: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`quantize_per_block_int8` (bit-identical results).
+
+    ``subtract_mean`` (``[B, H, D]`` float32) is subtracted from every row first, in the
+    same pass: that is how the attention launcher smooths K without a float32 copy of it.
+    ``x`` needs a contiguous last dim; ``block`` a power of two.
+    """
+    if x.dim() != 4 or x.stride(-1) != 1:
+        raise ValueError(
+            f"quantize_per_block_int8_triton: expected [B, H, S, D] with a contiguous last dim, "
+            f"got shape {tuple(x.shape)} strides {x.stride()}"
+        )
+    _check_block("block", block)
+    b, h, s, d = x.shape
+    n_blocks = triton.cdiv(s, block)
+    out = torch.empty((b, h, s, d), dtype=torch.int8, device=x.device)
+    scale = torch.empty((b, h, n_blocks), dtype=torch.float32, device=x.device)
+    if subtract_mean is not None:
+        if subtract_mean.shape != (b, h, d) or subtract_mean.dtype != torch.float32:
+            raise ValueError(
+                f"quantize_per_block_int8_triton: subtract_mean must be float32 {(b, h, d)}, got "
+                f"{subtract_mean.dtype} {tuple(subtract_mean.shape)}"
+            )
+        subtract_mean = subtract_mean.contiguous()
+    _quantize_per_block_int8_kernel[(n_blocks, b * h)](
+        x,
+        scale if subtract_mean is None else subtract_mean,  # dummy pointer when unused
+        out,
+        scale,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        h,
+        s,
+        n_blocks,
+        HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK=block,
+        SUBTRACT_MEAN=subtract_mean is not None,
+        num_warps=8 if block >= 128 else 4,
+    )
+    return out, scale
 
 
 @triton.jit
@@ -414,7 +522,8 @@ def attention_int8(
     the kernel (72 -> 128: the two GEMMs then do 128/72 = 1.78x the work and the q, k, v and
     accumulator tiles take 1.78x the registers, so D=72 runs at best at D=128's time).
     Returns a contiguous ``[B, H, Sq, D]`` tensor of q's dtype. Expected error against float
-    SDPA ~1e-2 relative (int8 Q·Kᵀ). Speed is unmeasured until the GPU run.
+    SDPA ~1e-2 relative (int8 Q·Kᵀ). Inference only (no autograd formula). Speed is
+    unmeasured until the GPU run.
     """
     _check_inputs(q, k, v)
     _check_block("block_m", block_m)
@@ -423,8 +532,8 @@ def attention_int8(
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
 
-    q8, q_scale = quantize_per_block_int8(q, block_m)
-    k8, k_scale = quantize_per_block_int8(_smooth_k(k), block_n)
+    q8, q_scale = quantize_per_block_int8_triton(q, block_m)
+    k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k))
     out = torch.empty((b, h, sq, d), dtype=q.dtype, device=q.device)
     _launch(q8, q_scale, k8, k_scale, v, out, sm_scale, block_m, block_n)
     return out
@@ -509,8 +618,8 @@ def benchmark_attention(
     )
 
     # Kernel alone: what a fused quantization pre-pass could at best bring the total down to.
-    q8, q_scale = quantize_per_block_int8(q, block_m)
-    k8, k_scale = quantize_per_block_int8(_smooth_k(k), block_n)
+    q8, q_scale = quantize_per_block_int8_triton(q, block_m)
+    k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k))
     o = torch.empty_like(q)
     sm_scale = 1.0 / math.sqrt(head_dim)
     kernel_ms = do_bench(
