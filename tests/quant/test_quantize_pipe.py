@@ -82,6 +82,18 @@ def test_quantize_pipe_end_to_end_image() -> None:
     assert psnr > MIN_PSNR_DB, f"PSNR {psnr:.1f} dB vs unquantized"
 
 
+def test_fuse_qkv_projections_before_quantizing() -> None:
+    ref = _image(_pipe())
+    pipe = _quiet_quantize(_pipe(), min_features=0, fuse_qkv_projections=True)
+    report = quant_report(pipe)
+    assert report is not None
+    assert "transformer_blocks.0.attn1.to_qkv" in report.converted
+    assert "transformer_blocks.0.attn2.to_kv" in report.converted
+    out = _image(pipe)
+    mse = float(((out.astype(np.float64) - ref) ** 2).mean())
+    assert 10 * np.log10(1.0 / max(mse, 1e-20)) > MIN_PSNR_DB
+
+
 def test_second_call_does_nothing_and_other_settings_raise() -> None:
     pipe = _quiet_quantize(_pipe(), min_features=0)
     first = quant_report(pipe)

@@ -51,7 +51,7 @@ class PipeQuantReport(QuantizeReport):
     component: str = ""
     dtype: str = "fp8"
     settings: tuple[Any, ...] = ()
-    """(dtype, min_features, exclude, include) as normalised; a repeat call compares them."""
+    """(dtype, min_features, exclude, include, fuse_qkv_projections) as normalised; a repeat call compares them."""
 
 
 def quant_report(pipe: Any) -> PipeQuantReport | None:
@@ -88,6 +88,7 @@ def quantize_pipe(
     min_features: int = DEFAULT_MIN_FEATURES,
     exclude: Sequence[str] | str | None = None,
     include: Sequence[str] | str | None = None,
+    fuse_qkv_projections: bool = False,
 ) -> Any:
     """Quantize the denoiser's linears to fp8 in place; call it before ``compile_pipe``.
 
@@ -96,6 +97,10 @@ def quantize_pipe(
     depends on the model and must be checked per model.
     ``min_features``, ``exclude`` (default :data:`~difforge.quant.select.DEFAULT_EXCLUDE`),
     ``include``: see :class:`~difforge.quant.select.ModuleFilter`.
+    ``fuse_qkv_projections``: call the denoiser's diffusers ``fuse_qkv_projections()``
+    first, so the fused ``to_qkv``/``to_kv`` linears are what gets quantized (fp8 weights
+    cannot be concatenated afterwards: ``compile_pipe(fuse_qkv_projections=True)`` on a
+    quantized pipe logs that it cannot fuse and leaves attention unfused).
 
     Raises :class:`QuantizeOrderError` on a compiled pipe (compiled graphs captured the
     high-precision weights). A second call does nothing (with other settings it raises:
@@ -115,7 +120,13 @@ def quantize_pipe(
         exclude=DEFAULT_EXCLUDE if exclude is None else exclude,  # type: ignore[arg-type]
         include=include,  # type: ignore[arg-type]
     )
-    settings = (dtype, module_filter.min_features, module_filter.exclude, module_filter.include)
+    settings = (
+        dtype,
+        module_filter.min_features,
+        module_filter.exclude,
+        module_filter.include,
+        bool(fuse_qkv_projections),
+    )
 
     previous = quant_report(pipe)
     if previous is not None:
@@ -142,6 +153,12 @@ def quantize_pipe(
             f"({' or '.join(_DENOISERS)}) to quantize"
         )
     name, denoiser = found[0]
+
+    if fuse_qkv_projections:
+        fuse = getattr(denoiser, "fuse_qkv_projections", None)
+        if fuse is None:
+            raise ValueError(f"quantize_pipe: {name} has no fuse_qkv_projections()")
+        fuse()  # the user's own fusion as far as compile_pipe is concerned: it keeps it
 
     why_slow = _fp8_gemm_reason()
     if why_slow is not None:
