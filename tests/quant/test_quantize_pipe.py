@@ -134,3 +134,15 @@ def test_warns_once_without_fp8_gemm_and_checks_arguments() -> None:
         quantize_pipe(_pipe(), dtype="int4")
     with pytest.raises(TypeError, match="pipeline"):
         quantize_pipe(pipe.transformer)
+
+
+@pytest.mark.slow
+def test_quantized_pipe_compiles_and_matches_quantized_eager() -> None:
+    from difforge.diffusers import compile_pipe
+
+    pipe = _quiet_quantize(_pipe(), min_features=0)
+    eager = _image(pipe)
+    compile_pipe(pipe, options={"mode": "O2", "fullgraph": True}, ignores=("vae",))
+    out = _image(pipe)
+    # Same fp8 operands; only Inductor's float32 reordering differs.
+    np.testing.assert_allclose(out, eager, atol=1e-4)

@@ -286,11 +286,12 @@ class Fp8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # nn.Module.to(dtype) converts every floating buffer, fp8 included; keep ours.
-        w, s = self.weight_fp8, self.weight_scale
+        originals = {"weight_fp8": self.weight_fp8, "weight_scale": self.weight_scale}
         super()._apply(fn, recurse)
-        device = self.weight_fp8.device
-        self.weight_fp8 = w.to(device)
-        self.weight_scale = s.to(device)
+        for key, before in originals.items():
+            after = getattr(self, key)
+            if after.dtype != before.dtype:  # re-move the original: the cast was lossy
+                setattr(self, key, before.to(after.device))
         return self
 
     def extra_repr(self) -> str:
