@@ -46,10 +46,13 @@ def test_every_mode_matches_eager_on_tiny_dit(mode: str, tmp_path) -> None:
     assert difforge.compile_records[-1].mode == difforge.parse_options(options).mode
 
 
-@pytest.mark.parametrize("mode", ["O1", "O2", "O3", "freezing", "max-optimize"])
-def test_modes_match_eager_on_tiny_unet_channels_last(mode: str) -> None:
+@pytest.mark.parametrize("mode", [*MODES, *PRESETS])
+def test_every_mode_matches_eager_on_tiny_unet_channels_last(mode: str, tmp_path) -> None:
     model = TinyUNet().eval()
-    _compile_and_check(model, unet_inputs(), {"mode": mode, "memory_format": "channels_last"})
+    options = {"mode": mode, "memory_format": "channels_last"}
+    if mode == "cache-all":
+        options["cache.dir"] = str(tmp_path)
+    _compile_and_check(model, unet_inputs(), options)
     assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
