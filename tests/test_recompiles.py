@@ -64,3 +64,28 @@ def test_recompile_options_are_validated() -> None:
         difforge.parse_options({"recompile.limit": "3"})
     with pytest.raises(difforge.OptionsError, match="'recompile.strict' expects bool"):
         difforge.parse_options({"recompile.strict": 1})
+
+
+def _two_inputs(x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    return x * 2 + cond.sum()
+
+
+def test_dynamic_turns_duck_sizing_off_so_unrelated_equal_sizes_do_not_recompile() -> None:
+    # PixArt's resolution condition has size 2, like a CFG batch: with Dynamo's duck
+    # sizing both get one symbol and a batch change recompiles.
+    n = len(recompile_events)
+    compiled = difforge.compile(_two_inputs, options={"dynamic": True})
+    compiled(torch.randn(2, 8), torch.randn(2, 2))
+    compiled(torch.randn(4, 8), torch.randn(4, 2))
+    compiled(torch.randn(3, 8), torch.randn(4, 2))
+    assert len(recompile_events) == n
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_duck_sizing_on_ties_equal_sizes_and_recompiles() -> None:
+    n = len(recompile_events)
+    compiled = difforge.compile(_two_inputs, options={"dynamic": True, "shapes.duck_sizing": True})
+    with pytest.warns(UserWarning, match="recompiling"):
+        compiled(torch.randn(2, 8), torch.randn(2, 2))
+        compiled(torch.randn(3, 8), torch.randn(4, 2))
+    assert len(recompile_events) == n + 1

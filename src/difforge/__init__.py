@@ -19,6 +19,7 @@ from difforge.errors import DifforgeError, OptionsError, PassError
 from difforge.memory_format import apply_memory_format
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
+from difforge.tracing import with_tracing_settings
 
 __all__ = [
     "MODES",
@@ -125,9 +126,10 @@ def compile(
             )
         apply_memory_format(module, config.memory_format)
     name = getattr(module, "__qualname__", None) or type(module).__name__
-    return torch.compile(
+    compiled = torch.compile(
         module,
         backend=DifforgeBackend(config, name=name),
         dynamic=config.dynamic,
         fullgraph=config.fullgraph,
     )
+    return with_tracing_settings(compiled, config)

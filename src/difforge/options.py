@@ -105,10 +105,25 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "(default: torch._dynamo.config.recompile_limit)",
     ),
     "recompile.strict": (False, bool, "raise instead of warning past recompile.limit"),
+    "shapes.duck_sizing": (
+        None,
+        (bool, type(None)),
+        "give equal sizes of different inputs one symbol (Dynamo's default); null = off when "
+        "dynamic is true, because e.g. PixArt's resolution micro-condition (size 2) then gets "
+        "tied to the batch size and every batch change recompiles",
+    ),
 }
 
 TORCH_CONFIG_NAMESPACES: tuple[str, ...] = ("inductor", "functorch")
-NAMESPACES: tuple[str, ...] = ("inductor", "functorch", "passes", "matmul", "cache", "recompile")
+NAMESPACES: tuple[str, ...] = (
+    "inductor",
+    "functorch",
+    "passes",
+    "matmul",
+    "cache",
+    "recompile",
+    "shapes",
+)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -260,6 +275,12 @@ class CompileConfig:
     @property
     def allow_tf32(self) -> bool:
         return bool(self.settings["matmul.allow_tf32"])
+
+    @property
+    def duck_sizing(self) -> bool:
+        """Whether Dynamo may tie equal sizes of different inputs to one symbol."""
+        explicit = self.settings.get("shapes.duck_sizing")
+        return (self.dynamic is not True) if explicit is None else bool(explicit)
 
     @property
     def cache_enabled(self) -> bool:

@@ -11,5 +11,14 @@ from __future__ import annotations
 
 from difforge.diffusers.persist import LoadResult, load_pipe, save_pipe
 from difforge.diffusers.pipe import COMPONENTS, compile_pipe
+from difforge.diffusers.quantize import quant_report, quantize_pipe
 
-__all__ = ["COMPONENTS", "LoadResult", "compile_pipe", "load_pipe", "save_pipe"]
+__all__ = [
+    "COMPONENTS",
+    "LoadResult",
+    "compile_pipe",
+    "load_pipe",
+    "quant_report",
+    "quantize_pipe",
+    "save_pipe",
+]

@@ -1,0 +1,58 @@
+"""Settings that must be in force while Dynamo *traces* (at call time, not compile time).
+
+``torch.compile`` traces at the first call and at each recompile, so switches that
+shape the traced graph's symbols (duck sizing) are applied around every call of the
+compiled object. Guard checks run first in C++, so a call that needs no tracing pays
+only for entering the context (microseconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+from difforge.options import CompileConfig
+
+
+def _needs_context(config: CompileConfig) -> bool:
+    return not config.duck_sizing
+
+
+@contextlib.contextmanager
+def tracing_settings(config: CompileConfig) -> Iterator[None]:
+    """The trace-time settings of ``config``."""
+    import torch.fx.experimental._config as fx_config
+
+    if not hasattr(fx_config, "use_duck_shape"):  # pragma: no cover - very old torch
+        yield
+        return
+    with fx_config.patch(use_duck_shape=config.duck_sizing):
+        yield
+
+
+def with_tracing_settings(compiled: Any, config: CompileConfig) -> Any:
+    """Make every call of ``compiled`` (an OptimizedModule or function) trace under
+    ``config``'s settings; returns ``compiled`` itself when there is nothing to set."""
+    if not _needs_context(config):
+        return compiled
+
+    def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(call)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with tracing_settings(config):
+                return call(*args, **kwargs)
+
+        return run
+
+    if isinstance(compiled, nn.Module):
+        # OptimizedModule.__call__ ends in self.forward, the Dynamo-wrapped entry.
+        compiled.forward = wrap(compiled.forward)
+        return compiled
+    return wrap(compiled)
+
+
+__all__ = ["tracing_settings", "with_tracing_settings"]
