@@ -1,0 +1,348 @@
+"""Compile time per model and mode: cold, warm in the same process, warm in a new process.
+
+Every mode runs with ``cache-all`` so its artifacts land in a difforge cache folder of its
+own (fresh for the cold compile, then reused):
+
+- cold: a new process, empty cache; compile + first denoising step;
+- warm-same: the same process after ``torch._dynamo.reset()`` (Inductor's FX-graph cache
+  hits; loaded code is still in memory);
+- warm-new: another process on the same folder, as a restarted server would be; reported
+  as compile + first step, and as the time to the first finished step from process start
+  (interpreter start, imports and model build included, also shown apart).
+
+Each case runs in child processes so that no case inherits another's compiled code.
+
+    python benchmarks/bench_compile.py --models pixart-xl-2-1024 --modes O1,O2,O3 \
+        --output-json out/compile.json
+    python benchmarks/bench_compile.py --models tiny-pixart --modes O2  # CPU, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+import difforge
+from difforge.cache import MARKER
+
+_RESULT_PREFIX = "BENCH_COMPILE_RESULT "
+
+
+@dataclass
+class Phase:
+    """One compile + first step, with what Inductor's caches did meanwhile."""
+
+    seconds: float
+    fxgraph_hit: int
+    fxgraph_miss: int
+    aot_hit: int
+    aot_miss: int
+    rel_err: float
+
+
+@dataclass
+class CaseResult:
+    """One (model, mode): the three timings and the new process's start-up split."""
+
+    model: str
+    mode: str
+    cache_dir: str
+    cold_s: float | None = None
+    warm_same_s: float | None = None
+    warm_new_s: float | None = None
+    new_process_import_s: float | None = None
+    new_process_build_s: float | None = None
+    new_process_first_step_s: float | None = None
+    cold_process_first_step_s: float | None = None
+    phases: dict[str, Phase] = field(default_factory=dict)
+    error: str | None = None
+
+
+# ------------------------------------------------------------------------ child side
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "sample", out)
+
+
+def _counters() -> dict[str, int]:
+    c = torch._dynamo.utils.counters
+    return {
+        "fxgraph_hit": c["inductor"]["fxgraph_cache_hit"],
+        "fxgraph_miss": c["inductor"]["fxgraph_cache_miss"],
+        "aot_hit": c["aot_autograd"]["autograd_cache_hit"],
+        "aot_miss": c["aot_autograd"]["autograd_cache_miss"],
+    }
+
+
+def _build(spec: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module, Any]:
+    from difforge.diffusers.presets import build_component, get_preset
+    from difforge.diffusers.step_inputs import denoiser_step_inputs
+
+    preset = get_preset(spec["model"])
+    dtype = getattr(torch, spec["dtype"]) if spec["dtype"] else preset.dtype
+    if device.type == "cpu" and not spec["dtype"]:
+        dtype = torch.float32  # half-precision matmuls on the CPU would time the wrong thing
+    module = build_component(preset, preset.denoiser, dtype=dtype, device=device).eval()
+    batch = spec["batch"] or (1 if preset.family == "flux" else 2)
+    call = denoiser_step_inputs(
+        preset, batch=batch, height=spec["height"], width=spec["width"], device=device, dtype=dtype
+    )
+    return module, call
+
+
+def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: torch.device) -> Phase:
+    """Compile ``module`` and run one step; the counters are this phase's alone."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    options = {"mode": spec["mode"], "cache.dir": spec["cache_dir"]}
+    with torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        compiled = difforge.compile(module, options=options)
+        out = _first_tensor(call(compiled)).float().clone()
+        _sync(device)
+        seconds = time.perf_counter() - start
+        ref = _first_tensor(call(module)).float()
+    rel_err = float((out - ref).double().norm() / ref.double().norm())
+    return Phase(seconds=seconds, rel_err=rel_err, **_counters())
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One process's share of a case: ``cold`` (+ ``warm-same``) or ``warm-new``."""
+    imported = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module, call = _build(spec, device)
+    built = time.time()
+    first, *rest = spec["phases"]
+    phases = {first: asdict(_phase(module, call, spec, device))}
+    first_step = time.time()
+    phases.update({name: asdict(_phase(module, call, spec, device)) for name in rest})
+    return {
+        "import_s": imported - spec["spawned"],
+        "build_s": built - imported,
+        "first_step_s": first_step - spec["spawned"],
+        "phases": phases,
+    }
+
+
+# ----------------------------------------------------------------------- parent side
+
+
+def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    spec = {**spec, "spawned": time.time()}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_PREFIX):
+            return json.loads(line[len(_RESULT_PREFIX) :])
+    raise RuntimeError(f"child exited with {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+
+
+def with_cache_all(mode: str) -> str:
+    """``"O2"`` -> ``"O2:cache-all"``: every case persists its artifacts."""
+    parts = [p for p in mode.split(":") if p]
+    return ":".join(parts if "cache-all" in parts else [*parts, "cache-all"])
+
+
+def _fresh_dir(root: Path, model: str, mode: str) -> Path:
+    """An empty cache folder for one case; only a difforge cache may be emptied."""
+    folder = root / model / mode.replace(":", "_")
+    if folder.exists():
+        if not (folder / MARKER).is_file() and any(folder.iterdir()):
+            raise SystemExit(f"{folder} exists and is not a difforge cache; pick another root")
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def bench_case(model: str, mode: str, root: Path, args: argparse.Namespace) -> CaseResult:
+    """Cold + warm-same in one new process, then warm-new in another, on one folder."""
+    folder = _fresh_dir(root, model, mode)
+    result = CaseResult(model=model, mode=mode, cache_dir=str(folder))
+    spec = {
+        "model": model,
+        "mode": mode,
+        "cache_dir": str(folder),
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "height": args.height,
+        "width": args.width,
+    }
+    try:
+        cold = _spawn({**spec, "phases": ["cold", "warm-same"]}, args.timeout)
+        new = _spawn({**spec, "phases": ["warm-new"]}, args.timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        result.error = f"{type(exc).__name__}: {str(exc)[:1500]}"
+        return result
+    result.phases = {k: Phase(**v) for k, v in {**cold["phases"], **new["phases"]}.items()}
+    result.cold_s = result.phases["cold"].seconds
+    result.warm_same_s = result.phases["warm-same"].seconds
+    result.warm_new_s = result.phases["warm-new"].seconds
+    result.new_process_import_s = new["import_s"]
+    result.new_process_build_s = new["build_s"]
+    result.new_process_first_step_s = new["first_step_s"]
+    result.cold_process_first_step_s = cold["first_step_s"]
+    return result
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _hits(phase: Phase | None) -> str:
+    return "-" if phase is None else f"{phase.fxgraph_hit}/{phase.fxgraph_miss}"
+
+
+def table(results: list[CaseResult]) -> str:
+    rows = [
+        [
+            r.model,
+            r.mode,
+            _fmt(r.cold_s),
+            _fmt(r.warm_same_s),
+            _fmt(r.warm_new_s),
+            _fmt(r.cold_process_first_step_s),
+            _fmt(r.new_process_first_step_s),
+            _fmt(r.new_process_import_s),
+            _fmt(r.new_process_build_s),
+            " ".join(_hits(r.phases.get(p)) for p in ("cold", "warm-same", "warm-new")),
+            _fmt(max((p.rel_err for p in r.phases.values()), default=None), ".1e"),
+            r.error or "",
+        ]
+        for r in results
+    ]
+    headers = [
+        "model",
+        "mode",
+        "cold s",
+        "warm same-proc s",
+        "warm new-proc s",
+        "cold proc to 1st step s",
+        "new proc to 1st step s",
+        "import s",
+        "build s",
+        "fx hit/miss (c ws wn)",
+        "max rel err",
+        "error",
+    ]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "difforge": difforge.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+    return env
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument(
+        "--models",
+        default="pixart-xl-2-1024" if on_gpu else "tiny-pixart",
+        help="comma-separated presets (difforge.diffusers.presets; tiny-* for the CPU)",
+    )
+    parser.add_argument(
+        "--modes",
+        default="O1,O2",
+        help="comma-separated difforge modes, e.g. O1,O2,O3:max-autotune (cache-all is added)",
+    )
+    parser.add_argument("--height", type=int, default=1024 if on_gpu else 64)
+    parser.add_argument("--width", type=int, default=1024 if on_gpu else 64)
+    parser.add_argument(
+        "--batch", type=int, default=None, help="denoiser batch (default 2, FLUX 1)"
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="float16/bfloat16/float32 (default: preset's)"
+    )
+    parser.add_argument("--cache-root", default=None, help="where the per-case folders go")
+    parser.add_argument("--keep-cache", action="store_true", help="keep the temporary root")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
+    parser.add_argument("--output-json", default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.modes = [with_cache_all(m.strip()) for m in args.modes.split(",") if m.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(_RESULT_PREFIX + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
+    temporary = args.cache_root is None
+    root = Path(args.cache_root or tempfile.mkdtemp(prefix="difforge-bench-compile-"))
+    results = []
+    try:
+        for model in args.models:
+            for mode in args.modes:
+                result = bench_case(model, mode, root, args)
+                results.append(result)
+                print(
+                    f"{model} {mode}: cold {_fmt(result.cold_s)} s, warm same-process "
+                    f"{_fmt(result.warm_same_s)} s, warm new-process {_fmt(result.warm_new_s)} s"
+                    + (f"  ERROR {result.error}" if result.error else ""),
+                    flush=True,
+                )
+    finally:
+        if temporary and not args.keep_cache:
+            shutil.rmtree(root, ignore_errors=True)
+    print()
+    print(table(results))
+    if args.output_json:
+        path = Path(args.output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "environment": environment(),
+            "args": {k: v for k, v in vars(args).items() if k != "child"},
+            "results": [asdict(r) for r in results],
+        }
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
