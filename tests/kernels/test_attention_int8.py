@@ -8,7 +8,12 @@ real DiT shapes.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,8 +257,9 @@ def test_op_fake_output_like_q() -> None:
         assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_op_compiles_as_one_opaque_node(backend: str) -> None:
+def test_op_compiles_as_one_opaque_node(backend: str, dynamic: bool) -> None:
     q, k, v = qkv(1, 2, 20, 24, 64, torch.float16)
     graphs: list[torch.fx.GraphModule] = []
 
@@ -264,12 +270,68 @@ def test_op_compiles_as_one_opaque_node(backend: str) -> None:
     def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.ops.difforge.attention_int8(q * 2, k, v, None, 16, 16) + 1
 
-    out = torch.compile(f, backend=record, fullgraph=True)(q, k, v)
+    out = torch.compile(f, backend=record, fullgraph=True, dynamic=dynamic)(q, k, v)
     eager = attention_int8(q * 2, k, v, **SMALL_BLOCKS) + 1
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
     assert len(graphs) == 1
     calls = [n for n in graphs[0].graph.nodes if "attention_int8" in str(n.target)]
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------
+# GPU code generation, checked without a GPU
+# --------------------------------------------------------------------------------------
+
+_COMPILE_FOR_SM90 = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import difforge.kernels.attention_int8 as m
+
+    target = GPUTarget("cuda", 90, 32)
+
+    def build(kernel, types, consts, **options):
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        return triton.compile(src, target=target, options=options).asm
+
+    for dt, d in (("fp16", 72), ("bf16", 128)):
+        types = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": f"*{dt}", "o_ptr": f"*{dt}",
+                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "qk_scale": "fp32"}
+        consts = {"HEAD_DIM": d, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 64,
+                  "INTERPRET": False}
+        asm = build(m._attention_int8_kernel, types, consts, num_warps=8, num_stages=2)
+        assert "cubin" in asm, "ptxas did not run"
+        assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in asm["ptx"], "no int8 wgmma"
+        ptx_dt = {"fp16": "f16", "bf16": "bf16"}[dt]
+        assert f"f32.{ptx_dt}.{ptx_dt}" in asm["ptx"], "P @ V is not a half-precision wgmma"
+    types = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "out_ptr": "*i8", "scale_ptr": "*fp32"}
+    consts = {"HEAD_DIM": 72, "BLOCK_D": 128, "BLOCK": 128, "SUBTRACT_MEAN": True}
+    asm = build(m._quantize_per_block_int8_kernel, types, consts, num_warps=8)
+    assert "div.rn.f32" in asm["ptx"], "quantization must use IEEE division"
+    print("sm90 ok")
+    """
+)
+
+
+def test_kernels_compile_for_sm90_without_a_gpu() -> None:
+    """Frontend, lowering and ptxas for H100 (sm_90a): catches GPU-only errors on the CPU.
+
+    Runs in a subprocess because this session's kernels were built for the interpreter.
+    """
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src_dir = Path(mod.__file__).resolve().parents[2]  # .../src
+    env["PYTHONPATH"] = os.pathsep.join([str(src_dir), env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0 and "sm90 ok" in res.stdout, res.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ and writes int8 copies, so at DiT shapes it is not free next to the attention it
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -49,6 +50,14 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 64
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------
@@ -498,7 +507,7 @@ def _launch(
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        INTERPRET=triton.knobs.runtime.interpret,
+        INTERPRET=_interpreting(),
         # Untuned first guess: 8 warps for the 128-row tiles, 4 for smaller ones.
         num_warps=8 if block_m >= 128 else 4,
         num_stages=2,
