@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
@@ -16,7 +15,7 @@ import torch._inductor.config as inductor_config
 import torch.fx
 from torch import nn
 
-from difforge.cache import CacheLayout, using_cache
+from difforge.cache import CacheLayout, compile_in_cache
 from difforge.errors import DifforgeError, OptionsError
 from difforge.options import CompileConfig, load_options, parse_options
 from difforge.passes import PostGradPasses, enabled_passes, run_fx_passes
@@ -94,13 +93,15 @@ class DifforgeBackend:
             record.notes.append(note)
             warnings.warn(f"difforge: {note}", stacklevel=2)
 
-        with (
-            using_cache(CacheLayout(config.cache_dir))
-            if config.cache_enabled
-            else contextlib.nullcontext(),
-            functorch_config.patch(config.functorch_patches()),
-        ):
-            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        def run_inductor() -> Callable[..., Any]:
+            with functorch_config.patch(config.functorch_patches()):
+                return compile_fx(gm, example_inputs, config_patches=patches)
+
+        if config.cache_enabled:
+            # Repairs damaged artifacts first; retries once when a failure is the cache's.
+            compiled = compile_in_cache(CacheLayout(config.cache_dir), run_inductor)
+        else:
+            compiled = run_inductor()
 
         for hook in hooks.values():
             if hook is not None:
