@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Triton kernels run in Triton's interpreter on CPU-only machines. This must be set before
+# anything imports triton or decorates a kernel (Inductor imports triton during earlier
+# tests), so it lives in the top-level conftest; a CUDA machine runs the real kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 # Tests never touch the user's real caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
