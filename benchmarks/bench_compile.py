@@ -20,10 +20,7 @@ Each case runs in child processes so that no case inherits another's compiled co
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,6 +34,7 @@ import torch
 from tabulate import tabulate
 
 import difforge
+from difforge.bench.report import environment
 from difforge.cache import MARKER
 
 _RESULT_PREFIX = "BENCH_COMPILE_RESULT "
@@ -254,25 +252,6 @@ def table(results: list[CaseResult]) -> str:
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
-def environment() -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "difforge": difforge.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if torch.cuda.is_available():
-        env.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
-    return env
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -335,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
-            "environment": environment(),
+            "environment": environment(
+                torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            ),
             "args": {k: v for k, v in vars(args).items() if k != "child"},
             "results": [asdict(r) for r in results],
         }

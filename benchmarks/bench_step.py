@@ -14,10 +14,8 @@ other / idle gaps between kernels).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +29,7 @@ from tabulate import tabulate
 from torch import nn
 
 import difforge
+from difforge.bench.report import environment
 from difforge.diffusers.presets import build_component, get_preset
 from difforge.diffusers.step_inputs import (
     StepCall,
@@ -324,31 +323,6 @@ def _row(r: VariantResult) -> str:
     )
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "difforge": difforge.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(
-            gpu=props.name,
-            compute_capability=f"{props.major}.{props.minor}",
-            cuda=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version(),
-        )
-    return env
-
-
 def table(results: list[VariantResult]) -> str:
     rows = [
         [
@@ -393,7 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default="eager,compile,O2",
-        help="eager, compile, compile-max-autotune, or any difforge mode string",
+        help="eager, compile, compile-max-autotune, any difforge mode string, or "
+        "label=<options JSON>; separate with ';' when a JSON has commas",
     )
     parser.add_argument(
         "--options", default="{}", help="extra difforge options (JSON) for difforge variants"
