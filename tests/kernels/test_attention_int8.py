@@ -225,6 +225,18 @@ def test_launcher_rejects_bad_inputs() -> None:
         attention_int8(q, k, v, block_n=8)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="about CPU tensors")
+def test_launcher_rejects_cpu_tensors_outside_the_interpreter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mod, "_interpreting", lambda: False)
+    q, k, v = qkv(1, 1, 16, 16, 64, torch.float16)
+    with pytest.raises(ValueError, match="needs CUDA tensors.*attention_int8_reference"):
+        attention_int8(q, k, v)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        quantize_per_block_int8_triton(q, 16)
+
+
 @pytest.mark.parametrize("d", [20, 160, 256])
 def test_launcher_rejects_head_dims(d: int) -> None:
     q, k, v = qkv(1, 1, 4, 4, d, torch.float16)

@@ -213,6 +213,7 @@ def quantize_per_block_int8_triton(
             f"quantize_per_block_int8_triton: expected [B, H, S, D] with a contiguous last dim, "
             f"got shape {tuple(x.shape)} strides {x.stride()}"
         )
+    _check_device("quantize_per_block_int8_triton", x)
     _check_block("block", block)
     b, h, s, d = x.shape
     n_blocks = triton.cdiv(s, block)
@@ -456,6 +457,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def _check_device(fn: str, t: torch.Tensor) -> None:
+    """Triton compiles for GPUs; CPU tensors only work in the interpreter (tests)."""
+    if t.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"{fn}: needs CUDA tensors, got {t.device}; on the CPU use attention_int8_reference "
+            "(or TRITON_INTERPRET=1 set before triton is imported, for tests)"
+        )
+
+
 def _check_block(name: str, block: int) -> None:
     # tl.dot needs each dim >= 16, tl.arange needs powers of two.
     if block < 16 or block & (block - 1):
@@ -508,7 +518,9 @@ def _launch(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         INTERPRET=_interpreting(),
-        # Untuned first guess: 8 warps for the 128-row tiles, 4 for smaller ones.
+        # Untuned first guess: 8 warps for the 128-row tiles, 4 for smaller ones. ptxas for
+        # sm_90a (compiled on the CPU): 128x64 / 8 warps uses 255 registers and spills 24 B
+        # (D=72) or 88 B (D=128); 128x32 / 8 and 64x64 / 4 do not spill. Sweep on the GPU.
         num_warps=8 if block_m >= 128 else 4,
         num_stages=2,
     )
@@ -535,6 +547,7 @@ def attention_int8(
     unmeasured until the GPU run.
     """
     _check_inputs(q, k, v)
+    _check_device("attention_int8", q)
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
     b, h, sq, d = q.shape
