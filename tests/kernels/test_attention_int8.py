@@ -284,6 +284,38 @@ def test_op_compiles_as_one_opaque_node(backend: str, dynamic: bool) -> None:
     assert len(calls) == 1
 
 
+BENCH_KEYS = {
+    "sdpa_ms",
+    "int8_ms",
+    "int8_kernel_only_ms",
+    "speedup",
+    "rel_err",
+    "int8_tflops",
+    "sdpa_tflops",
+}
+
+
+def test_benchmark_helper_plumbing() -> None:
+    """The timing helper's plumbing on tiny inputs, with a stand-in timer (no CUDA events)."""
+    calls: list[int] = []
+
+    def timer(fn: Callable[[], object]) -> float:
+        fn()
+        calls.append(1)
+        return 2.0
+
+    res = mod.benchmark_attention(1, 2, 20, 72, seq_kv=33, device=DEVICE, timer=timer)
+    assert set(res) == BENCH_KEYS and len(calls) == 3
+    assert res["speedup"] == 1.0 and res["rel_err"] < INT8_VS_SDPA_TOL
+
+
+def test_benchmark_helper_needs_cuda_without_a_timer() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        mod.benchmark_attention(1, 1, 16, 64)
+
+
 # --------------------------------------------------------------------------------------
 # GPU code generation, checked without a GPU
 # --------------------------------------------------------------------------------------
@@ -372,5 +404,5 @@ def test_gpu_kernel_vs_sdpa_dit_shapes(shape: tuple[int, ...], dtype: torch.dtyp
 @needs_cuda
 def test_gpu_benchmark_helper_runs() -> None:
     res = mod.benchmark_attention(1, 4, 1024, 72, warmup_ms=5, rep_ms=10)
-    assert set(res) == {"sdpa_ms", "int8_ms", "int8_kernel_only_ms", "speedup", "rel_err"}
+    assert set(res) == BENCH_KEYS
     assert res["sdpa_ms"] > 0 and res["int8_ms"] > 0 and res["rel_err"] < INT8_VS_SDPA_TOL

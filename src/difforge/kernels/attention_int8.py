@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -594,7 +595,7 @@ def _attention_int8_fake(
 
 
 # --------------------------------------------------------------------------------------
-# Timing helper for the benchmark scripts (GPU only)
+# Timing helper for the benchmark scripts
 # --------------------------------------------------------------------------------------
 
 
@@ -610,49 +611,53 @@ def benchmark_attention(
     block_n: int = DEFAULT_BLOCK_N,
     warmup_ms: int = 25,
     rep_ms: int = 100,
+    device: str = "cuda",
+    timer: Callable[[Callable[[], object]], float] | None = None,
 ) -> dict[str, float]:
-    """Median ms of SDPA vs :func:`attention_int8` on fresh random CUDA inputs.
+    """Median ms of SDPA vs :func:`attention_int8` on fresh random inputs. Not a test.
 
-    Returns ``{"sdpa_ms", "int8_ms", "int8_kernel_only_ms", "speedup", "rel_err"}``;
-    ``int8_ms`` includes the plain-torch quantization, ``int8_kernel_only_ms`` only the Triton
-    kernel on pre-quantized inputs, ``rel_err`` is ``‖int8 − sdpa‖ / ‖sdpa‖``. Not a test.
+    Returns ``{"sdpa_ms", "int8_ms", "int8_kernel_only_ms", "speedup", "rel_err",
+    "int8_tflops", "sdpa_tflops"}``: ``int8_ms`` includes the quantization pre-pass and K's
+    mean, ``int8_kernel_only_ms`` is the attention kernel alone on pre-quantized inputs,
+    ``rel_err`` is ``‖int8 − sdpa‖ / ‖sdpa‖``, TFLOP/s count ``4·B·H·Sq·Skv·D`` (unpadded D).
+    ``timer`` (default: ``triton.testing.do_bench``, median of CUDA-event timings after
+    warm-up) is injectable so the plumbing is testable on the CPU.
     """
-    if not torch.cuda.is_available():
-        raise RuntimeError("benchmark_attention needs a CUDA GPU")
-    from triton.testing import do_bench
+    if timer is None:
+        if device != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError("benchmark_attention needs a CUDA GPU (or an explicit timer)")
+        from triton.testing import do_bench
+
+        def timer(fn: Callable[[], object]) -> float:
+            return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
     seq_kv = seq_q if seq_kv is None else seq_kv
-    dev = torch.device("cuda")
-    q = torch.randn(batch, heads, seq_q, head_dim, device=dev, dtype=dtype)
-    k = torch.randn(batch, heads, seq_kv, head_dim, device=dev, dtype=dtype)
-    v = torch.randn(batch, heads, seq_kv, head_dim, device=dev, dtype=dtype)
+    q = torch.randn(batch, heads, seq_q, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch, heads, seq_kv, head_dim, device=device, dtype=dtype)
+    v = torch.randn(batch, heads, seq_kv, head_dim, device=device, dtype=dtype)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     ref = sdpa(q, k, v)
     out = attention_int8(q, k, v, block_m=block_m, block_n=block_n)
     rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
-    sdpa_ms = do_bench(lambda: sdpa(q, k, v), warmup=warmup_ms, rep=rep_ms)
-    int8_ms = do_bench(
-        lambda: attention_int8(q, k, v, block_m=block_m, block_n=block_n),
-        warmup=warmup_ms,
-        rep=rep_ms,
-    )
+    sdpa_ms = timer(lambda: sdpa(q, k, v))
+    int8_ms = timer(lambda: attention_int8(q, k, v, block_m=block_m, block_n=block_n))
 
-    # Kernel alone: what a fused quantization pre-pass could at best bring the total down to.
+    # Kernel alone: the floor that a pre-pass fused into the QKV projection could reach.
     q8, q_scale = quantize_per_block_int8_triton(q, block_m)
     k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k))
     o = torch.empty_like(q)
     sm_scale = 1.0 / math.sqrt(head_dim)
-    kernel_ms = do_bench(
-        lambda: _launch(q8, q_scale, k8, k_scale, v, o, sm_scale, block_m, block_n),
-        warmup=warmup_ms,
-        rep=rep_ms,
-    )
+    kernel_ms = timer(lambda: _launch(q8, q_scale, k8, k_scale, v, o, sm_scale, block_m, block_n))
+    torch.testing.assert_close(o, out, rtol=0, atol=0)  # same inputs, same kernel
+    tflop = 4.0 * batch * heads * seq_q * seq_kv * head_dim / 1e12
     return {
         "sdpa_ms": float(sdpa_ms),
         "int8_ms": float(int8_ms),
         "int8_kernel_only_ms": float(kernel_ms),
         "speedup": float(sdpa_ms / int8_ms),
         "rel_err": rel_err,
+        "int8_tflops": tflop / (int8_ms / 1e3),
+        "sdpa_tflops": tflop / (sdpa_ms / 1e3),
     }
