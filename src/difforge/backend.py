@@ -179,7 +179,10 @@ def difforge_backend(
         opts["mode"] = mode
     config = parse_options(opts)
     # One backend per distinct options, so recompiles of a function are counted across calls.
-    backend = _ENTRY_POINT_BACKENDS.setdefault(config.key(), DifforgeBackend(config))
+    key = config.key()
+    if key not in _ENTRY_POINT_BACKENDS:
+        _ENTRY_POINT_BACKENDS[key] = DifforgeBackend(config)
+    backend = _ENTRY_POINT_BACKENDS[key]
     if config.dynamic is not None and not _warned_dynamic:
         _warned_dynamic = True
         warnings.warn(

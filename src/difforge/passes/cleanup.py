@@ -14,7 +14,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from difforge.passes.registry import register_pass
+from difforge.passes.registry import node_tensor, register_pass
 
 _DROPOUTS = {
     F.dropout: ("training", 2),
@@ -36,14 +36,6 @@ def _arg(node: torch.fx.Node, name: str, index: int, default: Any) -> Any:
     if name in node.kwargs:
         return node.kwargs[name]
     return node.args[index] if len(node.args) > index else default
-
-
-def _example(node: Any) -> Any:
-    return (
-        node.meta.get("example_value", node.meta.get("val"))
-        if isinstance(node, torch.fx.Node)
-        else None
-    )
 
 
 @register_pass("remove_dropout", stage="fx", tier="cleanup")
@@ -83,7 +75,7 @@ def remove_noop_conversions(graph: torch.fx.Graph) -> int:
             continue  # an explicit copy must stay a copy (no new aliasing)
         if node.kwargs.get("memory_format") not in (None, torch.contiguous_format):
             continue
-        before, after = _example(node.args[0]), _example(node)
+        before, after = node_tensor(node.args[0]), node_tensor(node)
         if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
             continue
         if node.target == "contiguous" and not statically_known_true(before.is_contiguous()):

@@ -17,18 +17,11 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from difforge.passes.registry import register_pass
+from difforge.passes.registry import node_tensor, register_pass
 
 log = logging.getLogger("difforge.passes")
 
 _LINEAR = torch._C._nn.linear
-
-
-def _val(node: object) -> torch.Tensor | None:
-    if not isinstance(node, torch.fx.Node):
-        return None
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _linear_parts(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, object] | None:
@@ -45,7 +38,7 @@ def _linear_parts(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, ob
             isinstance(t, torch.fx.Node) and t.op in ("placeholder", "get_attr")
         ):
             return None
-    w = _val(weight)
+    w = node_tensor(weight)
     if not isinstance(x, torch.fx.Node) or w is None or w.dim() != 2:
         return None
     if isinstance(w.shape[0], torch.SymInt) or isinstance(w.shape[1], torch.SymInt):
@@ -60,9 +53,9 @@ def _groups(graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
         if parts is None:
             continue
         x, weight, bias = parts
-        w = _val(weight)
+        w = node_tensor(weight)
         assert w is not None
-        b = _val(bias)
+        b = node_tensor(bias)
         if bias is not None and (b is None or b.dtype != w.dtype):
             continue
         key = (x, w.dtype, w.device, int(w.shape[1]), bias is not None)
@@ -76,7 +69,7 @@ def _fuse_group(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> list[tor
     x = _linear_parts(first)[0]  # type: ignore[index]
     weights = [_linear_parts(n)[1] for n in linears]  # type: ignore[index]
     biases = [_linear_parts(n)[2] for n in linears]  # type: ignore[index]
-    sizes = [int(_val(w).shape[0]) for w in weights]  # type: ignore[union-attr]
+    sizes = [int(node_tensor(w).shape[0]) for w in weights]  # type: ignore[union-attr]
     outputs = []
     with graph.inserting_before(first):
         weight = graph.call_function(torch.cat, (weights,), {"dim": 0})

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 import torch.fx
 
 log = logging.getLogger("difforge.passes")
@@ -57,6 +58,15 @@ class GraphPass:
 
 
 _REGISTRY: dict[str, GraphPass] = {}
+
+
+def node_tensor(node: object) -> torch.Tensor | None:
+    """The fake tensor a node carries (Dynamo graphs: ``example_value``; ATen graphs:
+    ``val``), or None for non-nodes and non-tensor values."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], PassFn]:
