@@ -1,0 +1,288 @@
+# ruff: noqa: B023  (each closure is timed inside the loop iteration that defines it)
+"""Micro-benchmarks that decide which rewrites are worth building (GPU only).
+
+Each probe times candidate implementations of one op at the shapes of the preset models
+(CUDA-event medians via ``triton.testing.do_bench``, fresh random inputs) and checks that
+they compute the same function (relative error against a float32 reference):
+
+- ``attention``: SDPA backends (cuDNN / flash / efficient) and q/k/v memory layouts
+  (eager's ``view+transpose`` of a [B,S,H*D] projection, contiguous [B,H,S,D], the
+  three-way split of a fused QKV projection), and the same attention compiled.
+- ``gelu``: linear + tanh-GELU as two kernels vs cuBLASLt's GELU epilogue
+  (``torch._addmm_activation``) vs Inductor.
+- ``fp8``: ``torch._scaled_mm`` with row-wise scales vs fp16/bf16 GEMM at DiT shapes.
+- ``int8attn``: difforge's 8-bit attention kernel vs SDPA per head dim and tile.
+
+    python benchmarks/probe_ops.py --probes attention,gelu,fp8,int8attn --output-json out/p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from difforge.bench.report import environment
+
+# (name, batch, heads, seq_q, seq_kv, head_dim, dtype) at 1024² with CFG where it applies.
+ATTENTION_SHAPES = (
+    ("pixart-self", 2, 16, 4096, 4096, 72, torch.float16),
+    ("pixart-cross", 2, 16, 4096, 300, 72, torch.float16),
+    ("sd3-joint", 2, 24, 4250, 4250, 64, torch.float16),
+    ("flux-joint", 1, 24, 4608, 4608, 128, torch.bfloat16),
+)
+
+# (name, M, K, N, dtype): the big GEMMs of a step.
+GEMM_SHAPES = (
+    ("pixart-qkv", 8192, 1152, 3456, torch.float16),
+    ("pixart-ff1", 8192, 1152, 4608, torch.float16),
+    ("pixart-ff2", 8192, 4608, 1152, torch.float16),
+    ("pixart-out", 8192, 1152, 1152, torch.float16),
+    ("sd3-ff1", 8192, 1536, 6144, torch.float16),
+    ("flux-ff1", 4608, 3072, 12288, torch.bfloat16),
+    ("flux-single-proj", 4608, 15360, 3072, torch.bfloat16),
+)
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _kernel_ms(fn: Callable[[], object], pattern: tuple[str, ...], iters: int = 10) -> float:
+    """Profiler time per call of the kernels whose names contain one of ``pattern``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for evt in prof.key_averages():
+        name = evt.key.lower()
+        if any(p in name for p in pattern):
+            total += getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0))
+    return total / iters / 1000.0
+
+
+def probe_attention() -> list[dict[str, Any]]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows: list[dict[str, Any]] = []
+    backends = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    for name, b, h, sq, skv, d, dtype in ATTENTION_SHAPES:
+        flops = 4 * b * h * sq * skv * d
+        proj_q = torch.randn(b, sq, h * d, device="cuda", dtype=dtype)
+        fused = torch.randn(b, skv, 3 * h * d, device="cuda", dtype=dtype)
+        kv = torch.randn(b, skv, 2 * h * d, device="cuda", dtype=dtype)
+        layouts = {
+            "view_transpose": (
+                proj_q.view(b, sq, h, d).transpose(1, 2),
+                kv[..., : h * d].contiguous().view(b, skv, h, d).transpose(1, 2),
+                kv[..., h * d :].contiguous().view(b, skv, h, d).transpose(1, 2),
+            ),
+            "contiguous_bhsd": (
+                proj_q.view(b, sq, h, d).transpose(1, 2).contiguous(),
+                kv[..., : h * d].reshape(b, skv, h, d).transpose(1, 2).contiguous(),
+                kv[..., h * d :].reshape(b, skv, h, d).transpose(1, 2).contiguous(),
+            ),
+        }
+        if sq == skv:
+            q3, k3, v3 = fused.split(h * d, dim=-1)
+            layouts["fused_qkv_split"] = tuple(
+                t.view(b, skv, h, d).transpose(1, 2) for t in (q3, k3, v3)
+            )
+        ref = F.scaled_dot_product_attention(*(t.float() for t in layouts["view_transpose"]))
+        for layout, (q, k, v) in layouts.items():
+            for backend_name, backend in backends.items():
+                row: dict[str, Any] = {
+                    "shape": name,
+                    "head_dim": d,
+                    "layout": layout,
+                    "backend": backend_name,
+                }
+                try:
+                    with sdpa_kernel([backend]):
+                        out = F.scaled_dot_product_attention(q, k, v)
+                        ms = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                    if layout == "view_transpose":
+                        row["rel_err"] = _rel(out, ref)
+                except RuntimeError as exc:
+                    row["error"] = str(exc).splitlines()[0][:120]
+                rows.append(row)
+        # The whole projection + attention + output projection, eager vs compiled: does
+        # Inductor hand the attention kernel another layout, and what does it cost?
+        if sq == skv:
+            wq = torch.randn(3 * h * d, h * d, device="cuda", dtype=dtype) * (h * d) ** -0.5
+            x = torch.randn(b, sq, h * d, device="cuda", dtype=dtype)
+
+            def block(x: torch.Tensor, wq: torch.Tensor = wq) -> torch.Tensor:
+                q, k, v = F.linear(x, wq).split(h * d, dim=-1)
+                q, k, v = (t.view(b, sq, h, d).transpose(1, 2) for t in (q, k, v))
+                o = F.scaled_dot_product_attention(q, k, v)
+                return o.transpose(1, 2).reshape(b, sq, h * d)
+
+            compiled = torch.compile(block)
+            compiled(x)
+            for variant, fn in (("eager", block), ("compiled", compiled)):
+                rows.append(
+                    {
+                        "shape": name,
+                        "head_dim": d,
+                        "layout": f"block_{variant}",
+                        "backend": "default",
+                        "ms": _bench(lambda fn=fn: fn(x)),
+                        "attention_kernel_ms": _kernel_ms(
+                            lambda fn=fn: fn(x), ("sdpa", "flash", "fmha", "attention")
+                        ),
+                    }
+                )
+            torch._dynamo.reset()
+    return rows
+
+
+def probe_gelu() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name, m, k, n, dtype in GEMM_SHAPES:
+        if "ff1" not in name:
+            continue
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        ref = F.gelu(F.linear(x.float(), w.float(), bias.float()), approximate="tanh")
+
+        def two_kernels() -> torch.Tensor:
+            return F.gelu(F.linear(x, w, bias), approximate="tanh")
+
+        def epilogue() -> torch.Tensor:
+            return torch._addmm_activation(bias, x, w.t(), use_gelu=True)
+
+        def linear_only() -> torch.Tensor:
+            return F.linear(x, w, bias)
+
+        compiled = torch.compile(two_kernels)
+        for variant, fn in (
+            ("linear_only", linear_only),
+            ("linear+gelu", two_kernels),
+            ("addmm_activation", epilogue),
+            ("inductor", compiled),
+        ):
+            out = fn()
+            ms = _bench(fn)
+            rows.append(
+                {
+                    "shape": name,
+                    "variant": variant,
+                    "ms": ms,
+                    "tflops": 2 * m * k * n / ms / 1e9,
+                    "rel_err": None if variant == "linear_only" else _rel(out, ref),
+                }
+            )
+        torch._dynamo.reset()
+    return rows
+
+
+def probe_fp8() -> list[dict[str, Any]]:
+    from difforge.quant.fp8 import _scaled_mm_linear, quantize_rows, quantize_weight
+
+    rows: list[dict[str, Any]] = []
+    for name, m, k, n, dtype in GEMM_SHAPES:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        ref = F.linear(x.float(), w.float(), bias.float())
+        w8, ws = quantize_weight(w)
+        x8, xs = quantize_rows(x)
+
+        def hp() -> torch.Tensor:
+            return F.linear(x, w, bias)
+
+        def mm_only() -> torch.Tensor:
+            return _scaled_mm_linear(x8, xs, w8, ws, bias, dtype)
+
+        def with_quant() -> torch.Tensor:
+            a8, a_s = quantize_rows(x)
+            return _scaled_mm_linear(a8, a_s, w8, ws, bias, dtype)
+
+        compiled_quant = torch.compile(with_quant)
+        row: dict[str, Any] = {"shape": name, "m": m, "k": k, "n": n}
+        try:
+            row["hp_ms"] = _bench(hp)
+            row["fp8_mm_ms"] = _bench(mm_only)
+            compiled_quant()
+            row["fp8_quant_compiled_ms"] = _bench(compiled_quant)
+            row["speedup_mm"] = row["hp_ms"] / row["fp8_mm_ms"]
+            row["speedup_with_quant"] = row["hp_ms"] / row["fp8_quant_compiled_ms"]
+            row["rel_err_hp"] = _rel(hp(), ref)
+            row["rel_err_fp8"] = _rel(mm_only(), ref)
+        except RuntimeError as exc:
+            row["error"] = str(exc).splitlines()[0][:160]
+        rows.append(row)
+        torch._dynamo.reset()
+    return rows
+
+
+def probe_int8_attention() -> list[dict[str, Any]]:
+    from difforge.kernels.attention_int8 import benchmark_attention
+
+    rows: list[dict[str, Any]] = []
+    for name, b, h, sq, skv, d, dtype in ATTENTION_SHAPES:
+        for block_m, block_n in ((128, 64), (128, 32), (64, 64), (64, 32)):
+            row: dict[str, Any] = {"shape": name, "block_m": block_m, "block_n": block_n}
+            try:
+                row.update(
+                    benchmark_attention(b, h, sq, d, skv, dtype, block_m=block_m, block_n=block_n)
+                )
+            except Exception as exc:  # a tile that does not compile is a result, too
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
+    return rows
+
+
+PROBES = {
+    "attention": probe_attention,
+    "gelu": probe_gelu,
+    "fp8": probe_fp8,
+    "int8attn": probe_int8_attention,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probes", default=",".join(PROBES))
+    parser.add_argument("--output-json", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("probe_ops.py needs a CUDA GPU")
+    results: dict[str, Any] = {"environment": environment("cuda")}
+    for name in args.probes.split(","):
+        rows = PROBES[name]()
+        results[name] = rows
+        print(f"\n## {name}")
+        print(tabulate(rows, headers="keys", floatfmt=".4g"))
+        if args.output_json:
+            args.output_json.parent.mkdir(parents=True, exist_ok=True)
+            args.output_json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
