@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("probe_ops.py needs a CUDA GPU")
-    results: dict[str, Any] = {"environment": environment("cuda")}
+    results: dict[str, Any] = {"environment": environment(torch.device("cuda"))}
     for name in args.probes.split(","):
         rows = PROBES[name]()
         results[name] = rows
