@@ -97,3 +97,25 @@ def test_unet_channels_last_fp16() -> None:
             *low
         )
     assert rel_err(out, ref) <= 1.5 * eager_err + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "dim", "hidden"), [(37, 72, 288), (5, 40, 136), (513, 64, 200)])
+def test_gelu_epilogue_tanh_on_cuda(dtype: torch.dtype, tokens: int, dim: int, hidden: int) -> None:
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    ff1 = torch.nn.Linear(dim, hidden).cuda()
+    x = torch.randn(2, tokens, dim, device="cuda")
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(ff1(x), approximate="tanh")
+
+    with torch.no_grad():
+        ref = mlp(x)  # float32
+        ff1.to(dtype)
+        eager = mlp(x.to(dtype))
+        out = difforge.compile(mlp, options={"mode": "O2"})(x.to(dtype))
+    assert difforge.counters["gelu_epilogue"] == 1
+    assert out.dtype == dtype
+    assert rel_err(out, ref) <= 1.5 * rel_err(eager, ref) + 1e-4

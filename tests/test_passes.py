@@ -143,6 +143,73 @@ def test_fuse_qkv_mixed_bias_groups_separately() -> None:
     assert difforge.counters["fuse_qkv"] == 1
 
 
+# ------------------------------------------------------------------------ gelu_epilogue
+# On the CPU ``_addmm_activation``'s GELU is the exact erf form, so the CPU tests use that;
+# tests/test_gpu.py checks the tanh form on CUDA.
+class Mlp(nn.Module):
+    def __init__(self, dim: int = 24, bias: bool = True, approximate: str = "none") -> None:
+        super().__init__()
+        self.ff1 = nn.Linear(dim, 4 * dim, bias=bias)
+        self.ff2 = nn.Linear(4 * dim, dim)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ff2(F.gelu(self.ff1(x), approximate=self.approximate))
+
+
+def test_gelu_epilogue_folds_gelu_into_the_gemm() -> None:
+    _run(Mlp().eval(), torch.randn(2, 7, 24))
+    assert difforge.counters["gelu_epilogue"] == 1
+
+
+def test_gelu_epilogue_keeps_other_forms_and_shared_outputs() -> None:
+    _run(Mlp(approximate="tanh").eval(), torch.randn(2, 7, 24))  # not the CPU epilogue's form
+    _run(Mlp(bias=False).eval(), torch.randn(2, 7, 24))  # addmm needs the bias
+
+    lin = nn.Linear(16, 32).eval()
+
+    def geglu(x: torch.Tensor) -> torch.Tensor:  # the linear's output is chunked first
+        h, gate = lin(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+    def pre_activation_reused(x: torch.Tensor) -> torch.Tensor:
+        h = lin(x)
+        return F.gelu(h) + h
+
+    _run(geglu, torch.randn(3, 16))
+    _run(pre_activation_reused, torch.randn(3, 16))
+    assert difforge.counters["gelu_epilogue"] == 0
+
+
+def test_gelu_epilogue_runs_before_qkv_fusion() -> None:
+    # FLUX single block: the MLP projection reads the same input as q/k/v.
+    class SingleBlock(nn.Module):
+        def __init__(self, dim: int = 32) -> None:
+            super().__init__()
+            self.qkv = SelfAttentionProjections(dim)
+            self.proj_mlp = nn.Linear(dim, 2 * dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.qkv(x).sum(-1) + F.gelu(self.proj_mlp(x)).sum(-1)
+
+    _run(SingleBlock().eval(), torch.randn(2, 5, 32))
+    assert difforge.counters["gelu_epilogue"] == 1
+    assert difforge.counters["fuse_qkv"] == 1  # q, k, v still fused, without proj_mlp
+
+
+def test_gelu_epilogue_leaves_graphs_that_need_gradients() -> None:
+    model, x = Mlp(), torch.randn(2, 7, 24)
+    out = difforge.compile(model, options={"mode": "O2"})(x)
+    out.sum().backward()  # _addmm_activation has no derivative: the pass must stay off
+    assert difforge.counters["gelu_epilogue"] == 0
+    assert model.ff1.weight.grad is not None
+
+
+def test_gelu_epilogue_off_in_o1() -> None:
+    _run(Mlp().eval(), torch.randn(2, 7, 24), options={"mode": "O1"})
+    assert difforge.counters["gelu_epilogue"] == 0
+
+
 # ------------------------------------------------------------------------ infrastructure
 def test_every_pass_is_registered_with_a_doc_and_stage() -> None:
     passes = all_passes()

@@ -57,6 +57,7 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "inductor.epilogue_fusion": True,
         "inductor.shape_padding": True,
         "passes.fuse_qkv": True,
+        "passes.gelu_epilogue": True,
     },
     "cudagraphs": {
         "inductor.triton.cudagraphs": True,

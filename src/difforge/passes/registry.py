@@ -84,16 +84,32 @@ def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], 
     return add
 
 
+#: Built-in pass modules in execution order. Epilogue folding runs before QKV fusion:
+#: FLUX's single blocks feed the MLP projection from the same input as q/k/v, and a
+#: linear that fuse_qkv swallowed can no longer take its GELU into the epilogue.
+BUILTIN_MODULES: tuple[str, ...] = ("cleanup", "gemm_epilogue", "fuse_linear")
+
+
+def _execution_rank(graph_pass: GraphPass) -> int:
+    module = graph_pass.fn.__module__.rsplit(".", 1)[-1]
+    return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+
+
 def all_passes() -> dict[str, GraphPass]:
-    """Every registered pass by name, in registration (= execution) order."""
+    """Every registered pass by name, in execution order: built-in modules in
+    :data:`BUILTIN_MODULES` order, then others; registration order within a module."""
     _load_builtin_passes()
-    return dict(_REGISTRY)
+    ordered = sorted(_REGISTRY.values(), key=_execution_rank)  # stable
+    return {p.name: p for p in ordered}
 
 
 def _load_builtin_passes() -> None:
     # Importing the modules registers their passes; done lazily so that the registry
     # module itself stays importable from `options` without a cycle.
-    from difforge.passes import cleanup, fuse_linear  # noqa: F401
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(f"difforge.passes.{module}")
 
 
 def _dump_requested(name: str) -> bool:
