@@ -257,11 +257,65 @@ def probe_int8_attention() -> list[dict[str, Any]]:
     return rows
 
 
+def _pixart_block() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """One PixArt-XL-2 transformer block (real config, random weights) and 1024² inputs."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    block = BasicTransformerBlock(
+        1152,
+        16,
+        72,
+        cross_attention_dim=1152,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    block = block.to("cuda", torch.float16).eval().requires_grad_(False)
+    inputs = (
+        torch.randn(2, 4096, 1152, device="cuda", dtype=torch.float16),
+        torch.randn(2, 300, 1152, device="cuda", dtype=torch.float16),
+        torch.randn(2, 6 * 1152, device="cuda", dtype=torch.float16),
+    )
+    return block, inputs
+
+
+def probe_attention_code(out_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Which layouts Inductor hands cuDNN in a real PixArt block, and per-kernel times."""
+    from torch._inductor.utils import run_and_get_code
+
+    block, (x, ctx, t) = _pixart_block()
+
+    def step(x: torch.Tensor, ctx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return block(x, encoder_hidden_states=ctx, timestep=t)
+
+    rows: list[dict[str, Any]] = []
+    with torch.no_grad():
+        compiled = torch.compile(step)
+        _, code = run_and_get_code(compiled, x, ctx, t)
+        if out_dir is not None:
+            (out_dir / "pixart_block_code.py").write_text("\n\n".join(code))
+        for line in "\n".join(code).splitlines():
+            if "attention" in line and ("extern_kernels" in line or "torch.ops" in line):
+                rows.append({"code": line.strip()[:300]})
+        for variant, fn in (("eager", step), ("compiled", compiled)):
+            rows.append(
+                {
+                    "code": f"{variant}: block {_bench(lambda fn=fn: fn(x, ctx, t)):.4f} ms, "
+                    f"attention kernels {_kernel_ms(lambda fn=fn: fn(x, ctx, t), ('sdpa', 'flash', 'fmha', 'attention')):.4f} ms"
+                }
+            )
+    torch._dynamo.reset()
+    return rows
+
+
 PROBES = {
     "attention": probe_attention,
     "gelu": probe_gelu,
     "fp8": probe_fp8,
     "int8attn": probe_int8_attention,
+    "attncode": probe_attention_code,
 }
 
 
@@ -274,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("probe_ops.py needs a CUDA GPU")
     results: dict[str, Any] = {"environment": environment(torch.device("cuda"))}
     for name in args.probes.split(","):
-        rows = PROBES[name]()
+        probe = PROBES[name]
+        rows = (
+            probe(args.output_json.parent) if name == "attncode" and args.output_json else probe()
+        )
         results[name] = rows
         print(f"\n## {name}")
         print(tabulate(rows, headers="keys", floatfmt=".4g"))

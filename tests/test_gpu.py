@@ -119,3 +119,22 @@ def test_gelu_epilogue_tanh_on_cuda(dtype: torch.dtype, tokens: int, dim: int, h
     assert difforge.counters["gelu_epilogue"] == 1
     assert out.dtype == dtype
     assert rel_err(out, ref) <= 1.5 * rel_err(eager, ref) + 1e-4
+
+
+@pytest.mark.parametrize("limit", [None, 4096])
+def test_persistent_reduction_limit_reaches_triton_codegen(limit: int | None) -> None:
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    def norm(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * 1.5 + shift
+
+    x = torch.randn(2, 333, 1152, device="cuda", dtype=torch.float16)
+    shift = torch.randn(1152, device="cuda", dtype=torch.float16)
+    options = {"heuristics.persistent_reduction_max": limit}
+    out, code = run_and_get_code(difforge.compile(norm, options=options), x, shift)
+    source = "\n".join(code)
+    # 1152 > Inductor's own limit (1024): a looped reduction unless we raise the limit.
+    assert ("triton_per_" in source) == (limit is not None)
+    assert ("triton_red_" in source) == (limit is None)
+    assert rel_err(out, norm(x.float(), shift.float())) < 2e-3

@@ -17,6 +17,7 @@ from torch import nn
 
 from difforge.cache import CacheLayout, compile_in_cache
 from difforge.errors import DifforgeError, OptionsError
+from difforge.heuristics import choices_for, installed
 from difforge.options import CompileConfig, load_options, parse_options
 from difforge.passes import PostGradPasses, enabled_passes, run_fx_passes
 from difforge.precision import with_tf32
@@ -40,11 +41,13 @@ class CompileRecord:
 compile_records: list[CompileRecord] = []
 
 
-def _post_grad_hook(config: CompileConfig, stage: str, key: str) -> PostGradPasses | None:
+def _post_grad_hook(
+    config: CompileConfig, stage: str, key: str, salt: bytes = b""
+) -> PostGradPasses | None:
     passes = enabled_passes(stage, config.pass_enabled)  # type: ignore[arg-type]
     # A user's own hook (explicit option, else the global config) keeps running after ours.
     user_hook = config.inductor_patches().get(key, getattr(inductor_config, key, None))
-    hook = PostGradPasses(stage, passes, chained=user_hook)  # type: ignore[arg-type]
+    hook = PostGradPasses(stage, passes, chained=user_hook, salt=salt)  # type: ignore[arg-type]
     return hook if hook else None
 
 
@@ -72,9 +75,13 @@ class DifforgeBackend:
         record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
 
         patches = config.inductor_patches()
+        choices = choices_for(config)
         hooks = {
             "post_grad_custom_pre_pass": _post_grad_hook(
-                config, "post_grad_pre", "post_grad_custom_pre_pass"
+                config,
+                "post_grad_pre",
+                "post_grad_custom_pre_pass",
+                salt=choices.cache_salt() if choices is not None else b"",
             ),
             "post_grad_custom_post_pass": _post_grad_hook(
                 config, "post_grad_post", "post_grad_custom_post_pass"
@@ -94,7 +101,7 @@ class DifforgeBackend:
             warnings.warn(f"difforge: {note}", stacklevel=2)
 
         def run_inductor() -> Callable[..., Any]:
-            with functorch_config.patch(config.functorch_patches()):
+            with functorch_config.patch(config.functorch_patches()), installed(choices):
                 return compile_fx(gm, example_inputs, config_patches=patches)
 
         if config.cache_enabled:

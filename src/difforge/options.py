@@ -106,6 +106,13 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "(default: torch._dynamo.config.recompile_limit)",
     ),
     "recompile.strict": (False, bool, "raise instead of warning past recompile.limit"),
+    "heuristics.persistent_reduction_max": (
+        None,
+        (int, type(None)),
+        "largest row (reduction) length Inductor keeps in registers in one pass (one read "
+        "of the row instead of two); null = Inductor's own limit (1024), which sends the "
+        "LayerNorms of 1152- to 3072-wide DiTs to looped reductions",
+    ),
     "shapes.duck_sizing": (
         None,
         (bool, type(None)),
@@ -114,6 +121,8 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "tied to the batch size and every batch change recompiles",
     ),
 }
+
+_POSITIVE_INTS = frozenset({"heuristics.persistent_reduction_max"})
 
 TORCH_CONFIG_NAMESPACES: tuple[str, ...] = ("inductor", "functorch")
 NAMESPACES: tuple[str, ...] = (
@@ -124,6 +133,7 @@ NAMESPACES: tuple[str, ...] = (
     "cache",
     "recompile",
     "shapes",
+    "heuristics",
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -356,6 +366,8 @@ def _validate_dotted(key: str, value: Any, torch_configs: dict[str, dict[str, An
         return
     if key in OWN_SETTINGS:
         _check_type(key, value, OWN_SETTINGS[key][1])
+        if key in _POSITIVE_INTS and value is not None and value < 1:
+            raise OptionsError(f"{key!r} must be a positive integer or null, got {value!r}")
         return
     valid = [*TOP_LEVEL_KEYS, *OWN_SETTINGS, *(f"{n}.<name>" for n in TORCH_CONFIG_NAMESPACES)]
     raise OptionsError(

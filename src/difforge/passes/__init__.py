@@ -75,10 +75,15 @@ class PostGradPasses(CustomGraphPass):  # type: ignore[misc,valid-type]
     had installed before (``inductor.post_grad_custom_*_pass``) still runs, after ours.
     """
 
-    def __init__(self, stage: Stage, passes: list[GraphPass], chained: Any = None) -> None:
+    def __init__(
+        self, stage: Stage, passes: list[GraphPass], chained: Any = None, salt: bytes = b""
+    ) -> None:
         self.stage = stage
         self.passes = passes
         self.chained = chained
+        # Anything else that changes the compiled code but not Inductor's own config
+        # (difforge's heuristics overrides): hashed into uuid() so cache keys differ.
+        self.salt = salt
         self.made: dict[str, int] = {}
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -93,7 +98,7 @@ class PostGradPasses(CustomGraphPass):  # type: ignore[misc,valid-type]
 
     def uuid(self) -> bytes | None:
         files = [__file__, *(str(p.source_file) for p in self.passes)]
-        parts = [_hash_files(files), ",".join(p.name for p in self.passes).encode()]
+        parts = [_hash_files(files), ",".join(p.name for p in self.passes).encode(), self.salt]
         if self.chained is not None:
             chained_uuid = getattr(self.chained, "uuid", lambda: None)()
             if chained_uuid is None:
@@ -102,4 +107,4 @@ class PostGradPasses(CustomGraphPass):  # type: ignore[misc,valid-type]
         return hashlib.sha256(b"|".join(parts)).digest()
 
     def __bool__(self) -> bool:
-        return bool(self.passes) or self.chained is not None
+        return bool(self.passes) or self.chained is not None or bool(self.salt)

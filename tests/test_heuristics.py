@@ -1,0 +1,61 @@
+"""heuristics.persistent_reduction_max: installed only while difforge compiles, keyed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import difforge
+from difforge.errors import OptionsError
+from difforge.heuristics import DifforgeChoices, choices_for
+from difforge.options import parse_options
+from difforge.passes import PostGradPasses
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:]) * 2
+
+
+def test_choices_installed_during_compile_only() -> None:
+    from torch._inductor.virtualized import V
+
+    seen: list[object] = []
+
+    def spy(graph: torch.fx.Graph) -> None:
+        seen.append(V.choices)
+
+    options = {
+        "heuristics.persistent_reduction_max": 4096,
+        "inductor.post_grad_custom_post_pass": spy,
+    }
+    x = torch.randn(3, 1152)
+    torch.testing.assert_close(difforge.compile(_layer_norm, options=options)(x), _layer_norm(x))
+    assert len(seen) == 1 and isinstance(seen[0], DifforgeChoices)
+    assert seen[0].persistent_reduction_max == 4096
+    assert not isinstance(V.choices, DifforgeChoices)  # restored after the compile
+
+
+def test_default_keeps_inductor_choices() -> None:
+    assert choices_for(parse_options({"mode": "O2"}, env={})) is None or isinstance(
+        choices_for(parse_options({"mode": "O2"}, env={})), DifforgeChoices
+    )
+    assert choices_for(parse_options({"mode": "O1"}, env={})) is None
+
+
+def test_setting_changes_the_cache_key() -> None:
+    a, b = DifforgeChoices(2048), DifforgeChoices(4096)
+    uuids = {
+        PostGradPasses("post_grad_pre", [], salt=s).uuid()
+        for s in (b"", a.cache_salt(), b.cache_salt())
+    }
+    assert len(uuids) == 3
+    assert bool(
+        PostGradPasses("post_grad_pre", [], salt=a.cache_salt())
+    )  # installed even without passes
+
+
+@pytest.mark.parametrize("bad", [0, -5, "big", 1.5])
+def test_bad_limit_is_a_clear_error(bad: object) -> None:
+    with pytest.raises(OptionsError, match="heuristics.persistent_reduction_max"):
+        parse_options({"heuristics.persistent_reduction_max": bad}, env={})
