@@ -9,6 +9,7 @@ concatenated inside the graph, so in-place weight updates still take effect; und
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 from collections import defaultdict
@@ -87,23 +88,49 @@ def _fuse_group(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> list[tor
     return outputs
 
 
-def _shapes_check(gm: torch.fx.GraphModule) -> Exception | None:
+_MISSING = object()
+
+
+def _shapes_check(gm: torch.fx.GraphModule, new_nodes: list[torch.fx.Node]) -> Exception | None:
     """Re-run fake-tensor shape propagation; the split outputs are strided views, and a
-    later ``.view`` that needs contiguity would fail only here, not at run time."""
+    later ``.view`` that needs contiguity would fail only here, not at run time.
+
+    The propagation runs with the ShapeEnv's guards suppressed and leaves every node's
+    metadata as it was: it re-executes Python-level ops (``F.interpolate`` computes its
+    output size with ``int()``), which would otherwise specialise symbolic sizes and turn
+    a ``dynamic`` graph into one compiled per resolution. ``new_nodes`` get their
+    ``example_value`` from their own inputs instead, symbolic sizes intact.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
     modes = {id(i.fake_mode): i.fake_mode for i in inputs if hasattr(i, "fake_mode")}
     if len(modes) != 1 or any(i is None for i in inputs):
         return None  # no single fake mode to check with; AOT's own trace will check
     (fake_mode,) = modes.values()
+    shape_env = fake_mode.shape_env
+    no_guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+    saved = {n: n.meta.get("val", _MISSING) for n in gm.graph.nodes}
     try:
-        with fake_mode:
+        with fake_mode, no_guards:
             FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
     except Exception as exc:
         return exc
-    for node in gm.graph.nodes:
-        if "example_value" not in node.meta and "val" in node.meta:
-            node.meta["example_value"] = node.meta["val"]
+    finally:
+        for node, val in saved.items():
+            if val is _MISSING:
+                node.meta.pop("val", None)
+            else:
+                node.meta["val"] = val
+    with fake_mode:
+        for node in new_nodes:  # in graph order: each one's inputs already have values
+            args, kwargs = torch.fx.node.map_arg(
+                (node.args, node.kwargs), lambda n: n.meta.get("example_value", n.meta.get("val"))
+            )
+            if node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                value = node.target(*args, **kwargs)
+            node.meta["example_value"] = value
     return None
 
 
@@ -114,10 +141,11 @@ def fuse_qkv(graph: torch.fx.Graph) -> int:
     if not groups:
         return 0
     gm = graph.owning_module
+    before = set(graph.nodes)
     new_outputs = [out for group in groups for out in _fuse_group(graph, group)]
     if not isinstance(gm, torch.fx.GraphModule):
         return len(groups)
-    problem = _shapes_check(gm)
+    problem = _shapes_check(gm, [n for n in graph.nodes if n not in before])
     if problem is not None:
         log.info("fuse_qkv: strided slices rejected (%s); making them contiguous", problem)
         # Make each slice contiguous (one copy each) so strided views cannot break
@@ -128,7 +156,7 @@ def fuse_qkv(graph: torch.fx.Graph) -> int:
                 contiguous = graph.call_method("contiguous", (out,))
             for user in users:
                 user.replace_input_with(out, contiguous)
-        problem = _shapes_check(gm)
+        problem = _shapes_check(gm, [n for n in graph.nodes if n not in before])
     if problem is not None:
         # Contiguous slices equal the original outputs exactly, so this is our bug.
         raise RuntimeError(f"shapes do not check after fusion: {problem}") from problem
