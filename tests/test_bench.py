@@ -319,3 +319,40 @@ def test_rare_resolutions_report_recompiles(
     # A new size makes Dynamo compile at least once (then shapes become dynamic).
     assert sizes[0]["recompiles"] >= 1
     assert "recompiles" in capsys.readouterr().out
+
+
+def test_compare_specialized_flag(cpu_only: None) -> None:
+    assert parse_args([]).specialized is None
+    c = parse_args(["--run_rare_resolutions", "--compare-specialized"])
+    assert c.specialized == ()
+    assert measure.specialized_sizes(c) == list(RARE_RESOLUTIONS)
+    c = parse_args(["--run_rare_resolutions", "--compare_specialized", "544x408"])
+    assert measure.specialized_sizes(c) == [(544, 408)]
+    with pytest.raises(BenchError, match="add --run_multiple_resolutions"):
+        parse_args(["--compare-specialized"])
+    with pytest.raises(BenchError, match="1024x1024 is not a swept size"):
+        parse_args(["--run_rare_resolutions", "--compare-specialized", "1024x1024"])
+
+
+@pytest.mark.slow
+def test_o2_sweep_compares_with_specialised_compiles(
+    cpu_only: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """O2 is dynamic: after the warm-up no sweep size recompiles; a specialised
+    (dynamic=False) pipeline is compiled and timed at the chosen size."""
+    out = tmp_path / "spec.json"
+    argv = ["--compiler", "difforge", "--compiler-config", '{"mode": "O2"}']
+    argv += ["--run_rare_resolutions", "--compare-specialized", "960x720", "--no-text-encoders"]
+    argv += ["--steps", "2", "--warmups", "1", "--runs", "1", "--no-progress"]
+    assert bench.main([*argv, "--output-json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    sizes = result["resolutions"]
+    # 64x48 reuses the warm-up's graphs. (At 32x32 the CPU VAE decoder may compile once more:
+    # PyTorch's CPU conv-backend choice guards on the tensor size; a reported recompile.)
+    assert sizes[0]["recompiles"] == 0 and isinstance(sizes[1]["recompiles"], int)
+    first, second = sizes
+    assert first["specialized_run_s"] > 0 and first["specialized_graphs"] >= 1
+    assert first["vs_specialized"] == pytest.approx(first["run_s"] / first["specialized_run_s"])
+    assert second["specialized_run_s"] is None and second["vs_specialized"] is None
+    printed = capsys.readouterr().out
+    assert "specialised (dynamic=False)" in printed and "dynamic/specialised" in printed

@@ -15,6 +15,7 @@ from torch import nn
 
 from difforge._version import __version__
 from difforge.backend import DifforgeBackend, compile_records, difforge_backend
+from difforge.dynamic import apply_shape_adapters
 from difforge.errors import DifforgeError, OptionsError, PassError
 from difforge.memory_format import apply_memory_format
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
@@ -125,6 +126,13 @@ def compile(
                 "weights); for a plain function use 'preserve'"
             )
         apply_memory_format(module, config.memory_format)
+    if (
+        isinstance(module, nn.Module)
+        and config.dynamic is not False
+        and config.settings["shapes.adapters"]
+    ):
+        # Exact rewrites of diffusers' size branches, so one graph serves every size.
+        apply_shape_adapters(module)
     name = getattr(module, "__qualname__", None) or type(module).__name__
     compiled = torch.compile(
         module,

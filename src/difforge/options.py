@@ -37,6 +37,15 @@ PRESETS: dict[str, tuple[str, ...]] = {
 
 DEFAULT_MODE = "O1"
 
+#: Top-level options a preset sets when the user gives none. O2 and O3 compile with
+#: dynamic shapes: one graph serves every resolution and batch (see difforge.dynamic);
+#: ``"dynamic": false`` still gives shape-specialised graphs.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "O1": {},
+    "O2": {"dynamic": True},
+    "O3": {"dynamic": True},
+}
+
 #: What each mode switches on. Keys missing from the installed torch are skipped.
 MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "cache-all": {
@@ -115,6 +124,13 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "largest row (reduction) length Inductor keeps in registers in one pass (one read "
         "of the row instead of two); null = Inductor's own limit (1024), which sends the "
         "LayerNorms of 1152- to 3072-wide DiTs to looped reductions",
+    ),
+    "shapes.adapters": (
+        True,
+        bool,
+        "with dynamic shapes (dynamic true or null), adapt diffusers modules whose size "
+        "branches would recompile per resolution (PixArt's position table, the UNet's "
+        "upsample sizes); exact, see difforge.dynamic",
     ),
     "shapes.duck_sizing": (
         None,
@@ -461,11 +477,14 @@ def parse_options(
             "or set 'cache.enabled': true"
         )
 
+    dynamic = _merge_call_arg("dynamic", raw.get("dynamic"), dynamic)
+    if dynamic is None and preset is not None:
+        dynamic = PRESET_DEFAULTS[preset].get("dynamic")
     return CompileConfig(
         mode=":".join(modes),
         preset=preset,
         modes=modes,
-        dynamic=_merge_call_arg("dynamic", raw.get("dynamic"), dynamic),
+        dynamic=dynamic,
         fullgraph=bool(_merge_call_arg("fullgraph", raw.get("fullgraph"), fullgraph)),
         memory_format=memory_format,
         disable=bool(raw.get("disable", False)),
@@ -493,5 +512,8 @@ def mode_table_markdown() -> str:
         rows.append(f"| `{mode}` | {MODE_DOCS[mode]} | {settings} |")
     for preset, modes in PRESETS.items():
         what = " + ".join(f"`{m}`" for m in modes) or "Inductor defaults + cleanup passes"
+        defaults = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in PRESET_DEFAULTS[preset].items())
+        if defaults:
+            what += f"; {defaults} unless given"
         rows.append(f"| `{preset}` | preset | {what} |")
     return "\n".join(rows)

@@ -79,7 +79,9 @@ def run_all(
 
     for compiler in config.compilers:
         try:
-            result = run_compiler(workload, compiler, config, progress, on_steady=report)
+            result = run_compiler(
+                workload, compiler, config, progress, on_steady=report, restore=snapshot.restore
+            )
         finally:
             snapshot.restore()
         results.append(result)

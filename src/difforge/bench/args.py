@@ -75,6 +75,9 @@ class BenchConfig:
     quantize: bool
     multiple_resolutions: bool
     rare_resolutions: bool
+    specialized: tuple[str, ...] | None
+    """``--compare-specialized``: ``None`` off; ``()`` every swept size; else the seed sizes
+    (``HxW`` at 1024-pixel scale) at which to also compile a shape-specialised pipeline."""
     output_image: Path | None
     output_json: Path | None
     chart: Path | None
@@ -235,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"afterwards, run {what} (scaled for tiny presets) and count recompiles",
         )
     runs.add_argument(
+        "--compare-specialized",
+        "--compare_specialized",
+        dest="compare_specialized",
+        metavar="SIZES",
+        nargs="?",
+        const="all",
+        help="after the sweeps, compile a fresh shape-specialised pipeline (the same options "
+        "with dynamic=false; stock torch.compile with dynamic=False) at each swept size, or at "
+        "the listed seed sizes (e.g. 1024x1024,544x408), time it and report the ratio of the "
+        "dynamic pipeline's time to it (each size costs a full compile)",
+    )
+    runs.add_argument(
         "--fresh-cache",
         action="store_true",
         help="give each compiler an empty temporary Inductor/Triton cache, so compile times "
@@ -293,6 +308,33 @@ def _resolve_device(requested: str | None) -> str:
     return str(device)
 
 
+def _specialized_sizes(ns: argparse.Namespace) -> tuple[str, ...] | None:
+    """Validate ``--compare-specialized`` against the sweeps requested."""
+    text = ns.compare_specialized
+    if text is None:
+        return None
+    from difforge.bench.pipeline import MULTIPLE_RESOLUTIONS, RARE_RESOLUTIONS
+
+    swept = [*MULTIPLE_RESOLUTIONS] * ns.run_multiple_resolutions
+    swept += [*RARE_RESOLUTIONS] * ns.run_rare_resolutions
+    if not swept:
+        raise BenchError(
+            "--compare-specialized compares sweep sizes: add --run_multiple_resolutions "
+            "and/or --run_rare_resolutions"
+        )
+    if text.strip().lower() == "all":
+        return ()
+    names = [f"{h}x{w}" for h, w in swept]
+    sizes = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in sizes if t not in names]
+    if unknown or not sizes:
+        raise BenchError(
+            f"--compare-specialized: {', '.join(unknown) or repr(text)} is not a swept size; "
+            f"the sweeps requested run {', '.join(names)} (or give no value for all)"
+        )
+    return sizes
+
+
 def resolve(ns: argparse.Namespace) -> BenchConfig:
     """Turn parsed flags into a :class:`BenchConfig` (device-dependent defaults filled)."""
     device = _resolve_device(ns.device)
@@ -320,6 +362,7 @@ def resolve(ns: argparse.Namespace) -> BenchConfig:
         quantize=ns.quantize,
         multiple_resolutions=ns.run_multiple_resolutions,
         rare_resolutions=ns.run_rare_resolutions,
+        specialized=_specialized_sizes(ns),
         output_image=ns.output_image,
         output_json=ns.output_json,
         chart=chart,

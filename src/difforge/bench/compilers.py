@@ -10,6 +10,7 @@ them back.
 from __future__ import annotations
 
 import importlib
+import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,11 +81,14 @@ def compiled_components(pipe: DiffusionPipeline) -> list[tuple[object, str]]:
     return out
 
 
-def compile_stock(pipe: DiffusionPipeline, mode: str | None) -> list[str]:
+def compile_stock(
+    pipe: DiffusionPipeline, mode: str | None, dynamic: bool | None = None
+) -> list[str]:
     """Wrap the components with stock ``torch.compile`` (Inductor); returns their names."""
     names = []
     for owner, attr in compiled_components(pipe):
-        setattr(owner, attr, torch.compile(getattr(owner, attr), backend="inductor", mode=mode))
+        module = getattr(owner, attr)
+        setattr(owner, attr, torch.compile(module, backend="inductor", mode=mode, dynamic=dynamic))
         names.append(attr if owner is pipe else f"vae.{attr}")
     return names
 
@@ -104,14 +108,18 @@ def apply_compiler(
     options: str | None = None,
     fuse_qkv_projections: bool = False,
     quantize: bool = False,
+    dynamic: bool | None = None,
 ) -> Applied:
-    """Compile ``pipe`` in place with ``compiler`` (a canonical name)."""
+    """Compile ``pipe`` in place with ``compiler`` (a canonical name). ``dynamic`` (not
+    None) overrides the compiler's own choice, e.g. ``False`` for a shape-specialised
+    baseline."""
     if compiler == "none":
         return Applied(pipe, "eager")
     if compiler in STOCK_MODES:
         mode = STOCK_MODES[compiler]
-        names = compile_stock(pipe, mode)
-        return Applied(pipe, f"torch.compile(mode={mode!r}) on {', '.join(names)}")
+        names = compile_stock(pipe, mode, dynamic)
+        extra = "" if dynamic is None else f", dynamic={dynamic}"
+        return Applied(pipe, f"torch.compile(mode={mode!r}{extra}) on {', '.join(names)}")
     if compiler != "difforge":
         raise BenchError(f"unknown compiler {compiler!r}")
     compile_pipe = load_compile_pipe()
@@ -120,6 +128,10 @@ def apply_compiler(
             "compiler 'difforge' needs difforge.diffusers.compile_pipe, which this version "
             "of difforge does not have yet"
         )
+    if dynamic is not None:
+        merged = json.loads(options) if options else {}
+        merged["dynamic"] = dynamic
+        options = json.dumps(merged)
     how = []
     if quantize:
         pipe = require_quantize()(pipe) or pipe

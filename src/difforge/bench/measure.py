@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,6 +51,21 @@ class ResolutionResult:
     recompiles: int | None = None
     """Graphs Dynamo compiled during the first call (0: the compiled code was reused)."""
     error: str | None = None
+    specialized_first_run_s: float | None = None
+    """``--compare-specialized``: first call of a fresh pipeline compiled with
+    ``dynamic=False`` at this size alone (its compilation included)."""
+    specialized_run_s: float | None = None
+    """One more call of that specialised pipeline."""
+    specialized_graphs: int | None = None
+    """Graphs the specialised compilation made."""
+    specialized_error: str | None = None
+
+    @property
+    def vs_specialized(self) -> float | None:
+        """``run_s / specialized_run_s``: 1.05 = the dynamic graph is 5% slower here."""
+        if self.run_s is None or not self.specialized_run_s:
+            return None
+        return self.run_s / self.specialized_run_s
 
 
 @dataclass
@@ -97,6 +113,8 @@ class CompilerResult:
         """JSON-ready fields; an infinite PSNR becomes ``null`` (``image_match`` says why)."""
         out = dataclasses.asdict(dataclasses.replace(self, image=None))
         out.pop("image")
+        for entry, sweep in zip(out["resolutions"], self.resolutions, strict=True):
+            entry["vs_specialized"] = sweep.vs_specialized
         if out["psnr_db"] is not None and math.isinf(out["psnr_db"]):
             out["psnr_db"] = None
         return out
@@ -158,7 +176,17 @@ def calls_per_compiler(config: BenchConfig) -> int:
     """Pipeline calls one compiler makes (for the progress bar's total)."""
     sweeps = len(MULTIPLE_RESOLUTIONS) * config.multiple_resolutions
     sweeps += len(RARE_RESOLUTIONS) * config.rare_resolutions
-    return config.warmups + config.runs + 2 * sweeps
+    return config.warmups + config.runs + 2 * sweeps + 2 * len(specialized_sizes(config))
+
+
+def specialized_sizes(config: BenchConfig) -> list[tuple[int, int]]:
+    """Seed sizes (h, w) that ``--compare-specialized`` compiles a specialised pipeline for."""
+    if config.specialized is None:
+        return []
+    swept = [*MULTIPLE_RESOLUTIONS] * config.multiple_resolutions
+    swept += [*RARE_RESOLUTIONS] * config.rare_resolutions
+    chosen = set(config.specialized)
+    return [(h, w) for h, w in swept if not chosen or f"{h}x{w}" in chosen]
 
 
 def unique_graphs() -> int:
@@ -300,6 +328,66 @@ def resolution_line(compiler: str, r: ResolutionResult) -> str:
     )
 
 
+def measure_specialized(
+    workload: Workload,
+    config: BenchConfig,
+    result: CompilerResult,
+    progress: Progress,
+    restore: Callable[[], None],
+) -> None:
+    """For each chosen sweep size: put the original modules back, compile them again with
+    ``dynamic=False``, run twice at that size only (first run compiles), and record the
+    times next to the dynamic pipeline's. ``restore`` puts the original modules back."""
+    chosen = {f"{h}x{w}" for h, w in specialized_sizes(config)}
+    extra = workload.sweep_kwargs()
+    for entry in result.resolutions:
+        if entry.requested not in chosen or entry.error is not None:
+            continue
+        chosen.discard(entry.requested)  # a size in both sweeps is compared once
+        progress.phase(f"{result.compiler}: specialised {entry.height}x{entry.width}")
+        failure = types.SimpleNamespace(error=None)
+        with _recording_errors(failure, f"specialised {entry.height}x{entry.width}"):
+            restore()
+            fresh_state(workload.device)
+            applied = apply_compiler(
+                workload.pipe,
+                result.compiler,
+                options=config.compiler_config if result.compiler == "difforge" else None,
+                fuse_qkv_projections=config.fuse_qkv_projections and result.compiler == "difforge",
+                quantize=config.quantize and result.compiler == "difforge",
+                dynamic=False,
+            )
+            run = dataclasses.replace(workload, pipe=applied.pipe)
+
+            def call(
+                run: Workload = run, h: int = entry.height, w: int = entry.width
+            ) -> torch.Tensor:
+                return _call_with(run, extra, h, w)
+
+            before = unique_graphs()
+            entry.specialized_first_run_s, _ = wall_time(call, workload.device)
+            entry.specialized_graphs = unique_graphs() - before
+            progress.advance()
+            entry.specialized_run_s, _ = device_time(call, workload.device)
+            progress.advance()
+        entry.specialized_error = failure.error
+        progress.write(specialized_line(result.compiler, entry))
+    restore()
+
+
+def specialized_line(compiler: str, r: ResolutionResult) -> str:
+    """One line per specialised comparison, printed as soon as it is measured."""
+    size = f"{r.height}x{r.width}"
+    if r.specialized_error is not None:
+        return f"[{compiler}] {size} specialised: FAILED: {r.specialized_error}"
+    return (
+        f"[{compiler}] {size} specialised (dynamic=False): first run "
+        f"{r.specialized_first_run_s:.3f} s ({r.specialized_graphs} graphs), then "
+        f"{r.specialized_run_s:.4f} s; dynamic {r.run_s:.4f} s = "
+        f"{r.vs_specialized:.3f}x the specialised time"
+    )
+
+
 def _call_with(workload: Workload, extra: dict[str, Any], height: int, width: int) -> Any:
     if not extra:
         return workload.call(height=height, width=width)
@@ -330,12 +418,14 @@ def run_compiler(
     config: BenchConfig,
     progress: Progress,
     on_steady: Callable[[CompilerResult], None] | None = None,
+    restore: Callable[[], None] | None = None,
 ) -> CompilerResult:
     """Apply ``compiler`` to the workload's pipeline and measure it.
 
     ``on_steady`` sees the result once the main-size timings exist, before any sweep. The
     caller restores the original modules afterwards (:class:`PipelineSnapshot`); a
-    failure is recorded in the result instead of raised.
+    failure is recorded in the result instead of raised. ``restore`` (the snapshot's)
+    is needed by ``--compare-specialized``, which recompiles the original modules.
     """
     result = CompilerResult(compiler)
     fresh_state(workload.device)
@@ -358,6 +448,8 @@ def run_compiler(
             measure_resolutions(run, "multiple", MULTIPLE_RESOLUTIONS, result, progress)
         if config.rare_resolutions:
             measure_resolutions(run, "rare", RARE_RESOLUTIONS, result, progress)
+        if config.specialized is not None and compiler != "none" and restore is not None:
+            measure_specialized(workload, config, result, progress, restore)
     return result
 
 

@@ -201,25 +201,29 @@ def results_table(results: Sequence[CompilerResult]) -> str:
 def resolutions_table(results: Sequence[CompilerResult]) -> str | None:
     """One row per compiler and sweep size, or ``None`` when no sweep ran."""
     rows = []
+    specialized = any(s.specialized_run_s is not None for r in results for s in r.resolutions)
     for r in results:
         for s in r.resolutions:
             size = f"{s.height}x{s.width}"
             if s.requested != size:
                 size += f" (seed {s.requested})"
-            rows.append(
-                [
-                    r.compiler,
-                    s.kind,
-                    size,
-                    _fmt(s.first_run_s, ".3f"),
-                    _fmt(s.run_s, ".4f"),
-                    s.recompiles if s.recompiles is not None else "n/a",
-                    s.error or "",
-                ]
-            )
+            row = [
+                r.compiler,
+                s.kind,
+                size,
+                _fmt(s.first_run_s, ".3f"),
+                _fmt(s.run_s, ".4f"),
+                s.recompiles if s.recompiles is not None else "n/a",
+            ]
+            if specialized:
+                row += [_fmt(s.specialized_run_s, ".4f"), _fmt(s.vs_specialized, ".3f")]
+            rows.append([*row, s.error or s.specialized_error or ""])
     if not rows:
         return None
-    headers = ["compiler", "sweep", "size", "1st run s", "run s", "recompiles", "error"]
+    headers = ["compiler", "sweep", "size", "1st run s", "run s", "recompiles"]
+    if specialized:
+        headers += ["specialised run s", "dynamic/specialised"]
+    headers.append("error")
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import difforge
+from difforge.dynamic import remove_shape_adapters
 from difforge.memory_format import apply_memory_format
 from difforge.options import CompileConfig, load_options, parse_options
 
@@ -299,6 +300,7 @@ def _restore(pipe: Any, name: str, state: PipeState, why: str) -> nn.Module:
     state.ran_components.discard(name)
     if name in CONV_COMPONENTS:
         apply_memory_format(original, "preserve")  # drop the old input-layout hook
+    remove_shape_adapters(original)  # the next compile applies them again if dynamic
     log.info("difforge: %s: %s", name, why)
     return original
 

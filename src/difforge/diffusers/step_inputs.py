@@ -30,9 +30,11 @@ class StepCall:
         return fn(*self.args, **self.kwargs)
 
 
-def _latent_size(height: int, width: int) -> tuple[int, int]:
-    if height % (2 * VAE_SCALE) or width % (2 * VAE_SCALE):
-        raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+def _latent_size(height: int, width: int, multiple: int = 2 * VAE_SCALE) -> tuple[int, int]:
+    """Latent size of an image; ``multiple``: pixels the model needs (16 for DiTs, whose
+    2x2 patches need even latents; 8 for UNets and VAEs, which take any latent size)."""
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
     return height // VAE_SCALE, width // VAE_SCALE
 
 
@@ -53,7 +55,8 @@ def denoiser_step_inputs(
     p = get_preset(preset)
     cfg = p.denoiser_config
     gen = torch.Generator("cpu").manual_seed(seed)
-    lat_h, lat_w = _latent_size(height, width)
+    unet = p.family in ("sdxl", "sd15")
+    lat_h, lat_w = _latent_size(height, width, VAE_SCALE if unet else 2 * VAE_SCALE)
     embeds = random_prompt_embeds(
         p, batch, guidance_scale=1.0, device=device, dtype=dtype, seed=seed
     )
@@ -151,7 +154,7 @@ def vae_decode_inputs(
 ) -> StepCall:
     """Latents for :class:`VaeDecode` of ``preset``'s VAE."""
     p = get_preset(preset)
-    lat_h, lat_w = _latent_size(height, width)
+    lat_h, lat_w = _latent_size(height, width, VAE_SCALE)
     gen = torch.Generator("cpu").manual_seed(seed)
     channels = p.vae_config.get("latent_channels", 4)
     latents = torch.randn((batch, channels, lat_h, lat_w), generator=gen)

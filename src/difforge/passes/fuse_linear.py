@@ -9,13 +9,14 @@ concatenated inside the graph, so in-place weight updates still take effect; und
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from difforge.passes.registry import node_tensor, register_pass
 
@@ -87,23 +88,71 @@ def _fuse_group(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> list[tor
     return outputs
 
 
-def _shapes_check(gm: torch.fx.GraphModule) -> Exception | None:
-    """Re-run fake-tensor shape propagation; the split outputs are strided views, and a
-    later ``.view`` that needs contiguity would fail only here, not at run time."""
+def _same_layout(a: object, b: object) -> bool:
+    """Whether two fake values certainly have the same sizes and strides (symbolically)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_layout(x, y) for x, y in zip(a, b, strict=True))
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+    if a.dim() != b.dim():
+        return False
+    pairs = [*zip(a.shape, b.shape, strict=True), *zip(a.stride(), b.stride(), strict=True)]
+    return all(statically_known_true(x == y) for x, y in pairs)
+
+
+def _run_node(gm: torch.fx.GraphModule, node: torch.fx.Node, value_of: Any) -> object:
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), value_of)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    raise NotImplementedError(node.op)
+
+
+def _shapes_check(gm: torch.fx.GraphModule, new_nodes: list[torch.fx.Node]) -> Exception | None:
+    """Check that the fused graph still traces: the split outputs are strided views, and a
+    later ``.view`` that needs contiguity would fail only here, not at run time.
+
+    Local and symbolic: the new nodes get their ``example_value`` from their inputs, then
+    only the nodes whose inputs now have another layout than Dynamo recorded are re-run on
+    fake tensors, until the layouts agree again (usually right after the attention's
+    reshapes). The ShapeEnv's guards are suppressed meanwhile, so a ``dynamic`` graph stays
+    dynamic; re-running the whole graph would re-execute Python-level ops such as
+    ``F.interpolate``, which specialise sizes or refuse symbolic ones.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
     modes = {id(i.fake_mode): i.fake_mode for i in inputs if hasattr(i, "fake_mode")}
     if len(modes) != 1 or any(i is None for i in inputs):
         return None  # no single fake mode to check with; AOT's own trace will check
     (fake_mode,) = modes.values()
-    try:
-        with fake_mode:
-            FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
-    except Exception as exc:
-        return exc
-    for node in gm.graph.nodes:
-        if "example_value" not in node.meta and "val" in node.meta:
-            node.meta["example_value"] = node.meta["val"]
+    shape_env = fake_mode.shape_env
+    no_guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+    new = set(new_nodes)
+    changed: dict[torch.fx.Node, object] = {}
+
+    def value_of(n: torch.fx.Node) -> object:
+        return changed[n] if n in changed else n.meta.get("example_value", n.meta.get("val"))
+
+    with fake_mode, no_guards:
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                continue
+            if node in new:
+                node.meta["example_value"] = changed[node] = _run_node(gm, node, value_of)
+                continue
+            if not any(i in changed for i in node.all_input_nodes):
+                continue
+            try:
+                value = _run_node(gm, node, value_of)
+            except Exception as exc:
+                return exc
+            if not _same_layout(value, node.meta.get("example_value")):
+                changed[node] = value
     return None
 
 
@@ -114,10 +163,11 @@ def fuse_qkv(graph: torch.fx.Graph) -> int:
     if not groups:
         return 0
     gm = graph.owning_module
+    before = set(graph.nodes)
     new_outputs = [out for group in groups for out in _fuse_group(graph, group)]
     if not isinstance(gm, torch.fx.GraphModule):
         return len(groups)
-    problem = _shapes_check(gm)
+    problem = _shapes_check(gm, [n for n in graph.nodes if n not in before])
     if problem is not None:
         log.info("fuse_qkv: strided slices rejected (%s); making them contiguous", problem)
         # Make each slice contiguous (one copy each) so strided views cannot break
@@ -128,7 +178,7 @@ def fuse_qkv(graph: torch.fx.Graph) -> int:
                 contiguous = graph.call_method("contiguous", (out,))
             for user in users:
                 user.replace_input_with(out, contiguous)
-        problem = _shapes_check(gm)
+        problem = _shapes_check(gm, [n for n in graph.nodes if n not in before])
     if problem is not None:
         # Contiguous slices equal the original outputs exactly, so this is our bug.
         raise RuntimeError(f"shapes do not check after fusion: {problem}") from problem

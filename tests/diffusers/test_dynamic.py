@@ -1,0 +1,222 @@
+"""Dynamic resolution: after one warm-up, every size and batch runs on the same graph.
+
+The sweeps mirror the benchmark's sizes at tiny scale while keeping what makes them hard:
+square and non-square, the model's own training size (PixArt's stored position table),
+odd patch counts (960x720 gives 60x45 patches), and for the UNet latent sides that are
+not multiples of ``2**num_upsamplers`` (544x408 gives a 68x51 latent). Outputs are
+compared with an eager model built from the same seed and never adapted.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from tests.helpers import rel_err
+
+import difforge
+from difforge.diffusers.presets import build_component, get_preset
+from difforge.diffusers.step_inputs import denoiser_step_inputs
+from difforge.dynamic import (
+    UNET_UPSAMPLERS,
+    apply_shape_adapters,
+    remove_shape_adapters,
+    shape_adapters,
+    sincos_pos_embed,
+)
+from difforge.errors import DifforgeError
+from difforge.recompiles import recompile_events
+
+# (height, width) in pixels; the first is the warm-up.
+DIT_SIZES = [(96, 128), (128, 128), (128, 96), (64, 64), (144, 112), (80, 48)]
+UNET_SIZES = [(96, 128), (128, 128), (128, 96), (64, 64), (120, 88), (136, 96), (88, 136)]
+
+
+def graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def denoiser(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two copies of the preset's denoiser with the same weights: one to compile (and
+    adapt), one as the never-adapted eager reference."""
+    component = "unet" if get_preset(name).family in ("sdxl", "sd15") else "transformer"
+    return build_component(name, component), build_component(name, component)
+
+
+def sweep(
+    name: str,
+    compiled: Any,
+    reference: torch.nn.Module,
+    sizes: list[tuple[int, int]],
+    batches: tuple[int, ...],
+) -> list[float]:
+    """Run every batch x size; returns the relative errors against the reference."""
+    errors = []
+    for batch in batches:
+        for height, width in sizes:
+            call = denoiser_step_inputs(
+                name, batch=batch, height=height, width=width, device="cpu", dtype=torch.float32
+            )
+            with torch.no_grad():
+                out, ref = call(compiled)[0], call(reference)[0]
+            assert out.shape == ref.shape
+            errors.append(rel_err(out, ref))
+    return errors
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [
+        ("tiny-pixart", DIT_SIZES),
+        pytest.param("tiny-sd3", DIT_SIZES, marks=pytest.mark.slow),
+        pytest.param("tiny-flux", DIT_SIZES, marks=pytest.mark.slow),
+        pytest.param("tiny-sdxl", UNET_SIZES, marks=pytest.mark.slow),
+    ],
+)
+def test_o2_sweep_of_sizes_and_batches_compiles_once(
+    name: str, sizes: list[tuple[int, int]]
+) -> None:
+    """O2 (dynamic by default): warm-up at a non-square size, then every size at the
+    denoiser batches of 1, 2 and 4 images with CFG (2, 4, 8) on the warm-up's graph."""
+    module, reference = denoiser(name)
+    compiled = difforge.compile(module, options={"mode": "O2", "recompile.strict": True})
+    events = len(recompile_events)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="difforge: recompiling")
+        errors = sweep(name, compiled, reference, sizes[:1], (2,))
+        assert graphs() == 1
+        errors += sweep(name, compiled, reference, sizes[1:], (2,))
+        errors += sweep(name, compiled, reference, sizes[:2], (4, 8))
+    assert graphs() == 1, torch._dynamo.utils.counters["stats"]
+    assert len(recompile_events) == events
+    assert max(errors) < 1e-5, errors
+
+
+def test_pixart_at_its_training_size_uses_the_same_graph() -> None:
+    """PixArt's PatchEmbed keeps a table for its training size and branches on it; with a
+    16-latent training size (128 px) the sweep crosses that size without recompiling."""
+    from difforge.diffusers import _configs
+    from diffusers import PixArtTransformer2DModel
+
+    config = {**_configs.TINY_PIXART_ALPHA, "sample_size": 16}
+    torch.manual_seed(0)
+    module = PixArtTransformer2DModel(**config).eval()
+    reference = PixArtTransformer2DModel(**config).eval()
+    reference.load_state_dict(module.state_dict())
+    compiled = difforge.compile(module, options={"dynamic": True})
+    errors = sweep("tiny-pixart", compiled, reference, [(96, 128), (128, 128), (64, 128)], (2,))
+    assert graphs() == 1
+    assert max(errors) < 1e-5
+
+
+def test_without_adapters_pixart_recompiles_for_square_sizes() -> None:
+    """The negative case: ``shapes.adapters`` off leaves diffusers' square branch."""
+    module, reference = denoiser("tiny-pixart")
+    compiled = difforge.compile(module, options={"dynamic": True, "shapes.adapters": False})
+    assert shape_adapters(module) == {}
+    with pytest.warns(UserWarning, match="recompiling .*grid"):
+        sweep("tiny-pixart", compiled, reference, [(96, 128), (128, 128)], (2,))
+    assert graphs() == 2
+
+
+def test_strict_recompile_cap_raises_on_static_shapes() -> None:
+    module, reference = denoiser("tiny-pixart")
+    compiled = difforge.compile(
+        module,
+        options={"mode": "O2", "dynamic": False, "recompile.limit": 0, "recompile.strict": True},
+    )
+    sweep("tiny-pixart", compiled, reference, [(96, 128)], (2,))
+    with pytest.raises(Exception, match="more than recompile.limit=0") as info:
+        sweep("tiny-pixart", compiled, reference, [(128, 96)], (2,))
+    chain: BaseException | None = info.value  # Dynamo wraps backend errors
+    while chain is not None and not isinstance(chain, DifforgeError):
+        chain = chain.__cause__ or chain.__context__
+    assert isinstance(chain, DifforgeError)
+
+
+# --------------------------------------------------------------------------------------------
+# The adapters themselves
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (6, 8), (17, 13), (45, 60), (64, 64)])
+@pytest.mark.parametrize(("base_size", "scale"), [(64, 1.0), (32, 2.0), (8, 1.0)])
+def test_sincos_table_is_bitwise_diffusers(
+    grid: tuple[int, int], base_size: int, scale: float
+) -> None:
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    ref = get_2d_sincos_pos_embed(
+        96, grid, base_size=base_size, interpolation_scale=scale, output_type="pt"
+    )
+    out = sincos_pos_embed(
+        96, *grid, base_size=base_size, interpolation_scale=scale, device=torch.device("cpu")
+    )
+    assert torch.equal(out, ref.float().unsqueeze(0))
+
+
+def test_sincos_table_equals_the_stored_one_at_the_training_size() -> None:
+    from diffusers.models.embeddings import PatchEmbed
+
+    embed = PatchEmbed(height=128, width=128, patch_size=2, in_channels=4, embed_dim=96)
+    table = sincos_pos_embed(
+        96, 64, 64, base_size=embed.base_size, interpolation_scale=1, device=torch.device("cpu")
+    )
+    assert torch.equal(table, embed.pos_embed)
+
+
+def test_adapters_apply_once_undo_and_leave_other_modules_alone() -> None:
+    pixart, _ = denoiser("tiny-pixart")
+    sd3, _ = denoiser("tiny-sd3")
+    unet, _ = denoiser("tiny-sdxl")
+    before = unet.num_upsamplers
+
+    assert apply_shape_adapters(pixart) == ["dynamic_pos_embed"]
+    assert apply_shape_adapters(pixart) == []  # idempotent
+    assert shape_adapters(pixart) == {"dynamic_pos_embed": ["pos_embed"]}
+    assert difforge.counters["dynamic_pos_embed"] == 1
+    # SD3 crops a stored table (pos_embed_max_size): no size branch, nothing to adapt.
+    assert apply_shape_adapters(sd3) == []
+    assert apply_shape_adapters(unet) == ["dynamic_unet_upsample"]
+    assert unet.num_upsamplers == UNET_UPSAMPLERS
+
+    assert remove_shape_adapters(pixart) == ["dynamic_pos_embed"]
+    assert "forward" not in vars(pixart.pos_embed) and shape_adapters(pixart) == {}
+    assert remove_shape_adapters(unet) == ["dynamic_unet_upsample"]
+    assert unet.num_upsamplers == before
+
+
+def test_static_compile_does_not_adapt() -> None:
+    module, _ = denoiser("tiny-sdxl")
+    difforge.compile(module, options={"mode": "O2", "dynamic": False})
+    assert shape_adapters(module) == {}
+    difforge.compile(module, options={"mode": "O2"})
+    assert shape_adapters(module) == {"dynamic_unet_upsample": [""]}
+
+
+def test_unet_size_path_is_bitwise_the_scale_path_eagerly() -> None:
+    """Forwarding skip sizes (the adapter) reads the same pixels as scale_factor=2."""
+    module, reference = denoiser("tiny-sdxl")
+    apply_shape_adapters(module)
+    for height, width in [(96, 128), (64, 64)]:  # sides divisible by 2**num_upsamplers
+        call = denoiser_step_inputs(
+            "tiny-sdxl", batch=2, height=height, width=width, device="cpu", dtype=torch.float32
+        )
+        with torch.no_grad():
+            assert torch.equal(call(module)[0], call(reference)[0])
+
+
+def test_o2_implies_dynamic_unless_given() -> None:
+    assert difforge.parse_options({"mode": "O2"}).dynamic is True
+    assert difforge.parse_options({"mode": "O3"}).dynamic is True
+    assert difforge.parse_options({"mode": "O1"}).dynamic is None
+    assert difforge.parse_options({"mode": "O2", "dynamic": False}).dynamic is False
+    assert difforge.parse_options({"mode": "O2"}, dynamic=False).dynamic is False
