@@ -153,6 +153,7 @@ def guard_frozen_weights(
 
 
 _warned_dynamic = False
+_warned_regional = False
 _ENTRY_POINT_BACKENDS: dict[str, DifforgeBackend] = {}
 
 
@@ -168,7 +169,7 @@ def difforge_backend(
     ``torch.compile(m, backend="difforge", options={...})`` passes ``options`` here at
     the first call; ``mode="O3"`` is accepted as a shorthand for ``options={"mode": ...}``.
     """
-    global _warned_dynamic
+    global _warned_dynamic, _warned_regional
     opts = load_options(options)
     if mode is not None:
         if "mode" in opts and opts["mode"] != mode:
@@ -183,6 +184,14 @@ def difforge_backend(
     if key not in _ENTRY_POINT_BACKENDS:
         _ENTRY_POINT_BACKENDS[key] = DifforgeBackend(config)
     backend = _ENTRY_POINT_BACKENDS[key]
+    if config.settings.get("compile.regional") and not _warned_regional:
+        _warned_regional = True
+        warnings.warn(
+            "difforge: 'compile.regional' only takes effect through difforge.compile() or "
+            "compile_pipe() (it marks the module's blocks before tracing); with torch.compile "
+            "the whole model is compiled",
+            stacklevel=2,
+        )
     if config.dynamic is not None and not _warned_dynamic:
         _warned_dynamic = True
         warnings.warn(
