@@ -34,6 +34,8 @@ class CompileRecord:
     rewrites: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    regions: dict[str, int] = field(default_factory=dict)
+    """Nested compile regions (``compile.regional``): subgraph name -> calls in this graph."""
 
 
 #: Every graph compiled by difforge in this process, oldest first.
@@ -46,6 +48,18 @@ def _post_grad_hook(config: CompileConfig, stage: str, key: str) -> PostGradPass
     user_hook = config.inductor_patches().get(key, getattr(inductor_config, key, None))
     hook = PostGradPasses(stage, passes, chained=user_hook)  # type: ignore[arg-type]
     return hook if hook else None
+
+
+def _regions(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """How often each ``invoke_subgraph`` body (a nested compile region) is called."""
+    hop = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if hop is not None and node.target is hop and node.args:
+            body = node.args[0]
+            name = str(body.target) if isinstance(body, torch.fx.Node) else repr(body)
+            calls[name] = calls.get(name, 0) + 1
+    return calls
 
 
 class DifforgeBackend:
@@ -68,7 +82,7 @@ class DifforgeBackend:
             return gm.forward
         self.recompiles.on_compile()
         start = time.perf_counter()
-        record = CompileRecord(mode=config.mode, inductor_patches={})
+        record = CompileRecord(mode=config.mode, inductor_patches={}, regions=_regions(gm))
         record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
 
         patches = config.inductor_patches()

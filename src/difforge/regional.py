@@ -74,6 +74,8 @@ from difforge.errors import OptionsError
 
 log = logging.getLogger("difforge")
 
+_OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
+
 __all__ = [
     "REGIONAL_STYLES",
     "BlockGroup",
@@ -254,6 +256,10 @@ def find_repeated_blocks(module: nn.Module) -> list[BlockGroup]:
 # --------------------------------------------------------------------------------------------
 
 
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous()
+
+
 def _region_forward(cls_forward: Any) -> Any:
     """One nested compile region for a group: the block is an explicit argument, so its
     parameters are region inputs and every block of the group reuses one subgraph."""
@@ -268,6 +274,10 @@ def _region_forward(cls_forward: Any) -> Any:
 
     @functools.wraps(cls_forward)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # Reuse needs equal tensor metadata, strides included: PixArt's first block gets a
+        # transposed patch embedding, the others a contiguous block output. Outside the
+        # region, where Inductor folds the copy into the producer (a no-op when contiguous).
+        args, kwargs = pytree.tree_map_only(torch.Tensor, _contiguous, (args, kwargs))
         return region(self, *args, **kwargs)
 
     return forward
@@ -279,21 +289,20 @@ def marked_blocks(module: nn.Module) -> dict[str, str]:
 
 
 def unmark_regions(module: nn.Module) -> int:
-    """Undo :func:`mark_regions` (and undo a ``blocks``-style compile); returns how many."""
+    """Undo :func:`mark_regions` and :func:`compile_blocks`; returns how many blocks."""
     count = 0
+    # 'blocks' style: compiled blocks (OptimizedModules) go back to their originals.
+    for _, parent in list(module.named_modules()):
+        for attr, sub in list(parent._modules.items()):
+            if isinstance(sub, _OptimizedModule) and _MARK in sub.__dict__:
+                parent._modules[attr] = sub._orig_mod
+                count += 1
+    # 'nested' style: drop the instance forward that calls the region.
     for _, block in module.named_modules():
         if _MARK in block.__dict__:
             del block.__dict__[_MARK]
             block.__dict__.pop("forward", None)
             count += 1
-    if isinstance(module, nn.Module):
-        for name, child in list(module.named_modules()):
-            for attr, sub in list(child._modules.items()):
-                original = getattr(sub, "_orig_mod", None)
-                if original is not None and getattr(sub, _MARK, None) is not None:
-                    child._modules[attr] = original
-                    count += 1
-                    log.debug("difforge: restored %s.%s", name, attr)
     return count
 
 
