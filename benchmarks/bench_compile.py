@@ -15,6 +15,12 @@ Each case runs in child processes so that no case inherits another's compiled co
     python benchmarks/bench_compile.py --models pixart-xl-2-1024 --modes O1,O2,O3 \
         --output-json out/compile.json
     python benchmarks/bench_compile.py --models tiny-pixart --modes O2  # CPU, ~1 min
+    python benchmarks/bench_compile.py --models pixart-xl-2-1024 --modes O2 \
+        --regional off,nested                 # whole model vs regional compilation
+
+``--regional`` takes ``off``, ``nested``, ``blocks`` (``compile.regional``, see
+difforge.regional); every mode runs once per value. Each step also reports its median
+time (``--step-runs``) so a regional compile can be checked for "no loss of speed".
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Phase:
     aot_hit: int
     aot_miss: int
     rel_err: float
+    step_ms: float | None = None
 
 
 @dataclass
@@ -59,6 +66,9 @@ class CaseResult:
     model: str
     mode: str
     cache_dir: str
+    regional: str = "off"
+    step_ms: float | None = None
+    """Median step time after compiling (warm-new process), to check speed is unchanged."""
     cold_s: float | None = None
     warm_same_s: float | None = None
     warm_new_s: float | None = None
@@ -115,6 +125,8 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     options = {"mode": spec["mode"], "cache.dir": spec["cache_dir"]}
+    if spec.get("regional", "off") != "off":
+        options["compile.regional"] = True if spec["regional"] == "nested" else spec["regional"]
     with torch.no_grad():
         _sync(device)
         start = time.perf_counter()
@@ -123,8 +135,23 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
         _sync(device)
         seconds = time.perf_counter() - start
         ref = _first_tensor(call(module)).float()
+        step_ms = _median_ms(compiled, call, device, spec.get("step_runs", 0))
     rel_err = float((out - ref).double().norm() / ref.double().norm())
-    return Phase(seconds=seconds, rel_err=rel_err, **_counters())
+    return Phase(seconds=seconds, rel_err=rel_err, step_ms=step_ms, **_counters())
+
+
+def _median_ms(compiled: Any, call: Any, device: torch.device, runs: int) -> float | None:
+    if runs <= 0:
+        return None
+    times = []
+    for _ in range(runs + 2):  # two warm-up calls
+        _sync(device)
+        start = time.perf_counter()
+        call(compiled)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    times = sorted(times[2:])
+    return times[len(times) // 2]
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -179,13 +206,17 @@ def _fresh_dir(root: Path, model: str, mode: str) -> Path:
     return folder
 
 
-def bench_case(model: str, mode: str, root: Path, args: argparse.Namespace) -> CaseResult:
+def bench_case(
+    model: str, mode: str, root: Path, args: argparse.Namespace, regional: str = "off"
+) -> CaseResult:
     """Cold + warm-same in one new process, then warm-new in another, on one folder."""
-    folder = _fresh_dir(root, model, mode)
-    result = CaseResult(model=model, mode=mode, cache_dir=str(folder))
+    folder = _fresh_dir(root, model, mode if regional == "off" else f"{mode}:regional-{regional}")
+    result = CaseResult(model=model, mode=mode, cache_dir=str(folder), regional=regional)
     spec = {
         "model": model,
         "mode": mode,
+        "regional": regional,
+        "step_runs": 0,
         "cache_dir": str(folder),
         "dtype": args.dtype,
         "batch": args.batch,
@@ -194,7 +225,7 @@ def bench_case(model: str, mode: str, root: Path, args: argparse.Namespace) -> C
     }
     try:
         cold = _spawn({**spec, "phases": ["cold", "warm-same"]}, args.timeout)
-        new = _spawn({**spec, "phases": ["warm-new"]}, args.timeout)
+        new = _spawn({**spec, "phases": ["warm-new"], "step_runs": args.step_runs}, args.timeout)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         result.error = f"{type(exc).__name__}: {str(exc)[:1500]}"
         return result
@@ -202,6 +233,7 @@ def bench_case(model: str, mode: str, root: Path, args: argparse.Namespace) -> C
     result.cold_s = result.phases["cold"].seconds
     result.warm_same_s = result.phases["warm-same"].seconds
     result.warm_new_s = result.phases["warm-new"].seconds
+    result.step_ms = result.phases["warm-new"].step_ms
     result.new_process_import_s = new["import_s"]
     result.new_process_build_s = new["build_s"]
     result.new_process_first_step_s = new["first_step_s"]
@@ -222,6 +254,7 @@ def table(results: list[CaseResult]) -> str:
         [
             r.model,
             r.mode,
+            r.regional,
             _fmt(r.cold_s),
             _fmt(r.warm_same_s),
             _fmt(r.warm_new_s),
@@ -230,6 +263,7 @@ def table(results: list[CaseResult]) -> str:
             _fmt(r.new_process_import_s),
             _fmt(r.new_process_build_s),
             " ".join(_hits(r.phases.get(p)) for p in ("cold", "warm-same", "warm-new")),
+            _fmt(r.step_ms, ".2f"),
             _fmt(max((p.rel_err for p in r.phases.values()), default=None), ".1e"),
             r.error or "",
         ]
@@ -238,6 +272,7 @@ def table(results: list[CaseResult]) -> str:
     headers = [
         "model",
         "mode",
+        "regional",
         "cold s",
         "warm same-proc s",
         "warm new-proc s",
@@ -246,6 +281,7 @@ def table(results: list[CaseResult]) -> str:
         "import s",
         "build s",
         "fx hit/miss (c ws wn)",
+        "step ms",
         "max rel err",
         "error",
     ]
@@ -275,6 +311,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", default=None, help="float16/bfloat16/float32 (default: preset's)"
     )
+    parser.add_argument(
+        "--regional",
+        default="off",
+        help="comma-separated compile.regional values to compare: off, nested, blocks",
+    )
+    parser.add_argument(
+        "--step-runs",
+        type=int,
+        default=10,
+        help="timed steps after the warm-new compile (median reported; 0 = skip)",
+    )
     parser.add_argument("--cache-root", default=None, help="where the per-case folders go")
     parser.add_argument("--keep-cache", action="store_true", help="keep the temporary root")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
@@ -283,6 +330,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.modes = [with_cache_all(m.strip()) for m in args.modes.split(",") if m.strip()]
+    args.regional = [r.strip() for r in args.regional.split(",") if r.strip()]
+    bad = [r for r in args.regional if r not in ("off", "nested", "blocks")]
+    if bad:
+        parser.error(f"--regional: unknown value(s) {bad}; use off, nested, blocks")
     return args
 
 
@@ -297,14 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model in args.models:
             for mode in args.modes:
-                result = bench_case(model, mode, root, args)
-                results.append(result)
-                print(
-                    f"{model} {mode}: cold {_fmt(result.cold_s)} s, warm same-process "
-                    f"{_fmt(result.warm_same_s)} s, warm new-process {_fmt(result.warm_new_s)} s"
-                    + (f"  ERROR {result.error}" if result.error else ""),
-                    flush=True,
-                )
+                for regional in args.regional:
+                    result = bench_case(model, mode, root, args, regional)
+                    results.append(result)
+                    print(
+                        f"{model} {mode} regional={regional}: cold {_fmt(result.cold_s)} s, "
+                        f"warm same-process {_fmt(result.warm_same_s)} s, warm new-process "
+                        f"{_fmt(result.warm_new_s)} s, step {_fmt(result.step_ms, '.2f')} ms"
+                        + (f"  ERROR {result.error}" if result.error else ""),
+                        flush=True,
+                    )
     finally:
         if temporary and not args.keep_cache:
             shutil.rmtree(root, ignore_errors=True)

@@ -369,12 +369,16 @@ def test_bench_compile_on_tiny_pixart(tmp_path: Path, monkeypatch: pytest.Monkey
 
     out = tmp_path / "compile.json"
     argv = ["--models", "tiny-pixart", "--modes", "O1", "--cache-root", str(tmp_path / "c")]
+    argv += ["--regional", "off,nested", "--step-runs", "2"]
     assert bench.main([*argv, "--output-json", str(out)]) == 0
-    (result,) = json.loads(out.read_text())["results"]
-    assert result["mode"] == "O1:cache-all" and result["error"] is None
-    phases = result["phases"]
-    assert phases["cold"]["fxgraph_miss"] >= 1
-    for warm in ("warm-same", "warm-new"):
-        assert phases[warm]["fxgraph_hit"] >= 1 and phases[warm]["fxgraph_miss"] == 0
-    assert all(p["rel_err"] < 1e-4 for p in phases.values())
-    assert result["new_process_first_step_s"] > result["warm_new_s"] > 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["regional"] for r in results] == ["off", "nested"]
+    for result in results:  # regional compiles persist and reload like whole-model ones
+        assert result["mode"] == "O1:cache-all" and result["error"] is None
+        phases = result["phases"]
+        assert phases["cold"]["fxgraph_miss"] >= 1
+        for warm in ("warm-same", "warm-new"):
+            assert phases[warm]["fxgraph_hit"] >= 1 and phases[warm]["fxgraph_miss"] == 0
+        assert all(p["rel_err"] < 1e-4 for p in phases.values())
+        assert result["new_process_first_step_s"] > result["warm_new_s"] > 0
+        assert result["step_ms"] > 0

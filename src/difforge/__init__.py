@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
+from difforge import regional
 from difforge._version import __version__
 from difforge.backend import DifforgeBackend, compile_records, difforge_backend
 from difforge.dynamic import apply_shape_adapters
@@ -134,10 +135,41 @@ def compile(
         # Exact rewrites of diffusers' size branches, so one graph serves every size.
         apply_shape_adapters(module)
     name = getattr(module, "__qualname__", None) or type(module).__name__
-    compiled = torch.compile(
-        module,
-        backend=DifforgeBackend(config, name=name),
-        dynamic=config.dynamic,
-        fullgraph=config.fullgraph,
-    )
-    return with_tracing_settings(compiled, config)
+    backend_fn = DifforgeBackend(config, name=name)
+    style = _apply_regional(module, config)
+
+    def compile_one(target: Any) -> Any:
+        compiled = torch.compile(
+            target, backend=backend_fn, dynamic=config.dynamic, fullgraph=config.fullgraph
+        )
+        return with_tracing_settings(compiled, config)
+
+    if style == "blocks":
+        # Each block becomes its own compiled frame; the model around them stays eager.
+        regional.compile_blocks(module, regional.find_repeated_blocks(module), compile_one)
+        return module
+    return compile_one(module)
+
+
+def _apply_regional(module: Any, config: CompileConfig) -> str | None:
+    """Mark (or unmark) ``module``'s repeated blocks per ``compile.regional``; returns the
+    style in force, None when off or when nothing repeats (after a warning)."""
+    style = regional.resolve_style(config.settings.get("compile.regional"))
+    if not isinstance(module, nn.Module):
+        if style is not None:
+            raise OptionsError(
+                "'compile.regional' needs an nn.Module (it looks for repeated sub-modules); "
+                "for a plain function leave it off"
+            )
+        return None
+    # A previous regional compile of this module must not leak into this one.
+    regional.unmark_regions(module)
+    if style is None:
+        return None
+    groups = regional.find_repeated_blocks(module)
+    if not groups:
+        regional.no_blocks_warning(module)
+        return None
+    if style == "nested":
+        regional.mark_regions(module, groups)
+    return style

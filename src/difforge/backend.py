@@ -35,6 +35,8 @@ class CompileRecord:
     rewrites: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    regions: dict[str, int] = field(default_factory=dict)
+    """Nested compile regions (``compile.regional``): subgraph name -> calls in this graph."""
 
 
 #: Every graph compiled by difforge in this process, oldest first.
@@ -49,6 +51,18 @@ def _post_grad_hook(
     user_hook = config.inductor_patches().get(key, getattr(inductor_config, key, None))
     hook = PostGradPasses(stage, passes, chained=user_hook, salt=salt)  # type: ignore[arg-type]
     return hook if hook else None
+
+
+def _regions(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """How often each ``invoke_subgraph`` body (a nested compile region) is called."""
+    hop = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if hop is not None and node.target is hop and node.args:
+            body = node.args[0]
+            name = str(body.target) if isinstance(body, torch.fx.Node) else repr(body)
+            calls[name] = calls.get(name, 0) + 1
+    return calls
 
 
 class DifforgeBackend:
@@ -71,7 +85,7 @@ class DifforgeBackend:
             return gm.forward
         self.recompiles.on_compile()
         start = time.perf_counter()
-        record = CompileRecord(mode=config.mode, inductor_patches={})
+        record = CompileRecord(mode=config.mode, inductor_patches={}, regions=_regions(gm))
         record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
 
         patches = config.inductor_patches()
@@ -160,6 +174,7 @@ def guard_frozen_weights(
 
 
 _warned_dynamic = False
+_warned_regional = False
 _ENTRY_POINT_BACKENDS: dict[str, DifforgeBackend] = {}
 
 
@@ -175,7 +190,7 @@ def difforge_backend(
     ``torch.compile(m, backend="difforge", options={...})`` passes ``options`` here at
     the first call; ``mode="O3"`` is accepted as a shorthand for ``options={"mode": ...}``.
     """
-    global _warned_dynamic
+    global _warned_dynamic, _warned_regional
     opts = load_options(options)
     if mode is not None:
         if "mode" in opts and opts["mode"] != mode:
@@ -190,6 +205,14 @@ def difforge_backend(
     if key not in _ENTRY_POINT_BACKENDS:
         _ENTRY_POINT_BACKENDS[key] = DifforgeBackend(config)
     backend = _ENTRY_POINT_BACKENDS[key]
+    if config.settings.get("compile.regional") and not _warned_regional:
+        _warned_regional = True
+        warnings.warn(
+            "difforge: 'compile.regional' only takes effect through difforge.compile() or "
+            "compile_pipe() (it marks the module's blocks before tracing); with torch.compile "
+            "the whole model is compiled",
+            stacklevel=2,
+        )
     if config.dynamic is not None and not _warned_dynamic:
         _warned_dynamic = True
         warnings.warn(

@@ -132,6 +132,14 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "branches would recompile per resolution (PixArt's position table, the UNet's "
         "upsample sizes); exact, see difforge.dynamic",
     ),
+    "compile.regional": (
+        False,
+        (bool, str),
+        "compile each distinct repeated block (transformer blocks, UNet blocks) once and reuse "
+        "it for its identical siblings: true or 'nested' = one graph with torch's "
+        "nested_compile_region, 'blocks' = torch.compile per block (outer model eager); cuts "
+        "compile time, no numeric change (difforge.regional)",
+    ),
     "shapes.duck_sizing": (
         None,
         (bool, type(None)),

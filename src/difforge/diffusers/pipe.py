@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import difforge
+from difforge import regional
 from difforge.dynamic import remove_shape_adapters
 from difforge.memory_format import apply_memory_format
 from difforge.options import CompileConfig, load_options, parse_options
@@ -64,6 +65,8 @@ class PipeState:
     """Component name -> parsed config (None for a backend other than difforge)."""
     fused: set[str] = field(default_factory=set)
     """Modules whose QKV projections we fused (``"transformer"``, ``"unet"``, ``"vae"``)."""
+    hooked: set[str] = field(default_factory=set)
+    """Components compiled in place ('compile.regional': 'blocks') that carry our run hook."""
     ran_components: set[str] = field(default_factory=set)
     """Compiled components called since they were (re)compiled: their graphs now exist."""
 
@@ -294,6 +297,7 @@ def _mark_ran(state: PipeState, name: str) -> Callable[..., None]:
 def _restore(pipe: Any, name: str, state: PipeState, why: str) -> nn.Module:
     """Put the original module of ``name`` back on the pipe and forget its record."""
     original = _original(_get(pipe, name))
+    regional.unmark_regions(original)  # blocks compiled regionally go back to eager
     _set(pipe, name, original)
     state.compiled.pop(name, None)
     state.configs.pop(name, None)
@@ -356,7 +360,8 @@ def compile_pipe(
         owner = _fusion_owner(name)
         key = _key(backend, raw, config, bool(owner and fused.get(owner)))
         current = _get(pipe, name)
-        if isinstance(current, _OptimizedModule):
+        # 'compile.regional': 'blocks' compiles the blocks in place and keeps the module.
+        if isinstance(current, _OptimizedModule) or name in state.compiled:
             recorded = state.compiled.get(name)
             if recorded == key:
                 log.debug("difforge: %s is already compiled with these options", name)
@@ -366,9 +371,12 @@ def compile_pipe(
         if name.startswith("text_encoder"):
             _install_output_hooks(current)
         compiled = difforge.compile(current, backend=backend, options=raw)
-        if compiled is current:  # "disable": true returns the module unchanged
-            continue
-        compiled.register_forward_pre_hook(_mark_ran(state, name))
+        if compiled is current and not regional.marked_blocks(current):
+            continue  # "disable": true returns the module unchanged
+        if compiled is not current or name not in state.hooked:
+            compiled.register_forward_pre_hook(_mark_ran(state, name))
+            if compiled is current:
+                state.hooked.add(name)
         _set(pipe, name, compiled)
         state.compiled[name] = key
         state.configs[name] = config

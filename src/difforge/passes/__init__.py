@@ -49,12 +49,19 @@ def enabled_passes(stage: Stage, is_enabled: Callable[[str], bool]) -> list[Grap
 def run_fx_passes(gm: torch.fx.GraphModule, passes: Iterable[GraphPass]) -> dict[str, int]:
     """Run the fx-stage passes on a Dynamo graph module; returns rewrites per pass."""
     made: dict[str, int] = {}
+    passes = list(passes)
     for graph_pass in passes:
         # Re-read gm.graph each time: a pass may swap in a restored graph.
         made[graph_pass.name] = run_pass(graph_pass, gm.graph)
     if any(made.values()):
         gm.graph.eliminate_dead_code()
         gm.recompile()
+    # Bodies of nested compile regions (invoke_subgraph, see difforge.regional) are
+    # GraphModule children of the Dynamo graph: the blocks' code lives there.
+    for _, sub in gm.named_children():
+        if isinstance(sub, torch.fx.GraphModule):
+            for name, count in run_fx_passes(sub, passes).items():
+                made[name] = made.get(name, 0) + count
     return made
 
 

@@ -1,0 +1,343 @@
+"""Regional compilation: compile each distinct repeated block once, reuse it for its twins.
+
+A DiT is a stack of identical blocks (PixArt-XL-2: 28, FLUX.1-dev: 19 + 38); a UNet repeats
+its transformer blocks and resnets. Compiling the whole model traces, lowers and schedules
+every block again, although Inductor ends up emitting the same kernels for all of them.
+With ``"compile.regional": true`` difforge marks each group of structurally identical
+blocks as one region, so the block body is traced, partitioned and lowered once per
+distinct block type and called N times.
+
+How (the choice, and why)
+-------------------------
+Two ways exist on torch >= 2.9:
+
+1. ``"nested"`` (the default, ``true``): torch's own ``torch.compiler.nested_compile_region``
+   (the ``invoke_subgraph`` higher-order op). The model is still compiled whole, as *one*
+   Dynamo graph with no graph breaks; each block call becomes
+   ``invoke_subgraph(subgraph_k, ...)``, whose body Dynamo traces once per group (later
+   calls only check that the inputs match) and Inductor compiles once. The outer parts
+   (embedders, final layer) stay compiled, a single graph keeps ``cudagraphs`` covering
+   the whole step, guards are checked once per call, and difforge's FX passes run on the
+   block body too (they see the subgraph modules). This is what keeps speed.
+2. ``"blocks"``: ``torch.compile`` on each block with one shared backend (what diffusers'
+   ``compile_repeated_blocks`` does). With ``inline_inbuilt_nn_modules`` the parameters are
+   graph inputs, so Dynamo compiles the shared ``forward`` code once and every identical
+   sibling reuses it. But the model around the blocks runs eagerly, every block call is a
+   separate compiled frame (guards and Python overhead N times per step, a graph boundary
+   that CUDA graphs cannot span), and a block type with more than ``recompile_limit``
+   structural variants falls back to eager. Kept as a fallback (and as the only choice
+   when ``nested_compile_region`` is missing).
+
+On the CPU (torch 2.13, TinyDiT dim 64, 24 blocks, O2): whole model 29 s, ``nested`` 9 s,
+``blocks`` 6 s (it compiles less: the outer model is left eager). Both give 1 Dynamo frame
+and one subgraph per distinct block. What both lose is fusion across block boundaries and
+the cross-block fusion of ``fuse_qkv`` (the cross-attention K/V projections of all blocks
+read the same text embedding; whole-model compiles fuse them into one GEMM, regional ones
+into one GEMM per block).
+
+Which blocks
+------------
+A diffusers model that declares ``_repeated_blocks`` (class names; FLUX, the SD/SDXL UNet)
+gets those. Otherwise every ``nn.ModuleList`` is searched for children that are
+structurally identical: same class, same forward, same parameter/buffer names, shapes and
+dtypes, same sub-module types and the same plain attributes (head counts, eps, flags,
+processor types) all the way down. Identical blocks anywhere in the model form one group
+(one region function); groups inside another group's blocks are dropped (outermost wins).
+Blocks of one class but different structure (SDXL's 640- and 1280-channel blocks, SD3's
+``context_pre_only`` last block) get separate regions, so one region is never reused for
+a block it was not traced for.
+
+Pitfall (torch 2.13, checked): marking the *unbound* ``forward`` and binding it to each
+instance (``types.MethodType(nested_compile_region(cls.forward), block)``) silently reuses
+the first block's weights for all blocks. difforge passes the block as an explicit argument
+to the region function instead, so its parameters are region inputs; a test checks every
+block's weights count.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import logging
+import types
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from difforge.errors import OptionsError
+
+log = logging.getLogger("difforge")
+
+_OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
+
+__all__ = [
+    "REGIONAL_STYLES",
+    "BlockGroup",
+    "find_repeated_blocks",
+    "mark_regions",
+    "marked_blocks",
+    "nested_regions_available",
+    "resolve_style",
+    "unmark_regions",
+]
+
+#: Values of ``compile.regional`` besides true/false.
+REGIONAL_STYLES: tuple[str, ...] = ("nested", "blocks")
+
+_MARK = "_difforge_region"
+"""Attribute set on a marked block: the :class:`BlockGroup` signature it belongs to."""
+
+_SKIPPED_ATTRS = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_non_persistent_buffers_set",
+        "training",
+        "forward",
+        _MARK,
+    }
+)
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """Blocks that share one compiled region."""
+
+    signature: str
+    """Class name and a digest of the structure (identical blocks share it)."""
+    names: tuple[str, ...]
+    """Qualified names of the blocks inside the compiled module, in module order."""
+
+    @property
+    def class_name(self) -> str:
+        return self.signature.split("#", 1)[0]
+
+
+def nested_regions_available() -> tuple[bool, str]:
+    """Whether ``torch.compiler.nested_compile_region`` can be used here, and why not."""
+    if getattr(torch.compiler, "nested_compile_region", None) is None:
+        return False, f"torch {torch.__version__} has no torch.compiler.nested_compile_region"
+    try:
+        importlib.import_module("torch._higher_order_ops.invoke_subgraph")
+    except ImportError as err:  # pragma: no cover - very old torch
+        return False, f"torch {torch.__version__} lacks invoke_subgraph ({err})"
+    return True, ""
+
+
+def resolve_style(value: Any) -> str | None:
+    """The regional style ``compile.regional`` asks for (None = off); raises on a bad value."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        available, _ = nested_regions_available()
+        return "nested" if available else "blocks"
+    if isinstance(value, str) and value in REGIONAL_STYLES:
+        if value == "nested":
+            available, why = nested_regions_available()
+            if not available:
+                raise OptionsError(
+                    f"'compile.regional': 'nested' needs nested_compile_region: {why}; "
+                    "use 'blocks' (or true, which picks what works)"
+                )
+        return value
+    raise OptionsError(
+        f"option 'compile.regional' must be true, false or one of {', '.join(REGIONAL_STYLES)}; "
+        f"got {value!r}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Finding blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A hashable stand-in of an attribute that may change what ``forward`` does."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype))
+    if callable(value) and hasattr(value, "__qualname__"):
+        return ("fn", getattr(value, "__module__", ""), value.__qualname__)
+    return ("obj", type(value).__module__, type(value).__qualname__)
+
+
+def _describe(module: nn.Module) -> list[Any]:
+    cls = type(module)
+    forward = module.__dict__.get("forward", cls.forward)
+    code = getattr(forward, "__code__", None)
+    out: list[Any] = [
+        cls.__module__,
+        cls.__qualname__,
+        (code.co_filename, code.co_firstlineno) if code is not None else repr(forward),
+    ]
+    for key, value in sorted(module.__dict__.items()):
+        if key in _SKIPPED_ATTRS or (key.startswith("_") and key.endswith("hooks")):
+            continue
+        if isinstance(value, dict) and key == "config":
+            value = tuple(sorted((k, _plain(v)) for k, v in value.items()))
+        out.append((key, _plain(value)))
+    out.append(tuple((n, _plain(p)) for n, p in module._parameters.items()))
+    out.append(tuple((n, _plain(b)) for n, b in module._buffers.items()))
+    return out
+
+
+def signature(block: nn.Module) -> str:
+    """Structural identity of ``block``: equal for blocks one compiled region can serve."""
+    digest = hashlib.sha256()
+    for name, module in block.named_modules():
+        digest.update(repr((name, _describe(module))).encode())
+    return f"{type(block).__name__}#{digest.hexdigest()[:16]}"
+
+
+def _declared(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    names = getattr(type(module), "_repeated_blocks", None) or ()
+    if isinstance(names, str):
+        names = (names,)
+    wanted = set(names)
+    return [(n, m) for n, m in module.named_modules() if n and type(m).__name__ in wanted]
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A block worth a region: it has sub-modules and weights (not a lone Linear/Dropout)."""
+    return next(module.children(), None) is not None and next(module.parameters(), None) is not None
+
+
+def _listed(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) >= 2:
+            prefix = f"{name}." if name else ""
+            found += [(f"{prefix}{i}", m) for i, m in enumerate(child) if _is_block(m)]
+    return found
+
+
+def find_repeated_blocks(module: nn.Module) -> list[BlockGroup]:
+    """Groups of structurally identical blocks in ``module`` (each with >= 2 blocks).
+
+    The classes named by ``type(module)._repeated_blocks`` when declared, else the children
+    of every ``nn.ModuleList``; a block nested inside a chosen block is not chosen again.
+    """
+    candidates = _declared(module) or _listed(module)
+    by_sig: dict[str, list[str]] = {}
+    for name, block in candidates:
+        if "forward" in block.__dict__ and _MARK not in block.__dict__:
+            log.info("difforge: %s has its own forward attribute; not compiled regionally", name)
+            continue
+        by_sig.setdefault(signature(block), []).append(name)
+    groups = {sig: names for sig, names in by_sig.items() if len(names) >= 2}
+    chosen = sorted(n for names in groups.values() for n in names)
+
+    def nested(name: str) -> bool:
+        return any(name.startswith(f"{other}.") for other in chosen)
+
+    result = []
+    for sig, names in groups.items():
+        kept = tuple(n for n in names if not nested(n))
+        if len(kept) >= 2:
+            result.append(BlockGroup(sig, kept))
+    order = {name: i for i, (name, _) in enumerate(module.named_modules())}
+    return sorted(result, key=lambda g: order[g.names[0]])
+
+
+# --------------------------------------------------------------------------------------------
+# Marking
+# --------------------------------------------------------------------------------------------
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous()
+
+
+def _region_forward(cls_forward: Any) -> Any:
+    """One nested compile region for a group: the block is an explicit argument, so its
+    parameters are region inputs and every block of the group reuses one subgraph."""
+
+    @torch.compiler.nested_compile_region
+    def region(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # A region's outputs may not alias its inputs or each other (FLUX's single block
+        # returns two slices of one tensor). Inductor inlines a clone of a computed value
+        # into the kernel that computes it, so this costs a copy only for an output that
+        # really is an input passed through.
+        return pytree.tree_map_only(torch.Tensor, torch.clone, cls_forward(block, *args, **kwargs))
+
+    @functools.wraps(cls_forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # Reuse needs equal tensor metadata, strides included: PixArt's first block gets a
+        # transposed patch embedding, the others a contiguous block output. Outside the
+        # region, where Inductor folds the copy into the producer (a no-op when contiguous).
+        args, kwargs = pytree.tree_map_only(torch.Tensor, _contiguous, (args, kwargs))
+        return region(self, *args, **kwargs)
+
+    return forward
+
+
+def marked_blocks(module: nn.Module) -> dict[str, str]:
+    """Qualified name -> region signature of every block marked in ``module``."""
+    return {n: m.__dict__[_MARK] for n, m in module.named_modules() if _MARK in m.__dict__}
+
+
+def unmark_regions(module: nn.Module) -> int:
+    """Undo :func:`mark_regions` and :func:`compile_blocks`; returns how many blocks."""
+    count = 0
+    # 'blocks' style: compiled blocks (OptimizedModules) go back to their originals.
+    for _, parent in list(module.named_modules()):
+        for attr, sub in list(parent._modules.items()):
+            if isinstance(sub, _OptimizedModule) and _MARK in sub.__dict__:
+                parent._modules[attr] = sub._orig_mod
+                count += 1
+    # 'nested' style: drop the instance forward that calls the region.
+    for _, block in module.named_modules():
+        if _MARK in block.__dict__:
+            del block.__dict__[_MARK]
+            block.__dict__.pop("forward", None)
+            count += 1
+    return count
+
+
+def mark_regions(module: nn.Module, groups: Iterable[BlockGroup]) -> int:
+    """Make every block of each group run as one shared nested compile region."""
+    count = 0
+    for group in groups:
+        blocks = [module.get_submodule(n) for n in group.names]
+        forward = _region_forward(type(blocks[0]).forward)
+        for block in blocks:
+            block.forward = types.MethodType(forward, block)
+            block.__dict__[_MARK] = group.signature
+            count += 1
+    return count
+
+
+def compile_blocks(module: nn.Module, groups: Iterable[BlockGroup], compile_one: Any) -> int:
+    """``blocks`` style: swap every block for ``compile_one(block)`` (an OptimizedModule that
+    shares one backend, hence one Dynamo cache entry per block type); returns how many."""
+    count = 0
+    for group in groups:
+        for name in group.names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            compiled = compile_one(parent._modules[attr])
+            compiled.__dict__[_MARK] = group.signature
+            parent._modules[attr] = compiled
+            count += 1
+    return count
+
+
+def no_blocks_warning(module: nn.Module) -> None:
+    warnings.warn(
+        f"difforge: 'compile.regional' found no repeated blocks in {type(module).__name__} "
+        "(no _repeated_blocks declared, no nn.ModuleList of identical modules); compiling "
+        "the whole model instead",
+        stacklevel=3,
+    )

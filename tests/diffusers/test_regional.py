@@ -1,0 +1,108 @@
+"""Regional compilation on the real diffusers block structures (tiny presets, CPU)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from tests.helpers import rel_err
+
+import difforge
+from difforge import regional
+from difforge.diffusers import compile_pipe
+from difforge.diffusers.pipe import pipe_state
+from difforge.diffusers.presets import build_component, build_pipeline, get_preset
+from difforge.diffusers.step_inputs import denoiser_step_inputs
+
+pytestmark = pytest.mark.skipif(
+    not regional.nested_regions_available()[0], reason="torch lacks nested_compile_region"
+)
+OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _first(out: Any) -> torch.Tensor:
+    return getattr(out, "sample", out[0] if isinstance(out, tuple) else out)
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"),
+    [
+        # PixArt declares no _repeated_blocks: found as identical ModuleList children
+        ("tiny-pixart", {"BasicTransformerBlock": 2}),
+        # FLUX declares them; its single block returns two slices of one tensor (aliasing
+        # outputs, which a region refuses unless difforge clones them)
+        ("tiny-flux", {"FluxSingleTransformerBlock": 2}),
+        # the UNet declares BasicTransformerBlock; 2 widths -> 2 regions
+        pytest.param("tiny-sdxl", {"BasicTransformerBlock": 8}, marks=pytest.mark.slow),
+    ],
+)
+def test_denoiser_regional_matches_eager(name: str, blocks: dict[str, int]) -> None:
+    preset = get_preset(name)
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    call = denoiser_step_inputs(
+        preset, batch=2, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    groups = regional.find_repeated_blocks(model)
+    found: dict[str, int] = {}
+    for group in groups:
+        found[group.class_name] = found.get(group.class_name, 0) + len(group.names)
+    assert found == blocks
+    with torch.no_grad():
+        ref = _first(call(model)).clone()
+        start = len(difforge.compile_records)
+        compiled = difforge.compile(model, options={"mode": "O2", "compile.regional": True})
+        out = _first(call(compiled))
+    assert rel_err(out, ref) < 1e-5
+    records = difforge.compile_records[start:]
+    assert len(records) == 1  # one graph for the whole denoiser
+    assert len(records[0].regions) == len(groups)
+    assert sum(records[0].regions.values()) == sum(blocks.values())
+
+
+def test_compile_pipe_regional_keys_and_styles() -> None:
+    preset = get_preset("tiny-pixart")
+    pipe = build_pipeline(preset)
+    kwargs = {**preset.prompt_kwargs(batch=1), **preset.call_kwargs(), "output_type": "np"}
+
+    def run() -> Any:
+        return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+
+    ref = run()
+    opts = {"mode": "O1", "compile.regional": True}
+    compile_pipe(pipe, options=opts, ignores=("vae",))
+    assert isinstance(pipe.transformer, OptimizedModule)
+    key = pipe_state(pipe).compiled["transformer"]
+    assert '"compile.regional": true' in key
+    assert regional.marked_blocks(pipe.transformer._orig_mod)
+    assert abs(run() - ref).max() < 1e-4
+    compile_pipe(pipe, options=opts, ignores=("vae",))  # same options: nothing recompiled
+    assert pipe_state(pipe).compiled["transformer"] == key
+
+    # 'blocks': the transformer stays the module, its blocks become compiled frames
+    compile_pipe(pipe, options={**opts, "compile.regional": "blocks"}, ignores=("vae",))
+    transformer = pipe.transformer
+    assert not isinstance(transformer, OptimizedModule)
+    assert all(isinstance(b, OptimizedModule) for b in transformer.transformer_blocks)
+    assert abs(run() - ref).max() < 1e-4
+    assert "transformer" in pipe_state(pipe).ran_components
+
+    # off again: the original blocks are back, nothing regional left
+    compile_pipe(pipe, options={"mode": "O1"}, ignores=("vae",))
+    assert isinstance(pipe.transformer, OptimizedModule)
+    original = pipe.transformer._orig_mod
+    assert not regional.marked_blocks(original)
+    assert not any(isinstance(b, OptimizedModule) for b in original.transformer_blocks)
