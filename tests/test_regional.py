@@ -42,9 +42,12 @@ def _run(model: nn.Module, options: dict) -> tuple[torch.Tensor, torch.Tensor, l
     return out, ref, difforge.compile_records[start:]
 
 
-def test_nested_matches_eager_with_one_frame_and_one_region():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_nested_matches_eager_with_one_frame_and_one_region(dynamic):
+    # O2 defaults to dynamic=True; before the block's float attributes were pinned, the
+    # dynamic case fell back to eager (3 graphs, aten._local_scalar_dense in the backend).
     model = _dit(6)
-    out, ref, records = _run(model, {"mode": "O2", "compile.regional": True})
+    out, ref, records = _run(model, {"mode": "O2", "dynamic": dynamic, "compile.regional": True})
     assert rel_err(out, ref) < 1e-5  # every block's own weights reach the shared body
     assert counters["stats"]["unique_graphs"] == 1  # one Dynamo graph, no breaks
     assert len(records) == 1
@@ -52,6 +55,31 @@ def test_nested_matches_eager_with_one_frame_and_one_region():
     # fuse_qkv ran inside the body (self-attn q/k/v and cross-attn k/v of the block)
     assert records[0].rewrites["fuse_qkv"] >= 2
     assert set(regional.marked_blocks(model)) == {f"blocks.{i}" for i in range(6)}
+
+
+def test_nested_dynamic_serves_new_sizes_without_recompiling():
+    model = _dit(2)
+    compiled = difforge.compile(
+        model, options={"mode": "O1", "dynamic": True, "compile.regional": True}
+    )
+    with torch.no_grad():
+        for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
+            inputs = dit_inputs(batch, size, tokens)
+            assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_marking_pins_float_attributes_and_unmarking_restores_them():
+    model = _dit(2)
+    eps = model.blocks[0].norm1.eps
+    groups = regional.find_repeated_blocks(model)
+    regional.mark_regions(model, groups)
+    pinned = model.blocks[0].norm1.eps
+    assert pinned == eps and type(pinned) is not float  # Dynamo's constant, same value
+    assert type(model.norm_out.eps) is float  # outside the blocks: untouched
+    regional.unmark_regions(model)
+    assert regional.find_repeated_blocks(model) == groups  # same signatures as before
+    assert type(model.blocks[0].norm1.eps) is float and model.blocks[0].norm1.eps == eps
 
 
 def test_blocks_style_compiles_one_frame_for_all_blocks():

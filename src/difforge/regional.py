@@ -47,6 +47,25 @@ Blocks of one class but different structure (SDXL's 640- and 1280-channel blocks
 ``context_pre_only`` last block) get separate regions, so one region is never reused for
 a block it was not traced for.
 
+Dynamic shapes (O2/O3 default; torch 2.13, checked)
+---------------------------------------------------
+With ``dynamic=True`` Dynamo does not specialise floats (``specialize_float=False``): a plain
+``float`` attribute read inside a block (``LayerNorm.eps``, ``Dropout.p``, an attention scale)
+becomes a ``SymFloat`` region input backed by a 0-d float64 tensor. The whole-model path
+copes (AOT's ``tensorify_python_scalars`` pass rewrites or specialises such scalars), but
+across an ``invoke_subgraph`` AOT can only read that tensor with ``.item()`` on a fake
+tensor: the backend compile fails with ``DataDependentOutputException:
+aten._local_scalar_dense.default`` (with any backend, ``aot_eager`` included, and every
+difforge pass off), and Dynamo falls back to eager around the blocks (3 graphs instead of
+1). Static-shape compiles never lift floats, so they were unaffected. difforge therefore
+pins the float attributes of every marked block: :func:`mark_regions` swaps each value of
+exact type ``float`` for a float subclass, which Dynamo takes as a constant (guarded by
+equality) instead of a ``SymFloat``; the value, the arithmetic and the block signature stay
+the same, pickling gives a plain float, and :func:`unmark_regions` puts plain floats back.
+Sizes stay symbolic: one graph serves every resolution and batch, the regions included.
+Not covered: a float passed *as an argument* to a block that is itself a graph input (no
+diffusers block gets one); it would still hit the torch limitation.
+
 Pitfall (torch 2.13, checked): marking the *unbound* ``forward`` and binding it to each
 instance (``types.MethodType(nested_compile_region(cls.forward), block)``) silently reuses
 the first block's weights for all blocks. difforge passes the block as an explicit argument
@@ -260,6 +279,39 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+class _PinnedFloat(float):
+    """A float attribute of a marked block, pinned so Dynamo traces it as a constant.
+
+    Dynamo wraps a value of exact type ``float`` read from a module as an unspecialized
+    ``SymFloat`` graph input when shapes are dynamic (``specialize_float=False``), and an
+    ``invoke_subgraph`` cannot take one (see the module docstring); a float subclass is
+    taken as a constant with an equality guard instead. Numerically it *is* the float.
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (float, (float(self),))  # pickles and deep-copies as a plain float
+
+
+def _pin_floats(block: nn.Module) -> int:
+    """Pin the plain float attributes of ``block`` and its sub-modules; returns how many."""
+    count = 0
+    for sub in block.modules():
+        for key, value in list(sub.__dict__.items()):
+            if type(value) is float:
+                sub.__dict__[key] = _PinnedFloat(value)
+                count += 1
+    return count
+
+
+def _unpin_floats(block: nn.Module) -> None:
+    for sub in block.modules():
+        for key, value in list(sub.__dict__.items()):
+            if type(value) is _PinnedFloat:
+                sub.__dict__[key] = float(value)
+
+
 def _region_forward(cls_forward: Any) -> Any:
     """One nested compile region for a group: the block is an explicit argument, so its
     parameters are region inputs and every block of the group reuses one subgraph."""
@@ -302,6 +354,7 @@ def unmark_regions(module: nn.Module) -> int:
         if _MARK in block.__dict__:
             del block.__dict__[_MARK]
             block.__dict__.pop("forward", None)
+            _unpin_floats(block)
             count += 1
     return count
 
@@ -315,6 +368,7 @@ def mark_regions(module: nn.Module, groups: Iterable[BlockGroup]) -> int:
         for block in blocks:
             block.forward = types.MethodType(forward, block)
             block.__dict__[_MARK] = group.signature
+            _pin_floats(block)
             count += 1
     return count
 
