@@ -338,10 +338,10 @@ def test_compare_specialized_flag(cpu_only: None) -> None:
 def test_o2_sweep_compares_with_specialised_compiles(
     cpu_only: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """O2 is dynamic: after the warm-up no sweep size recompiles; a specialised
+    """O2 + dynamic: after the warm-up no sweep size recompiles; a specialised
     (dynamic=False) pipeline is compiled and timed at the chosen size."""
     out = tmp_path / "spec.json"
-    argv = ["--compiler", "difforge", "--compiler-config", '{"mode": "O2"}']
+    argv = ["--compiler", "difforge", "--compiler-config", '{"mode": "O2", "dynamic": true}']
     argv += ["--run_rare_resolutions", "--compare-specialized", "960x720", "--no-text-encoders"]
     argv += ["--steps", "2", "--warmups", "1", "--runs", "1", "--no-progress"]
     assert bench.main([*argv, "--output-json", str(out)]) == 0

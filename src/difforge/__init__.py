@@ -129,7 +129,7 @@ def compile(
         apply_memory_format(module, config.memory_format)
     if (
         isinstance(module, nn.Module)
-        and config.dynamic is not False
+        and config.dynamic is True
         and config.settings["shapes.adapters"]
     ):
         # Exact rewrites of diffusers' size branches, so one graph serves every size.

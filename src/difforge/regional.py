@@ -75,6 +75,7 @@ block's weights count.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import importlib
@@ -294,6 +295,34 @@ class _PinnedFloat(float):
         return (float, (float(self),))  # pickles and deep-copies as a plain float
 
 
+@functools.cache
+def pinning_supported() -> bool:
+    """Whether this torch's Dynamo traces a ``_PinnedFloat`` as a constant float.
+
+    torch 2.13 does; torch 2.11 (the GPU image of 2026-11-26) graph-breaks on it inside
+    ``F.layer_norm`` ("UserDefinedObjectVariable(_PinnedFloat)"), which broke every
+    regional PixArt compile there. Probed once per process on a CPU tensor (~0.2 s).
+    """
+    # As in a marked block: the pinned float is a module attribute Dynamo reads.
+    probe = nn.LayerNorm(4)
+    probe.eps = _PinnedFloat(1e-5)
+
+    from torch._dynamo.utils import counters
+
+    # The probe must not show up in the user's (or a test's) Dynamo statistics.
+    saved = {key: collections.Counter(value) for key, value in counters.items()}
+    try:
+        torch.compile(probe, backend="eager", fullgraph=True, dynamic=True)(torch.ones(3, 4))
+    except Exception as exc:  # any failure means: do not pin here
+        log.info("difforge: float pinning unsupported by this torch (%s)", type(exc).__name__)
+        return False
+    finally:
+        counters.clear()
+        for key, value in saved.items():
+            counters[key].update(value)
+    return True
+
+
 def _pin_floats(block: nn.Module) -> int:
     """Pin the plain float attributes of ``block`` and its sub-modules; returns how many."""
     count = 0
@@ -368,7 +397,8 @@ def mark_regions(module: nn.Module, groups: Iterable[BlockGroup]) -> int:
         for block in blocks:
             block.forward = types.MethodType(forward, block)
             block.__dict__[_MARK] = group.signature
-            _pin_floats(block)
+            if pinning_supported():  # else dynamic regions fall back as before (docstring)
+                _pin_floats(block)
             count += 1
     return count
 

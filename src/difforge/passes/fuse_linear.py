@@ -143,7 +143,10 @@ def _shapes_check(gm: torch.fx.GraphModule, new_nodes: list[torch.fx.Node]) -> E
             if node.op == "output":
                 continue
             if node in new:
-                node.meta["example_value"] = changed[node] = _run_node(gm, node, value_of)
+                try:
+                    node.meta["example_value"] = changed[node] = _run_node(gm, node, value_of)
+                except Exception as exc:  # e.g. CUDA fake kernels refusing symbolic sizes
+                    return exc
                 continue
             if not any(i in changed for i in node.all_input_nodes):
                 continue
