@@ -38,7 +38,7 @@ def test_choices_installed_during_compile_only() -> None:
 
 def test_o2_raises_the_limit_and_o1_keeps_inductor_choices() -> None:
     o2 = choices_for(parse_options({"mode": "O2"}, env={}))
-    assert isinstance(o2, DifforgeChoices) and o2.persistent_reduction_max == 4096
+    assert isinstance(o2, DifforgeChoices) and o2.persistent_reduction_max == 2048
     assert choices_for(parse_options({"mode": "O1"}, env={})) is None
     off = {"mode": "O2", "heuristics.persistent_reduction_max": None}
     assert choices_for(parse_options(off, env={})) is None  # explicit null beats the mode
