@@ -121,20 +121,21 @@ def test_gelu_epilogue_tanh_on_cuda(dtype: torch.dtype, tokens: int, dim: int, h
     assert rel_err(out, ref) <= 1.5 * rel_err(eager, ref) + 1e-4
 
 
-@pytest.mark.parametrize("limit", [None, 4096])
-def test_persistent_reduction_limit_reaches_triton_codegen(limit: int | None) -> None:
+@pytest.mark.parametrize(("width", "limit"), [(1152, None), (1152, 4096), (2048, 4096)])
+def test_persistent_reduction_limit_reaches_triton_codegen(width: int, limit: int | None) -> None:
     import torch.nn.functional as F
     from torch._inductor.utils import run_and_get_code
 
     def norm(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:]) * 1.5 + shift
 
-    x = torch.randn(2, 333, 1152, device="cuda", dtype=torch.float16)
-    shift = torch.randn(1152, device="cuda", dtype=torch.float16)
+    x = torch.randn(2, 333, width, device="cuda", dtype=torch.float16)
+    shift = torch.randn(width, device="cuda", dtype=torch.float16)
     options = {"heuristics.persistent_reduction_max": limit}
     out, code = run_and_get_code(difforge.compile(norm, options=options), x, shift)
     source = "\n".join(code)
-    # 1152 > Inductor's own limit (1024): a looped reduction unless we raise the limit.
-    assert ("triton_per_" in source) == (limit is not None)
-    assert ("triton_red_" in source) == (limit is None)
+    # LayerNorm rows over Inductor's own limit (1024) loop, unless we raise the limit.
+    persistent = limit is not None
+    assert ("triton_per_" in source) == persistent
+    assert ("triton_red_" in source) == (not persistent)
     assert rel_err(out, norm(x.float(), shift.float())) < 2e-3

@@ -60,3 +60,38 @@ def test_setting_changes_the_cache_key() -> None:
 def test_bad_limit_is_a_clear_error(bad: object) -> None:
     with pytest.raises(OptionsError, match="heuristics.persistent_reduction_max"):
         parse_options({"heuristics.persistent_reduction_max": bad}, env={})
+
+
+class _Origin:
+    def __init__(self, aten: object) -> None:
+        self.meta = {"original_aten": aten}
+        self.target = aten
+
+
+class _Node:
+    def __init__(self, *atens: object) -> None:
+        self.node = self
+        self._origins = [_Origin(a) for a in atens]
+
+    def get_origins(self) -> list[_Origin]:
+        return self._origins
+
+
+class _Features:
+    def __init__(self, *nodes: _Node) -> None:
+        self._nodes = nodes
+
+    def reduction_nodes(self) -> tuple[_Node, ...]:
+        return self._nodes
+
+
+def test_only_layer_norm_reductions_qualify() -> None:
+    from difforge.heuristics import _only_layer_norm
+
+    aten = torch.ops.aten
+    ln = _Node(aten.native_layer_norm.default, aten.add.Tensor)
+    gn = _Node(aten.native_group_norm.default)
+    assert _only_layer_norm(_Features(ln))
+    assert not _only_layer_norm(_Features(ln, gn))  # a GroupNorm piece: Inductor decides
+    assert not _only_layer_norm(_Features(_Node(aten.sum.dim_IntList)))  # a plain sum
+    assert not _only_layer_norm(object())  # unexpected structures: no override

@@ -5,7 +5,8 @@ one read of the row) or loop over it in chunks (a Welford pass, then a second pa
 reads the row again to normalise). Its limit is a row of 1024 elements, so the
 LayerNorm + adaLN kernels of PixArt (1152 channels), SD3 (1536) and FLUX (3072) all
 loop. ``heuristics.persistent_reduction_max`` raises that limit for inner (row-wise)
-reductions whose length is known at compile time.
+reductions whose length is known at compile time and is not a power of two (see
+:meth:`DifforgeChoices.should_use_persistent_reduction` for why).
 
 The override is installed only while difforge's Inductor call runs
 (:func:`choices_for`), and its :meth:`DifforgeChoices.cache_salt` goes into the cache
@@ -16,8 +17,10 @@ FX-graph cache entry.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from difforge.options import CompileConfig
@@ -57,17 +60,41 @@ class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
             or features.get_reduction_hint() != ReductionHint.INNER
         ):
             return False
-        return bool(
-            V.graph.sizevars.statically_known_leq(
-                features.reduction_numel, self.persistent_reduction_max
-            )
-        )
+        rnumel = features.reduction_numel
+        if not getattr(rnumel, "is_number", isinstance(rnumel, int)):
+            return False  # a symbolic row length: leave it to Inductor
+        # LayerNorm rows only: the DiT LayerNorms (1152/1536 wide) gained on an H200, while
+        # the pieces of a channels-last GroupNorm got slower as persistent reductions (SDXL
+        # VAE decode 38.9 -> 43.6 ms on an H100), so every other reduction keeps
+        # Inductor's own choice.
+        return int(rnumel) <= self.persistent_reduction_max and _only_layer_norm(features)
 
     def cache_salt(self) -> bytes:
-        return f"persistent_reduction_max={self.persistent_reduction_max}".encode()
+        # The rule's source is part of the key: a changed heuristic must not be served
+        # kernels the old one generated (seen: an FX-graph cache hit on a warm GPU
+        # machine returned the previous rule's kernels).
+        source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+        return f"persistent_reduction_max={self.persistent_reduction_max};{source}".encode()
 
     def uuid(self) -> str:  # what torch's own inductor_choices_class keys use
         return self.cache_salt().decode()
+
+
+def _only_layer_norm(features: Any) -> bool:
+    """Whether every reduction in the kernel comes from a LayerNorm (by its ATen origin)."""
+    found = False
+    try:  # private scheduler structures: any surprise means "not sure", i.e. no
+        for node in features.reduction_nodes():
+            origins = node.node.get_origins() if node.node is not None else ()
+            for origin in origins:
+                aten = origin.meta.get("original_aten")
+                name = str(getattr(aten, "_overloadpacket", aten) or origin.target)
+                if "group_norm" in name:
+                    return False
+                found = found or "layer_norm" in name
+    except Exception:
+        return False
+    return found
 
 
 def choices_for(config: CompileConfig) -> DifforgeChoices | None:

@@ -68,9 +68,9 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "passes.fuse_qkv": True,
         "passes.gelu_epilogue": True,
         # One read of each LayerNorm row instead of two for PixArt (1152) and SD3 (1536):
-        # H200, PixArt-XL step 32.29 -> 31.82 ms, SD3 41.07 -> 40.31 ms. Not 4096: that
-        # also made the SDXL VAE's channels-last GroupNorm pieces persistent, and its
-        # decode went from 36.0 to 39.9 ms (benchmarks/results, 2026-11-26).
+        # H200, PixArt-XL step 32.29 -> 31.82 ms, SD3 41.07 -> 40.31 ms. LayerNorm-only
+        # (heuristics.py): applied to every reduction it made the SDXL VAE's GroupNorm
+        # persistent and the decode 9% slower (benchmarks/results, 2026-11-26).
         "heuristics.persistent_reduction_max": 2048,
     },
     "cudagraphs": {
