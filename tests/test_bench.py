@@ -356,3 +356,16 @@ def test_o2_sweep_compares_with_specialised_compiles(
     assert second["specialized_run_s"] is None and second["vs_specialized"] is None
     printed = capsys.readouterr().out
     assert "specialised (dynamic=False)" in printed and "dynamic/specialised" in printed
+
+
+def test_readme_step_table_is_generated_from_committed_results() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "step_table.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,115 @@
+"""The README's one-step performance table, generated from committed bench_step JSON.
+
+    python benchmarks/step_table.py            # prints the markdown table
+    python benchmarks/step_table.py --check    # exit 1 if README.md does not contain it
+
+Only files listed in :data:`STEP_RESULTS` are used, each with the card and torch it names,
+so every number in the table has a file behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = RESULTS.parent.parent / "README.md"
+
+#: (file, label, variants shown): one run per model, every variant from that same run.
+STEP_RESULTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "2026-11-26_h200_step_pixart_o2_o3.json",
+        "PixArt-XL-2 fp16, batch 2",
+        ("eager", "compile", "O2", "O3"),
+    ),
+    (
+        "2026-11-26_h200_step_sd3_o2_o3.json",
+        "SD3-medium fp16, batch 2",
+        ("eager", "compile", "O2", "O3"),
+    ),
+    (
+        "2026-11-26_h200_step_sdxl_o2_o3.json",
+        "SDXL UNet fp16, batch 2 (O2/O3 channels_last)",
+        ("eager", "compile", "O2", "O3"),
+    ),
+    (
+        "2026-11-26_h100_step_sdxl_vae_persistent_ab.json",
+        "SDXL VAE decode fp16, batch 1",
+        ("compile", "O2-nopr", "O2"),
+    ),
+)
+
+_LABELS = {"compile": "torch.compile"}
+#: The VAE A/B ran before the persistent-reduction override became LayerNorm-only: a VAE
+#: has no LayerNorm, so today's O2 is its "nopr" variant; "O2" there is the dropped rule.
+_VAE_LABELS = {
+    "compile": "torch.compile",
+    "O2-nopr": "O2 (today: no LayerNorm, no override)",
+    "O2": "O2 with the override on every reduction (dropped)",
+}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table() -> str:
+    rows = []
+    for file, label, variants in STEP_RESULTS:
+        data = json.loads((RESULTS / file).read_text())
+        env = data["environment"]
+        card = env.get("device_name", "?").replace("NVIDIA ", "").replace(" 80GB HBM3", "")
+        by_variant = {r["variant"]: r for r in data["results"]}
+        for name in variants:
+            r = by_variant[name]
+            shown = (_VAE_LABELS if "vae" in file else _LABELS).get(name, name)
+            breakdown = r.get("breakdown_ms") or {}
+            rows.append(
+                [
+                    label if name == variants[0] else "",
+                    f"{card}, torch {env['torch']}" if name == variants[0] else "",
+                    shown,
+                    _fmt(r["median_ms"], ".2f"),
+                    _fmt(r.get("speedup_vs_compile"), ".3f") + "x",
+                    _fmt(r.get("rel_err_vs_fp32"), ".4f"),
+                    _fmt(breakdown.get("attention"), ".1f"),
+                    _fmt(breakdown.get("gemm"), ".1f"),
+                    _fmt(breakdown.get("elementwise"), ".1f"),
+                    _fmt(breakdown.get("idle"), ".1f"),
+                ]
+            )
+    headers = [
+        "model (1024²)",
+        "card",
+        "variant",
+        "step ms",
+        "vs compile",
+        "rel err vs fp32",
+        "attention ms",
+        "GEMM ms",
+        "elementwise ms",
+        "idle ms",
+    ]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if README.md lacks it")
+    args = parser.parse_args(argv)
+    text = table()
+    if args.check:
+        if text not in README.read_text():
+            print("README.md's step table is stale: run benchmarks/step_table.py", file=sys.stderr)
+            return 1
+        return 0
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
