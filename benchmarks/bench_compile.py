@@ -56,6 +56,8 @@ class Phase:
     aot_hit: int
     aot_miss: int
     rel_err: float
+    aot_bypass: int = 0
+    """AOT-autograd cache bypasses (it refused to cache this graph; torch logs why)."""
     step_ms: float | None = None
 
 
@@ -101,6 +103,9 @@ def _counters() -> dict[str, int]:
         "fxgraph_miss": c["inductor"]["fxgraph_cache_miss"],
         "aot_hit": c["aot_autograd"]["autograd_cache_hit"],
         "aot_miss": c["aot_autograd"]["autograd_cache_miss"],
+        # On the H200 (torch 2.11) a warm PixArt start showed neither AOT hits nor misses:
+        # record bypasses too, so the next run says whether the AOT cache refused.
+        "aot_bypass": c["aot_autograd"]["autograd_cache_bypass"],
     }
 
 
