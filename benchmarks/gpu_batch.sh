@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# What is left to measure on a GPU, in parts that each fit one 10-minute device command.
+# Usage (on the device machine, from the repo root, after ../shared/gpu/prep here and
+# with .whl carried): bash benchmarks/gpu_batch.sh <part>   -> JSON/logs under $OUT
+#   tests    every `gpu`-marked test (kernels, quant, passes, heuristics)      ~3 min
+#   flux     FLUX.1-dev step: eager/compile/O2/O3 with profile                  ~8 min
+#   vae      SDXL VAE decode with today's O2 rule, O3                           ~3 min
+#   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
+#   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
+set -uo pipefail
+part="${1:?part: tests|flux|vae|compile|sdxl}"
+out="${OUT:-out}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH="/tmp/site:$PWD/src"
+(nvidia-smi dmon -s pc -d 2 >"$out/dmon_$part.txt" 2>&1 &)
+run() {  # run <seconds> <log name> <command...>: bounded, logged, tail shown
+  local limit="$1" name="$2"
+  shift 2
+  timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+  echo "[$name] exit $?"
+  tail -c 1500 "$out/$name.txt"
+}
+case "$part" in
+  tests)
+    run 300 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider ;;
+  flux)
+    run 560 step_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "eager;compile;O2;O3" --profile --output-json "$out/step_flux.json" ;;
+  vae)
+    V='compile;O2={"mode":"O2","memory_format":"channels_last"};O3={"mode":"O3","memory_format":"channels_last"}'
+    run 300 step_vae python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
+      --variants "$V" --profile --output-json "$out/step_vae.json" ;;
+  compile)
+    run 280 compile_pixart_o3 python3 benchmarks/bench_compile.py --models pixart-xl-2-1024 \
+      --modes O3 --regional off,nested --output-json "$out/compile_pixart_o3.json"
+    run 280 compile_flux_o2 python3 benchmarks/bench_compile.py --models flux-dev \
+      --modes O2 --regional nested --output-json "$out/compile_flux_o2_nested.json" ;;
+  sdxl)
+    run 560 t2i_sdxl_dynamic python3 benchmarks/text_to_image.py --model sdxl-base \
+      --compare difforge \
+      --compiler-config '{"mode": "O2", "dynamic": true, "memory_format": "channels_last"}' \
+      --run_multiple_resolutions --run_rare_resolutions --compare-specialized 1024x1024 \
+      --steps 20 --warmups 1 --runs 2 --output-json "$out/t2i_sdxl_dynamic.json" ;;
+  *)
+    echo "unknown part $part" >&2
+    exit 2 ;;
+esac
