@@ -63,8 +63,14 @@ exact type ``float`` for a float subclass, which Dynamo takes as a constant (gua
 equality) instead of a ``SymFloat``; the value, the arithmetic and the block signature stay
 the same, pickling gives a plain float, and :func:`unmark_regions` puts plain floats back.
 Sizes stay symbolic: one graph serves every resolution and batch, the regions included.
-Not covered: a float passed *as an argument* to a block that is itself a graph input (no
-diffusers block gets one); it would still hit the torch limitation.
+Not covered by pinning: floats a block reads from outside its modules (a function default,
+a global; FLUX's attention reads ``dispatch_attention_fn``'s ``dropout_p=0.0`` default, and
+torch 2.13 then fails with ``Freevar has no source`` in invoke_subgraph), a float passed *as
+an argument* to a block, and every float where :func:`pinning_supported` is False (torch
+2.11). :func:`nested_dynamic_problem` detects the first and last (a static scan,
+:func:`unpinnable_floats`); with ``dynamic=True`` difforge then uses ``blocks`` for that
+model, with one warning (an explicit ``nested`` is refused). With ``dynamic=None``
+(automatic dynamic) floats stay constants unless their value changes between calls.
 
 Pitfall (torch 2.13, checked): marking the *unbound* ``forward`` and binding it to each
 instance (``types.MethodType(nested_compile_region(cls.forward), block)``) silently reuses
