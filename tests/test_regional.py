@@ -82,9 +82,13 @@ def test_marking_pins_float_attributes_and_unmarking_restores_them():
     assert type(model.blocks[0].norm1.eps) is float and model.blocks[0].norm1.eps == eps
 
 
-def test_blocks_style_compiles_one_frame_for_all_blocks():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_blocks_style_compiles_one_frame_for_all_blocks(dynamic):
+    # The first block gets a transposed patch embedding: without dense-strided inputs the
+    # dynamic frame recompiled for the other blocks (2 graphs).
     model = _dit(6)
-    out, ref, records = _run(model, {"mode": "O2", "compile.regional": "blocks"})
+    options = {"mode": "O2", "dynamic": dynamic, "compile.regional": "blocks"}
+    out, ref, records = _run(model, options)
     assert rel_err(out, ref) < 1e-5
     # Six identical blocks, one Dynamo frame compile: the siblings reuse its code.
     assert counters["stats"]["unique_graphs"] == 1
@@ -178,3 +182,79 @@ def test_regional_cuts_compile_time_on_many_blocks():
         assert rel_err(out, ref) < 1e-5
     print(f"\nTinyDiT x16 O2 on CPU: whole {seconds[False]:.1f} s, regional {seconds[True]:.1f} s")
     assert seconds[True] < seconds[False]
+
+
+def test_blocks_style_dynamic_serves_new_sizes_without_recompiling():
+    model = _dit(3)
+    compiled = difforge.compile(
+        model, options={"mode": "O1", "dynamic": True, "compile.regional": "blocks"}
+    )
+    with torch.no_grad():
+        for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
+            inputs = dit_inputs(batch, size, tokens)
+            assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.fixture
+def no_pinning(monkeypatch):
+    """torch 2.11 (the GPU image): Dynamo cannot take a pinned float as a constant."""
+    monkeypatch.setattr(regional, "pinning_supported", lambda: False)
+
+
+def test_without_pinning_dynamic_true_picks_blocks_with_one_warning(no_pinning):
+    model = _dit(4)
+    with pytest.warns(UserWarning, match="uses the 'blocks' style") as caught:
+        out, ref, records = _run(model, {"mode": "O1", "dynamic": True, "compile.regional": True})
+    assert sum("'blocks' style" in str(w.message) for w in caught) == 1
+    assert rel_err(out, ref) < 1e-5
+    assert all(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in model.blocks)
+    assert counters["stats"]["unique_graphs"] == 1 and len(records) == 1
+
+
+def test_without_pinning_explicit_nested_dynamic_is_refused(no_pinning):
+    with pytest.raises(difforge.OptionsError, match="cannot pin"):
+        difforge.compile(_dit(2), options={"dynamic": True, "compile.regional": "nested"})
+
+
+@pytest.mark.parametrize("pinning", [True, False], ids=["pinned", "unpinned"])
+def test_nested_automatic_dynamic_keeps_regions_after_the_dynamic_recompile(pinning, monkeypatch):
+    # dynamic=None: static first graph, one dynamic recompile; floats stay constants
+    # (they never change value), so nested regions work even where pinning does not.
+    if not pinning:
+        monkeypatch.setattr(regional, "pinning_supported", lambda: False)
+    model = _dit(3)
+    start = len(difforge.compile_records)
+    compiled = difforge.compile(model, options={"mode": "O1", "compile.regional": True})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*recompiling")
+        for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
+            inputs = dit_inputs(batch, size, tokens)
+            assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+    records = difforge.compile_records[start:]
+    assert [list(r.regions.values()) for r in records] == [[3], [3]]
+
+
+_GLOBAL_SCALE = 0.5
+
+
+def _scaled(x, factor=2.0):
+    return x * factor
+
+
+class _Processor:
+    def __call__(self, x):
+        return _scaled(x) * _GLOBAL_SCALE
+
+
+def test_floats_outside_the_blocks_modules_are_found_and_force_blocks():
+    model = _dit(3)
+    for block in model.blocks:
+        block.attn1.processor = _Processor()
+    found = regional.unpinnable_floats(model.blocks[0])
+    assert found == sorted([f"{__name__}._GLOBAL_SCALE = 0.5", "_scaled(factor=2.0)"])
+    assert regional.unpinnable_floats(_dit(2).blocks[0]) == []
+    groups = regional.find_repeated_blocks(model)
+    assert "cannot be pinned" in regional.nested_dynamic_problem(model, groups)
+    with pytest.raises(difforge.OptionsError, match=r"_scaled\(factor=2.0\)"):
+        difforge.compile(model, options={"dynamic": True, "compile.regional": "nested"})

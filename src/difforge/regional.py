@@ -63,8 +63,14 @@ exact type ``float`` for a float subclass, which Dynamo takes as a constant (gua
 equality) instead of a ``SymFloat``; the value, the arithmetic and the block signature stay
 the same, pickling gives a plain float, and :func:`unmark_regions` puts plain floats back.
 Sizes stay symbolic: one graph serves every resolution and batch, the regions included.
-Not covered: a float passed *as an argument* to a block that is itself a graph input (no
-diffusers block gets one); it would still hit the torch limitation.
+Not covered by pinning: floats a block reads from outside its modules (a function default,
+a global; FLUX's attention reads ``dispatch_attention_fn``'s ``dropout_p=0.0`` default, and
+torch 2.13 then fails with ``Freevar has no source`` in invoke_subgraph), a float passed *as
+an argument* to a block, and every float where :func:`pinning_supported` is False (torch
+2.11). :func:`nested_dynamic_problem` detects the first and last (a static scan,
+:func:`unpinnable_floats`); with ``dynamic=True`` difforge then uses ``blocks`` for that
+model, with one warning (an explicit ``nested`` is refused). With ``dynamic=None``
+(automatic dynamic) floats stay constants unless their value changes between calls.
 
 Pitfall (torch 2.13, checked): marking the *unbound* ``forward`` and binding it to each
 instance (``types.MethodType(nested_compile_region(cls.forward), block)``) silently reuses
@@ -102,9 +108,12 @@ __all__ = [
     "find_repeated_blocks",
     "mark_regions",
     "marked_blocks",
+    "nested_dynamic_problem",
     "nested_regions_available",
+    "pinning_supported",
     "resolve_style",
     "unmark_regions",
+    "unpinnable_floats",
 ]
 
 #: Values of ``compile.regional`` besides true/false.
@@ -280,6 +289,23 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides a fresh contiguous tensor of its size has (a copy if not):
+    ``.contiguous()`` keeps any stride of a size-1 dim (a batch-1 slice), a guard does not."""
+    stride, expected = t.stride(), []
+    step = 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if tuple(reversed(expected)) == stride:
+        return t
+    return torch.clone(t, memory_format=torch.contiguous_format)
+
+
+def _contiguous_clone(t: torch.Tensor) -> torch.Tensor:
+    return torch.clone(t, memory_format=torch.contiguous_format)
+
+
 class _PinnedFloat(float):
     """A float attribute of a marked block, pinned so Dynamo traces it as a constant.
 
@@ -341,6 +367,55 @@ def _unpin_floats(block: nn.Module) -> None:
                 sub.__dict__[key] = float(value)
 
 
+def _float_defaults(fn: Any) -> list[str]:
+    """``name=value`` of each default of ``fn`` that is a plain float."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    found = []
+    defaults = getattr(fn, "__defaults__", None) or ()
+    names = code.co_varnames[code.co_argcount - len(defaults) : code.co_argcount]
+    found += [f"{n}={v!r}" for n, v in zip(names, defaults, strict=True) if type(v) is float]
+    kwdefaults = getattr(fn, "__kwdefaults__", None) or {}
+    found += [f"{n}={v!r}" for n, v in kwdefaults.items() if type(v) is float]
+    return found
+
+
+def unpinnable_floats(block: nn.Module) -> list[str]:
+    """Plain floats a block's code reads from somewhere :func:`mark_regions` cannot pin.
+
+    With dynamic shapes Dynamo lifts such a float as a ``SymFloat``; inside a nested region
+    torch 2.13 then fails (FLUX: ``dispatch_attention_fn``'s ``dropout_p=0.0`` default,
+    read by ``FluxAttnProcessor``, gives ``Freevar has no source`` in invoke_subgraph). A
+    static scan, one call deep: the float defaults of the ``forward`` of every sub-module
+    and ``__call__`` of every attention processor (any callable plain attribute), of the
+    module-level functions their code names, and module-level float globals it names.
+    """
+    entries: list[Any] = []
+    for sub in block.modules():
+        entries.append(type(sub).forward)
+        for value in sub.__dict__.values():
+            if not isinstance(value, (nn.Module, type, types.FunctionType, types.MethodType)):
+                call = type(value).__dict__.get("__call__")
+                if isinstance(call, types.FunctionType):
+                    entries.append(call)
+    found: list[str] = []
+    seen: set[int] = set()
+    for fn in entries:
+        if id(fn) in seen or not isinstance(fn, types.FunctionType):
+            continue
+        seen.add(id(fn))
+        found += [f"{fn.__qualname__}({d})" for d in _float_defaults(fn)]
+        for name in fn.__code__.co_names:
+            value = fn.__globals__.get(name)
+            if type(value) is float:
+                found.append(f"{fn.__module__}.{name} = {value!r}")
+            elif isinstance(value, types.FunctionType) and id(value) not in seen:
+                seen.add(id(value))
+                found += [f"{value.__qualname__}({d})" for d in _float_defaults(value)]
+    return sorted(set(found))
+
+
 def _region_forward(cls_forward: Any) -> Any:
     """One nested compile region for a group: the block is an explicit argument, so its
     parameters are region inputs and every block of the group reuses one subgraph."""
@@ -351,7 +426,9 @@ def _region_forward(cls_forward: Any) -> Any:
         # returns two slices of one tensor). Inductor inlines a clone of a computed value
         # into the kernel that computes it, so this costs a copy only for an output that
         # really is an input passed through.
-        return pytree.tree_map_only(torch.Tensor, torch.clone, cls_forward(block, *args, **kwargs))
+        return pytree.tree_map_only(
+            torch.Tensor, _contiguous_clone, cls_forward(block, *args, **kwargs)
+        )
 
     @functools.wraps(cls_forward)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -403,6 +480,49 @@ def mark_regions(module: nn.Module, groups: Iterable[BlockGroup]) -> int:
     return count
 
 
+def _contiguous_args(call: Any) -> Any:
+    """Call ``call`` with contiguous tensor arguments (eagerly, outside the compiled frame).
+
+    One frame serves all blocks only if their inputs match in strides too: PixArt's and
+    TinyDiT's first block gets a transposed patch embedding, FLUX's blocks get slices of
+    the previous block's output. Without this, the first differing block recompiles the
+    frame (with dynamic shapes: 2 graphs for identical blocks). A copy only where needed.
+    """
+
+    @functools.wraps(call)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = pytree.tree_map_only(torch.Tensor, _dense, (args, kwargs))
+        return call(*args, **kwargs)
+
+    return run
+
+
+def nested_dynamic_problem(module: nn.Module, groups: Iterable[BlockGroup]) -> str | None:
+    """Why ``nested`` regions would fail with ``dynamic=True`` here (None: they work).
+
+    Dynamic shapes lift plain floats read inside a region as ``SymFloat`` inputs, which
+    ``invoke_subgraph`` cannot compile (module docstring). Pinning fixes the blocks' own
+    float attributes, but only where this torch supports it, and never a float read from
+    elsewhere (a function default, a global; see :func:`unpinnable_floats`).
+    """
+    if not pinning_supported():
+        return (
+            f"this torch ({torch.__version__}) cannot pin the blocks' float attributes as "
+            "constants, so with dynamic shapes they become SymFloat region inputs that "
+            "invoke_subgraph cannot compile (DataDependentOutputException)"
+        )
+    floats: list[str] = []
+    for group in groups:
+        floats += unpinnable_floats(module.get_submodule(group.names[0]))
+    if floats:
+        return (
+            "the blocks read float(s) that cannot be pinned as constants "
+            f"({', '.join(sorted(set(floats)))}); with dynamic shapes they become SymFloat "
+            "region inputs that invoke_subgraph cannot compile"
+        )
+    return None
+
+
 def compile_blocks(module: nn.Module, groups: Iterable[BlockGroup], compile_one: Any) -> int:
     """``blocks`` style: swap every block for ``compile_one(block)`` (an OptimizedModule that
     shares one backend, hence one Dynamo cache entry per block type); returns how many."""
@@ -412,6 +532,7 @@ def compile_blocks(module: nn.Module, groups: Iterable[BlockGroup], compile_one:
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             compiled = compile_one(parent._modules[attr])
+            compiled.forward = _contiguous_args(compiled.forward)
             compiled.__dict__[_MARK] = group.signature
             parent._modules[attr] = compiled
             count += 1

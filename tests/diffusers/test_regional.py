@@ -106,3 +106,49 @@ def test_compile_pipe_regional_keys_and_styles() -> None:
     original = pipe.transformer._orig_mod
     assert not regional.marked_blocks(original)
     assert not any(isinstance(b, OptimizedModule) for b in original.transformer_blocks)
+
+
+@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-flux"])
+def test_denoiser_regional_dynamic_true(name: str) -> None:
+    # FLUX's attention reads dispatch_attention_fn's dropout_p=0.0 default, a float that
+    # cannot be pinned: with dynamic=True a nested region failed ("Freevar has no source");
+    # difforge now picks 'blocks' for it, with one warning. PixArt stays nested.
+    preset = get_preset(name)
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    call = denoiser_step_inputs(
+        preset, batch=2, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    options = {"mode": "O1", "dynamic": True, "compile.regional": True}
+    with torch.no_grad():
+        ref = _first(call(model)).clone()
+        start = len(difforge.compile_records)
+        if name == "tiny-flux":
+            with pytest.warns(UserWarning, match=r"'blocks' style.*dropout_p=0\.0"):
+                compiled = difforge.compile(model, options=options)
+        else:
+            compiled = difforge.compile(model, options=options)
+        out = _first(call(compiled))
+    assert rel_err(out, ref) < 1e-5
+    records = difforge.compile_records[start:]
+    assert len(records) == 1
+    if name == "tiny-flux":
+        assert all(isinstance(b, OptimizedModule) for b in model.single_transformer_blocks)
+    else:
+        assert sum(records[0].regions.values()) == 2
+
+
+def test_flux_nested_automatic_dynamic_reuses_its_region() -> None:
+    # dynamic=None: at the dynamic recompile the region's outputs (slices, cloned) must
+    # be plainly contiguous, else reuse failed and both bodies were inlined (no regions).
+    preset = get_preset("tiny-flux")
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    start = len(difforge.compile_records)
+    compiled = difforge.compile(model, options={"mode": "O1", "compile.regional": True})
+    with torch.no_grad():
+        for height in (64, 96):
+            call = denoiser_step_inputs(
+                preset, batch=2, height=height, width=64, device="cpu", dtype=torch.float32
+            )
+            assert rel_err(_first(call(compiled)), _first(call(model))) < 1e-5
+    records = difforge.compile_records[start:]
+    assert [sum(r.regions.values()) for r in records] == [2, 2]
