@@ -224,5 +224,5 @@ def test_compile_pipe_swaps_the_denoiser_only() -> None:
     from difforge.diffusers.pipe import _component_options
 
     for name, denoiser in (("transformer", True), ("text_encoder", False), ("vae.decoder", False)):
-        raw, cfg = _component_options({"mode": "O3"}, "difforge", False, denoiser)
+        _raw, cfg = _component_options({"mode": "O3"}, "difforge", False, denoiser)
         assert cfg is not None and cfg.settings["quant.fp8_linear"] is denoiser, name
