@@ -176,11 +176,12 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         (list, type(None)),
         "fp8 swap: if set, only linears whose names match one of these patterns",
     ),
-    "quant.skip_first_last": (
+    "quant.skip_edges": (
         True,
         bool,
-        "fp8 swap: keep the model's first and last linear (outside repeated blocks) in "
-        "high precision",
+        "fp8 swap: keep the model's edges in high precision: every linear outside its "
+        "repeated blocks (input/output layers, embedders, modulation), or the first and last "
+        "linear of a model without repeated blocks",
     ),
     "shapes.duck_sizing": (
         None,

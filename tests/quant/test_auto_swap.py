@@ -41,19 +41,20 @@ class _Block(nn.Module):
 
 
 class _ToyDiT(nn.Module):
-    """Input layer, time embedder, two repeated blocks, output layer (plain names, so only
-    skip_first_last and the 'emb' pattern keep the edges in high precision)."""
+    """Input layer, time embedder, modulation, two repeated blocks, output layer (plain
+    names: only skip_edges and the 'emb' pattern keep the edges in high precision)."""
 
     def __init__(self, d: int = 32) -> None:
         super().__init__()
         self.inp = nn.Linear(16, d)
         self.time_emb = nn.Linear(d, d)
+        self.modulation = nn.Linear(d, d)
         self.blocks = nn.ModuleList(_Block(d) for _ in range(2))
         self.head = nn.Linear(d, 16)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
-        te = self.time_emb(t)[:, None]
+        te = self.modulation(self.time_emb(t))[:, None]
         for block in self.blocks:
             h = block(h, te)
         return self.head(h)
@@ -90,8 +91,10 @@ def test_o3_swaps_the_blocks_linears_and_stays_close(fp8_here: None) -> None:
         out = compiled(x, t)
     report = swap_report(model)
     assert report is not None and set(report.converted) == BLOCK_LINEARS
-    assert "first" in report.skipped["inp"] and "'emb'" in report.skipped["time_emb"]
-    assert "last" in report.skipped["head"]
+    assert "outside the repeated blocks" in report.skipped["inp"]
+    assert "'emb'" in report.skipped["time_emb"]  # name patterns are reported first
+    assert "outside the repeated blocks" in report.skipped["head"]
+    assert "outside the repeated blocks" in report.skipped["modulation"]
     assert all(isinstance(model.get_submodule(n), Fp8Linear) for n in BLOCK_LINEARS)
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.05, rel  # fp8: a few percent, never exact
@@ -146,7 +149,7 @@ def test_no_double_quantization(fp8_here: None) -> None:
     difforge.compile(model, options={"mode": "O3", **SMALL})
     first = {n: model.get_submodule(n) for n in BLOCK_LINEARS}
     report = swap_report(model)
-    difforge.compile(model, options={"mode": "O3", **SMALL, "quant.skip_first_last": False})
+    difforge.compile(model, options={"mode": "O3", **SMALL, "quant.skip_edges": False})
     assert swap_report(model) is report
     assert all(model.get_submodule(n) is m for n, m in first.items())
     assert type(model.inp) is nn.Linear  # the second call's wider filter did not apply
@@ -180,7 +183,7 @@ def test_default_filter_uses_the_measured_crossover() -> None:
     assert 1152 * 1152 < DEFAULT_MIN_WEIGHT_ELEMENTS < 1152 * 3456
 
 
-def test_first_last_ignores_repeated_blocks_and_plain_sequentials() -> None:
+def test_edges_without_repeated_blocks_are_the_first_and_last_linear() -> None:
     mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.Linear(32, 16))
     plan = ModuleFilter(min_features=0, min_weight_elements=0, exclude=()).plan(mlp)
     assert "first" in plan["0"] and plan["2"] is None and "last" in plan["3"]
@@ -190,7 +193,7 @@ def test_first_last_ignores_repeated_blocks_and_plain_sequentials() -> None:
         why is None
         for why in ModuleFilter(min_features=0, min_weight_elements=0).plan(only_blocks).values()
     )
-    off = ModuleFilter(min_features=0, min_weight_elements=0, exclude=(), skip_first_last=False)
+    off = ModuleFilter(min_features=0, min_weight_elements=0, exclude=(), skip_edges=False)
     assert all(why is None for why in off.plan(mlp).values())
 
 

@@ -283,7 +283,7 @@ def test_filter_reasons() -> None:
 
 def test_quantize_linears_reports_and_replaces() -> None:
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 24), nn.Linear(24, 64))
-    every = ModuleFilter(min_features=0, min_weight_elements=0, exclude=(), skip_first_last=False)
+    every = ModuleFilter(min_features=0, min_weight_elements=0, exclude=(), skip_edges=False)
     report = quantize_linears(m, every)
     assert report.converted == ["0"] and set(report.skipped) == {"2", "3"}
     assert isinstance(m[0], Fp8Linear) and type(m[2]) is nn.Linear

@@ -53,7 +53,7 @@ class PipeQuantReport(QuantizeReport):
     dtype: str = "fp8"
     settings: tuple[Any, ...] = ()
     """(dtype, min_features, exclude, include, fuse_qkv_projections, min_weight_elements,
-    skip_first_last) as normalised; a repeat call compares them."""
+    skip_edges) as normalised; a repeat call compares them."""
 
 
 def quant_report(pipe: Any) -> PipeQuantReport | None:
@@ -92,7 +92,7 @@ def quantize_pipe(
     include: Sequence[str] | str | None = None,
     fuse_qkv_projections: bool = False,
     min_weight_elements: int = DEFAULT_MIN_WEIGHT_ELEMENTS,
-    skip_first_last: bool = True,
+    skip_edges: bool = True,
 ) -> Any:
     """Quantize the denoiser's linears to fp8 in place; call it before ``compile_pipe``.
 
@@ -100,7 +100,7 @@ def quantize_pipe(
     Risk: ~2-4 % relative error per quantized linear on random data; image-level PSNR
     depends on the model and must be checked per model.
     ``min_features``, ``min_weight_elements``, ``exclude`` (default
-    :data:`~difforge.quant.select.DEFAULT_EXCLUDE`), ``include``, ``skip_first_last``: see
+    :data:`~difforge.quant.select.DEFAULT_EXCLUDE`), ``include``, ``skip_edges``: see
     :class:`~difforge.quant.select.ModuleFilter`; the defaults are those of the
     ``low-precision`` mode's swap (``quant.*`` options), so ``quantize_pipe(pipe)`` then
     ``compile_pipe(pipe, options={"mode": "O3"})`` converts what ``O3`` alone would, and
@@ -128,7 +128,7 @@ def quantize_pipe(
         exclude=DEFAULT_EXCLUDE if exclude is None else exclude,  # type: ignore[arg-type]
         include=include,  # type: ignore[arg-type]
         min_weight_elements=min_weight_elements,
-        skip_first_last=skip_first_last,
+        skip_edges=skip_edges,
     )
     settings = (
         dtype,
@@ -137,7 +137,7 @@ def quantize_pipe(
         module_filter.include,
         bool(fuse_qkv_projections),
         module_filter.min_weight_elements,
-        module_filter.skip_first_last,
+        module_filter.skip_edges,
     )
 
     previous = quant_report(pipe)

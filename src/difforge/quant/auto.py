@@ -49,7 +49,7 @@ def filter_from_settings(settings: Mapping[str, Any]) -> ModuleFilter:
         min_weight_elements=settings["quant.min_weight_elements"],
         exclude=DEFAULT_EXCLUDE if exclude is None else tuple(exclude),
         include=None if include is None else tuple(include),
-        skip_first_last=settings["quant.skip_first_last"],
+        skip_edges=settings["quant.skip_edges"],
     )
 
 

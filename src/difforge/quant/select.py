@@ -79,12 +79,15 @@ class ModuleFilter:
     ``include``: if given, only names matching one of these patterns are candidates.
     ``min_weight_elements``: skip linears with ``in * out`` below this (default
     :data:`DEFAULT_MIN_WEIGHT_ELEMENTS`, measured; 0 = any).
-    ``skip_first_last``: leave the model's first and last linear (registration order) in
-    high precision, counting only linears outside repeated blocks (the children of a
-    ``ModuleList``/``Sequential`` holding 2+ modules of one type), so a DiT's first block
-    is never mistaken for its input layer. Risk of turning it off: the input and output
-    layers' errors reach the latents undamped. Diffusers models are also covered by name
-    (``exclude``). Applies in :meth:`plan`/:func:`quantize_linears`, not in :meth:`reason`.
+    ``skip_edges``: leave the model's edges in high precision. Where the model has
+    repeated blocks (the children of a ``ModuleList``/``Sequential`` holding 2+ modules of
+    one type, as a DiT's transformer blocks), the edges are every linear outside them: the
+    input and output layers, embedders, adaLN modulation, caption projections, which run
+    on few rows (no speed to win) or feed every token and the latents (their error is
+    systematic and undamped). Without repeated blocks (a plain MLP), the edges are the
+    first and last linear in registration order. Diffusers models are also covered by name
+    (``exclude``). Risk of turning it off: exactly those errors. Applies in
+    :meth:`plan`/:func:`quantize_linears`, not in :meth:`reason`.
     Hard rules, not overridable: only ``nn.Linear`` (exact type, so subclasses such as
     LoRA wrappers are left alone) and in/out features multiples of 16 (``_scaled_mm``).
     """
@@ -93,15 +96,15 @@ class ModuleFilter:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     include: tuple[str, ...] | None = None
     min_weight_elements: int = DEFAULT_MIN_WEIGHT_ELEMENTS
-    skip_first_last: bool = True
+    skip_edges: bool = True
 
     def __post_init__(self) -> None:
         for key in ("min_features", "min_weight_elements"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key} must be an int >= 0, got {value!r}")
-        if not isinstance(self.skip_first_last, bool):
-            raise TypeError(f"skip_first_last must be a bool, got {self.skip_first_last!r}")
+        if not isinstance(self.skip_edges, bool):
+            raise TypeError(f"skip_edges must be a bool, got {self.skip_edges!r}")
         for key in ("exclude", "include"):
             value = getattr(self, key)
             if value is None:
@@ -136,14 +139,14 @@ class ModuleFilter:
 
     def plan(self, root: nn.Module) -> dict[str, str | None]:
         """Every ``nn.Linear`` (and subclass) of ``root`` by name -> why it is skipped,
-        or None where it is converted; :meth:`reason` plus ``skip_first_last``."""
+        or None where it is converted; :meth:`reason` plus ``skip_edges``."""
         linears = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear)]
         plan = {n: self.reason(n, m) for n, m in linears}
-        if self.skip_first_last:
+        if self.skip_edges:
             edges = edge_linears(root, [n for n, _ in linears])
             for name, which in edges.items():
                 if plan[name] is None:
-                    plan[name] = f"{which} linear of the model (skip_first_last)"
+                    plan[name] = f"{which} (skip_edges)"
         return plan
 
 
@@ -163,13 +166,15 @@ def _block_prefixes(root: nn.Module) -> list[str]:
 
 
 def edge_linears(root: nn.Module, names: list[str]) -> dict[str, str]:
-    """The first and last of ``names`` (linears in registration order) outside repeated
-    blocks, as ``{name: "first" | "last"}`` (one entry if there is one such linear)."""
+    """The edges among ``names`` (linears in registration order) -> why: every linear
+    outside the repeated blocks where there are some, else the first and the last."""
     body = _block_prefixes(root)
-    outer = [n for n in names if not any(n.startswith(p) for p in body)]
-    if not outer:
+    if body:
+        outer = [n for n in names if not any(n.startswith(p) for p in body)]
+        return dict.fromkeys(outer, "outside the repeated blocks")
+    if not names:
         return {}
-    return {outer[-1]: "last", outer[0]: "first"}
+    return {names[-1]: "last linear of the model", names[0]: "first linear of the model"}
 
 
 @dataclass
