@@ -252,6 +252,13 @@ def rowwise_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     if dtype in _REJECTED_OUT_DTYPES:
         return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe_out_dtype(index, dtype)
+
+
+@functools.cache
+def _probe_out_dtype(device_index: int, dtype: torch.dtype) -> bool:
+    device = torch.device("cuda", device_index)
     a = torch.ones(16, 16, device=device).to(FP8_DTYPE)
     ones = torch.ones(16, device=device)
     _scaled_mm_linear(a, ones, a, ones, None, dtype)  # adds dtype to the set if rejected
