@@ -229,3 +229,17 @@ def test_compile_pipe_swaps_the_denoiser_only() -> None:
     for name, denoiser in (("transformer", True), ("text_encoder", False), ("vae.decoder", False)):
         _raw, cfg = _component_options({"mode": "O3"}, "difforge", False, denoiser)
         assert cfg is not None and cfg.settings["quant.fp8_linear"] is denoiser, name
+
+
+def test_torch_compile_entry_point_says_the_swap_needs_difforge_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import difforge.backend as backend
+
+    monkeypatch.setattr(backend, "_warned_fp8", False)
+    model = _ToyDiT()
+    x, t = _inputs()
+    compiled = torch.compile(model, backend="difforge", options={"mode": "O3", **SMALL})
+    with pytest.warns(UserWarning, match="difforge.compile"), torch.no_grad():
+        compiled(x, t)
+    assert not any(isinstance(m, Fp8Linear) for m in model.modules())
