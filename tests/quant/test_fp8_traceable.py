@@ -131,3 +131,40 @@ def test_quantization_fuses_into_the_layer_norm_kernel(scaled_mm: bool) -> None:
         assert "extern_kernels._scaled_mm(" in code
     else:
         assert "_scaled_mm" not in code
+
+
+class _SharedInput(nn.Module):
+    """q/k/v read one LayerNorm output; an MLP whose second linear reads a GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.q, self.k, self.v = (Fp8Linear.from_linear(nn.Linear(64, 64)) for _ in range(3))
+        self.ff1 = Fp8Linear.from_linear(nn.Linear(64, 128))
+        self.ff2 = Fp8Linear.from_linear(nn.Linear(128, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        y = self.q(h) * self.k(h) + self.v(h)
+        return self.ff2(nn.functional.gelu(self.ff1(y)))
+
+
+def test_shared_input_is_quantized_once_and_gelu_fuses_with_the_next_quantization() -> None:
+    """Three linears reading one activation quantize it once (common subexpression), and
+    the GELU between ff1 and ff2 shares a kernel with ff2's activation quantization."""
+    torch.manual_seed(4)
+    m = _SharedInput().eval()
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        eager = m(x)
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(difforge.compile(m, options={"mode": "O2"}), x)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    code = "\n".join(codes)
+    kernels = set(re.findall(r"\b(cpp_fused_\w+)\(", code))
+    with_amax = sorted(k for k in kernels if "amax" in k)
+    # One quantization with the LayerNorm (q/k/v share it), one with ff1's output (y),
+    # one with the GELU: three row-absmax reductions for five linears.
+    assert len(with_amax) == 3, with_amax
+    assert sum("native_layer_norm" in k for k in with_amax) == 1
+    assert sum("gelu" in k for k in with_amax) == 1, with_amax
