@@ -148,3 +148,28 @@ def test_quantized_pipe_compiles_and_matches_quantized_eager() -> None:
     out = _image(pipe)
     # Same fp8 operands; only Inductor's float32 reordering differs.
     np.testing.assert_allclose(out, eager, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_pipe_o3_swaps_the_transformer_like_quantize_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """O3 through compile_pipe with fp8 availability mocked (the swapped linears then run
+    the float32 reference on the CPU): the same linears as quantize_pipe, the transformer
+    only, and the image within the quantize_pipe bound."""
+    import difforge.quant.auto as auto
+    from difforge.diffusers import compile_pipe
+
+    monkeypatch.setattr(auto, "scaled_mm_available", lambda device: True)
+    ref = _image(_pipe())
+    expected = quant_report(_quiet_quantize(_pipe(), min_features=0, min_weight_elements=0))
+    pipe = _pipe()
+    small = {"quant.min_features": 0, "quant.min_weight_elements": 0}
+    compile_pipe(pipe, options={"mode": "O3", **small})
+    out = _image(pipe)
+    report = auto.swap_report(getattr(pipe.transformer, "_orig_mod", pipe.transformer))
+    assert report is not None and expected is not None
+    assert report.converted == expected.converted
+    assert not any(isinstance(m, Fp8Linear) for m in pipe.vae.modules())
+    mse = float(((out.astype(np.float64) - ref) ** 2).mean())
+    assert 10 * np.log10(1.0 / max(mse, 1e-12)) > MIN_PSNR_DB
