@@ -37,6 +37,7 @@ from difforge.diffusers.step_inputs import (
     denoiser_step_inputs,
     vae_decode_inputs,
 )
+from difforge.quant.auto import swap_report
 
 # Kernel-name fragments per category (cuDNN/flash/efficient attention, cuBLAS/CUTLASS/
 # Triton GEMM templates, cuDNN/Triton convs); what is left and starts with triton_ is
@@ -85,6 +86,8 @@ class VariantResult:
     top_kernels: list[tuple[str, str, float, int]] = field(default_factory=list)
     error: str | None = None
     options: dict[str, Any] | None = None
+    fp8_linears: int | None = None
+    """Linears the variant swapped to fp8 (low-precision/O3, ``quant.fp8_linear``)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -271,6 +274,7 @@ def bench_model(
         result = VariantResult(spec, label, None, None, None, None, None, None)
         if label not in ("eager", "compile", "compile-max-autotune"):
             result.options = _variant_options(variant, extra)
+        fn = None
         try:
             fn = _compile(module, variant, extra)
             with torch.no_grad():
@@ -297,6 +301,15 @@ def bench_model(
         except Exception as exc:  # one failing variant must not hide the others' numbers
             result.error = f"{type(exc).__name__}: {str(exc)[:500]}"
         results.append(result)
+        swapped = swap_report(module) if isinstance(module, nn.Module) else None
+        if swapped is not None:
+            # The fp8 swap changed the module in place: later variants get a fresh build
+            # (the same seeded weights), never the quantized one.
+            result.fp8_linears = len(swapped.converted)
+            del fn, module
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            module = _build(name, target or "denoiser", dtype, device, args)[0]
         print(_row(result), flush=True)
     by_variant = {r.variant: r for r in results if r.median_ms}
     for r in results:
@@ -320,6 +333,7 @@ def _row(r: VariantResult) -> str:
         f"{r.model:24s} {r.variant:22s} compile {_fmt(r.compile_s, '.1f')} s  "
         f"step {_fmt(r.median_ms, '.2f')} ms  {_fmt(r.tflops, '.0f')} TFLOP/s  "
         f"err {_fmt(r.rel_err_vs_fp32, '.2e')}"
+        + (f"  fp8 linears {r.fp8_linears}" if r.fp8_linears else "")
     )
 
 

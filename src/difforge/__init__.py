@@ -22,6 +22,7 @@ from difforge.errors import DifforgeError, OptionsError, PassError
 from difforge.memory_format import apply_memory_format
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
+from difforge.quant.auto import swap_fp8_linears
 from difforge.tracing import with_tracing_settings
 
 __all__ = [
@@ -88,7 +89,10 @@ def compile(
 ) -> Any:
     """Compile ``module`` (an ``nn.Module`` or a function) with difforge.
 
-    Options are validated now, not at the first forward. The result shares parameters
+    Options are validated now, not at the first forward. Under ``low-precision``/``O3``
+    (``quant.fp8_linear``) the module's eligible ``nn.Linear`` children are replaced in
+    place by fp8 linears before tracing, where the GPU has fp8 GEMMs: the module you pass
+    is changed, irreversibly (see :mod:`difforge.quant.auto`). The result shares parameters
     and buffers with ``module``: in-place weight updates show up in its outputs without
     recompiling, except under the ``freezing`` mode, which folds weights into the graph.
     With no ``module`` this returns a decorator. ``backend="nexfort"`` is an alias of
@@ -128,6 +132,9 @@ def compile(
                 "weights); for a plain function use 'preserve'"
             )
         apply_memory_format(module, config.memory_format)
+    # low-precision / quant.fp8_linear: nn.Linear -> Fp8Linear, in place, weights quantized
+    # once here (difforge.quant.auto says why here and not in the backend).
+    swap_fp8_linears(module, config.settings)
     if (
         isinstance(module, nn.Module)
         and config.dynamic is True

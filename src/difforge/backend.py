@@ -175,6 +175,7 @@ def guard_frozen_weights(
 
 _warned_dynamic = False
 _warned_regional = False
+_warned_fp8 = False
 _ENTRY_POINT_BACKENDS: dict[str, DifforgeBackend] = {}
 
 
@@ -190,7 +191,7 @@ def difforge_backend(
     ``torch.compile(m, backend="difforge", options={...})`` passes ``options`` here at
     the first call; ``mode="O3"`` is accepted as a shorthand for ``options={"mode": ...}``.
     """
-    global _warned_dynamic, _warned_regional
+    global _warned_dynamic, _warned_regional, _warned_fp8
     opts = load_options(options)
     if mode is not None:
         if "mode" in opts and opts["mode"] != mode:
@@ -211,6 +212,15 @@ def difforge_backend(
             "difforge: 'compile.regional' only takes effect through difforge.compile() or "
             "compile_pipe() (it marks the module's blocks before tracing); with torch.compile "
             "the whole model is compiled",
+            stacklevel=2,
+        )
+    if config.settings.get("quant.fp8_linear") and not _warned_fp8:
+        _warned_fp8 = True
+        warnings.warn(
+            "difforge: fp8 linears ('quant.fp8_linear', on under low-precision/O3) are swapped "
+            "in by difforge.compile() or compile_pipe() before tracing; torch.compile(backend="
+            "'difforge') only sees the traced graph, so the linears keep their precision "
+            "(quantize first with difforge.quant.quantize_linears() or quantize_pipe())",
             stacklevel=2,
         )
     if config.dynamic is not None and not _warned_dynamic:

@@ -283,8 +283,20 @@ def cudagraphs(platform: Platform | None = None) -> Feature:
 
 
 def fp8_gemm(platform: Platform | None = None) -> Feature:
-    """fp8 GEMM through ``torch._scaled_mm``: CUDA and compute capability >= 8.9."""
-    p = _platform(platform)
+    """fp8 GEMM through ``torch._scaled_mm``: CUDA and compute capability >= 8.9.
+
+    What ``low-precision``/``O3`` (``quant.fp8_linear``) needs to swap linears to fp8;
+    without it the mode warns once and leaves the linears alone (no int8 fallback yet)."""
+    feature = _fp8_gemm(_platform(platform))
+    what = (
+        "low-precision/O3 swap large linears to fp8"
+        if feature.available
+        else "low-precision/O3 keep every linear in its own precision here"
+    )
+    return Feature(feature.name, feature.available, f"{feature.reason}; {what}")
+
+
+def _fp8_gemm(p: Platform) -> Feature:
     name = "fp8 GEMM (torch._scaled_mm)"
     minimum = FP8_MIN_CAPABILITY
     if not p.has_scaled_mm:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from difforge.errors import OptionsError
+from difforge.quant.select import DEFAULT_MIN_FEATURES, DEFAULT_MIN_WEIGHT_ELEMENTS
 
 MODES: tuple[str, ...] = (
     "cache-all",
@@ -81,6 +82,8 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "inductor.freezing": True,
     },
     "low-precision": {
+        # fp8 GEMMs for the large linears (CUDA cc >= 8.9; elsewhere a warning, no swap).
+        "quant.fp8_linear": True,
         "inductor.triton.codegen_upcast_to_fp32": False,
         "inductor.emulate_precision_casts": False,
         "inductor.use_fast_math": True,
@@ -95,7 +98,7 @@ MODE_DOCS: dict[str, str] = {
     "max-optimize": "aggressive Inductor fusion and all exact difforge rewrites",
     "cudagraphs": "replay the step as CUDA graphs (cudagraph trees) to remove launch gaps",
     "freezing": "fold weights into the graph as constants (inference only); a later in-place weight update raises until you recompile",
-    "low-precision": "fp16/bf16 elementwise math, fast-math, TF32 matmuls (small numeric change)",
+    "low-precision": "fp8 (e4m3) linears where the GPU has fp8 GEMMs (cc >= 8.9; swaps the module's nn.Linear in place, see `quant.*`), fp16/bf16 elementwise math, fast-math, TF32 matmuls",
 }
 
 MemoryFormat = Literal["channels_last", "contiguous", "preserve"]
@@ -142,6 +145,44 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "nested_compile_region, 'blocks' = torch.compile per block (outer model eager); cuts "
         "compile time, no numeric change (difforge.regional)",
     ),
+    "quant.fp8_linear": (
+        False,
+        bool,
+        "swap the module's eligible nn.Linear for fp8 linears (e4m3 weights per output "
+        "channel quantized once, activations per row at run time, torch._scaled_mm) before "
+        "tracing; mutates the module in place; only where the fp8 GEMM exists (CUDA, compute "
+        "capability >= 8.9), else one warning and no swap (risk: ~2-4% relative error per "
+        "linear on random data; check image quality per model)",
+    ),
+    "quant.min_features": (
+        DEFAULT_MIN_FEATURES,
+        int,
+        "fp8 swap: skip linears with in or out features below this",
+    ),
+    "quant.min_weight_elements": (
+        DEFAULT_MIN_WEIGHT_ELEMENTS,
+        int,
+        "fp8 swap: skip linears with in*out below this (measured crossover, "
+        "difforge.quant.select.DEFAULT_MIN_WEIGHT_ELEMENTS)",
+    ),
+    "quant.exclude": (
+        None,
+        (list, type(None)),
+        "fp8 swap: name patterns kept in high precision (substring or glob); null = the "
+        "defaults (embedders, adaLN/norm, proj_in/proj_out, time/caption/context projections)",
+    ),
+    "quant.include": (
+        None,
+        (list, type(None)),
+        "fp8 swap: if set, only linears whose names match one of these patterns",
+    ),
+    "quant.skip_edges": (
+        True,
+        bool,
+        "fp8 swap: keep the model's edges in high precision: every linear outside its "
+        "repeated blocks (input/output layers, embedders, modulation), or the first and last "
+        "linear of a model without repeated blocks",
+    ),
     "shapes.duck_sizing": (
         None,
         (bool, type(None)),
@@ -152,6 +193,8 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
 }
 
 _POSITIVE_INTS = frozenset({"heuristics.persistent_reduction_max"})
+_NON_NEGATIVE_INTS = frozenset({"quant.min_features", "quant.min_weight_elements"})
+_PATTERN_LISTS = frozenset({"quant.exclude", "quant.include"})
 
 TORCH_CONFIG_NAMESPACES: tuple[str, ...] = ("inductor", "functorch")
 NAMESPACES: tuple[str, ...] = (
@@ -163,6 +206,7 @@ NAMESPACES: tuple[str, ...] = (
     "recompile",
     "shapes",
     "heuristics",
+    "quant",
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -397,6 +441,11 @@ def _validate_dotted(key: str, value: Any, torch_configs: dict[str, dict[str, An
         _check_type(key, value, OWN_SETTINGS[key][1])
         if key in _POSITIVE_INTS and value is not None and value < 1:
             raise OptionsError(f"{key!r} must be a positive integer or null, got {value!r}")
+        if key in _NON_NEGATIVE_INTS and value < 0:
+            raise OptionsError(f"{key!r} must be an integer >= 0, got {value!r}")
+        patterns = value if key in _PATTERN_LISTS and value is not None else []
+        if not all(isinstance(v, str) and v for v in patterns):
+            raise OptionsError(f"{key!r} must be a list of non-empty strings, got {value!r}")
         return
     valid = [*TOP_LEVEL_KEYS, *OWN_SETTINGS, *(f"{n}.<name>" for n in TORCH_CONFIG_NAMESPACES)]
     raise OptionsError(

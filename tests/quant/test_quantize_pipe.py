@@ -47,7 +47,7 @@ def _quiet_quantize(pipe: Any, **kwargs: Any) -> Any:
 def test_filter_choices_on_the_tiny_pixart_transformer() -> None:
     model = build_component(PRESET, "transformer", dtype=torch.float32, device="cpu")
     # Tiny widths (48/192) are far below the default min_features: pass 0 to convert.
-    report = quantize_linears(model, ModuleFilter(min_features=0))
+    report = quantize_linears(model, ModuleFilter(min_features=0, min_weight_elements=0))
     blocks = [n for n in report.converted if n.startswith("transformer_blocks.")]
     assert blocks == report.converted  # only the transformer blocks' linears
     per_block = {n.split(".", 2)[2] for n in blocks}
@@ -71,7 +71,7 @@ def test_filter_choices_on_the_tiny_pixart_transformer() -> None:
 
 def test_quantize_pipe_end_to_end_image() -> None:
     ref = _image(_pipe())
-    pipe = _quiet_quantize(_pipe(), min_features=0)
+    pipe = _quiet_quantize(_pipe(), min_features=0, min_weight_elements=0)
     report = quant_report(pipe)
     assert report is not None and report.component == "transformer"
     assert len(report.converted) == 20 and report.bytes_saved > 0
@@ -84,7 +84,9 @@ def test_quantize_pipe_end_to_end_image() -> None:
 
 def test_fuse_qkv_projections_before_quantizing() -> None:
     ref = _image(_pipe())
-    pipe = _quiet_quantize(_pipe(), min_features=0, fuse_qkv_projections=True)
+    pipe = _quiet_quantize(
+        _pipe(), min_features=0, min_weight_elements=0, fuse_qkv_projections=True
+    )
     report = quant_report(pipe)
     assert report is not None
     assert "transformer_blocks.0.attn1.to_qkv" in report.converted
@@ -95,16 +97,16 @@ def test_fuse_qkv_projections_before_quantizing() -> None:
 
 
 def test_second_call_does_nothing_and_other_settings_raise() -> None:
-    pipe = _quiet_quantize(_pipe(), min_features=0)
+    pipe = _quiet_quantize(_pipe(), min_features=0, min_weight_elements=0)
     first = quant_report(pipe)
     modules = dict(pipe.transformer.named_modules())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second slow-path warning either
-        assert quantize_pipe(pipe, min_features=0) is pipe
+        assert quantize_pipe(pipe, min_features=0, min_weight_elements=0) is pipe
     assert quant_report(pipe) is first
     assert dict(pipe.transformer.named_modules()) == modules
     with pytest.raises(ValueError, match="already quantized"):
-        quantize_pipe(pipe, min_features=0, exclude=())
+        quantize_pipe(pipe, min_features=0, min_weight_elements=0, exclude=())
 
 
 def test_refuses_after_compile_pipe() -> None:
@@ -112,7 +114,7 @@ def test_refuses_after_compile_pipe() -> None:
 
     pipe = compile_pipe(_pipe())  # lazy: nothing is traced until the pipe runs
     with pytest.raises(QuantizeOrderError, match="quantize before compile"):
-        quantize_pipe(pipe, min_features=0)
+        quantize_pipe(pipe, min_features=0, min_weight_elements=0)
     assert not any(isinstance(m, Fp8Linear) for m in pipe.transformer.modules())
 
 
@@ -128,7 +130,7 @@ def test_warns_once_without_fp8_gemm_and_checks_arguments() -> None:
         pytest.skip("the warning is for machines without an fp8 GEMM")
     pipe = _pipe()
     with pytest.warns(RuntimeWarning, match="fp8 GEMM not available") as record:
-        quantize_pipe(pipe, min_features=0)
+        quantize_pipe(pipe, min_features=0, min_weight_elements=0)
     assert len([w for w in record if "fp8 GEMM" in str(w.message)]) == 1
     with pytest.raises(ValueError, match="dtype"):
         quantize_pipe(_pipe(), dtype="int4")
@@ -140,9 +142,34 @@ def test_warns_once_without_fp8_gemm_and_checks_arguments() -> None:
 def test_quantized_pipe_compiles_and_matches_quantized_eager() -> None:
     from difforge.diffusers import compile_pipe
 
-    pipe = _quiet_quantize(_pipe(), min_features=0)
+    pipe = _quiet_quantize(_pipe(), min_features=0, min_weight_elements=0)
     eager = _image(pipe)
     compile_pipe(pipe, options={"mode": "O2", "fullgraph": True}, ignores=("vae",))
     out = _image(pipe)
     # Same fp8 operands; only Inductor's float32 reordering differs.
     np.testing.assert_allclose(out, eager, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_pipe_o3_swaps_the_transformer_like_quantize_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """O3 through compile_pipe with fp8 availability mocked (the swapped linears then run
+    the float32 reference on the CPU): the same linears as quantize_pipe, the transformer
+    only, and the image within the quantize_pipe bound."""
+    import difforge.quant.auto as auto
+    from difforge.diffusers import compile_pipe
+
+    monkeypatch.setattr(auto, "scaled_mm_available", lambda device: True)
+    ref = _image(_pipe())
+    expected = quant_report(_quiet_quantize(_pipe(), min_features=0, min_weight_elements=0))
+    pipe = _pipe()
+    small = {"quant.min_features": 0, "quant.min_weight_elements": 0}
+    compile_pipe(pipe, options={"mode": "O3", **small})
+    out = _image(pipe)
+    report = auto.swap_report(getattr(pipe.transformer, "_orig_mod", pipe.transformer))
+    assert report is not None and expected is not None
+    assert report.converted == expected.converted
+    assert not any(isinstance(m, Fp8Linear) for m in pipe.vae.modules())
+    mse = float(((out.astype(np.float64) - ref) ** 2).mean())
+    assert 10 * np.log10(1.0 / max(mse, 1e-12)) > MIN_PSNR_DB

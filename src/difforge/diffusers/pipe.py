@@ -151,18 +151,26 @@ def _is_ours(backend: str | Callable[..., Any]) -> bool:
 
 
 def _component_options(
-    options: Mapping[str, Any] | str | None, backend: str | Callable[..., Any], conv: bool
+    options: Mapping[str, Any] | str | None,
+    backend: str | Callable[..., Any],
+    conv: bool,
+    denoiser: bool = False,
 ) -> tuple[dict[str, Any], CompileConfig | None]:
     """The options one component is compiled with, and their parsed config.
 
     ``memory_format`` re-lays conv weights; on a transformer or a text encoder it would
-    only add input conversions, so non-conv components always get ``preserve``.
+    only add input conversions, so non-conv components always get ``preserve``. The fp8
+    linear swap (``quant.fp8_linear``, on under ``low-precision``/``O3``) applies to the
+    denoiser only, like ``quantize_pipe``: text encoders run once per prompt and VAEs are
+    conv-bound, so fp8 there costs quality for no speed.
     """
     raw = load_options(options)
     if not _is_ours(backend):
         return raw, None
     if not conv:
         raw["memory_format"] = "preserve"
+    if not denoiser:
+        raw["quant.fp8_linear"] = False
     return raw, parse_options(raw)
 
 
@@ -345,7 +353,10 @@ def compile_pipe(
         raise TypeError(f"backend must be a name or a callable, got {backend!r}")
     targets = [n for n in _modules(pipe) if not _ignored(n, ignores)]
     # Parse everything first: a bad option must fail before the pipe is touched.
-    plans = {n: _component_options(options, backend, n in CONV_COMPONENTS) for n in targets}
+    plans = {
+        n: _component_options(options, backend, n in CONV_COMPONENTS, n in DENOISERS)
+        for n in targets
+    }
     state = _ensure_state(pipe)
 
     for name in [n for n in state.compiled if _ignored(n, ignores)]:

@@ -25,6 +25,7 @@ from difforge.errors import DifforgeError
 from difforge.quant.select import (
     DEFAULT_EXCLUDE,
     DEFAULT_MIN_FEATURES,
+    DEFAULT_MIN_WEIGHT_ELEMENTS,
     ModuleFilter,
     QuantizeReport,
     quantize_linears,
@@ -51,7 +52,8 @@ class PipeQuantReport(QuantizeReport):
     component: str = ""
     dtype: str = "fp8"
     settings: tuple[Any, ...] = ()
-    """(dtype, min_features, exclude, include, fuse_qkv_projections) as normalised; a repeat call compares them."""
+    """(dtype, min_features, exclude, include, fuse_qkv_projections, min_weight_elements,
+    skip_edges) as normalised; a repeat call compares them."""
 
 
 def quant_report(pipe: Any) -> PipeQuantReport | None:
@@ -89,14 +91,20 @@ def quantize_pipe(
     exclude: Sequence[str] | str | None = None,
     include: Sequence[str] | str | None = None,
     fuse_qkv_projections: bool = False,
+    min_weight_elements: int = DEFAULT_MIN_WEIGHT_ELEMENTS,
+    skip_edges: bool = True,
 ) -> Any:
     """Quantize the denoiser's linears to fp8 in place; call it before ``compile_pipe``.
 
     ``dtype``: only ``"fp8"`` (e4m3fn weights per output channel, activations per token).
     Risk: ~2-4 % relative error per quantized linear on random data; image-level PSNR
     depends on the model and must be checked per model.
-    ``min_features``, ``exclude`` (default :data:`~difforge.quant.select.DEFAULT_EXCLUDE`),
-    ``include``: see :class:`~difforge.quant.select.ModuleFilter`.
+    ``min_features``, ``min_weight_elements``, ``exclude`` (default
+    :data:`~difforge.quant.select.DEFAULT_EXCLUDE`), ``include``, ``skip_edges``: see
+    :class:`~difforge.quant.select.ModuleFilter`; the defaults are those of the
+    ``low-precision`` mode's swap (``quant.*`` options), so ``quantize_pipe(pipe)`` then
+    ``compile_pipe(pipe, options={"mode": "O3"})`` converts what ``O3`` alone would, and
+    the compile swaps nothing more (a denoiser holding fp8 linears is left as it is).
     ``fuse_qkv_projections``: call the denoiser's diffusers ``fuse_qkv_projections()``
     first, so the fused ``to_qkv``/``to_kv`` linears are what gets quantized (fp8 weights
     cannot be concatenated afterwards: ``compile_pipe(fuse_qkv_projections=True)`` on a
@@ -119,6 +127,8 @@ def quantize_pipe(
         min_features=min_features,
         exclude=DEFAULT_EXCLUDE if exclude is None else exclude,  # type: ignore[arg-type]
         include=include,  # type: ignore[arg-type]
+        min_weight_elements=min_weight_elements,
+        skip_edges=skip_edges,
     )
     settings = (
         dtype,
@@ -126,6 +136,8 @@ def quantize_pipe(
         module_filter.exclude,
         module_filter.include,
         bool(fuse_qkv_projections),
+        module_filter.min_weight_elements,
+        module_filter.skip_edges,
     )
 
     previous = quant_report(pipe)

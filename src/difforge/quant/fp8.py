@@ -11,11 +11,22 @@ relative error of roughly 2-4 % against float32 for random data (measured in
 (the e4m3fn maximum) so nothing saturates; values below ``448 * 2**-9`` of a row's
 absmax fall into subnormals or flush to zero.
 
-The GEMM is the ``difforge::fp8_linear`` custom op: ``torch._scaled_mm`` on CUDA devices
-with compute capability >= 8.9, a float32 dequantize-then-matmul reference everywhere
-else (the same numbers up to accumulation order, but slow: for tests and old GPUs).
-The activation quantization stays outside the op, in plain torch, so Inductor can fuse
-it into whatever produced the activation (LayerNorm, modulation, GELU).
+Two implementations of the same function:
+
+* ``traceable`` (:func:`fp8_linear_traceable`, what :class:`Fp8Linear` runs under
+  ``torch.compile``): plain torch ops only, row absmax in float32, divide, clamp ±448,
+  cast to e4m3fn, then ``torch._scaled_mm`` with row-wise scales (or, where there is no
+  fp8 GEMM, the float32 dequantize-then-matmul reference). Inductor sees every step, so
+  it fuses the activation quantization into the kernel that produced the activation
+  (LayerNorm + modulation, GELU): the measured reason this exists is that a separate
+  quantization kernel costs 0.05-0.08 ms per PixArt GEMM on an H200 and turns the fp8
+  GEMM's 1.24-1.6x into 0.66-0.91x (``benchmarks/results/2026-11-26_h200_probe_ops.json``).
+* ``op`` (:func:`fp8_linear`, what :class:`Fp8Linear` runs eagerly): the GEMM is the
+  opaque custom op ``difforge::fp8_linear``, which also handles stacks whose rowwise
+  kernel rejects an output dtype at run time.
+
+Both compute ``bias + (x_fp8 * sx) @ (w_fp8 * sw).T`` with float32 accumulation: the same
+numbers up to accumulation order (the reference is slow: for tests and old GPUs).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ __all__ = [
     "dequantize",
     "fp8_linear",
     "fp8_linear_reference",
+    "fp8_linear_traceable",
     "quantize_rows",
     "quantize_weight",
     "scaled_mm_available",
@@ -229,12 +241,92 @@ def fp8_linear(
     return out.reshape(*lead, w_fp8.shape[0])
 
 
+def rowwise_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the rowwise ``_scaled_mm`` writes ``dtype`` directly on ``device``.
+
+    Probed once per (device, dtype) with a 16x16 GEMM, eagerly (never inside a trace):
+    :class:`Fp8Linear` asks at construction/move time and stores the answer, so its
+    compiled forward branches on a Python constant.
+    """
+    if not scaled_mm_available(device) or dtype == torch.bfloat16:
+        return True
+    if dtype in _REJECTED_OUT_DTYPES:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe_out_dtype(index, dtype)
+
+
+@functools.cache
+def _probe_out_dtype(device_index: int, dtype: torch.dtype) -> bool:
+    device = torch.device("cuda", device_index)
+    a = torch.ones(16, 16, device=device).to(FP8_DTYPE)
+    ones = torch.ones(16, device=device)
+    _scaled_mm_linear(a, ones, a, ones, None, dtype)  # adds dtype to the set if rejected
+    return dtype not in _REJECTED_OUT_DTYPES
+
+
+def fp8_linear_traceable(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scaled_mm: bool,
+    direct_out_dtype: bool = True,
+) -> torch.Tensor:
+    """:func:`fp8_linear` in plain torch ops, so Inductor can fuse the quantization.
+
+    ``scaled_mm``: use ``torch._scaled_mm`` (the caller checked :func:`scaled_mm_available`
+    eagerly; this function must not, it runs inside traces); otherwise the float32
+    reference, numerically the same function. ``direct_out_dtype``: False where the
+    rowwise kernel cannot write ``x.dtype`` (:func:`rowwise_out_dtype_ok`): bfloat16 out,
+    then cast and add the bias. Inference only: the quantized operands are detached, so
+    a module whose parameters require grad still traces (``_scaled_mm`` has no gradient).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    x_fp8, x_scale = quantize_rows(x2.detach())
+    if bias is not None:
+        bias = bias.detach()
+    if not scaled_mm:
+        out = fp8_linear_reference(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype)
+    else:
+        scale_a = x_scale.reshape(-1, 1)
+        scale_b = w_scale.float().reshape(1, -1)
+        if direct_out_dtype:
+            # The bias rides in the GEMM's epilogue (cuBLASLt): no extra pass over the
+            # output; an activation after it is one pointwise kernel either way.
+            out = torch._scaled_mm(
+                x_fp8,
+                w_fp8.t(),
+                scale_a=scale_a,
+                scale_b=scale_b,
+                bias=None if bias is None else bias.to(x.dtype),
+                out_dtype=x.dtype,
+            )
+        else:
+            out = torch._scaled_mm(
+                x_fp8, w_fp8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16
+            ).to(x.dtype)
+            if bias is not None:
+                out = out + bias.to(x.dtype)
+    return out.reshape(*lead, w_fp8.shape[0])
+
+
+#: Fp8Linear implementations: "auto" = traceable under torch.compile, the op eagerly.
+IMPLS: tuple[str, ...] = ("auto", "traceable", "op")
+
+
 class Fp8Linear(nn.Module):
     """Drop-in for ``nn.Linear`` holding a per-channel fp8 weight (inference only).
 
     Buffers: ``weight_fp8`` ``[out, in]`` float8_e4m3fn and ``weight_scale`` ``[out]``
     float32, quantized once in :meth:`from_linear`; ``bias`` stays a parameter in the
-    original dtype. The output dtype is the input's. ``.to(dtype)`` / ``.half()`` move
+    original dtype. The output dtype is the input's. ``impl`` (:data:`IMPLS`): ``"auto"``
+    (default) runs :func:`fp8_linear_traceable` while ``torch.compile`` traces (so the
+    activation quantization fuses into its producer) and the custom op eagerly;
+    ``"traceable"``/``"op"`` force one. Whether ``_scaled_mm`` is used is decided when the
+    module is built or moved (``.to``/``.cuda``), not per call. ``.to(dtype)`` / ``.half()`` move
     these buffers between devices but never change their dtypes (a float16 copy of an fp8
     weight would double its memory and break ``_scaled_mm``).
     """
@@ -264,12 +356,32 @@ class Fp8Linear(nn.Module):
             if bias
             else None
         )
+        self.impl = "auto"
+        #: The high-precision dtype the weight had; the rowwise out-dtype probe uses it.
+        self.orig_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self._refresh_gemm_flags()
+
+    def _refresh_gemm_flags(self) -> None:
+        """Decide, eagerly, how the traceable forward runs on the weight's device."""
+        device = self.weight_fp8.device
+        self.use_scaled_mm = scaled_mm_available(device)
+        #: Output dtypes the traceable forward asks the rowwise GEMM for directly; others
+        #: go through a bfloat16 output and a cast. Probed for the weight's original dtype
+        #: (bfloat16 always works); without ``_scaled_mm`` the question does not arise.
+        if not self.use_scaled_mm:
+            self.direct_out_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+        elif rowwise_out_dtype_ok(device, self.orig_dtype):
+            self.direct_out_dtypes = tuple(dict.fromkeys((torch.bfloat16, self.orig_dtype)))
+        else:
+            self.direct_out_dtypes = (torch.bfloat16,)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
         """Quantize ``linear``'s weight (once) into a new module on the same device."""
         w = linear.weight.detach()
-        new = cls(linear.in_features, linear.out_features, bias=False, device=w.device)
+        new = cls(
+            linear.in_features, linear.out_features, bias=False, device=w.device, dtype=w.dtype
+        )
         w_fp8, scale = quantize_weight(w)
         new.weight_fp8 = w_fp8
         new.weight_scale = scale
@@ -282,7 +394,19 @@ class Fp8Linear(nn.Module):
         return dequantize(self.weight_fp8, self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias)
+        impl = self.impl
+        if impl == "auto":
+            impl = "traceable" if torch.compiler.is_compiling() else "op"
+        if impl == "op":
+            return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias)
+        return fp8_linear_traceable(
+            x,
+            self.weight_fp8,
+            self.weight_scale,
+            self.bias,
+            scaled_mm=self.use_scaled_mm,
+            direct_out_dtype=x.dtype in self.direct_out_dtypes,
+        )
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # nn.Module.to(dtype) converts every floating buffer, fp8 included; keep ours.
@@ -292,10 +416,11 @@ class Fp8Linear(nn.Module):
             after = getattr(self, key)
             if after.dtype != before.dtype:  # re-move the original: the cast was lossy
                 setattr(self, key, before.to(after.device))
+        self._refresh_gemm_flags()  # a device move can change the GEMM path
         return self
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, weight=float8_e4m3fn per-channel"
+            f"bias={self.bias is not None}, weight=float8_e4m3fn per-channel, impl={self.impl}"
         )

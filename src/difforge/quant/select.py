@@ -17,6 +17,7 @@ from difforge.quant.fp8 import ALIGNMENT, Fp8Linear
 __all__ = [
     "DEFAULT_EXCLUDE",
     "DEFAULT_MIN_FEATURES",
+    "DEFAULT_MIN_WEIGHT_ELEMENTS",
     "ModuleFilter",
     "QuantizeReport",
     "quantize_linears",
@@ -41,11 +42,23 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "x_embedder",
 )
 
-#: Skip a linear whose in or out features are below this. A guess, not a measurement:
-#: below ~1k the fp8 GEMM's gain is eaten by the activation quantization's extra pass
-#: over the input. DiT linears (PixArt 1152/4608, SD3 1536, FLUX 3072) clear it; SDXL's
-#: 640-wide attention does not. The true crossover must be measured on a GPU.
+#: Skip a linear whose in or out features are below this: a narrow side gives a GEMM too
+#: thin to reach fp8's throughput, and the activation quantization costs a pass over the
+#: input whatever N is. DiT linears (PixArt 1152/4608, SD3 1536, FLUX 3072) clear it; SDXL's
+#: 640-wide attention does not (unmeasured below 1152: the GPU sweep in the README's
+#: next-steps list measures it).
 DEFAULT_MIN_FEATURES = 1024
+
+#: Skip a linear whose weight has fewer elements (in x out) than this. Measured on an H200
+#: (torch 2.11, M = 8192 rows, ``benchmarks/results/2026-11-26_h200_probe_ops.json``): the
+#: fp8 GEMM alone saves 0.007 ms at 1152x1152 (1.24x) but 0.031-0.046 ms at 1152x3456 and
+#: up (1.44-1.66x), while a quantization pass that Inductor cannot fuse into a producer
+#: (e.g. after attention, an opaque kernel) costs 0.015-0.08 ms. The GEMM saving grows
+#: with in x out, the quantization cost only with in, so square 1152-wide layers (PixArt's
+#: separate q/k/v and attention out projection) lose or tie and are skipped; 2**21 sits
+#: between 1152x1152 (1.3M) and 1152x3456 (4.0M). Risk: none numerically (skipping keeps
+#: precision); on models with wide square layers it may leave speed on the table.
+DEFAULT_MIN_WEIGHT_ELEMENTS = 2**21
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -64,6 +77,17 @@ class ModuleFilter:
     ``DEFAULT_EXCLUDE + (...)`` to extend). Risk: removing the defaults quantizes the
     embedders and the output projection, the layers most sensitive to fp8 error.
     ``include``: if given, only names matching one of these patterns are candidates.
+    ``min_weight_elements``: skip linears with ``in * out`` below this (default
+    :data:`DEFAULT_MIN_WEIGHT_ELEMENTS`, measured; 0 = any).
+    ``skip_edges``: leave the model's edges in high precision. Where the model has
+    repeated blocks (the children of a ``ModuleList``/``Sequential`` holding 2+ modules of
+    one type, as a DiT's transformer blocks), the edges are every linear outside them: the
+    input and output layers, embedders, adaLN modulation, caption projections, which run
+    on few rows (no speed to win) or feed every token and the latents (their error is
+    systematic and undamped). Without repeated blocks (a plain MLP), the edges are the
+    first and last linear in registration order. Diffusers models are also covered by name
+    (``exclude``). Risk of turning it off: exactly those errors. Applies in
+    :meth:`plan`/:func:`quantize_linears`, not in :meth:`reason`.
     Hard rules, not overridable: only ``nn.Linear`` (exact type, so subclasses such as
     LoRA wrappers are left alone) and in/out features multiples of 16 (``_scaled_mm``).
     """
@@ -71,10 +95,16 @@ class ModuleFilter:
     min_features: int = DEFAULT_MIN_FEATURES
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     include: tuple[str, ...] | None = None
+    min_weight_elements: int = DEFAULT_MIN_WEIGHT_ELEMENTS
+    skip_edges: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_features, int) or self.min_features < 0:
-            raise ValueError(f"min_features must be an int >= 0, got {self.min_features!r}")
+        for key in ("min_features", "min_weight_elements"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {value!r}")
+        if not isinstance(self.skip_edges, bool):
+            raise TypeError(f"skip_edges must be a bool, got {self.skip_edges!r}")
         for key in ("exclude", "include"):
             value = getattr(self, key)
             if value is None:
@@ -95,6 +125,8 @@ class ModuleFilter:
             return f"features {k}x{n} not multiples of {ALIGNMENT}"
         if min(k, n) < self.min_features:
             return f"features {k}x{n} below min_features={self.min_features}"
+        if k * n < self.min_weight_elements:
+            return f"weight {k}x{n} below min_weight_elements={self.min_weight_elements}"
         if self.include is not None and not any(_matches(name, p) for p in self.include):
             return "not matched by include"
         hit = next((p for p in self.exclude if _matches(name, p)), None)
@@ -104,6 +136,45 @@ class ModuleFilter:
 
     def __call__(self, name: str, module: nn.Module) -> bool:
         return self.reason(name, module) is None
+
+    def plan(self, root: nn.Module) -> dict[str, str | None]:
+        """Every ``nn.Linear`` (and subclass) of ``root`` by name -> why it is skipped,
+        or None where it is converted; :meth:`reason` plus ``skip_edges``."""
+        linears = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear)]
+        plan = {n: self.reason(n, m) for n, m in linears}
+        if self.skip_edges:
+            edges = edge_linears(root, [n for n, _ in linears])
+            for name, which in edges.items():
+                if plan[name] is None:
+                    plan[name] = f"{which} (skip_edges)"
+        return plan
+
+
+def _block_prefixes(root: nn.Module) -> list[str]:
+    """Dotted prefixes (``"blocks.3."``) of the children of containers holding 2+ modules
+    of one type: the repeated body of the model."""
+    prefixes = []
+    for name, module in root.named_modules():
+        if not isinstance(module, nn.ModuleList | nn.Sequential):
+            continue
+        children = list(module.named_children())
+        types = [type(c) for _, c in children]
+        for child_name, child in children:
+            if types.count(type(child)) >= 2 and type(child) is not nn.Linear:
+                prefixes.append(f"{name}.{child_name}." if name else f"{child_name}.")
+    return prefixes
+
+
+def edge_linears(root: nn.Module, names: list[str]) -> dict[str, str]:
+    """The edges among ``names`` (linears in registration order) -> why: every linear
+    outside the repeated blocks where there are some, else the first and the last."""
+    body = _block_prefixes(root)
+    if body:
+        outer = [n for n in names if not any(n.startswith(p) for p in body)]
+        return dict.fromkeys(outer, "outside the repeated blocks")
+    if not names:
+        return {}
+    return {names[-1]: "last linear of the model", names[0]: "first linear of the model"}
 
 
 @dataclass
@@ -149,9 +220,10 @@ def quantize_linears(
     report = QuantizeReport()
     # Collect first: replacing while iterating named_modules would visit the new modules.
     linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    plan = module_filter.plan(module) if isinstance(module_filter, ModuleFilter) else {}
     for name, linear in linears:
         if isinstance(module_filter, ModuleFilter):
-            why = module_filter.reason(name, linear)
+            why = plan[name]
         else:
             why = None if module_filter(name, linear) else "rejected by filter"
         if why is not None:
