@@ -43,7 +43,8 @@ STEP_RESULTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
 )
 
-_LABELS = {"compile": "torch.compile"}
+#: These runs predate the fp8 linear swap that low-precision (so O3) now does.
+_LABELS = {"compile": "torch.compile", "O3": "O3 (before the fp8 swap)"}
 #: The VAE A/B ran before the persistent-reduction override became LayerNorm-only: a VAE
 #: has no LayerNorm, so today's O2 is its "nopr" variant; "O2" there is the dropped rule.
 _VAE_LABELS = {
