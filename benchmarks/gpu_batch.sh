@@ -7,8 +7,9 @@
 #   vae      SDXL VAE decode with today's O2 rule, O3                           ~3 min
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
 #   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
+#   fp8      O3 with/without the fp8 swap (and all sizes) on PixArt and SD3     ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -42,6 +43,11 @@ case "$part" in
       --compiler-config '{"mode": "O2", "dynamic": true, "memory_format": "channels_last"}' \
       --run_multiple_resolutions --run_rare_resolutions --compare-specialized 1024x1024 \
       --steps 20 --warmups 1 --runs 2 --output-json "$out/t2i_sdxl_dynamic.json" ;;
+  fp8)
+    V='O2;O3-nofp8={"mode":"O3","quant.fp8_linear":false};O3;O3-all={"mode":"O3","quant.min_weight_elements":0}'
+    run 300 fp8_tests python3 -m pytest -q -rA -m gpu tests/quant -p no:cacheprovider
+    run 280 step_fp8 python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
+      --profile --variants "$V" --output-json "$out/step_fp8_o3.json" ;;
   *)
     echo "unknown part $part" >&2
     exit 2 ;;
