@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
@@ -16,6 +17,12 @@ import pytest
 
 # Tests never touch the user's real caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One fresh Inductor cache per test session: an FX-graph cache hit installs the size guards
+# recorded with the cached entry, so entries left by earlier runs (other sizes) made the
+# dynamic-shape sweeps recompile. Tests of the caches themselves set their own folders.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="difforge-tests-inductor-")
+)
 
 
 @pytest.fixture(autouse=True)
