@@ -5,8 +5,8 @@ one read of the row) or loop over it in chunks (a Welford pass, then a second pa
 reads the row again to normalise). Its limit is a row of 1024 elements, so the
 LayerNorm + adaLN kernels of PixArt (1152 channels), SD3 (1536) and FLUX (3072) all
 loop. ``heuristics.persistent_reduction_max`` raises that limit for inner (row-wise)
-reductions whose length is known at compile time and is not a power of two (see
-:meth:`DifforgeChoices.should_use_persistent_reduction` for why).
+LayerNorm reductions whose length is known at compile time (see
+:meth:`DifforgeChoices.should_use_persistent_reduction` for why only LayerNorms).
 
 The override is installed only while difforge's Inductor call runs
 (:func:`choices_for`), and its :meth:`DifforgeChoices.cache_salt` goes into the cache
@@ -38,6 +38,10 @@ try:  # private Inductor API: present in torch 2.6 through 2.13, guarded for the
 except ImportError:  # pragma: no cover - depends on the torch build
     InductorChoices = object  # type: ignore[assignment,misc]
     _AVAILABLE = False
+
+
+#: Hash of this file, read once: part of every cache salt.
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
@@ -73,15 +77,11 @@ class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
         # The rule's source is part of the key: a changed heuristic must not be served
         # kernels the old one generated (seen: an FX-graph cache hit on a warm GPU
         # machine returned the previous rule's kernels).
-        source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-        return f"persistent_reduction_max={self.persistent_reduction_max};{source}".encode()
-
-    def uuid(self) -> str:  # what torch's own inductor_choices_class keys use
-        return self.cache_salt().decode()
+        return f"persistent_reduction_max={self.persistent_reduction_max};{_SOURCE}".encode()
 
 
 def _only_layer_norm(features: Any) -> bool:
-    """Whether every reduction in the kernel comes from a LayerNorm (by its ATen origin)."""
+    """Whether the kernel's reductions include a LayerNorm and no GroupNorm (by ATen origin)."""
     found = False
     try:  # private scheduler structures: any surprise means "not sure", i.e. no
         for node in features.reduction_nodes():

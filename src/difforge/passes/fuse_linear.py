@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from difforge.passes.registry import node_tensor, register_pass
+from difforge.passes.registry import node_arg, node_tensor, register_pass
 
 log = logging.getLogger("difforge.passes")
 
@@ -29,10 +29,7 @@ def _linear_parts(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, ob
     """(input, weight, bias-or-None) when ``node`` is a fusable linear call."""
     if node.op != "call_function" or node.target is not _LINEAR:
         return None
-    args = list(node.args) + [None] * (3 - len(node.args))
-    x = node.kwargs.get("input", args[0])
-    weight = node.kwargs.get("weight", args[1])
-    bias = node.kwargs.get("bias", args[2])
+    x, weight, bias = (node_arg(node, i, n) for i, n in enumerate(("input", "weight", "bias")))
     # Weights must exist before the first linear runs: graph inputs or attributes.
     for t in (weight, bias):
         if t is not None and not (

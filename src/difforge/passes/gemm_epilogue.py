@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from difforge.passes.registry import node_tensor, register_pass
+from difforge.passes.registry import node_arg, node_tensor, register_pass
 
 _LINEAR = torch._C._nn.linear
 _GELU = torch._C._nn.gelu
@@ -38,22 +38,17 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[index] if len(node.args) > index else default
-
-
-def _match(gelu: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | None:
-    """(x, weight, bias) when ``gelu`` is a foldable GELU of a biased linear."""
+def _match(gelu: torch.fx.Node) -> tuple[torch.fx.Node, tuple[torch.fx.Node, ...]] | None:
+    """(the linear, its (x, weight, bias)) when ``gelu`` is a foldable GELU of a biased
+    linear."""
     if gelu.op != "call_function" or gelu.target is not _GELU:
         return None
-    linear = _arg(gelu, 0, "input")
+    linear = node_arg(gelu, 0, "input")
     if not isinstance(linear, torch.fx.Node) or linear.target is not _LINEAR:
         return None
     if len(linear.users) != 1:  # someone else reads the pre-activation values
         return None
-    x, weight, bias = (_arg(linear, i, n) for i, n in enumerate(("input", "weight", "bias")))
+    x, weight, bias = (node_arg(linear, i, n) for i, n in enumerate(("input", "weight", "bias")))
     if not all(isinstance(t, torch.fx.Node) for t in (x, weight, bias)):
         return None
     out, xt, wt, bt = (node_tensor(n) for n in (gelu, x, weight, bias))
@@ -61,13 +56,13 @@ def _match(gelu: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.
         return None
     if out.requires_grad:  # _addmm_activation has no derivative: inference graphs only
         return None
-    if EPILOGUE_GELU.get(out.device.type) != _arg(gelu, 1, "approximate", "none"):
+    if EPILOGUE_GELU.get(out.device.type) != node_arg(gelu, 1, "approximate", "none"):
         return None
     if wt.dim() != 2 or bt.dim() != 1 or xt.dim() < 2:
         return None
     if out.dtype not in _DTYPES or not xt.dtype == wt.dtype == bt.dtype == out.dtype:
         return None
-    return x, weight, bias  # type: ignore[return-value]
+    return linear, (x, weight, bias)  # type: ignore[return-value]
 
 
 @register_pass("gelu_epilogue", stage="fx", tier="optimize")
@@ -75,15 +70,15 @@ def gelu_epilogue(graph: torch.fx.Graph) -> int:
     """gelu(linear(x)) -> one GEMM with cuBLASLt's GELU epilogue (``_addmm_activation``)."""
     made = 0
     for gelu in list(graph.nodes):
-        parts = _match(gelu)
-        if parts is None:
+        match = _match(gelu)
+        if match is None:
             continue
-        linear = gelu.args[0] if gelu.args else gelu.kwargs["input"]
+        linear, parts = match
         with graph.inserting_before(gelu):
             fused = graph.call_function(linear_gelu, parts)
         fused.meta.update(gelu.meta)
         gelu.replace_all_uses_with(fused)
         graph.erase_node(gelu)
-        graph.erase_node(linear)  # type: ignore[arg-type]
+        graph.erase_node(linear)
         made += 1
     return made

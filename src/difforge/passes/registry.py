@@ -69,6 +69,13 @@ def node_tensor(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def node_arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:
+    """Argument ``name`` of a call node, given by keyword or at position ``index``."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
 def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], PassFn]:
     """Decorator adding a pass to the registry; its docstring's first line is its description."""
     if stage not in STAGES:
