@@ -14,6 +14,8 @@ out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH="/tmp/site:$PWD/src"
+# the copied tree's .git can be stale: the caller passes the commit it ran
+export DIFFORGE_GIT_COMMIT="${DIFFORGE_GIT_COMMIT:-}"
 (nvidia-smi dmon -s pc -d 2 >"$out/dmon_$part.txt" 2>&1 &)
 run() {  # run <seconds> <log name> <command...>: bounded, logged, tail shown
   local limit="$1" name="$2"
@@ -45,8 +47,8 @@ case "$part" in
       --steps 20 --warmups 1 --runs 2 --output-json "$out/t2i_sdxl_dynamic.json" ;;
   fp8)
     V='O2;O3-nofp8={"mode":"O3","quant.fp8_linear":false};O3;O3-all={"mode":"O3","quant.min_weight_elements":0}'
-    run 300 fp8_tests python3 -m pytest -q -rA -m gpu tests/quant -p no:cacheprovider
-    run 280 step_fp8 python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
+    run 120 fp8_tests python3 -m pytest -q -rA -m gpu tests/quant -p no:cacheprovider
+    run 450 step_fp8 python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --profile --variants "$V" --output-json "$out/step_fp8_o3.json" ;;
   *)
     echo "unknown part $part" >&2

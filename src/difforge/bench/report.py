@@ -49,7 +49,10 @@ def _cpu_name() -> str:
 
 def _git_commit() -> str | None:
     """The checkout's commit, when difforge runs from a git checkout (benchmarks/results
-    should say which code produced them)."""
+    should say which code produced them). `DIFFORGE_GIT_COMMIT` overrides it: a copied
+    tree (a GPU machine's) can carry a stale `.git`."""
+    if os.environ.get("DIFFORGE_GIT_COMMIT"):
+        return os.environ["DIFFORGE_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
