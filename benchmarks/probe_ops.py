@@ -12,6 +12,9 @@ they compute the same function (relative error against a float32 reference):
   (``torch._addmm_activation``) vs Inductor.
 - ``fp8``: ``torch._scaled_mm`` with row-wise scales vs fp16/bf16 GEMM at DiT shapes.
 - ``int8attn``: difforge's 8-bit attention kernel vs SDPA per head dim and tile.
+- ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
+  FF2, residual) compiled fp16 at O2 and with fp8 linears, with and without the
+  ``gelu_tanh_sigmoid`` pass; block time and the time of each kernel.
 
     python benchmarks/probe_ops.py --probes attention,gelu,fp8,int8attn --output-json out/p.json
 """
@@ -310,12 +313,81 @@ def probe_attention_code(out_dir: Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def _kernel_table(fn: Callable[[], object], iters: int = 20) -> list[tuple[str, float]]:
+    """(kernel name, us per call) of every GPU kernel ``fn`` launches, slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = [
+        (evt.key[:100], round(evt.self_device_time_total / iters, 2))
+        for evt in prof.key_averages()
+        if evt.self_device_time_total > 0
+    ]
+    return sorted(rows, key=lambda r: -r[1])[:6]
+
+
+class _FeedForwardHalf(torch.nn.Module):
+    """PixArt-XL's FF half-block: ``x + ff2(gelu_tanh(ff1(norm(x) * (1 + scale) + shift)))``."""
+
+    def __init__(self, dim: int = 1152, hidden: int = 4608) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff1 = torch.nn.Linear(dim, hidden)
+        self.ff2 = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x) * (1 + scale) + shift
+        return x + self.ff2(F.gelu(self.ff1(h), approximate="tanh"))
+
+
+def probe_ff_block() -> list[dict[str, Any]]:
+    import difforge
+
+    fp8 = {"quant.fp8_linear": True, "quant.min_weight_elements": 0, "quant.skip_edges": False}
+    variants = {
+        "fp16 O2": {"mode": "O2"},
+        "fp8 O2, tanh GELU": {"mode": "O2", **fp8, "passes.gelu_tanh_sigmoid": False},
+        "fp8 O2, sigmoid GELU": {"mode": "O2", **fp8},
+        "fp8 O3 (fast-math, CUDA graphs)": {"mode": "O3", **fp8},
+    }
+    torch.manual_seed(0)
+    ref_model = _FeedForwardHalf().cuda().eval().requires_grad_(False)
+    x = torch.randn(2, 4096, 1152, device="cuda")
+    shift, scale = (torch.randn(2, 1, 1152, device="cuda") * 0.1 for _ in range(2))
+    with torch.no_grad():
+        ref = ref_model(x, shift, scale)
+    low = tuple(t.half() for t in (x, shift, scale))
+    rows: list[dict[str, Any]] = []
+    for name, options in variants.items():
+        torch._dynamo.reset()
+        model = _FeedForwardHalf().cuda().half().eval().requires_grad_(False)
+        model.load_state_dict(ref_model.state_dict())
+        with torch.no_grad():
+            compiled = difforge.compile(model, options=options)
+            out = compiled(*low).clone()
+            row: dict[str, Any] = {
+                "variant": name,
+                "block ms": _bench(lambda c=compiled: c(*low)),
+                "rel err": _rel(out, ref),
+            }
+            row["kernels (us)"] = _kernel_table(lambda c=compiled: c(*low))
+        rows.append(row)
+    torch._dynamo.reset()
+    return rows
+
+
 PROBES = {
     "attention": probe_attention,
     "gelu": probe_gelu,
     "fp8": probe_fp8,
     "int8attn": probe_int8_attention,
     "attncode": probe_attention_code,
+    "ffblock": probe_ff_block,
 }
 
 

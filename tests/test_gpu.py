@@ -121,6 +121,24 @@ def test_gelu_epilogue_tanh_on_cuda(dtype: torch.dtype, tokens: int, dim: int, h
     assert rel_err(out, ref) <= 1.5 * rel_err(eager, ref) + 1e-4
 
 
+@pytest.mark.parametrize("mode", ["O2", "O3"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 37, 288), (1, 513, 4608), (7, 1000)])
+def test_gelu_tanh_sigmoid_on_cuda(mode: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """The sigmoid form in Triton (O3: fp16/bf16 math, fast-math) against float64."""
+    import torch.nn.functional as F
+
+    x = torch.randn(shape, device="cuda", dtype=torch.float64) * 3
+    ref = F.gelu(x, approximate="tanh")
+    with torch.no_grad():
+        out = difforge.compile(lambda t: F.gelu(t, approximate="tanh") * 2, options={"mode": mode})(
+            x.to(dtype)
+        )
+    assert difforge.counters["gelu_tanh_sigmoid"] == 1
+    eager_err = rel_err(F.gelu(x.to(dtype), approximate="tanh"), ref)
+    assert rel_err(out / 2, ref) <= 1.5 * eager_err
+
+
 @pytest.mark.parametrize(("width", "limit"), [(1152, None), (1152, 4096), (2048, 4096)])
 def test_persistent_reduction_limit_reaches_triton_codegen(width: int, limit: int | None) -> None:
     import torch.nn.functional as F

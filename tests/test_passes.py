@@ -226,6 +226,35 @@ def test_gelu_epilogue_off_in_o1() -> None:
     assert difforge.counters["gelu_epilogue"] == 0
 
 
+# -------------------------------------------------------------------- gelu_tanh_sigmoid
+def test_gelu_tanh_sigmoid_rewrites_tanh_gelus_left_by_the_epilogue() -> None:
+    # On the CPU the epilogue computes erf, so a tanh GELU stays a GELU for this pass.
+    _run(Mlp(approximate="tanh").eval(), torch.randn(2, 7, 24))
+    assert difforge.counters["gelu_epilogue"] == 0
+    assert difforge.counters["gelu_tanh_sigmoid"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gelu_tanh_sigmoid_matches_the_tanh_form_in_low_precision(dtype: torch.dtype) -> None:
+    x = torch.randn(64, 96) * 4  # deep into both tails
+    ref = F.gelu(x.double(), approximate="tanh")
+    with torch.no_grad():
+        out = difforge.compile(lambda t: F.gelu(t, approximate="tanh"), options={"mode": "O2"})(
+            x.to(dtype)
+        )
+    assert difforge.counters["gelu_tanh_sigmoid"] == 1
+    assert out.dtype == dtype
+    eager_err = rel_err(F.gelu(x.to(dtype), approximate="tanh"), ref)
+    assert rel_err(out, ref) <= 1.01 * eager_err  # one rounding to dtype, like eager
+
+
+def test_gelu_tanh_sigmoid_leaves_erf_gelus_float64_and_o1() -> None:
+    _run(lambda t: F.gelu(t) * 2, torch.randn(4, 8))
+    _run(lambda t: F.gelu(t, approximate="tanh"), torch.randn(4, 8, dtype=torch.float64))
+    _run(lambda t: F.gelu(t, approximate="tanh"), torch.randn(4, 8), options={"mode": "O1"})
+    assert difforge.counters["gelu_tanh_sigmoid"] == 0
+
+
 # ------------------------------------------------------------------------ infrastructure
 def test_every_pass_is_registered_with_a_doc_and_stage() -> None:
     passes = all_passes()

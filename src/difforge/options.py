@@ -68,6 +68,7 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "inductor.shape_padding": True,
         "passes.fuse_qkv": True,
         "passes.gelu_epilogue": True,
+        "passes.gelu_tanh_sigmoid": True,
         # One read of each LayerNorm row instead of two for PixArt (1152) and SD3 (1536):
         # H200, PixArt-XL step 32.29 -> 31.82 ms, SD3 41.07 -> 40.31 ms. LayerNorm-only
         # (heuristics.py): applied to every reduction it made the SDXL VAE's GroupNorm

@@ -121,7 +121,8 @@ def test_o3_tiny_dit_quality(dtype: torch.dtype, sizes: str) -> None:
         f"O3 tiny DiT {dtype} {sizes}: {len(report.converted)} fp8 linears, "
         f"rel err {err:.4f} (eager {dtype}: {eager_err:.4f})"
     )
-    assert eager_err <= err < 0.06
+    # fp8 may land on either side of eager's own error (seen: bf16 0.0063 vs 0.0064)
+    assert err < 0.06
 
 
 def test_o3_tiny_pixart_pipeline_psnr() -> None:

@@ -93,8 +93,9 @@ def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], 
 
 #: Built-in pass modules in execution order. Epilogue folding runs before QKV fusion:
 #: FLUX's single blocks feed the MLP projection from the same input as q/k/v, and a
-#: linear that fuse_qkv swallowed can no longer take its GELU into the epilogue.
-BUILTIN_MODULES: tuple[str, ...] = ("cleanup", "gemm_epilogue", "fuse_linear")
+#: linear that fuse_qkv swallowed can no longer take its GELU into the epilogue. The
+#: activation rewrites run after the epilogue folding, on the GELUs it left.
+BUILTIN_MODULES: tuple[str, ...] = ("cleanup", "gemm_epilogue", "activation", "fuse_linear")
 
 
 def _execution_rank(graph_pass: GraphPass) -> int:
