@@ -85,6 +85,8 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "low-precision": {
         # fp8 GEMMs for the large linears (CUDA cc >= 8.9; elsewhere a warning, no swap).
         "quant.fp8_linear": True,
+        # The GELU-then-fp8 quantization scales from max(y): one GELU per element.
+        "passes.fp8_gelu_scale": True,
         "inductor.triton.codegen_upcast_to_fp32": False,
         "inductor.emulate_precision_casts": False,
         "inductor.use_fast_math": True,

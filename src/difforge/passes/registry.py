@@ -94,8 +94,15 @@ def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], 
 #: Built-in pass modules in execution order. Epilogue folding runs before QKV fusion:
 #: FLUX's single blocks feed the MLP projection from the same input as q/k/v, and a
 #: linear that fuse_qkv swallowed can no longer take its GELU into the epilogue. The
-#: activation rewrites run after the epilogue folding, on the GELUs it left.
-BUILTIN_MODULES: tuple[str, ...] = ("cleanup", "gemm_epilogue", "activation", "fuse_linear")
+#: activation rewrites run after the epilogue folding, on the GELUs it left, and the
+#: quantization rewrites after them (they match either GELU form).
+BUILTIN_MODULES: tuple[str, ...] = (
+    "cleanup",
+    "gemm_epilogue",
+    "activation",
+    "quant_fusion",
+    "fuse_linear",
+)
 
 
 def _execution_rank(graph_pass: GraphPass) -> int:

@@ -1,0 +1,114 @@
+"""The GELU-then-fp8 quantization rewrite (``passes.fp8_gelu_scale``, low-precision tier):
+the row bound's math, and the pass firing (and not firing) in compiled graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.helpers import rel_err
+from torch import nn
+
+import difforge
+from difforge.quant import Fp8Linear
+from difforge.quant.fp8 import (
+    FP8_MAX,
+    GELU_NEGATIVE_BOUND,
+    dequantize,
+    quantize_gelu_rows,
+    quantize_rows,
+)
+
+
+def test_bound_is_above_every_gelu_value_and_tight_for_real_rows() -> None:
+    torch.manual_seed(0)
+    y = torch.cat([torch.randn(64, 300) * 3, torch.full((1, 300), -0.7525)])  # GELU's minimum
+    q, scale = quantize_gelu_rows(y)
+    g = F.gelu(y, approximate="tanh")
+    assert (g.abs() <= scale[:, None] * FP8_MAX * (1 + 1e-6)).all()
+    _, exact = quantize_rows(g)
+    # rows whose GELU reaches 0.17: the same scale as the exact absmax (float32 rounding)
+    torch.testing.assert_close(scale[:64], exact[:64], rtol=1e-6, atol=0)
+    # the row at GELU's minimum: its floor, a coarser scale but no saturation
+    assert scale[64] == pytest.approx(GELU_NEGATIVE_BOUND / FP8_MAX)
+    assert scale[64] >= exact[64]
+    assert rel_err(dequantize(q, scale), g) < 0.04
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zero_negative_and_huge_rows(dtype: torch.dtype) -> None:
+    y = torch.stack([torch.zeros(32), -torch.rand(32) * 50, torch.linspace(-1, 1e4, 32)]).to(dtype)
+    q, scale = quantize_gelu_rows(y)
+    assert scale.dtype == torch.float32 and q.dtype == torch.float8_e4m3fn
+    deq = dequantize(q, scale)
+    assert torch.isfinite(deq).all()
+    assert (deq[0] == 0).all()  # GELU(0) = 0 exactly
+    assert deq[2].abs().max() <= FP8_MAX * scale[2]
+    torch.testing.assert_close(
+        deq[2, -1], F.gelu(y[2, -1].float(), approximate="tanh"), rtol=0.07, atol=0
+    )
+
+
+def test_rejects_non_matrix_input() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_gelu_rows(torch.randn(2, 3, 4))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, dim: int = 64, approximate: str = "tanh", reuse: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.ff1 = Fp8Linear.from_linear(nn.Linear(dim, 4 * dim))
+        self.ff2 = Fp8Linear.from_linear(nn.Linear(4 * dim, dim))
+        self.approximate = approximate
+        self.reuse = reuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.ff1(self.norm(x)), approximate=self.approximate)
+        out = x + self.ff2(h)
+        return out + h[..., : x.shape[-1]] if self.reuse else out
+
+
+def _compile_and_check(model: nn.Module, options: dict) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        eager = model(x)
+        out = difforge.compile(model, options=options)(x)
+    # the exact-absmax eager path and the bound agree on these rows (all reach 0.17)
+    assert rel_err(out, eager) < 1e-2
+
+
+def test_pass_fires_on_tanh_gelu_before_an_fp8_linear() -> None:
+    torch.manual_seed(0)
+    _compile_and_check(_FeedForward().eval(), {"mode": "O2", "passes.fp8_gelu_scale": True})
+    assert difforge.counters["fp8_gelu_scale"] == 1
+    assert difforge.counters["gelu_tanh_sigmoid"] == 1  # it matched the sigmoid form
+
+
+def test_pass_matches_the_plain_tanh_gelu_too() -> None:
+    torch.manual_seed(0)
+    options = {"mode": "O2", "passes.fp8_gelu_scale": True, "passes.gelu_tanh_sigmoid": False}
+    _compile_and_check(_FeedForward().eval(), options)
+    assert difforge.counters["fp8_gelu_scale"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "options"),
+    [
+        ({"approximate": "none"}, {"mode": "O2", "passes.fp8_gelu_scale": True}),  # erf GELU
+        ({"reuse": True}, {"mode": "O2", "passes.fp8_gelu_scale": True}),  # GELU read twice
+        ({}, {"mode": "O2"}),  # precise tier: off
+    ],
+)
+def test_pass_does_not_fire(kwargs: dict, options: dict) -> None:
+    torch.manual_seed(0)
+    _compile_and_check(_FeedForward(**kwargs).eval(), options)
+    assert difforge.counters["fp8_gelu_scale"] == 0
+
+
+def test_low_precision_mode_turns_it_on() -> None:
+    from difforge.options import parse_options
+
+    assert parse_options({"mode": "O3"}).settings["passes.fp8_gelu_scale"] is True
+    assert parse_options({"mode": "O2"}).settings["passes.fp8_gelu_scale"] is False
