@@ -19,32 +19,10 @@ from tabulate import tabulate
 RESULTS = Path(__file__).resolve().parent / "results"
 README = RESULTS.parent.parent / "README.md"
 
-#: (file, label, variants shown): one run per model, every variant from that same run.
-STEP_RESULTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    (
-        "2026-11-26_h200_step_pixart_o2_o3.json",
-        "PixArt-XL-2 fp16, batch 2",
-        ("eager", "compile", "O2", "O3"),
-    ),
-    (
-        "2026-11-26_h200_step_sd3_o2_o3.json",
-        "SD3-medium fp16, batch 2",
-        ("eager", "compile", "O2", "O3"),
-    ),
-    (
-        "2026-11-26_h200_step_sdxl_o2_o3.json",
-        "SDXL UNet fp16, batch 2 (O2/O3 channels_last)",
-        ("eager", "compile", "O2", "O3"),
-    ),
-    (
-        "2026-11-26_h100_step_sdxl_vae_persistent_ab.json",
-        "SDXL VAE decode fp16, batch 1",
-        ("compile", "O2-nopr", "O2"),
-    ),
-)
-
-#: These runs predate the fp8 linear swap that low-precision (so O3) now does.
-_LABELS = {"compile": "torch.compile", "O3": "O3 (before the fp8 swap)"}
+#: Variant labels of the runs made before low-precision (so O3) swapped in fp8 linears.
+_BEFORE_FP8 = {"compile": "torch.compile", "O3": "O3 (before the fp8 swap)"}
+#: Runs with today's O3: fp8 linears, the GELU/fp8 rewrites.
+_WITH_FP8 = {"compile": "torch.compile", "O3": "O3 (fp8 linears)"}
 #: The VAE A/B ran before the persistent-reduction override became LayerNorm-only: a VAE
 #: has no LayerNorm, so today's O2 is its "nopr" variant; "O2" there is the dropped rule.
 _VAE_LABELS = {
@@ -53,6 +31,53 @@ _VAE_LABELS = {
     "O2": "O2 with the override on every reduction (dropped)",
 }
 
+#: (file, model, label, variants shown, their labels): one run per row group, every
+#: variant from that same run.
+STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] = (
+    (
+        "2026-11-26_h100_step_o3_gelu_scale.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "O2", "O3"),
+        _WITH_FP8,
+    ),
+    (
+        "2026-11-26_h200_step_pixart_o2_o3.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("eager", "compile", "O2", "O3"),
+        _BEFORE_FP8,
+    ),
+    (
+        "2026-11-26_h100_step_o3_gelu_scale.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("compile", "O2", "O3"),
+        _WITH_FP8,
+    ),
+    (
+        "2026-11-26_h200_step_sd3_o2_o3.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("eager", "compile", "O2", "O3"),
+        _BEFORE_FP8,
+    ),
+    (
+        "2026-11-26_h200_step_sdxl_o2_o3.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (O2/O3 channels_last)",
+        ("eager", "compile", "O2", "O3"),
+        _BEFORE_FP8,
+    ),
+    (
+        "2026-11-26_h100_step_sdxl_vae_persistent_ab.json",
+        "sdxl-base:vae",
+        "SDXL VAE decode fp16, batch 1",
+        ("compile", "O2-nopr", "O2"),
+        _VAE_LABELS,
+    ),
+)
+
 
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
@@ -60,14 +85,14 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table() -> str:
     rows = []
-    for file, label, variants in STEP_RESULTS:
+    for file, model, label, variants, labels in STEP_RESULTS:
         data = json.loads((RESULTS / file).read_text())
         env = data["environment"]
         card = env.get("device_name", "?").replace("NVIDIA ", "").replace(" 80GB HBM3", "")
-        by_variant = {r["variant"]: r for r in data["results"]}
+        by_variant = {r["variant"]: r for r in data["results"] if r["model"] == model}
         for name in variants:
             r = by_variant[name]
-            shown = (_VAE_LABELS if "vae" in file else _LABELS).get(name, name)
+            shown = labels.get(name, name)
             breakdown = r.get("breakdown_ms") or {}
             rows.append(
                 [
