@@ -69,17 +69,27 @@ def test_nested_dynamic_serves_new_sizes_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_marking_pins_float_attributes_and_unmarking_restores_them():
+def test_unmarking_restores_the_blocks():
     model = _dit(2)
-    eps = model.blocks[0].norm1.eps
     groups = regional.find_repeated_blocks(model)
     regional.mark_regions(model, groups)
-    pinned = model.blocks[0].norm1.eps
-    assert pinned == eps and type(pinned) is not float  # Dynamo's constant, same value
-    assert type(model.norm_out.eps) is float  # outside the blocks: untouched
+    assert "forward" in model.blocks[0].__dict__
     regional.unmark_regions(model)
     assert regional.find_repeated_blocks(model) == groups  # same signatures as before
-    assert type(model.blocks[0].norm1.eps) is float and model.blocks[0].norm1.eps == eps
+    assert "forward" not in model.blocks[0].__dict__ and not regional.marked_blocks(model)
+
+
+def test_float_specialisation_is_patched_only_while_tracing():
+    from difforge.options import parse_options
+    from difforge.tracing import tracing_settings
+
+    config = parse_options({"dynamic": True})
+    before = torch._dynamo.config.specialize_float
+    with tracing_settings(config, specialize_floats=True):
+        assert torch._dynamo.config.specialize_float is True
+    assert torch._dynamo.config.specialize_float == before
+    with tracing_settings(config):
+        assert torch._dynamo.config.specialize_float == before
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -196,33 +206,9 @@ def test_blocks_style_dynamic_serves_new_sizes_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.fixture
-def no_pinning(monkeypatch):
-    """torch 2.11 (the GPU image): Dynamo cannot take a pinned float as a constant."""
-    monkeypatch.setattr(regional, "pinning_supported", lambda: False)
-
-
-def test_without_pinning_dynamic_true_picks_blocks_with_one_warning(no_pinning):
-    model = _dit(4)
-    with pytest.warns(UserWarning, match="uses the 'blocks' style") as caught:
-        out, ref, records = _run(model, {"mode": "O1", "dynamic": True, "compile.regional": True})
-    assert sum("'blocks' style" in str(w.message) for w in caught) == 1
-    assert rel_err(out, ref) < 1e-5
-    assert all(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in model.blocks)
-    assert counters["stats"]["unique_graphs"] == 1 and len(records) == 1
-
-
-def test_without_pinning_explicit_nested_dynamic_is_refused(no_pinning):
-    with pytest.raises(difforge.OptionsError, match="cannot pin"):
-        difforge.compile(_dit(2), options={"dynamic": True, "compile.regional": "nested"})
-
-
-@pytest.mark.parametrize("pinning", [True, False], ids=["pinned", "unpinned"])
-def test_nested_automatic_dynamic_keeps_regions_after_the_dynamic_recompile(pinning, monkeypatch):
+def test_nested_automatic_dynamic_keeps_regions_after_the_dynamic_recompile():
     # dynamic=None: static first graph, one dynamic recompile; floats stay constants
-    # (they never change value), so nested regions work even where pinning does not.
-    if not pinning:
-        monkeypatch.setattr(regional, "pinning_supported", lambda: False)
+    # (they never change value), so the regions survive the recompile.
     model = _dit(3)
     start = len(difforge.compile_records)
     compiled = difforge.compile(model, options={"mode": "O1", "compile.regional": True})
@@ -242,19 +228,33 @@ def _scaled(x, factor=2.0):
     return x * factor
 
 
-class _Processor:
-    def __call__(self, x):
-        return _scaled(x) * _GLOBAL_SCALE
+class _ScaledOut(nn.Module):
+    """A projection whose forward reads a float default and a float global."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return _scaled(self.inner(x)) * _GLOBAL_SCALE
 
 
-def test_floats_outside_the_blocks_modules_are_found_and_force_blocks():
+def test_floats_read_outside_the_blocks_modules_work_nested_with_dynamic_shapes():
+    # A float default of a helper and a module-level float, read by every block's
+    # processor (as FLUX reads dispatch_attention_fn's dropout_p=0.0): before difforge
+    # traced nested regions with specialize_float, these became SymFloat region inputs
+    # and the compile failed ("Freevar has no source") or fell back to 'blocks'.
     model = _dit(3)
     for block in model.blocks:
-        block.attn1.processor = _Processor()
-    found = regional.unpinnable_floats(model.blocks[0])
-    assert found == sorted([f"{__name__}._GLOBAL_SCALE = 0.5", "_scaled(factor=2.0)"])
-    assert regional.unpinnable_floats(_dit(2).blocks[0]) == []
-    groups = regional.find_repeated_blocks(model)
-    assert "cannot be pinned" in regional.nested_dynamic_problem(model, groups)
-    with pytest.raises(difforge.OptionsError, match=r"_scaled\(factor=2.0\)"):
-        difforge.compile(model, options={"dynamic": True, "compile.regional": "nested"})
+        block.attn1.to_out = _ScaledOut(block.attn1.to_out)
+    start = len(difforge.compile_records)
+    compiled = difforge.compile(
+        model, options={"mode": "O1", "dynamic": True, "compile.regional": "nested"}
+    )
+    with torch.no_grad():
+        for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
+            inputs = dit_inputs(batch, size, tokens)
+            assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
+    records = difforge.compile_records[start:]
+    assert [list(r.regions.values()) for r in records] == [[3]]

@@ -7,7 +7,6 @@ model = torch.compile(model, backend="difforge", options={"mode": "O3"})
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
@@ -150,7 +149,10 @@ def compile(
         compiled = torch.compile(
             target, backend=backend_fn, dynamic=config.dynamic, fullgraph=config.fullgraph
         )
-        return with_tracing_settings(compiled, config)
+        # Nested regions with dynamic shapes: floats traced as constants (regional.py).
+        return with_tracing_settings(
+            compiled, config, specialize_floats=style == "nested" and config.dynamic is True
+        )
 
     if style == "blocks":
         # Each block becomes its own compiled frame; the model around them stays eager.
@@ -178,22 +180,6 @@ def _apply_regional(module: Any, config: CompileConfig) -> str | None:
     if not groups:
         regional.no_blocks_warning(module)
         return None
-    if style == "nested" and config.dynamic is True:
-        # dynamic=None (automatic dynamic) keeps floats constant unless their value
-        # changes between calls, so only an explicit dynamic=True is checked here.
-        problem = regional.nested_dynamic_problem(module, groups)
-        if problem is not None:
-            if config.settings.get("compile.regional") == "nested":
-                raise OptionsError(
-                    f"'compile.regional': 'nested' with dynamic=True fails here: {problem}; "
-                    "use 'blocks' (or true, which picks it), or dynamic=false/None"
-                )
-            warnings.warn(
-                f"difforge: 'compile.regional' with dynamic=True uses the 'blocks' style for "
-                f"{type(module).__name__}, not 'nested': {problem}",
-                stacklevel=3,
-            )
-            style = "blocks"
     if style == "nested":
         regional.mark_regions(module, groups)
     return style

@@ -47,30 +47,22 @@ Blocks of one class but different structure (SDXL's 640- and 1280-channel blocks
 ``context_pre_only`` last block) get separate regions, so one region is never reused for
 a block it was not traced for.
 
-Dynamic shapes (O2/O3 default; torch 2.13, checked)
----------------------------------------------------
-With ``dynamic=True`` Dynamo does not specialise floats (``specialize_float=False``): a plain
-``float`` attribute read inside a block (``LayerNorm.eps``, ``Dropout.p``, an attention scale)
-becomes a ``SymFloat`` region input backed by a 0-d float64 tensor. The whole-model path
-copes (AOT's ``tensorify_python_scalars`` pass rewrites or specialises such scalars), but
-across an ``invoke_subgraph`` AOT can only read that tensor with ``.item()`` on a fake
-tensor: the backend compile fails with ``DataDependentOutputException:
-aten._local_scalar_dense.default`` (with any backend, ``aot_eager`` included, and every
-difforge pass off), and Dynamo falls back to eager around the blocks (3 graphs instead of
-1). Static-shape compiles never lift floats, so they were unaffected. difforge therefore
-pins the float attributes of every marked block: :func:`mark_regions` swaps each value of
-exact type ``float`` for a float subclass, which Dynamo takes as a constant (guarded by
-equality) instead of a ``SymFloat``; the value, the arithmetic and the block signature stay
-the same, pickling gives a plain float, and :func:`unmark_regions` puts plain floats back.
-Sizes stay symbolic: one graph serves every resolution and batch, the regions included.
-Not covered by pinning: floats a block reads from outside its modules (a function default,
-a global; FLUX's attention reads ``dispatch_attention_fn``'s ``dropout_p=0.0`` default, and
-torch 2.13 then fails with ``Freevar has no source`` in invoke_subgraph), a float passed *as
-an argument* to a block, and every float where :func:`pinning_supported` is False (torch
-2.11). :func:`nested_dynamic_problem` detects the first and last (a static scan,
-:func:`unpinnable_floats`); with ``dynamic=True`` difforge then uses ``blocks`` for that
-model, with one warning (an explicit ``nested`` is refused). With ``dynamic=None``
-(automatic dynamic) floats stay constants unless their value changes between calls.
+Dynamic shapes (``dynamic=True``; torch 2.13, checked)
+-----------------------------------------------------
+With ``dynamic=True`` Dynamo does not specialise floats (``specialize_float=False``): a
+plain ``float`` read inside a block (``LayerNorm.eps``, an attention scale, the
+``dropout_p=0.0`` default of diffusers' ``dispatch_attention_fn`` that FLUX reads) becomes a
+``SymFloat`` input. The whole-model path copes (AOT's ``tensorify_python_scalars`` pass),
+but across an ``invoke_subgraph`` it fails: ``DataDependentOutputException:
+aten._local_scalar_dense.default`` for a block's own float attribute, ``Freevar has no
+source`` for a float read from elsewhere, and Dynamo falls back to eager around the
+blocks. With ``nested`` regions and ``dynamic=True`` difforge therefore traces with
+``specialize_float=True`` (:func:`difforge.tracing.tracing_settings`): floats are
+constants guarded by value, as in every static compile, while sizes stay symbolic, so one
+graph serves every resolution and batch, the regions included. The cost: a float passed
+*as an argument* that changes value recompiles, as it does without ``dynamic``. (An
+earlier version pinned the blocks' float attributes as a float subclass instead; that
+missed floats read from outside the blocks' modules and graph-broke on torch 2.11.)
 
 Pitfall (torch 2.13, checked): marking the *unbound* ``forward`` and binding it to each
 instance (``types.MethodType(nested_compile_region(cls.forward), block)``) silently reuses
@@ -81,7 +73,6 @@ block's weights count.
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import importlib
@@ -108,12 +99,9 @@ __all__ = [
     "find_repeated_blocks",
     "mark_regions",
     "marked_blocks",
-    "nested_dynamic_problem",
     "nested_regions_available",
-    "pinning_supported",
     "resolve_style",
     "unmark_regions",
-    "unpinnable_floats",
 ]
 
 #: Values of ``compile.regional`` besides true/false.
@@ -306,116 +294,6 @@ def _contiguous_clone(t: torch.Tensor) -> torch.Tensor:
     return torch.clone(t, memory_format=torch.contiguous_format)
 
 
-class _PinnedFloat(float):
-    """A float attribute of a marked block, pinned so Dynamo traces it as a constant.
-
-    Dynamo wraps a value of exact type ``float`` read from a module as an unspecialized
-    ``SymFloat`` graph input when shapes are dynamic (``specialize_float=False``), and an
-    ``invoke_subgraph`` cannot take one (see the module docstring); a float subclass is
-    taken as a constant with an equality guard instead. Numerically it *is* the float.
-    """
-
-    __slots__ = ()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (float, (float(self),))  # pickles and deep-copies as a plain float
-
-
-@functools.cache
-def pinning_supported() -> bool:
-    """Whether this torch's Dynamo traces a ``_PinnedFloat`` as a constant float.
-
-    torch 2.13 does; torch 2.11 (the GPU image of 2026-11-26) graph-breaks on it inside
-    ``F.layer_norm`` ("UserDefinedObjectVariable(_PinnedFloat)"), which broke every
-    regional PixArt compile there. Probed once per process on a CPU tensor (~0.2 s).
-    """
-    # As in a marked block: the pinned float is a module attribute Dynamo reads.
-    probe = nn.LayerNorm(4)
-    probe.eps = _PinnedFloat(1e-5)
-
-    from torch._dynamo.utils import counters
-
-    # The probe must not show up in the user's (or a test's) Dynamo statistics.
-    saved = {key: collections.Counter(value) for key, value in counters.items()}
-    try:
-        torch.compile(probe, backend="eager", fullgraph=True, dynamic=True)(torch.ones(3, 4))
-    except Exception as exc:  # any failure means: do not pin here
-        log.info("difforge: float pinning unsupported by this torch (%s)", type(exc).__name__)
-        return False
-    finally:
-        counters.clear()
-        for key, value in saved.items():
-            counters[key].update(value)
-    return True
-
-
-def _pin_floats(block: nn.Module) -> int:
-    """Pin the plain float attributes of ``block`` and its sub-modules; returns how many."""
-    count = 0
-    for sub in block.modules():
-        for key, value in list(sub.__dict__.items()):
-            if type(value) is float:
-                sub.__dict__[key] = _PinnedFloat(value)
-                count += 1
-    return count
-
-
-def _unpin_floats(block: nn.Module) -> None:
-    for sub in block.modules():
-        for key, value in list(sub.__dict__.items()):
-            if type(value) is _PinnedFloat:
-                sub.__dict__[key] = float(value)
-
-
-def _float_defaults(fn: Any) -> list[str]:
-    """``name=value`` of each default of ``fn`` that is a plain float."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return []
-    found = []
-    defaults = getattr(fn, "__defaults__", None) or ()
-    names = code.co_varnames[code.co_argcount - len(defaults) : code.co_argcount]
-    found += [f"{n}={v!r}" for n, v in zip(names, defaults, strict=True) if type(v) is float]
-    kwdefaults = getattr(fn, "__kwdefaults__", None) or {}
-    found += [f"{n}={v!r}" for n, v in kwdefaults.items() if type(v) is float]
-    return found
-
-
-def unpinnable_floats(block: nn.Module) -> list[str]:
-    """Plain floats a block's code reads from somewhere :func:`mark_regions` cannot pin.
-
-    With dynamic shapes Dynamo lifts such a float as a ``SymFloat``; inside a nested region
-    torch 2.13 then fails (FLUX: ``dispatch_attention_fn``'s ``dropout_p=0.0`` default,
-    read by ``FluxAttnProcessor``, gives ``Freevar has no source`` in invoke_subgraph). A
-    static scan, one call deep: the float defaults of the ``forward`` of every sub-module
-    and ``__call__`` of every attention processor (any callable plain attribute), of the
-    module-level functions their code names, and module-level float globals it names.
-    """
-    entries: list[Any] = []
-    for sub in block.modules():
-        entries.append(type(sub).forward)
-        for value in sub.__dict__.values():
-            if not isinstance(value, (nn.Module, type, types.FunctionType, types.MethodType)):
-                call = type(value).__dict__.get("__call__")
-                if isinstance(call, types.FunctionType):
-                    entries.append(call)
-    found: list[str] = []
-    seen: set[int] = set()
-    for fn in entries:
-        if id(fn) in seen or not isinstance(fn, types.FunctionType):
-            continue
-        seen.add(id(fn))
-        found += [f"{fn.__qualname__}({d})" for d in _float_defaults(fn)]
-        for name in fn.__code__.co_names:
-            value = fn.__globals__.get(name)
-            if type(value) is float:
-                found.append(f"{fn.__module__}.{name} = {value!r}")
-            elif isinstance(value, types.FunctionType) and id(value) not in seen:
-                seen.add(id(value))
-                found += [f"{value.__qualname__}({d})" for d in _float_defaults(value)]
-    return sorted(set(found))
-
-
 def _region_forward(cls_forward: Any) -> Any:
     """One nested compile region for a group: the block is an explicit argument, so its
     parameters are region inputs and every block of the group reuses one subgraph."""
@@ -460,7 +338,6 @@ def unmark_regions(module: nn.Module) -> int:
         if _MARK in block.__dict__:
             del block.__dict__[_MARK]
             block.__dict__.pop("forward", None)
-            _unpin_floats(block)
             count += 1
     return count
 
@@ -474,8 +351,6 @@ def mark_regions(module: nn.Module, groups: Iterable[BlockGroup]) -> int:
         for block in blocks:
             block.forward = types.MethodType(forward, block)
             block.__dict__[_MARK] = group.signature
-            if pinning_supported():  # else dynamic regions fall back as before (docstring)
-                _pin_floats(block)
             count += 1
     return count
 
@@ -495,32 +370,6 @@ def _contiguous_args(call: Any) -> Any:
         return call(*args, **kwargs)
 
     return run
-
-
-def nested_dynamic_problem(module: nn.Module, groups: Iterable[BlockGroup]) -> str | None:
-    """Why ``nested`` regions would fail with ``dynamic=True`` here (None: they work).
-
-    Dynamic shapes lift plain floats read inside a region as ``SymFloat`` inputs, which
-    ``invoke_subgraph`` cannot compile (module docstring). Pinning fixes the blocks' own
-    float attributes, but only where this torch supports it, and never a float read from
-    elsewhere (a function default, a global; see :func:`unpinnable_floats`).
-    """
-    if not pinning_supported():
-        return (
-            f"this torch ({torch.__version__}) cannot pin the blocks' float attributes as "
-            "constants, so with dynamic shapes they become SymFloat region inputs that "
-            "invoke_subgraph cannot compile (DataDependentOutputException)"
-        )
-    floats: list[str] = []
-    for group in groups:
-        floats += unpinnable_floats(module.get_submodule(group.names[0]))
-    if floats:
-        return (
-            "the blocks read float(s) that cannot be pinned as constants "
-            f"({', '.join(sorted(set(floats)))}); with dynamic shapes they become SymFloat "
-            "region inputs that invoke_subgraph cannot compile"
-        )
-    return None
 
 
 def compile_blocks(module: nn.Module, groups: Iterable[BlockGroup], compile_one: Any) -> int:

@@ -1,7 +1,8 @@
 """Settings that must be in force while Dynamo *traces* (at call time, not compile time).
 
 ``torch.compile`` traces at the first call and at each recompile, so switches that
-shape the traced graph's symbols (duck sizing) are applied around every call of the
+shape the traced graph's symbols (duck sizing; float specialisation for nested regions
+with dynamic shapes, see :mod:`difforge.regional`) are applied around every call of the
 compiled object. Guard checks run first in C++, so a call that needs no tracing pays
 only for entering the context (microseconds).
 """
@@ -18,32 +19,37 @@ from torch import nn
 from difforge.options import CompileConfig
 
 
-def _needs_context(config: CompileConfig) -> bool:
-    return not config.duck_sizing
+def _needs_context(config: CompileConfig, specialize_floats: bool) -> bool:
+    return not config.duck_sizing or specialize_floats
 
 
 @contextlib.contextmanager
-def tracing_settings(config: CompileConfig) -> Iterator[None]:
-    """The trace-time settings of ``config``."""
+def tracing_settings(config: CompileConfig, specialize_floats: bool = False) -> Iterator[None]:
+    """The trace-time settings of ``config``; ``specialize_floats``: trace Python floats
+    as constants even with dynamic shapes (nested regions cannot take a ``SymFloat``)."""
+    import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
-    if not hasattr(fx_config, "use_duck_shape"):  # pragma: no cover - very old torch
-        yield
-        return
-    with fx_config.patch(use_duck_shape=config.duck_sizing):
+    with contextlib.ExitStack() as stack:
+        if hasattr(fx_config, "use_duck_shape"):
+            stack.enter_context(fx_config.patch(use_duck_shape=config.duck_sizing))
+        if specialize_floats and hasattr(dynamo_config, "specialize_float"):
+            stack.enter_context(dynamo_config.patch(specialize_float=True))
         yield
 
 
-def with_tracing_settings(compiled: Any, config: CompileConfig) -> Any:
+def with_tracing_settings(
+    compiled: Any, config: CompileConfig, specialize_floats: bool = False
+) -> Any:
     """Make every call of ``compiled`` (an OptimizedModule or function) trace under
     ``config``'s settings; returns ``compiled`` itself when there is nothing to set."""
-    if not _needs_context(config):
+    if not _needs_context(config, specialize_floats):
         return compiled
 
     def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(call)
         def run(*args: Any, **kwargs: Any) -> Any:
-            with tracing_settings(config):
+            with tracing_settings(config, specialize_floats):
                 return call(*args, **kwargs)
 
         return run
