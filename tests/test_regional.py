@@ -145,6 +145,25 @@ def test_declared_repeated_blocks_win():
     assert len(groups[0].names) == 6
 
 
+class _Wrapper(nn.Module):
+    """One Linear behind an activation: diffusers' GELU module, in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.proj(x))
+
+
+def test_wrappers_of_one_layer_are_not_blocks():
+    wrappers = nn.ModuleList([_Wrapper() for _ in range(4)])
+    pairs = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)) for _ in range(2)])
+    model = nn.ModuleDict({"wrappers": wrappers, "pairs": pairs})
+    groups = regional.find_repeated_blocks(model)
+    assert [g.names for g in groups] == [("pairs.0", "pairs.1")]
+
+
 def test_no_repeated_blocks_warns_and_compiles_whole():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()

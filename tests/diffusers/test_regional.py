@@ -74,6 +74,14 @@ def test_denoiser_regional_matches_eager(name: str, blocks: dict[str, int]) -> N
     assert sum(records[0].regions.values()) == sum(blocks.values())
 
 
+def test_tiny_sd3_has_no_repeated_blocks() -> None:
+    # Its two blocks differ (the last is context_pre_only); the GELU wrappers inside them
+    # are identical but are no blocks (one Linear each), so nothing is chosen.
+    preset = get_preset("tiny-sd3")
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    assert regional.find_repeated_blocks(model) == []
+
+
 def test_compile_pipe_regional_keys_and_styles() -> None:
     preset = get_preset("tiny-pixart")
     pipe = build_pipeline(preset)
