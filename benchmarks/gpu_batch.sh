@@ -8,8 +8,9 @@
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
 #   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
 #   fp8      O3 with/without the fp8 swap (and all sizes) on PixArt and SD3     ~9 min
+#   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization ~7 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -50,6 +51,14 @@ case "$part" in
     run 120 fp8_tests python3 -m pytest -q -rA -m gpu tests/quant -p no:cacheprovider
     run 450 step_fp8 python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --profile --variants "$V" --output-json "$out/step_fp8_o3.json" ;;
+  fp8next)
+    V='compile;O3;O3-pq={"mode":"O3","heuristics.persistent_fp8_quant_max":8192}'
+    run 100 probe_ffblock python3 benchmarks/probe_ops.py --probes ffblock \
+      --output-json "$out/probe_ffblock.json"
+    run 60 gpu_fp8_heuristics python3 -m pytest -q -m gpu tests/test_gpu.py -k "fp8 or sigmoid" \
+      -p no:cacheprovider
+    run 330 step_fp8_pq python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
+      --profile --variants "$V" --output-json "$out/step_fp8_pq.json" ;;
   *)
     echo "unknown part $part" >&2
     exit 2 ;;

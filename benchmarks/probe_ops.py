@@ -354,6 +354,11 @@ def probe_ff_block() -> list[dict[str, Any]]:
         "fp8 O2, tanh GELU": {"mode": "O2", **fp8, "passes.gelu_tanh_sigmoid": False},
         "fp8 O2, sigmoid GELU": {"mode": "O2", **fp8},
         "fp8 O3 (fast-math, CUDA graphs)": {"mode": "O3", **fp8},
+        "fp8 O3, persistent quantization": {
+            "mode": "O3",
+            **fp8,
+            "heuristics.persistent_fp8_quant_max": 8192,
+        },
     }
     torch.manual_seed(0)
     ref_model = _FeedForwardHalf().cuda().eval().requires_grad_(False)

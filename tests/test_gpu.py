@@ -139,6 +139,25 @@ def test_gelu_tanh_sigmoid_on_cuda(mode: str, dtype: torch.dtype, shape: tuple[i
     assert rel_err(out / 2, ref) <= 1.5 * eager_err
 
 
+@pytest.mark.parametrize("limit", [None, 8192])
+def test_fp8_quantization_limit_reaches_triton_codegen(limit: int | None) -> None:
+    """heuristics.persistent_fp8_quant_max makes a 4608-wide GELU + fp8 row quantization
+    one persistent kernel, with the same fp8 values as Inductor's looped one."""
+    from torch._inductor.utils import run_and_get_code
+
+    from difforge.quant.fp8 import quantize_gelu_rows
+
+    y = torch.randn(333, 4608, device="cuda", dtype=torch.float16) * 3
+    options = {"heuristics.persistent_fp8_quant_max": limit}
+    (q, scale), code = run_and_get_code(difforge.compile(quantize_gelu_rows, options=options), y)
+    source = "\n".join(code)
+    assert ("triton_per_" in source) == (limit is not None)
+    q_ref, scale_ref = quantize_gelu_rows(y)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    # equal fp8 codes up to one rounding step where float32 reassociation differs
+    assert (q.float() - q_ref.float()).abs().le(q_ref.float().abs() * 0.07 + 1e-6).all()
+
+
 @pytest.mark.parametrize(("width", "limit"), [(1152, None), (1152, 4096), (2048, 4096)])
 def test_persistent_reduction_limit_reaches_triton_codegen(width: int, limit: int | None) -> None:
     import torch.nn.functional as F

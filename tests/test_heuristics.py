@@ -95,3 +95,45 @@ def test_only_layer_norm_reductions_qualify() -> None:
     assert not _only_layer_norm(_Features(ln, gn))  # a GroupNorm piece: Inductor decides
     assert not _only_layer_norm(_Features(_Node(aten.sum.dim_IntList)))  # a plain sum
     assert not _only_layer_norm(object())  # unexpected structures: no override
+
+
+class _Buffer:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.node = self
+        self._dtype = dtype
+
+    def get_dtype(self) -> torch.dtype:
+        return self._dtype
+
+
+class _Kernel(_Features):
+    def __init__(self, *buffers: _Buffer, reductions: tuple[_Node, ...] = ()) -> None:
+        super().__init__(*reductions)
+        self._buffers = buffers
+
+    def scheduler_nodes(self) -> tuple[_Buffer, ...]:
+        return self._buffers
+
+
+def test_fp8_quantization_kernels_are_recognised_by_their_fp8_store() -> None:
+    from difforge.heuristics import _has_group_norm, _writes_fp8
+
+    quant = _Kernel(_Buffer(torch.float32), _Buffer(torch.float8_e4m3fn))
+    assert _writes_fp8(quant)
+    assert not _writes_fp8(_Kernel(_Buffer(torch.float16), _Buffer(torch.float32)))
+    assert not _writes_fp8(object())  # unexpected structures: no override
+    gn = _Kernel(
+        _Buffer(torch.float8_e4m3fn), reductions=(_Node(torch.ops.aten.native_group_norm.default),)
+    )
+    assert _has_group_norm(gn) and not _has_group_norm(quant)
+
+
+def test_fp8_limit_alone_installs_choices_and_changes_the_key() -> None:
+    only_fp8 = choices_for(
+        parse_options({"mode": "O1", "heuristics.persistent_fp8_quant_max": 8192}, env={})
+    )
+    assert isinstance(only_fp8, DifforgeChoices)
+    assert only_fp8.persistent_reduction_max is None and only_fp8.fp8_quant_max == 8192
+    assert DifforgeChoices(2048).cache_salt() != DifforgeChoices(2048, 8192).cache_salt()
+    with pytest.raises(OptionsError, match="persistent_fp8_quant_max"):
+        parse_options({"heuristics.persistent_fp8_quant_max": 0}, env={})

@@ -45,11 +45,15 @@ _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
-    """Inductor's default choices, with a larger persistent-reduction limit."""
+    """Inductor's default choices, with larger persistent-reduction limits for LayerNorm
+    rows and (optionally) fp8 row quantizations."""
 
-    def __init__(self, persistent_reduction_max: int) -> None:
+    def __init__(
+        self, persistent_reduction_max: int | None, fp8_quant_max: int | None = None
+    ) -> None:
         super().__init__()
         self.persistent_reduction_max = persistent_reduction_max
+        self.fp8_quant_max = fp8_quant_max
 
     def should_use_persistent_reduction(  # type: ignore[override]
         self, features: Any, cooperative_reduction: bool
@@ -67,17 +71,26 @@ class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
         rnumel = features.reduction_numel
         if not getattr(rnumel, "is_number", isinstance(rnumel, int)):
             return False  # a symbolic row length: leave it to Inductor
-        # LayerNorm rows only: the DiT LayerNorms (1152/1536 wide) gained on an H200, while
+        # LayerNorm rows: the DiT LayerNorms (1152/1536 wide) gained on an H200, while
         # the pieces of a channels-last GroupNorm got slower as persistent reductions (SDXL
-        # VAE decode 38.9 -> 43.6 ms on an H100), so every other reduction keeps
-        # Inductor's own choice.
-        return int(rnumel) <= self.persistent_reduction_max and _only_layer_norm(features)
+        # VAE decode 38.9 -> 43.6 ms on an H100), so other reductions keep Inductor's
+        # choice unless they are fp8 row quantizations and that limit is set.
+        length = int(rnumel)
+        limit = self.persistent_reduction_max
+        if limit and length <= limit and _only_layer_norm(features):
+            return True
+        if self.fp8_quant_max and length <= self.fp8_quant_max:
+            return _writes_fp8(features) and not _has_group_norm(features)
+        return False
 
     def cache_salt(self) -> bytes:
         # The rule's source is part of the key: a changed heuristic must not be served
         # kernels the old one generated (seen: an FX-graph cache hit on a warm GPU
         # machine returned the previous rule's kernels).
-        return f"persistent_reduction_max={self.persistent_reduction_max};{_SOURCE}".encode()
+        return (
+            f"persistent_reduction_max={self.persistent_reduction_max};"
+            f"fp8_quant_max={self.fp8_quant_max};{_SOURCE}"
+        ).encode()
 
 
 def _only_layer_norm(features: Any) -> bool:
@@ -97,10 +110,37 @@ def _only_layer_norm(features: Any) -> bool:
     return found
 
 
+def _writes_fp8(features: Any) -> bool:
+    """Whether the kernel stores a float8 buffer (an fp8 activation quantization)."""
+    import torch
+
+    fp8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+    try:
+        return any(
+            node.node is not None and node.node.get_dtype() in fp8
+            for node in features.scheduler_nodes()
+        )
+    except Exception:  # private scheduler structures: not sure means no
+        return False
+
+
+def _has_group_norm(features: Any) -> bool:
+    try:
+        for node in features.reduction_nodes():
+            for origin in node.node.get_origins() if node.node is not None else ():
+                aten = origin.meta.get("original_aten")
+                if "group_norm" in str(getattr(aten, "_overloadpacket", aten) or origin.target):
+                    return True
+    except Exception:
+        return True
+    return False
+
+
 def choices_for(config: CompileConfig) -> DifforgeChoices | None:
     """The choices object ``config`` asks for, or None to keep Inductor's defaults."""
     limit = config.settings.get("heuristics.persistent_reduction_max")
-    if limit is None:
+    fp8_limit = config.settings.get("heuristics.persistent_fp8_quant_max")
+    if limit is None and fp8_limit is None:
         return None
     if not _AVAILABLE:
         log.warning(
@@ -108,7 +148,9 @@ def choices_for(config: CompileConfig) -> DifforgeChoices | None:
             "heuristics.persistent_reduction_max is ignored"
         )
         return None
-    return DifforgeChoices(int(limit))
+    return DifforgeChoices(
+        None if limit is None else int(limit), None if fp8_limit is None else int(fp8_limit)
+    )
 
 
 @contextlib.contextmanager

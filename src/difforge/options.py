@@ -133,6 +133,14 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "of the row instead of two); null = Inductor's own limit (1024), which sends the "
         "LayerNorms of 1152- to 3072-wide DiTs to looped reductions",
     ),
+    "heuristics.persistent_fp8_quant_max": (
+        None,
+        (int, type(None)),
+        "largest row length of an fp8 activation quantization (a reduction kernel that "
+        "writes float8) kept in registers in one pass; null = Inductor's choice. Off by "
+        "default until measured: PixArt's FF1 quantization (4608 wide) loops over its row "
+        "twice, at ~1.6x the time of two reads on an H100",
+    ),
     "shapes.adapters": (
         True,
         bool,
@@ -195,7 +203,9 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
     ),
 }
 
-_POSITIVE_INTS = frozenset({"heuristics.persistent_reduction_max"})
+_POSITIVE_INTS = frozenset(
+    {"heuristics.persistent_reduction_max", "heuristics.persistent_fp8_quant_max"}
+)
 _NON_NEGATIVE_INTS = frozenset({"quant.min_features", "quant.min_weight_elements"})
 _PATTERN_LISTS = frozenset({"quant.exclude", "quant.include"})
 
