@@ -29,11 +29,15 @@ _GELU = torch._C._nn.gelu
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
 
+def gelu_tanh_float(x: torch.Tensor) -> torch.Tensor:
+    """``gelu(x, approximate="tanh")`` in its sigmoid form, as a float32 tensor."""
+    xf = x.float()
+    return xf * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (xf + 0.044715 * (xf * xf * xf)))
+
+
 def gelu_tanh_as_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """``gelu(x, approximate="tanh")`` written with a sigmoid, in float32, cast back."""
-    xf = x.float()
-    inner = _TWO_SQRT_2_OVER_PI * (xf + 0.044715 * (xf * xf * xf))
-    return (xf * torch.sigmoid(inner)).to(x.dtype)
+    return gelu_tanh_float(x).to(x.dtype)
 
 
 @register_pass("gelu_tanh_sigmoid", stage="fx", tier="optimize")

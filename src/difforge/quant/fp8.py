@@ -37,6 +37,8 @@ import logging
 import torch
 from torch import nn
 
+from difforge.passes.activation import gelu_tanh_float
+
 log = logging.getLogger("difforge.quant")
 
 __all__ = [
@@ -115,12 +117,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 GELU_NEGATIVE_BOUND = 0.1701
 
 
-def _gelu_tanh_float(t: torch.Tensor) -> torch.Tensor:
-    # The sigmoid form of the tanh GELU (see difforge.passes.activation), in float32.
-    tf = t.float()
-    return tf * torch.sigmoid(1.5957691216057308 * (tf + 0.044715 * (tf * tf * tf)))
-
-
 def quantize_gelu_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_rows` of ``gelu(y, approximate="tanh")`` without reading GELU twice.
 
@@ -134,9 +130,9 @@ def quantize_gelu_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if y.dim() != 2:
         raise ValueError(f"quantize_gelu_rows expects a 2-D [M, K] tensor, got {y.shape}")
-    bound = _gelu_tanh_float(y.amax(dim=-1)).clamp_min(GELU_NEGATIVE_BOUND)
+    bound = gelu_tanh_float(y.amax(dim=-1)).clamp_min(GELU_NEGATIVE_BOUND)
     scale = bound / FP8_MAX
-    return _to_fp8(_gelu_tanh_float(y), scale), scale
+    return _to_fp8(gelu_tanh_float(y), scale), scale
 
 
 # The row quantizers as CompositeImplicitAutograd ops: one node each in the Dynamo graph
