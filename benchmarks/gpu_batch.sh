@@ -8,7 +8,8 @@
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
 #   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
 #   fp8      O3 with/without the fp8 swap (and all sizes) on PixArt and SD3     ~9 min
-#   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization ~7 min
+#   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization
+#            vs O3 + quant.fuse_qkv                                            ~9 min
 set -uo pipefail
 part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next}"
 out="${OUT:-out}"
@@ -52,7 +53,7 @@ case "$part" in
     run 450 step_fp8 python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --profile --variants "$V" --output-json "$out/step_fp8_o3.json" ;;
   fp8next)
-    V='compile;O3;O3-pq={"mode":"O3","heuristics.persistent_fp8_quant_max":8192}'
+    V='compile;O3;O3-pq={"mode":"O3","heuristics.persistent_fp8_quant_max":8192};O3-fq={"mode":"O3","quant.fuse_qkv":true}'
     run 100 probe_ffblock python3 benchmarks/probe_ops.py --probes ffblock \
       --output-json "$out/probe_ffblock.json"
     run 60 gpu_fp8_heuristics python3 -m pytest -q -m gpu tests/test_gpu.py -k "fp8 or sigmoid" \

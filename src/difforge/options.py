@@ -194,6 +194,14 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "repeated blocks (input/output layers, embedders, modulation), or the first and last "
         "linear of a model without repeated blocks",
     ),
+    "quant.fuse_qkv": (
+        False,
+        bool,
+        "fp8 swap: first call the module's diffusers fuse_qkv_projections(), so each "
+        "attention's q/k/v (and k/v, added q/k/v) become one wider fp8 linear (PixArt's "
+        "1152x3456 to_qkv passes the size filter where 1152x1152 to_q does not); the graph "
+        "pass fuse_qkv cannot fuse fp8 linears. Off until measured",
+    ),
     "shapes.duck_sizing": (
         None,
         (bool, type(None)),

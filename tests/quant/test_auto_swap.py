@@ -243,3 +243,39 @@ def test_torch_compile_entry_point_says_the_swap_needs_difforge_compile(
     with pytest.warns(UserWarning, match="difforge.compile"), torch.no_grad():
         compiled(x, t)
     assert not any(isinstance(m, Fp8Linear) for m in model.modules())
+
+
+def test_fuse_qkv_option_quantizes_the_fused_projections(fp8_here: None) -> None:
+    pytest.importorskip("diffusers")
+    from difforge.diffusers.presets import build_component, get_preset
+    from difforge.diffusers.step_inputs import denoiser_step_inputs
+
+    preset = get_preset("tiny-pixart")
+    model = build_component(preset, preset.denoiser, dtype=torch.float32).eval()
+    call = denoiser_step_inputs(
+        preset, batch=2, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    with torch.no_grad():
+        ref = call(model)[0].clone()
+        options = {"mode": "O3", "quant.fuse_qkv": True, **SMALL}
+        out = call(difforge.compile(model, options=options))[0]
+    report = swap_report(model)
+    assert report is not None
+    fused = {n for n in report.converted if n.endswith((".to_qkv", ".to_kv"))}
+    # each block: self-attention q/k/v and cross-attention k/v, one fp8 GEMM each
+    assert len(fused) == 2 * len(model.transformer_blocks), sorted(report.converted)
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
+    assert difforge.counters["fuse_qkv"] == 0  # nothing left for the graph pass
+
+
+def test_fuse_qkv_option_is_off_by_default_and_harmless_without_diffusers_fusion(
+    fp8_here: None,
+) -> None:
+    from difforge.options import parse_options
+
+    assert parse_options({"mode": "O3"}).settings["quant.fuse_qkv"] is False
+    model = _ToyDiT().eval()  # no fuse_qkv_projections(): logged, nothing else changes
+    with torch.no_grad():
+        difforge.compile(model, options={"mode": "O3", "quant.fuse_qkv": True, **SMALL})(*_inputs())
+    report = swap_report(model)
+    assert report is not None and set(report.converted) == BLOCK_LINEARS

@@ -84,6 +84,20 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def _fuse_qkv_projections(module: nn.Module) -> None:
+    """diffusers' own q/k/v fusion, before quantizing (fp8 weights cannot be concatenated
+    later). Its unfused ``to_q``/``to_k``/``to_v`` stay as attributes, unused by the fused
+    processors; ``quantize_linears`` converts them too, which costs memory only."""
+    fuse = getattr(module, "fuse_qkv_projections", None)
+    if not callable(fuse):
+        log.info(
+            "difforge: quant.fuse_qkv: %s has no fuse_qkv_projections(); q/k/v stay separate",
+            type(module).__name__,
+        )
+        return
+    fuse()
+
+
 def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport | None:
     """Apply ``quant.fp8_linear`` to ``module`` in place; the report, or None if nothing
     was swapped (off, not an ``nn.Module``, already quantized, or no fp8 GEMM here)."""
@@ -109,6 +123,8 @@ def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport
             "own precision (set 'quant.fp8_linear': false to silence this)"
         )
         return None
+    if settings.get("quant.fuse_qkv"):
+        _fuse_qkv_projections(module)
     report = quantize_linears(module, module_filter)
     setattr(module, SWAP_ATTR, report)
     log.info("difforge: quant.fp8_linear on %s: %s", type(module).__name__, report.summary())
