@@ -63,8 +63,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def _kernel_ms(fn: Callable[[], object], pattern: tuple[str, ...], iters: int = 10) -> float:
-    """Profiler time per call of the kernels whose names contain one of ``pattern``."""
+def _profiled(fn: Callable[[], object], iters: int) -> Any:
+    """The profiler's per-kernel averages over ``iters`` calls of ``fn`` (after one warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -73,8 +73,13 @@ def _kernel_ms(fn: Callable[[], object], pattern: tuple[str, ...], iters: int = 
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def _kernel_ms(fn: Callable[[], object], pattern: tuple[str, ...], iters: int = 10) -> float:
+    """Profiler time per call of the kernels whose names contain one of ``pattern``."""
     total = 0.0
-    for evt in prof.key_averages():
+    for evt in _profiled(fn, iters):
         name = evt.key.lower()
         if any(p in name for p in pattern):
             total += getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0))
@@ -315,17 +320,9 @@ def probe_attention_code(out_dir: Path | None = None) -> list[dict[str, Any]]:
 
 def _kernel_table(fn: Callable[[], object], iters: int = 20) -> list[tuple[str, float]]:
     """(kernel name, us per call) of every GPU kernel ``fn`` launches, slowest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
     rows = [
         (evt.key[:100], round(evt.self_device_time_total / iters, 2))
-        for evt in prof.key_averages()
+        for evt in _profiled(fn, iters)
         if evt.self_device_time_total > 0
     ]
     return sorted(rows, key=lambda r: -r[1])[:6]

@@ -33,6 +33,13 @@ def _dit(depth: int = 6) -> TinyDiT:
     return TinyDiT(depth=depth).eval()
 
 
+def _sweep_sizes(compiled: nn.Module, model: nn.Module) -> None:
+    """Three batch/size/token combinations; each output must match eager."""
+    for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
+        inputs = dit_inputs(batch, size, tokens)
+        assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+
+
 def _run(model: nn.Module, options: dict) -> tuple[torch.Tensor, torch.Tensor, list]:
     inputs = dit_inputs()
     with torch.no_grad():
@@ -63,9 +70,7 @@ def test_nested_dynamic_serves_new_sizes_without_recompiling():
         model, options={"mode": "O1", "dynamic": True, "compile.regional": True}
     )
     with torch.no_grad():
-        for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
-            inputs = dit_inputs(batch, size, tokens)
-            assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+        _sweep_sizes(compiled, model)
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -219,9 +224,7 @@ def test_blocks_style_dynamic_serves_new_sizes_without_recompiling():
         model, options={"mode": "O1", "dynamic": True, "compile.regional": "blocks"}
     )
     with torch.no_grad():
-        for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
-            inputs = dit_inputs(batch, size, tokens)
-            assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+        _sweep_sizes(compiled, model)
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -233,9 +236,7 @@ def test_nested_automatic_dynamic_keeps_regions_after_the_dynamic_recompile():
     compiled = difforge.compile(model, options={"mode": "O1", "compile.regional": True})
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*recompiling")
-        for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
-            inputs = dit_inputs(batch, size, tokens)
-            assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+        _sweep_sizes(compiled, model)
     records = difforge.compile_records[start:]
     assert [list(r.regions.values()) for r in records] == [[3], [3]]
 
@@ -260,7 +261,7 @@ class _ScaledOut(nn.Module):
 
 def test_floats_read_outside_the_blocks_modules_work_nested_with_dynamic_shapes():
     # A float default of a helper and a module-level float, read by every block's
-    # processor (as FLUX reads dispatch_attention_fn's dropout_p=0.0): before difforge
+    # attention output (as FLUX reads dispatch_attention_fn's dropout_p=0.0): before difforge
     # traced nested regions with specialize_float, these became SymFloat region inputs
     # and the compile failed ("Freevar has no source") or fell back to 'blocks'.
     model = _dit(3)
@@ -271,9 +272,7 @@ def test_floats_read_outside_the_blocks_modules_work_nested_with_dynamic_shapes(
         model, options={"mode": "O1", "dynamic": True, "compile.regional": "nested"}
     )
     with torch.no_grad():
-        for batch, size, tokens in ((2, 16, 7), (3, 24, 11), (2, 8, 5)):
-            inputs = dit_inputs(batch, size, tokens)
-            assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+        _sweep_sizes(compiled, model)
     assert counters["stats"]["unique_graphs"] == 1
     records = difforge.compile_records[start:]
     assert [list(r.regions.values()) for r in records] == [[3]]

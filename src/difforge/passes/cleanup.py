@@ -7,14 +7,12 @@ first so that the fusion passes see the real data flow (a ``dropout`` or
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from difforge.passes.registry import node_tensor, register_pass
+from difforge.passes.registry import node_arg, node_tensor, register_pass
 
 _DROPOUTS = {
     F.dropout: ("training", 2),
@@ -32,12 +30,6 @@ _DROPOUTS = {
 _SELF_RETURNING_METHODS = {"contiguous", "to", "float", "half", "bfloat16", "double", "type_as"}
 
 
-def _arg(node: torch.fx.Node, name: str, index: int, default: Any) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[index] if len(node.args) > index else default
-
-
 @register_pass("remove_dropout", stage="fx", tier="cleanup")
 def remove_dropout(graph: torch.fx.Graph) -> int:
     """Remove dropout calls that are identities (inference mode, or p == 0)."""
@@ -46,8 +38,8 @@ def remove_dropout(graph: torch.fx.Graph) -> int:
         if node.op != "call_function" or node.target not in _DROPOUTS:
             continue
         training_name, training_index = _DROPOUTS[node.target]
-        training = _arg(node, training_name, training_index, True)
-        p = _arg(node, "p", 1, 0.5)
+        training = node_arg(node, training_index, training_name, True)
+        p = node_arg(node, 1, "p", 0.5)
         # Only literal False / 0.0 are provably identities; a traced flag is left alone.
         if training is False or (isinstance(p, (int, float)) and p == 0):
             node.replace_all_uses_with(node.args[0])
