@@ -4,7 +4,8 @@ Everything for one model runs in one process on the same weights and inputs: com
 time (first call) apart from run time (median of CUDA-event timings after warm-up),
 achieved TFLOP/s, peak memory, relative error against a float32 eager reference, and,
 with --profile, where the kernel time goes (attention / GEMM / conv / elementwise /
-other / idle gaps between kernels).
+other / idle gaps between kernels). --plant-outliers scales a few input columns of every
+denoiser linear (the same ones in the float32 reference), as trained weights have.
 
     python benchmarks/bench_step.py --models pixart-xl-2-1024,sdxl-base \
         --variants eager,compile,O2 --output-json out/step.json
@@ -29,6 +30,7 @@ from tabulate import tabulate
 from torch import nn
 
 import difforge
+from difforge.bench.outliers import plant_outliers
 from difforge.bench.report import environment
 from difforge.diffusers.presets import build_component, get_preset
 from difforge.diffusers.step_inputs import (
@@ -37,6 +39,7 @@ from difforge.diffusers.step_inputs import (
     denoiser_step_inputs,
     vae_decode_inputs,
 )
+from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
 from difforge.quant.auto import swap_report
 
 # Kernel-name fragments per category (cuDNN/flash/efficient attention, cuBLAS/CUTLASS/
@@ -87,7 +90,8 @@ class VariantResult:
     error: str | None = None
     options: dict[str, Any] | None = None
     fp8_linears: int | None = None
-    """Linears the variant swapped to fp8 (low-precision/O3, ``quant.fp8_linear``)."""
+    """Linears the variant swapped to fp8 (low-precision/O3, ``quant.fp8_linear``, or the
+    ``fp8`` variant)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -202,8 +206,24 @@ def _variant_options(variant: str, extra: dict[str, Any]) -> dict[str, Any]:
     return {"mode": label, **extra}
 
 
-def _compile(module: nn.Module, variant: str, extra: dict[str, Any]) -> Callable[..., Any]:
+def fp8_filter(preset_name: str) -> ModuleFilter:
+    """The linears the ``fp8`` variant quantizes: the ``low-precision`` swap's default
+    filter, except on tiny presets, whose widths are all below its size thresholds (there
+    every linear its name rules allow, so the fp8 numerics are exercised at all)."""
+    if get_preset(preset_name).tiny:
+        return ModuleFilter(min_features=0, min_weight_elements=0)
+    return ModuleFilter()
+
+
+def _compile(
+    module: nn.Module, variant: str, extra: dict[str, Any], preset_name: str
+) -> Callable[..., Any]:
     if variant == "eager":
+        return module
+    if variant == "fp8":
+        # Quantization alone, run eagerly: fp8 linears (the float32 reference path where
+        # this device has no fp8 GEMM). In place: the caller rebuilds the module afterwards.
+        quantize_linears(module, fp8_filter(preset_name))
         return module
     if variant == "compile":
         return torch.compile(module)
@@ -224,6 +244,10 @@ def _build(
         return VaeDecode(vae).eval(), call, 1
     batch = args.batch or (1 if preset.family == "flux" else 2)
     module = build_component(preset, preset.denoiser, dtype=dtype, device=device).eval()
+    if args.plant_outliers:
+        # Columns chosen by name and seed: every build (the float32 reference too) gets
+        # the same outliers.
+        plant_outliers(module, args.plant_outliers, channels=args.outlier_channels)
     call = denoiser_step_inputs(
         preset, batch=batch, height=args.height, width=args.width, device=device, dtype=dtype
     )
@@ -253,7 +277,10 @@ def bench_model(
     module, call, _ = _build(name, target or "denoiser", dtype, device, args)
 
     reference = None
-    if args.fp32_reference and dtype != torch.float32:
+    if args.fp32_reference and dtype == torch.float32:
+        with torch.no_grad():  # the module itself is the float32 reference
+            reference = _first_tensor(call(module)).float().clone()
+    elif args.fp32_reference:
         # Same weights in float32: the reference that eager's own error is measured against.
         ref_module = _build(name, target or "denoiser", torch.float32, device, args)[0]
         with torch.no_grad():
@@ -272,11 +299,11 @@ def bench_model(
             torch.cuda.reset_peak_memory_stats(device)
         label = variant.partition("=")[0]
         result = VariantResult(spec, label, None, None, None, None, None, None)
-        if label not in ("eager", "compile", "compile-max-autotune"):
+        if label not in ("eager", "compile", "compile-max-autotune", "fp8"):
             result.options = _variant_options(variant, extra)
         fn = None
         try:
-            fn = _compile(module, variant, extra)
+            fn = _compile(module, variant, extra, name)
             with torch.no_grad():
                 _sync(device)
                 t0 = time.perf_counter()
@@ -302,10 +329,11 @@ def bench_model(
             result.error = f"{type(exc).__name__}: {str(exc)[:500]}"
         results.append(result)
         swapped = swap_report(module) if isinstance(module, nn.Module) else None
-        if swapped is not None:
-            # The fp8 swap changed the module in place: later variants get a fresh build
-            # (the same seeded weights), never the quantized one.
-            result.fp8_linears = len(swapped.converted)
+        fp8_modules = sum(isinstance(m, Fp8Linear) for m in module.modules())
+        if swapped is not None or fp8_modules:
+            # The fp8 swap (or the fp8 variant) changed the module in place: later variants
+            # get a fresh build (the same seeded weights), never the quantized one.
+            result.fp8_linears = len(swapped.converted) if swapped is not None else fp8_modules
             del fn, module
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -381,8 +409,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default="eager,compile,O2",
-        help="eager, compile, compile-max-autotune, any difforge mode string, or "
-        "label=<options JSON>; separate with ';' when a JSON has commas",
+        help="eager, compile, compile-max-autotune, fp8 (the denoiser's linears quantized "
+        "to fp8, run eagerly), any difforge mode string, or label=<options JSON>; separate "
+        "with ';' when a JSON has commas",
     )
     parser.add_argument(
         "--options", default="{}", help="extra difforge options (JSON) for difforge variants"
@@ -399,6 +428,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="kernel-time breakdown (CUDA)")
     parser.add_argument("--no-fp32-reference", dest="fp32_reference", action="store_false")
+    parser.add_argument(
+        "--plant-outliers",
+        metavar="FACTOR",
+        type=float,
+        default=None,
+        help="multiply a few input columns of every denoiser linear by FACTOR (e.g. 30), in "
+        "the measured module and its float32 reference alike",
+    )
+    parser.add_argument(
+        "--outlier-channels",
+        metavar="N",
+        type=int,
+        default=4,
+        help="input columns per linear that --plant-outliers scales (default 4)",
+    )
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

@@ -86,6 +86,11 @@ class BenchConfig:
     """``None``: the preset's dtype on a GPU, float32 on the CPU (see pipeline setup)."""
     text_encoders: bool | None
     """``None``: real (random-weight) encoders for tiny presets only."""
+    plant_outliers: float | None
+    """Factor by which a few input columns of each denoiser linear are scaled before any
+    compiler runs (:func:`difforge.bench.outliers.plant_outliers`); ``None``: off."""
+    outlier_channels: int
+    """How many input columns per linear ``plant_outliers`` scales."""
     fresh_cache: bool
     """Compile each compiler into an empty temporary Inductor/Triton cache."""
     progress: bool
@@ -99,6 +104,16 @@ def _bool_value(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -185,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run real (random-weight) text encoders; off: random precomputed prompt "
         "embeddings (default: on for tiny presets and local directories, off otherwise)",
+    )
+    model.add_argument(
+        "--plant-outliers",
+        metavar="FACTOR",
+        type=_positive_float,
+        help="before any compiler runs, multiply a few input columns (--outlier-channels, "
+        "chosen by a fixed seed) of every nn.Linear weight of the denoiser by FACTOR (e.g. "
+        "30), as trained models have and random weights lack; this tests that "
+        "low-precision scales hold up. It makes another model, used by every compiler "
+        "(eager included), so comparisons stay fair",
+    )
+    model.add_argument(
+        "--outlier-channels",
+        metavar="N",
+        type=_positive_int,
+        default=4,
+        help="input columns per linear that --plant-outliers scales (default: 4; a linear "
+        "with fewer than 8*N inputs is left alone)",
     )
 
     comp = p.add_argument_group("compilers")
@@ -369,6 +402,8 @@ def resolve(ns: argparse.Namespace) -> BenchConfig:
         device=device,
         dtype=DTYPES[ns.dtype] if ns.dtype else None,
         text_encoders=ns.text_encoders,
+        plant_outliers=ns.plant_outliers,
+        outlier_channels=ns.outlier_channels,
         fresh_cache=ns.fresh_cache,
         progress=ns.progress,
     )

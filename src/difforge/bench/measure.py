@@ -100,23 +100,34 @@ class CompilerResult:
     """PSNR against the ``none`` run's image, in dB (``inf`` when identical)."""
     max_abs_diff: float | None = None
     """Largest absolute pixel difference on [0, 1] images against the ``none`` run."""
+    latent_psnr_db: float | None = None
+    """PSNR of the final latents against the ``none`` run's, in dB, with the reference
+    latents' range (max - min) as the peak, since latents have no fixed range (``inf``
+    when identical, ``nan`` for non-finite latents; ``None`` without a reference or when
+    the pipeline has no step callback)."""
     resolutions: list[ResolutionResult] = field(default_factory=list)
     image_files: list[str] = field(default_factory=list)
     image: torch.Tensor | None = field(default=None, repr=False)
-    """The last timed run's images, (B, 3, H, W) float32 on the CPU (not in the JSON)."""
+    """The quality run's images, (B, 3, H, W) float32 on the CPU (not in the JSON)."""
+    latents: torch.Tensor | None = field(default=None, repr=False)
+    """The quality run's final latents, float32 on the CPU (not in the JSON)."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready fields; an infinite PSNR becomes ``null`` (``image_match`` says why)."""
-        out = dataclasses.asdict(dataclasses.replace(self, image=None))
+        """JSON-ready fields; an infinite PSNR becomes ``null`` (``image_match`` says why:
+        ``identical``, or ``reference`` for the reference run itself)."""
+        out = dataclasses.asdict(dataclasses.replace(self, image=None, latents=None))
         out.pop("image")
+        out.pop("latents")
         for entry, sweep in zip(out["resolutions"], self.resolutions, strict=True):
             entry["vs_specialized"] = sweep.vs_specialized
-        if out["psnr_db"] is not None and math.isinf(out["psnr_db"]):
-            out["psnr_db"] = None
+        # Strict JSON has no inf/nan: null, with image_match telling identical apart.
+        for key in ("psnr_db", "latent_psnr_db"):
+            if out[key] is not None and not math.isfinite(out[key]):
+                out[key] = None
         return out
 
 
@@ -176,7 +187,8 @@ def calls_per_compiler(config: BenchConfig) -> int:
     """Pipeline calls one compiler makes (for the progress bar's total)."""
     sweeps = len(MULTIPLE_RESOLUTIONS) * config.multiple_resolutions
     sweeps += len(RARE_RESOLUTIONS) * config.rare_resolutions
-    return config.warmups + config.runs + 2 * sweeps + 2 * len(specialized_sizes(config))
+    # + 1: the untimed quality run that keeps the image and the latents.
+    return config.warmups + config.runs + 1 + 2 * sweeps + 2 * len(specialized_sizes(config))
 
 
 def specialized_sizes(config: BenchConfig) -> list[tuple[int, int]]:
@@ -258,7 +270,8 @@ def _recording_errors(result: Any, what: str) -> Iterator[None]:
 def measure_steady(
     workload: Workload, config: BenchConfig, result: CompilerResult, progress: Progress
 ) -> None:
-    """Warm-up runs (the first compiles), then timed runs at the main size."""
+    """Warm-up runs (the first compiles), timed runs at the main size, then one untimed
+    quality run whose images and final latents are compared with the reference's."""
     device = workload.device
     name = result.compiler
     before = unique_graphs()
@@ -274,18 +287,22 @@ def measure_steady(
 
     _reset_peak(device)
     before = unique_graphs()
-    image = None
     for i in range(config.runs):
         progress.phase(f"{name}: timed run {i + 1}/{config.runs}")
-        seconds, image = device_time(workload.call, device)
+        seconds, _ = device_time(workload.call, device)
         result.inference_runs_s.append(seconds)
         progress.advance()
     result.recompiles_in_timed_runs = unique_graphs() - before
     result.peak_memory_bytes = _peak_memory(device)
     result.inference_s = statistics.median(result.inference_runs_s)
     result.iterations_per_s = workload.steps / result.inference_s
-    assert image is not None
+
+    # The latents come from a step callback, kept out of the timed runs.
+    progress.phase(f"{name}: quality run")
+    image, latents = workload.generate()
+    progress.advance()
     result.image = image.detach().float().cpu()
+    result.latents = None if latents is None else latents.detach().float().cpu()
 
 
 def measure_resolutions(
@@ -389,14 +406,7 @@ def specialized_line(compiler: str, r: ResolutionResult) -> str:
 
 
 def _call_with(workload: Workload, extra: dict[str, Any], height: int, width: int) -> Any:
-    if not extra:
-        return workload.call(height=height, width=width)
-    saved = workload.call_kwargs
-    workload.call_kwargs = {**saved, **extra}
-    try:
-        return workload.call(height=height, width=width)
-    finally:
-        workload.call_kwargs = saved
+    return workload.call(height=height, width=width, extra=extra)
 
 
 @contextmanager
@@ -464,14 +474,35 @@ def image_metrics(image: torch.Tensor, reference: torch.Tensor) -> tuple[float, 
     return psnr, max_abs
 
 
+def latent_psnr(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of ``latents`` against ``reference``, with peak = the reference's range
+    (max - min): latents are unbounded, so a fixed peak like an image's 1.0 would say
+    nothing. ``inf`` when equal."""
+    if latents.shape != reference.shape:
+        raise ValueError(
+            f"latent shapes differ: {tuple(latents.shape)} vs {tuple(reference.shape)}"
+        )
+    ref = reference.double()
+    mse = float((latents.double() - ref).square().mean())
+    if mse == 0.0:
+        return math.inf
+    peak = float(ref.max() - ref.min())
+    if not math.isfinite(mse) or peak == 0.0:
+        return math.nan  # non-finite latents, or a constant reference: no meaningful PSNR
+    return 10.0 * math.log10(peak * peak / mse)
+
+
 def compare_to_reference(results: list[CompilerResult], reference: str = "none") -> None:
-    """Fill ``psnr_db``/``max_abs_diff``/``image_match`` against the ``reference`` run."""
+    """Fill ``psnr_db``/``max_abs_diff``/``image_match`` and ``latent_psnr_db`` against
+    the ``reference`` run."""
     ref = next((r for r in results if r.compiler == reference and r.image is not None), None)
     for r in results:
         if ref is None or r.image is None:
             r.image_match = NO_REFERENCE
             continue
         r.psnr_db, r.max_abs_diff = image_metrics(r.image, ref.image)  # type: ignore[arg-type]
+        if r.latents is not None and ref.latents is not None:
+            r.latent_psnr_db = latent_psnr(r.latents, ref.latents)
         if r is ref:
             r.image_match = REFERENCE
         else:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from difforge.bench.args import BenchConfig, BenchError
+from difforge.bench.outliers import OutlierReport, plant_outliers
 from difforge.diffusers.presets import Preset, build_pipeline, get_preset, random_prompt_embeds
 
 if TYPE_CHECKING:
@@ -55,26 +56,62 @@ class Workload:
     """Scale from the seed's 1024-pixel sweep sizes to this model's (tiny presets: < 1)."""
     accepts: frozenset[str] = field(default_factory=frozenset)
     """Keyword arguments the pipeline's ``__call__`` takes."""
+    outliers: OutlierReport | None = None
+    """What ``--plant-outliers`` changed in the denoiser (``None``: nothing)."""
 
     @property
     def denoiser(self) -> str:
         """Pipeline attribute of the denoiser (``transformer`` or ``unet``)."""
         return "transformer" if getattr(self.pipe, "transformer", None) is not None else "unet"
 
-    def call(self, *, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """Run the pipeline once from the fixed seed; images as (B, 3, H, W) in [0, 1]."""
+    def call(
+        self,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Run the pipeline once from the fixed seed; images as (B, 3, H, W) in [0, 1].
+        ``extra``: more ``pipe(...)`` arguments for this call only."""
         # A CPU generator draws the same latents whatever the device, so every compiler
         # (and every machine) starts from identical noise.
         generator = torch.Generator("cpu").manual_seed(self.seed)
         out = self.pipe(
             **self.prompt_kwargs,
             **self.call_kwargs,
+            **(extra or {}),
             height=height or self.height,
             width=width or self.width,
             generator=generator,
             output_type="pt",
         )
         return out.images
+
+    def generate(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One :meth:`call` that also returns the final latents (after the last scheduler
+        step, before the VAE; FLUX's still packed), or ``None`` if the pipeline has no step
+        callback. The callback runs once per step in Python, so timed runs leave it out."""
+        captured: list[torch.Tensor] = []
+
+        def keep(latents: torch.Tensor) -> None:
+            # A copy: the pipeline may reuse or rescale the tensor after the callback.
+            captured[:] = [latents.detach().clone()]
+
+        extra: dict[str, Any] = {}
+        if "callback_on_step_end" in self.accepts:
+
+            def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+                keep(kwargs["latents"])
+                return {}
+
+            extra = {
+                "callback_on_step_end": on_step_end,
+                "callback_on_step_end_tensor_inputs": ["latents"],
+            }
+        elif {"callback", "callback_steps"} <= self.accepts:  # PixArt's older interface
+            extra = {"callback": lambda step, t, latents: keep(latents), "callback_steps": 1}
+        images = self.call(extra=extra)
+        return images, (captured[-1] if captured else None)
 
     def sweep_kwargs(self) -> dict[str, Any]:
         """Extra call arguments for resolution sweeps: no aspect-ratio binning, so the
@@ -101,6 +138,7 @@ class Workload:
             "text_encoders": self.text_encoders,
             "prompt": self.prompt_kwargs.get("prompt"),
             "call_kwargs": {k: _jsonable(v) for k, v in self.call_kwargs.items()},
+            "planted_outliers": self.outliers.summary() if self.outliers else None,
         }
 
 
@@ -210,6 +248,13 @@ def build_workload(config: BenchConfig) -> Workload:
     if preset is None and config.text_encoders is False:
         _drop_text_encoders(pipe)
     pipe.set_progress_bar_config(disable=True)  # we show our own progress
+    outliers = None
+    if config.plant_outliers is not None:
+        # Before any compiler: every run, eager included, sees the same planted weights.
+        denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+        outliers = plant_outliers(
+            denoiser, config.plant_outliers, channels=config.outlier_channels, seed=config.seed
+        )
     scheduler = set_scheduler(pipe, config.scheduler)
 
     params = _call_parameters(pipe)
@@ -261,6 +306,7 @@ def build_workload(config: BenchConfig) -> Workload:
         size_multiple=_size_multiple(pipe),
         resolution_scale=default_h / 1024 if tiny else 1.0,
         accepts=frozenset(params),
+        outliers=outliers,
     )
 
 

@@ -125,12 +125,21 @@ def _memory(value: int | None) -> str:
     return "n/a" if value is None else f"{value / GIB:.2f} GiB"
 
 
-def _psnr(r: CompilerResult) -> str:
-    if r.image_match == REFERENCE:
+def format_psnr(value: float | None, reference: bool = False) -> str:
+    """A PSNR for tables: ``reference``, ``n/a``, ``inf (identical)`` or ``41.3``."""
+    if reference:
         return "reference"
-    if r.psnr_db is None:
+    if value is None:
         return "n/a"
-    return "inf (identical)" if math.isinf(r.psnr_db) else f"{r.psnr_db:.1f}"
+    return "inf (identical)" if math.isinf(value) else f"{value:.1f}"
+
+
+def _psnr(r: CompilerResult) -> str:
+    return format_psnr(r.psnr_db, r.image_match == REFERENCE)
+
+
+def _latent_psnr(r: CompilerResult) -> str:
+    return format_psnr(r.latent_psnr_db, r.image_match == REFERENCE)
 
 
 def speedups(results: Sequence[CompilerResult], baseline: str = "none") -> dict[str, float]:
@@ -176,6 +185,7 @@ def results_table(results: Sequence[CompilerResult]) -> str:
         "speedup",
         "peak memory",
         "PSNR dB",
+        "latent PSNR dB",
         "max |diff|",
         "graphs",
     ]
@@ -194,6 +204,7 @@ def results_table(results: Sequence[CompilerResult]) -> str:
                 f"{ups[r.compiler]:.2f}x" if r.compiler in ups else "n/a",
                 _memory(r.peak_memory_bytes),
                 _psnr(r),
+                _latent_psnr(r),
                 _fmt(r.max_abs_diff, ".2e"),
                 r.graphs if r.graphs is not None else "n/a",
             ]
