@@ -10,8 +10,10 @@
 #   fp8      O3 with/without the fp8 swap (and all sizes) on PixArt and SD3     ~9 min
 #   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization
 #            vs O3 + quant.fuse_qkv                                            ~9 min
+#   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
+#            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -60,6 +62,9 @@ case "$part" in
       -p no:cacheprovider
     run 330 step_fp8_pq python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --profile --variants "$V" --output-json "$out/step_fp8_pq.json" ;;
+  quality)
+    run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
+      --no-progress --output-json "$out/quality_pixart.json" ;;
   *)
     echo "unknown part $part" >&2
     exit 2 ;;
