@@ -28,19 +28,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.util
 import json
 import math
 import sys
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from tabulate import tabulate
 
 from difforge.bench import args as bench_args
+from difforge.bench import step as bench_step
 from difforge.bench.compilers import PipelineSnapshot
 from difforge.bench.measure import (
     REFERENCE,
@@ -52,6 +51,7 @@ from difforge.bench.measure import (
 )
 from difforge.bench.pipeline import Workload, build_workload
 from difforge.bench.report import environment, format_psnr, write_json
+from difforge.diffusers.presets import get_preset
 from difforge.diffusers.quantize import quant_report, quantize_pipe
 from difforge.errors import OptionsError
 from difforge.options import parse_options
@@ -69,21 +69,6 @@ DEFINITIONS = {
     "outliers": "null: the preset's random weights; else a few input columns of every "
     "denoiser nn.Linear multiplied by factor (difforge.bench.outliers.plant_outliers)",
 }
-
-
-def _load_bench_step() -> ModuleType:
-    """``benchmarks/bench_step.py`` is a script, not a package module: load it from its
-    file so this report measures one step exactly as that benchmark does."""
-    path = Path(__file__).resolve().parent / "bench_step.py"
-    spec = importlib.util.spec_from_file_location("bench_step", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_step", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_step = _load_bench_step()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -187,7 +172,7 @@ def measure_steps(
     ns = bench_step.parse_args(argv)
     if not args.height or not args.width:
         # bench_step's own default is 1024 or 64 px; use the preset's size instead.
-        preset = bench_step.get_preset(model)
+        preset = get_preset(model)
         ns.height = args.height or preset.default_height
         ns.width = args.width or preset.default_width
     ns.variants = list(args.modes)  # a mode string may contain commas or colons

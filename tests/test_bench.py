@@ -369,3 +369,33 @@ def test_readme_step_table_is_generated_from_committed_results() -> None:
         [sys.executable, str(script), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_step_measurement_on_tiny_pixart() -> None:
+    """difforge.bench.step (behind bench_step.py and quality_report.py): eager is the
+    float32 reference itself, a compiled variant matches it, each has its timings."""
+    from difforge.bench.step import bench_model, parse_args
+
+    args = parse_args(
+        [
+            "--models",
+            "tiny-pixart",
+            "--variants",
+            "eager,O1",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+            "--dtype",
+            "float32",
+        ]
+    )
+    results = {r.variant: r for r in bench_model("tiny-pixart", args, torch.device("cpu"), {})}
+    assert set(results) == {"eager", "O1"}
+    assert all(r.error is None and r.median_ms and r.median_ms > 0 for r in results.values())
+    assert results["eager"].rel_err_vs_fp32 == 0.0
+    assert results["O1"].rel_err_vs_fp32 is not None and results["O1"].rel_err_vs_fp32 < 1e-5
