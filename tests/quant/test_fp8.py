@@ -271,14 +271,17 @@ def test_filter_reasons() -> None:
     assert f.reason("blocks.0.ff", nn.Linear(64, 128)) is None
     assert "multiples of 16" in (f.reason("blocks.0.ff", nn.Linear(72 + 1, 128)) or "")
     assert "min_features" in (f.reason("blocks.0.ff", nn.Linear(32, 128)) or "")
-    assert "'proj_out'" in (f.reason("proj_out", nn.Linear(64, 64)) or "")
+    assert "'caption_projection'" in (
+        f.reason("caption_projection.linear_1", nn.Linear(64, 64)) or ""
+    )
+    assert f.reason("single_transformer_blocks.0.proj_out", nn.Linear(64, 64)) is None  # FLUX
     assert "not an nn.Linear" in (f.reason("x", nn.Conv2d(64, 64, 1)) or "")
     only = ModuleFilter(min_features=0, min_weight_elements=0, include=("attn*",), exclude=())
     assert only("attn1.to_q", nn.Linear(16, 16)) and not only("ff.net.2", nn.Linear(16, 16))
     assert ModuleFilter(exclude="to_q").exclude == ("to_q",)
     with pytest.raises(ValueError, match="min_features"):
         ModuleFilter(min_features=-1)
-    assert "proj_out" in DEFAULT_EXCLUDE and "emb" in DEFAULT_EXCLUDE
+    assert "emb" in DEFAULT_EXCLUDE and not any("proj_out" in p for p in DEFAULT_EXCLUDE)
 
 
 def test_quantize_linears_reports_and_replaces() -> None:

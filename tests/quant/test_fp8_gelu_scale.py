@@ -15,6 +15,7 @@ from difforge.quant.fp8 import (
     FP8_MAX,
     GELU_NEGATIVE_BOUND,
     dequantize,
+    quantize_cat_rows,
     quantize_gelu_rows,
     quantize_rows,
 )
@@ -112,3 +113,42 @@ def test_low_precision_mode_turns_it_on() -> None:
 
     assert parse_options({"mode": "O3"}).settings["passes.fp8_gelu_scale"] is True
     assert parse_options({"mode": "O2"}).settings["passes.fp8_gelu_scale"] is False
+
+
+def test_cat_parts_bound_each_part_and_match_the_exact_quantization() -> None:
+    torch.manual_seed(2)
+    attn, y = torch.randn(16, 24) * 5, torch.randn(16, 96) * 2
+    q, scale = quantize_cat_rows([attn, y], [False, True])
+    full = torch.cat([attn, F.gelu(y, approximate="tanh")], dim=-1)
+    q_ref, exact = quantize_rows(full)
+    assert (full.abs() <= scale[:, None] * FP8_MAX * (1 + 1e-6)).all()
+    # every row here reaches 0.17 in its GELU part: the exact absmax, hence the same codes
+    torch.testing.assert_close(scale, exact, rtol=1e-6, atol=0)
+    assert (q.float() - q_ref.float()).abs().le(q_ref.float().abs() * 0.07).all()
+    with pytest.raises(ValueError, match="one gelu flag per part"):
+        quantize_cat_rows([attn], [False, True])
+
+
+class _SingleBlock(nn.Module):
+    """FLUX's single block in miniature: proj_out(cat([attention branch, gelu(mlp)]))."""
+
+    def __init__(self, dim: int = 64, share_cat: bool = False) -> None:
+        super().__init__()
+        self.attn = nn.Linear(dim, dim)
+        self.mlp = nn.Linear(dim, 4 * dim)
+        self.proj_out = Fp8Linear.from_linear(nn.Linear(5 * dim, dim))
+        self.share_cat = share_cat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.attn(x), F.gelu(self.mlp(x), approximate="tanh")], dim=2)
+        out = x + self.proj_out(h)
+        return out + h[..., :64] if self.share_cat else out
+
+
+@pytest.mark.parametrize(("share_cat", "fires"), [(False, 1), (True, 0)])
+def test_pass_takes_a_cat_with_a_gelu_part(share_cat: bool, fires: int) -> None:
+    torch.manual_seed(0)
+    _compile_and_check(
+        _SingleBlock(share_cat=share_cat).eval(), {"mode": "O2", "passes.fp8_gelu_scale": True}
+    )
+    assert difforge.counters["fp8_gelu_scale"] == fires

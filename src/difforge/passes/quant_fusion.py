@@ -5,10 +5,13 @@ quantization (``difforge::fp8_quantize_rows``) needs each row's absmax before it
 scale. Inductor fuses GELU, absmax and cast into one kernel that loops over the row
 twice and evaluates the GELU in both loops; on an H200 at PixArt-XL's FF1 output
 (8192x4608) it took 120 us, compute-bound, against ~35 us of memory traffic. The rewrite
-quantizes ``y`` (the GELU's input) with ``difforge::fp8_quantize_gelu_rows``, whose
-scale comes from the row max of ``y`` alone (see :func:`difforge.quant.fp8.quantize_gelu_rows`
-for the bound and when it differs from the exact absmax). Only in the ``low-precision``
-tier: the scale is an upper bound, exact except for rows whose GELU stays below 0.17.
+quantizes ``y`` (the GELU's input) with ``difforge::fp8_quantize_cat_rows``, whose GELU
+parts take their scale bound from the row max of ``y`` alone (see
+:func:`difforge.quant.fp8.quantize_cat_rows` for the bound and when it differs from the
+exact absmax). It also takes a last-dim ``torch.cat`` of GELU and other parts (FLUX's
+single blocks quantize ``cat([attention, gelu(mlp)])`` for ``proj_out``). Only in the
+``low-precision`` tier: the scale is an upper bound, exact except for rows whose GELU
+stays below 0.17.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.fx
 
 from difforge.passes.activation import gelu_tanh_as_sigmoid
-from difforge.passes.registry import node_arg, register_pass
+from difforge.passes.registry import node_arg, node_tensor, register_pass
 
 _GELU = torch._C._nn.gelu
 #: Shape-only steps Fp8Linear's traced forward puts between an activation and its
@@ -46,31 +49,63 @@ def _is_tanh_gelu(node: torch.fx.Node) -> bool:
     return node.target is _GELU and node_arg(node, 1, "approximate", "none") == "tanh"
 
 
+def _static_width(node: torch.fx.Node) -> int | None:
+    """The last dimension of ``node``'s value, when it is a plain int."""
+    value = node_tensor(node)
+    if value is None or value.dim() < 1:
+        return None
+    width = value.shape[-1]
+    return width if isinstance(width, int) else None
+
+
+def _parts(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The pieces whose last-dim concatenation ``node`` is: ``[node]`` itself, or the
+    inputs of a ``torch.cat`` along the last dimension."""
+    if node.op == "call_function" and node.target is torch.cat:
+        tensors = node_arg(node, 0, "tensors")
+        dim = node_arg(node, 1, "dim", 0)
+        value = node_tensor(node)
+        if not isinstance(tensors, (list, tuple)) or value is None:
+            return None
+        if dim not in (-1, value.dim() - 1):
+            return None
+        return list(tensors) if all(isinstance(t, torch.fx.Node) for t in tensors) else None
+    return [node]
+
+
 @register_pass("fp8_gelu_scale", stage="fx", tier="low-precision")
 def fp8_gelu_scale(graph: torch.fx.Graph) -> int:
-    """fp8 row quantization of gelu_tanh(y) -> scale bound from max(y), one GELU per element."""
+    """fp8 row quantization of gelu_tanh(y) (or of a cat with one) -> one GELU per element."""
     made = 0
     for quant in list(graph.nodes):
         if not _is_quantize_rows(quant):
             continue
         # Walk back through single-user view steps to the producer of the activation.
-        chain: list[torch.fx.Node] = []
         node = node_arg(quant, 0, "x")
         while isinstance(node, torch.fx.Node) and _is_view(node) and len(node.users) == 1:
-            chain.append(node)
             node = node.args[0]
-        if not isinstance(node, torch.fx.Node) or not _is_tanh_gelu(node):
+        if not isinstance(node, torch.fx.Node):
             continue
-        if len(node.users) != 1:  # the GELU output is read elsewhere: it must stay
+        parts = _parts(node)
+        if parts is None or (len(parts) > 1 and len(node.users) != 1):
+            continue  # a cat read elsewhere too would keep its GELUs alive: no gain
+        # A GELU part is folded only if the quantization is its one reader.
+        gelu = [_is_tanh_gelu(p) and len(p.users) == 1 for p in parts]
+        widths = [_static_width(p) for p in parts]
+        if not any(gelu) or any(w is None for w in widths):
             continue
-        pre_activation = node_arg(node, 0, "input" if node.target is _GELU else "x")
-        if not isinstance(pre_activation, torch.fx.Node):
-            continue
-        # Same shapes and dtype (GELU is elementwise): re-point the view chain to y.
-        head = chain[-1] if chain else quant
-        head.replace_input_with(node, pre_activation)
-        graph.erase_node(node)
-        quant.target = torch.ops.difforge.fp8_quantize_gelu_rows.default
-        quant.args, quant.kwargs = (quant.args[0] if quant.args else quant.kwargs["x"],), {}
+        with graph.inserting_before(quant):
+            flat = []
+            for part, is_gelu, width in zip(parts, gelu, widths, strict=True):
+                source = (
+                    node_arg(part, 0, "input" if part.target is _GELU else "x") if is_gelu else part
+                )
+                flat.append(graph.call_function(torch.reshape, (source, (-1, width))))
+            fused = graph.call_function(
+                torch.ops.difforge.fp8_quantize_cat_rows.default, (flat, gelu)
+            )
+        fused.meta.update(quant.meta)
+        quant.replace_all_uses_with(fused)
+        graph.erase_node(quant)  # the view chain, the cat and the GELUs are dead code now
         made += 1
     return made

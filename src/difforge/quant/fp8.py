@@ -50,6 +50,7 @@ __all__ = [
     "fp8_linear",
     "fp8_linear_reference",
     "fp8_linear_traceable",
+    "quantize_cat_rows",
     "quantize_gelu_rows",
     "quantize_rows",
     "quantize_weight",
@@ -113,26 +114,52 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 #: A little above the largest magnitude the tanh GELU takes for negative inputs
-#: (0.170041 at x = -0.7525): the floor of :func:`quantize_gelu_rows`' row bound.
+#: (0.170041 at x = -0.7525): the floor of :func:`quantize_cat_rows`' GELU bound.
 GELU_NEGATIVE_BOUND = 0.1701
 
 
-def quantize_gelu_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows` of ``gelu(y, approximate="tanh")`` without reading GELU twice.
+def quantize_cat_rows(
+    parts: list[torch.Tensor], gelu: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of ``cat([gelu(p) if g else p for p, g in ...], dim=-1)``,
+    evaluating each GELU once per element.
 
-    A row's absmax of ``gelu(y)`` is bounded by ``max(gelu(max(y)), 0.1701)``: the GELU
-    rises monotonically above -0.75 and never drops below -0.17004. That bound needs only
-    the row max of ``y`` (one cheap pass), where the exact absmax computes the GELU in the
-    absmax pass and again when scaling, which made the fused kernel compute-bound (H200,
-    PixArt FF1 output: 120 us against ~35 us to read the data twice). The bound is the
-    exact absmax whenever the row reaches 0.1701 (every FF activation we measured); a row
-    that stays below it gets a coarser scale, never saturation.
+    A row's absmax of ``gelu(y)`` (tanh form) is bounded by ``max(gelu(max(y)), 0.1701)``:
+    the GELU rises monotonically above -0.75 and never drops below -0.17004. That bound
+    needs only the row max of ``y`` (one cheap pass), where the exact absmax computes the
+    GELU in the absmax pass and again when scaling, which made the fused kernel
+    compute-bound (H200, PixArt FF1 output: 120 us against ~35 us to read the data twice).
+    Parts without GELU contribute their exact absmax (FLUX's single blocks quantize
+    ``cat([attention, gelu(mlp)])``). The bound is the exact absmax whenever a GELU part
+    reaches 0.1701 (every FF activation we measured); a row that stays below it gets a
+    coarser scale, never saturation. ``parts`` are 2-D ``[M, K_i]``.
     """
+    if len(parts) != len(gelu) or not parts:
+        raise ValueError("quantize_cat_rows: one gelu flag per part, at least one part")
+    if any(p.dim() != 2 for p in parts):
+        raise ValueError(
+            f"quantize_cat_rows expects 2-D [M, K] parts, got {[p.shape for p in parts]}"
+        )
+    bounds = [
+        gelu_tanh_float(p.amax(dim=-1)).clamp_min(GELU_NEGATIVE_BOUND)
+        if g
+        else p.float().abs().amax(dim=-1)
+        for p, g in zip(parts, gelu, strict=True)
+    ]
+    bound = bounds[0]
+    for other in bounds[1:]:
+        bound = torch.maximum(bound, other)
+    scale = bound.clamp_min(SCALE_EPS) / FP8_MAX
+    values = [gelu_tanh_float(p) if g else p.float() for p, g in zip(parts, gelu, strict=True)]
+    return _to_fp8(values[0] if len(values) == 1 else torch.cat(values, dim=-1), scale), scale
+
+
+def quantize_gelu_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of ``gelu(y, approximate="tanh")`` with the GELU evaluated once
+    per element (the one-part case of :func:`quantize_cat_rows`, which says how)."""
     if y.dim() != 2:
         raise ValueError(f"quantize_gelu_rows expects a 2-D [M, K] tensor, got {y.shape}")
-    bound = gelu_tanh_float(y.amax(dim=-1)).clamp_min(GELU_NEGATIVE_BOUND)
-    scale = bound / FP8_MAX
-    return _to_fp8(gelu_tanh_float(y), scale), scale
+    return quantize_cat_rows([y], [True])
 
 
 # The row quantizers as CompositeImplicitAutograd ops: one node each in the Dynamo graph
@@ -141,9 +168,9 @@ def quantize_gelu_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # producing kernel. (`torch.library.custom_op` would make them opaque to Inductor.)
 _LIB = torch.library.Library("difforge", "FRAGMENT")
 _LIB.define("fp8_quantize_rows(Tensor x) -> (Tensor, Tensor)")
-_LIB.define("fp8_quantize_gelu_rows(Tensor y) -> (Tensor, Tensor)")
+_LIB.define("fp8_quantize_cat_rows(Tensor[] parts, bool[] gelu) -> (Tensor, Tensor)")
 _LIB.impl("fp8_quantize_rows", quantize_rows, "CompositeImplicitAutograd")
-_LIB.impl("fp8_quantize_gelu_rows", quantize_gelu_rows, "CompositeImplicitAutograd")
+_LIB.impl("fp8_quantize_cat_rows", quantize_cat_rows, "CompositeImplicitAutograd")
 
 
 def dequantize(t_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

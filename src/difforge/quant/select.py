@@ -26,14 +26,14 @@ __all__ = [
 #: Name patterns left in high precision by default (substring of the dotted module name,
 #: or a glob if the pattern has ``*?[``). Why: embedders and the time/caption/context
 #: projections run once per step on few rows (no speed to win) and feed every token, so
-#: their error is systematic; ``proj_in``/``proj_out``/``norm_out`` and the patch embed
-#: are the model's first and last layers, where errors reach the latents undamped;
-#: ``norm``/``adaln`` are the adaLN modulation linears (one row per image, and their output
-#: scales and gates every token).
+#: their error is systematic; ``norm_out`` and the patch embed are the model's last and
+#: first layers, where errors reach the latents undamped; ``norm``/``adaln`` are the adaLN
+#: modulation linears (one row per image, and their output scales and gates every token).
+#: No ``proj_in``/``proj_out`` pattern: as a substring it also matched the largest GEMM of
+#: FLUX (each single block's 15360x3072 ``proj_out``); the model-level ones are edges,
+#: which ``skip_edges`` keeps in high precision.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "emb",
-    "proj_in",
-    "proj_out",
     "norm",
     "adaln",
     "time",
