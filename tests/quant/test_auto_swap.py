@@ -279,3 +279,29 @@ def test_fuse_qkv_option_is_off_by_default_and_harmless_without_diffusers_fusion
         difforge.compile(model, options={"mode": "O3", "quant.fuse_qkv": True, **SMALL})(*_inputs())
     report = swap_report(model)
     assert report is not None and set(report.converted) == BLOCK_LINEARS
+
+
+def test_flux_single_blocks_proj_out_goes_fp8_with_one_gelu_pass(fp8_here: None) -> None:
+    """FLUX's largest GEMMs (each single block's proj_out) are converted, and the
+    quantization of their cat([attention, gelu(mlp)]) input takes the GELU bound."""
+    pytest.importorskip("diffusers")
+    from difforge.diffusers.presets import build_component, get_preset
+    from difforge.diffusers.step_inputs import denoiser_step_inputs
+
+    preset = get_preset("tiny-flux")
+    model = build_component(preset, preset.denoiser, dtype=torch.float32).eval()
+    call = denoiser_step_inputs(
+        preset, batch=1, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    with torch.no_grad():
+        ref = call(model)[0].clone()
+        out = call(difforge.compile(model, options={"mode": "O3", **SMALL}))[0]
+    report = swap_report(model)
+    assert report is not None
+    singles = len(model.single_transformer_blocks)
+    assert {f"single_transformer_blocks.{i}.proj_out" for i in range(singles)} <= set(
+        report.converted
+    )
+    assert "skip_edges" in report.skipped["proj_out"]  # the model's own output layer
+    assert difforge.counters["fp8_gelu_scale"] == singles
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
