@@ -40,6 +40,7 @@ import torch
 from tabulate import tabulate
 
 import difforge
+from difforge.bench.args import default_model
 from difforge.bench.report import environment
 from difforge.cache import MARKER
 
@@ -300,7 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     on_gpu = torch.cuda.is_available()
     parser.add_argument(
         "--models",
-        default="pixart-xl-2-1024" if on_gpu else "tiny-pixart",
+        default=default_model(),
         help="comma-separated presets (difforge.diffusers.presets; tiny-* for the CPU)",
     )
     parser.add_argument(

@@ -40,6 +40,7 @@ from tabulate import tabulate
 
 from difforge.bench import args as bench_args
 from difforge.bench import step as bench_step
+from difforge.bench.args import default_model
 from difforge.bench.compilers import PipelineSnapshot
 from difforge.bench.measure import (
     REFERENCE,
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--models",
-        default="pixart-xl-2-1024" if on_gpu else "tiny-pixart",
+        default=default_model(),
         help="comma-separated presets (default: pixart-xl-2-1024 with a GPU, tiny-pixart without)",
     )
     p.add_argument(

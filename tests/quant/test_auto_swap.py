@@ -245,26 +245,32 @@ def test_torch_compile_entry_point_says_the_swap_needs_difforge_compile(
     assert not any(isinstance(m, Fp8Linear) for m in model.modules())
 
 
-def test_fuse_qkv_option_quantizes_the_fused_projections(fp8_here: None) -> None:
+def _tiny_o3(name: str, batch: int, **options: object) -> tuple[nn.Module, float]:
+    """A tiny diffusers denoiser compiled at O3 (small thresholds plus ``options``), after
+    one step: (the swapped model, relative error of the compiled step against eager)."""
     pytest.importorskip("diffusers")
     from difforge.diffusers.presets import build_component, get_preset
     from difforge.diffusers.step_inputs import denoiser_step_inputs
 
-    preset = get_preset("tiny-pixart")
+    preset = get_preset(name)
     model = build_component(preset, preset.denoiser, dtype=torch.float32).eval()
     call = denoiser_step_inputs(
-        preset, batch=2, height=64, width=64, device="cpu", dtype=torch.float32
+        preset, batch=batch, height=64, width=64, device="cpu", dtype=torch.float32
     )
     with torch.no_grad():
         ref = call(model)[0].clone()
-        options = {"mode": "O3", "quant.fuse_qkv": True, **SMALL}
-        out = call(difforge.compile(model, options=options))[0]
+        out = call(difforge.compile(model, options={"mode": "O3", **SMALL, **options}))[0]
+    return model, float((out - ref).norm() / ref.norm())
+
+
+def test_fuse_qkv_option_quantizes_the_fused_projections(fp8_here: None) -> None:
+    model, err = _tiny_o3("tiny-pixart", 2, **{"quant.fuse_qkv": True})
     report = swap_report(model)
     assert report is not None
     fused = {n for n in report.converted if n.endswith((".to_qkv", ".to_kv"))}
     # each block: self-attention q/k/v and cross-attention k/v, one fp8 GEMM each
     assert len(fused) == 2 * len(model.transformer_blocks), sorted(report.converted)
-    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
+    assert 0 < err < 0.05
     assert difforge.counters["fuse_qkv"] == 0  # nothing left for the graph pass
 
 
@@ -284,18 +290,7 @@ def test_fuse_qkv_option_is_off_by_default_and_harmless_without_diffusers_fusion
 def test_flux_single_blocks_proj_out_goes_fp8_with_one_gelu_pass(fp8_here: None) -> None:
     """FLUX's largest GEMMs (each single block's proj_out) are converted, and the
     quantization of their cat([attention, gelu(mlp)]) input takes the GELU bound."""
-    pytest.importorskip("diffusers")
-    from difforge.diffusers.presets import build_component, get_preset
-    from difforge.diffusers.step_inputs import denoiser_step_inputs
-
-    preset = get_preset("tiny-flux")
-    model = build_component(preset, preset.denoiser, dtype=torch.float32).eval()
-    call = denoiser_step_inputs(
-        preset, batch=1, height=64, width=64, device="cpu", dtype=torch.float32
-    )
-    with torch.no_grad():
-        ref = call(model)[0].clone()
-        out = call(difforge.compile(model, options={"mode": "O3", **SMALL}))[0]
+    model, err = _tiny_o3("tiny-flux", 1)
     report = swap_report(model)
     assert report is not None
     singles = len(model.single_transformer_blocks)
@@ -304,4 +299,4 @@ def test_flux_single_blocks_proj_out_goes_fp8_with_one_gelu_pass(fp8_here: None)
     )
     assert "skip_edges" in report.skipped["proj_out"]  # the model's own output layer
     assert difforge.counters["fp8_gelu_scale"] == singles
-    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
+    assert 0 < err < 0.05

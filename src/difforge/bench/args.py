@@ -25,6 +25,15 @@ DIFFORGE_COMPILERS: frozenset[str] = frozenset({"difforge"})
 
 GPU_DEFAULT_MODEL = "pixart-xl-2-1024"
 CPU_DEFAULT_MODEL = "tiny-pixart"
+
+
+def default_model() -> str:
+    """The preset every benchmark runs when none is named: full size with a GPU, tiny without."""
+    import torch
+
+    return GPU_DEFAULT_MODEL if torch.cuda.is_available() else CPU_DEFAULT_MODEL
+
+
 #: Denoising steps when none are given on the CPU: enough to exercise the scheduler
 #: loop, few enough to finish in seconds.
 CPU_DEFAULT_STEPS = 4

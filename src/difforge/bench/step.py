@@ -24,6 +24,7 @@ from tabulate import tabulate
 from torch import nn
 
 import difforge
+from difforge.bench.args import default_model
 from difforge.bench.outliers import plant_outliers
 from difforge.diffusers.presets import build_component, get_preset
 from difforge.diffusers.step_inputs import (
@@ -397,7 +398,7 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> argpar
     on_gpu = torch.cuda.is_available()
     parser.add_argument(
         "--models",
-        default="pixart-xl-2-1024" if on_gpu else "tiny-pixart",
+        default=default_model(),
         help="comma-separated presets; '<preset>:vae' times that preset's VAE decode",
     )
     parser.add_argument(
