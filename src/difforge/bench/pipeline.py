@@ -76,10 +76,11 @@ class Workload:
         # A CPU generator draws the same latents whatever the device, so every compiler
         # (and every machine) starts from identical noise.
         generator = torch.Generator("cpu").manual_seed(self.seed)
+        # ``extra`` overrides the workload's own arguments (a sweep turns off the
+        # resolution binning that call_kwargs may set).
+        kwargs = {**self.prompt_kwargs, **self.call_kwargs, **(extra or {})}
         out = self.pipe(
-            **self.prompt_kwargs,
-            **self.call_kwargs,
-            **(extra or {}),
+            **kwargs,
             height=height or self.height,
             width=width or self.width,
             generator=generator,
