@@ -93,21 +93,26 @@ class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
         ).encode()
 
 
+def _reduction_origins(features: Any) -> list[str] | None:
+    """The ATen op names the kernel's reductions come from, or None when the private
+    scheduler structures look unexpected (callers then decide "not sure")."""
+    try:
+        names = []
+        for node in features.reduction_nodes():
+            for origin in node.node.get_origins() if node.node is not None else ():
+                aten = origin.meta.get("original_aten")
+                names.append(str(getattr(aten, "_overloadpacket", aten) or origin.target))
+    except Exception:
+        return None
+    return names
+
+
 def _only_layer_norm(features: Any) -> bool:
     """Whether the kernel's reductions include a LayerNorm and no GroupNorm (by ATen origin)."""
-    found = False
-    try:  # private scheduler structures: any surprise means "not sure", i.e. no
-        for node in features.reduction_nodes():
-            origins = node.node.get_origins() if node.node is not None else ()
-            for origin in origins:
-                aten = origin.meta.get("original_aten")
-                name = str(getattr(aten, "_overloadpacket", aten) or origin.target)
-                if "group_norm" in name:
-                    return False
-                found = found or "layer_norm" in name
-    except Exception:
+    names = _reduction_origins(features)
+    if names is None:  # not sure means no
         return False
-    return found
+    return any("layer_norm" in n for n in names) and not any("group_norm" in n for n in names)
 
 
 def _writes_fp8(features: Any) -> bool:
@@ -125,15 +130,9 @@ def _writes_fp8(features: Any) -> bool:
 
 
 def _has_group_norm(features: Any) -> bool:
-    try:
-        for node in features.reduction_nodes():
-            for origin in node.node.get_origins() if node.node is not None else ():
-                aten = origin.meta.get("original_aten")
-                if "group_norm" in str(getattr(aten, "_overloadpacket", aten) or origin.target):
-                    return True
-    except Exception:
-        return True
-    return False
+    """Whether a reduction of the kernel comes from a GroupNorm (not sure counts as yes)."""
+    names = _reduction_origins(features)
+    return names is None or any("group_norm" in n for n in names)
 
 
 def choices_for(config: CompileConfig) -> DifforgeChoices | None:
