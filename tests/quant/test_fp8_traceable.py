@@ -100,6 +100,18 @@ class _NormLinear(nn.Module):
         return self.lin(self.norm(x))
 
 
+def _o2_cpp_kernels(m: nn.Module, x: torch.Tensor, tolerance: float) -> tuple[str, set[str]]:
+    """Compile ``m`` at O2 on the CPU, check it against eager: (its generated code, the
+    names of its C++ kernels)."""
+    with torch.no_grad():
+        eager = m(x)
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(difforge.compile(m, options={"mode": "O2"}), x)
+    torch.testing.assert_close(out, eager, rtol=tolerance, atol=tolerance)
+    code = "\n".join(codes)
+    return code, set(re.findall(r"\b(cpp_fused_\w+)\(", code))
+
+
 @pytest.mark.parametrize("scaled_mm", [False, pytest.param(True, marks=needs_cpu_scaled_mm)])
 def test_quantization_fuses_into_the_layer_norm_kernel(scaled_mm: bool) -> None:
     """The point of the traceable path: Inductor computes the row absmax, the scale and the
@@ -108,14 +120,7 @@ def test_quantization_fuses_into_the_layer_norm_kernel(scaled_mm: bool) -> None:
     torch.manual_seed(3)
     m = _NormLinear().eval()
     m.lin.use_scaled_mm = scaled_mm  # CPU _scaled_mm (2.13) stands in for the CUDA GEMM
-    x = torch.randn(2, 8, 64)
-    with torch.no_grad():
-        eager = m(x)
-        torch._dynamo.reset()
-        out, codes = run_and_get_code(difforge.compile(m, options={"mode": "O2"}), x)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    code = "\n".join(codes)
-    kernels = set(re.findall(r"\b(cpp_fused_\w+)\(", code))
+    code, kernels = _o2_cpp_kernels(m, torch.randn(2, 8, 64), tolerance=1e-5)
     with_norm = [k for k in kernels if "native_layer_norm" in k]
     assert with_norm, kernels
     fused = [k for k in with_norm if "amax" in k and "_to_copy" in k]
@@ -154,14 +159,7 @@ def test_shared_input_is_quantized_once_and_gelu_fuses_with_the_next_quantizatio
     the GELU between ff1 and ff2 shares a kernel with ff2's activation quantization."""
     torch.manual_seed(4)
     m = _SharedInput().eval()
-    x = torch.randn(2, 8, 64)
-    with torch.no_grad():
-        eager = m(x)
-        torch._dynamo.reset()
-        out, codes = run_and_get_code(difforge.compile(m, options={"mode": "O2"}), x)
-    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
-    code = "\n".join(codes)
-    kernels = set(re.findall(r"\b(cpp_fused_\w+)\(", code))
+    _, kernels = _o2_cpp_kernels(m, torch.randn(2, 8, 64), tolerance=1e-4)
     with_amax = sorted(k for k in kernels if "amax" in k)
     # One quantization with the LayerNorm (q/k/v share it), one with ff1's output (y),
     # one with the GELU: three row-absmax reductions for five linears.
