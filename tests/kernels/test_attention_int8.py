@@ -38,6 +38,10 @@ DTYPES = [torch.float16, torch.bfloat16]
 KERNEL_TOL = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
 # int8 Q·Kᵀ against exact float32 attention: measured 1.0e-2 .. 1.3e-2 on unit Gaussians.
 INT8_VS_SDPA_TOL = 3e-2
+# fp8 P·V (e4m3 V per channel, P x 448): measured 3.1e-2 .. 3.7e-2 against exact attention,
+# kernel vs oracle <= 1.9e-2 (independent P roundings, see the test).
+FP8_PV_VS_SDPA_TOL = 5e-2
+FP8_KERNEL_TOL = 3e-2
 SMALL_BLOCKS = {"block_m": 16, "block_n": 16}
 
 
@@ -106,6 +110,18 @@ def test_quantize_triton_matches_torch(
     assert torch.equal(x8, ref8)
 
 
+def test_quantize_triton_pads_columns_with_zeros() -> None:
+    x = torch.randn(1, 2, 40, 72, device=DEVICE, dtype=torch.float16)
+    x8, scale = quantize_per_block_int8_triton(x, 16, pad_to=96)
+    ref8, ref_scale = quantize_per_block_int8(x, 16)
+    assert x8.shape == (1, 2, 40, 96) and x8.is_contiguous()
+    torch.testing.assert_close(x8[..., :72], ref8, rtol=0, atol=0)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+    assert (x8[..., 72:] == 0).all()
+    with pytest.raises(ValueError, match="pad_to=64 < head dim 72"):
+        quantize_per_block_int8_triton(x, 16, pad_to=64)
+
+
 def test_quantize_triton_rejects_bad_inputs() -> None:
     x = torch.randn(1, 1, 16, 64, device=DEVICE)
     with pytest.raises(ValueError, match="contiguous last dim"):
@@ -162,10 +178,59 @@ def test_kernel_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) ->
     q, k, v = qkv(*shape, dtype)
     out = attention_int8(q, k, v, **SMALL_BLOCKS)
     ref = attention_int8_reference(q, k, v, **SMALL_BLOCKS)
-    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == q.shape and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous()  # [B, Sq, H, D] in memory, like flash SDPA
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < KERNEL_TOL[dtype]
     assert rel_err(out, sdpa32(q, k, v)) < INT8_VS_SDPA_TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernel_fp8_pv_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """fp8 P·V: each kv block rounds P (scaled to its running max) to e4m3 on its own, the
+    oracle rounds P at the final max, so they differ by about one fp8 rounding; both stay
+    within the fp8 budget of exact attention."""
+    q, k, v = qkv(*shape, dtype)
+    blocks = {"block_m": 16, "block_n": 32}
+    out = attention_int8(q, k, v, pv_fp8=True, **blocks)
+    ref = attention_int8_reference(q, k, v, pv_fp8=True, **blocks)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < FP8_KERNEL_TOL
+    assert rel_err(out, sdpa32(q, k, v)) < FP8_PV_VS_SDPA_TOL
+    # The fp16 P·V path is measurably closer: fp8 really changed the second GEMM.
+    assert rel_err(attention_int8(q, k, v, **blocks), sdpa32(q, k, v)) < rel_err(
+        out, sdpa32(q, k, v)
+    )
+
+
+@pytest.mark.parametrize("s", [1, 17, 64])
+def test_quantize_v_fp8_transposed_matches_reference(s: int) -> None:
+    """fp8 Vᵀ: the reference's values transposed, zero rows past D and columns past S; the
+    channel scale maps each channel's absmax to 448."""
+    v = torch.randn(2, 3, s, 72, device=DEVICE, dtype=torch.float16) * 3
+    v[0, 0, :, 5] = 0  # an all-zero channel keeps scale 1
+    vt8, scale = mod.quantize_v_fp8_transposed(v, 80)
+    ref8, ref_scale = mod.quantize_v_fp8_reference(v)
+    assert vt8.dtype == torch.float8_e4m3fn and vt8.shape == (2, 3, 80, -(-s // 16) * 16)
+    torch.testing.assert_close(scale[..., :72], ref_scale, rtol=0, atol=0)
+    assert (scale[..., 72:] == 1).all() and scale[0, 0, 5] == 1
+    torch.testing.assert_close(vt8[:, :, :72, :s].float(), ref8.transpose(-1, -2).float())
+    assert (vt8[:, :, 72:].float() == 0).all() and (vt8[..., s:].float() == 0).all()
+    amax = (ref8.float().abs().amax(dim=2))[..., 6:]
+    assert (amax == 448).all()
+
+
+@pytest.mark.parametrize(
+    ("d", "qk", "pv"),
+    [(64, (64, 0), (64, 0)), (72, (64, 32), (64, 16)), (80, (64, 32), (64, 16)),
+     (96, (64, 32), (64, 32)), (112, (128, 0), (128, 0)), (128, (128, 0), (128, 0)),
+     (8, (32, 0), (16, 0)), (40, (64, 0), (32, 16))],
+)  # fmt: skip
+def test_head_dim_tiles(d: int, qk: tuple[int, int], pv: tuple[int, int]) -> None:
+    assert mod.head_dim_tiles(d, 32) == qk
+    assert mod.head_dim_tiles(d, 16) == pv
+    assert sum(qk) >= d and sum(pv) >= d
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -260,7 +325,8 @@ def test_op_fake_output_like_q() -> None:
     with FakeTensorMode():
         q, k, v = qkv(2, 3, 40, 7, 72, torch.bfloat16)
         out = torch.ops.difforge.attention_int8(q, k, v)
-        assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert out.transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -334,18 +400,28 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
         return triton.compile(src, target=target, options=options).asm
 
-    for dt, d in (("fp16", 72), ("bf16", 128)):
-        types = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": f"*{dt}", "o_ptr": f"*{dt}",
-                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "qk_scale": "fp32"}
-        consts = {"HEAD_DIM": d, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 64,
-                  "INTERPRET": False}
+    for dt, d, fp8 in (("fp16", 72, False), ("bf16", 128, False), ("fp16", 72, True)):
+        qk, pv = m.head_dim_tiles(d, 32), m.head_dim_tiles(d, 16)
+        types = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*fp8e4nv" if fp8 else f"*{dt}",
+                 "o_ptr": f"*{dt}", "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32",
+                 "v_scale_ptr": "*fp32", "qk_scale": "fp32"}
+        consts = {"HEAD_DIM": d, "V_COLS": sum(pv) if fp8 else d, "QK_MAIN": qk[0],
+                  "QK_TAIL": qk[1], "PV_MAIN": pv[0], "PV_TAIL": pv[1], "BLOCK_M": 128,
+                  "BLOCK_N": 64, "PV_FP8": fp8, "INTERPRET": False,
+                  "stride_vs" if fp8 else "stride_vd": 1}
         asm = build(m._attention_int8_kernel, types, consts, num_warps=8, num_stages=2)
         assert "cubin" in asm, "ptxas did not run"
         assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in asm["ptx"], "no int8 wgmma"
-        ptx_dt = {"fp16": "f16", "bf16": "bf16"}[dt]
-        assert f"f32.{ptx_dt}.{ptx_dt}" in asm["ptx"], "P @ V is not a half-precision wgmma"
+        ptx_dt = "e4m3" if fp8 else {"fp16": "f16", "bf16": "bf16"}[dt]
+        assert f"f32.{ptx_dt}.{ptx_dt}" in asm["ptx"], "P @ V is not the requested wgmma"
+        if d == 72:  # 64 + 16 columns for P·V, not one 128-wide padded tile
+            assert f"m64n16k{32 if fp8 else 16}.f32.{ptx_dt}" in asm["ptx"]
+    types = {"v_ptr": "*fp16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv"}
+    consts = {"HEAD_DIM": 72, "DV": 80, "BLOCK_D": 128, "BLOCK_S": 64, "INTERPRET": False}
+    asm = build(m._quantize_v_fp8_kernel, types, consts, num_warps=4)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in asm["ptx"], "fp8 V must round to nearest"
     types = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "out_ptr": "*i8", "scale_ptr": "*fp32"}
-    consts = {"HEAD_DIM": 72, "BLOCK_D": 128, "BLOCK": 128, "SUBTRACT_MEAN": True}
+    consts = {"HEAD_DIM": 72, "D_OUT": 96, "BLOCK_D": 128, "BLOCK": 128, "SUBTRACT_MEAN": True}
     asm = build(m._quantize_per_block_int8_kernel, types, consts, num_warps=8)
     assert "div.rn.f32" in asm["ptx"], "quantization must use IEEE division"
     print("sm90 ok")

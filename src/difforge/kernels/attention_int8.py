@@ -47,10 +47,12 @@ __all__ = [
 
 _LOG2E = 1.4426950408889634
 _INT8_MAX = 127.0
+_FP8_MAX = 448.0
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 64
+DEFAULT_STAGES = 2
 
 
 def _interpreting() -> bool:
@@ -118,12 +120,13 @@ def attention_int8_reference(
     *,
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int = DEFAULT_BLOCK_N,
+    pv_fp8: bool = False,
 ) -> torch.Tensor:
     """Plain-torch oracle of :func:`attention_int8`: the same quantization, same math.
 
-    Accepts float32 too (then ``P`` stays float32, which isolates the int8 Q·Kᵀ error when
-    comparing with ``F.scaled_dot_product_attention``). Memory is ``O(Sq * Skv)``: a test
-    oracle, not a fallback.
+    Accepts float32 too (then ``P`` stays float32 unless ``pv_fp8``, which isolates the
+    int8 Q·Kᵀ error when comparing with ``F.scaled_dot_product_attention``). Memory is
+    ``O(Sq * Skv)``: a test oracle, not a fallback.
     """
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
@@ -137,7 +140,12 @@ def attention_int8_reference(
     scores = scores * row_scale[..., :, None] * _expand_scale(k_scale, block_n, skv)[..., None, :]
     p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
     denom = p.sum(dim=-1, keepdim=True)
-    out = (p.to(v.dtype).float() @ v.float()) / denom
+    if pv_fp8:
+        v8, v_scale = quantize_v_fp8_reference(v)
+        p8 = (p * _FP8_MAX).to(torch.float8_e4m3fn)
+        out = (p8.float() @ v8.float()) * (v_scale[:, :, None, :] / _FP8_MAX) / denom
+    else:
+        out = (p.to(v.dtype).float() @ v.float()) / denom
     return out.to(q.dtype)
 
 
@@ -160,10 +168,25 @@ def _round_half_even(x):
 
 
 @triton.jit
+def _fp8_e4m3_rne_as_fp32(x):
+    """Round float32 ``x`` (|x| <= 448) to the nearest e4m3 value, ties to even, in float32.
+
+    Interpreter only: Triton 3.6's interpreter drops the carry when rounding up into the
+    next binade (7.97 -> 4 instead of 8); the GPU's ``cvt.rn`` rounds correctly.
+    """
+    ax = tl.abs(x)
+    # e4m3: 3 mantissa bits; exponents below -6 are subnormal with the step of -6.
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(ax, 1e-30))), -6.0)
+    step = tl.exp2(e - 3.0)
+    r = _round_half_even(ax / step) * step
+    return tl.where(x < 0, -tl.minimum(r, 448.0), tl.minimum(r, 448.0))
+
+
+@triton.jit
 def _quantize_per_block_int8_kernel(
     x_ptr,  # fp16/bf16/fp32 [B, H, S, D], any strides with the last one 1
     mean_ptr,  # float32 [B, H, D] contiguous (only read when SUBTRACT_MEAN)
-    out_ptr,  # int8 [B, H, S, D] contiguous
+    out_ptr,  # int8 [B, H, S, D_OUT] contiguous; columns D..D_OUT are written as 0
     scale_ptr,  # float32 [B, H, cdiv(S, BLOCK)] contiguous
     stride_xb,
     stride_xh,
@@ -172,6 +195,7 @@ def _quantize_per_block_int8_kernel(
     seq,
     n_blocks,
     HEAD_DIM: tl.constexpr,
+    D_OUT: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr,
@@ -195,19 +219,26 @@ def _quantize_per_block_int8_kernel(
     scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)
     q = _round_half_even(tl.div_rn(x, scale))
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    out_base = out_ptr + pid_bh.to(tl.int64) * seq * HEAD_DIM
-    tl.store(out_base + offs_s[:, None] * HEAD_DIM + offs_d[None, :], q.to(tl.int8), mask=mask)
+    out_base = out_ptr + pid_bh.to(tl.int64) * seq * D_OUT
+    out_mask = (offs_s < seq)[:, None] & (offs_d < D_OUT)[None, :]
+    tl.store(out_base + offs_s[:, None] * D_OUT + offs_d[None, :], q.to(tl.int8), mask=out_mask)
     tl.store(scale_ptr + pid_bh * n_blocks + pid_blk, scale)
 
 
 def quantize_per_block_int8_triton(
-    x: torch.Tensor, block: int, *, subtract_mean: torch.Tensor | None = None
+    x: torch.Tensor,
+    block: int,
+    *,
+    subtract_mean: torch.Tensor | None = None,
+    pad_to: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`quantize_per_block_int8` (bit-identical results).
 
     ``subtract_mean`` (``[B, H, D]`` float32) is subtracted from every row first, in the
     same pass: that is how the attention launcher smooths K without a float32 copy of it.
-    ``x`` needs a contiguous last dim; ``block`` a power of two.
+    ``pad_to`` widens the contiguous int8 output to that many columns, the extra ones 0, so
+    the attention kernel loads whole aligned rows. ``x`` needs a contiguous last dim;
+    ``block`` a power of two.
     """
     if x.dim() != 4 or x.stride(-1) != 1:
         raise ValueError(
@@ -217,8 +248,11 @@ def quantize_per_block_int8_triton(
     _check_device("quantize_per_block_int8_triton", x)
     _check_block("block", block)
     b, h, s, d = x.shape
+    width = d if pad_to is None else pad_to
+    if width < d:
+        raise ValueError(f"quantize_per_block_int8_triton: pad_to={pad_to} < head dim {d}")
     n_blocks = triton.cdiv(s, block)
-    out = torch.empty((b, h, s, d), dtype=torch.int8, device=x.device)
+    out = torch.empty((b, h, s, width), dtype=torch.int8, device=x.device)
     scale = torch.empty((b, h, n_blocks), dtype=torch.float32, device=x.device)
     if subtract_mean is not None:
         if subtract_mean.shape != (b, h, d) or subtract_mean.dtype != torch.float32:
@@ -239,11 +273,87 @@ def quantize_per_block_int8_triton(
         s,
         n_blocks,
         HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        D_OUT=width,
+        BLOCK_D=max(16, triton.next_power_of_2(width)),
         BLOCK=block,
         SUBTRACT_MEAN=subtract_mean is not None,
         num_warps=8 if block >= 128 else 4,
     )
+    return out, scale
+
+
+def v_fp8_scales(v: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Per-channel scales of V for fp8 P·V: ``absmax over the sequence / 448``, float32
+    ``[B, H, width]`` (columns past the head dim and all-zero channels get 1)."""
+    amax = v.abs().amax(dim=2).float()
+    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    width = v.shape[-1] if width is None else width
+    if width > scale.shape[-1]:
+        scale = torch.nn.functional.pad(scale, (0, width - scale.shape[-1]), value=1.0)
+    return scale.contiguous()
+
+
+def quantize_v_fp8_reference(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch fp8 V: ``(v / scale)`` in e4m3, ``[B, H, S, D]``, with its scales."""
+    scale = v_fp8_scales(v)
+    return (v.float() / scale[:, :, None, :]).to(torch.float8_e4m3fn), scale
+
+
+@triton.jit
+def _quantize_v_fp8_kernel(
+    v_ptr,  # fp16/bf16 [B, H, S, D], any strides with the last one 1
+    scale_ptr,  # float32 [B, H, DV] contiguous
+    out_ptr,  # fp8 e4m3 [B, H, DV, S_PAD] contiguous (transposed, zero-padded)
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    n_heads,
+    seq,
+    seq_pad,
+    HEAD_DIM: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    mask = (offs_s < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + pid_bh * DV + offs_d, mask=offs_d < DV, other=1.0)
+    y = tl.div_rn(x.to(tl.float32), scale[None, :])
+    if INTERPRET:
+        y = _fp8_e4m3_rne_as_fp32(y)
+    y = y.to(tl.float8e4nv)
+    out_base = out_ptr + pid_bh.to(tl.int64) * DV * seq_pad
+    out_mask = (offs_s < seq_pad)[:, None] & (offs_d < DV)[None, :]
+    tl.store(out_base + offs_d[None, :] * seq_pad + offs_s[:, None], y, mask=out_mask)
+
+
+def quantize_v_fp8_transposed(
+    v: torch.Tensor, width: int, seq_multiple: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 Vᵀ for the kernel's P·V: ``([B, H, width, S_pad] e4m3, scales [B, H, width])``.
+
+    Transposed so the sequence (P·V's reduction dim) is contiguous, as 8-bit tensor-core
+    operands need; rows past the head dim and columns past S are 0. Same values as
+    :func:`quantize_v_fp8_reference`, transposed.
+    """
+    b, h, s, d = v.shape
+    scale = v_fp8_scales(v, width)
+    seq_pad = triton.cdiv(s, seq_multiple) * seq_multiple
+    out = torch.empty((b, h, width, seq_pad), dtype=torch.float8_e4m3fn, device=v.device)
+    block_s = 64
+    _quantize_v_fp8_kernel[(triton.cdiv(seq_pad, block_s), b * h)](
+        v, scale, out, v.stride(0), v.stride(1), v.stride(2), h, s, seq_pad,
+        HEAD_DIM=d, DV=width, BLOCK_D=max(16, triton.next_power_of_2(width)), BLOCK_S=block_s,
+        INTERPRET=_interpreting(), num_warps=4,
+    )  # fmt: skip
     return out, scale
 
 
@@ -260,10 +370,45 @@ def _bf16_rne_as_fp32(x):
 
 
 @triton.jit
+def _load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a tile, masking rows and/or columns only where the constexpr flags say so
+    (unmasked loads of full tiles vectorize and pipeline best)."""
+    if MASK_ROWS and MASK_COLS:
+        return tl.load(ptrs, mask=row_mask & col_mask, other=0.0)
+    elif MASK_ROWS:
+        return tl.load(ptrs, mask=row_mask, other=0.0)
+    elif MASK_COLS:
+        return tl.load(ptrs, mask=col_mask, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _pv_dot(p, v, acc, PV_FP8: tl.constexpr, PV_IN_FP32: tl.constexpr):
+    """``acc + p @ v`` with p cast for the chosen P·V precision (see the module docstring)."""
+    if PV_FP8:
+        # p in [0, 1] scaled by 448 uses e4m3's whole range (no underflow of small weights);
+        # the 1/448 and V's channel scales are applied once at the end.
+        if PV_IN_FP32:
+            return acc + tl.dot(_fp8_e4m3_rne_as_fp32(p * 448.0), v.to(tl.float32))
+        return tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
+    if PV_IN_FP32:
+        # fp16/bf16 products are exact in float32, so this equals the half-precision dot.
+        if v.dtype == tl.bfloat16:  # noqa: SIM108 (constexpr dtype branch, not a value)
+            p = _bf16_rne_as_fp32(p)
+        else:
+            p = p.to(v.dtype).to(tl.float32)
+        return acc + tl.dot(p, v.to(tl.float32))
+    return tl.dot(p.to(v.dtype), v, acc)
+
+
+@triton.jit
 def _attend_kv_block(
-    q,
+    q_main,
+    q_tail,
     q_scale,
-    acc,
+    acc_main,
+    acc_tail,
     l_i,
     m_i,
     k_base,
@@ -271,58 +416,96 @@ def _attend_kv_block(
     k_scale_row_ptr,
     stride_ks,
     stride_vs,
+    stride_vd,
     seq_kv,
     j,
-    offs_n,
-    offs_d,
-    d_mask,
+    V_COLS: tl.constexpr,
+    QK_MAIN: tl.constexpr,
+    QK_TAIL: tl.constexpr,
+    PV_MAIN: tl.constexpr,
+    PV_TAIL: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MASK_KV: tl.constexpr,
+    PV_FP8: tl.constexpr,
     PV_IN_FP32: tl.constexpr,
 ):
-    """One online-softmax step over kv block ``j``; returns the updated (acc, l, m)."""
-    offs_kv = j * BLOCK_N + offs_n
+    """One online-softmax step over kv block ``j``; returns the updated accumulators."""
+    offs_kv = j * BLOCK_N + tl.arange(0, BLOCK_N)
     kv_mask = offs_kv < seq_kv
-    # K loaded transposed ([BLOCK_D, BLOCK_N]) straight from the row-major layout.
-    k = tl.load(
-        k_base + offs_kv[None, :] * stride_ks + offs_d[:, None],
-        mask=kv_mask[None, :] & d_mask[:, None],
-        other=0,
-    )
+    # K tiles loaded transposed ([D, BLOCK_N]) straight from the row-major, zero-padded
+    # int8 copy: every column exists, so only a ragged last block masks anything.
+    offs_qk = tl.arange(0, QK_MAIN)
+    k = _load_tile(
+        k_base + offs_kv[None, :] * stride_ks + offs_qk[:, None],
+        kv_mask[None, :], kv_mask[None, :], MASK_KV, False,
+    )  # fmt: skip
+    s = tl.dot(q_main, k, out_dtype=tl.int32)
+    if QK_TAIL > 0:
+        offs_qt = QK_MAIN + tl.arange(0, QK_TAIL)
+        kt = _load_tile(
+            k_base + offs_kv[None, :] * stride_ks + offs_qt[:, None],
+            kv_mask[None, :], kv_mask[None, :], MASK_KV, False,
+        )  # fmt: skip
+        s = tl.dot(q_tail, kt, s, out_dtype=tl.int32)
     k_scale = tl.load(k_scale_row_ptr + j)
-    s = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
-    # Ragged last kv block: padded keys must get zero weight, not exp2(0 - m).
-    s = tl.where(kv_mask[None, :], s, float("-inf"))
+    s = s.to(tl.float32) * (q_scale * k_scale)
+    if MASK_KV:
+        # Ragged last kv block: padded keys must get zero weight, not exp2(0 - m).
+        s = tl.where(kv_mask[None, :], s, float("-inf"))
     # Every kv block holds at least one real key, so m_new is finite: no NaN from inf - inf.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_base + offs_kv[:, None] * stride_vs + offs_d[None, :],
-        mask=kv_mask[:, None] & d_mask[None, :],
-        other=0.0,
+
+    offs_vm = tl.arange(0, PV_MAIN)
+    v = _load_tile(
+        v_base + offs_kv[:, None] * stride_vs + offs_vm[None, :] * stride_vd,
+        kv_mask[:, None], (offs_vm < V_COLS)[None, :], MASK_KV, PV_MAIN > V_COLS,
+    )  # fmt: skip
+    acc_main = _pv_dot(p, v, acc_main * alpha[:, None], PV_FP8, PV_IN_FP32)
+    if PV_TAIL > 0:
+        offs_vt = PV_MAIN + tl.arange(0, PV_TAIL)
+        vt = _load_tile(
+            v_base + offs_kv[:, None] * stride_vs + offs_vt[None, :] * stride_vd,
+            kv_mask[:, None], (offs_vt < V_COLS)[None, :], MASK_KV, PV_MAIN + PV_TAIL > V_COLS,
+        )  # fmt: skip
+        acc_tail = _pv_dot(p, vt, acc_tail * alpha[:, None], PV_FP8, PV_IN_FP32)
+    return acc_main, acc_tail, l_i, m_new
+
+
+@triton.jit
+def _store_out(
+    o_base, stride_os, offs_m, m_mask, acc, l_i, v_scale_ptr,
+    D0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, PV_FP8: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Normalise one column group of the accumulator and store its real head-dim columns."""
+    offs_d = D0 + tl.arange(0, WIDTH)
+    out = acc / l_i[:, None]
+    if PV_FP8:
+        out = out * (tl.load(v_scale_ptr + offs_d) * (1.0 / 448.0))[None, :]
+    if INTERPRET and o_base.dtype.element_ty == tl.bfloat16:
+        out = _bf16_rne_as_fp32(out)
+    mask = m_mask[:, None]
+    if D0 + WIDTH > HEAD_DIM:
+        mask = mask & (offs_d < HEAD_DIM)[None, :]
+    tl.store(
+        o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+        out.to(o_base.dtype.element_ty),
+        mask=mask,
     )
-    if PV_IN_FP32:
-        # fp16/bf16 products are exact in float32, so this equals the half-precision dot.
-        if v.dtype == tl.bfloat16:  # noqa: SIM108 (constexpr dtype branch, not a value)
-            p = _bf16_rne_as_fp32(p)
-        else:
-            p = p.to(v.dtype).to(tl.float32)
-        pv = tl.dot(p, v.to(tl.float32))
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
-    return acc, l_i, m_new
 
 
 @triton.jit
 def _attention_int8_kernel(
-    q_ptr,  # int8 [B, H, Sq, D]
-    k_ptr,  # int8 [B, H, Skv, D], smoothed
-    v_ptr,  # fp16/bf16 [B, H, Skv, D]
-    o_ptr,  # fp16/bf16 [B, H, Sq, D]
+    q_ptr,  # int8 [B, H, Sq, DQ], DQ = QK_MAIN + QK_TAIL zero-padded columns
+    k_ptr,  # int8 [B, H, Skv, DQ], smoothed, zero-padded the same way
+    v_ptr,  # fp16/bf16 [B, H, Skv, D] (any row stride), or fp8 Vᵀ [B, H, DV, Skv_pad]
+    o_ptr,  # fp16/bf16 [B, H, Sq, D], any row stride
     q_scale_ptr,  # float32 [B, H, cdiv(Sq, BLOCK_M)] contiguous
     k_scale_ptr,  # float32 [B, H, cdiv(Skv, BLOCK_N)] contiguous
+    v_scale_ptr,  # float32 [B, H, DV] contiguous (PV_FP8 only)
     qk_scale,  # sm_scale * log2(e)
     stride_qb,
     stride_qh,
@@ -333,6 +516,7 @@ def _attention_int8_kernel(
     stride_vb,
     stride_vh,
     stride_vs,
+    stride_vd,
     stride_ob,
     stride_oh,
     stride_os,
@@ -342,9 +526,14 @@ def _attention_int8_kernel(
     n_q_blocks,
     n_kv_blocks,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    V_COLS: tl.constexpr,
+    QK_MAIN: tl.constexpr,
+    QK_TAIL: tl.constexpr,
+    PV_MAIN: tl.constexpr,
+    PV_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -358,24 +547,29 @@ def _attention_int8_kernel(
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    # HEAD_DIM may be < BLOCK_D (72 -> 128): padded lanes load 0 and contribute nothing.
-    d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seq_q
-
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
-        mask=m_mask[:, None] & d_mask[None, :],
-        other=0,
+    # The head dim is covered by a power-of-two main tile plus an optional narrower tail
+    # (72 -> 64 + 32 for Q·Kᵀ, 64 + 16 for P·V) instead of one 128-wide padded tile.
+    offs_qm = tl.arange(0, QK_MAIN)
+    q_main = tl.load(
+        q_base + offs_m[:, None] * stride_qs + offs_qm[None, :], mask=m_mask[:, None], other=0
     )
+    q_tail = q_main  # placeholder when there is no tail (never used then)
+    if QK_TAIL > 0:
+        offs_qt = QK_MAIN + tl.arange(0, QK_TAIL)
+        q_tail = tl.load(
+            q_base + offs_m[:, None] * stride_qs + offs_qt[None, :], mask=m_mask[:, None], other=0
+        )
     # One q scale per program (its rows are exactly one quantization block); fold the
     # softmax scale and log2(e) in once so the inner loop does a single multiply.
     q_scale = tl.load(q_scale_ptr + pid_bh * n_q_blocks + pid_m) * qk_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_main = tl.zeros([BLOCK_M, PV_MAIN], dtype=tl.float32)
+    acc_tail = tl.zeros([BLOCK_M, PV_TAIL if PV_TAIL > 0 else 16], dtype=tl.float32)
+    k_scale_row = k_scale_ptr + pid_bh * n_kv_blocks
+    n_full = seq_kv // BLOCK_N
 
     # INTERPRET (TRITON_INTERPRET=1, the CPU tests) works around two bugs of Triton 3.6's
     # interpreter: range(runtime_int) fails with numpy >= 2.4 (int() of a 1-element array),
@@ -383,27 +577,38 @@ def _attention_int8_kernel(
     if INTERPRET:
         j = 0
         while j < n_kv_blocks:
-            acc, l_i, m_i = _attend_kv_block(
-                q, q_scale, acc, l_i, m_i, k_base, v_base, k_scale_ptr + pid_bh * n_kv_blocks,
-                stride_ks, stride_vs, seq_kv, j, offs_n, offs_d, d_mask, BLOCK_N, True,
+            acc_main, acc_tail, l_i, m_i = _attend_kv_block(
+                q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
+                k_scale_row, stride_ks, stride_vs, stride_vd, seq_kv, j, V_COLS, QK_MAIN,
+                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, True,
             )  # fmt: skip
             j += 1
     else:
-        # A for loop so the compiler can software-pipeline the K/V loads on the GPU.
-        for j in range(0, n_kv_blocks):
-            acc, l_i, m_i = _attend_kv_block(
-                q, q_scale, acc, l_i, m_i, k_base, v_base, k_scale_ptr + pid_bh * n_kv_blocks,
-                stride_ks, stride_vs, seq_kv, j, offs_n, offs_d, d_mask, BLOCK_N, False,
+        # Full kv blocks unmasked in a for loop the compiler software-pipelines, then the
+        # ragged last block (cross-attention's 120 or 300 text tokens, SD3's 4096 + 154).
+        for j in range(0, n_full):
+            acc_main, acc_tail, l_i, m_i = _attend_kv_block(
+                q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
+                k_scale_row, stride_ks, stride_vs, stride_vd, seq_kv, j, V_COLS, QK_MAIN,
+                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, False, PV_FP8, False,
+            )  # fmt: skip
+        if n_full < n_kv_blocks:
+            acc_main, acc_tail, l_i, m_i = _attend_kv_block(
+                q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
+                k_scale_row, stride_ks, stride_vs, stride_vd, seq_kv, n_full, V_COLS, QK_MAIN,
+                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, False,
             )  # fmt: skip
 
-    out = acc / l_i[:, None]
-    if INTERPRET and o_ptr.dtype.element_ty == tl.bfloat16:
-        out = _bf16_rne_as_fp32(out)
-    tl.store(
-        o_base + offs_m[:, None] * stride_os + offs_d[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
+    v_scale_row = v_scale_ptr + pid_bh * (PV_MAIN + PV_TAIL)
+    _store_out(
+        o_base, stride_os, offs_m, m_mask, acc_main, l_i, v_scale_row,
+        0, PV_MAIN, HEAD_DIM, PV_FP8, INTERPRET,
+    )  # fmt: skip
+    if PV_TAIL > 0:
+        _store_out(
+            o_base, stride_os, offs_m, m_mask, acc_tail, l_i, v_scale_row,
+            PV_MAIN, PV_TAIL, HEAD_DIM, PV_FP8, INTERPRET,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -473,58 +678,95 @@ def _check_block(name: str, block: int) -> None:
         raise ValueError(f"attention_int8: {name} must be a power of two >= 16, got {block}")
 
 
+def head_dim_tiles(d: int, min_width: int) -> tuple[int, int]:
+    """Tile widths ``(main, tail)`` covering head dim ``d`` (``tail`` 0: one tile).
+
+    ``main`` is the largest power of two <= d, ``tail`` the power of two >= the rest; both
+    at least ``min_width`` (what an 8-bit or 16-bit tensor-core instruction needs). When
+    the two would be no narrower than one power-of-two tile, one tile it is. Head dim 72
+    gives 64 + 32 for Q·Kᵀ (int8, min 32) and 64 + 16 for P·V: 1.33x and 1.11x the work of
+    72 instead of 1.78x for a 128-wide tile.
+    """
+    full = max(min_width, triton.next_power_of_2(d))
+    main = max(min_width, 1 << (d.bit_length() - 1))
+    if main >= d:
+        return main, 0
+    tail = max(min_width, triton.next_power_of_2(d - main))
+    return (full, 0) if main + tail >= full else (main, tail)
+
+
+def _default_warps(block_m: int) -> int:
+    return 8 if block_m >= 128 else 4
+
+
 def _launch(
     q8: torch.Tensor,
     q_scale: torch.Tensor,
     k8: torch.Tensor,
     k_scale: torch.Tensor,
-    v: torch.Tensor,
+    v_arg: torch.Tensor,
+    v_scale: torch.Tensor | None,
     out: torch.Tensor,
     sm_scale: float,
+    *,
+    head_dim: int,
+    seq_kv: int,
     block_m: int,
     block_n: int,
+    num_warps: int,
+    num_stages: int,
 ) -> None:
-    """Run the kernel on already quantized q/k (checked by the caller)."""
-    b, h, sq, d = q8.shape
-    skv = k8.shape[2]
+    """Run the kernel on already quantized operands (checked by the caller).
+
+    ``v_arg`` is V itself (``[B, H, Skv, D]``, fp16/bf16) or, with ``v_scale``, the fp8 Vᵀ
+    of :func:`quantize_v_fp8_transposed`.
+    """
+    b, h, sq, dq = q8.shape
+    pv_fp8 = v_scale is not None
+    qk_main, qk_tail = head_dim_tiles(head_dim, 32)
+    pv_main, pv_tail = head_dim_tiles(head_dim, 16)
+    assert dq == qk_main + qk_tail, (dq, qk_main, qk_tail)
+    if pv_fp8:
+        stride_vs, stride_vd, v_cols = 1, v_arg.stride(2), v_arg.shape[2]
+    else:
+        stride_vs, stride_vd, v_cols = v_arg.stride(2), 1, head_dim
     n_q_blocks = triton.cdiv(sq, block_m)
-    n_kv_blocks = triton.cdiv(skv, block_n)
+    n_kv_blocks = triton.cdiv(seq_kv, block_n)
     _attention_int8_kernel[(n_q_blocks, b * h)](
-        q8,
-        k8,
-        v,
-        out,
-        q_scale,
-        k_scale,
+        q8, k8, v_arg, out, q_scale, k_scale, q_scale if v_scale is None else v_scale,
         sm_scale * _LOG2E,
-        q8.stride(0),
-        q8.stride(1),
-        q8.stride(2),
-        k8.stride(0),
-        k8.stride(1),
-        k8.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        h,
-        sq,
-        skv,
-        n_q_blocks,
-        n_kv_blocks,
-        HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        INTERPRET=_interpreting(),
-        # Untuned first guess: 8 warps for the 128-row tiles, 4 for smaller ones. ptxas for
-        # sm_90a (compiled on the CPU): 128x64 / 8 warps uses 255 registers and spills 24 B
-        # (D=72) or 88 B (D=128); 128x32 / 8 and 64x64 / 4 do not spill. Sweep on the GPU.
-        num_warps=8 if block_m >= 128 else 4,
-        num_stages=2,
-    )
+        q8.stride(0), q8.stride(1), q8.stride(2),
+        k8.stride(0), k8.stride(1), k8.stride(2),
+        v_arg.stride(0), v_arg.stride(1), stride_vs, stride_vd,
+        out.stride(0), out.stride(1), out.stride(2),
+        h, sq, seq_kv, n_q_blocks, n_kv_blocks,
+        HEAD_DIM=head_dim, V_COLS=v_cols,
+        QK_MAIN=qk_main, QK_TAIL=qk_tail, PV_MAIN=pv_main, PV_TAIL=pv_tail,
+        BLOCK_M=block_m, BLOCK_N=block_n, PV_FP8=pv_fp8, INTERPRET=_interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+
+
+def _quantize_operands(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int, pv_fp8: bool
+) -> tuple[torch.Tensor, ...]:
+    """The kernel's operands: padded int8 q and smoothed k with their block scales, and V
+    as is or as fp8 Vᵀ with channel scales (``None`` scales for the half-precision V)."""
+    d = q.shape[-1]
+    width = sum(head_dim_tiles(d, 32))
+    q8, q_scale = quantize_per_block_int8_triton(q, block_m, pad_to=width)
+    k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k), pad_to=width)
+    if pv_fp8:
+        v_arg, v_scale = quantize_v_fp8_transposed(v, sum(head_dim_tiles(d, 16)))
+        return q8, q_scale, k8, k_scale, v_arg, v_scale
+    return q8, q_scale, k8, k_scale, v, None
+
+
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Sq, D]`` laid out as ``[B, Sq, H, D]``: what SDPA's flash kernels return, so
+    diffusers' following ``transpose(1, 2).reshape(B, Sq, H * D)`` is free."""
+    b, h, sq, d = q.shape
+    return q.new_empty((b, sq, h, d)).transpose(1, 2)
 
 
 def attention_int8(
@@ -535,30 +777,35 @@ def attention_int8(
     *,
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int | None = None,
+    num_stages: int = DEFAULT_STAGES,
+    pv_fp8: bool = False,
 ) -> torch.Tensor:
     """softmax(q kᵀ * sm_scale) v with int8 Q·Kᵀ; q ``[B, H, Sq, D]``, k/v ``[B, H, Skv, D]``.
 
     Non-causal, no mask; ``Sq != Skv`` (cross-attention) is fine. q, k, v: float16 or
     bfloat16, same dtype and device, any strides with the last one 1. Head dim: multiple of
-    8, at most 128; a head dim that is not a power of two is padded to the next one inside
-    the kernel (72 -> 128: the two GEMMs then do 128/72 = 1.78x the work and the q, k, v and
-    accumulator tiles take 1.78x the registers, so D=72 runs at best at D=128's time).
-    Returns a contiguous ``[B, H, Sq, D]`` tensor of q's dtype. Expected error against float
-    SDPA ~1e-2 relative (int8 Q·Kᵀ). Inference only (no autograd formula). Speed is
-    unmeasured until the GPU run.
+    8, at most 128 (see :func:`head_dim_tiles` for how 72 is tiled). ``pv_fp8``: P·V in fp8
+    e4m3 too (V per channel, P scaled by 448), else in q's dtype. ``block_m``/``block_n``
+    are also the quantization blocks; ``num_warps``/``num_stages`` tune the kernel.
+    Returns q's dtype, shape ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory order. Expected
+    error against float SDPA ~1e-2 relative. Inference only (no autograd formula).
     """
     _check_inputs(q, k, v)
     _check_device("attention_int8", q)
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
-    b, h, sq, d = q.shape
+    if pv_fp8 and block_n < 32:
+        raise ValueError(f"attention_int8: pv_fp8 needs block_n >= 32, got {block_n}")
+    d = q.shape[-1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
-
-    q8, q_scale = quantize_per_block_int8_triton(q, block_m)
-    k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k))
-    out = torch.empty((b, h, sq, d), dtype=q.dtype, device=q.device)
-    _launch(q8, q_scale, k8, k_scale, v, out, sm_scale, block_m, block_n)
+    operands = _quantize_operands(q, k, v, block_m, block_n, pv_fp8)
+    out = _empty_out(q)
+    _launch(
+        *operands, out, sm_scale, head_dim=d, seq_kv=k.shape[2], block_m=block_m,
+        block_n=block_n, num_warps=num_warps or _default_warps(block_m), num_stages=num_stages,
+    )  # fmt: skip
     return out
 
 
@@ -575,9 +822,16 @@ def _attention_int8_op(
     sm_scale: float | None = None,
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = 0,
+    num_stages: int = DEFAULT_STAGES,
+    pv_fp8: bool = False,
 ) -> torch.Tensor:
-    """``torch.ops.difforge.attention_int8``: :func:`attention_int8` as a library op."""
-    return attention_int8(q, k, v, sm_scale, block_m=block_m, block_n=block_n)
+    """``torch.ops.difforge.attention_int8``: :func:`attention_int8` as a library op
+    (``num_warps`` 0: the default for ``block_m``)."""
+    return attention_int8(
+        q, k, v, sm_scale, block_m=block_m, block_n=block_n, num_warps=num_warps or None,
+        num_stages=num_stages, pv_fp8=pv_fp8,
+    )  # fmt: skip
 
 
 @_attention_int8_op.register_fake
@@ -588,10 +842,13 @@ def _attention_int8_fake(
     sm_scale: float | None = None,
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = 0,
+    num_stages: int = DEFAULT_STAGES,
+    pv_fp8: bool = False,
 ) -> torch.Tensor:
     # Same checks as the real op, so a bad call fails at trace time, not at run time.
     _check_inputs(q, k, v)
-    return q.new_empty(q.shape)
+    return _empty_out(q)
 
 
 # --------------------------------------------------------------------------------------
@@ -609,10 +866,14 @@ def benchmark_attention(
     *,
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int | None = None,
+    num_stages: int = DEFAULT_STAGES,
+    pv_fp8: bool = False,
     warmup_ms: int = 25,
     rep_ms: int = 100,
     device: str = "cuda",
     timer: Callable[[Callable[[], object]], float] | None = None,
+    sdpa_ms: float | None = None,
 ) -> dict[str, float]:
     """Median ms of SDPA vs :func:`attention_int8` on fresh random inputs. Not a test.
 
@@ -621,7 +882,8 @@ def benchmark_attention(
     mean, ``int8_kernel_only_ms`` is the attention kernel alone on pre-quantized inputs,
     ``rel_err`` is ``‖int8 − sdpa‖ / ‖sdpa‖``, TFLOP/s count ``4·B·H·Sq·Skv·D`` (unpadded D).
     ``timer`` (default: ``triton.testing.do_bench``, median of CUDA-event timings after
-    warm-up) is injectable so the plumbing is testable on the CPU.
+    warm-up) is injectable so the plumbing is testable on the CPU; ``sdpa_ms`` skips
+    re-timing SDPA in a sweep over kernel configurations.
     """
     if timer is None:
         if device != "cuda" or not torch.cuda.is_available():
@@ -632,24 +894,36 @@ def benchmark_attention(
             return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
     seq_kv = seq_q if seq_kv is None else seq_kv
-    q = torch.randn(batch, heads, seq_q, head_dim, device=device, dtype=dtype)
-    k = torch.randn(batch, heads, seq_kv, head_dim, device=device, dtype=dtype)
-    v = torch.randn(batch, heads, seq_kv, head_dim, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, heads, s, head_dim, device=device, dtype=dtype, generator=gen)
+        for s in (seq_q, seq_kv, seq_kv)
+    )
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    config = {
+        "block_m": block_m,
+        "block_n": block_n,
+        "num_warps": num_warps or _default_warps(block_m),
+        "num_stages": num_stages,
+    }
 
     ref = sdpa(q, k, v)
-    out = attention_int8(q, k, v, block_m=block_m, block_n=block_n)
+    out = attention_int8(q, k, v, pv_fp8=pv_fp8, **config)
     rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
-    sdpa_ms = timer(lambda: sdpa(q, k, v))
-    int8_ms = timer(lambda: attention_int8(q, k, v, block_m=block_m, block_n=block_n))
+    if sdpa_ms is None:
+        sdpa_ms = timer(lambda: sdpa(q, k, v))
+    int8_ms = timer(lambda: attention_int8(q, k, v, pv_fp8=pv_fp8, **config))
 
     # Kernel alone: the floor that a pre-pass fused into the QKV projection could reach.
-    q8, q_scale = quantize_per_block_int8_triton(q, block_m)
-    k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k))
-    o = torch.empty_like(q)
+    operands = _quantize_operands(q, k, v, block_m, block_n, pv_fp8)
+    o = _empty_out(q)
     sm_scale = 1.0 / math.sqrt(head_dim)
-    kernel_ms = timer(lambda: _launch(q8, q_scale, k8, k_scale, v, o, sm_scale, block_m, block_n))
+
+    def kernel() -> None:
+        _launch(*operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, **config)
+
+    kernel_ms = timer(kernel)
     torch.testing.assert_close(o, out, rtol=0, atol=0)  # same inputs, same kernel
     tflop = 4.0 * batch * heads * seq_q * seq_kv * head_dim / 1e12
     return {
