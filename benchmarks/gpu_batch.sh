@@ -10,10 +10,13 @@
 #   fp8      O3 with/without the fp8 swap (and all sizes) on PixArt and SD3     ~9 min
 #   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization
 #            vs O3 + quant.fuse_qkv                                            ~9 min
+#   attn     every `gpu` test, then the 8-bit attention tile sweep vs SDPA             ~6 min
+#   attnstep PixArt/SD3 step: compile vs O3 without/with 8-bit attention (fp16 / fp8 P·V) ~9 min
+#   attnflux FLUX.1-dev step: compile vs O3 without/with 8-bit attention               ~9 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|quality}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -62,6 +65,18 @@ case "$part" in
       -p no:cacheprovider
     run 330 step_fp8_pq python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --profile --variants "$V" --output-json "$out/step_fp8_pq.json" ;;
+  attn)
+    run 300 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
+    run 240 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
+      --output-json "$out/probe_int8attn.json" ;;
+  attnstep)
+    V='compile;O3-noattn={"mode":"O3","passes.attention_int8":false};O3;O3-pv8={"mode":"O3","attention.pv_fp8":true}'
+    run 560 step_attn python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
+      --variants "$V" --output-json "$out/step_attn.json" ;;
+  attnflux)
+    V='compile;O3-noattn={"mode":"O3","passes.attention_int8":false};O3-pv8={"mode":"O3","attention.pv_fp8":true}'
+    run 560 step_attn_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --output-json "$out/step_attn_flux.json" ;;
   quality)
     run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
       --no-progress --output-json "$out/quality_pixart.json" ;;

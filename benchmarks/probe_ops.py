@@ -248,20 +248,41 @@ def probe_fp8() -> list[dict[str, Any]]:
     return rows
 
 
+# (block_m, block_n, num_warps, num_stages): tiles that compile without register spills
+# for sm_90a at head dims 64 and 72 (ptxas -v on the CPU), plus the 128-wide kv tile.
+INT8_ATTENTION_CONFIGS = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
+
+
 def probe_int8_attention() -> list[dict[str, Any]]:
+    """difforge's 8-bit attention per shape, tile and P·V precision against SDPA (timed once
+    per shape); each row includes the quantization pre-pass (``int8_ms``) and not
+    (``int8_kernel_only_ms``)."""
     from difforge.kernels.attention_int8 import benchmark_attention
 
     rows: list[dict[str, Any]] = []
     for name, b, h, sq, skv, d, dtype in ATTENTION_SHAPES:
-        for block_m, block_n in ((128, 64), (128, 32), (64, 64), (64, 32)):
-            row: dict[str, Any] = {"shape": name, "block_m": block_m, "block_n": block_n}
-            try:
-                row.update(
-                    benchmark_attention(b, h, sq, d, skv, dtype, block_m=block_m, block_n=block_n)
-                )
-            except Exception as exc:  # a tile that does not compile is a result, too
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            rows.append(row)
+        sdpa_ms: float | None = None
+        for pv_fp8 in (False, True):
+            for block_m, block_n, warps, stages in INT8_ATTENTION_CONFIGS:
+                row: dict[str, Any] = {
+                    "shape": name,
+                    "block_m": block_m,
+                    "block_n": block_n,
+                    "num_warps": warps,
+                    "num_stages": stages,
+                    "pv": "fp8" if pv_fp8 else "fp16",
+                }
+                try:
+                    res = benchmark_attention(
+                        b, h, sq, d, skv, dtype, block_m=block_m, block_n=block_n,
+                        num_warps=warps, num_stages=stages, pv_fp8=pv_fp8, warmup_ms=10,
+                        rep_ms=40, sdpa_ms=sdpa_ms,
+                    )  # fmt: skip
+                    sdpa_ms = res["sdpa_ms"]
+                    row.update(res)
+                except Exception as exc:  # a tile that does not compile is a result, too
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                rows.append(row)
     return rows
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from difforge.cache import CacheLayout, compile_in_cache
 from difforge.errors import DifforgeError, OptionsError
 from difforge.heuristics import choices_for, installed
+from difforge.kernels.attention_select import using_policy
 from difforge.options import CompileConfig, load_options, parse_options
 from difforge.passes import PostGradPasses, enabled_passes, run_fx_passes
 from difforge.precision import with_tf32
@@ -86,7 +87,8 @@ class DifforgeBackend:
         self.recompiles.on_compile()
         start = time.perf_counter()
         record = CompileRecord(mode=config.mode, inductor_patches={}, regions=_regions(gm))
-        record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
+        with using_policy(config.attention_policy()):
+            record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
 
         patches = config.inductor_patches()
         choices = choices_for(config)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from difforge.errors import OptionsError
+from difforge.kernels.attention_select import SELECT_POLICIES, AttentionPolicy
 from difforge.quant.select import DEFAULT_MIN_FEATURES, DEFAULT_MIN_WEIGHT_ELEMENTS
 
 MODES: tuple[str, ...] = (
@@ -87,6 +88,8 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "quant.fp8_linear": True,
         # The GELU-then-fp8 quantization scales from max(y): one GELU per element.
         "passes.fp8_gelu_scale": True,
+        # SDPA -> 8-bit attention where it measures faster on this GPU (attention.*).
+        "passes.attention_int8": True,
         "inductor.triton.codegen_upcast_to_fp32": False,
         "inductor.emulate_precision_casts": False,
         "inductor.use_fast_math": True,
@@ -101,7 +104,7 @@ MODE_DOCS: dict[str, str] = {
     "max-optimize": "aggressive Inductor fusion and all exact difforge rewrites",
     "cudagraphs": "replay the step as CUDA graphs (cudagraph trees) to remove launch gaps",
     "freezing": "fold weights into the graph as constants (inference only); a later in-place weight update raises until you recompile",
-    "low-precision": "fp8 (e4m3) linears where the GPU has fp8 GEMMs (cc >= 8.9; swaps the module's nn.Linear in place, see `quant.*`), fp16/bf16 elementwise math, fast-math, TF32 matmuls",
+    "low-precision": "fp8 (e4m3) linears where the GPU has fp8 GEMMs (cc >= 8.9; swaps the module's nn.Linear in place, see `quant.*`), 8-bit attention where it measures faster than SDPA (see `attention.*`), fp16/bf16 elementwise math, fast-math, TF32 matmuls",
 }
 
 MemoryFormat = Literal["channels_last", "contiguous", "preserve"]
@@ -202,6 +205,26 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "1152x3456 to_qkv passes the size filter where 1152x1152 to_q does not); the graph "
         "pass fuse_qkv cannot fuse fp8 linears. Off until measured",
     ),
+    "attention.select": (
+        "measured",
+        str,
+        "how the attention_int8 pass (low-precision) picks SDPA or difforge's 8-bit attention "
+        "per shape: 'measured' = time both (and each candidate tile) on this GPU at compile "
+        "time and use 8-bit only where it wins by attention.min_speedup; 'always' = every "
+        "eligible call, untimed (A/B runs)",
+    ),
+    "attention.pv_fp8": (
+        False,
+        bool,
+        "8-bit attention may run P·V in fp8 e4m3 too (2x the tensor-core rate of fp16; error "
+        "vs SDPA ~3.5e-2 relative on random data instead of ~1.2e-2)",
+    ),
+    "attention.min_speedup": (
+        1.03,
+        (int, float),
+        "attention.select 'measured': the 8-bit kernel (quantization included) must be this "
+        "many times faster than SDPA to replace it",
+    ),
     "shapes.duck_sizing": (
         None,
         (bool, type(None)),
@@ -228,6 +251,7 @@ NAMESPACES: tuple[str, ...] = (
     "shapes",
     "heuristics",
     "quant",
+    "attention",
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -387,6 +411,14 @@ class CompileConfig:
         explicit = self.settings.get("shapes.duck_sizing")
         return (self.dynamic is not True) if explicit is None else bool(explicit)
 
+    def attention_policy(self) -> AttentionPolicy:
+        """The ``attention.*`` settings for the attention_int8 pass."""
+        return AttentionPolicy(
+            select=str(self.settings["attention.select"]),
+            pv_fp8=bool(self.settings["attention.pv_fp8"]),
+            min_speedup=float(self.settings["attention.min_speedup"]),
+        )
+
     @property
     def cache_enabled(self) -> bool:
         return bool(self.settings["cache.enabled"])
@@ -464,6 +496,13 @@ def _validate_dotted(key: str, value: Any, torch_configs: dict[str, dict[str, An
             raise OptionsError(f"{key!r} must be a positive integer or null, got {value!r}")
         if key in _NON_NEGATIVE_INTS and value < 0:
             raise OptionsError(f"{key!r} must be an integer >= 0, got {value!r}")
+        if key == "attention.select" and value not in SELECT_POLICIES:
+            raise OptionsError(
+                f"{key!r} must be one of {', '.join(SELECT_POLICIES)}, got {value!r}"
+                f"{_closest(str(value), SELECT_POLICIES)}"
+            )
+        if key == "attention.min_speedup" and not value > 0:
+            raise OptionsError(f"{key!r} must be a positive number, got {value!r}")
         patterns = value if key in _PATTERN_LISTS and value is not None else []
         if not all(isinstance(v, str) and v for v in patterns):
             raise OptionsError(f"{key!r} must be a list of non-empty strings, got {value!r}")

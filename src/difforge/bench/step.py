@@ -33,6 +33,7 @@ from difforge.diffusers.step_inputs import (
     denoiser_step_inputs,
     vae_decode_inputs,
 )
+from difforge.kernels import attention_select
 from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
 from difforge.quant.auto import swap_report
 
@@ -86,6 +87,9 @@ class VariantResult:
     fp8_linears: int | None = None
     """Linears the variant swapped to fp8 (low-precision/O3, ``quant.fp8_linear``, or the
     ``fp8`` variant)."""
+    attention_8bit: list[dict[str, Any]] = field(default_factory=list)
+    """What the attention_int8 pass measured per attention shape (SDPA vs the best 8-bit
+    tile) and chose; empty when the pass was off or saw no eligible call."""
 
 
 def _sync(device: torch.device) -> None:
@@ -192,6 +196,23 @@ def _breakdown(
     return out, tops
 
 
+def _attention_report() -> list[dict[str, Any]]:
+    """The attention_int8 pass's per-shape measurements of the variant just run."""
+    rows = []
+    for key, m in attention_select.measurements.items():
+        shape = key[1]
+        rows.append(
+            {
+                "shape": [shape.batch, shape.heads, shape.seq_q, shape.seq_kv, shape.head_dim],
+                "sdpa_ms": m.sdpa_ms,
+                "best_8bit_ms": m.best_ms,
+                "rel_err_vs_sdpa": m.rel_err,
+                "chosen": None if m.choice is None else m.choice.__dict__,
+            }
+        )
+    return rows
+
+
 def _variant_options(variant: str, extra: dict[str, Any]) -> dict[str, Any]:
     """``"O2"`` -> mode O2; ``'label={"mode": "O2", ...}'`` -> those options (A/B of knobs)."""
     label, sep, spec = variant.partition("=")
@@ -296,6 +317,7 @@ def bench_model(
         if label not in ("eager", "compile", "compile-max-autotune", "fp8"):
             result.options = _variant_options(variant, extra)
         fn = None
+        attention_select.measurements.clear()
         try:
             fn = _compile(module, variant, extra, name)
             with torch.no_grad():
@@ -321,6 +343,7 @@ def bench_model(
                 result.rel_err_vs_fp32 = _rel_err(out.float(), reference)
         except Exception as exc:  # one failing variant must not hide the others' numbers
             result.error = f"{type(exc).__name__}: {str(exc)[:500]}"
+        result.attention_8bit = _attention_report()
         results.append(result)
         swapped = swap_report(module) if isinstance(module, nn.Module) else None
         fp8_modules = sum(isinstance(m, Fp8Linear) for m in module.modules())

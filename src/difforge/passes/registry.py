@@ -102,6 +102,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "activation",
     "quant_fusion",
     "fuse_linear",
+    "attention",
 )
 
 
