@@ -233,6 +233,17 @@ def test_head_dim_tiles(d: int, qk: tuple[int, int], pv: tuple[int, int]) -> Non
     assert sum(qk) >= d and sum(pv) >= d
 
 
+@pytest.mark.parametrize("pv_fp8", [False, True], ids=["pv-fp16", "pv-fp8"])
+def test_kernel_head_dim_below_the_minimum_tile(pv_fp8: bool) -> None:
+    """Head dim 8: V is padded to the 16-wide P·V tile (and q/k to 32 for Q·Kᵀ)."""
+    q, k, v = qkv(1, 2, 20, 33, 8, torch.float16)
+    blocks = {"block_m": 16, "block_n": 32}
+    out = attention_int8(q, k, v, pv_fp8=pv_fp8, **blocks)
+    ref = attention_int8_reference(q, k, v, pv_fp8=pv_fp8, **blocks)
+    assert out.shape == q.shape
+    assert rel_err(out, ref) < (FP8_KERNEL_TOL if pv_fp8 else KERNEL_TOL[torch.float16])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kernel_default_blocks(dtype: torch.dtype) -> None:
     # Default tiles (128 x 64) are larger than these sequences: one ragged block each way.
@@ -402,13 +413,13 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
 
     for dt, d, fp8 in (("fp16", 72, False), ("bf16", 128, False), ("fp16", 72, True)):
         qk, pv = m.head_dim_tiles(d, 32), m.head_dim_tiles(d, 16)
-        types = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*fp8e4nv" if fp8 else f"*{dt}",
-                 "o_ptr": f"*{dt}", "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32",
+        vt = "*fp8e4nv" if fp8 else f"*{dt}"
+        types = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": vt, "vt_ptr": vt, "o_ptr": f"*{dt}", "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32",
                  "v_scale_ptr": "*fp32", "qk_scale": "fp32"}
-        consts = {"HEAD_DIM": d, "V_COLS": sum(pv) if fp8 else d, "QK_MAIN": qk[0],
+        consts = {"HEAD_DIM": d, "QK_MAIN": qk[0],
                   "QK_TAIL": qk[1], "PV_MAIN": pv[0], "PV_TAIL": pv[1], "BLOCK_M": 128,
                   "BLOCK_N": 64, "PV_FP8": fp8, "INTERPRET": False,
-                  "stride_vs" if fp8 else "stride_vd": 1}
+                  "stride_vs" if fp8 else "stride_vd": 1, "stride_vts" if fp8 else "stride_vtd": 1}
         asm = build(m._attention_int8_kernel, types, consts, num_warps=8, num_stages=2)
         assert "cubin" in asm, "ptxas did not run"
         assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in asm["ptx"], "no int8 wgmma"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -413,13 +414,15 @@ def _attend_kv_block(
     m_i,
     k_base,
     v_base,
+    vt_base,
     k_scale_row_ptr,
     stride_ks,
     stride_vs,
     stride_vd,
+    stride_vts,
+    stride_vtd,
     seq_kv,
     j,
-    V_COLS: tl.constexpr,
     QK_MAIN: tl.constexpr,
     QK_TAIL: tl.constexpr,
     PV_MAIN: tl.constexpr,
@@ -458,17 +461,19 @@ def _attend_kv_block(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
 
+    # V's main and tail column groups both exist in memory (the tail zero-padded by the
+    # launcher): Triton 3.6 made sm_90 code that faulted for a column-masked 16-wide tail.
     offs_vm = tl.arange(0, PV_MAIN)
     v = _load_tile(
         v_base + offs_kv[:, None] * stride_vs + offs_vm[None, :] * stride_vd,
-        kv_mask[:, None], (offs_vm < V_COLS)[None, :], MASK_KV, PV_MAIN > V_COLS,
+        kv_mask[:, None], kv_mask[:, None], MASK_KV, False,
     )  # fmt: skip
     acc_main = _pv_dot(p, v, acc_main * alpha[:, None], PV_FP8, PV_IN_FP32)
     if PV_TAIL > 0:
-        offs_vt = PV_MAIN + tl.arange(0, PV_TAIL)
+        offs_vt = tl.arange(0, PV_TAIL)
         vt = _load_tile(
-            v_base + offs_kv[:, None] * stride_vs + offs_vt[None, :] * stride_vd,
-            kv_mask[:, None], (offs_vt < V_COLS)[None, :], MASK_KV, PV_MAIN + PV_TAIL > V_COLS,
+            vt_base + offs_kv[:, None] * stride_vts + offs_vt[None, :] * stride_vtd,
+            kv_mask[:, None], kv_mask[:, None], MASK_KV, False,
         )  # fmt: skip
         acc_tail = _pv_dot(p, vt, acc_tail * alpha[:, None], PV_FP8, PV_IN_FP32)
     return acc_main, acc_tail, l_i, m_new
@@ -501,7 +506,8 @@ def _store_out(
 def _attention_int8_kernel(
     q_ptr,  # int8 [B, H, Sq, DQ], DQ = QK_MAIN + QK_TAIL zero-padded columns
     k_ptr,  # int8 [B, H, Skv, DQ], smoothed, zero-padded the same way
-    v_ptr,  # fp16/bf16 [B, H, Skv, D] (any row stride), or fp8 Vᵀ [B, H, DV, Skv_pad]
+    v_ptr,  # V's first PV_MAIN columns: fp16/bf16 rows [B, H, Skv, >=PV_MAIN], or fp8 Vᵀ
+    vt_ptr,  # V's PV_TAIL tail columns, zero-padded: fp16/bf16 [B, H, Skv, PV_TAIL] or in Vᵀ
     o_ptr,  # fp16/bf16 [B, H, Sq, D], any row stride
     q_scale_ptr,  # float32 [B, H, cdiv(Sq, BLOCK_M)] contiguous
     k_scale_ptr,  # float32 [B, H, cdiv(Skv, BLOCK_N)] contiguous
@@ -517,6 +523,10 @@ def _attention_int8_kernel(
     stride_vh,
     stride_vs,
     stride_vd,
+    stride_vtb,
+    stride_vth,
+    stride_vts,
+    stride_vtd,
     stride_ob,
     stride_oh,
     stride_os,
@@ -526,7 +536,6 @@ def _attention_int8_kernel(
     n_q_blocks,
     n_kv_blocks,
     HEAD_DIM: tl.constexpr,
-    V_COLS: tl.constexpr,
     QK_MAIN: tl.constexpr,
     QK_TAIL: tl.constexpr,
     PV_MAIN: tl.constexpr,
@@ -544,6 +553,7 @@ def _attention_int8_kernel(
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    vt_base = vt_ptr + b.to(tl.int64) * stride_vtb + h.to(tl.int64) * stride_vth
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -579,7 +589,8 @@ def _attention_int8_kernel(
         while j < n_kv_blocks:
             acc_main, acc_tail, l_i, m_i = _attend_kv_block(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
-                k_scale_row, stride_ks, stride_vs, stride_vd, seq_kv, j, V_COLS, QK_MAIN,
+                vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
+                seq_kv, j, QK_MAIN,
                 QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, True,
             )  # fmt: skip
             j += 1
@@ -589,13 +600,15 @@ def _attention_int8_kernel(
         for j in range(0, n_full):
             acc_main, acc_tail, l_i, m_i = _attend_kv_block(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
-                k_scale_row, stride_ks, stride_vs, stride_vd, seq_kv, j, V_COLS, QK_MAIN,
+                vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
+                seq_kv, j, QK_MAIN,
                 QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, False, PV_FP8, False,
             )  # fmt: skip
         if n_full < n_kv_blocks:
             acc_main, acc_tail, l_i, m_i = _attend_kv_block(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
-                k_scale_row, stride_ks, stride_vs, stride_vd, seq_kv, n_full, V_COLS, QK_MAIN,
+                vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
+                seq_kv, n_full, QK_MAIN,
                 QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, False,
             )  # fmt: skip
 
@@ -699,13 +712,43 @@ def _default_warps(block_m: int) -> int:
     return 8 if block_m >= 128 else 4
 
 
+class Operands(NamedTuple):
+    """What the kernel reads, prepared by :func:`prepare_operands`."""
+
+    q8: torch.Tensor  # int8 [B, H, Sq, DQ], zero-padded columns
+    q_scale: torch.Tensor  # float32 [B, H, cdiv(Sq, block_m)]
+    k8: torch.Tensor  # int8 [B, H, Skv, DQ], smoothed
+    k_scale: torch.Tensor  # float32 [B, H, cdiv(Skv, block_n)]
+    v_main: torch.Tensor  # fp16/bf16 [B, H, Skv, >= PV_MAIN] rows, or fp8 Vᵀ [B, H, DV, S_pad]
+    v_tail: torch.Tensor | None  # fp16/bf16 [B, H, Skv, PV_TAIL] zero-padded (fp16 P·V only)
+    v_scale: torch.Tensor | None  # float32 [B, H, DV] (fp8 P·V only)
+
+
+def prepare_operands(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int, pv_fp8: bool
+) -> Operands:
+    """Quantize q and (smoothed) k to padded int8 with block scales; V to fp8 Vᵀ with
+    channel scales, or kept, with its tail columns copied into a zero-padded buffer (a
+    ``[B, H, Skv, 16]`` copy at head dim 72, ~5% of V's bytes) and V fully padded when the
+    head dim is below the 16-wide minimum tile."""
+    d = q.shape[-1]
+    width = sum(head_dim_tiles(d, 32))
+    q8, q_scale = quantize_per_block_int8_triton(q, block_m, pad_to=width)
+    k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k), pad_to=width)
+    pv_main, pv_tail = head_dim_tiles(d, 16)
+    if pv_fp8:
+        vt8, v_scale = quantize_v_fp8_transposed(v, pv_main + pv_tail)
+        return Operands(q8, q_scale, k8, k_scale, vt8, None, v_scale)
+    if pv_main > d:
+        v = torch.nn.functional.pad(v, (0, pv_main - d))
+    tail = None
+    if pv_tail:
+        tail = torch.nn.functional.pad(v[..., pv_main:], (0, pv_main + pv_tail - d))
+    return Operands(q8, q_scale, k8, k_scale, v, tail, None)
+
+
 def _launch(
-    q8: torch.Tensor,
-    q_scale: torch.Tensor,
-    k8: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_arg: torch.Tensor,
-    v_scale: torch.Tensor | None,
+    ops: Operands,
     out: torch.Tensor,
     sm_scale: float,
     *,
@@ -716,50 +759,33 @@ def _launch(
     num_warps: int,
     num_stages: int,
 ) -> None:
-    """Run the kernel on already quantized operands (checked by the caller).
-
-    ``v_arg`` is V itself (``[B, H, Skv, D]``, fp16/bf16) or, with ``v_scale``, the fp8 Vᵀ
-    of :func:`quantize_v_fp8_transposed`.
-    """
-    b, h, sq, dq = q8.shape
-    pv_fp8 = v_scale is not None
+    """Run the kernel on prepared operands (checked by the caller)."""
+    b, h, sq, dq = ops.q8.shape
+    pv_fp8 = ops.v_scale is not None
     qk_main, qk_tail = head_dim_tiles(head_dim, 32)
     pv_main, pv_tail = head_dim_tiles(head_dim, 16)
     assert dq == qk_main + qk_tail, (dq, qk_main, qk_tail)
-    if pv_fp8:
-        stride_vs, stride_vd, v_cols = 1, v_arg.stride(2), v_arg.shape[2]
+    v = ops.v_main
+    if pv_fp8:  # Vᵀ: the tail is rows PV_MAIN.. of the same buffer
+        v_strides = (v.stride(0), v.stride(1), 1, v.stride(2))
+        vt, vt_strides = v[:, :, pv_main:], v_strides
     else:
-        stride_vs, stride_vd, v_cols = v_arg.stride(2), 1, head_dim
+        v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
+        vt = ops.v_tail if ops.v_tail is not None else v  # v: unused placeholder
+        vt_strides = (vt.stride(0), vt.stride(1), vt.stride(2), 1)
     n_q_blocks = triton.cdiv(sq, block_m)
     n_kv_blocks = triton.cdiv(seq_kv, block_n)
     _attention_int8_kernel[(n_q_blocks, b * h)](
-        q8, k8, v_arg, out, q_scale, k_scale, q_scale if v_scale is None else v_scale,
+        ops.q8, ops.k8, v, vt, out, ops.q_scale, ops.k_scale,
+        ops.q_scale if ops.v_scale is None else ops.v_scale,
         sm_scale * _LOG2E,
-        q8.stride(0), q8.stride(1), q8.stride(2),
-        k8.stride(0), k8.stride(1), k8.stride(2),
-        v_arg.stride(0), v_arg.stride(1), stride_vs, stride_vd,
+        *ops.q8.stride()[:3], *ops.k8.stride()[:3], *v_strides, *vt_strides,
         out.stride(0), out.stride(1), out.stride(2),
         h, sq, seq_kv, n_q_blocks, n_kv_blocks,
-        HEAD_DIM=head_dim, V_COLS=v_cols,
-        QK_MAIN=qk_main, QK_TAIL=qk_tail, PV_MAIN=pv_main, PV_TAIL=pv_tail,
+        HEAD_DIM=head_dim, QK_MAIN=qk_main, QK_TAIL=qk_tail, PV_MAIN=pv_main, PV_TAIL=pv_tail,
         BLOCK_M=block_m, BLOCK_N=block_n, PV_FP8=pv_fp8, INTERPRET=_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-
-
-def _quantize_operands(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int, pv_fp8: bool
-) -> tuple[torch.Tensor, ...]:
-    """The kernel's operands: padded int8 q and smoothed k with their block scales, and V
-    as is or as fp8 Vᵀ with channel scales (``None`` scales for the half-precision V)."""
-    d = q.shape[-1]
-    width = sum(head_dim_tiles(d, 32))
-    q8, q_scale = quantize_per_block_int8_triton(q, block_m, pad_to=width)
-    k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k), pad_to=width)
-    if pv_fp8:
-        v_arg, v_scale = quantize_v_fp8_transposed(v, sum(head_dim_tiles(d, 16)))
-        return q8, q_scale, k8, k_scale, v_arg, v_scale
-    return q8, q_scale, k8, k_scale, v, None
 
 
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
@@ -800,10 +826,10 @@ def attention_int8(
     d = q.shape[-1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
-    operands = _quantize_operands(q, k, v, block_m, block_n, pv_fp8)
+    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8)
     out = _empty_out(q)
     _launch(
-        *operands, out, sm_scale, head_dim=d, seq_kv=k.shape[2], block_m=block_m,
+        operands, out, sm_scale, head_dim=d, seq_kv=k.shape[2], block_m=block_m,
         block_n=block_n, num_warps=num_warps or _default_warps(block_m), num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -916,12 +942,12 @@ def benchmark_attention(
     int8_ms = timer(lambda: attention_int8(q, k, v, pv_fp8=pv_fp8, **config))
 
     # Kernel alone: the floor that a pre-pass fused into the QKV projection could reach.
-    operands = _quantize_operands(q, k, v, block_m, block_n, pv_fp8)
+    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8)
     o = _empty_out(q)
     sm_scale = 1.0 / math.sqrt(head_dim)
 
     def kernel() -> None:
-        _launch(*operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, **config)
+        _launch(operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, **config)
 
     kernel_ms = timer(kernel)
     torch.testing.assert_close(o, out, rtol=0, atol=0)  # same inputs, same kernel
