@@ -154,8 +154,12 @@ def test_fp8_quantization_limit_reaches_triton_codegen(limit: int | None) -> Non
     assert ("triton_per_" in source) == (limit is not None)
     q_ref, scale_ref = quantize_gelu_rows(y)
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
-    # equal fp8 codes up to one rounding step where float32 reassociation differs
-    assert (q.float() - q_ref.float()).abs().le(q_ref.float().abs() * 0.07 + 1e-6).all()
+    # Equal fp8 codes up to one rounding step where float32 reassociation differs: 2^-3
+    # relative for normals, 2^-9 absolute for subnormals (the H100 run, session 4, had
+    # codes 0 vs 2^-9 near zero under the old 1e-6 absolute bound, looped kernel included).
+    diff = (q.float() - q_ref.float()).abs()
+    assert diff.le(q_ref.float().abs() * 0.07 + 2.0**-9).all()
+    assert (diff == 0).float().mean() > 0.99  # "one step" stays rare
 
 
 @pytest.mark.parametrize(("width", "limit"), [(1152, None), (1152, 4096), (2048, 4096)])

@@ -418,7 +418,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
                  "v_scale_ptr": "*fp32", "qk_scale": "fp32"}
         consts = {"HEAD_DIM": d, "QK_MAIN": qk[0],
                   "QK_TAIL": qk[1], "PV_MAIN": pv[0], "PV_TAIL": pv[1], "BLOCK_M": 128,
-                  "BLOCK_N": 64, "PV_FP8": fp8, "INTERPRET": False,
+                  "BLOCK_N": 64, "EVEN_KV": d != 72 or fp8, "PV_FP8": fp8, "INTERPRET": False,
                   "stride_vs" if fp8 else "stride_vd": 1, "stride_vts" if fp8 else "stride_vtd": 1}
         asm = build(m._attention_int8_kernel, types, consts, num_warps=8, num_stages=2)
         assert "cubin" in asm, "ptxas did not run"

@@ -542,6 +542,7 @@ def _attention_int8_kernel(
     PV_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EVEN_KV: tl.constexpr,
     PV_FP8: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -579,7 +580,6 @@ def _attention_int8_kernel(
     acc_main = tl.zeros([BLOCK_M, PV_MAIN], dtype=tl.float32)
     acc_tail = tl.zeros([BLOCK_M, PV_TAIL if PV_TAIL > 0 else 16], dtype=tl.float32)
     k_scale_row = k_scale_ptr + pid_bh * n_kv_blocks
-    n_full = seq_kv // BLOCK_N
 
     # INTERPRET (TRITON_INTERPRET=1, the CPU tests) works around two bugs of Triton 3.6's
     # interpreter: range(runtime_int) fails with numpy >= 2.4 (int() of a 1-element array),
@@ -595,21 +595,16 @@ def _attention_int8_kernel(
             )  # fmt: skip
             j += 1
     else:
-        # Full kv blocks unmasked in a for loop the compiler software-pipelines, then the
-        # ragged last block (cross-attention's 120 or 300 text tokens, SD3's 4096 + 154).
-        for j in range(0, n_full):
+        # A for loop the compiler software-pipelines; masked only when the kv length is not
+        # a multiple of BLOCK_N (cross-attention's 120 or 300 text tokens, SD3's 4096 + 154).
+        # One loop either way: a separate masked last iteration after the pipelined loop
+        # gave wrong results and illegal addresses on an H100 (Triton 3.6).
+        for j in range(0, n_kv_blocks):
             acc_main, acc_tail, l_i, m_i = _attend_kv_block(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
                 vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
-                seq_kv, j, QK_MAIN,
-                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, False, PV_FP8, False,
-            )  # fmt: skip
-        if n_full < n_kv_blocks:
-            acc_main, acc_tail, l_i, m_i = _attend_kv_block(
-                q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
-                vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
-                seq_kv, n_full, QK_MAIN,
-                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, False,
+                seq_kv, j, QK_MAIN, QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, not EVEN_KV, PV_FP8,
+                False,
             )  # fmt: skip
 
     v_scale_row = v_scale_ptr + pid_bh * (PV_MAIN + PV_TAIL)
@@ -783,7 +778,8 @@ def _launch(
         out.stride(0), out.stride(1), out.stride(2),
         h, sq, seq_kv, n_q_blocks, n_kv_blocks,
         HEAD_DIM=head_dim, QK_MAIN=qk_main, QK_TAIL=qk_tail, PV_MAIN=pv_main, PV_TAIL=pv_tail,
-        BLOCK_M=block_m, BLOCK_N=block_n, PV_FP8=pv_fp8, INTERPRET=_interpreting(),
+        BLOCK_M=block_m, BLOCK_N=block_n, EVEN_KV=seq_kv % block_n == 0, PV_FP8=pv_fp8,
+        INTERPRET=_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
