@@ -286,7 +286,8 @@ def quantize_per_block_int8_triton(
 def v_fp8_scales(v: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Per-channel scales of V for fp8 P·V: ``absmax over the sequence / 448``, float32
     ``[B, H, width]`` (columns past the head dim and all-zero channels get 1)."""
-    amax = v.abs().amax(dim=2).float()
+    # inf-norm: one read of V, no |V| temporary
+    amax = torch.linalg.vector_norm(v, ord=float("inf"), dim=2).float()
     scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
     width = v.shape[-1] if width is None else width
     if width > scale.shape[-1]:
