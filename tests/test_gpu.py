@@ -158,7 +158,11 @@ def test_fp8_quantization_limit_reaches_triton_codegen(limit: int | None) -> Non
     # relative for normals, 2^-9 absolute for subnormals (the H100 run, session 4, had
     # codes 0 vs 2^-9 near zero under the old 1e-6 absolute bound, looped kernel included).
     diff = (q.float() - q_ref.float()).abs()
-    assert diff.le(q_ref.float().abs() * 0.07 + 2.0**-9).all()
+    bad = (~diff.le(q_ref.float().abs() * 0.07 + 2.0**-9)).nonzero()[:5]
+    assert len(bad) == 0, [
+        (tuple(i.tolist()), q[tuple(i)].item(), q_ref[tuple(i)].item(), y[tuple(i)].item())
+        for i in bad
+    ]
     assert (diff == 0).float().mean() > 0.99  # "one step" stays rare
 
 
