@@ -88,8 +88,6 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "quant.fp8_linear": True,
         # The GELU-then-fp8 quantization scales from max(y): one GELU per element.
         "passes.fp8_gelu_scale": True,
-        # SDPA -> 8-bit attention where it measures faster on this GPU (attention.*).
-        "passes.attention_int8": True,
         "inductor.triton.codegen_upcast_to_fp32": False,
         "inductor.emulate_precision_casts": False,
         "inductor.use_fast_math": True,
@@ -104,7 +102,7 @@ MODE_DOCS: dict[str, str] = {
     "max-optimize": "aggressive Inductor fusion and all exact difforge rewrites",
     "cudagraphs": "replay the step as CUDA graphs (cudagraph trees) to remove launch gaps",
     "freezing": "fold weights into the graph as constants (inference only); a later in-place weight update raises until you recompile",
-    "low-precision": "fp8 (e4m3) linears where the GPU has fp8 GEMMs (cc >= 8.9; swaps the module's nn.Linear in place, see `quant.*`), 8-bit attention where it measures faster than SDPA (see `attention.*`), fp16/bf16 elementwise math, fast-math, TF32 matmuls",
+    "low-precision": "fp8 (e4m3) linears where the GPU has fp8 GEMMs (cc >= 8.9; swaps the module's nn.Linear in place, see `quant.*`), fp16/bf16 elementwise math, fast-math, TF32 matmuls",
 }
 
 MemoryFormat = Literal["channels_last", "contiguous", "preserve"]

@@ -1,6 +1,9 @@
 """Route eligible ``scaled_dot_product_attention`` calls to difforge's 8-bit attention.
 
-``attention_int8`` (``low-precision`` tier, so O3): a call with no mask, no dropout, not
+``attention_int8`` (``low-precision`` tier, opt-in with ``passes.attention_int8: true``;
+O3 leaves it off because on an H100 the kernel lost to cuDNN at every DiT shape, 0.6x to
+0.82x with its quantization, ``benchmarks/results/2026-11-26_h100_probe_int8attn.json``,
+and measuring costs compile time): a call with no mask, no dropout, not
 causal, half-precision 4-D q/k/v with one head dim (a multiple of 8, at most 128) and no
 gradient becomes ``torch.ops.difforge.attention_int8`` in the tile that
 :func:`difforge.kernels.attention_select.choose` picks, measured on this GPU against SDPA
