@@ -78,6 +78,18 @@ def test_fuse_qkv_fuses_self_attention_projections() -> None:
     assert difforge.counters["fuse_qkv"] == 1
 
 
+@pytest.mark.parametrize(("rows", "fused"), [(4096, 1), (256, 0)])
+def test_fuse_qkv_fuses_large_weights_only_where_the_input_outweighs_them(
+    rows: int, fused: int
+) -> None:
+    """640 -> 640 + 640 + 1280 projections (1.6M weight elements): fused over 4096 rows,
+    where the two saved input reads (2 x 4096 x 640) beat the concatenation's weight
+    traffic (2 x 640 x 2560), not over 256 rows (FLUX-like: weights larger than the input)."""
+    module = SelfAttentionProjections(dim=640).eval()
+    _run(module, torch.randn(1, rows, 640))
+    assert difforge.counters["fuse_qkv"] == fused
+
+
 def test_fuse_qkv_cross_attention_fuses_only_kv() -> None:
     class Cross(nn.Module):
         def __init__(self) -> None:

@@ -16,22 +16,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from difforge.passes.registry import node_arg, node_tensor, register_pass
+from difforge.passes.registry import node_arg, node_tensor, register_pass, size_hint
 
 _SDPA_TARGETS = (
     torch._C._nn.scaled_dot_product_attention,
     torch.nn.functional.scaled_dot_product_attention,
 )
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _hint(size: object) -> int | None:
-    """A size as an int: itself, or a symbolic size's current hint."""
-    if isinstance(size, int):
-        return size
-    node = getattr(size, "node", None)
-    hint = getattr(node, "hint", None)
-    return int(hint) if hint is not None else None
 
 
 def _eligible_shape(node: torch.fx.Node) -> object | None:
@@ -63,7 +54,7 @@ def _eligible_shape(node: torch.fx.Node) -> object | None:
     d = q.shape[-1]
     if not isinstance(d, int) or d % 8 or d > 128 or k.shape[-1] != d or v.shape[-1] != d:
         return None
-    sizes = [_hint(s) for s in (*q.shape[:3], k.shape[2], *k.shape[:2], *v.shape[:3])]
+    sizes = [size_hint(s) for s in (*q.shape[:3], k.shape[2], *k.shape[:2], *v.shape[:3])]
     if any(s is None for s in sizes):
         return None
     b, h, sq, skv, kb, kh, vb, vh, vs = sizes

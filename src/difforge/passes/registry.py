@@ -69,6 +69,14 @@ def node_tensor(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def size_hint(size: object) -> int | None:
+    """A size as an int: itself, or a symbolic size's current hint (None when it has none)."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
 def node_arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:
     """Argument ``name`` of a call node, given by keyword or at position ``index``."""
     if name in node.kwargs:
