@@ -13,10 +13,11 @@
 #   attn     every `gpu` test, then the 8-bit attention tile sweep vs SDPA             ~6 min
 #   attnstep PixArt/SD3 step: compile vs O3 without/with 8-bit attention (fp16 / fp8 P·V) ~9 min
 #   attnflux FLUX.1-dev step: compile vs O3 without/with 8-bit attention               ~9 min
+#   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|quality}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -77,6 +78,10 @@ case "$part" in
     V='compile;O3-noattn={"mode":"O3","passes.attention_int8":false};O3-pv8={"mode":"O3","attention.pv_fp8":true}'
     run 560 step_attn_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --output-json "$out/step_attn_flux.json" ;;
+  fluxo2)
+    run 280 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
+    run 290 step_flux_o2 python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "compile;O2" --profile --output-json "$out/step_flux_o2.json" ;;
   quality)
     run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
       --no-progress --output-json "$out/quality_pixart.json" ;;
