@@ -155,10 +155,10 @@ def test_fp8_quantization_limit_reaches_triton_codegen(limit: int | None) -> Non
     q_ref, scale_ref = quantize_gelu_rows(y)
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
     # Equal fp8 codes up to one rounding step where float32 reassociation differs: 2^-3
-    # relative for normals, 2^-9 absolute for subnormals (the H100 run, session 4, had
-    # codes 0 vs 2^-9 near zero under the old 1e-6 absolute bound, looped kernel included).
+    # relative for normals (H100, session 4: 352 vs 320 at x/scale ~336, a one-ulp GELU
+    # difference across a rounding boundary), 2^-9 absolute for subnormals.
     diff = (q.float() - q_ref.float()).abs()
-    bad = (~diff.le(q_ref.float().abs() * 0.07 + 2.0**-9)).nonzero()[:5]
+    bad = (~diff.le(q_ref.float().abs() * 0.125 + 2.0**-9)).nonzero()[:5]
     assert len(bad) == 0, [
         (tuple(i.tolist()), q[tuple(i)].item(), q_ref[tuple(i)].item(), y[tuple(i)].item())
         for i in bad
