@@ -63,6 +63,13 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _BEFORE_FP8,
     ),
     (
+        "2026-11-26_h100_step_flux_o3.json",
+        "flux-dev",
+        "FLUX.1-dev bf16, batch 1",
+        ("eager", "compile", "O2", "O3"),
+        _WITH_FP8,
+    ),
+    (
         "2026-11-26_h200_step_sdxl_o2_o3.json",
         "sdxl-base",
         "SDXL UNet fp16, batch 2 (O2/O3 channels_last)",
