@@ -8,8 +8,10 @@ reason, warns before the eager fallback, and with ``recompile.strict`` raises in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,18 @@ class RecompileTracker:
         self.strict = strict
         self._seen: dict[int, set[int]] = {}
         self._reported: set[tuple[int, str]] = set()
+        self._expected = 0
+        self._planned: dict[int, int] = {}
+
+    @contextlib.contextmanager
+    def expected(self) -> Iterator[None]:
+        """Compilations inside this context are planned (a warm-up at another batch,
+        :mod:`difforge.batch`): counted as attempts, not reported as recompiles."""
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
 
     def on_compile(self) -> RecompileEvent | None:
         """Call at the start of each graph compilation; returns the event if a recompile."""
@@ -84,8 +98,12 @@ class RecompileTracker:
         # A graph break gives several graphs per attempt: only a new attempt is a recompile.
         if not new_attempt or len(attempts) == 1:
             return None
+        if self._expected:
+            self._planned[frame_id] = self._planned.get(frame_id, 0) + 1
+            return None
         function = self.name
-        event = RecompileEvent(function, len(attempts) - 1, _reason())
+        index = len(attempts) - 1 - self._planned.get(frame_id, 0)
+        event = RecompileEvent(function, index, _reason())
         recompile_events.append(event)
         limit = self.limit if self.limit is not None else dynamo_recompile_limit()
         if self.strict and event.compile_index > limit:
@@ -102,7 +120,7 @@ class RecompileTracker:
                 f"{event.reason}",
                 stacklevel=3,
             )
-        if event.compile_index >= dynamo_recompile_limit():
+        if len(attempts) - 1 >= dynamo_recompile_limit():  # Dynamo counts planned ones too
             warnings.warn(
                 f"difforge: {function} reached torch._dynamo.config.recompile_limit="
                 f"{dynamo_recompile_limit()}; inputs needing yet another compilation will run "
