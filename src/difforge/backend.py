@@ -54,6 +54,25 @@ def _post_grad_hook(
     return hook if hook else None
 
 
+#: FX passes that cannot run on a graph with an unbacked size (``shapes.batch``:
+#: ``"unbacked"``): ``remove_noop_conversions`` asks ``Tensor.is_contiguous()``, which
+#: raises a data-dependent error when a size may be 1 (torch 2.13). Inductor drops the
+#: same no-op conversions itself; the pass only helps the fusion passes see through them.
+UNBACKED_UNSAFE_PASSES: frozenset[str] = frozenset({"remove_noop_conversions"})
+
+
+def has_unbacked_sizes(example_inputs: Sequence[Any]) -> bool:
+    """Whether a graph's inputs have unbacked sizes (an unbacked batch, difforge.batch)."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    except ImportError:  # pragma: no cover - private API moved
+        return False
+    for value in example_inputs:
+        if isinstance(value, (torch.Tensor, torch.SymInt)) and free_unbacked_symbols(value):
+            return True
+    return False
+
+
 def _regions(gm: torch.fx.GraphModule) -> dict[str, int]:
     """How often each ``invoke_subgraph`` body (a nested compile region) is called."""
     hop = getattr(torch.ops.higher_order, "invoke_subgraph", None)
@@ -87,10 +106,30 @@ class DifforgeBackend:
         self.recompiles.on_compile()
         start = time.perf_counter()
         record = CompileRecord(mode=config.mode, inductor_patches={}, regions=_regions(gm))
+        unbacked = has_unbacked_sizes(example_inputs)
+        is_enabled = config.pass_enabled
+        if unbacked:
+            skipped = sorted(p for p in UNBACKED_UNSAFE_PASSES if config.pass_enabled(p))
+            if skipped:
+                record.notes.append(f"unbacked batch: skipped fx passes {', '.join(skipped)}")
+
+            def is_enabled(name: str) -> bool:
+                return config.pass_enabled(name) and name not in UNBACKED_UNSAFE_PASSES
+
         with using_policy(config.attention_policy()):
-            record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
+            record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", is_enabled)))
 
         patches = config.inductor_patches()
+        if (
+            unbacked
+            and "layout_optimization" not in patches
+            and hasattr(inductor_config, "layout_optimization")
+        ):
+            # Inductor's layout optimisation makes convs channels_last, but a fake conv with
+            # an unbacked batch reports a contiguous output: the real (channels_last) output
+            # then fails Inductor's stride assert. On the CPU (oneDNN) it is always on; on
+            # GPUs Inductor already turns it off for graphs with dynamic conv shapes.
+            patches["layout_optimization"] = False
         choices = choices_for(config)
         hooks = {
             "post_grad_custom_pre_pass": _post_grad_hook(
