@@ -16,6 +16,7 @@ from torch import nn
 from difforge import regional
 from difforge._version import __version__
 from difforge.backend import DifforgeBackend, compile_records, difforge_backend
+from difforge.batch import BatchAxis, resolve_batch_mode, with_batch_axis
 from difforge.dynamic import apply_shape_adapters
 from difforge.errors import DifforgeError, OptionsError, PassError
 from difforge.memory_format import apply_memory_format
@@ -124,6 +125,8 @@ def compile(
     config = parse_options(options, dynamic=dynamic, fullgraph=fullgraph)
     if config.disable:
         return module
+    # How batch 1 shares the graph of larger batches under dynamic shapes (difforge.batch).
+    batch_mode = resolve_batch_mode(config, module)
     if config.memory_format != "preserve":
         if not isinstance(module, nn.Module):
             raise OptionsError(
@@ -150,9 +153,13 @@ def compile(
             target, backend=backend_fn, dynamic=config.dynamic, fullgraph=config.fullgraph
         )
         # Nested regions with dynamic shapes: floats traced as constants (regional.py).
-        return with_tracing_settings(
+        compiled = with_tracing_settings(
             compiled, config, specialize_floats=style == "nested" and config.dynamic is True
         )
+        if batch_mode is None:
+            return compiled
+        axis = BatchAxis(batch_mode, name, expected_compiles=backend_fn.recompiles.expected)
+        return with_batch_axis(compiled, axis)
 
     if style == "blocks":
         # Each block becomes its own compiled frame; the model around them stays eager.

@@ -149,6 +149,15 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "branches would recompile per resolution (PixArt's position table, the UNet's "
         "upsample sizes); exact, see difforge.dynamic",
     ),
+    "shapes.batch": (
+        None,
+        (str, type(None)),
+        "with dynamic: true, how batch 1 avoids a graph of its own (Dynamo specialises sizes "
+        "0/1): 'unbacked' = one graph for every batch (unbacked batch symbol), 'warmup' = the "
+        "batch-1 and batch>=2 graphs both compiled at the first call, 'dynamo' = Dynamo's "
+        "default; null = 'unbacked' for modules without GroupNorm where this torch supports "
+        "it, else 'dynamo' (compile_pipe: 'warmup' for the VAE); see difforge.batch",
+    ),
     "compile.regional": (
         False,
         (bool, str),

@@ -1,0 +1,324 @@
+"""The batch axis under dynamic shapes: batch 1 must not get a graph of its own.
+
+Dynamo gives every dynamic size a *backed* symbol, one that carries the example value, and
+it never makes a symbol for a size of 0 or 1: a call at batch 1 compiles a graph where the
+batch is the constant 1, and the first call at batch 2 recompiles (and a graph traced at
+batch 2 guards ``batch >= 2``, so batch 1 recompiles after it). Models called with
+classifier-free guidance never see a denoiser batch of 1; FLUX (guidance distilled, no CFG)
+and the VAE do. ``shapes.batch`` (only with ``dynamic: true``) picks what happens:
+
+``"unbacked"``: one graph for every batch, 1 included
+    At each call, the leading dimension of every batch-sized tensor input is marked
+    *unbacked* (``torch._dynamo.decorators.mark_unbacked``): a symbol without an example
+    value, which Dynamo never specialises to 1. All of them share one symbol
+    (``shape_id``), bounded below by 1 (``min=1``, so ``b < 2*b`` is known) and hinted
+    with the first call's batch (``hint_override``: Inductor's size heuristics and
+    autotuning see a real batch, not its 8192 fallback for unbacked sizes). The marks are
+    removed again after the call: the caller's tensors keep no Dynamo state. What can't
+    follow an unbacked batch (measured on torch 2.13, CPU):
+
+    * Python branches on the batch break the graph: diffusers' ``Upsample2D`` and
+      ``ResnetBlock2D`` (``if hidden_states.shape[0] >= 64``), SDXL's UNet went from 1
+      graph to 16;
+    * ``F.group_norm`` checks its batch in Python (``_verify_batch_size``), which fails to
+      trace with an unbacked batch (the VAE decode stops compiling);
+    * Inductor cannot give a convolution with an unbacked batch a channels_last layout
+      (the fake conv has no hint to pick the cuDNN/oneDNN format, so Inductor makes input
+      and weight contiguous), so a channels_last conv net would lose its layout.
+
+    So this is what ``null`` (auto) picks for modules without ``nn.GroupNorm`` (the DiTs:
+    PixArt, SD3, FLUX, whose one conv is the patch embedding), and never for UNets and
+    VAEs. It needs ``mark_unbacked(..., shape_id=, min=)`` (torch 2.13; checked at
+    compile time): without it auto falls back to ``"dynamo"``.
+``"warmup"``: two graphs, both compiled at the first call
+    For conv nets. The first call runs as usual; then the module is called once more at
+    the other batch class (batch 1 if the first call had 2 or more, else 2: the batch
+    inputs sliced or repeated), so the graph for batch 1 and the one for batch >= 2 both
+    exist before any later call. That call's output is dropped, and its compilation is
+    not reported as a recompile. A failure there is a warning, never the user's error.
+    No padding: batch 1 runs its own batch-1 graph.
+``"dynamo"``: Dynamo's own behaviour (batch 1 specialised, compiled on first use).
+
+``null`` (the default) = ``"unbacked"`` where it works (above), else ``"dynamo"``;
+``compile_pipe`` picks ``"warmup"`` for the VAE's halves, whose batch is the number of
+images. Batch-sized inputs: the batch is the leading size of the first tensor among the
+positional then keyword arguments (``hidden_states``, ``sample``, latents), and a tensor
+input (in nested lists, tuples and dicts too) is batch-sized when its leading size equals
+it. With ``"unbacked"`` the set of batch-sized inputs is fixed at the first call: a later
+call where one of them is not batch-sized raises a clear error instead of failing the
+compiled graph's runtime check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from difforge.errors import DifforgeError, OptionsError
+from difforge.options import CompileConfig
+
+KEY = "shapes.batch"
+MODES: tuple[str, ...] = ("unbacked", "warmup", "dynamo")
+#: The ``shape_id`` all batch dimensions share (one unbacked symbol for the batch).
+SHAPE_ID = "difforge_batch"
+
+#: ``mark_unbacked`` keyword arguments the ``"unbacked"`` mode needs.
+_NEEDED = ("shape_id", "min", "hint_override")
+
+Path = tuple[Any, ...]
+
+
+def _mark_unbacked() -> Callable[..., None] | None:
+    decorators = getattr(torch._dynamo, "decorators", None)
+    return getattr(decorators, "mark_unbacked", None)
+
+
+@functools.cache
+def unbacked_support() -> str | None:
+    """None when this torch can mark an unbacked batch; otherwise why not."""
+    mark = _mark_unbacked()
+    if mark is None:
+        return "this torch has no torch._dynamo.decorators.mark_unbacked"
+    try:
+        params = inspect.signature(mark).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return "mark_unbacked's signature cannot be read"
+    missing = [name for name in _NEEDED if name not in params]
+    if missing:
+        return (
+            f"this torch's mark_unbacked has no {', '.join(missing)} argument "
+            f"(torch {torch.__version__}; 2.13 has them)"
+        )
+    return None
+
+
+def _has_group_norm(module: Any) -> bool:
+    return isinstance(module, nn.Module) and any(
+        isinstance(m, nn.GroupNorm) for m in module.modules()
+    )
+
+
+def resolve_batch_mode(config: CompileConfig, module: Any = None) -> str | None:
+    """The batch mode ``config`` asks for on ``module``; None when ``dynamic`` is not true.
+
+    Raises :class:`OptionsError` for a value that is not one of :data:`MODES`, for
+    ``shapes.batch`` without ``dynamic: true``, and for ``"unbacked"`` on a torch that
+    cannot do it.
+    """
+    value = config.settings.get(KEY)
+    if value is not None and value not in MODES:
+        raise OptionsError(
+            f"option {KEY!r} must be one of {', '.join(MODES)} or null, got {value!r}"
+        )
+    if config.dynamic is not True:
+        if value is not None and value != "dynamo":
+            raise OptionsError(
+                f"option {KEY!r}={value!r} needs 'dynamic': true (the batch of a static or "
+                "automatic-dynamic graph is a constant until Dynamo recompiles)"
+            )
+        return None
+    why_not = unbacked_support()
+    if value == "unbacked" and why_not is not None:
+        raise OptionsError(f"option {KEY!r}='unbacked' is not available: {why_not}")
+    if value is not None:
+        return value
+    if why_not is not None or not isinstance(module, nn.Module) or _has_group_norm(module):
+        return "dynamo"
+    return "unbacked"
+
+
+# --------------------------------------------------------------------------------------------
+# Batch-sized inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _tensors(value: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """(path, tensor) for every tensor in nested lists, tuples and dicts, in order."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, (*path, i))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, (*path, key))
+
+
+def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[Path, torch.Tensor]]:
+    return [(p, t) for p, t in _tensors((args, kwargs)) if t.dim() >= 1]
+
+
+def batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The leading size of the first tensor input (positional first), if any."""
+    inputs = _inputs(args, kwargs)
+    return int(inputs[0][1].shape[0]) if inputs else None
+
+
+def batch_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+) -> dict[Path, torch.Tensor]:
+    """The tensor inputs whose leading size is ``batch``, by path."""
+    return {p: t for p, t in _inputs(args, kwargs) if t.shape[0] == batch}
+
+
+def _describe(path: Path) -> str:
+    where, *rest = path
+    head = f"argument #{rest[0]}" if where == 0 else f"keyword {rest[0]!r}"
+    return head + "".join(f"[{k!r}]" for k in rest[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# "unbacked": mark at each call, unmark after
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def unbacked_batch(tensors: list[torch.Tensor], hint: int) -> Iterator[None]:
+    """Mark dim 0 of each tensor unbacked (one shared symbol, >= 1) while the body runs.
+
+    Tensors the caller marked themselves are left alone. Afterwards every attribute the
+    marking added is removed, so the tensors carry no Dynamo marks out of the call.
+    """
+    mark = _mark_unbacked()
+    assert mark is not None
+    added: list[tuple[torch.Tensor, list[str]]] = []
+    try:
+        seen: set[int] = set()
+        for tensor in tensors:
+            if id(tensor) in seen or getattr(tensor, "_has_dynamo_dim_marking", False):
+                continue
+            seen.add(id(tensor))
+            before = set(tensor.__dict__)
+            mark(tensor, 0, hint_override=hint, shape_id=SHAPE_ID, min=1)
+            added.append((tensor, [k for k in tensor.__dict__ if k not in before]))
+        yield
+    finally:
+        for tensor, names in added:
+            for name in names:
+                tensor.__dict__.pop(name, None)
+
+
+class BatchAxis:
+    """Call-time handling of the batch axis for one compiled callable (see module doc)."""
+
+    def __init__(self, mode: str, name: str, expected_compiles: Any = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown batch mode {mode!r}")
+        self.mode = mode
+        self.name = name
+        self.expected_compiles = expected_compiles
+        """A context manager factory under which compiles are not recompiles (warm-up)."""
+        self.paths: frozenset[Path] | None = None
+        """``"unbacked"``: the batch-sized inputs of the first call."""
+        self.hint: int | None = None
+        self.warmed = False
+
+    def wrap(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        if self.mode == "dynamo":
+            return call
+
+        @functools.wraps(call)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if self.mode == "unbacked":
+                return self._call_unbacked(call, args, kwargs)
+            out = call(*args, **kwargs)
+            if not self.warmed:
+                self.warmed = True
+                self._warm_up(call, args, kwargs)
+            return out
+
+        return run
+
+    # "unbacked"
+    def _call_unbacked(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        batch = batch_size(args, kwargs)
+        if not batch:  # no tensor input, or an empty batch (min=1 would reject it)
+            return call(*args, **kwargs)
+        found = batch_inputs(args, kwargs, batch)
+        if self.paths is None:
+            self.paths, self.hint = frozenset(found), batch
+        tensors = []
+        for path in sorted(self.paths, key=repr):
+            tensor = found.get(path)
+            if tensor is None:
+                inputs = dict(_inputs(args, kwargs))
+                shape = tuple(inputs[path].shape) if path in inputs else "no tensor"
+                raise DifforgeError(
+                    f"{self.name}: {_describe(path)} had the batch size at the first call "
+                    f"(graph compiled with 'shapes.batch': 'unbacked', one batch symbol for "
+                    f"every batch-sized input) but is {shape} now, at batch {batch}; pass "
+                    "batch-sized inputs, or compile with 'shapes.batch': 'dynamo'"
+                )
+            tensors.append(tensor)
+        assert self.hint is not None
+        with unbacked_batch(tensors, self.hint):
+            return call(*args, **kwargs)
+
+    # "warmup"
+    def _warm_up(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        batch = batch_size(args, kwargs)
+        if not batch:
+            return
+        other = 2 if batch == 1 else 1
+        found = {id(t) for t in batch_inputs(args, kwargs, batch).values()}
+
+        def resize(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                if id(value) not in found:
+                    return value
+                # cat keeps the memory format (channels_last stays channels_last)
+                return value[:1] if other == 1 else torch.cat([value, value])
+            if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+                return type(value)(*(resize(v) for v in value))
+            if isinstance(value, (list, tuple)):
+                return type(value)(resize(v) for v in value)
+            if isinstance(value, dict):
+                return {k: resize(v) for k, v in value.items()}
+            return value
+
+        expected = self.expected_compiles or contextlib.nullcontext
+        try:
+            with expected():
+                call(*resize(args), **resize(kwargs))
+        except Exception as exc:  # a warm-up must never fail the user's call
+            warnings.warn(
+                f"difforge: {self.name}: could not compile batch {other} ahead of use "
+                f"('shapes.batch': 'warmup'); it will compile at its first call "
+                f"({type(exc).__name__}: {exc})",
+                stacklevel=3,
+            )
+
+
+def with_batch_axis(compiled: Any, axis: BatchAxis) -> Any:
+    """Make every call of ``compiled`` (an OptimizedModule or function) go through ``axis``."""
+    if axis.mode == "dynamo":
+        return compiled
+    if isinstance(compiled, nn.Module):
+        # OptimizedModule.__call__ ends in self.forward, the Dynamo-wrapped entry.
+        compiled.forward = axis.wrap(compiled.forward)
+        return compiled
+    return axis.wrap(compiled)
+
+
+__all__ = [
+    "KEY",
+    "MODES",
+    "BatchAxis",
+    "batch_inputs",
+    "batch_size",
+    "resolve_batch_mode",
+    "unbacked_batch",
+    "unbacked_support",
+    "with_batch_axis",
+]
