@@ -24,6 +24,8 @@ from torch import nn
 
 import difforge
 from difforge import regional
+from difforge.batch import KEY as BATCH_KEY
+from difforge.batch import resolve_batch_mode
 from difforge.dynamic import remove_shape_adapters
 from difforge.memory_format import apply_memory_format
 from difforge.options import CompileConfig, load_options, parse_options
@@ -48,6 +50,11 @@ COMPONENTS: tuple[str, ...] = (
 CONV_COMPONENTS: frozenset[str] = frozenset({"unet", "controlnet", "vae.decoder", "vae.encoder"})
 
 DENOISERS: tuple[str, ...] = ("transformer", "unet")
+
+#: Components whose batch is the number of images (1, 2, 4 …, never doubled by CFG): with
+#: ``dynamic: true`` they compile their batch-1 and batch>=2 graphs at the first call
+#: (``shapes.batch``: ``"warmup"``, see :mod:`difforge.batch`) unless told otherwise.
+IMAGE_BATCH_COMPONENTS: frozenset[str] = frozenset({"vae.decoder", "vae.encoder"})
 
 STATE_ATTR = "_difforge_state"
 COMPILED_ATTR = "_difforge_compiled"
@@ -155,6 +162,7 @@ def _component_options(
     backend: str | Callable[..., Any],
     conv: bool,
     denoiser: bool = False,
+    image_batch: bool = False,
 ) -> tuple[dict[str, Any], CompileConfig | None]:
     """The options one component is compiled with, and their parsed config.
 
@@ -162,7 +170,10 @@ def _component_options(
     only add input conversions, so non-conv components always get ``preserve``. The fp8
     linear swap (``quant.fp8_linear``, on under ``low-precision``/``O3``) applies to the
     denoiser only, like ``quantize_pipe``: text encoders run once per prompt and VAEs are
-    conv-bound, so fp8 there costs quality for no speed.
+    conv-bound, so fp8 there costs quality for no speed. ``image_batch`` components (the
+    VAE's halves) get ``shapes.batch: "warmup"`` under ``dynamic: true`` unless the options
+    name a batch mode: their batch is the number of images, 1 as often as not, and a conv
+    net cannot share one graph between batch 1 and larger batches (difforge.batch).
     """
     raw = load_options(options)
     if not _is_ours(backend):
@@ -171,7 +182,12 @@ def _component_options(
         raw["memory_format"] = "preserve"
     if not denoiser:
         raw["quant.fp8_linear"] = False
-    return raw, parse_options(raw)
+    config = parse_options(raw)
+    if image_batch and config.dynamic is True and raw.get(BATCH_KEY) is None:
+        raw[BATCH_KEY] = "warmup"
+        config = parse_options(raw)
+    resolve_batch_mode(config)  # a bad batch mode fails before the pipe is touched
+    return raw, config
 
 
 def _key(
@@ -354,7 +370,9 @@ def compile_pipe(
     targets = [n for n in _modules(pipe) if not _ignored(n, ignores)]
     # Parse everything first: a bad option must fail before the pipe is touched.
     plans = {
-        n: _component_options(options, backend, n in CONV_COMPONENTS, n in DENOISERS)
+        n: _component_options(
+            options, backend, n in CONV_COMPONENTS, n in DENOISERS, n in IMAGE_BATCH_COMPONENTS
+        )
         for n in targets
     }
     state = _ensure_state(pipe)
