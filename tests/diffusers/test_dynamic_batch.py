@@ -1,0 +1,287 @@
+"""Dynamic shapes across batch sizes, batch 1 included (``shapes.batch``, difforge.batch).
+
+Dynamo makes batch 1 a constant, so without help a warm-up at batch 1 recompiles at batch 2
+and a warm-up at batch 2 recompiles at batch 1. Models without CFG see both: FLUX's
+denoiser (batch = images) and the VAE. The DiTs get one graph for every batch (an unbacked
+batch symbol); conv nets get their batch-1 and batch>=2 graphs both at the first call.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from tests.diffusers.test_dynamic import DIT_SIZES, UNET_SIZES, denoiser, graphs, sweep
+from tests.helpers import rel_err
+
+import difforge
+from difforge.batch import batch_inputs, resolve_batch_mode, unbacked_support
+from difforge.diffusers.presets import build_component
+from difforge.diffusers.step_inputs import VaeDecode, vae_decode_inputs
+from difforge.errors import DifforgeError, OptionsError
+from difforge.recompiles import recompile_events
+
+needs_unbacked = pytest.mark.skipif(
+    unbacked_support() is not None, reason=f"no unbacked batch: {unbacked_support()}"
+)
+
+# The VAE sweep leaves out 64x64 (an 8x8 latent): on the CPU, ATen picks its conv backend
+# for a batch of 1 by size (oneDNN only above ~160 latent pixels at 128 channels), so the
+# batch-1 graph guards on the size there whatever the batch handling (it recompiles at
+# 64x64 with the batch fixed at 1 too). Batches >= 2 always take oneDNN; GPUs do not branch.
+VAE_SIZES = [size for size in UNET_SIZES if size != (64, 64)]
+
+
+@pytest.fixture
+def no_recompile_warnings() -> Any:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="difforge: recompiling")
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny model (fast): the mechanism itself
+# --------------------------------------------------------------------------------------------
+
+
+class TinyDiT(nn.Module):
+    """A batch that meets a per-sample conditioning by broadcasting, as in every DiT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.cond = nn.Linear(1, 16)
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) + self.cond(t[:, None])[:, None, :]
+        h = self.norm(h) * ids[None, :, :1]  # ids: (tokens, 3), no batch axis
+        return self.out(torch.nn.functional.gelu(h))
+
+
+def tiny_call(batch: int, tokens: int = 6) -> tuple[torch.Tensor, ...]:
+    return torch.randn(batch, tokens, 8), torch.rand(batch), torch.rand(tokens, 3)
+
+
+def tiny_sweep(compiled: Any, reference: nn.Module, batches: tuple[int, ...]) -> float:
+    worst = 0.0
+    for batch in batches:
+        for tokens in (6, 9):
+            args = tiny_call(batch, tokens)
+            with torch.no_grad():
+                worst = max(worst, rel_err(compiled(*args), reference(*args)))
+    return worst
+
+
+@needs_unbacked
+@pytest.mark.parametrize("first", [1, 2])
+def test_unbacked_batch_one_graph_for_batch_1_2_4(first: int, no_recompile_warnings: Any) -> None:
+    module = TinyDiT().eval()
+    compiled = difforge.compile(module, options={"dynamic": True, "shapes.batch": "unbacked"})
+    events = len(recompile_events)
+    assert tiny_sweep(compiled, module, (first,)) < 1e-5
+    assert graphs() == 1
+    assert tiny_sweep(compiled, module, (1, 2, 4, 3)) < 1e-5
+    assert graphs() == 1, torch._dynamo.utils.counters["stats"]
+    assert len(recompile_events) == events
+
+
+@needs_unbacked
+def test_auto_batch_mode_is_unbacked_for_a_module_without_group_norm() -> None:
+    module = TinyDiT().eval()
+    compiled = difforge.compile(module, options={"dynamic": True})
+    tiny_sweep(compiled, module, (1, 2))
+    assert graphs() == 1
+
+
+@pytest.mark.parametrize("first", [1, 2])
+def test_dynamo_batch_mode_recompiles_between_batch_1_and_2(first: int) -> None:
+    """The negative case: Dynamo's own handling specialises batch 1."""
+    module = TinyDiT().eval()
+    compiled = difforge.compile(module, options={"dynamic": True, "shapes.batch": "dynamo"})
+    tiny_sweep(compiled, module, (first,))
+    with pytest.warns(UserWarning, match="difforge: recompiling"):
+        assert tiny_sweep(compiled, module, (3 - first,)) < 1e-5
+    assert graphs() == 2
+
+
+@needs_unbacked
+def test_unbacked_marks_do_not_outlive_the_call() -> None:
+    module = TinyDiT().eval()
+    compiled = difforge.compile(module, options={"dynamic": True, "shapes.batch": "unbacked"})
+    args = tiny_call(2)
+    with torch.no_grad():
+        compiled(*args)
+    for tensor in args:
+        assert not [k for k in vars(tensor) if "dynamo" in k or k == "_specialize_on"]
+
+
+@needs_unbacked
+def test_unbacked_batch_input_that_stops_being_batch_sized_is_a_clear_error() -> None:
+    module = TinyDiT().eval()
+    compiled = difforge.compile(module, options={"dynamic": True, "shapes.batch": "unbacked"})
+    x, t, ids = tiny_call(2)
+    with torch.no_grad():
+        compiled(x, t, ids)
+        with pytest.raises(DifforgeError, match=r"argument #1 had the batch size .* \(1,\) now"):
+            compiled(torch.randn(4, 6, 8), t[:1], ids)  # t broadcast: not batch-sized
+
+
+def test_warmup_compiles_the_other_batch_class_at_the_first_call(
+    no_recompile_warnings: Any,
+) -> None:
+    module = TinyDiT().eval()
+    compiled = difforge.compile(module, options={"dynamic": True, "shapes.batch": "warmup"})
+    events = len(recompile_events)
+    assert tiny_sweep(compiled, module, (1,)) < 1e-5
+    assert graphs() == 2  # batch 1 and batch >= 2, both now
+    assert tiny_sweep(compiled, module, (2, 4, 1, 3)) < 1e-5
+    assert graphs() == 2
+    assert len(recompile_events) == events
+
+
+def test_warmup_failure_is_a_warning_not_an_error() -> None:
+    class Picky(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != 2:
+                raise ValueError("batch 2 only")
+            return x * 2
+
+    compiled = difforge.compile(Picky(), options={"dynamic": True, "shapes.batch": "warmup"})
+    with pytest.warns(UserWarning, match="could not compile batch 1 ahead of use"):
+        out = compiled(torch.ones(2, 3))
+    assert torch.equal(out, torch.full((2, 3), 2.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+
+
+def test_batch_mode_resolution() -> None:
+    dit, _ = denoiser("tiny-pixart")
+    vae = build_component("tiny-sdxl", "vae")
+    dynamic = difforge.parse_options({"dynamic": True})
+    auto = "dynamo" if unbacked_support() else "unbacked"
+    assert resolve_batch_mode(dynamic, dit) == auto
+    assert resolve_batch_mode(dynamic, vae) == "dynamo"  # GroupNorm: a conv net
+    assert resolve_batch_mode(dynamic, lambda x: x) == "dynamo"
+    assert resolve_batch_mode(difforge.parse_options({}), dit) is None
+    warm = difforge.parse_options({"dynamic": True, "shapes.batch": "warmup"})
+    assert resolve_batch_mode(warm, dit) == "warmup"
+    with pytest.raises(OptionsError, match="must be one of unbacked, warmup, dynamo"):
+        difforge.compile(dit, options={"dynamic": True, "shapes.batch": "static"})
+    with pytest.raises(OptionsError, match="needs 'dynamic': true"):
+        difforge.compile(dit, options={"shapes.batch": "warmup"})
+    with pytest.raises(OptionsError, match="expects str or null"):
+        difforge.parse_options({"shapes.batch": 1})
+
+
+def test_batch_inputs_follow_the_first_tensor() -> None:
+    x, t, ids = tiny_call(3, tokens=5)
+    found = batch_inputs((x,), {"t": t, "ids": ids, "cond": {"a": t, "b": [ids, x]}}, 3)
+    assert set(found) == {(0, 0), (1, "t"), (1, "cond", "a"), (1, "cond", "b", 1)}
+
+
+def test_compile_pipe_warms_the_vae_up_at_both_batch_classes() -> None:
+    from difforge.diffusers import compile_pipe
+    from difforge.diffusers.pipe import pipe_state
+    from difforge.diffusers.presets import build_pipeline
+
+    pipe = build_pipeline("tiny-flux", text_encoders=False)
+    compile_pipe(pipe, options={"mode": "O2", "dynamic": True})
+    configs = pipe_state(pipe).configs
+    assert configs["vae.decoder"].settings["shapes.batch"] == "warmup"
+    assert configs["transformer"].settings["shapes.batch"] is None  # auto: unbacked
+    pipe = build_pipeline("tiny-flux", text_encoders=False)
+    compile_pipe(pipe, options={"dynamic": True, "shapes.batch": "dynamo"})
+    assert pipe_state(pipe).configs["vae.decoder"].settings["shapes.batch"] == "dynamo"
+    pipe = build_pipeline("tiny-flux", text_encoders=False)
+    compile_pipe(pipe, options={"mode": "O2"})
+    assert pipe_state(pipe).configs["vae.decoder"].settings["shapes.batch"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny diffusers models (slow: a full compile each)
+# --------------------------------------------------------------------------------------------
+
+
+@needs_unbacked
+@pytest.mark.slow
+@pytest.mark.parametrize("first", [1, 2])
+def test_flux_batches_1_2_4_at_every_size_on_one_graph(
+    first: int, no_recompile_warnings: Any
+) -> None:
+    """FLUX has no CFG: its denoiser batch is the number of images, 1 included."""
+    module, reference = denoiser("tiny-flux")
+    compiled = difforge.compile(
+        module, options={"mode": "O2", "dynamic": True, "recompile.strict": True}
+    )
+    events = len(recompile_events)
+    errors = sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (first,))
+    assert graphs() == 1
+    errors += sweep("tiny-flux", compiled, reference, DIT_SIZES, (1, 2, 4))
+    assert graphs() == 1, torch._dynamo.utils.counters["stats"]
+    assert len(recompile_events) == events
+    assert max(errors) < 1e-5, errors
+
+
+@pytest.mark.slow
+def test_flux_recompiles_at_batch_2_without_the_unbacked_batch() -> None:
+    module, reference = denoiser("tiny-flux")
+    compiled = difforge.compile(
+        module, options={"mode": "O2", "dynamic": True, "shapes.batch": "dynamo"}
+    )
+    sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (1,))
+    with pytest.warns(UserWarning, match="recompiling .*hidden_states.* size mismatch at index 0"):
+        sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (2,))
+    assert graphs() == 2
+
+
+def vae_sweep(
+    preset: str, compiled: Any, reference: nn.Module, sizes: list[tuple[int, int]], batches: Any
+) -> list[float]:
+    errors = []
+    for batch in batches:
+        for height, width in sizes:
+            call = vae_decode_inputs(
+                preset, batch=batch, height=height, width=width, device="cpu", dtype=torch.float32
+            )
+            with torch.no_grad():
+                out, ref = call(compiled), call(reference)
+            assert out.shape == ref.shape
+            errors.append(rel_err(out, ref))
+    return errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "first"), [("tiny-sdxl", 1), ("tiny-flux", 2)])
+def test_vae_decode_batches_1_2_4_after_one_warm_up(
+    preset: str, first: int, no_recompile_warnings: Any
+) -> None:
+    """The VAE (a conv net: GroupNorm, Python branches on the batch) takes ``"warmup"``:
+    the first call compiles the batch-1 and the batch>=2 graph, and nothing after it."""
+    torch.manual_seed(0)
+    module = VaeDecode(build_component(preset, "vae")).eval()
+    reference = VaeDecode(build_component(preset, "vae")).eval()
+    reference.load_state_dict(module.state_dict())
+    compiled = difforge.compile(
+        module, options={"mode": "O2", "dynamic": True, "shapes.batch": "warmup"}
+    )
+    events = len(recompile_events)
+    errors = vae_sweep(preset, compiled, reference, VAE_SIZES[:1], (first,))
+    assert graphs() == 2
+    errors += vae_sweep(preset, compiled, reference, VAE_SIZES, (1, 2, 4))
+    assert graphs() == 2, torch._dynamo.utils.counters["stats"]
+    assert len(recompile_events) == events
+    assert max(errors) < 1e-5, errors
