@@ -277,8 +277,9 @@ class BatchAxis:
             if isinstance(value, torch.Tensor):
                 if id(value) not in found:
                     return value
-                # cat keeps the memory format (channels_last stays channels_last)
-                return value[:1] if other == 1 else torch.cat([value, value])
+                # New tensors, not views (Dynamo guards a view's base), in the same memory
+                # format (cat and clone keep channels_last).
+                return value[:1].clone() if other == 1 else torch.cat([value, value])
             if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
                 return type(value)(*(resize(v) for v in value))
             if isinstance(value, (list, tuple)):

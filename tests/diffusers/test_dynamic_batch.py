@@ -137,13 +137,14 @@ def test_unbacked_batch_input_that_stops_being_batch_sized_is_a_clear_error() ->
             compiled(torch.randn(4, 6, 8), t[:1], ids)  # t broadcast: not batch-sized
 
 
+@pytest.mark.parametrize("first", [1, 2])
 def test_warmup_compiles_the_other_batch_class_at_the_first_call(
-    no_recompile_warnings: Any,
+    first: int, no_recompile_warnings: Any
 ) -> None:
     module = TinyDiT().eval()
     compiled = difforge.compile(module, options={"dynamic": True, "shapes.batch": "warmup"})
     events = len(recompile_events)
-    assert tiny_sweep(compiled, module, (1,)) < 1e-5
+    assert tiny_sweep(compiled, module, (first,)) < 1e-5
     assert graphs() == 2  # batch 1 and batch >= 2, both now
     assert tiny_sweep(compiled, module, (2, 4, 1, 3)) < 1e-5
     assert graphs() == 2
