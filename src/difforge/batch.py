@@ -1,52 +1,60 @@
-"""The batch axis under dynamic shapes: batch 1 must not get a graph of its own.
+"""The batch axis under dynamic shapes: no recompilation between batch 1 and larger batches.
 
 Dynamo gives every dynamic size a *backed* symbol, one that carries the example value, and
 it never makes a symbol for a size of 0 or 1: a call at batch 1 compiles a graph where the
 batch is the constant 1, and the first call at batch 2 recompiles (and a graph traced at
 batch 2 guards ``batch >= 2``, so batch 1 recompiles after it). Models called with
-classifier-free guidance never see a denoiser batch of 1; FLUX (guidance distilled, no CFG)
-and the VAE do. ``shapes.batch`` (only with ``dynamic: true``) picks what happens:
+classifier-free guidance never see a denoiser batch of 1; FLUX (guidance distilled, no CFG),
+CFG-free runs of the others, the VAE and the text encoders do. ``shapes.batch`` (only with
+``dynamic: true``) picks what happens:
 
-``"unbacked"``: one graph for every batch, 1 included
+``"warmup"`` (the default for diffusers and transformers models): two graphs, both
+compiled at the first call
+    The first call runs as usual; then the module is called once more at the other batch
+    class (batch 1 if the first call had 2 or more, else 2; the batch-sized inputs sliced
+    or repeated), so the graph for batch 1 and the one for every batch >= 2 both exist
+    before any later call. That call's output is dropped, and its compilation is not
+    reported as a recompile; a failure there is a warning, never the caller's error. Each
+    graph is the ordinary (backed) one, so no step gets slower and batch 1 is not padded;
+    the price is the second compilation, at the first call (one forward more too: a
+    module with side effects in ``forward`` sees them twice).
+``"unbacked"``: one graph for every batch, 1 included (opt-in)
     At each call, the leading dimension of every batch-sized tensor input is marked
     *unbacked* (``torch._dynamo.decorators.mark_unbacked``): a symbol without an example
     value, which Dynamo never specialises to 1. All of them share one symbol
-    (``shape_id``), bounded below by 1 (``min=1``, so ``b < 2*b`` is known) and hinted
-    with the first call's batch (``hint_override``: Inductor's size heuristics and
-    autotuning see a real batch, not its 8192 fallback for unbacked sizes). The marks are
-    removed again after the call: the caller's tensors keep no Dynamo state. What can't
-    follow an unbacked batch (measured on torch 2.13, CPU):
+    (``shape_id``), bounded below by 1 (``min=1``: without it PixArt's ``b < 2*b`` mask
+    check breaks the graph) and hinted with the first call's batch (``hint_override``:
+    Inductor's size heuristics and autotuning see a real batch, not their 8192 fallback).
+    The marks are removed after the call: the caller's tensors keep no Dynamo state. Why it
+    is not the default:
 
-    * Python branches on the batch break the graph: diffusers' ``Upsample2D`` and
-      ``ResnetBlock2D`` (``if hidden_states.shape[0] >= 64``), SDXL's UNet went from 1
-      graph to 16;
-    * ``F.group_norm`` checks its batch in Python (``_verify_batch_size``), which fails to
-      trace with an unbacked batch (the VAE decode stops compiling);
-    * Inductor cannot give a convolution with an unbacked batch a channels_last layout
-      (the fake conv has no hint to pick the cuDNN/oneDNN format, so Inductor makes input
-      and weight contiguous), so a channels_last conv net would lose its layout.
+    * it is slower. H100, torch 2.11 (marking without ``min``, which 2.11 lacks), FLUX.1-dev
+      cut to 2 + 4 blocks, bf16, 1024x1024: 31.76 ms a step at batch 2 against 28.74 ms for
+      the backed graph (+10.5%), 16.52 against 14.47 ms at batch 1. GEMMs and cuDNN
+      attention took the same time; Inductor's fused elementwise and norm kernels ran
+      longer with an unbacked batch (a profile: 30.4 vs 26.8 ms of kernels per step);
+    * torch 2.11 has no ``min`` (this mode is refused there), and its Inductor failed to
+      lower PixArt-XL's resolution micro-condition (``reshape(batch, -1)`` then ``cat``)
+      with an unbacked batch;
+    * conv nets cannot take it (refused for modules with ``nn.GroupNorm``):
+      ``F.group_norm`` checks its batch in Python and fails to trace, diffusers'
+      ``Upsample2D``/``ResnetBlock2D`` branch on ``batch >= 64`` (SDXL's UNet broke into
+      16 graphs), and a conv with an unbacked batch loses channels_last (the fake conv
+      cannot pick a layout without a hint, so Inductor makes input and weight contiguous).
 
-    So this is what ``null`` (auto) picks for modules without ``nn.GroupNorm`` (the DiTs:
-    PixArt, SD3, FLUX, whose one conv is the patch embedding), and never for UNets and
-    VAEs. It needs ``mark_unbacked(..., shape_id=, min=)`` (torch 2.13; checked at
-    compile time): without it auto falls back to ``"dynamo"``.
-``"warmup"``: two graphs, both compiled at the first call
-    For conv nets. The first call runs as usual; then the module is called once more at
-    the other batch class (batch 1 if the first call had 2 or more, else 2: the batch
-    inputs sliced or repeated), so the graph for batch 1 and the one for batch >= 2 both
-    exist before any later call. That call's output is dropped, and its compilation is
-    not reported as a recompile. A failure there is a warning, never the user's error.
-    No padding: batch 1 runs its own batch-1 graph.
-``"dynamo"``: Dynamo's own behaviour (batch 1 specialised, compiled on first use).
+    Measured working on torch 2.13 (CPU): tiny PixArt, SD3 and FLUX, batches 1 to 8, every
+    size of the sweep on one graph (``tests/diffusers/test_dynamic_batch.py``).
+``"dynamo"``: Dynamo's own behaviour (batch 1 specialised, compiled on first use); no
+    second compilation, for callers that never change between batch 1 and more (a
+    denoiser always run with CFG). The default for plain functions and for modules built
+    of no diffusers or transformers class: their leading dimension need not be a batch.
 
-``null`` (the default) = ``"unbacked"`` where it works (above), else ``"dynamo"``;
-``compile_pipe`` picks ``"warmup"`` for the VAE's halves, whose batch is the number of
-images. Batch-sized inputs: the batch is the leading size of the first tensor among the
-positional then keyword arguments (``hidden_states``, ``sample``, latents), and a tensor
-input (in nested lists, tuples and dicts too) is batch-sized when its leading size equals
-it. With ``"unbacked"`` the set of batch-sized inputs is fixed at the first call: a later
-call where one of them is not batch-sized raises a clear error instead of failing the
-compiled graph's runtime check.
+Batch-sized inputs: the batch is the leading size of the first tensor among the positional
+then keyword arguments (``hidden_states``, ``sample``, latents), and a tensor input (in
+nested lists, tuples and dicts too) is batch-sized when its leading size equals it. With
+``"unbacked"`` the set of batch-sized inputs is fixed at the first call: a later call where
+one of them is not batch-sized raises a clear error instead of failing the compiled graph's
+runtime check.
 """
 
 from __future__ import annotations
@@ -99,18 +107,31 @@ def unbacked_support() -> str | None:
     return None
 
 
-def _has_group_norm(module: Any) -> bool:
+def has_group_norm(module: Any) -> bool:
+    """Whether ``module`` has an ``nn.GroupNorm`` (a UNet, a VAE): no unbacked batch."""
     return isinstance(module, nn.Module) and any(
         isinstance(m, nn.GroupNorm) for m in module.modules()
     )
+
+
+def batch_first_library(module: Any) -> bool:
+    """Whether ``module`` is built of diffusers or transformers classes, whose inputs put
+    the batch first (matched by module name: no import of either library)."""
+    if not isinstance(module, nn.Module):
+        return False
+    for sub in module.modules():
+        for cls in type(sub).__mro__:
+            if cls.__module__.startswith(("diffusers.", "transformers.")):
+                return True
+    return False
 
 
 def resolve_batch_mode(config: CompileConfig, module: Any = None) -> str | None:
     """The batch mode ``config`` asks for on ``module``; None when ``dynamic`` is not true.
 
     Raises :class:`OptionsError` for a value that is not one of :data:`MODES`, for
-    ``shapes.batch`` without ``dynamic: true``, and for ``"unbacked"`` on a torch that
-    cannot do it.
+    ``shapes.batch`` without ``dynamic: true``, and for ``"unbacked"`` on a torch or a
+    module (with ``nn.GroupNorm``) that cannot take it.
     """
     value = config.settings.get(KEY)
     if value is not None and value not in MODES:
@@ -124,14 +145,18 @@ def resolve_batch_mode(config: CompileConfig, module: Any = None) -> str | None:
                 "automatic-dynamic graph is a constant until Dynamo recompiles)"
             )
         return None
-    why_not = unbacked_support()
-    if value == "unbacked" and why_not is not None:
-        raise OptionsError(f"option {KEY!r}='unbacked' is not available: {why_not}")
+    if value == "unbacked":
+        why_not = unbacked_support()
+        if why_not is None and has_group_norm(module):
+            why_not = (
+                "the module has nn.GroupNorm, whose batch check cannot trace an unbacked "
+                "batch (a conv net: use 'warmup')"
+            )
+        if why_not is not None:
+            raise OptionsError(f"option {KEY!r}='unbacked' is not available: {why_not}")
     if value is not None:
         return value
-    if why_not is not None or not isinstance(module, nn.Module) or _has_group_norm(module):
-        return "dynamo"
-    return "unbacked"
+    return "warmup" if batch_first_library(module) else "dynamo"
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,8 +341,10 @@ __all__ = [
     "KEY",
     "MODES",
     "BatchAxis",
+    "batch_first_library",
     "batch_inputs",
     "batch_size",
+    "has_group_norm",
     "resolve_batch_mode",
     "unbacked_batch",
     "unbacked_support",

@@ -152,11 +152,11 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
     "shapes.batch": (
         None,
         (str, type(None)),
-        "with dynamic: true, how batch 1 avoids a graph of its own (Dynamo specialises sizes "
-        "0/1): 'unbacked' = one graph for every batch (unbacked batch symbol), 'warmup' = the "
-        "batch-1 and batch>=2 graphs both compiled at the first call, 'dynamo' = Dynamo's "
-        "default; null = 'unbacked' for modules without GroupNorm where this torch supports "
-        "it, else 'dynamo' (compile_pipe: 'warmup' for the VAE); see difforge.batch",
+        "with dynamic: true, how batch 1 and larger batches avoid recompiling each other "
+        "(Dynamo makes batch 1 a constant): 'warmup' = the batch-1 and batch>=2 graphs both "
+        "compiled at the first call, 'unbacked' = one graph for every batch (slower steps, "
+        "torch >= 2.13, no conv nets), 'dynamo' = Dynamo's default; null = 'warmup' for "
+        "diffusers/transformers models, else 'dynamo'; see difforge.batch",
     ),
     "compile.regional": (
         False,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 import difforge
 from difforge import regional
 from difforge.batch import KEY as BATCH_KEY
-from difforge.batch import resolve_batch_mode
+from difforge.batch import has_group_norm, resolve_batch_mode
 from difforge.dynamic import remove_shape_adapters
 from difforge.memory_format import apply_memory_format
 from difforge.options import CompileConfig, load_options, parse_options
@@ -50,11 +51,6 @@ COMPONENTS: tuple[str, ...] = (
 CONV_COMPONENTS: frozenset[str] = frozenset({"unet", "controlnet", "vae.decoder", "vae.encoder"})
 
 DENOISERS: tuple[str, ...] = ("transformer", "unet")
-
-#: Components whose batch is the number of images (1, 2, 4 …, never doubled by CFG): with
-#: ``dynamic: true`` they compile their batch-1 and batch>=2 graphs at the first call
-#: (``shapes.batch``: ``"warmup"``, see :mod:`difforge.batch`) unless told otherwise.
-IMAGE_BATCH_COMPONENTS: frozenset[str] = frozenset({"vae.decoder", "vae.encoder"})
 
 STATE_ATTR = "_difforge_state"
 COMPILED_ATTR = "_difforge_compiled"
@@ -162,7 +158,7 @@ def _component_options(
     backend: str | Callable[..., Any],
     conv: bool,
     denoiser: bool = False,
-    image_batch: bool = False,
+    module: nn.Module | None = None,
 ) -> tuple[dict[str, Any], CompileConfig | None]:
     """The options one component is compiled with, and their parsed config.
 
@@ -170,10 +166,9 @@ def _component_options(
     only add input conversions, so non-conv components always get ``preserve``. The fp8
     linear swap (``quant.fp8_linear``, on under ``low-precision``/``O3``) applies to the
     denoiser only, like ``quantize_pipe``: text encoders run once per prompt and VAEs are
-    conv-bound, so fp8 there costs quality for no speed. ``image_batch`` components (the
-    VAE's halves) get ``shapes.batch: "warmup"`` under ``dynamic: true`` unless the options
-    name a batch mode: their batch is the number of images, 1 as often as not, and a conv
-    net cannot share one graph between batch 1 and larger batches (difforge.batch).
+    conv-bound, so fp8 there costs quality for no speed. ``shapes.batch: "unbacked"``
+    cannot trace a conv net (GroupNorm, see difforge.batch): those components (the VAE, a
+    UNet) get ``"warmup"`` instead, with a warning.
     """
     raw = load_options(options)
     if not _is_ours(backend):
@@ -183,10 +178,16 @@ def _component_options(
     if not denoiser:
         raw["quant.fp8_linear"] = False
     config = parse_options(raw)
-    if image_batch and config.dynamic is True and raw.get(BATCH_KEY) is None:
+    if raw.get(BATCH_KEY) == "unbacked" and config.dynamic is True and has_group_norm(module):
+        warnings.warn(
+            f"difforge: {type(module).__name__} is a conv net (GroupNorm), which cannot take "
+            "'shapes.batch': 'unbacked'; it compiles with 'warmup' (its batch-1 and batch>=2 "
+            "graphs at the first call)",
+            stacklevel=3,
+        )
         raw[BATCH_KEY] = "warmup"
         config = parse_options(raw)
-    resolve_batch_mode(config)  # a bad batch mode fails before the pipe is touched
+    resolve_batch_mode(config, module)  # a bad batch mode fails before the pipe is touched
     return raw, config
 
 
@@ -371,7 +372,7 @@ def compile_pipe(
     # Parse everything first: a bad option must fail before the pipe is touched.
     plans = {
         n: _component_options(
-            options, backend, n in CONV_COMPONENTS, n in DENOISERS, n in IMAGE_BATCH_COMPONENTS
+            options, backend, n in CONV_COMPONENTS, n in DENOISERS, _original(_get(pipe, n))
         )
         for n in targets
     }
