@@ -2,8 +2,9 @@
 
 Dynamo makes batch 1 a constant, so without help a warm-up at batch 1 recompiles at batch 2
 and a warm-up at batch 2 recompiles at batch 1. Models without CFG see both: FLUX's
-denoiser (batch = images) and the VAE. The DiTs get one graph for every batch (an unbacked
-batch symbol); conv nets get their batch-1 and batch>=2 graphs both at the first call.
+denoiser (batch = images) and the VAE. By default (``"warmup"``) the first call compiles
+the batch-1 and the batch>=2 graph; ``"unbacked"`` (opt-in, torch 2.13) gives the DiTs one
+graph for every batch.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ needs_unbacked = pytest.mark.skipif(
 # The VAE sweep leaves out 64x64 (an 8x8 latent): on the CPU, ATen picks its conv backend
 # for a batch of 1 by size (oneDNN only above ~160 latent pixels at 128 channels), so the
 # batch-1 graph guards on the size there whatever the batch handling (it recompiles at
-# 64x64 with the batch fixed at 1 too). Batches >= 2 always take oneDNN; GPUs do not branch.
+# 64x64 with the batch fixed at 1 too). Batches >= 2 always take oneDNN.
 VAE_SIZES = [size for size in UNET_SIZES if size != (64, 64)]
 
 
@@ -69,6 +70,20 @@ class TinyDiT(nn.Module):
         return self.out(torch.nn.functional.gelu(h))
 
 
+class DiffusersTinyDiT(TinyDiT):
+    """The same with a diffusers block inside: the default batch mode becomes "warmup"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention import FeedForward
+
+        self.ff = FeedForward(16, mult=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) + self.cond(t[:, None])[:, None, :]
+        return self.out(self.ff(self.norm(h) * ids[None, :, :1]))
+
+
 def tiny_call(batch: int, tokens: int = 6) -> tuple[torch.Tensor, ...]:
     return torch.randn(batch, tokens, 8), torch.rand(batch), torch.rand(tokens, 3)
 
@@ -96,11 +111,24 @@ def test_unbacked_batch_one_graph_for_batch_1_2_4(first: int, no_recompile_warni
     assert len(recompile_events) == events
 
 
-@needs_unbacked
-def test_auto_batch_mode_is_unbacked_for_a_module_without_group_norm() -> None:
-    module = TinyDiT().eval()
+@pytest.mark.parametrize("first", [1, 2])
+def test_default_for_a_diffusers_model_compiles_both_batch_classes_at_the_first_call(
+    first: int, no_recompile_warnings: Any
+) -> None:
+    module = DiffusersTinyDiT().eval()
     compiled = difforge.compile(module, options={"dynamic": True})
-    tiny_sweep(compiled, module, (1, 2))
+    events = len(recompile_events)
+    assert tiny_sweep(compiled, module, (first,)) < 1e-5
+    assert graphs() == 2
+    assert tiny_sweep(compiled, module, (1, 2, 4, 3)) < 1e-5
+    assert graphs() == 2
+    assert len(recompile_events) == events
+
+
+def test_default_for_other_modules_is_dynamos_own() -> None:
+    module = TinyDiT().eval()  # no diffusers/transformers class: dim 0 need not be a batch
+    compiled = difforge.compile(module, options={"dynamic": True})
+    tiny_sweep(compiled, module, (2,))
     assert graphs() == 1
 
 
@@ -173,13 +201,17 @@ def test_batch_mode_resolution() -> None:
     dit, _ = denoiser("tiny-pixart")
     vae = build_component("tiny-sdxl", "vae")
     dynamic = difforge.parse_options({"dynamic": True})
-    auto = "dynamo" if unbacked_support() else "unbacked"
-    assert resolve_batch_mode(dynamic, dit) == auto
-    assert resolve_batch_mode(dynamic, vae) == "dynamo"  # GroupNorm: a conv net
+    assert resolve_batch_mode(dynamic, dit) == "warmup"
+    assert resolve_batch_mode(dynamic, vae) == "warmup"
+    assert resolve_batch_mode(dynamic, VaeDecode(vae)) == "warmup"
+    assert resolve_batch_mode(dynamic, TinyDiT()) == "dynamo"
     assert resolve_batch_mode(dynamic, lambda x: x) == "dynamo"
     assert resolve_batch_mode(difforge.parse_options({}), dit) is None
-    warm = difforge.parse_options({"dynamic": True, "shapes.batch": "warmup"})
-    assert resolve_batch_mode(warm, dit) == "warmup"
+    unbacked = difforge.parse_options({"dynamic": True, "shapes.batch": "unbacked"})
+    with pytest.raises(OptionsError, match="'unbacked' is not available"):
+        resolve_batch_mode(unbacked, vae)  # GroupNorm (or this torch)
+    if unbacked_support() is None:
+        assert resolve_batch_mode(unbacked, dit) == "unbacked"
     with pytest.raises(OptionsError, match="must be one of unbacked, warmup, dynamo"):
         difforge.compile(dit, options={"dynamic": True, "shapes.batch": "static"})
     with pytest.raises(OptionsError, match="needs 'dynamic': true"):
@@ -194,22 +226,18 @@ def test_batch_inputs_follow_the_first_tensor() -> None:
     assert set(found) == {(0, 0), (1, "t"), (1, "cond", "a"), (1, "cond", "b", 1)}
 
 
-def test_compile_pipe_warms_the_vae_up_at_both_batch_classes() -> None:
+@needs_unbacked
+def test_compile_pipe_gives_conv_nets_warmup_when_asked_for_unbacked() -> None:
     from difforge.diffusers import compile_pipe
     from difforge.diffusers.pipe import pipe_state
     from difforge.diffusers.presets import build_pipeline
 
     pipe = build_pipeline("tiny-flux", text_encoders=False)
-    compile_pipe(pipe, options={"mode": "O2", "dynamic": True})
+    with pytest.warns(UserWarning, match="conv net .* compiles with 'warmup'"):
+        compile_pipe(pipe, options={"dynamic": True, "shapes.batch": "unbacked"})
     configs = pipe_state(pipe).configs
     assert configs["vae.decoder"].settings["shapes.batch"] == "warmup"
-    assert configs["transformer"].settings["shapes.batch"] is None  # auto: unbacked
-    pipe = build_pipeline("tiny-flux", text_encoders=False)
-    compile_pipe(pipe, options={"dynamic": True, "shapes.batch": "dynamo"})
-    assert pipe_state(pipe).configs["vae.decoder"].settings["shapes.batch"] == "dynamo"
-    pipe = build_pipeline("tiny-flux", text_encoders=False)
-    compile_pipe(pipe, options={"mode": "O2"})
-    assert pipe_state(pipe).configs["vae.decoder"].settings["shapes.batch"] is None
+    assert configs["transformer"].settings["shapes.batch"] == "unbacked"
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,24 +245,43 @@ def test_compile_pipe_warms_the_vae_up_at_both_batch_classes() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@needs_unbacked
 @pytest.mark.slow
 @pytest.mark.parametrize("first", [1, 2])
-def test_flux_batches_1_2_4_at_every_size_on_one_graph(
+def test_flux_batches_1_2_4_at_every_size_after_one_warm_up(
     first: int, no_recompile_warnings: Any
 ) -> None:
-    """FLUX has no CFG: its denoiser batch is the number of images, 1 included."""
+    """FLUX has no CFG: its denoiser batch is the number of images, 1 included. The
+    default compiles the batch-1 and the batch>=2 graph at the first call, nothing after."""
     module, reference = denoiser("tiny-flux")
     compiled = difforge.compile(
         module, options={"mode": "O2", "dynamic": True, "recompile.strict": True}
     )
     events = len(recompile_events)
     errors = sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (first,))
+    assert graphs() == 2
+    errors += sweep("tiny-flux", compiled, reference, DIT_SIZES, (1, 2, 4))
+    assert graphs() == 2, torch._dynamo.utils.counters["stats"]
+    assert len(recompile_events) == events
+    assert max(errors) < 1e-5, errors
+
+
+@needs_unbacked
+@pytest.mark.slow
+def test_flux_unbacked_batches_1_2_4_at_every_size_on_one_graph(
+    no_recompile_warnings: Any,
+) -> None:
+    module, reference = denoiser("tiny-flux")
+    options = {"mode": "O2", "dynamic": True, "shapes.batch": "unbacked"}
+    compiled = difforge.compile(module, options={**options, "recompile.strict": True})
+    events = len(recompile_events)
+    errors = sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (1,))
     assert graphs() == 1
     errors += sweep("tiny-flux", compiled, reference, DIT_SIZES, (1, 2, 4))
     assert graphs() == 1, torch._dynamo.utils.counters["stats"]
     assert len(recompile_events) == events
     assert max(errors) < 1e-5, errors
+    notes = [n for r in difforge.compile_records for n in r.notes]
+    assert any("skipped fx passes remove_noop_conversions" in n for n in notes)
 
 
 @pytest.mark.slow
@@ -270,15 +317,13 @@ def vae_sweep(
 def test_vae_decode_batches_1_2_4_after_one_warm_up(
     preset: str, first: int, no_recompile_warnings: Any
 ) -> None:
-    """The VAE (a conv net: GroupNorm, Python branches on the batch) takes ``"warmup"``:
-    the first call compiles the batch-1 and the batch>=2 graph, and nothing after it."""
+    """The VAE (a conv net: no unbacked batch) with the default ``"warmup"``: the first
+    call compiles the batch-1 and the batch>=2 graph, and nothing after it."""
     torch.manual_seed(0)
     module = VaeDecode(build_component(preset, "vae")).eval()
     reference = VaeDecode(build_component(preset, "vae")).eval()
     reference.load_state_dict(module.state_dict())
-    compiled = difforge.compile(
-        module, options={"mode": "O2", "dynamic": True, "shapes.batch": "warmup"}
-    )
+    compiled = difforge.compile(module, options={"mode": "O2", "dynamic": True})
     events = len(recompile_events)
     errors = vae_sweep(preset, compiled, reference, VAE_SIZES[:1], (first,))
     assert graphs() == 2
