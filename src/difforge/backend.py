@@ -54,13 +54,6 @@ def _post_grad_hook(
     return hook if hook else None
 
 
-#: FX passes that cannot run on a graph with an unbacked size (``shapes.batch``:
-#: ``"unbacked"``): ``remove_noop_conversions`` asks ``Tensor.is_contiguous()``, which
-#: raises a data-dependent error when a size may be 1 (torch 2.13). Inductor drops the
-#: same no-op conversions itself; the pass only helps the fusion passes see through them.
-UNBACKED_UNSAFE_PASSES: frozenset[str] = frozenset({"remove_noop_conversions"})
-
-
 def has_unbacked_sizes(example_inputs: Sequence[Any]) -> bool:
     """Whether a graph's inputs have unbacked sizes (an unbacked batch, difforge.batch)."""
     try:
@@ -107,17 +100,8 @@ class DifforgeBackend:
         start = time.perf_counter()
         record = CompileRecord(mode=config.mode, inductor_patches={}, regions=_regions(gm))
         unbacked = has_unbacked_sizes(example_inputs)
-        is_enabled = config.pass_enabled
-        if unbacked:
-            skipped = sorted(p for p in UNBACKED_UNSAFE_PASSES if config.pass_enabled(p))
-            if skipped:
-                record.notes.append(f"unbacked batch: skipped fx passes {', '.join(skipped)}")
-
-            def is_enabled(name: str) -> bool:
-                return config.pass_enabled(name) and name not in UNBACKED_UNSAFE_PASSES
-
         with using_policy(config.attention_policy()):
-            record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", is_enabled)))
+            record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
 
         patches = config.inductor_patches()
         if (

@@ -280,8 +280,9 @@ def test_flux_unbacked_batches_1_2_4_at_every_size_on_one_graph(
     assert graphs() == 1, torch._dynamo.utils.counters["stats"]
     assert len(recompile_events) == events
     assert max(errors) < 1e-5, errors
-    notes = [n for r in difforge.compile_records for n in r.notes]
-    assert any("skipped fx passes remove_noop_conversions" in n for n in notes)
+    # The cleanup pass runs on the unbacked graph too (it no longer asks is_contiguous()
+    # a question an unbacked batch cannot answer).
+    assert any("remove_noop_conversions" in r.rewrites for r in difforge.compile_records)
 
 
 @pytest.mark.slow

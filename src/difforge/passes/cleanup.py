@@ -56,6 +56,16 @@ def _same_tensor_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(statically_known_true(s) for s in same)
 
 
+def _certainly_contiguous(t: torch.Tensor) -> bool:
+    """Whether ``t`` is contiguous for every value of its symbolic sizes, adding no guard;
+    False when that cannot be told (an unbacked batch, difforge.batch, makes
+    ``is_contiguous()`` raise a data-dependent error: it might be 1)."""
+    try:
+        return statically_known_true(t.is_contiguous())
+    except Exception:  # GuardOnDataDependentSymNode and kin; the class moved across torch
+        return False
+
+
 @register_pass("remove_noop_conversions", stage="fx", tier="cleanup")
 def remove_noop_conversions(graph: torch.fx.Graph) -> int:
     """Remove .contiguous()/.to()/.float()… calls whose result equals their input."""
@@ -70,7 +80,7 @@ def remove_noop_conversions(graph: torch.fx.Graph) -> int:
         before, after = node_tensor(node.args[0]), node_tensor(node)
         if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
             continue
-        if node.target == "contiguous" and not statically_known_true(before.is_contiguous()):
+        if node.target == "contiguous" and not _certainly_contiguous(before):
             continue
         if _same_tensor_meta(before, after):
             node.replace_all_uses_with(node.args[0])
