@@ -184,6 +184,25 @@ def _fp8_e4m3_rne_as_fp32(x):
 
 
 @triton.jit
+def _load_row_block(
+    x_ptr, stride_xb, stride_xh, stride_xs, n_heads, seq,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """This program's ``[BLOCK, BLOCK_D]`` rows of ``x [B, H, S, D]`` in float32 (grid:
+    row block, batch x head), zero past the sequence and the head dim; with the offsets and
+    the mask of the real elements."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_s < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x_base = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(x_base + offs_s[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0)
+    return x.to(tl.float32), offs_s, offs_d, mask
+
+
+@triton.jit
 def _quantize_per_block_int8_kernel(
     x_ptr,  # fp16/bf16/fp32 [B, H, S, D], any strides with the last one 1
     mean_ptr,  # float32 [B, H, D] contiguous (only read when SUBTRACT_MEAN)
@@ -203,14 +222,9 @@ def _quantize_per_block_int8_kernel(
 ):
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    offs_s = pid_blk * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_s < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    x_base = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-    x = tl.load(x_base + offs_s[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    x, offs_s, offs_d, mask = _load_row_block(
+        x_ptr, stride_xb, stride_xh, stride_xs, n_heads, seq, HEAD_DIM, BLOCK, BLOCK_D
+    )
     if SUBTRACT_MEAN:
         mean = tl.load(mean_ptr + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         # Padded rows must stay 0, not -mean, or they would inflate the block's absmax.
@@ -318,17 +332,12 @@ def _quantize_v_fp8_kernel(
     BLOCK_S: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    mask = (offs_s < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    x = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=mask, other=0.0)
+    x, offs_s, offs_d, _ = _load_row_block(
+        v_ptr, stride_vb, stride_vh, stride_vs, n_heads, seq, HEAD_DIM, BLOCK_S, BLOCK_D
+    )
     scale = tl.load(scale_ptr + pid_bh * DV + offs_d, mask=offs_d < DV, other=1.0)
-    y = tl.div_rn(x.to(tl.float32), scale[None, :])
+    y = tl.div_rn(x, scale[None, :])
     if INTERPRET:
         y = _fp8_e4m3_rne_as_fp32(y)
     y = y.to(tl.float8e4nv)
