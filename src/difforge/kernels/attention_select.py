@@ -1,7 +1,8 @@
 """Which attention kernel runs where: SDPA, or difforge's 8-bit attention in a measured tile.
 
 The ``attention_int8`` graph pass (:mod:`difforge.passes.attention`) asks :func:`choose` for
-each eligible ``scaled_dot_product_attention`` call. With the ``measured`` policy (O3's),
+each eligible ``scaled_dot_product_attention`` call (the pass is opt-in: no preset enables
+it, as the kernel lost to cuDNN on an H100). With the ``measured`` policy (the default),
 the choice is made on this GPU at compile time: SDPA and every candidate tile are timed on
 random inputs of the call's shape (CUDA-event medians, ``triton.testing.do_bench``), and the
 8-bit kernel is used only when its fastest tile, quantization included, beats SDPA by
@@ -52,13 +53,15 @@ class KernelChoice:
         return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.pv_fp8)
 
 
-#: Tiles timed per shape: the ones that compile for sm_90a without register spills at head
-#: dims 64/72 (ptxas on the CPU), for either P·V precision. Few on purpose: each costs a
-#: Triton compile (~1 s) the first time on a machine.
+#: Tiles timed per shape, for either P·V precision: the two fastest of the H100 sweep
+#: (``benchmarks/results/2026-11-26_h100_probe_int8attn.json``: 64x64 with 4 warps and 3
+#: stages at 7 of its 8 shape and precision pairs, 128x64 with 8 warps and 3 stages at the
+#: other, PixArt self-attention with fp16 P·V). Few on purpose: each
+#: costs a Triton compile (~1 s) the first time on a machine.
 CANDIDATES: tuple[KernelChoice, ...] = tuple(
     KernelChoice(bm, bn, w, st, fp8)
     for fp8 in (False, True)
-    for bm, bn, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2))
+    for bm, bn, w, st in ((64, 64, 4, 3), (128, 64, 8, 3))
 )
 
 
