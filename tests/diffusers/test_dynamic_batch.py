@@ -300,17 +300,7 @@ def test_flux_recompiles_at_batch_2_without_the_unbacked_batch() -> None:
 def vae_sweep(
     preset: str, compiled: Any, reference: nn.Module, sizes: list[tuple[int, int]], batches: Any
 ) -> list[float]:
-    errors = []
-    for batch in batches:
-        for height, width in sizes:
-            call = vae_decode_inputs(
-                preset, batch=batch, height=height, width=width, device="cpu", dtype=torch.float32
-            )
-            with torch.no_grad():
-                out, ref = call(compiled), call(reference)
-            assert out.shape == ref.shape
-            errors.append(rel_err(out, ref))
-    return errors
+    return sweep(preset, compiled, reference, sizes, batches, inputs=vae_decode_inputs)
 
 
 @pytest.mark.slow
