@@ -60,6 +60,9 @@ class Phase:
     aot_bypass: int = 0
     """AOT-autograd cache bypasses (it refused to cache this graph; torch logs why)."""
     step_ms: float | None = None
+    breakdown: dict[str, float] = field(default_factory=dict)
+    """Seconds per compiler phase (Dynamo's own timers, the largest few), to say where a
+    warm start's time goes."""
 
 
 @dataclass
@@ -110,6 +113,27 @@ def _counters() -> dict[str, int]:
     }
 
 
+# Dynamo's timers worth showing; nested ones overlap (tracing < compile_inner), so they are
+# reported side by side, never summed.
+_BREAKDOWN_KEYS = (
+    "_compile.compile_inner",
+    "bytecode_tracing",
+    "OutputGraph.call_user_compiler",
+    "create_aot_dispatcher_function",
+    "compile_fx_inner",
+    "fx_codegen_and_compile",
+    "Scheduler.codegen",
+    "async_compile.wait",
+    "PyCodeCache.load_by_key_path",
+    "build_guards",
+)
+
+
+def _breakdown() -> dict[str, float]:
+    metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
+    return {k: round(sum(metrics[k]), 3) for k in _BREAKDOWN_KEYS if metrics.get(k)}
+
+
 def _build(spec: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module, Any]:
     from difforge.diffusers.presets import build_component, get_preset
     from difforge.diffusers.step_inputs import denoiser_step_inputs
@@ -130,6 +154,7 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
     """Compile ``module`` and run one step; the counters are this phase's alone."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    getattr(torch._dynamo.utils, "compilation_time_metrics", {}).clear()
     options = {"mode": spec["mode"], "cache.dir": spec["cache_dir"]}
     if spec.get("regional", "off") != "off":
         options["compile.regional"] = True if spec["regional"] == "nested" else spec["regional"]
@@ -143,7 +168,9 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
         ref = _first_tensor(call(module)).float()
         step_ms = _median_ms(compiled, call, device, spec.get("step_runs", 0))
     rel_err = float((out - ref).double().norm() / ref.double().norm())
-    return Phase(seconds=seconds, rel_err=rel_err, step_ms=step_ms, **_counters())
+    return Phase(
+        seconds=seconds, rel_err=rel_err, step_ms=step_ms, breakdown=_breakdown(), **_counters()
+    )
 
 
 def _median_ms(compiled: Any, call: Any, device: torch.device, runs: int) -> float | None:
