@@ -19,6 +19,7 @@ from difforge.backend import DifforgeBackend, compile_records, difforge_backend
 from difforge.batch import BatchAxis, resolve_batch_mode, with_batch_axis
 from difforge.dynamic import apply_shape_adapters
 from difforge.errors import DifforgeError, OptionsError, PassError
+from difforge.graph_pool import GraphPool, graphs_of, requires_grad, reset_graphs, with_graph_pool
 from difforge.memory_format import apply_memory_format
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
@@ -37,7 +38,9 @@ __all__ = [
     "compile",
     "compile_records",
     "counters",
+    "graphs_of",
     "parse_options",
+    "reset_graphs",
 ]
 
 OUR_BACKENDS = ("difforge", "nexfort")  # "nexfort": the seed's examples run unchanged
@@ -145,7 +148,12 @@ def compile(
         # Exact rewrites of diffusers' size branches, so one graph serves every size.
         apply_shape_adapters(module)
     name = getattr(module, "__qualname__", None) or type(module).__name__
-    backend_fn = DifforgeBackend(config, name=name)
+    # cudagraphs with dynamic shapes: difforge records whole calls into one bounded pool
+    # (difforge.graph_pool), so Inductor must not record its own graphs inside them.
+    pooled = config.cudagraph_impl() == "pooled"
+    backend_fn = DifforgeBackend(
+        config.without_inductor_cudagraphs() if pooled else config, name=name
+    )
     style = _apply_regional(module, config)
 
     def compile_one(target: Any) -> Any:
@@ -164,8 +172,21 @@ def compile(
     if style == "blocks":
         # Each block becomes its own compiled frame; the model around them stays eager.
         regional.compile_blocks(module, regional.find_repeated_blocks(module), compile_one)
-        return module
-    return compile_one(module)
+        compiled = module
+    else:
+        compiled = compile_one(module)
+    if not pooled:
+        return compiled
+    grad_sensitive = requires_grad(module)
+    return with_graph_pool(
+        compiled,
+        lambda call: GraphPool(
+            call,
+            max_graphs=int(config.settings["cudagraphs.max_graphs"]),
+            name=name,
+            grad_sensitive=grad_sensitive,
+        ),
+    )
 
 
 def _apply_regional(module: Any, config: CompileConfig) -> str | None:

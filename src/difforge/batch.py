@@ -70,10 +70,10 @@ import torch
 from torch import nn
 
 from difforge.errors import DifforgeError, OptionsError
-from difforge.options import CompileConfig
+from difforge.options import BATCH_MODES, CompileConfig
 
 KEY = "shapes.batch"
-MODES: tuple[str, ...] = ("unbacked", "warmup", "dynamo")
+MODES: tuple[str, ...] = BATCH_MODES
 #: The ``shape_id`` all batch dimensions share (one unbacked symbol for the batch).
 SHAPE_ID = "difforge_batch"
 

@@ -14,7 +14,7 @@ import json
 import os
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,10 +100,15 @@ MODE_DOCS: dict[str, str] = {
     "cache-all": "persist every compiled artifact under the difforge cache folder",
     "max-autotune": "benchmark GEMM/conv/Triton configs and keep the fastest (slow compile)",
     "max-optimize": "aggressive Inductor fusion and all exact difforge rewrites",
-    "cudagraphs": "replay the step as CUDA graphs (cudagraph trees) to remove launch gaps",
+    "cudagraphs": "replay the step as CUDA graphs to remove launch gaps: Inductor's cudagraph trees, or with dynamic shapes one graph per input signature in a shared pool, least recently used evicted (`cudagraphs.*`)",
     "freezing": "fold weights into the graph as constants (inference only); a later in-place weight update raises until you recompile",
     "low-precision": "fp8 (e4m3) linears where the GPU has fp8 GEMMs (cc >= 8.9; swaps the module's nn.Linear in place, see `quant.*`), fp16/bf16 elementwise math, fast-math, TF32 matmuls",
 }
+
+#: ``shapes.batch`` values (difforge.batch says what each does).
+BATCH_MODES: tuple[str, ...] = ("unbacked", "warmup", "dynamo")
+#: ``cudagraphs.impl`` values: who records CUDA graphs under the ``cudagraphs`` mode.
+CUDAGRAPH_IMPLS: tuple[str, ...] = ("auto", "trees", "pooled")
 
 MemoryFormat = Literal["channels_last", "contiguous", "preserve"]
 MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "contiguous", "preserve")
@@ -157,6 +162,21 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "compiled at the first call, 'unbacked' = one graph for every batch (slower steps, "
         "torch >= 2.13, no conv nets), 'dynamo' = Dynamo's default; null = 'warmup' for "
         "diffusers/transformers models, else 'dynamo'; see difforge.batch",
+    ),
+    "cudagraphs.impl": (
+        "auto",
+        str,
+        "who records CUDA graphs under the cudagraphs mode: 'trees' = Inductor's cudagraph "
+        "trees (one graph per size, all kept); 'pooled' = difforge records the whole call once "
+        "per input signature into one shared memory pool and keeps at most "
+        "cudagraphs.max_graphs (least recently used evicted, difforge.graph_pool; needs "
+        "difforge.compile/compile_pipe); 'auto' = pooled with dynamic: true, else trees",
+    ),
+    "cudagraphs.max_graphs": (
+        8,
+        int,
+        "cudagraphs.impl 'pooled': how many captured graphs (input signatures: resolution, "
+        "batch) are kept; the least recently used is evicted past it",
     ),
     "compile.regional": (
         False,
@@ -243,8 +263,18 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
 }
 
 _POSITIVE_INTS = frozenset(
-    {"heuristics.persistent_reduction_max", "heuristics.persistent_fp8_quant_max"}
+    {
+        "heuristics.persistent_reduction_max",
+        "heuristics.persistent_fp8_quant_max",
+        "cudagraphs.max_graphs",
+    }
 )
+#: Own string keys with a fixed set of values.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "attention.select": SELECT_POLICIES,
+    "cudagraphs.impl": CUDAGRAPH_IMPLS,
+    "shapes.batch": BATCH_MODES,
+}
 _NON_NEGATIVE_INTS = frozenset({"quant.min_features", "quant.min_weight_elements"})
 _PATTERN_LISTS = frozenset({"quant.exclude", "quant.include"})
 
@@ -260,6 +290,7 @@ NAMESPACES: tuple[str, ...] = (
     "heuristics",
     "quant",
     "attention",
+    "cudagraphs",
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -427,6 +458,22 @@ class CompileConfig:
             min_speedup=float(self.settings["attention.min_speedup"]),
         )
 
+    def cudagraph_impl(self) -> str | None:
+        """Who records CUDA graphs: 'trees' (Inductor), 'pooled' (difforge.graph_pool), or
+        None when the cudagraphs mode is off."""
+        if not self.settings.get("inductor.triton.cudagraphs", False):
+            return None
+        impl = str(self.settings["cudagraphs.impl"])
+        if impl == "auto":
+            return "pooled" if self.dynamic is True else "trees"
+        return impl
+
+    def without_inductor_cudagraphs(self) -> CompileConfig:
+        """This config with Inductor's own CUDA graphs off (difforge's pool records them)."""
+        settings = dict(self.settings)
+        settings["inductor.triton.cudagraphs"] = False
+        return replace(self, settings=types.MappingProxyType(settings))
+
     @property
     def cache_enabled(self) -> bool:
         return bool(self.settings["cache.enabled"])
@@ -504,10 +551,11 @@ def _validate_dotted(key: str, value: Any, torch_configs: dict[str, dict[str, An
             raise OptionsError(f"{key!r} must be a positive integer or null, got {value!r}")
         if key in _NON_NEGATIVE_INTS and value < 0:
             raise OptionsError(f"{key!r} must be an integer >= 0, got {value!r}")
-        if key == "attention.select" and value not in SELECT_POLICIES:
+        choices = _CHOICES.get(key)
+        if choices is not None and value is not None and value not in choices:
             raise OptionsError(
-                f"{key!r} must be one of {', '.join(SELECT_POLICIES)}, got {value!r}"
-                f"{_closest(str(value), SELECT_POLICIES)}"
+                f"{key!r} must be one of {', '.join(choices)}, got {value!r}"
+                f"{_closest(str(value), choices)}"
             )
         if key == "attention.min_speedup" and not value > 0:
             raise OptionsError(f"{key!r} must be a positive number, got {value!r}")

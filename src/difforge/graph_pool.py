@@ -1,0 +1,278 @@
+"""CUDA graphs of a whole compiled call, one per input signature, sharing one memory pool.
+
+The ``cudagraphs`` mode with dynamic shapes uses this instead of Inductor's cudagraph
+trees (``cudagraphs.impl``). The trees record one graph per distinct size and keep every
+one for the life of the process; a server that sees many resolutions needs a bound. Here:
+
+- each distinct signature (tensor shapes, strides, dtypes, devices and the non-tensor
+  arguments) gets one graph of the *whole* call: Dynamo's guards, graph breaks and the
+  Python between compiled regions are replayed as part of it, so a replay costs one input
+  copy, one ``cudaGraphLaunch`` and one output copy;
+- every graph is captured into one shared memory pool, so memory is bounded by the
+  largest graph's working set plus what the kept graphs hold (their static inputs and
+  outputs), not by the sum of every graph ever captured;
+- at most ``max_graphs`` graphs are kept; the least recently used one is evicted (and its
+  memory returned to the pool) before a new one is captured.
+
+Sharing one pool is safe because nothing a replay leaves behind in the pool is read later:
+inputs are copied into static buffers allocated outside the pool, and outputs are copied
+out right after each replay, before another graph can reuse that memory for its scratch.
+
+A new signature costs one ordinary call (which compiles if Dynamo must, and warms up
+lazy state: cuBLAS handles, autotuning, lazily built caches) plus one capture; its result
+is that ordinary call's. Calls that cannot be replayed run the compiled call directly:
+inputs on the CPU, gradients wanted, non-tensor arguments that are not plain values, or
+a capture that failed (warned once per signature).
+
+What a graph cannot see: state outside its arguments. Parameters updated in place are
+fine (same memory); replacing a module's parameters or sub-modules (a LoRA load, a new
+attention processor) after capture needs :meth:`GraphPool.reset` (``difforge.reset_graphs``).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from difforge.passes import counters
+
+log = logging.getLogger(__name__)
+
+_PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class Capturer(Protocol):
+    """How graphs are made and replayed; the CUDA one below, a fake in CPU tests."""
+
+    def accepts(self, tensor: torch.Tensor) -> bool:
+        """Whether a call with this tensor argument can be captured."""
+        ...
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """Record ``fn()``; returns (replay, the outputs written by each replay)."""
+        ...
+
+
+class CudaCapturer:
+    """``torch.cuda.CUDAGraph`` captures into one shared memory pool."""
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+
+    def accepts(self, tensor: torch.Tensor) -> bool:
+        return tensor.is_cuda
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = fn()
+        return graph.replay, outputs
+
+
+@dataclass
+class _Entry:
+    replay: Callable[[], None]
+    static_inputs: list[torch.Tensor]
+    static_outputs: list[Any]
+    out_spec: pytree.TreeSpec
+
+
+@dataclass
+class GraphPool:
+    """An LRU of captured graphs of ``fn``, keyed by the signature of its arguments."""
+
+    fn: Callable[..., Any]
+    max_graphs: int
+    name: str = "model"
+    capturer: Capturer = field(default_factory=CudaCapturer)
+    grad_sensitive: bool = True
+    """Whether ``fn`` has parameters that need gradients (then grad mode runs eagerly)."""
+
+    def __post_init__(self) -> None:
+        if self.max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {self.max_graphs}")
+        self._entries: collections.OrderedDict[Hashable, _Entry] = collections.OrderedDict()
+        self._failed: set[Hashable] = set()
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ public
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = self._signature(leaves, spec)
+        if key is None or key in self._failed:
+            counters["cudagraphs.eager_call"] += 1
+            return self.fn(*args, **kwargs)
+        entry = self._entries.get(key)
+        if entry is None:
+            return self._capture(key, leaves, spec)
+        self._entries.move_to_end(key)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if tensors:
+            torch._foreach_copy_(entry.static_inputs, tensors)
+        entry.replay()
+        counters["cudagraphs.replay"] += 1
+        outputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in entry.static_outputs]
+        return pytree.tree_unflatten(outputs, entry.out_spec)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def signatures(self) -> list[Hashable]:
+        """The kept signatures, least recently used first."""
+        return list(self._entries)
+
+    def reset(self) -> None:
+        """Drop every graph (their memory goes back to the pool); the next calls capture
+        afresh. Needed after changing the module in ways its arguments do not show."""
+        self._entries.clear()
+        self._failed.clear()
+
+    # ----------------------------------------------------------------- helpers
+
+    def _signature(self, leaves: Sequence[Any], spec: pytree.TreeSpec) -> Hashable | None:
+        """What a graph is specialised to, or None when this call cannot be replayed."""
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if not any(self.capturer.accepts(t) for t in tensors):
+            return None  # e.g. a model on the CPU: nothing to capture, nothing to say
+        grad = torch.is_grad_enabled()
+        if grad and (self.grad_sensitive or any(t.requires_grad for t in tensors)):
+            self._warn_once(
+                "grad",
+                f"difforge cudagraphs: {self.name} called with gradients enabled; running "
+                "without CUDA graphs (call it under torch.no_grad() or inference_mode())",
+            )
+            return None
+        parts: list[Hashable] = [spec]
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                if not self.capturer.accepts(leaf):
+                    self._warn_once(
+                        f"device:{leaf.device}",
+                        f"difforge cudagraphs: {self.name} got a {leaf.device} tensor "
+                        "argument; such calls run without CUDA graphs",
+                    )
+                    return None
+                parts.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device))
+            elif isinstance(leaf, _PLAIN_VALUES):
+                parts.append((type(leaf), leaf))
+            else:
+                self._warn_once(
+                    f"type:{type(leaf).__name__}",
+                    f"difforge cudagraphs: {self.name} got a {type(leaf).__name__} argument "
+                    "(not a tensor or plain value); such calls run without CUDA graphs",
+                )
+                return None
+        return tuple(parts)
+
+    def _capture(self, key: Hashable, leaves: list[Any], spec: pytree.TreeSpec) -> Any:
+        """Run the call once for real, then record it; returns the real call's result."""
+        static_leaves = [_static_copy(x) if isinstance(x, torch.Tensor) else x for x in leaves]
+        args, kwargs = pytree.tree_unflatten(static_leaves, spec)
+        # The ordinary call compiles (if Dynamo must) and warms lazy state up; nothing of
+        # that may happen during a capture.
+        result = self.fn(*args, **kwargs)
+        while len(self._entries) >= self.max_graphs:
+            evicted, _ = self._entries.popitem(last=False)
+            counters["cudagraphs.evict"] += 1
+            log.info("difforge cudagraphs: %s evicted the graph for %s", self.name, evicted)
+        try:
+            replay, outputs = self.capturer.capture(functools.partial(self.fn, *args, **kwargs))
+        except Exception as exc:  # whatever broke the capture, this signature runs eagerly
+            self._failed.add(key)
+            counters["cudagraphs.capture_failed"] += 1
+            self._warn_once(
+                f"capture:{type(exc).__name__}",
+                f"difforge cudagraphs: capturing {self.name} failed ({type(exc).__name__}: "
+                f"{exc}); calls of this shape run without CUDA graphs",
+            )
+            return result
+        static_outputs, out_spec = pytree.tree_flatten(outputs)
+        self._entries[key] = _Entry(
+            replay=replay,
+            static_inputs=[x for x in static_leaves if isinstance(x, torch.Tensor)],
+            static_outputs=static_outputs,
+            out_spec=out_spec,
+        )
+        counters["cudagraphs.capture"] += 1
+        log.info(
+            "difforge cudagraphs: %s captured graph %d/%d", self.name, len(self), self.max_graphs
+        )
+        return result
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, stacklevel=4)
+
+
+def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A buffer with ``tensor``'s layout, outside any graph pool, holding its values."""
+    static = torch.empty_strided(
+        tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device
+    )
+    return static.copy_(tensor)
+
+
+def with_graph_pool(compiled: Any, pool_of: Callable[[Callable[..., Any]], GraphPool]) -> Any:
+    """Route every call of ``compiled`` (an OptimizedModule or function) through a pool made
+    by ``pool_of(call)``; the pool is reachable as ``compiled._difforge_graphs``."""
+    if isinstance(compiled, nn.Module):
+        # OptimizedModule.__call__ ends in self.forward, the Dynamo-wrapped entry.
+        pool = pool_of(compiled.forward)
+        compiled.forward = pool
+        compiled._difforge_graphs = pool
+        return compiled
+    pool = pool_of(compiled)
+
+    @functools.wraps(compiled)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return pool(*args, **kwargs)
+
+    run._difforge_graphs = pool  # type: ignore[attr-defined]
+    return run
+
+
+def graphs_of(compiled: Any) -> GraphPool | None:
+    """The graph pool behind a compiled module or function, if it has one."""
+    return getattr(compiled, "_difforge_graphs", None)
+
+
+def reset_graphs(compiled: Any) -> bool:
+    """Drop every CUDA graph of ``compiled`` (after changing its module); False if it has
+    no difforge graph pool (e.g. ``cudagraphs.impl`` 'trees')."""
+    pool = graphs_of(compiled)
+    if pool is None:
+        return False
+    pool.reset()
+    return True
+
+
+def requires_grad(module: Any) -> bool:
+    """Whether ``module`` (or the module behind a compiled one) has trainable parameters."""
+    target = getattr(module, "_orig_mod", module)
+    if not isinstance(target, nn.Module):
+        return True  # a plain function: we cannot tell, so grad mode stays eager
+    return any(p.requires_grad for p in target.parameters())
+
+
+__all__ = [
+    "Capturer",
+    "CudaCapturer",
+    "GraphPool",
+    "graphs_of",
+    "requires_grad",
+    "reset_graphs",
+    "with_graph_pool",
+]

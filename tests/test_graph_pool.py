@@ -1,0 +1,297 @@
+"""difforge.graph_pool: one CUDA graph per input signature, LRU-bounded, one shared pool.
+
+CPU tests drive the pool's bookkeeping with a fake capturer whose "replay" recomputes into
+the captured output buffers from the captured input buffers, as a CUDA graph would; the
+GPU tests capture real graphs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import difforge
+from difforge.errors import OptionsError
+from difforge.graph_pool import CudaCapturer, GraphPool, graphs_of, reset_graphs
+from difforge.options import parse_options
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class FakeCapturer:
+    """Replays by re-running the captured call on its static inputs into static outputs."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.captures = 0
+
+    def accepts(self, tensor: torch.Tensor) -> bool:
+        return True
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        outputs = fn()
+
+        def replay() -> None:
+            fresh = fn()
+            if isinstance(outputs, torch.Tensor):
+                outputs.copy_(fresh)
+            else:
+                for old, new in zip(outputs, fresh, strict=True):
+                    old.copy_(new)
+
+        return replay, outputs
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x: torch.Tensor, *, shift: float = 0.0) -> torch.Tensor:
+        return x * self.weight + shift
+
+
+def _pool(max_graphs: int = 8, **kwargs: Any) -> tuple[GraphPool, Scale]:
+    module = Scale()
+    kwargs.setdefault("capturer", FakeCapturer())
+    return GraphPool(module, max_graphs=max_graphs, name="scale", **kwargs), module
+
+
+@torch.no_grad()
+def test_replays_match_the_module_and_read_new_inputs() -> None:
+    pool, module = _pool()
+    for _ in range(3):
+        x = torch.randn(2, 5)
+        torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.capture"] == 1
+    assert difforge.counters["cudagraphs.replay"] == 2
+    assert len(pool) == 1
+
+
+@torch.no_grad()
+def test_outputs_are_copies_that_later_calls_do_not_overwrite() -> None:
+    pool, _ = _pool()
+    first = pool(torch.ones(4))
+    second = pool(torch.full((4,), 2.0))
+    third = pool(torch.full((4,), 5.0))
+    assert first.tolist() == [3.0] * 4
+    assert second.tolist() == [6.0] * 4
+    assert third.tolist() == [15.0] * 4
+
+
+@torch.no_grad()
+def test_each_shape_dtype_and_plain_argument_is_its_own_graph() -> None:
+    pool, module = _pool()
+    calls = [
+        ((torch.randn(2, 4),), {}),
+        ((torch.randn(3, 4),), {}),
+        ((torch.randn(2, 4, dtype=torch.float64),), {}),
+        ((torch.randn(2, 4).t(),), {}),  # same shape as none above, other strides
+        ((torch.randn(2, 4),), {"shift": 1.5}),
+    ]
+    for args, kwargs in calls * 2:
+        torch.testing.assert_close(pool(*args, **kwargs), module(*args, **kwargs))
+    assert difforge.counters["cudagraphs.capture"] == len(calls)
+    assert difforge.counters["cudagraphs.replay"] == len(calls)
+
+
+@torch.no_grad()
+def test_least_recently_used_graph_is_evicted_past_the_cap() -> None:
+    pool, module = _pool(max_graphs=2)
+    a, b, c = torch.randn(1, 8), torch.randn(2, 8), torch.randn(3, 8)
+    for x in (a, b, a, c):  # a is used again after b, so b is the one to go
+        torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.evict"] == 1
+    assert [sig[1][0] for sig in pool.signatures()] == [(1, 8), (3, 8)]
+    pool(b)  # b comes back: captured again, evicting a (now the least recent)
+    assert difforge.counters["cudagraphs.capture"] == 4
+    assert [sig[1][0] for sig in pool.signatures()] == [(3, 8), (2, 8)]
+    assert len(pool) == 2
+
+
+def test_grad_mode_runs_eagerly_with_one_warning() -> None:
+    pool, module = _pool()
+    x = torch.randn(3)
+    with pytest.warns(UserWarning, match="gradients enabled"):
+        out = pool(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool(x)  # warned once only
+    out.sum().backward()  # the eager call kept its autograd graph
+    assert module.weight.grad is not None
+    assert difforge.counters["cudagraphs.capture"] == 0
+    assert difforge.counters["cudagraphs.eager_call"] == 2
+
+
+def test_grad_mode_without_trainable_parameters_is_captured() -> None:
+    pool, _ = _pool(grad_sensitive=False)
+    pool(torch.randn(3))
+    assert difforge.counters["cudagraphs.capture"] == 1
+
+
+@torch.no_grad()
+def test_unhashable_argument_runs_eagerly_with_a_warning() -> None:
+    def fn(x: torch.Tensor, extra: Any) -> torch.Tensor:
+        return x + len(extra)
+
+    pool = GraphPool(fn, max_graphs=4, capturer=FakeCapturer())
+    with pytest.warns(UserWarning, match="not a tensor or plain value"):
+        out = pool(torch.zeros(2), extra=object.__new__(_Sized))
+    assert out.tolist() == [7.0, 7.0]
+    assert difforge.counters["cudagraphs.capture"] == 0
+
+
+class _Sized:
+    def __len__(self) -> int:
+        return 7
+
+
+@torch.no_grad()
+def test_failed_capture_warns_once_returns_the_right_result_and_stays_eager() -> None:
+    pool, module = _pool(capturer=FakeCapturer(fail=True))
+    x = torch.randn(4)
+    with pytest.warns(UserWarning, match="capturing scale failed"):
+        torch.testing.assert_close(pool(x), module(x))
+    torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.capture_failed"] == 1
+    assert difforge.counters["cudagraphs.eager_call"] == 1
+    assert len(pool) == 0
+
+
+@torch.no_grad()
+def test_cpu_model_with_the_cuda_capturer_runs_eagerly_and_silently() -> None:
+    pool = GraphPool(Scale(), max_graphs=2, capturer=CudaCapturer())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pool(torch.ones(2)).tolist() == [3.0, 3.0]
+    assert difforge.counters["cudagraphs.eager_call"] == 1
+
+
+@torch.no_grad()
+def test_reset_drops_every_graph() -> None:
+    pool, _ = _pool()
+    pool(torch.randn(2))
+    pool(torch.randn(3))
+    pool.reset()
+    assert len(pool) == 0
+    pool(torch.randn(2))
+    assert difforge.counters["cudagraphs.capture"] == 3
+
+
+def test_max_graphs_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphPool(Scale(), max_graphs=0)
+
+
+# ------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("options", "impl"),
+    [
+        ({"mode": "O3", "dynamic": True}, "pooled"),
+        ({"mode": "O3"}, "trees"),
+        ({"mode": "O2"}, None),
+        ({"mode": "O3", "dynamic": True, "cudagraphs.impl": "trees"}, "trees"),
+        ({"mode": "O2:cudagraphs", "cudagraphs.impl": "pooled"}, "pooled"),
+    ],
+)
+def test_cudagraph_impl_resolution(options: dict[str, Any], impl: str | None) -> None:
+    config = parse_options(options)
+    assert config.cudagraph_impl() == impl
+    if impl is not None:
+        assert config.settings["inductor.triton.cudagraphs"] is True
+        assert config.without_inductor_cudagraphs().cudagraph_impl() is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cudagraphs.impl": "tree"}, "did you mean 'trees'"),
+        ({"cudagraphs.max_graphs": 0}, "positive integer"),
+        ({"cudagraphs.max_graphs": 2.5}, "expects int"),
+        ({"shapes.batch": "warm-up"}, "must be one of unbacked, warmup, dynamo"),
+    ],
+)
+def test_bad_cudagraph_and_batch_options_raise_at_parse_time(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(OptionsError, match=message):
+        parse_options(options)
+
+
+@torch.no_grad()
+def test_compile_with_dynamic_cudagraphs_routes_calls_through_a_pool() -> None:
+    module = Scale()
+    compiled = difforge.compile(
+        module, options={"mode": "O2:cudagraphs", "dynamic": True, "cudagraphs.max_graphs": 3}
+    )
+    pool = graphs_of(compiled)
+    assert isinstance(pool, GraphPool) and pool.max_graphs == 3
+    for n in (2, 5):  # CPU tensors: the compiled code runs, nothing is captured
+        x = torch.randn(n)
+        torch.testing.assert_close(compiled(x), module(x))
+    assert difforge.counters["cudagraphs.capture"] == 0
+    assert reset_graphs(compiled) is True
+    # Inductor records no graphs of its own under the pool.
+    assert difforge.compile_records[-1].inductor_patches["triton.cudagraphs"] is False
+
+
+def test_static_compile_keeps_inductor_cudagraph_trees() -> None:
+    compiled = difforge.compile(Scale(), options={"mode": "O2:cudagraphs"})
+    assert graphs_of(compiled) is None
+    assert reset_graphs(compiled) is False
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@requires_cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_pool_replays_real_graphs_and_bounds_memory() -> None:
+    device = torch.device("cuda")
+    net = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).to(device).half()
+    pool = GraphPool(net, max_graphs=2, name="mlp")
+    sizes = (128, 512, 2048, 96, 1024)
+    for rows in sizes:  # first pass: every size captured, three evicted
+        x = torch.randn(rows, 64, device=device, dtype=torch.half)
+        torch.testing.assert_close(pool(x), net(x))
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    for _ in range(3):  # later passes: captures and evictions go on; memory does not grow
+        for rows in sizes:
+            x = torch.randn(rows, 64, device=device, dtype=torch.half)
+            out = pool(x)
+            torch.testing.assert_close(pool(x), out)  # the replay of the same input
+            torch.testing.assert_close(out, net(x))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved() <= reserved + (8 << 20)
+    assert difforge.counters["cudagraphs.capture"] == 4 * len(sizes)
+    assert difforge.counters["cudagraphs.evict"] == 4 * len(sizes) - 2
+    assert difforge.counters["cudagraphs.replay"] == 3 * len(sizes)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_compiled_dynamic_model_replays_across_sizes() -> None:
+    device = torch.device("cuda")
+    net = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64)).to(device).half()
+    compiled = difforge.compile(
+        net, options={"mode": "O2:cudagraphs", "dynamic": True, "cudagraphs.max_graphs": 3}
+    )
+    for rows in (96, 200, 96, 333, 200):
+        x = torch.randn(rows, 64, device=device, dtype=torch.half)
+        torch.testing.assert_close(compiled(x), net(x), rtol=2e-3, atol=2e-3)
+    assert difforge.counters["cudagraphs.capture"] == 3
+    assert difforge.counters["cudagraphs.replay"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
