@@ -14,10 +14,12 @@
 #   attnstep PixArt/SD3 step: compile vs O3 without/with 8-bit attention (fp16 / fp8 P·V) ~9 min
 #   attnflux FLUX.1-dev step: compile vs O3 without/with 8-bit attention               ~9 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
+#   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with O3 +
+#            dynamic: difforge's pooled CUDA graphs (max 8) vs Inductor's trees     ~9 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|quality}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -82,6 +84,15 @@ case "$part" in
     run 280 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
     run 290 step_flux_o2 python3 benchmarks/bench_step.py --models flux-dev \
       --variants "compile;O2" --profile --output-json "$out/step_flux_o2.json" ;;
+  pool)
+    run 120 gpu_tests_pool python3 -m pytest -m gpu tests/test_graph_pool.py -q -p no:cacheprovider
+    for impl in pooled trees; do
+      run 210 "t2i_pixart_o3_$impl" python3 benchmarks/text_to_image.py --model pixart-xl-2-1024 \
+        --compare difforge --no-text-encoders \
+        --compiler-config "{\"mode\": \"O3\", \"dynamic\": true, \"cudagraphs.impl\": \"$impl\"}" \
+        --run_multiple_resolutions --run_rare_resolutions --steps 20 --warmups 1 --runs 2 \
+        --output-json "$out/t2i_pixart_o3_$impl.json"
+    done ;;
   quality)
     run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
       --no-progress --output-json "$out/quality_pixart.json" ;;

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from difforge.bench.args import BenchConfig
 from difforge.bench.compilers import apply_compiler
 from difforge.bench.pipeline import MULTIPLE_RESOLUTIONS, RARE_RESOLUTIONS, Workload, sweep_sizes
+from difforge.passes import counters as difforge_counters
 
 T = TypeVar("T")
 
@@ -50,6 +51,12 @@ class ResolutionResult:
     """One more call at this size, after any recompilation."""
     recompiles: int | None = None
     """Graphs Dynamo compiled during the first call (0: the compiled code was reused)."""
+    memory_reserved_bytes: int | None = None
+    """CUDA memory the caching allocator holds after this size (graph pools included), to
+    show whether memory stays bounded across sizes; ``None`` on the CPU."""
+    graph_captures: int | None = None
+    """CUDA graphs difforge's pool captured during these two calls (``cudagraphs.impl``
+    'pooled'; 0 for Inductor's trees, which count nothing here)."""
     error: str | None = None
     specialized_first_run_s: float | None = None
     """``--compare-specialized``: first call of a fresh pipeline compiled with
@@ -324,11 +331,15 @@ def measure_resolutions(
 
         with _recording_errors(entry, f"{result.compiler} at {height}x{width}"):
             before = unique_graphs()
+            captures = difforge_counters["cudagraphs.capture"]
             entry.first_run_s, _ = wall_time(call, workload.device)
             entry.recompiles = unique_graphs() - before
             progress.advance()
             entry.run_s, _ = device_time(call, workload.device)
             progress.advance()
+            entry.graph_captures = difforge_counters["cudagraphs.capture"] - captures
+            if workload.device.type == "cuda":
+                entry.memory_reserved_bytes = torch.cuda.memory_reserved(workload.device)
         progress.write(resolution_line(result.compiler, entry))
 
 
@@ -339,9 +350,14 @@ def resolution_line(compiler: str, r: ResolutionResult) -> str:
     )
     if r.error is not None:
         return f"[{compiler}] {size}: FAILED: {r.error}"
+    memory = (
+        ""
+        if r.memory_reserved_bytes is None
+        else f", {r.memory_reserved_bytes / 2**30:.2f} GiB reserved"
+    )
     return (
         f"[{compiler}] {size}: first run {r.first_run_s:.3f} s with {r.recompiles} "
-        f"recompiled graphs, then {r.run_s:.4f} s"
+        f"recompiled graphs, then {r.run_s:.4f} s{memory}"
     )
 
 
