@@ -26,8 +26,15 @@ _CHILD = textwrap.dedent(
     with torch.no_grad():
         out = difforge.compile(model, options={"mode": sys.argv[1]})(*x)
         err = float((out - model(*x)).norm() / model(*x).norm())
-    c = torch._dynamo.utils.counters["inductor"]
-    print(json.dumps({"hit": c["fxgraph_cache_hit"], "miss": c["fxgraph_cache_miss"], "err": err}))
+    c = torch._dynamo.utils.counters
+    print(json.dumps({
+        "hit": c["inductor"]["fxgraph_cache_hit"],
+        "miss": c["inductor"]["fxgraph_cache_miss"],
+        "aot_hit": c["aot_autograd"]["autograd_cache_hit"],
+        "aot_bypass": c["aot_autograd"]["autograd_cache_bypass"],
+        "gelu_rewrites": difforge.counters["gelu_tanh_sigmoid"],
+        "err": err,
+    }))
     """
 )
 
@@ -58,6 +65,10 @@ def test_cache_all_persists_across_processes(tmp_path: Path) -> None:
 
     warm = _child("O2:cache-all", env)  # a new process: reloads, no code generation
     assert warm["hit"] >= 1 and warm["miss"] == 0 and warm["err"] < 1e-4
+    # ...and no AOT re-trace either, although an fx pass put a Python function in the graph
+    # (AOTAutograd bypasses its cache for functions it does not know, passes.registry).
+    assert warm["gelu_rewrites"] >= 1
+    assert warm["aot_hit"] >= 1 and warm["aot_bypass"] == 0
 
     # A different option changes the key: a miss, not a stale graph.
     changed = _child("max-optimize:cache-all:freezing", env)

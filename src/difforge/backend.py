@@ -20,7 +20,7 @@ from difforge.errors import DifforgeError, OptionsError
 from difforge.heuristics import choices_for, installed
 from difforge.kernels.attention_select import using_policy
 from difforge.options import CompileConfig, load_options, parse_options
-from difforge.passes import PostGradPasses, enabled_passes, run_fx_passes
+from difforge.passes import PostGradPasses, cacheable_targets, enabled_passes, run_fx_passes
 from difforge.precision import with_tf32
 from difforge.recompiles import RecompileTracker
 
@@ -78,6 +78,17 @@ def _regions(gm: torch.fx.GraphModule) -> dict[str, int]:
     return calls
 
 
+def _mark_cacheable_targets(patches: dict[str, Any]) -> None:
+    """Let AOTAutograd cache graphs that call our fx passes' functions (passes.registry
+    .cacheable_target); without this every start re-traces the model through AOT."""
+    key = "unsafe_marked_cacheable_functions"
+    if not hasattr(inductor_config, key):  # pragma: no cover - torch without the knob
+        return
+    marked = dict(patches.get(key) or getattr(inductor_config, key) or {})
+    marked.update(cacheable_targets())
+    patches[key] = marked
+
+
 class DifforgeBackend:
     """A compiler for ``torch.compile(backend=...)`` bound to one parsed config."""
 
@@ -127,6 +138,7 @@ class DifforgeBackend:
             ),
         }
         patches.update({k: v for k, v in hooks.items() if v is not None})
+        _mark_cacheable_targets(patches)
         record.inductor_patches = dict(patches)
 
         freezing = bool(patches.get("freezing"))

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.fx
 
-from difforge.passes.registry import node_arg, node_tensor, register_pass
+from difforge.passes.registry import cacheable_target, node_arg, node_tensor, register_pass
 
 _GELU = torch._C._nn.gelu
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
@@ -35,6 +35,7 @@ def gelu_tanh_float(x: torch.Tensor) -> torch.Tensor:
     return xf * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (xf + 0.044715 * (xf * xf * xf)))
 
 
+@cacheable_target
 def gelu_tanh_as_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """``gelu(x, approximate="tanh")`` written with a sigmoid, in float32, cast back."""
     return gelu_tanh_float(x).to(x.dtype)

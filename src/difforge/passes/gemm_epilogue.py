@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from difforge.passes.registry import node_arg, node_tensor, register_pass
+from difforge.passes.registry import cacheable_target, node_arg, node_tensor, register_pass
 
 _LINEAR = torch._C._nn.linear
 _GELU = torch._C._nn.gelu
@@ -32,6 +32,7 @@ EPILOGUE_GELU: dict[str, str] = {"cuda": "tanh", "cpu": "none"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@cacheable_target
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``gelu(linear(x, weight, bias))`` as one GEMM with a GELU epilogue (any leading dims)."""
     out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)

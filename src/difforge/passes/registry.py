@@ -15,6 +15,7 @@ assert that it fired, and did not fire where it must not.
 from __future__ import annotations
 
 import collections
+import hashlib
 import inspect
 import logging
 import os
@@ -58,6 +59,30 @@ class GraphPass:
 
 
 _REGISTRY: dict[str, GraphPass] = {}
+
+#: Python functions that ``fx``-stage passes insert into Dynamo's graph, by the dotted name
+#: AOTAutograd's cache checks, with a hash of their module's source as the cache salt.
+_CACHEABLE_TARGETS: dict[str, str] = {}
+
+
+def cacheable_target(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Mark ``fn``, a pure function of its tensor arguments that an fx-stage pass puts into
+    the graph, as safe for AOTAutograd's cache.
+
+    AOTAutograd refuses to cache a graph that calls a Python function it does not know
+    (it cannot tell what the function does from the graph), and then re-traces the whole
+    model at every start, cache or not: on a PixArt-XL step that is most of a warm start.
+    ``fn``'s behaviour is fixed by its module's source, which goes into the cache key.
+    """
+    source = Path(inspect.getfile(fn)).read_bytes()
+    _CACHEABLE_TARGETS[f"{fn.__module__}.{fn.__name__}"] = hashlib.sha256(source).hexdigest()[:16]
+    return fn
+
+
+def cacheable_targets() -> dict[str, str]:
+    """Every :func:`cacheable_target`: dotted name -> source hash (Inductor's
+    ``unsafe_marked_cacheable_functions`` format)."""
+    return dict(_CACHEABLE_TARGETS)
 
 
 def node_tensor(node: object) -> torch.Tensor | None:
