@@ -2,10 +2,11 @@
 # What is left to measure on a GPU, in parts that each fit one 10-minute device command.
 # Usage (on the device machine, from the repo root, after ../shared/gpu/prep here and
 # with .whl carried): bash benchmarks/gpu_batch.sh <part>   -> JSON/logs under $OUT
-#   tests    every `gpu`-marked test (kernels, quant, passes, heuristics)      ~3 min
+#   tests    every `gpu`-marked test (kernels, quant, passes, heuristics)      ~6 min
 #   flux     FLUX.1-dev step: eager/compile/O2/O3 with profile                  ~8 min
 #   vae      SDXL VAE decode with today's O2 rule, O3                           ~3 min
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
+#   compilepx  bench_compile PixArt O2 and O3, regional off/nested              ~7 min
 #   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
 #   fp8      O3 with/without the fp8 swap (and all sizes) on PixArt and SD3     ~9 min
 #   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization
@@ -19,7 +20,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|quality}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -36,7 +37,7 @@ run() {  # run <seconds> <log name> <command...>: bounded, logged, tail shown
 }
 case "$part" in
   tests)
-    run 300 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider ;;
+    run 560 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider --durations=15 ;;
   flux)
     run 560 step_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "eager;compile;O2;O3" --profile --output-json "$out/step_flux.json" ;;
@@ -49,6 +50,9 @@ case "$part" in
       --modes O3 --regional off,nested --output-json "$out/compile_pixart_o3.json"
     run 280 compile_flux_o2 python3 benchmarks/bench_compile.py --models flux-dev \
       --modes O2 --regional nested --output-json "$out/compile_flux_o2_nested.json" ;;
+  compilepx)
+    run 560 compile_pixart python3 benchmarks/bench_compile.py --models pixart-xl-2-1024 \
+      --modes O2,O3 --regional off,nested --output-json "$out/compile_pixart.json" ;;
   sdxl)
     run 560 t2i_sdxl_dynamic python3 benchmarks/text_to_image.py --model sdxl-base \
       --compare difforge \
