@@ -32,8 +32,10 @@ run() {  # run <seconds> <log name> <command...>: bounded, logged, tail shown
   local limit="$1" name="$2"
   shift 2
   timeout "$limit" "$@" >"$out/$name.txt" 2>&1
-  echo "[$name] exit $?"
+  local rc=$?
+  echo "[$name] exit $rc"
   tail -c 1500 "$out/$name.txt"
+  return "$rc"  # so `part1 && part2` stops at a failed or timed-out part
 }
 case "$part" in
   tests)
