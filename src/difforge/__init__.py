@@ -175,6 +175,8 @@ def compile(
         compiled = module
     else:
         compiled = compile_one(module)
+        if style == "nested":
+            compiled = regional.with_region_fallback(compiled, module)
     if not pooled:
         return compiled
     grad_sensitive = requires_grad(module)

@@ -102,6 +102,7 @@ __all__ = [
     "nested_regions_available",
     "resolve_style",
     "unmark_regions",
+    "with_region_fallback",
 ]
 
 #: Values of ``compile.regional`` besides true/false.
@@ -396,6 +397,52 @@ def compile_blocks(module: nn.Module, groups: Iterable[BlockGroup], compile_one:
             parent._modules[attr] = compiled
             count += 1
     return count
+
+
+def _raised_in_region(exc: BaseException) -> bool:
+    """Whether Dynamo failed while tracing or reusing a nested compile region."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if "invoke_subgraph" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and _raised_in_region(cause)
+
+
+def with_region_fallback(compiled: Any, module: nn.Module) -> Any:
+    """``nested`` style: if Dynamo fails inside a region, warn once, unmark the regions and
+    retry the call as a whole-model compile.
+
+    Nested regions lean on young torch machinery: on torch 2.13 Dynamo's reuse of a traced
+    region ("stamp out") raises ``KeyError`` for the SDXL UNet's blocks with
+    ``dynamic: true`` (a size it specialised is looked up as a symbol). A slower compile
+    is better than no model. Errors raised anywhere else propagate unchanged.
+    """
+
+    def wrap(call: Any) -> Any:
+        @functools.wraps(call)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return call(*args, **kwargs)
+            except torch._dynamo.exc.InternalTorchDynamoError as exc:
+                if not marked_blocks(module) or not _raised_in_region(exc):
+                    raise
+                unmark_regions(module)
+                warnings.warn(
+                    f"difforge: tracing the nested compile regions of {type(module).__name__} "
+                    f"failed inside torch ({type(exc).__name__}: {str(exc)[:200]}); compiling "
+                    "the whole model instead (compile.regional off for this model)",
+                    stacklevel=2,
+                )
+                return call(*args, **kwargs)
+
+        return run
+
+    if isinstance(compiled, nn.Module):
+        compiled.forward = wrap(compiled.forward)
+        return compiled
+    return wrap(compiled)
 
 
 def no_blocks_warning(module: nn.Module) -> None:

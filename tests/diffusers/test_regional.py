@@ -157,3 +157,54 @@ def test_flux_nested_automatic_dynamic_reuses_its_region() -> None:
             assert rel_err(_first(call(compiled)), _first(call(model))) < 1e-5
     records = difforge.compile_records[start:]
     assert [sum(r.regions.values()) for r in records] == [2, 2]
+
+
+def test_unet_regions_with_dynamic_shapes_work_or_fall_back_whole_with_a_warning() -> None:
+    # torch 2.13's reuse of a traced region raises KeyError for the UNet's blocks under
+    # dynamic shapes (regional.with_region_fallback); difforge then compiles the UNet whole.
+    # Either way the model must run and match eager, and a fallback must be said.
+    preset = get_preset("tiny-sdxl")
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    options = {"mode": "O1", "dynamic": True, "compile.regional": True}
+    compiled = difforge.compile(model, options=options)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for height, width in ((64, 48), (96, 64)):
+            call = denoiser_step_inputs(
+                preset, batch=2, height=height, width=width, device="cpu", dtype=torch.float32
+            )
+            assert rel_err(_first(call(compiled)), _first(call(model))) < 1e-5
+    fell_back = [w for w in caught if "compiling the whole model instead" in str(w.message)]
+    assert len(fell_back) <= 1
+    assert bool(fell_back) == (not regional.marked_blocks(model))
+
+
+def test_region_fallback_reraises_errors_from_outside_regions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = build_component(
+        get_preset("tiny-pixart"), get_preset("tiny-pixart").denoiser, dtype=torch.float32
+    )
+    regional.mark_regions(model, regional.find_repeated_blocks(model))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise torch._dynamo.exc.InternalTorchDynamoError("KeyError: 64")
+
+    wrapped = regional.with_region_fallback(broken, model)
+    with pytest.raises(torch._dynamo.exc.InternalTorchDynamoError):
+        wrapped()
+    assert regional.marked_blocks(model)  # not a region failure: nothing was unmarked
+
+    calls: list[int] = []
+
+    def broken_once(*args: object, **kwargs: object) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch._dynamo.exc.InternalTorchDynamoError("KeyError: 64")
+        return "whole"
+
+    monkeypatch.setattr(regional, "_raised_in_region", lambda exc: True)
+    wrapped = regional.with_region_fallback(broken_once, model)
+    with pytest.warns(UserWarning, match="compiling the whole model instead"):
+        assert wrapped() == "whole"
+    assert not regional.marked_blocks(model) and len(calls) == 2
