@@ -359,3 +359,97 @@ def test_post_grad_stage_runs_inside_inductor(monkeypatch: pytest.MonkeyPatch) -
         difforge.compile(lambda x: lin(x) * 3, options={"inductor.fx_graph_cache": False})(
             torch.randn(4, 8)
         )
+
+
+# -------------------------------------------------------------------- wide attention heads
+
+
+class WideAttention(nn.Module):
+    """One head of ``dim`` channels over the tokens, as the SD VAE's mid-block attention."""
+
+    def __init__(self, dim: int = 320, **sdpa_kwargs: object) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.sdpa_kwargs = sdpa_kwargs
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = (t.unsqueeze(1) for t in self.qkv(x).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.sdpa_kwargs)
+        return out.squeeze(1)
+
+
+def _wide_errors(
+    module: nn.Module, x: torch.Tensor, options: dict | None = None, *extra: torch.Tensor
+) -> tuple[float, float]:
+    """(compiled half-precision error, eager half-precision error) against float32 eager."""
+    with torch.no_grad():
+        ref = module.float()(x.float(), *extra)
+        half = module.to(x.dtype)
+        eager = half(x, *extra)
+        out = difforge.compile(half, options=options or {"mode": "O2"})(x, *extra)
+    return rel_err(out, ref), rel_err(eager, ref)
+
+
+@pytest.fixture
+def wide_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pass targets CUDA (the CPU's flash kernel takes any head dim); the rewrite's math
+    # is the same anywhere, so let it fire here.
+    from difforge.passes import attention
+
+    monkeypatch.setattr(attention, "WIDE_DEVICES", ("cuda", "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_wide_heads_rewrites_and_stays_as_close_as_sdpa(
+    wide_on_cpu: None, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(0)
+    err, eager_err = _wide_errors(WideAttention(320).eval(), torch.randn(2, 50, 320).to(dtype))
+    assert difforge.counters["attention_wide_heads"] == 1
+    assert err <= 1.5 * eager_err + 1e-3, (err, eager_err)
+
+
+def test_attention_wide_heads_keeps_an_explicit_scale(wide_on_cpu: None) -> None:
+    torch.manual_seed(0)
+    module = WideAttention(320, scale=0.2).eval()
+    err, eager_err = _wide_errors(module, torch.randn(2, 33, 320, dtype=torch.float16))
+    assert difforge.counters["attention_wide_heads"] == 1
+    assert err <= 1.5 * eager_err + 1e-3, (err, eager_err)
+
+
+def test_attention_wide_heads_leaves_narrow_masked_large_and_o1_calls(wide_on_cpu: None) -> None:
+    x = torch.randn(2, 40, 256, dtype=torch.float16)
+    _wide_errors(WideAttention(256).eval(), x)  # head dim 256: flash/cuDNN take it
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()
+    x = torch.randn(2, 40, 320, dtype=torch.float16)
+    _wide_errors(WideAttention(320).eval(), x, None, mask)  # masked
+    big = {"mode": "O2", "attention.wide_max_score_bytes": 2 * 40 * 40 * 2 - 1}
+    _wide_errors(WideAttention(320).eval(), x, big)  # scores one byte over the cap
+    _wide_errors(WideAttention(320).eval(), x, {"mode": "O1"})  # not the optimize tier
+    assert difforge.counters["attention_wide_heads"] == 0
+    _wide_errors(WideAttention(320).eval(), x, {**big, "attention.wide_max_score_bytes": 6400})
+    assert difforge.counters["attention_wide_heads"] == 1  # exactly at the cap: rewritten
+
+
+def test_attention_wide_heads_is_cuda_only_and_static_only(wide_on_cpu: None) -> None:
+    from difforge.passes import attention
+
+    x = torch.randn(2, 40, 320, dtype=torch.float16)
+    _wide_errors(WideAttention(320).eval(), x, {"mode": "O2", "dynamic": True})
+    assert difforge.counters["attention_wide_heads"] == 0  # symbolic sequence length
+    attention.WIDE_DEVICES = ("cuda",)  # the default (the fixture restores its own value)
+    _wide_errors(WideAttention(320).eval(), x)
+    assert difforge.counters["attention_wide_heads"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "dim"), [(1000, 512), (4096, 512), (777, 384)])
+def test_gpu_attention_wide_heads_matches_sdpa(dtype: torch.dtype, tokens: int, dim: int) -> None:
+    torch.manual_seed(0)
+    module = WideAttention(dim).cuda().eval()
+    x = torch.randn(1, tokens, dim, device="cuda", dtype=dtype)
+    err, eager_err = _wide_errors(module, x)
+    assert difforge.counters["attention_wide_heads"] == 1
+    assert err <= 1.5 * eager_err + 1e-3, (err, eager_err)

@@ -70,6 +70,7 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "passes.fuse_qkv": True,
         "passes.gelu_epilogue": True,
         "passes.gelu_tanh_sigmoid": True,
+        "passes.attention_wide_heads": True,
         # One read of each LayerNorm row instead of two for PixArt (1152) and SD3 (1536):
         # H200, PixArt-XL step 32.29 -> 31.82 ms, SD3 41.07 -> 40.31 ms. LayerNorm-only
         # (heuristics.py): applied to every reduction it made the SDXL VAE's GroupNorm
@@ -253,6 +254,14 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "attention.select 'measured': the 8-bit kernel (quantization included) must be this "
         "many times faster than SDPA to replace it",
     ),
+    "attention.wide_max_score_bytes": (
+        1 << 30,
+        int,
+        "attention_wide_heads (O2/O3): largest score matrix (batch x heads x queries x keys x "
+        "element size) for which an SDPA call with head dim > 256 becomes GEMM + softmax + GEMM "
+        "(it is materialised twice, scores and probabilities); the SD VAE's mid-block at a "
+        "1024² decode needs 512 MiB, at 2048² 8 GiB",
+    ),
     "shapes.duck_sizing": (
         None,
         (bool, type(None)),
@@ -275,7 +284,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "cudagraphs.impl": CUDAGRAPH_IMPLS,
     "shapes.batch": BATCH_MODES,
 }
-_NON_NEGATIVE_INTS = frozenset({"quant.min_features", "quant.min_weight_elements"})
+_NON_NEGATIVE_INTS = frozenset(
+    {"quant.min_features", "quant.min_weight_elements", "attention.wide_max_score_bytes"}
+)
 _PATTERN_LISTS = frozenset({"quant.exclude", "quant.include"})
 
 TORCH_CONFIG_NAMESPACES: tuple[str, ...] = ("inductor", "functorch")
@@ -456,6 +467,7 @@ class CompileConfig:
             select=str(self.settings["attention.select"]),
             pv_fp8=bool(self.settings["attention.pv_fp8"]),
             min_speedup=float(self.settings["attention.min_speedup"]),
+            wide_max_score_bytes=int(self.settings["attention.wide_max_score_bytes"]),
         )
 
     def cudagraph_impl(self) -> str | None:

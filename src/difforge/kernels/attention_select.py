@@ -32,11 +32,13 @@ SELECT_POLICIES = ("measured", "always")
 
 @dataclass(frozen=True)
 class AttentionPolicy:
-    """The ``attention.*`` options the pass works under (set by the backend per compile)."""
+    """The ``attention.*`` options the attention passes work under (set by the backend per
+    compile)."""
 
     select: str = "measured"
     pv_fp8: bool = False
     min_speedup: float = 1.03
+    wide_max_score_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,12 @@
-"""Route eligible ``scaled_dot_product_attention`` calls to difforge's 8-bit attention.
+"""Rewrites of ``scaled_dot_product_attention`` calls.
+
+``attention_wide_heads`` (``optimize`` tier, O2/O3): on CUDA, a call whose head dim is above
+256 has no flash or cuDNN kernel; SDPA runs PyTorch's memory-efficient kernel, which reached
+~120 TFLOP/s on an H100 for the SD/SDXL VAE's mid-block attention (one head of 512 over
+128x128 = 16384 latent pixels at a 1024² decode: 4.6 ms of a 39 ms decode). Where the score
+matrix is small enough (``attention.wide_max_score_bytes``) the call becomes two GEMMs around
+a float32 softmax, as diffusers' classic ``AttnProcessor`` computes it: scores in the input
+dtype (fp32 accumulation), softmax in float32, probabilities cast back for the second GEMM.
 
 ``attention_int8`` (``low-precision`` tier, opt-in with ``passes.attention_int8: true``;
 O3 leaves it off because on an H100 the kernel lost to cuDNN at every DiT shape, 0.6x to
@@ -16,7 +24,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from difforge.passes.registry import node_arg, node_tensor, register_pass, size_hint
+from difforge.passes.registry import (
+    cacheable_target,
+    node_arg,
+    node_tensor,
+    register_pass,
+    size_hint,
+)
 
 _SDPA_TARGETS = (
     torch._C._nn.scaled_dot_product_attention,
@@ -25,10 +39,9 @@ _SDPA_TARGETS = (
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _eligible_shape(node: torch.fx.Node) -> object | None:
-    """The call's :class:`AttentionShape`, or None when the 8-bit kernel must not take it."""
-    from difforge.kernels.attention_select import AttentionShape
-
+def _plain_sdpa(node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The fake (q, k, v) of an SDPA call with no mask, no dropout, not causal, no GQA, a
+    constant scale and half-precision 4-D inputs of one dtype on one device; else None."""
     if node.op != "call_function" or node.target not in _SDPA_TARGETS:
         return None
     if node_arg(node, 3, "attn_mask") is not None:
@@ -47,10 +60,21 @@ def _eligible_shape(node: torch.fx.Node) -> object | None:
     if len(values) != 3 or any(t is None for t in values):
         return None
     q, k, v = values
-    if any(t.dim() != 4 or t.dtype != q.dtype or t.requires_grad for t in values):
+    if any(t.dim() != 4 or t.dtype != q.dtype for t in values):
         return None
     if q.dtype not in _HALF or q.device != k.device or k.device != v.device:
         return None
+    return q, k, v
+
+
+def _eligible_shape(node: torch.fx.Node) -> object | None:
+    """The call's :class:`AttentionShape`, or None when the 8-bit kernel must not take it."""
+    from difforge.kernels.attention_select import AttentionShape
+
+    tensors = _plain_sdpa(node)
+    if tensors is None or any(t.requires_grad for t in tensors):
+        return None
+    q, k, v = tensors
     d = q.shape[-1]
     if not isinstance(d, int) or d % 8 or d > 128 or k.shape[-1] != d or v.shape[-1] != d:
         return None
@@ -61,6 +85,68 @@ def _eligible_shape(node: torch.fx.Node) -> object | None:
     if (kb, kh) != (b, h) or (vb, vh, vs) != (b, h, skv) or min(sq, skv) == 0:
         return None
     return AttentionShape(b, h, sq, skv, d, q.dtype, str(q.device))
+
+
+#: Head dims above this have no flash or cuDNN SDPA kernel (PyTorch 2.9-2.13 on sm80/sm90).
+WIDE_HEAD_DIM = 256
+#: Devices where SDPA falls back to the memory-efficient kernel for wide heads. Not the CPU:
+#: its flash kernel takes any head dim.
+WIDE_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+@cacheable_target
+def attention_by_matmul(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale)·v``: two GEMMs in the inputs' dtype, the softmax in float32."""
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    probs = torch.softmax(scores.float() * scale, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _wide_heads_call(node: torch.fx.Node, max_score_bytes: int) -> float | None:
+    """The softmax scale when ``node`` is an SDPA call to rewrite into GEMMs, else None."""
+    tensors = _plain_sdpa(node)
+    if tensors is None:
+        return None
+    q, k, v = tensors
+    if q.device.type not in WIDE_DEVICES:
+        return None
+    d = q.shape[-1]
+    if not isinstance(d, int) or d <= WIDE_HEAD_DIM or k.shape[-1] != d:
+        return None
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]) or tuple(q.shape[:2]) != tuple(k.shape[:2]):
+        return None  # broadcast batch/heads: leave it to SDPA
+    # Static sizes only: with a symbolic sequence length the score matrix has no bound.
+    sizes = (*q.shape[:3], k.shape[2])
+    if not all(isinstance(s, int) for s in sizes):
+        return None
+    b, h, sq, skv = sizes
+    if b * h * sq * skv * q.element_size() > max_score_bytes:
+        return None
+    scale = node_arg(node, 6, "scale")
+    return float(scale) if scale is not None else d**-0.5
+
+
+@register_pass("attention_wide_heads", stage="fx", tier="optimize")
+def attention_wide_heads(graph: torch.fx.Graph) -> int:
+    """SDPA with head dim > 256 (no flash/cuDNN kernel) -> GEMM, float32 softmax, GEMM."""
+    from difforge.kernels.attention_select import current_policy
+
+    max_bytes = current_policy().wide_max_score_bytes
+    made = 0
+    for node in list(graph.nodes):
+        scale = _wide_heads_call(node, max_bytes)
+        if scale is None:
+            continue
+        q, k, v = node.args[:3]
+        with graph.inserting_before(node):
+            new = graph.call_function(attention_by_matmul, (q, k, v, scale))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        made += 1
+    return made
 
 
 @register_pass("attention_int8", stage="fx", tier="low-precision")
