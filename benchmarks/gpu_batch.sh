@@ -5,6 +5,8 @@
 #   tests    every `gpu`-marked test (kernels, quant, passes, heuristics)      ~6 min
 #   flux     FLUX.1-dev step: eager/compile/O2/O3 with profile                  ~8 min
 #   vae      SDXL VAE decode with today's O2 rule, O3                           ~3 min
+#   vaewide  wide-head attention GPU tests, then SDXL VAE decode: compile vs O2 without/with
+#            attention_wide_heads vs O3                                         ~4 min
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
 #   compilepx  bench_compile PixArt O2 and O3, regional off/nested              ~7 min
 #   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
@@ -20,7 +22,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|quality}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -52,6 +54,12 @@ case "$part" in
       --modes O3 --regional off,nested --output-json "$out/compile_pixart_o3.json"
     run 280 compile_flux_o2 python3 benchmarks/bench_compile.py --models flux-dev \
       --modes O2 --regional nested --output-json "$out/compile_flux_o2_nested.json" ;;
+  vaewide)
+    V='compile;O2-nowide={"mode":"O2","memory_format":"channels_last","passes.attention_wide_heads":false}'
+    V+=';O2={"mode":"O2","memory_format":"channels_last"};O3={"mode":"O3","memory_format":"channels_last"}'
+    run 120 gpu_tests_wide python3 -m pytest -m gpu tests/test_passes.py -q -p no:cacheprovider -k wide
+    run 400 step_vae_wide python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
+      --variants "$V" --profile --output-json "$out/step_vae_wide.json" ;;
   compilepx)
     run 560 compile_pixart python3 benchmarks/bench_compile.py --models pixart-xl-2-1024 \
       --modes O2,O3 --regional off,nested --output-json "$out/compile_pixart.json" ;;
