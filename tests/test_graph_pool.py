@@ -295,3 +295,32 @@ def test_gpu_compiled_dynamic_model_replays_across_sizes() -> None:
     assert difforge.counters["cudagraphs.capture"] == 3
     assert difforge.counters["cudagraphs.replay"] == 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+@torch.no_grad()
+def test_broadcast_inputs_keep_their_strides_and_replay_new_values() -> None:
+    # Diffusers pipelines pass the timestep as t.expand(batch): stride 0, one element.
+    seen: list[tuple[int, ...]] = []
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.stride())
+        return x * t[:, None]
+
+    pool = GraphPool(fn, max_graphs=2, capturer=FakeCapturer())
+    x = torch.randn(3, 4)
+    for value in (1.0, 2.0, 5.0):
+        t = torch.tensor(value).expand(3)
+        torch.testing.assert_close(pool(x, t), x * value)
+    assert set(seen) == {(0,)}  # the graph's inputs had the caller's layout
+    assert difforge.counters["cudagraphs.capture"] == 1
+    assert difforge.counters["cudagraphs.replay"] == 2
+
+
+@torch.no_grad()
+def test_aliasing_inputs_run_eagerly_with_a_warning() -> None:
+    pool, module = _pool()
+    base = torch.randn(6)
+    overlapping = base.as_strided((4, 3), (1, 1))  # rows share elements
+    with pytest.warns(UserWarning, match="alias each other"):
+        torch.testing.assert_close(pool(overlapping), module(overlapping))
+    assert difforge.counters["cudagraphs.capture"] == 0

@@ -86,6 +86,11 @@ class _Entry:
     static_inputs: list[torch.Tensor]
     static_outputs: list[Any]
     out_spec: pytree.TreeSpec
+    static_views: list[torch.Tensor] = field(default_factory=list)
+    """The inputs' writable views (:func:`_distinct`), what each replay copies into."""
+
+    def __post_init__(self) -> None:
+        self.static_views = [_distinct(t) for t in self.static_inputs]
 
 
 @dataclass
@@ -118,9 +123,9 @@ class GraphPool:
         if entry is None:
             return self._capture(key, leaves, spec)
         self._entries.move_to_end(key)
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        tensors = [_distinct(x) for x in leaves if isinstance(x, torch.Tensor)]
         if tensors:
-            torch._foreach_copy_(entry.static_inputs, tensors)
+            torch._foreach_copy_(entry.static_views, tensors)
         entry.replay()
         counters["cudagraphs.replay"] += 1
         outputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in entry.static_outputs]
@@ -162,6 +167,14 @@ class GraphPool:
                         f"device:{leaf.device}",
                         f"difforge cudagraphs: {self.name} got a {leaf.device} tensor "
                         "argument; such calls run without CUDA graphs",
+                    )
+                    return None
+                if not _writable_layout(leaf):
+                    self._warn_once(
+                        "overlap",
+                        f"difforge cudagraphs: {self.name} got a tensor argument whose elements "
+                        "alias each other (not just a broadcast); such calls run without CUDA "
+                        "graphs",
                     )
                     return None
                 parts.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device))
@@ -217,12 +230,30 @@ class GraphPool:
             warnings.warn(message, stacklevel=4)
 
 
+def _distinct(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with every broadcast (stride-0) dimension narrowed to one element: a view
+    of the same memory in which no two elements alias, so it can be written."""
+    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            tensor = tensor.narrow(dim, 0, 1)
+    return tensor
+
+
+def _writable_layout(tensor: torch.Tensor) -> bool:
+    """Whether a buffer with ``tensor``'s strides can be filled through :func:`_distinct`
+    (no aliasing besides broadcast dimensions, e.g. a timestep ``t.expand(batch)``)."""
+    overlap = getattr(torch, "_debug_has_internal_overlap", None)
+    return overlap is None or overlap(_distinct(tensor)) == 0
+
+
 def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A buffer with ``tensor``'s layout, outside any graph pool, holding its values."""
+    """A buffer with ``tensor``'s layout (broadcast dimensions included, so the graph sees
+    the strides Dynamo compiled for), outside any graph pool, holding its values."""
     static = torch.empty_strided(
         tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device
     )
-    return static.copy_(tensor)
+    _distinct(static).copy_(_distinct(tensor))
+    return static
 
 
 def with_graph_pool(compiled: Any, pool_of: Callable[[Callable[..., Any]], GraphPool]) -> Any:
