@@ -5,8 +5,8 @@
 #   tests    every `gpu`-marked test (kernels, quant, passes, heuristics)      ~6 min
 #   flux     FLUX.1-dev step: eager/compile/O2/O3 with profile                  ~8 min
 #   vae      SDXL VAE decode with today's O2 rule, O3                           ~3 min
-#   vaewide  wide-head attention GPU tests, then SDXL VAE decode: compile vs O2 without/with
-#            attention_wide_heads vs O3                                         ~4 min
+#   vaewide  wide-head attention and NHWC GroupNorm GPU tests, then SDXL VAE decode: compile
+#            vs O2 without both rewrites, without the GroupNorm one, with both; O3   ~5 min
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
 #   compilepx  bench_compile PixArt O2 and O3, regional off/nested              ~7 min
 #   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
@@ -17,8 +17,8 @@
 #   attnstep PixArt/SD3 step: compile vs O3 without/with 8-bit attention (fp16 / fp8 P·V) ~9 min
 #   attnflux FLUX.1-dev step: compile vs O3 without/with 8-bit attention               ~9 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
-#   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with O3 +
-#            dynamic: difforge's pooled CUDA graphs (max 8) vs Inductor's trees     ~9 min
+#   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
+#            O2:cudagraphs + dynamic, difforge's pooled CUDA graphs (POOL_IMPLS)    ~9 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
@@ -55,9 +55,12 @@ case "$part" in
     run 280 compile_flux_o2 python3 benchmarks/bench_compile.py --models flux-dev \
       --modes O2 --regional nested --output-json "$out/compile_flux_o2_nested.json" ;;
   vaewide)
-    V='compile;O2-nowide={"mode":"O2","memory_format":"channels_last","passes.attention_wide_heads":false}'
-    V+=';O2={"mode":"O2","memory_format":"channels_last"};O3={"mode":"O3","memory_format":"channels_last"}'
-    run 120 gpu_tests_wide python3 -m pytest -m gpu tests/test_passes.py -q -p no:cacheprovider -k wide
+    CL='"mode":"O2","memory_format":"channels_last"'
+    V="compile;O2-before={$CL,\"passes.attention_wide_heads\":false,\"passes.group_norm_channels_last\":false}"
+    V+=";O2-nogn={$CL,\"passes.group_norm_channels_last\":false};O2={$CL}"
+    V+=';O3={"mode":"O3","memory_format":"channels_last"}'
+    run 150 gpu_tests_wide python3 -m pytest -m gpu tests/test_passes.py -q -p no:cacheprovider \
+      -k "wide or group_norm"
     run 400 step_vae_wide python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
       --variants "$V" --profile --output-json "$out/step_vae_wide.json" ;;
   compilepx)
@@ -100,12 +103,13 @@ case "$part" in
       --variants "compile;O2" --profile --output-json "$out/step_flux_o2.json" ;;
   pool)
     run 120 gpu_tests_pool python3 -m pytest -m gpu tests/test_graph_pool.py -q -p no:cacheprovider
-    for impl in pooled trees; do
-      run 210 "t2i_pixart_o3_$impl" python3 benchmarks/text_to_image.py --model pixart-xl-2-1024 \
+    # One implementation per 10-minute command: POOL_IMPLS="trees" for the comparison.
+    for impl in ${POOL_IMPLS:-pooled}; do
+      run 500 "t2i_pixart_cg_$impl" python3 benchmarks/text_to_image.py --model pixart-xl-2-1024 \
         --compare difforge --no-text-encoders \
-        --compiler-config "{\"mode\": \"O3\", \"dynamic\": true, \"cudagraphs.impl\": \"$impl\"}" \
+        --compiler-config "{\"mode\": \"O2:cudagraphs\", \"dynamic\": true, \"cudagraphs.impl\": \"$impl\"}" \
         --run_multiple_resolutions --run_rare_resolutions --steps 20 --warmups 1 --runs 2 \
-        --output-json "$out/t2i_pixart_o3_$impl.json"
+        --output-json "$out/t2i_pixart_cg_$impl.json"
     done ;;
   quality)
     run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \

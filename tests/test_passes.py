@@ -453,3 +453,71 @@ def test_gpu_attention_wide_heads_matches_sdpa(dtype: torch.dtype, tokens: int, 
     err, eager_err = _wide_errors(module, x)
     assert difforge.counters["attention_wide_heads"] == 1
     assert err <= 1.5 * eager_err + 1e-3, (err, eager_err)
+
+
+# ---------------------------------------------------------------- channels_last GroupNorm
+
+
+class NormAct(nn.Module):
+    """GroupNorm + SiLU, as every resnet of the SD VAE and UNet starts."""
+
+    def __init__(self, channels: int = 16, groups: int = 4, affine: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, affine=affine)
+        if affine:  # not the identity init, so weight and bias are checked
+            nn.init.normal_(self.norm.weight, 1.0, 0.3)
+            nn.init.normal_(self.norm.bias, 0.0, 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm(x))
+
+
+def _nhwc(*shape: int, offset: float = 0.0) -> torch.Tensor:
+    return (torch.randn(*shape) * 3 + offset).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_channels_last_fires_and_matches_eager(affine: bool) -> None:
+    torch.manual_seed(0)
+    # A large mean per channel: the combination must not lose the between-channel variance.
+    _run(NormAct(16, 4, affine).eval(), _nhwc(2, 16, 9, 7, offset=5.0))
+    assert difforge.counters["group_norm_channels_last"] == 1
+
+
+def test_group_norm_channels_last_keeps_the_layout_and_half_precision() -> None:
+    torch.manual_seed(0)
+    module = NormAct(32, 8).eval()
+    x = _nhwc(2, 32, 12, 10)
+    with torch.no_grad():
+        ref = module(x)
+        out = difforge.compile(module.half(), options={"mode": "O2"})(x.half())
+    assert difforge.counters["group_norm_channels_last"] == 1
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_group_norm_channels_last_leaves_nchw_single_channel_groups_and_o1() -> None:
+    torch.manual_seed(0)
+    _run(NormAct(16, 4).eval(), torch.randn(2, 16, 9, 7))  # NCHW: already contiguous groups
+    _run(NormAct(16, 16).eval(), _nhwc(2, 16, 9, 7))  # one channel per group
+    _run(NormAct(16, 4).eval(), _nhwc(2, 16, 9, 7), options={"mode": "O1"})
+    assert difforge.counters["group_norm_channels_last"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("channels", "size"), [(128, 257), (512, 64), (320, 33)])
+def test_gpu_group_norm_channels_last_matches_eager(
+    dtype: torch.dtype, channels: int, size: int
+) -> None:
+    torch.manual_seed(0)
+    module = NormAct(channels, 32).cuda().eval()
+    x = _nhwc(1, channels, size, size + 3, offset=2.0).cuda()
+    with torch.no_grad():
+        ref = module(x)
+        half = module.to(dtype)
+        eager = half(x.to(dtype))
+        out = difforge.compile(half, options={"mode": "O2"})(x.to(dtype))
+    assert difforge.counters["group_norm_channels_last"] == 1
+    assert rel_err(out, ref) <= 1.5 * rel_err(eager, ref) + 1e-3

@@ -71,6 +71,7 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "passes.gelu_epilogue": True,
         "passes.gelu_tanh_sigmoid": True,
         "passes.attention_wide_heads": True,
+        "passes.group_norm_channels_last": True,
         # One read of each LayerNorm row instead of two for PixArt (1152) and SD3 (1536):
         # H200, PixArt-XL step 32.29 -> 31.82 ms, SD3 41.07 -> 40.31 ms. LayerNorm-only
         # (heuristics.py): applied to every reduction it made the SDXL VAE's GroupNorm

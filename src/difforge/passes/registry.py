@@ -136,6 +136,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "quant_fusion",
     "fuse_linear",
     "attention",
+    "norm",
 )
 
 
