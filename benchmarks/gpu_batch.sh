@@ -7,6 +7,7 @@
 #   vae      SDXL VAE decode with today's O2 rule, O3                           ~3 min
 #   vaewide  wide-head attention and NHWC GroupNorm GPU tests, then SDXL VAE decode: compile
 #            vs O2 without both rewrites, without the GroupNorm one, with both; O3   ~5 min
+#   unetgn   SDXL UNet step: compile vs O2 without / with group_norm_channels_last  ~6 min
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
 #   compilepx  bench_compile PixArt O2 and O3, regional off/nested              ~7 min
 #   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
@@ -22,7 +23,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|quality}"
+part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -63,6 +64,11 @@ case "$part" in
       -k "wide or group_norm"
     run 400 step_vae_wide python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
       --variants "$V" --profile --output-json "$out/step_vae_wide.json" ;;
+  unetgn)
+    CL='"mode":"O2","memory_format":"channels_last"'
+    V="compile;O2-nogn={$CL,\"passes.group_norm_channels_last\":false};O2={$CL}"
+    run 560 step_unet_gn python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_unet_gn.json" ;;
   compilepx)
     run 560 compile_pixart python3 benchmarks/bench_compile.py --models pixart-xl-2-1024 \
       --modes O2,O3 --regional off,nested --output-json "$out/compile_pixart.json" ;;
