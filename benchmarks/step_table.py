@@ -23,12 +23,14 @@ README = RESULTS.parent.parent / "README.md"
 _BEFORE_FP8 = {"compile": "torch.compile", "O3": "O3 (before the fp8 swap)"}
 #: Runs with today's O3: fp8 linears, the GELU/fp8 rewrites.
 _WITH_FP8 = {"compile": "torch.compile", "O3": "O3 (fp8 linears)"}
-#: The VAE A/B ran before the persistent-reduction override became LayerNorm-only: a VAE
-#: has no LayerNorm, so today's O2 is its "nopr" variant; "O2" there is the dropped rule.
+#: The VAE decode's A/B of this session's two rewrites (attention_wide_heads,
+#: group_norm_channels_last), every O variant in channels_last.
 _VAE_LABELS = {
     "compile": "torch.compile",
-    "O2-nopr": "O2 (today: no LayerNorm, no override)",
-    "O2": "O2 with the override on every reduction (dropped)",
+    "O2-before": "O2 without the two VAE rewrites",
+    "O2-nogn": "O2 + attention_wide_heads",
+    "O2": "O2 (+ group_norm_channels_last)",
+    "O3": "O3",
 }
 
 #: (file, model, label, variants shown, their labels): one run per row group, every
@@ -77,10 +79,10 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _BEFORE_FP8,
     ),
     (
-        "2026-11-26_h100_step_sdxl_vae_persistent_ab.json",
+        "2026-11-26_h100_step_vae_wide.json",
         "sdxl-base:vae",
         "SDXL VAE decode fp16, batch 1",
-        ("compile", "O2-nopr", "O2"),
+        ("compile", "O2-before", "O2-nogn", "O2", "O3"),
         _VAE_LABELS,
     ),
 )
