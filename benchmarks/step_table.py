@@ -79,6 +79,17 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _BEFORE_FP8,
     ),
     (
+        "2026-11-26_h100_step_unet_gn.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (O2 channels_last)",
+        ("compile", "O2-nogn", "O2"),
+        {
+            "compile": "torch.compile",
+            "O2-nogn": "O2 without group_norm_channels_last",
+            "O2": "O2",
+        },
+    ),
+    (
         "2026-11-26_h100_step_vae_wide.json",
         "sdxl-base:vae",
         "SDXL VAE decode fp16, batch 1",
