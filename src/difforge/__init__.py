@@ -160,10 +160,8 @@ def compile(
         compiled = torch.compile(
             target, backend=backend_fn, dynamic=config.dynamic, fullgraph=config.fullgraph
         )
-        # Nested regions with dynamic shapes: floats traced as constants (regional.py).
-        compiled = with_tracing_settings(
-            compiled, config, specialize_floats=style == "nested" and config.dynamic is True
-        )
+        # Dynamic shapes: floats traced as constants (difforge.tracing says why).
+        compiled = with_tracing_settings(compiled, config, specialize_floats=config.dynamic is True)
         if batch_mode is None:
             return compiled
         axis = BatchAxis(batch_mode, name, expected_compiles=backend_fn.recompiles.expected)

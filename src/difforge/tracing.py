@@ -1,5 +1,14 @@
 """Settings that must be in force while Dynamo *traces* (at call time, not compile time).
 
+With ``dynamic: true`` difforge traces with ``specialize_float=True``: Python floats
+(``LayerNorm.eps``, attention scales, a scheduler's constants) are constants guarded by value,
+as in every static compile, while sizes stay symbolic. Dynamo's own default under
+``dynamic=True`` makes them ``SymFloat`` inputs, which every diffusers denoiser tried (tiny
+PixArt, SD3, FLUX, SDXL on torch 2.13) cannot keep: AOT's ``tensorify_python_scalars`` pass
+gives up and Dynamo restarts the whole analysis, tracing the model twice per compile. Nested
+regions cannot take a ``SymFloat`` at all (:mod:`difforge.regional`). The cost: a float
+passed *as an argument* that changes value recompiles (reported, difforge.recompiles).
+
 ``torch.compile`` traces at the first call and at each recompile, so switches that
 shape the traced graph's symbols (duck sizing; float specialisation for nested regions
 with dynamic shapes, see :mod:`difforge.regional`) are applied around every call of the
