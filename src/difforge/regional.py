@@ -410,6 +410,11 @@ def _raised_in_region(exc: BaseException) -> bool:
     return cause is not None and cause is not exc and _raised_in_region(cause)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
 def with_region_fallback(compiled: Any, module: nn.Module) -> Any:
     """``nested`` style: if Dynamo fails inside a region, warn once, unmark the regions and
     retry the call as a whole-model compile.
@@ -431,7 +436,7 @@ def with_region_fallback(compiled: Any, module: nn.Module) -> Any:
                 unmark_regions(module)
                 warnings.warn(
                     f"difforge: tracing the nested compile regions of {type(module).__name__} "
-                    f"failed inside torch ({type(exc).__name__}: {str(exc)[:200]}); compiling "
+                    f"failed inside torch ({type(exc).__name__}: {_first_line(exc)}); compiling "
                     "the whole model instead (compile.regional off for this model)",
                     stacklevel=2,
                 )
