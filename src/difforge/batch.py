@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difforge.entry import wrap_entry
 from difforge.errors import DifforgeError, OptionsError
 from difforge.options import BATCH_MODES, CompileConfig
 
@@ -330,11 +331,7 @@ def with_batch_axis(compiled: Any, axis: BatchAxis) -> Any:
     """Make every call of ``compiled`` (an OptimizedModule or function) go through ``axis``."""
     if axis.mode == "dynamo":
         return compiled
-    if isinstance(compiled, nn.Module):
-        # OptimizedModule.__call__ ends in self.forward, the Dynamo-wrapped entry.
-        compiled.forward = axis.wrap(compiled.forward)
-        return compiled
-    return axis.wrap(compiled)
+    return wrap_entry(compiled, axis.wrap)
 
 
 __all__ = [

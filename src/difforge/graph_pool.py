@@ -43,6 +43,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from difforge.entry import wrap_entry
 from difforge.passes import counters
 
 log = logging.getLogger(__name__)
@@ -258,26 +259,14 @@ def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 def with_graph_pool(compiled: Any, pool_of: Callable[[Callable[..., Any]], GraphPool]) -> Any:
     """Route every call of ``compiled`` (an OptimizedModule or function) through a pool made
-    by ``pool_of(call)``; the pool is reachable as ``compiled._difforge_graphs``."""
-    if isinstance(compiled, nn.Module):
-        # OptimizedModule.__call__ ends in self.forward, the Dynamo-wrapped entry.
-        pool = pool_of(compiled.forward)
-        compiled.forward = pool
-        compiled._difforge_graphs = pool
-        return compiled
-    pool = pool_of(compiled)
-
-    @functools.wraps(compiled)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return pool(*args, **kwargs)
-
-    run._difforge_graphs = pool  # type: ignore[attr-defined]
-    return run
+    by ``pool_of(call)`` (:func:`graphs_of` finds it again)."""
+    return wrap_entry(compiled, pool_of)
 
 
 def graphs_of(compiled: Any) -> GraphPool | None:
     """The graph pool behind a compiled module or function, if it has one."""
-    return getattr(compiled, "_difforge_graphs", None)
+    entry = compiled.forward if isinstance(compiled, nn.Module) else compiled
+    return entry if isinstance(entry, GraphPool) else None
 
 
 def reset_graphs(compiled: Any) -> bool:

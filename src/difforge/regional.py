@@ -87,6 +87,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from difforge.entry import wrap_entry
 from difforge.errors import OptionsError
 
 log = logging.getLogger("difforge")
@@ -444,10 +445,7 @@ def with_region_fallback(compiled: Any, module: nn.Module) -> Any:
 
         return run
 
-    if isinstance(compiled, nn.Module):
-        compiled.forward = wrap(compiled.forward)
-        return compiled
-    return wrap(compiled)
+    return wrap_entry(compiled, wrap)
 
 
 def no_blocks_warning(module: nn.Module) -> None:

@@ -23,8 +23,7 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from torch import nn
-
+from difforge.entry import wrap_entry
 from difforge.options import CompileConfig
 
 
@@ -63,11 +62,7 @@ def with_tracing_settings(
 
         return run
 
-    if isinstance(compiled, nn.Module):
-        # OptimizedModule.__call__ ends in self.forward, the Dynamo-wrapped entry.
-        compiled.forward = wrap(compiled.forward)
-        return compiled
-    return wrap(compiled)
+    return wrap_entry(compiled, wrap)
 
 
 __all__ = ["tracing_settings", "with_tracing_settings"]
