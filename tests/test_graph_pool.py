@@ -324,3 +324,23 @@ def test_aliasing_inputs_run_eagerly_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="alias each other"):
         torch.testing.assert_close(pool(overlapping), module(overlapping))
     assert difforge.counters["cudagraphs.capture"] == 0
+
+
+class _Box:
+    """An output container torch's pytree does not know."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+@torch.no_grad()
+def test_outputs_pytree_cannot_copy_run_eagerly_with_a_warning() -> None:
+    def fn(x: torch.Tensor) -> _Box:
+        return _Box(x * 2)
+
+    pool = GraphPool(fn, max_graphs=2, capturer=FakeCapturer())
+    with pytest.warns(UserWarning, match="returns a _Box"):
+        first = pool(torch.ones(2))
+    second = pool(torch.full((2,), 3.0))
+    assert first.value.tolist() == [2.0, 2.0] and second.value.tolist() == [6.0, 6.0]
+    assert len(pool) == 0 and difforge.counters["cudagraphs.eager_call"] == 1

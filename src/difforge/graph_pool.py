@@ -21,8 +21,8 @@ out right after each replay, before another graph can reuse that memory for its 
 A new signature costs one ordinary call (which compiles if Dynamo must, and warms up
 lazy state: cuBLAS handles, autotuning, lazily built caches) plus one capture; its result
 is that ordinary call's. Calls that cannot be replayed run the compiled call directly:
-inputs on the CPU, gradients wanted, non-tensor arguments that are not plain values, or
-a capture that failed (warned once per signature).
+inputs on the CPU, gradients wanted, non-tensor arguments that are not plain values,
+outputs torch's pytree cannot take apart, or a capture that failed (each warned once).
 
 What a graph cannot see: state outside its arguments. Parameters updated in place are
 fine (same memory); replacing a module's parameters or sub-modules (a LoRA load, a new
@@ -213,6 +213,17 @@ class GraphPool:
             )
             return result
         static_outputs, out_spec = pytree.tree_flatten(outputs)
+        opaque = [x for x in static_outputs if not isinstance(x, (torch.Tensor, *_PLAIN_VALUES))]
+        if opaque:
+            # Its tensors would live in the shared pool, uncopied: the next replay of any
+            # graph could overwrite them under the caller.
+            self._failed.add(key)
+            self._warn_once(
+                f"output:{type(opaque[0]).__name__}",
+                f"difforge cudagraphs: {self.name} returns a {type(opaque[0]).__name__} (not a "
+                "tensor, a plain value or a pytree of them); its calls run without CUDA graphs",
+            )
+            return result
         self._entries[key] = _Entry(
             replay=replay,
             static_inputs=[x for x in static_leaves if isinstance(x, torch.Tensor)],
