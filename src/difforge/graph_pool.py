@@ -170,7 +170,7 @@ class GraphPool:
                         "argument; such calls run without CUDA graphs",
                     )
                     return None
-                if not _writable_layout(leaf):
+                if not (leaf.is_contiguous() or _writable_layout(leaf)):
                     self._warn_once(
                         "overlap",
                         f"difforge cudagraphs: {self.name} got a tensor argument whose elements "
