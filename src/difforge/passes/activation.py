@@ -23,7 +23,13 @@ import math
 import torch
 import torch.fx
 
-from difforge.passes.registry import cacheable_target, node_arg, node_tensor, register_pass
+from difforge.passes.registry import (
+    cacheable_target,
+    node_arg,
+    node_tensor,
+    register_pass,
+    replace_with_call,
+)
 
 _GELU = torch._C._nn.gelu
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
@@ -56,10 +62,6 @@ def gelu_tanh_sigmoid(graph: torch.fx.Graph) -> int:
             continue
         if out.dtype == torch.float64:  # float32 math would lose precision there
             continue
-        with graph.inserting_before(gelu):
-            fast = graph.call_function(gelu_tanh_as_sigmoid, (x,))
-        fast.meta.update(gelu.meta)
-        gelu.replace_all_uses_with(fast)
-        graph.erase_node(gelu)
+        replace_with_call(graph, gelu, gelu_tanh_as_sigmoid, (x,))
         made += 1
     return made

@@ -29,6 +29,7 @@ from difforge.passes.registry import (
     node_arg,
     node_tensor,
     register_pass,
+    replace_with_call,
     size_hint,
 )
 
@@ -139,12 +140,7 @@ def attention_wide_heads(graph: torch.fx.Graph) -> int:
         scale = _wide_heads_call(node, max_bytes)
         if scale is None:
             continue
-        q, k, v = node.args[:3]
-        with graph.inserting_before(node):
-            new = graph.call_function(attention_by_matmul, (q, k, v, scale))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        replace_with_call(graph, node, attention_by_matmul, (*node.args[:3], scale))
         made += 1
     return made
 

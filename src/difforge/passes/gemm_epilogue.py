@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from difforge.passes.registry import cacheable_target, node_arg, node_tensor, register_pass
+from difforge.passes.registry import (
+    cacheable_target,
+    node_arg,
+    node_tensor,
+    register_pass,
+    replace_with_call,
+)
 
 _LINEAR = torch._C._nn.linear
 _GELU = torch._C._nn.gelu
@@ -75,11 +81,7 @@ def gelu_epilogue(graph: torch.fx.Graph) -> int:
         if match is None:
             continue
         linear, parts = match
-        with graph.inserting_before(gelu):
-            fused = graph.call_function(linear_gelu, parts)
-        fused.meta.update(gelu.meta)
-        gelu.replace_all_uses_with(fused)
-        graph.erase_node(gelu)
+        replace_with_call(graph, gelu, linear_gelu, parts)
         graph.erase_node(linear)
         made += 1
     return made

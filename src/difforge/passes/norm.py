@@ -21,7 +21,13 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from difforge.passes.registry import cacheable_target, node_arg, node_tensor, register_pass
+from difforge.passes.registry import (
+    cacheable_target,
+    node_arg,
+    node_tensor,
+    register_pass,
+    replace_with_call,
+)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -87,10 +93,6 @@ def group_norm_channels_last(graph: torch.fx.Graph) -> int:
             node_arg(node, 3, "bias"),
             float(node_arg(node, 4, "eps", 1e-5)),
         )
-        with graph.inserting_before(node):
-            new = graph.call_function(group_norm_by_channel, args)
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        replace_with_call(graph, node, group_norm_by_channel, args)
         made += 1
     return made

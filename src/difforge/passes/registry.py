@@ -109,6 +109,19 @@ def node_arg(node: torch.fx.Node, index: int, name: str, default: object = None)
     return node.args[index] if len(node.args) > index else default
 
 
+def replace_with_call(
+    graph: torch.fx.Graph, node: torch.fx.Node, target: Callable[..., object], args: tuple
+) -> torch.fx.Node:
+    """Replace ``node`` by ``target(*args)`` computing the same value: the new node takes
+    ``node``'s metadata (its example value) and users, and ``node`` is erased."""
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
 def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], PassFn]:
     """Decorator adding a pass to the registry; its docstring's first line is its description."""
     if stage not in STAGES:
