@@ -10,7 +10,10 @@
 #   unetgn   SDXL UNet step: compile vs O2 without / with group_norm_channels_last  ~6 min
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
 #   compilepx  bench_compile PixArt O2 and O3, regional off/nested              ~7 min
-#   sdxl     SDXL dynamic sweep vs a specialised compile at 1024x1024           ~5 min
+#   sdxl     SDXL dynamic sweep vs specialised compiles at 1024x1024 and 960x720; caches
+#            under .gpu-cache/ so a timed-out first call leaves the second one warm  ~10 min
+#   o2cg     SDXL UNet and PixArt-XL steps: compile vs O2 vs O2 + CUDA graphs (trees,
+#            pooled) and the UNet in its own memory format                     ~9 min
 #   fp8      O3 with/without the fp8 swap (and all sizes) on PixArt and SD3     ~9 min
 #   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization
 #            vs O3 + quant.fuse_qkv                                            ~9 min
@@ -23,7 +26,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|flux|vae|compile|sdxl|o2cg|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -73,11 +76,25 @@ case "$part" in
     run 560 compile_pixart python3 benchmarks/bench_compile.py --models pixart-xl-2-1024 \
       --modes O2,O3 --regional off,nested --output-json "$out/compile_pixart.json" ;;
   sdxl)
+    # Persistent across calls on one warm machine (ignored by git, kept by the device tool).
+    export TORCHINDUCTOR_CACHE_DIR="$PWD/.gpu-cache/inductor" DIFFORGE_CACHE_DIR="$PWD/.gpu-cache/difforge"
     run 560 t2i_sdxl_dynamic python3 benchmarks/text_to_image.py --model sdxl-base \
       --compare difforge \
       --compiler-config '{"mode": "O2", "dynamic": true, "memory_format": "channels_last"}' \
-      --run_multiple_resolutions --run_rare_resolutions --compare-specialized 1024x1024 \
+      --run_multiple_resolutions --run_rare_resolutions --compare-specialized 1024x1024,960x720 \
       --steps 20 --warmups 1 --runs 2 --output-json "$out/t2i_sdxl_dynamic.json" ;;
+  o2cg)
+    CL='"mode":"O2","memory_format":"channels_last"'
+    CG='"mode":"O2:cudagraphs","memory_format":"channels_last"'
+    V="compile;O2={$CL};O2-cg-trees={$CG,\"cudagraphs.impl\":\"trees\"}"
+    V+=";O2-cg-pooled={$CG,\"cudagraphs.impl\":\"pooled\"}"
+    V+=';O2-cg-nchw={"mode":"O2:cudagraphs","cudagraphs.impl":"pooled"}'
+    run 330 step_unet_cg python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_unet_cg.json"
+    V='compile;O2;O2-cg-trees={"mode":"O2:cudagraphs","cudagraphs.impl":"trees"}'
+    V+=';O2-cg-pooled={"mode":"O2:cudagraphs","cudagraphs.impl":"pooled"}'
+    run 230 step_pixart_cg python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_pixart_cg.json" ;;
   fp8)
     V='O2;O3-nofp8={"mode":"O3","quant.fp8_linear":false};O3;O3-all={"mode":"O3","quant.min_weight_elements":0}'
     run 120 fp8_tests python3 -m pytest -q -rA -m gpu tests/quant -p no:cacheprovider
