@@ -15,6 +15,8 @@ import torch._inductor.config as inductor_config
 import torch.fx
 from torch import nn
 
+from difforge.autotune_buckets import bucketing_for
+from difforge.autotune_buckets import cache_salt as bucket_salt
 from difforge.cache import CacheLayout, compile_in_cache
 from difforge.errors import DifforgeError, OptionsError
 from difforge.heuristics import choices_for, installed
@@ -131,7 +133,8 @@ class DifforgeBackend:
                 config,
                 "post_grad_pre",
                 "post_grad_custom_pre_pass",
-                salt=choices.cache_salt() if choices is not None else b"",
+                salt=(choices.cache_salt() if choices is not None else b"")
+                + bucket_salt(config, patches),
             ),
             "post_grad_custom_post_pass": _post_grad_hook(
                 config, "post_grad_post", "post_grad_custom_post_pass"
@@ -152,7 +155,11 @@ class DifforgeBackend:
             warnings.warn(f"difforge: {note}", stacklevel=2)
 
         def run_inductor() -> Callable[..., Any]:
-            with functorch_config.patch(config.functorch_patches()), installed(choices):
+            with (
+                functorch_config.patch(config.functorch_patches()),
+                installed(choices),
+                bucketing_for(config, patches),
+            ):
                 return compile_fx(gm, example_inputs, config_patches=patches)
 
         if config.cache_enabled:

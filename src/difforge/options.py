@@ -149,6 +149,20 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "H100 PixArt's FF1 GELU + quantization (4608 wide) took 97 us persistent vs 89.5 us "
         "looped (benchmarks/results/2026-11-26_h100_probe_ffblock_pq.json)",
     ),
+    "autotune.bucket": (
+        True,
+        bool,
+        "under max-autotune: reuse a GEMM's autotune winner for another M (batch x tokens) "
+        "within autotune.bucket_ratio of a measured one, N/K/dtypes/strides equal, instead of "
+        "benchmarking again (a resolution change recompiles without re-tuning); speed effect "
+        "not yet measured on a GPU (difforge.autotune_buckets)",
+    ),
+    "autotune.bucket_ratio": (
+        1.25,
+        (int, float),
+        "autotune.bucket: largest max(M, M0) / min(M, M0) for which the winner measured at M0 "
+        "serves M (>= 1; 1 = the same M only)",
+    ),
     "shapes.adapters": (
         True,
         bool,
@@ -303,6 +317,7 @@ NAMESPACES: tuple[str, ...] = (
     "quant",
     "attention",
     "cudagraphs",
+    "autotune",
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -572,6 +587,8 @@ def _validate_dotted(key: str, value: Any, torch_configs: dict[str, dict[str, An
             )
         if key == "attention.min_speedup" and not value > 0:
             raise OptionsError(f"{key!r} must be a positive number, got {value!r}")
+        if key == "autotune.bucket_ratio" and not value >= 1:
+            raise OptionsError(f"{key!r} must be a number >= 1, got {value!r}")
         patterns = value if key in _PATTERN_LISTS and value is not None else []
         if not all(isinstance(v, str) and v for v in patterns):
             raise OptionsError(f"{key!r} must be a list of non-empty strings, got {value!r}")
