@@ -102,7 +102,7 @@ def test_graph_cache_env_turns_persistence_on(tmp_path: Path, monkeypatch) -> No
     assert (root / "inductor").is_dir() and (root / MARKER).is_file()
     # Inductor and Triton go back to their own folders once compilation is over.
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(root / "inductor")
-    owned = CacheLayout(root).owned()
+    owned = [path for path in CacheLayout(root).owned() if path.exists()]
     assert owned and clear_cache(root) == owned
 
 

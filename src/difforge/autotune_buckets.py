@@ -303,7 +303,9 @@ _tables: dict[Path | None, BucketTable] = {}
 
 def table_for(root: Path | None) -> BucketTable:
     """The process-wide table for a difforge cache root (``<root>/autotune/buckets.json``)."""
-    path = None if root is None else Path(root) / "autotune" / "buckets.json"
+    from difforge.cache import CacheLayout
+
+    path = None if root is None else CacheLayout(Path(root)).autotune / "buckets.json"
     with _lock:
         if path not in _tables:
             _tables[path] = BucketTable(path)

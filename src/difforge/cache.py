@@ -6,6 +6,7 @@ Layout under the root (``DIFFORGE_CACHE_DIR`` > ``$TORCHINDUCTOR_CACHE_DIR/diffo
     <root>/.difforge-cache   marker: this root was created by difforge
     <root>/inductor          Inductor FX-graph, AOT-autograd and autotune caches
     <root>/triton            compiled Triton kernels
+    <root>/autotune          autotune winners shared between nearby sizes (autotune_buckets)
 
 `cache clear` removes only these folders, and only under a root that carries the
 marker, so a mistyped ``--dir`` cannot delete somebody else's ``inductor`` folder.
@@ -55,7 +56,7 @@ from difforge.options import default_cache_dir
 
 T = TypeVar("T")
 
-OWNED_SUBDIRS: tuple[str, ...] = ("inductor", "triton")
+OWNED_SUBDIRS: tuple[str, ...] = ("inductor", "triton", "autotune")
 MARKER = ".difforge-cache"
 
 
@@ -72,6 +73,10 @@ class CacheLayout:
     @property
     def triton(self) -> Path:
         return self.root / "triton"
+
+    @property
+    def autotune(self) -> Path:
+        return self.root / "autotune"
 
     @property
     def marker(self) -> Path:
