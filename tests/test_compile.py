@@ -56,6 +56,23 @@ def test_every_mode_matches_eager_on_tiny_unet_channels_last(mode: str, tmp_path
     assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_channels_last_input_conversion_is_not_a_compiled_frame() -> None:
+    # The input hook runs eagerly: one Dynamo frame (the model), and no recompiles when the
+    # same compiled module sees another batch (the hook's own guards used to recompile).
+    from torch._dynamo.utils import counters
+
+    model = TinyUNet().eval()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = difforge.compile(model, options={"memory_format": "channels_last", "dynamic": True})
+    with torch.no_grad():
+        for batch in (2, 3):
+            args = unet_inputs(batch=batch)
+            assert rel_err(compiled(*args), model(*args)) < FP32_TOL
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["frames"]["ok"] == 1
+
+
 def test_max_optimize_fires_fusion_and_o1_does_not() -> None:
     model, inputs = TinyDiT(depth=2).eval(), dit_inputs()
     _compile_and_check(model, inputs, {"mode": "O1"})

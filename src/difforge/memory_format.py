@@ -55,6 +55,10 @@ def apply_memory_format(module: nn.Module, name: str) -> int:
     converted = convert_conv_weights(module, name)
     fmt = _torch_format(name)
 
+    # Outside Dynamo: a pre-hook runs before the compiled forward, so Dynamo would trace
+    # it as a frame of its own, with its own guards (argument count, sizes) that recompile
+    # for every module and batch it sees; eagerly it is one layout copy per 4-D input.
+    @torch.compiler.disable
     def to_format(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return _convert_inputs(args, fmt), {k: _convert_inputs(v, fmt) for k, v in kwargs.items()}
 
