@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -343,7 +344,7 @@ def test_o2_sweep_compares_with_specialised_compiles(
     out = tmp_path / "spec.json"
     argv = ["--compiler", "difforge", "--compiler-config", '{"mode": "O2", "dynamic": true}']
     argv += ["--run_rare_resolutions", "--compare-specialized", "960x720", "--no-text-encoders"]
-    argv += ["--steps", "2", "--warmups", "1", "--runs", "1", "--no-progress"]
+    argv += ["--steps", "2", "--warmups", "1", "--runs", "2", "--no-progress"]
     assert bench.main([*argv, "--output-json", str(out)]) == 0
     (result,) = json.loads(out.read_text())["results"]
     sizes = result["resolutions"]
@@ -353,6 +354,11 @@ def test_o2_sweep_compares_with_specialised_compiles(
     first, second = sizes
     assert first["specialized_run_s"] > 0 and first["specialized_graphs"] >= 1
     assert first["vs_specialized"] == pytest.approx(first["run_s"] / first["specialized_run_s"])
+    # Both sides are medians of --runs timed calls, and neither compiled while timed.
+    assert len(first["runs_s"]) == 2 and len(first["specialized_runs_s"]) == 2
+    assert first["run_s"] == pytest.approx(statistics.median(first["runs_s"]))
+    assert first["recompiles_in_timed_runs"] == 0
+    assert first["specialized_recompiles_in_timed_runs"] == 0
     assert second["specialized_run_s"] is None and second["vs_specialized"] is None
     printed = capsys.readouterr().out
     assert "specialised (dynamic=False)" in printed and "dynamic/specialised" in printed

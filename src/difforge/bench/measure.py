@@ -48,9 +48,13 @@ class ResolutionResult:
     first_run_s: float | None = None
     """Wall time of the first call at this size, recompilation included."""
     run_s: float | None = None
-    """One more call at this size, after any recompilation."""
+    """Median of ``--runs`` more calls at this size, after any recompilation."""
+    runs_s: list[float] = field(default_factory=list)
+    """Each of those calls (device time)."""
     recompiles: int | None = None
     """Graphs Dynamo compiled during the first call (0: the compiled code was reused)."""
+    recompiles_in_timed_runs: int | None = None
+    """Graphs compiled during the timed calls; anything but 0 spoils ``run_s``."""
     memory_reserved_bytes: int | None = None
     """CUDA memory the caching allocator holds after this size (graph pools included), to
     show whether memory stays bounded across sizes; ``None`` on the CPU."""
@@ -62,9 +66,12 @@ class ResolutionResult:
     """``--compare-specialized``: first call of a fresh pipeline compiled with
     ``dynamic=False`` at this size alone (its compilation included)."""
     specialized_run_s: float | None = None
-    """One more call of that specialised pipeline."""
+    """Median of ``--runs`` more calls of that specialised pipeline."""
+    specialized_runs_s: list[float] = field(default_factory=list)
     specialized_graphs: int | None = None
     """Graphs the specialised compilation made."""
+    specialized_recompiles_in_timed_runs: int | None = None
+    """Graphs the specialised pipeline compiled during its timed calls (should be 0)."""
     specialized_error: str | None = None
 
     @property
@@ -195,7 +202,8 @@ def calls_per_compiler(config: BenchConfig) -> int:
     sweeps = len(MULTIPLE_RESOLUTIONS) * config.multiple_resolutions
     sweeps += len(RARE_RESOLUTIONS) * config.rare_resolutions
     # + 1: the untimed quality run that keeps the image and the latents.
-    return config.warmups + config.runs + 1 + 2 * sweeps + 2 * len(specialized_sizes(config))
+    per_size = 1 + config.runs  # the first call (recompiles show), then the timed ones
+    return config.warmups + config.runs + 1 + per_size * (sweeps + len(specialized_sizes(config)))
 
 
 def specialized_sizes(config: BenchConfig) -> list[tuple[int, int]]:
@@ -239,6 +247,13 @@ def device_time(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
     end.record()
     torch.cuda.synchronize(device)
     return start.elapsed_time(end) / 1000.0, out
+
+
+def timed_runs(fn: Callable[[], Any], device: torch.device, runs: int) -> tuple[list[float], int]:
+    """``runs`` device-timed calls of ``fn`` and the graphs Dynamo compiled during them."""
+    before = unique_graphs()
+    times = [device_time(fn, device)[0] for _ in range(max(1, runs))]
+    return times, unique_graphs() - before
 
 
 def fresh_state(device: torch.device) -> None:
@@ -318,8 +333,9 @@ def measure_resolutions(
     sizes: tuple[tuple[int, int], ...],
     result: CompilerResult,
     progress: Progress,
+    runs: int = 1,
 ) -> None:
-    """Run each size twice: the first call shows recompilation, the second the speed."""
+    """Run each size once to show recompilation, then ``runs`` times for the speed."""
     extra = workload.sweep_kwargs()
     for (req_h, req_w), (height, width) in sweep_sizes(workload, sizes):
         entry = ResolutionResult(kind, f"{req_h}x{req_w}", height, width)
@@ -335,7 +351,8 @@ def measure_resolutions(
             entry.first_run_s, _ = wall_time(call, workload.device)
             entry.recompiles = unique_graphs() - before
             progress.advance()
-            entry.run_s, _ = device_time(call, workload.device)
+            entry.runs_s, entry.recompiles_in_timed_runs = timed_runs(call, workload.device, runs)
+            entry.run_s = statistics.median(entry.runs_s)
             progress.advance()
             entry.graph_captures = difforge_counters["cudagraphs.capture"] - captures
             if workload.device.type == "cuda":
@@ -355,9 +372,14 @@ def resolution_line(compiler: str, r: ResolutionResult) -> str:
         if r.memory_reserved_bytes is None
         else f", {r.memory_reserved_bytes / 2**30:.2f} GiB reserved"
     )
+    spoiled = (
+        f" ({r.recompiles_in_timed_runs} graphs compiled while timing)"
+        if r.recompiles_in_timed_runs
+        else ""
+    )
     return (
         f"[{compiler}] {size}: first run {r.first_run_s:.3f} s with {r.recompiles} "
-        f"recompiled graphs, then {r.run_s:.4f} s{memory}"
+        f"recompiled graphs, then {r.run_s:.4f} s (median of {len(r.runs_s)}){spoiled}{memory}"
     )
 
 
@@ -369,8 +391,8 @@ def measure_specialized(
     restore: Callable[[], None],
 ) -> None:
     """For each chosen sweep size: put the original modules back, compile them again with
-    ``dynamic=False``, run twice at that size only (first run compiles), and record the
-    times next to the dynamic pipeline's. ``restore`` puts the original modules back."""
+    ``dynamic=False``, run at that size only (the first run compiles, then ``--runs``
+    timed ones), and record the times next to the dynamic pipeline's. ``restore`` puts the original modules back."""
     chosen = {f"{h}x{w}" for h, w in specialized_sizes(config)}
     extra = workload.sweep_kwargs()
     for entry in result.resolutions:
@@ -401,7 +423,10 @@ def measure_specialized(
             entry.specialized_first_run_s, _ = wall_time(call, workload.device)
             entry.specialized_graphs = unique_graphs() - before
             progress.advance()
-            entry.specialized_run_s, _ = device_time(call, workload.device)
+            entry.specialized_runs_s, entry.specialized_recompiles_in_timed_runs = timed_runs(
+                call, workload.device, config.runs
+            )
+            entry.specialized_run_s = statistics.median(entry.specialized_runs_s)
             progress.advance()
         entry.specialized_error = failure.error
         progress.write(specialized_line(result.compiler, entry))
@@ -416,8 +441,9 @@ def specialized_line(compiler: str, r: ResolutionResult) -> str:
     return (
         f"[{compiler}] {size} specialised (dynamic=False): first run "
         f"{r.specialized_first_run_s:.3f} s ({r.specialized_graphs} graphs), then "
-        f"{r.specialized_run_s:.4f} s; dynamic {r.run_s:.4f} s = "
-        f"{r.vs_specialized:.3f}x the specialised time"
+        f"{r.specialized_run_s:.4f} s (median of {len(r.specialized_runs_s)}"
+        f"{', graphs compiled while timing' if r.specialized_recompiles_in_timed_runs else ''}"
+        f"); dynamic {r.run_s:.4f} s = {r.vs_specialized:.3f}x the specialised time"
     )
 
 
@@ -471,9 +497,11 @@ def run_compiler(
         if on_steady is not None:
             on_steady(result)
         if config.multiple_resolutions:
-            measure_resolutions(run, "multiple", MULTIPLE_RESOLUTIONS, result, progress)
+            measure_resolutions(
+                run, "multiple", MULTIPLE_RESOLUTIONS, result, progress, config.runs
+            )
         if config.rare_resolutions:
-            measure_resolutions(run, "rare", RARE_RESOLUTIONS, result, progress)
+            measure_resolutions(run, "rare", RARE_RESOLUTIONS, result, progress, config.runs)
         if config.specialized is not None and compiler != "none" and restore is not None:
             measure_specialized(workload, config, result, progress, restore)
     return result
