@@ -21,12 +21,17 @@ Each case runs in child processes so that no case inherits another's compiled co
 ``--regional`` takes ``off``, ``nested``, ``blocks`` (``compile.regional``, see
 difforge.regional); every mode runs once per value. Each step also reports its median
 time (``--step-runs``) so a regional compile can be checked for "no loss of speed".
+``--profile-warm N`` runs the warm-new phase under cProfile and keeps its N most costly
+functions (own time and cumulative), to say which parts of a warm start are one-time
+process costs and which are re-tracing.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import shutil
 import subprocess
 import sys
@@ -63,6 +68,8 @@ class Phase:
     breakdown: dict[str, float] = field(default_factory=dict)
     """Seconds per compiler phase (Dynamo's own timers, the largest few), to say where a
     warm start's time goes."""
+    profile: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """``--profile-warm``: the costliest functions by own time and by cumulative time."""
 
 
 @dataclass
@@ -173,6 +180,25 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
     )
 
 
+def _profile_rows(profiler: cProfile.Profile, top: int) -> dict[str, list[dict[str, Any]]]:
+    """The ``top`` functions by own and by cumulative time: seconds, calls, where."""
+    stats = pstats.Stats(profiler)
+    rows = [
+        {
+            "function": f"{Path(file).name}:{line}({name})",
+            "path": file,
+            "calls": calls,
+            "own_s": round(own, 4),
+            "cumulative_s": round(cumulative, 4),
+        }
+        for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items()  # type: ignore[attr-defined]
+    ]
+    return {
+        key: sorted(rows, key=lambda r: r[key], reverse=True)[:top]
+        for key in ("own_s", "cumulative_s")
+    }
+
+
 def _median_ms(compiled: Any, call: Any, device: torch.device, runs: int) -> float | None:
     if runs <= 0:
         return None
@@ -194,7 +220,14 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     module, call = _build(spec, device)
     built = time.time()
     first, *rest = spec["phases"]
-    phases = {first: asdict(_phase(module, call, spec, device))}
+    profiler = cProfile.Profile() if spec.get("profile_top") else None
+    if profiler is not None:
+        profiler.enable()
+    phase = _phase(module, call, spec, device)
+    if profiler is not None:
+        profiler.disable()
+        phase.profile = _profile_rows(profiler, int(spec["profile_top"]))
+    phases = {first: asdict(phase)}
     first_step = time.time()
     phases.update({name: asdict(_phase(module, call, spec, device)) for name in rest})
     return {
@@ -258,7 +291,12 @@ def bench_case(
     }
     try:
         cold = _spawn({**spec, "phases": ["cold", "warm-same"]}, args.timeout)
-        new = _spawn({**spec, "phases": ["warm-new"], "step_runs": args.step_runs}, args.timeout)
+        warm = {
+            "phases": ["warm-new"],
+            "step_runs": args.step_runs,
+            "profile_top": args.profile_warm,
+        }
+        new = _spawn({**spec, **warm}, args.timeout)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         result.error = f"{type(exc).__name__}: {str(exc)[:1500]}"
         return result
@@ -354,6 +392,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=10,
         help="timed steps after the warm-new compile (median reported; 0 = skip)",
+    )
+    parser.add_argument(
+        "--profile-warm",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cProfile the warm-new compile; keep its N costliest functions (0 = off)",
     )
     parser.add_argument("--cache-root", default=None, help="where the per-case folders go")
     parser.add_argument("--keep-cache", action="store_true", help="keep the temporary root")
