@@ -18,6 +18,7 @@ from torch import nn
 import difforge
 from difforge.errors import OptionsError
 from difforge.graph_pool import CudaCapturer, GraphPool, graphs_of, reset_graphs
+from difforge.module_watch import ModuleWatch
 from difforge.options import parse_options
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -184,6 +185,53 @@ def test_reset_drops_every_graph() -> None:
     assert len(pool) == 0
     pool(torch.randn(2))
     assert difforge.counters["cudagraphs.capture"] == 3
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Scale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + 1
+
+
+def _watched() -> tuple[GraphPool, Two]:
+    module = Two()
+    pool = GraphPool(module, max_graphs=4, capturer=FakeCapturer(), watch=ModuleWatch(module))
+    return pool, module
+
+
+@torch.no_grad()
+def test_replacing_a_parameter_or_submodule_drops_the_graphs() -> None:
+    pool, module = _watched()
+    x = torch.randn(2)
+    pool(x)
+    pool(x)
+    assert difforge.counters["cudagraphs.capture"] == 1
+    module.inner.weight = nn.Parameter(torch.tensor(5.0))  # new memory: old graphs are stale
+    torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.invalidated"] == 1
+    assert difforge.counters["cudagraphs.capture"] == 2
+    module.inner = Scale()  # a swapped sub-module (a LoRA layer, a fused projection)
+    torch.testing.assert_close(pool(x), module(x))
+    module.inner.weight = nn.Parameter(torch.tensor(7.0))  # the new sub-module is watched too
+    torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.invalidated"] == 3
+    assert difforge.counters["cudagraphs.capture"] == 4
+
+
+@torch.no_grad()
+def test_in_place_updates_and_other_modules_keep_the_graphs() -> None:
+    pool, module = _watched()
+    x = torch.randn(2)
+    pool(x)
+    module.inner.weight.mul_(2)  # same memory: a replay reads the new value
+    Scale().weight = nn.Parameter(torch.tensor(1.0))  # another model entirely
+    torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.invalidated"] == 0
+    assert difforge.counters["cudagraphs.capture"] == 1
+    assert difforge.counters["cudagraphs.replay"] == 1
 
 
 def test_max_graphs_must_be_positive() -> None:

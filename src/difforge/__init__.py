@@ -21,6 +21,7 @@ from difforge.dynamic import apply_shape_adapters
 from difforge.errors import DifforgeError, OptionsError, PassError
 from difforge.graph_pool import GraphPool, graphs_of, requires_grad, reset_graphs, with_graph_pool
 from difforge.memory_format import apply_memory_format
+from difforge.module_watch import ModuleWatch
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
 from difforge.quant.auto import swap_fp8_linears
@@ -185,6 +186,7 @@ def compile(
             max_graphs=int(config.settings["cudagraphs.max_graphs"]),
             name=name,
             grad_sensitive=grad_sensitive,
+            watch=ModuleWatch(module) if isinstance(module, nn.Module) else None,
         ),
     )
 

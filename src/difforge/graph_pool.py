@@ -25,8 +25,11 @@ inputs on the CPU, gradients wanted, non-tensor arguments that are not plain val
 outputs torch's pytree cannot take apart, or a capture that failed (each warned once).
 
 What a graph cannot see: state outside its arguments. Parameters updated in place are
-fine (same memory); replacing a module's parameters or sub-modules (a LoRA load, a new
-attention processor) after capture needs :meth:`GraphPool.reset` (``difforge.reset_graphs``).
+fine (same memory). Replacing a module's parameters, buffers or sub-modules (a LoRA load,
+fused projections) drops every graph before the next call, which then captures afresh
+(:mod:`difforge.module_watch`). Changes no registration shows (``param.data = other``, a
+new attention processor object, a LoRA scale) need :meth:`GraphPool.reset`
+(``difforge.reset_graphs``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from difforge.entry import wrap_entry
+from difforge.module_watch import ModuleWatch
 from difforge.passes import counters
 
 log = logging.getLogger(__name__)
@@ -104,6 +108,8 @@ class GraphPool:
     capturer: Capturer = field(default_factory=CudaCapturer)
     grad_sensitive: bool = True
     """Whether ``fn`` has parameters that need gradients (then grad mode runs eagerly)."""
+    watch: ModuleWatch | None = None
+    """The compiled module's changes; every graph is dropped when it reports one."""
 
     def __post_init__(self) -> None:
         if self.max_graphs < 1:
@@ -111,10 +117,18 @@ class GraphPool:
         self._entries: collections.OrderedDict[Hashable, _Entry] = collections.OrderedDict()
         self._failed: set[Hashable] = set()
         self._warned: set[str] = set()
+        self._generation = self.watch.generation if self.watch is not None else 0
 
     # ------------------------------------------------------------------ public
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.watch is not None and self.watch.generation != self._generation:
+            # A weight or sub-module was replaced: graphs hold the old memory.
+            self._generation = self.watch.generation
+            if self._entries or self._failed:
+                self.reset()
+                counters["cudagraphs.invalidated"] += 1
+                log.info("difforge cudagraphs: %s changed; its graphs were dropped", self.name)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._signature(leaves, spec)
         if key is None or key in self._failed:

@@ -1,0 +1,78 @@
+"""Notice when a compiled module's parameters, buffers or sub-modules are replaced.
+
+A CUDA graph bakes in the memory of every weight it read. Dynamo would recompile when a
+module changes (its guards see a new parameter or sub-module), but a graph replay never
+asks Dynamo, so :mod:`difforge.graph_pool` must learn of such changes another way. torch
+calls global registration hooks whenever a parameter, buffer or sub-module is assigned to
+any module (``m.weight = nn.Parameter(...)``, ``register_buffer``, a LoRA layer swapped in,
+``fuse_qkv_projections`` adding a fused linear); a :class:`ModuleWatch` counts those that
+land in its module's tree.
+
+Not seen (no registration happens): in-place updates, which graphs see anyway (same
+memory); ``param.data = other`` (new memory behind the same Parameter); plain attributes
+such as diffusers attention processors or a LoRA scale. After those, call
+``difforge.reset_graphs(compiled)``.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from torch import nn
+from torch.nn.modules import module as module_hooks
+
+_lock = threading.Lock()
+_watches: weakref.WeakSet[ModuleWatch] = weakref.WeakSet()
+_installed = False
+
+
+class ModuleWatch:
+    """A generation number of ``root``'s tree that grows at each parameter, buffer or
+    sub-module assignment inside it."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.generation = 0
+        self._modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._add(root)
+        with _lock:
+            _install_hooks()
+            _watches.add(self)
+
+    def _add(self, module: nn.Module) -> None:
+        for sub in module.modules():
+            try:
+                self._modules.add(sub)
+            except TypeError:  # a module class without identity hashing: cannot be watched
+                continue
+
+    def _saw(self, module: nn.Module, value: Any) -> None:
+        if module in self._modules:
+            self.generation += 1
+            if isinstance(value, nn.Module):
+                self._add(value)  # its own later changes count too
+
+
+def _on_registration(module: nn.Module, name: str, value: Any) -> None:
+    # Runs for every assignment to any module in the process (model construction too):
+    # a membership test per live watch, and None so the assigned value is unchanged.
+    for watch in list(_watches):
+        try:
+            watch._saw(module, value)
+        except TypeError:
+            continue
+    return None
+
+
+def _install_hooks() -> None:
+    global _installed
+    if _installed:
+        return
+    module_hooks.register_module_parameter_registration_hook(_on_registration)
+    module_hooks.register_module_buffer_registration_hook(_on_registration)
+    module_hooks.register_module_module_registration_hook(_on_registration)
+    _installed = True
+
+
+__all__ = ["ModuleWatch"]
