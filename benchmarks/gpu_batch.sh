@@ -14,7 +14,8 @@
 #            3 timed runs a size; caches under .gpu-cache/ so a timed-out first call
 #            leaves the second one warm (the cold dynamic compile takes > 9 min)   ~10 min
 #   misc     new GPU tests (autotune buckets, graph pool), PixArt O2 warm start under
-#            cProfile, FLUX.1-dev O2 nested compile times                         ~9 min
+#            cProfile, FLUX.1-dev O2 nested compile times                        ~11 min
+#   wprof    PixArt O2 warm start under cProfile alone                            ~5 min
 #   o2cg     SDXL UNet and PixArt-XL steps: compile vs O2 vs O2 + CUDA graphs (trees,
 #            pooled) and the UNet in its own memory format                     ~9 min
 #   fp8      O3 with/without the fp8 swap (and all sizes) on PixArt and SD3     ~9 min
@@ -29,7 +30,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|o2cg|misc|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -87,10 +88,14 @@ case "$part" in
       --run_multiple_resolutions --run_rare_resolutions \
       --compare-specialized "${SDXL_SPECIALIZED:-1024x1024}" \
       --steps 20 --warmups 1 --runs 3 --output-json "$out/t2i_sdxl_dynamic.json" ;;
+  wprof)
+    run 560 compile_pixart_profile python3 benchmarks/bench_compile.py \
+      --models pixart-xl-2-1024 --modes O2 --step-runs 0 --profile-warm 40 \
+      --output-json "$out/compile_pixart_profile.json" ;;
   misc)
     run 150 gpu_tests_misc python3 -m pytest -m gpu tests/test_autotune_buckets.py \
       tests/test_graph_pool.py -q -p no:cacheprovider -rs
-    run 150 compile_pixart_profile python3 benchmarks/bench_compile.py \
+    run 330 compile_pixart_profile python3 benchmarks/bench_compile.py \
       --models pixart-xl-2-1024 --modes O2 --step-runs 0 --profile-warm 40 \
       --output-json "$out/compile_pixart_profile.json"
     run 270 compile_flux_o2 python3 benchmarks/bench_compile.py --models flux-dev \
