@@ -405,3 +405,25 @@ def test_step_measurement_on_tiny_pixart() -> None:
     assert all(r.error is None and r.median_ms and r.median_ms > 0 for r in results.values())
     assert results["eager"].rel_err_vs_fp32 == 0.0
     assert results["O1"].rel_err_vs_fp32 is not None and results["O1"].rel_err_vs_fp32 < 1e-5
+
+
+def test_step_variants_each_start_from_the_built_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channels_last variant re-lays the shared module's conv weights in place; the next
+    variant (here stock compile, then a 'preserve' one) must see the preset's NCHW weights."""
+    from difforge.bench import step
+
+    seen: list[tuple[str, bool]] = []
+    real = step._compile
+
+    def spy(module, variant, extra, preset_name):  # type: ignore[no-untyped-def]
+        conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+        seen.append((variant.partition("=")[0], conv.weight.is_contiguous()))
+        return real(module, variant, extra, preset_name)
+
+    monkeypatch.setattr(step, "_compile", spy)
+    argv = ["--models", "tiny-sdxl", "--height", "64", "--width", "64", "--warmup", "0"]
+    argv += ["--iters", "1", "--dtype", "float32", "--no-fp32-reference", "--variants"]
+    argv += ['cl={"mode": "O1", "memory_format": "channels_last"};eager;keep={"mode": "O1"}']
+    results = step.bench_model("tiny-sdxl", step.parse_args(argv), torch.device("cpu"), {})
+    assert all(r.error is None for r in results)
+    assert seen == [("cl", True), ("eager", True), ("keep", True)]

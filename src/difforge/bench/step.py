@@ -34,6 +34,7 @@ from difforge.diffusers.step_inputs import (
     vae_decode_inputs,
 )
 from difforge.kernels import attention_select
+from difforge.memory_format import apply_memory_format, convert_conv_weights
 from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
 from difforge.quant.auto import swap_report
 
@@ -308,6 +309,11 @@ def bench_model(
     results = []
     for variant in args.variants:
         torch._dynamo.reset()
+        if isinstance(module, nn.Module):
+            # A channels_last variant re-lays the shared module's conv weights in place and
+            # hooks its inputs; every variant starts from the layout the preset built.
+            apply_memory_format(module, "preserve")
+            convert_conv_weights(module, "contiguous")
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
