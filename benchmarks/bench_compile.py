@@ -182,7 +182,8 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
 
 def _profile_rows(profiler: cProfile.Profile, top: int) -> dict[str, list[dict[str, Any]]]:
     """The ``top`` functions by own and by cumulative time: seconds, calls, where."""
-    stats = pstats.Stats(profiler)
+    # pstats keeps its table in an undocumented attribute: (file, line, name) -> counts.
+    table = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     rows = [
         {
             "function": f"{Path(file).name}:{line}({name})",
@@ -191,7 +192,7 @@ def _profile_rows(profiler: cProfile.Profile, top: int) -> dict[str, list[dict[s
             "own_s": round(own, 4),
             "cumulative_s": round(cumulative, 4),
         }
-        for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items()  # type: ignore[attr-defined]
+        for (file, line, name), (_, calls, own, cumulative, _) in table.items()
     ]
     return {
         key: sorted(rows, key=lambda r: r[key], reverse=True)[:top]

@@ -392,7 +392,8 @@ def measure_specialized(
 ) -> None:
     """For each chosen sweep size: put the original modules back, compile them again with
     ``dynamic=False``, run at that size only (the first run compiles, then ``--runs``
-    timed ones), and record the times next to the dynamic pipeline's. ``restore`` puts the original modules back."""
+    timed ones), and record the times next to the dynamic pipeline's. ``restore`` puts the
+    original modules back."""
     chosen = {f"{h}x{w}" for h, w in specialized_sizes(config)}
     extra = workload.sweep_kwargs()
     for entry in result.resolutions:
