@@ -27,10 +27,14 @@
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
 #            O2:cudagraphs + dynamic, difforge's pooled CUDA graphs (POOL_IMPLS)    ~9 min
+#   o2dit    graph-pool GPU tests, then PixArt-XL and SD3-medium steps: compile vs O2
+#            without graphs (max-optimize) vs O2 (max-optimize + pooled CUDA graphs)  ~9 min
+#   o2unet   SDXL UNet step and SDXL VAE decode, the same three (channels_last)     ~9 min
+#   o2flux   FLUX.1-dev step, the same three                                       ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -151,6 +155,23 @@ case "$part" in
         --run_multiple_resolutions --run_rare_resolutions --steps 20 --warmups 1 --runs 2 \
         --output-json "$out/t2i_pixart_cg_$impl.json"
     done ;;
+  o2dit)
+    run 100 gpu_tests_graphs python3 -m pytest -m gpu tests/test_graph_pool.py tests/test_gpu.py \
+      -q -p no:cacheprovider -k "graph or cudagraph or pool"
+    run 480 step_o2_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
+      --variants 'compile;O2-nocg={"mode":"max-optimize"};O2' --profile \
+      --output-json "$out/step_o2_dit.json" ;;
+  o2unet)
+    V='compile;O2-nocg={"mode":"max-optimize","memory_format":"channels_last"}'
+    V+=';O2={"mode":"O2","memory_format":"channels_last"}'
+    run 380 step_o2_unet python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_o2_unet.json"
+    run 200 step_o2_vae python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
+      --variants "$V" --profile --output-json "$out/step_o2_vae.json" ;;
+  o2flux)
+    run 570 step_o2_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants 'compile;O2-nocg={"mode":"max-optimize"};O2' --profile \
+      --output-json "$out/step_o2_flux.json" ;;
   quality)
     run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
       --no-progress --output-json "$out/quality_pixart.json" ;;

@@ -87,14 +87,22 @@ def test_max_optimize_fires_fusion_and_o1_does_not() -> None:
     assert patches["aggressive_fusion"] is True
 
 
-def test_cudagraphs_mode_asks_inductor_for_cudagraphs() -> None:
+def test_cudagraphs_trees_impl_asks_inductor_for_cudagraphs() -> None:
     # On the CPU Inductor must decline CUDA graphs and count the skip: that proves
     # the mode reached it. The GPU test checks that graphs are really replayed.
     _compile_and_check(TinyDiT().eval(), dit_inputs(), {"mode": "O1"})
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
     torch._dynamo.reset()
-    _compile_and_check(TinyDiT().eval(), dit_inputs(), {"mode": "cudagraphs"})
+    trees = {"mode": "cudagraphs", "cudagraphs.impl": "trees"}
+    _compile_and_check(TinyDiT().eval(), dit_inputs(), trees)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] >= 1
+
+
+def test_cudagraphs_default_impl_leaves_inductor_graphs_off() -> None:
+    # difforge's graph pool records the whole call; Inductor must not record inside it.
+    _compile_and_check(TinyDiT().eval(), dit_inputs(), {"mode": "cudagraphs"})
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+    assert difforge.compile_records[-1].inductor_patches["triton.cudagraphs"] is False
 
 
 class _ConfigSpy(CustomGraphPass):
@@ -239,7 +247,7 @@ def test_nexfort_alias_and_passthrough_backends() -> None:
         ref = model(*inputs)
         out = difforge.compile(model, backend="nexfort", options='{"mode": "O2"}')(*inputs)
         assert rel_err(out, ref) < FP32_TOL
-        assert difforge.compile_records[-1].mode == "max-optimize"
+        assert difforge.compile_records[-1].mode == "max-optimize:cudagraphs"
         n_records = len(difforge.compile_records)
         torch._dynamo.reset()
         eager_backend = difforge.compile(model, backend="eager")(*inputs)
@@ -278,7 +286,7 @@ def test_torch_compile_backend_string_with_options() -> None:
     compiled = torch.compile(model, backend="difforge", options={"mode": "O2"})
     with torch.no_grad():
         assert rel_err(compiled(*inputs), model(*inputs)) < FP32_TOL
-    assert difforge.compile_records[-1].mode == "max-optimize"
+    assert difforge.compile_records[-1].mode == "max-optimize:cudagraphs"
     assert difforge.counters["fuse_qkv"] > 0
 
 

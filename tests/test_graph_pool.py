@@ -246,8 +246,11 @@ def test_max_graphs_must_be_positive() -> None:
     ("options", "impl"),
     [
         ({"mode": "O3", "dynamic": True}, "pooled"),
-        ({"mode": "O3"}, "trees"),
-        ({"mode": "O2"}, None),
+        ({"mode": "O3"}, "pooled"),
+        ({"mode": "O2"}, "pooled"),
+        ({"mode": "O1"}, None),
+        ({"mode": "max-optimize"}, None),
+        ({"mode": "O2", "cudagraphs.impl": "trees"}, "trees"),
         ({"mode": "O3", "dynamic": True, "cudagraphs.impl": "trees"}, "trees"),
         ({"mode": "O2:cudagraphs", "cudagraphs.impl": "pooled"}, "pooled"),
     ],
@@ -293,10 +296,51 @@ def test_compile_with_dynamic_cudagraphs_routes_calls_through_a_pool() -> None:
     assert difforge.compile_records[-1].inductor_patches["triton.cudagraphs"] is False
 
 
-def test_static_compile_keeps_inductor_cudagraph_trees() -> None:
-    compiled = difforge.compile(Scale(), options={"mode": "O2:cudagraphs"})
+@torch.no_grad()
+def test_static_o2_compile_routes_calls_through_a_pool() -> None:
+    compiled = difforge.compile(Scale(), options={"mode": "O2"})
+    assert isinstance(graphs_of(compiled), GraphPool)
+    x = torch.randn(4)
+    compiled(x)
+    assert difforge.compile_records[-1].inductor_patches["triton.cudagraphs"] is False
+
+
+def test_trees_impl_keeps_inductor_cudagraph_trees() -> None:
+    compiled = difforge.compile(Scale(), options={"mode": "O2", "cudagraphs.impl": "trees"})
     assert graphs_of(compiled) is None
     assert reset_graphs(compiled) is False
+
+
+@torch.no_grad()
+def test_a_new_signature_every_call_stops_capturing_with_one_warning() -> None:
+    pool, module = _pool(max_graphs=2)
+    x = torch.randn(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(10):  # a float argument that changes per call: nothing ever replays
+            torch.testing.assert_close(pool(x, shift=float(i)), module(x, shift=float(i)))
+    # 2 kept + 2 x max_graphs evicted unreplayed, then no more captures
+    assert difforge.counters["cudagraphs.capture"] == 6
+    assert difforge.counters["cudagraphs.thrashing"] == 1
+    assert difforge.counters["cudagraphs.eager_call"] == 4
+    assert sum("without a single replay" in str(w.message) for w in caught) == 1
+    # A kept graph replays again, and with it capturing resumes.
+    torch.testing.assert_close(pool(x, shift=5.0), module(x, shift=5.0))
+    assert difforge.counters["cudagraphs.replay"] == 1
+    pool(x, shift=42.0)
+    assert difforge.counters["cudagraphs.capture"] == 7
+
+
+@torch.no_grad()
+def test_signatures_that_come_back_never_count_as_thrashing() -> None:
+    pool, module = _pool(max_graphs=2)
+    sizes = [torch.randn(n) for n in (1, 2, 3, 4, 5)]
+    for _ in range(4):  # each size evicted before it comes back, but every call replays once
+        for x in sizes:
+            torch.testing.assert_close(pool(x), module(x))
+            torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.thrashing"] == 0
+    assert difforge.counters["cudagraphs.capture"] == 20
 
 
 # ---------------------------------------------------------------------------- GPU
@@ -326,6 +370,26 @@ def test_gpu_pool_replays_real_graphs_and_bounds_memory() -> None:
     assert difforge.counters["cudagraphs.capture"] == 4 * len(sizes)
     assert difforge.counters["cudagraphs.evict"] == 4 * len(sizes) - 2
     assert difforge.counters["cudagraphs.replay"] == 3 * len(sizes)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_two_modules_share_one_pool_and_keep_their_results() -> None:
+    # A pipeline's denoiser and VAE: separate pools of graphs in one memory pool, replayed
+    # one after the other; each output must survive the other module's replays.
+    device = torch.device("cuda")
+    first = nn.Sequential(nn.Linear(64, 512), nn.GELU(), nn.Linear(512, 64)).to(device).half()
+    second = nn.Sequential(nn.Linear(64, 1024), nn.SiLU(), nn.Linear(1024, 32)).to(device).half()
+    pools = GraphPool(first, max_graphs=2, name="a"), GraphPool(second, max_graphs=2, name="b")
+    for step in range(4):
+        x = torch.randn(300 + step % 2, 64, device=device, dtype=torch.half)
+        y = pools[0](x)
+        z = pools[1](y)
+        torch.testing.assert_close(y, first(x))  # after the second module's replay
+        torch.testing.assert_close(z, second(y))
+    assert difforge.counters["cudagraphs.capture"] == 4
+    assert difforge.counters["cudagraphs.replay"] == 4
 
 
 @requires_cuda

@@ -41,7 +41,7 @@ def test_presets_expand_and_combine_with_modes() -> None:
         "low-precision",
     )
     preset, modes = parse_mode("O2:cache-all")
-    assert preset == "O2" and set(modes) == {"max-optimize", "cache-all"}
+    assert preset == "O2" and set(modes) == {"max-optimize", "cudagraphs", "cache-all"}
     assert set(PRESETS) == {"O1", "O2", "O3"}
 
 

@@ -8,15 +8,22 @@ one for the life of the process; a server that sees many resolutions needs a bou
   arguments) gets one graph of the *whole* call: Dynamo's guards, graph breaks and the
   Python between compiled regions are replayed as part of it, so a replay costs one input
   copy, one ``cudaGraphLaunch`` and one output copy;
-- every graph is captured into one shared memory pool, so memory is bounded by the
-  largest graph's working set plus what the kept graphs hold (their static inputs and
-  outputs), not by the sum of every graph ever captured;
+- every graph is captured into one memory pool per device, shared by every pool of the
+  process (a pipeline's denoiser and VAE included), so memory is bounded by the largest
+  graph's working set plus what the kept graphs hold (their static inputs and outputs), not
+  by the sum of every graph ever captured;
 - at most ``max_graphs`` graphs are kept; the least recently used one is evicted (and its
   memory returned to the pool) before a new one is captured.
 
 Sharing one pool is safe because nothing a replay leaves behind in the pool is read later:
 inputs are copied into static buffers allocated outside the pool, and outputs are copied
 out right after each replay, before another graph can reuse that memory for its scratch.
+It assumes replays do not overlap: one thread (one stream) drives the compiled modules of
+a device at a time, as a diffusers pipeline does.
+
+A pool that evicts ``2 * max_graphs`` never-replayed graphs with no replay in between
+(every call brings a new signature, e.g. a non-tensor argument that changes per call)
+stops capturing, with one warning: capturing every call costs more than it saves.
 
 A new signature costs one ordinary call (which compiles if Dynamo must, and warms up
 lazy state: cuBLAS handles, autotuning, lazily built caches) plus one capture; its result
@@ -67,20 +74,30 @@ class Capturer(Protocol):
         ...
 
 
-class CudaCapturer:
-    """``torch.cuda.CUDAGraph`` captures into one shared memory pool."""
+#: One memory pool per CUDA device, shared by every GraphPool of the process: a pipeline's
+#: denoiser and VAE replay one after the other, so the pool holds the larger working set,
+#: not their sum (the argument that makes sharing safe is the module docstring's).
+_DEVICE_POOLS: dict[int, Any] = {}
 
-    def __init__(self) -> None:
-        self._pool: Any = None
+
+def shared_memory_pool(device: int) -> Any:
+    """The process's CUDA-graph memory pool for ``device`` (made at first use)."""
+    if device not in _DEVICE_POOLS:
+        with torch.cuda.device(device):
+            _DEVICE_POOLS[device] = torch.cuda.graph_pool_handle()
+    return _DEVICE_POOLS[device]
+
+
+class CudaCapturer:
+    """``torch.cuda.CUDAGraph`` captures into the process's shared pool of the device."""
 
     def accepts(self, tensor: torch.Tensor) -> bool:
         return tensor.is_cuda
 
     def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        pool = shared_memory_pool(torch.cuda.current_device())
+        with torch.cuda.graph(graph, pool=pool):
             outputs = fn()
         return graph.replay, outputs
 
@@ -93,6 +110,7 @@ class _Entry:
     out_spec: pytree.TreeSpec
     static_views: list[torch.Tensor] = field(default_factory=list)
     """The inputs' writable views (:func:`_distinct`), what each replay copies into."""
+    replays: int = 0
 
     def __post_init__(self) -> None:
         self.static_views = [_distinct(t) for t in self.static_inputs]
@@ -117,6 +135,9 @@ class GraphPool:
         self._entries: collections.OrderedDict[Hashable, _Entry] = collections.OrderedDict()
         self._failed: set[Hashable] = set()
         self._warned: set[str] = set()
+        self._unreplayed_evictions = 0
+        """Never-replayed graphs evicted since the last replay; at 2 x max_graphs capturing
+        stops."""
         self._generation = self.watch.generation if self.watch is not None else 0
 
     # ------------------------------------------------------------------ public
@@ -136,12 +157,17 @@ class GraphPool:
             return self.fn(*args, **kwargs)
         entry = self._entries.get(key)
         if entry is None:
+            if self._thrashing():
+                counters["cudagraphs.eager_call"] += 1
+                return self.fn(*args, **kwargs)
             return self._capture(key, leaves, spec)
         self._entries.move_to_end(key)
         tensors = [_distinct(x) for x in leaves if isinstance(x, torch.Tensor)]
         if tensors:
             torch._foreach_copy_(entry.static_views, tensors)
         entry.replay()
+        entry.replays += 1
+        self._unreplayed_evictions = 0
         counters["cudagraphs.replay"] += 1
         outputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in entry.static_outputs]
         return pytree.tree_unflatten(outputs, entry.out_spec)
@@ -158,6 +184,7 @@ class GraphPool:
         afresh. Needed after changing the module in ways its arguments do not show."""
         self._entries.clear()
         self._failed.clear()
+        self._unreplayed_evictions = 0
 
     # ----------------------------------------------------------------- helpers
 
@@ -212,8 +239,9 @@ class GraphPool:
         # that may happen during a capture.
         result = self.fn(*args, **kwargs)
         while len(self._entries) >= self.max_graphs:
-            evicted, _ = self._entries.popitem(last=False)
+            evicted, old = self._entries.popitem(last=False)
             counters["cudagraphs.evict"] += 1
+            self._unreplayed_evictions += old.replays == 0
             log.info("difforge cudagraphs: %s evicted the graph for %s", self.name, evicted)
         try:
             replay, outputs = self.capturer.capture(functools.partial(self.fn, *args, **kwargs))
@@ -249,6 +277,21 @@ class GraphPool:
             "difforge cudagraphs: %s captured graph %d/%d", self.name, len(self), self.max_graphs
         )
         return result
+
+    def _thrashing(self) -> bool:
+        """Whether so many graphs were evicted unreplayed that capturing stops (warned once)."""
+        if self._unreplayed_evictions < 2 * self.max_graphs:
+            return False
+        if "thrash" not in self._warned:
+            counters["cudagraphs.thrashing"] += 1
+        self._warn_once(
+            "thrash",
+            f"difforge cudagraphs: {self.name} had {self._unreplayed_evictions} graphs evicted "
+            "without a single replay (each call brings new shapes, strides or non-tensor "
+            "argument values); it now runs without CUDA graphs (raise cudagraphs.max_graphs, "
+            "pass changing values as tensors, or call difforge.reset_graphs to try again)",
+        )
+        return True
 
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:

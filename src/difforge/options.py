@@ -33,7 +33,9 @@ MODES: tuple[str, ...] = (
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "O1": (),
-    "O2": ("max-optimize",),
+    # CUDA graphs are part of the precise tier: they change no math and remove the launch
+    # gaps (H100, SDXL UNet step 38.69 -> 32.43 ms against stock compile's 37.68).
+    "O2": ("max-optimize", "cudagraphs"),
     "O3": ("max-optimize", "low-precision", "cudagraphs"),
 }
 
@@ -102,7 +104,7 @@ MODE_DOCS: dict[str, str] = {
     "cache-all": "persist every compiled artifact under the difforge cache folder",
     "max-autotune": "benchmark GEMM/conv/Triton configs and keep the fastest (slow compile)",
     "max-optimize": "aggressive Inductor fusion and all exact difforge rewrites",
-    "cudagraphs": "replay the step as CUDA graphs to remove launch gaps: Inductor's cudagraph trees, or with dynamic shapes one graph per input signature in a shared pool, least recently used evicted (`cudagraphs.*`)",
+    "cudagraphs": 'replay each call as a CUDA graph to remove launch gaps: difforge records one graph per input signature in one shared memory pool, least recently used evicted (`cudagraphs.*`; Inductor\'s cudagraph trees through `torch.compile(backend="difforge")`)',
     "freezing": "fold weights into the graph as constants (inference only); a later in-place weight update raises until you recompile",
     "low-precision": "fp8 (e4m3) linears where the GPU has fp8 GEMMs (cc >= 8.9; swaps the module's nn.Linear in place, see `quant.*`), fp16/bf16 elementwise math, fast-math, TF32 matmuls",
 }
@@ -186,7 +188,8 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "trees (one graph per size, all kept); 'pooled' = difforge records the whole call once "
         "per input signature into one shared memory pool and keeps at most "
         "cudagraphs.max_graphs (least recently used evicted, difforge.graph_pool; needs "
-        "difforge.compile/compile_pipe); 'auto' = pooled with dynamic: true, else trees",
+        "difforge.compile/compile_pipe); 'auto' = pooled (torch.compile(backend='difforge') "
+        "cannot wrap the call, so Inductor's trees record there)",
     ),
     "cudagraphs.max_graphs": (
         8,
@@ -492,9 +495,7 @@ class CompileConfig:
         if not self.settings.get("inductor.triton.cudagraphs", False):
             return None
         impl = str(self.settings["cudagraphs.impl"])
-        if impl == "auto":
-            return "pooled" if self.dynamic is True else "trees"
-        return impl
+        return "pooled" if impl == "auto" else impl
 
     def without_inductor_cudagraphs(self) -> CompileConfig:
         """This config with Inductor's own CUDA graphs off (difforge's pool records them)."""
