@@ -7,6 +7,7 @@ GPU tests capture real graphs.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -390,6 +391,24 @@ def test_gpu_two_modules_share_one_pool_and_keep_their_results() -> None:
         torch.testing.assert_close(z, second(y))
     assert difforge.counters["cudagraphs.capture"] == 4
     assert difforge.counters["cudagraphs.replay"] == 4
+
+
+@requires_cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_pool_captures_after_every_earlier_graph_is_gone() -> None:
+    # The shared memory pool must outlive the graphs in it (a freed pool's id asserts).
+    device = torch.device("cuda")
+    net = nn.Linear(64, 64).to(device).half()
+    x = torch.randn(8, 64, device=device, dtype=torch.half)
+    for _ in range(2):
+        pool = GraphPool(net, max_graphs=1, name="linear")
+        pool(x)
+        torch.testing.assert_close(pool(x), net(x))
+        del pool
+        gc.collect()
+    assert difforge.counters["cudagraphs.capture"] == 2
+    assert difforge.counters["cudagraphs.capture_failed"] == 0
 
 
 @requires_cuda

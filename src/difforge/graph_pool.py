@@ -76,16 +76,24 @@ class Capturer(Protocol):
 
 #: One memory pool per CUDA device, shared by every GraphPool of the process: a pipeline's
 #: denoiser and VAE replay one after the other, so the pool holds the larger working set,
-#: not their sum (the argument that makes sharing safe is the module docstring's).
-_DEVICE_POOLS: dict[int, Any] = {}
+#: not their sum (the argument that makes sharing safe is the module docstring's). Each
+#: entry is (pool id, anchor graph).
+_DEVICE_POOLS: dict[int, tuple[Any, Any]] = {}
 
 
 def shared_memory_pool(device: int) -> Any:
     """The process's CUDA-graph memory pool for ``device`` (made at first use)."""
     if device not in _DEVICE_POOLS:
         with torch.cuda.device(device):
-            _DEVICE_POOLS[device] = torch.cuda.graph_pool_handle()
-    return _DEVICE_POOLS[device]
+            pool = torch.cuda.graph_pool_handle()
+            # The caching allocator frees a private pool, and forgets its id, once no graph
+            # uses it; a later capture into that id then fails an internal assert (H100,
+            # torch 2.11). A graph kept for the life of the process keeps the pool alive.
+            anchor = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(anchor, pool=pool):
+                torch.zeros(1, device=torch.device("cuda", device)).add_(1)
+        _DEVICE_POOLS[device] = (pool, anchor)
+    return _DEVICE_POOLS[device][0]
 
 
 class CudaCapturer:
