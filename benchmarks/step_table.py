@@ -19,24 +19,55 @@ from tabulate import tabulate
 RESULTS = Path(__file__).resolve().parent / "results"
 README = RESULTS.parent.parent / "README.md"
 
-#: Variant labels of the runs made before low-precision (so O3) swapped in fp8 linears.
-_BEFORE_FP8 = {"compile": "torch.compile", "O3": "O3 (before the fp8 swap)"}
+#: Until 2026-11-26's seventh session O2 was max-optimize without CUDA graphs; older files'
+#: "O2" rows are labelled by what they ran.
+_OLD_O2 = "O2 then (max-optimize, no graphs)"
 #: Runs with today's O3: fp8 linears, the GELU/fp8 rewrites.
-_WITH_FP8 = {"compile": "torch.compile", "O3": "O3 (fp8 linears)"}
-#: The VAE decode's A/B of this session's two rewrites (attention_wide_heads,
-#: group_norm_channels_last), every O variant in channels_last.
+_WITH_FP8 = {"compile": "torch.compile", "O2": _OLD_O2, "O3": "O3 (fp8 linears)"}
+#: Today's O2 (max-optimize + difforge's pooled CUDA graphs) against O2 without graphs.
+_O2_GRAPHS = {
+    "compile": "torch.compile",
+    "O2-nocg": "max-optimize (O2 without graphs)",
+    "O2": "O2 (max-optimize + CUDA graphs)",
+}
+#: The VAE decode's A/B of the two VAE rewrites (attention_wide_heads,
+#: group_norm_channels_last), every O variant in channels_last, O2 without graphs.
 _VAE_LABELS = {
     "compile": "torch.compile",
-    "O2-before": "O2 without the two VAE rewrites",
-    "O2-nogn": "O2 + attention_wide_heads",
-    "O2": "O2 (+ group_norm_channels_last)",
+    "O2-before": "max-optimize without the two VAE rewrites",
+    "O2-nogn": "max-optimize with attention_wide_heads only",
+    "O2": "max-optimize (+ group_norm_channels_last)",
     "O3": "O3",
 }
+_O2 = ("compile", "O2-nocg", "O2")
 
 #: (file, model, label, variants shown, their labels): one run per row group, every
 #: variant from that same run.
 STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] = (
     (
+        "2026-11-26_h100_step_o2_dit.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        _O2,
+        _O2_GRAPHS,
+    ),
+    ("2026-11-26_h100_step_o2_dit.json", "sd3-medium", "SD3-medium fp16, batch 2", _O2, _O2_GRAPHS),
+    ("2026-11-26_h100_step_o2_flux.json", "flux-dev", "FLUX.1-dev bf16, batch 1", _O2, _O2_GRAPHS),
+    (
+        "2026-11-26_h100_step_o2_unet.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (channels_last)",
+        _O2,
+        _O2_GRAPHS,
+    ),
+    (
+        "2026-11-26_h100_step_o2_vae.json",
+        "sdxl-base:vae",
+        "SDXL VAE decode fp16, batch 1 (channels_last)",
+        _O2,
+        _O2_GRAPHS,
+    ),
+    (
         "2026-11-26_h100_step_o3_gelu_scale.json",
         "pixart-xl-2-1024",
         "PixArt-XL-2 fp16, batch 2",
@@ -44,25 +75,11 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _WITH_FP8,
     ),
     (
-        "2026-11-26_h200_step_pixart_o2_o3.json",
-        "pixart-xl-2-1024",
-        "PixArt-XL-2 fp16, batch 2",
-        ("eager", "compile", "O2", "O3"),
-        _BEFORE_FP8,
-    ),
-    (
         "2026-11-26_h100_step_o3_gelu_scale.json",
         "sd3-medium",
         "SD3-medium fp16, batch 2",
         ("compile", "O2", "O3"),
         _WITH_FP8,
-    ),
-    (
-        "2026-11-26_h200_step_sd3_o2_o3.json",
-        "sd3-medium",
-        "SD3-medium fp16, batch 2",
-        ("eager", "compile", "O2", "O3"),
-        _BEFORE_FP8,
     ),
     (
         "2026-11-26_h100_step_flux_o3.json",
@@ -72,21 +89,14 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _WITH_FP8,
     ),
     (
-        "2026-11-26_h200_step_sdxl_o2_o3.json",
-        "sdxl-base",
-        "SDXL UNet fp16, batch 2 (O2/O3 channels_last)",
-        ("eager", "compile", "O2", "O3"),
-        _BEFORE_FP8,
-    ),
-    (
         "2026-11-26_h100_step_unet_gn.json",
         "sdxl-base",
-        "SDXL UNet fp16, batch 2 (O2 channels_last)",
+        "SDXL UNet fp16, batch 2 (channels_last)",
         ("compile", "O2-nogn", "O2"),
         {
             "compile": "torch.compile",
-            "O2-nogn": "O2 without group_norm_channels_last",
-            "O2": "O2",
+            "O2-nogn": "max-optimize without group_norm_channels_last",
+            "O2": _OLD_O2,
         },
     ),
     (

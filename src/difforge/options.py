@@ -34,7 +34,9 @@ MODES: tuple[str, ...] = (
 PRESETS: dict[str, tuple[str, ...]] = {
     "O1": (),
     # CUDA graphs are part of the precise tier: they change no math and remove the launch
-    # gaps (H100, SDXL UNet step 38.69 -> 32.43 ms against stock compile's 37.68).
+    # gaps. H100, one run per model (benchmarks/results/2026-11-26_h100_step_o2_*.json):
+    # PixArt-XL step 33.30 -> 31.70 ms, SD3 42.82 -> 40.55, FLUX 133.72 -> 129.40, SDXL VAE
+    # 24.24 -> 23.59, SDXL UNet 32.04 (stock compile 37.01), same error against fp32.
     "O2": ("max-optimize", "cudagraphs"),
     "O3": ("max-optimize", "low-precision", "cudagraphs"),
 }
