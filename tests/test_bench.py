@@ -427,3 +427,22 @@ def test_step_variants_each_start_from_the_built_layout(monkeypatch: pytest.Monk
     results = step.bench_model("tiny-sdxl", step.parse_args(argv), torch.device("cpu"), {})
     assert all(r.error is None for r in results)
     assert seen == [("cl", True), ("eager", True), ("keep", True)]
+
+
+def test_compile_phases_reports_dynamos_timers_for_one_cold_compile(tmp_path: Path) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_phases.py"
+    spec = importlib.util.spec_from_file_location("compile_phases", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "phases.json"
+    argv = ["--model", "tiny-pixart", "--options", '{"mode": "O1"}', "--height", "64"]
+    assert module.main([*argv, "--width", "64", "--output-json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    phases = result["phases_s"]
+    assert result["first_call_s"] > 0
+    # the compile happened in this call: Dynamo timed its tracing and Inductor's codegen
+    assert phases["bytecode_tracing"] > 0 and phases["_compile.compile_inner"] > 0
+    assert phases["_compile.compile_inner"] <= result["first_call_s"]

@@ -19,6 +19,7 @@ from difforge.autotune_buckets import bucketing_for
 from difforge.autotune_buckets import cache_salt as bucket_salt
 from difforge.cache import CacheLayout, compile_in_cache
 from difforge.errors import DifforgeError, OptionsError
+from difforge.fusion_memo import memoized_fusion_check
 from difforge.heuristics import choices_for, installed
 from difforge.kernels.attention_select import using_policy
 from difforge.options import CompileConfig, load_options, parse_options
@@ -159,6 +160,7 @@ class DifforgeBackend:
                 functorch_config.patch(config.functorch_patches()),
                 installed(choices),
                 bucketing_for(config, patches),
+                memoized_fusion_check(),
             ):
                 return compile_fx(gm, example_inputs, config_patches=patches)
 
