@@ -235,6 +235,33 @@ def test_in_place_updates_and_other_modules_keep_the_graphs() -> None:
     assert difforge.counters["cudagraphs.replay"] == 1
 
 
+class RegistersPerCall(nn.Module):
+    """Registers a buffer inside forward: a registration hook that Dynamo traces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.register_buffer("last", x.detach().sum(), persistent=False)
+        return self.linear(x) + self.last
+
+
+@torch.no_grad()
+def test_registration_inside_a_compiled_forward_does_not_recompile() -> None:
+    module = RegistersPerCall().eval()
+    compiled = difforge.compile(module, options={"mode": "O2"})  # a pool and its watch
+    assert isinstance(graphs_of(compiled), GraphPool)
+    graphs = []
+    for shift in range(5):
+        x = torch.randn(2, 4) + shift
+        torch.testing.assert_close(compiled(x), module(x))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # One recompile is the model's own ("last" exists after the first call); the watch's
+    # generation must not add one per call.
+    assert graphs[1:] == [2, 2, 2, 2], graphs
+
+
 def test_max_graphs_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_graphs"):
         GraphPool(Scale(), max_graphs=0)

@@ -20,6 +20,7 @@ import threading
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
@@ -57,6 +58,11 @@ class ModuleWatch:
 def _on_registration(module: nn.Module, name: str, value: Any) -> None:
     # Runs for every assignment to any module in the process (model construction too):
     # a membership test per live watch, and None so the assigned value is unchanged.
+    if torch.compiler.is_compiling():
+        # An assignment inside a compiled forward (a model that registers a buffer per
+        # call): Dynamo would trace this hook, guard on the watches' generations and
+        # recompile at every call. Such a model re-registers at every call anyway.
+        return None
     for watch in list(_watches):
         try:
             watch._saw(module, value)
