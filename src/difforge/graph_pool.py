@@ -160,14 +160,11 @@ class GraphPool:
                 log.info("difforge cudagraphs: %s changed; its graphs were dropped", self.name)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._signature(leaves, spec)
-        if key is None or key in self._failed:
+        entry = self._entries.get(key) if key is not None else None
+        if key is None or key in self._failed or (entry is None and self._thrashing()):
             counters["cudagraphs.eager_call"] += 1
             return self.fn(*args, **kwargs)
-        entry = self._entries.get(key)
         if entry is None:
-            if self._thrashing():
-                counters["cudagraphs.eager_call"] += 1
-                return self.fn(*args, **kwargs)
             return self._capture(key, leaves, spec)
         self._entries.move_to_end(key)
         tensors = [_distinct(x) for x in leaves if isinstance(x, torch.Tensor)]
