@@ -86,7 +86,7 @@ case "$part" in
   sdxl)
     # Persistent across calls on one warm machine (ignored by git, kept by the device tool).
     export TORCHINDUCTOR_CACHE_DIR="$PWD/.gpu-cache/inductor" DIFFORGE_CACHE_DIR="$PWD/.gpu-cache/difforge"
-    run 560 t2i_sdxl_dynamic python3 benchmarks/text_to_image.py --model sdxl-base \
+    run 585 t2i_sdxl_dynamic python3 benchmarks/text_to_image.py --model sdxl-base \
       --compare difforge \
       --compiler-config '{"mode": "O2", "dynamic": true, "memory_format": "channels_last"}' \
       --run_multiple_resolutions --run_rare_resolutions \

@@ -297,7 +297,7 @@ def test_cudagraph_impl_resolution(options: dict[str, Any], impl: str | None) ->
         ({"cudagraphs.impl": "tree"}, "did you mean 'trees'"),
         ({"cudagraphs.max_graphs": 0}, "positive integer"),
         ({"cudagraphs.max_graphs": 2.5}, "expects int"),
-        ({"shapes.batch": "warm-up"}, "must be one of unbacked, warmup, dynamo"),
+        ({"shapes.batch": "warm-up"}, "must be one of upward, warmup, unbacked, dynamo"),
     ],
 )
 def test_bad_cudagraph_and_batch_options_raise_at_parse_time(

@@ -112,7 +112,7 @@ MODE_DOCS: dict[str, str] = {
 }
 
 #: ``shapes.batch`` values (difforge.batch says what each does).
-BATCH_MODES: tuple[str, ...] = ("unbacked", "warmup", "dynamo")
+BATCH_MODES: tuple[str, ...] = ("upward", "warmup", "unbacked", "dynamo")
 #: ``cudagraphs.impl`` values: who records CUDA graphs under the ``cudagraphs`` mode.
 CUDAGRAPH_IMPLS: tuple[str, ...] = ("auto", "trees", "pooled")
 
@@ -178,10 +178,12 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         None,
         (str, type(None)),
         "with dynamic: true, how batch 1 and larger batches avoid recompiling each other "
-        "(Dynamo makes batch 1 a constant): 'warmup' = the batch-1 and batch>=2 graphs both "
-        "compiled at the first call, 'unbacked' = one graph for every batch (slower steps, "
-        "torch >= 2.13, no conv nets), 'dynamo' = Dynamo's default; null = 'warmup' for "
-        "diffusers/transformers models, else 'dynamo'; see difforge.batch",
+        "(Dynamo makes batch 1 a constant): 'upward' = a first call at batch 1 compiles the "
+        "batch>=2 graph too (a first call at batch>=2 compiles only its own), 'warmup' = the "
+        "batch-1 and batch>=2 graphs both compiled at the first call, 'unbacked' = one graph "
+        "for every batch (slower steps, torch >= 2.13, no conv nets), 'dynamo' = Dynamo's "
+        "default; null = 'upward' for diffusers/transformers models, else 'dynamo'; see "
+        "difforge.batch",
     ),
     "cudagraphs.impl": (
         "auto",

@@ -2,9 +2,10 @@
 
 Dynamo makes batch 1 a constant, so without help a warm-up at batch 1 recompiles at batch 2
 and a warm-up at batch 2 recompiles at batch 1. Models without CFG see both: FLUX's
-denoiser (batch = images) and the VAE. By default (``"warmup"``) the first call compiles
-the batch-1 and the batch>=2 graph; ``"unbacked"`` (opt-in, torch 2.13) gives the DiTs one
-graph for every batch.
+denoiser (batch = images) and the VAE. By default (``"upward"``) a first call at batch 1
+compiles the batch-1 and the batch>=2 graph, and one at batch >= 2 only its own (a CFG
+denoiser never runs batch 1); ``"warmup"`` compiles both classes whatever the first batch;
+``"unbacked"`` (opt-in, torch 2.13) gives the DiTs one graph for every batch.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class TinyDiT(nn.Module):
 
 
 class DiffusersTinyDiT(TinyDiT):
-    """The same with a diffusers block inside: the default batch mode becomes "warmup"."""
+    """The same with a diffusers block inside: the default batch mode becomes "upward"."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -111,18 +112,34 @@ def test_unbacked_batch_one_graph_for_batch_1_2_4(first: int, no_recompile_warni
     assert len(recompile_events) == events
 
 
-@pytest.mark.parametrize("first", [1, 2])
-def test_default_for_a_diffusers_model_compiles_both_batch_classes_at_the_first_call(
-    first: int, no_recompile_warnings: Any
+def test_default_for_a_diffusers_model_compiles_upward_from_batch_1(
+    no_recompile_warnings: Any,
 ) -> None:
     module = DiffusersTinyDiT().eval()
     compiled = difforge.compile(module, options={"dynamic": True})
     events = len(recompile_events)
-    assert tiny_sweep(compiled, module, (first,)) < 1e-5
-    assert graphs() == 2
+    assert tiny_sweep(compiled, module, (1,)) < 1e-5
+    assert graphs() == 2  # batch 1, and batch >= 2 ahead of use
     assert tiny_sweep(compiled, module, (1, 2, 4, 3)) < 1e-5
     assert graphs() == 2
     assert len(recompile_events) == events
+
+
+def test_default_for_a_diffusers_model_first_called_at_batch_2_compiles_one_graph() -> None:
+    """A CFG denoiser's case: no batch-1 graph ahead of use; a later batch 1 compiles then,
+    reported as a recompile (never silently)."""
+    module = DiffusersTinyDiT().eval()
+    compiled = difforge.compile(module, options={"dynamic": True})
+    events = len(recompile_events)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="difforge: recompiling")
+        assert tiny_sweep(compiled, module, (2, 4, 3)) < 1e-5
+    assert graphs() == 1
+    assert len(recompile_events) == events
+    with pytest.warns(UserWarning, match=r"difforge: recompiling .*2 <= x.size\(\)\[0\]"):
+        assert tiny_sweep(compiled, module, (1,)) < 1e-5
+    assert graphs() == 2
+    assert len(recompile_events) == events + 1
 
 
 def test_default_for_other_modules_is_dynamos_own() -> None:
@@ -201,9 +218,9 @@ def test_batch_mode_resolution() -> None:
     dit, _ = denoiser("tiny-pixart")
     vae = build_component("tiny-sdxl", "vae")
     dynamic = difforge.parse_options({"dynamic": True})
-    assert resolve_batch_mode(dynamic, dit) == "warmup"
-    assert resolve_batch_mode(dynamic, vae) == "warmup"
-    assert resolve_batch_mode(dynamic, VaeDecode(vae)) == "warmup"
+    assert resolve_batch_mode(dynamic, dit) == "upward"
+    assert resolve_batch_mode(dynamic, vae) == "upward"
+    assert resolve_batch_mode(dynamic, VaeDecode(vae)) == "upward"
     assert resolve_batch_mode(dynamic, TinyDiT()) == "dynamo"
     assert resolve_batch_mode(dynamic, lambda x: x) == "dynamo"
     assert resolve_batch_mode(difforge.parse_options({}), dit) is None
@@ -212,7 +229,7 @@ def test_batch_mode_resolution() -> None:
         resolve_batch_mode(unbacked, vae)  # GroupNorm (or this torch)
     if unbacked_support() is None:
         assert resolve_batch_mode(unbacked, dit) == "unbacked"
-    with pytest.raises(OptionsError, match="must be one of unbacked, warmup, dynamo"):
+    with pytest.raises(OptionsError, match="must be one of upward, warmup, unbacked, dynamo"):
         difforge.compile(dit, options={"dynamic": True, "shapes.batch": "static"})
     with pytest.raises(OptionsError, match="needs 'dynamic': true"):
         difforge.compile(dit, options={"shapes.batch": "warmup"})
@@ -250,12 +267,14 @@ def test_compile_pipe_gives_conv_nets_warmup_when_asked_for_unbacked() -> None:
 def test_flux_batches_1_2_4_at_every_size_after_one_warm_up(
     first: int, no_recompile_warnings: Any
 ) -> None:
-    """FLUX has no CFG: its denoiser batch is the number of images, 1 included. The
-    default compiles the batch-1 and the batch>=2 graph at the first call, nothing after."""
+    """FLUX has no CFG: its denoiser batch is the number of images, 1 included. A first
+    call at batch 1 (the default, ``"upward"``) or at any batch (``"warmup"``) compiles the
+    batch-1 and the batch>=2 graph at the first call, nothing after."""
     module, reference = denoiser("tiny-flux")
-    compiled = difforge.compile(
-        module, options={"mode": "O2", "dynamic": True, "recompile.strict": True}
-    )
+    options = {"mode": "O2", "dynamic": True, "recompile.strict": True}
+    if first != 1:
+        options["shapes.batch"] = "warmup"
+    compiled = difforge.compile(module, options=options)
     events = len(recompile_events)
     errors = sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (first,))
     assert graphs() == 2
@@ -308,13 +327,17 @@ def vae_sweep(
 def test_vae_decode_batches_1_2_4_after_one_warm_up(
     preset: str, first: int, no_recompile_warnings: Any
 ) -> None:
-    """The VAE (a conv net: no unbacked batch) with the default ``"warmup"``: the first
-    call compiles the batch-1 and the batch>=2 graph, and nothing after it."""
+    """The VAE (a conv net: no unbacked batch), first called at batch 1 (the default,
+    ``"upward"``) or at batch 2 (``"warmup"``): the first call compiles the batch-1 and the
+    batch>=2 graph, and nothing after it."""
     torch.manual_seed(0)
     module = VaeDecode(build_component(preset, "vae")).eval()
     reference = VaeDecode(build_component(preset, "vae")).eval()
     reference.load_state_dict(module.state_dict())
-    compiled = difforge.compile(module, options={"mode": "O2", "dynamic": True})
+    options: dict[str, Any] = {"mode": "O2", "dynamic": True}
+    if first != 1:
+        options["shapes.batch"] = "warmup"
+    compiled = difforge.compile(module, options=options)
     events = len(recompile_events)
     errors = vae_sweep(preset, compiled, reference, VAE_SIZES[:1], (first,))
     assert graphs() == 2
