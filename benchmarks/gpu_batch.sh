@@ -31,11 +31,12 @@
 #            without graphs (max-optimize) vs O2 (max-optimize + pooled CUDA graphs)  ~9 min
 #   o2unet   SDXL UNet step and SDXL VAE decode, the same three (channels_last)     ~9 min
 #   dynstep  SDXL UNet step and VAE decode: O2 static vs O2 + dynamic, with profile  ~10 min
+#   dynvae   dynstep's VAE half, then the graph-pool GPU tests                ~8 min
 #   o2flux   FLUX.1-dev step, the same three                                       ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|dynstep|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|dynvae|dynstep|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -178,6 +179,15 @@ case "$part" in
       --variants "$V" --profile --output-json "$out/step_dyn_unet.json"
     run 130 step_dyn_vae python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
       --variants "$V" --profile --output-json "$out/step_dyn_vae.json" ;;
+  dynvae)
+    # dynstep's VAE half alone (the UNet's dynamic compile outlasts one command), then the
+    # graph-pool GPU tests.
+    S='"mode":"O2","memory_format":"channels_last"'
+    V="O2={$S};O2-dynamic={$S,\"dynamic\":true}"
+    run 320 step_dyn_vae python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
+      --variants "$V" --profile --output-json "$out/step_dyn_vae.json"
+    run 150 gpu_tests_pool python3 -m pytest -m gpu tests/test_graph_pool.py tests/test_gpu.py \
+      -q -p no:cacheprovider -k "pool or graph or trees" ;;
   o2flux)
     run 570 step_o2_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants 'compile;O2-nocg={"mode":"max-optimize"};O2' --profile \
