@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -431,15 +433,35 @@ def test_attention_wide_heads_leaves_narrow_masked_large_and_o1_calls(wide_on_cp
     assert difforge.counters["attention_wide_heads"] == 1  # exactly at the cap: rewritten
 
 
-def test_attention_wide_heads_is_cuda_only_and_static_only(wide_on_cpu: None) -> None:
+def test_attention_wide_heads_is_cuda_only(wide_on_cpu: None) -> None:
     from difforge.passes import attention
 
     x = torch.randn(2, 40, 320, dtype=torch.float16)
-    _wide_errors(WideAttention(320).eval(), x, {"mode": "O2", "dynamic": True})
-    assert difforge.counters["attention_wide_heads"] == 0  # symbolic sequence length
     attention.WIDE_DEVICES = ("cuda",)  # the default (the fixture restores its own value)
     _wide_errors(WideAttention(320).eval(), x)
     assert difforge.counters["attention_wide_heads"] == 0
+
+
+def test_attention_wide_heads_with_dynamic_sizes_guards_the_cap(wide_on_cpu: None) -> None:
+    """Symbolic sequence length: rewritten while the traced size fits the cap; a size past
+    the cap recompiles (a guard, reported) and runs SDPA, both matching eager."""
+    torch.manual_seed(0)
+    module = WideAttention(320).eval().half()
+    cap = 2 * 40 * 40 * 2  # batch 2, 40 tokens, fp16 scores
+    options = {"mode": "O2", "dynamic": True, "attention.wide_max_score_bytes": cap}
+    compiled = difforge.compile(module, options=options)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="difforge: recompiling")
+        for tokens in (40, 33):  # 33 fits: the same graph
+            x = torch.randn(2, tokens, 320, dtype=torch.float16)
+            assert rel_err(compiled(x), module(x)) < 2e-3
+    assert difforge.counters["attention_wide_heads"] == 1
+    with torch.no_grad():
+        x = torch.randn(2, 48, 320, dtype=torch.float16)  # past the cap
+        with pytest.warns(UserWarning, match="difforge: recompiling"):
+            out = compiled(x)
+        assert rel_err(out, module(x)) < 2e-3
+    assert difforge.counters["attention_wide_heads"] == 1  # the recompile left SDPA alone
 
 
 @pytest.mark.gpu
