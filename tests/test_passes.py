@@ -526,6 +526,48 @@ def test_group_norm_channels_last_leaves_nchw_single_channel_groups_and_o1() -> 
     assert difforge.counters["group_norm_channels_last"] == 0
 
 
+def _symbolic(shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+    """A fake tensor whose height and width (and batch) are symbols, as Dynamo traces with
+    dynamic shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    x = torch.empty(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dims = [DimDynamic.DYNAMIC if i != 1 else DimDynamic.STATIC for i in range(4)]
+    context = StatelessSymbolicContext(dynamic_sizes=dims)
+    return mode.from_tensor(x, symbolic_context=context)
+
+
+def test_is_nhwc_decides_symbolic_strides() -> None:
+    from difforge.passes.norm import is_nhwc
+
+    x = _symbolic((2, 512, 16, 12), channels_last=True)
+    assert not isinstance(x.shape[2], int)  # really symbolic
+    assert is_nhwc(x)
+    assert not is_nhwc(_symbolic((2, 512, 16, 12), channels_last=False))
+    assert is_nhwc(_nhwc(2, 16, 9, 7))
+    assert not is_nhwc(torch.randn(2, 16, 9, 7))
+    assert not is_nhwc(_nhwc(2, 16, 1, 1))  # 1x1: NHWC and NCHW at once
+    assert not is_nhwc(_nhwc(2, 1, 9, 7))
+
+
+def test_group_norm_channels_last_fires_with_dynamic_shapes() -> None:
+    """A conv (whose weight fixes the channel count, as in a VAE) then GroupNorm + SiLU,
+    with symbolic batch, height and width."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), NormAct(16, 4)).eval()
+    options = {"mode": "O2", "dynamic": True, "memory_format": "channels_last"}
+    compiled = difforge.compile(module, options=options)
+    with torch.no_grad():
+        for size in ((9, 7), (12, 5)):
+            x = _nhwc(2, 8, *size, offset=5.0)
+            assert rel_err(compiled(x), module(x)) < 1e-5
+    assert difforge.counters["group_norm_channels_last"] == 1  # one graph, rewritten
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
