@@ -279,10 +279,11 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
     "attention.wide_max_score_bytes": (
         1 << 30,
         int,
-        "attention_wide_heads (O2/O3): largest score matrix (batch x heads x queries x keys x "
-        "element size) for which an SDPA call with head dim > 256 becomes GEMM + softmax + GEMM "
-        "(it is materialised twice, scores and probabilities); the SD VAE's mid-block at a "
-        "1024² decode needs 512 MiB, at 2048² 8 GiB",
+        "attention_wide_heads (O2/O3): largest score matrix per sample (heads x queries x "
+        "keys x element size) for which an SDPA call with head dim > 256 becomes GEMM + "
+        "softmax + GEMM (materialised twice, scores and probabilities, for the whole batch); "
+        "the SD VAE's mid-block at a 1024² decode needs 512 MiB a sample, at 2048² 8 GiB. Per "
+        "sample so that, with dynamic shapes, a batch change never recompiles",
     ),
     "shapes.duck_sizing": (
         None,

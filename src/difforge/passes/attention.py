@@ -4,7 +4,7 @@
 256 has no flash or cuDNN kernel; SDPA runs PyTorch's memory-efficient kernel, which reached
 ~120 TFLOP/s on an H100 for the SD/SDXL VAE's mid-block attention (one head of 512 over
 128x128 = 16384 latent pixels at a 1024² decode: 4.6 ms of a 39 ms decode). Where the score
-matrix is small enough (``attention.wide_max_score_bytes``) the call becomes two GEMMs around
+matrix of one sample is small enough (``attention.wide_max_score_bytes``) the call becomes two GEMMs around
 a float32 softmax, as diffusers' classic ``AttnProcessor`` computes it: scores in the input
 dtype (fp32 accumulation), softmax in float32, probabilities cast back for the second GEMM.
 With symbolic sizes (``dynamic: true``) the rewritten call checks the cap itself, which the
@@ -112,12 +112,13 @@ def attention_by_matmul(
 def attention_by_matmul_within(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_score_bytes: int
 ) -> torch.Tensor:
-    """:func:`attention_by_matmul` while the score matrix fits ``max_score_bytes``, else
-    SDPA. For symbolic sizes (``dynamic: true``): tracing decides the branch at the traced
-    size and guards on it, so a size past the cap recompiles (reported) instead of
-    allocating an unbounded score matrix."""
-    b, h, sq, _ = q.shape
-    if b * h * sq * k.shape[2] * q.element_size() <= max_score_bytes:
+    """:func:`attention_by_matmul` while one sample's score matrix fits ``max_score_bytes``,
+    else SDPA. For symbolic sizes (``dynamic: true``): tracing decides the branch at the
+    traced size and guards on it, so a resolution past the cap recompiles (reported)
+    instead of allocating an unbounded score matrix. The batch is not part of the test, so
+    a batch change never recompiles here."""
+    _, h, sq, _ = q.shape
+    if h * sq * k.shape[2] * q.element_size() <= max_score_bytes:
         return attention_by_matmul(q, k, v, scale)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
@@ -140,8 +141,8 @@ def _wide_heads_call(node: torch.fx.Node, max_score_bytes: int) -> float | None:
     sizes = [size_hint(s) for s in (*q.shape[:3], k.shape[2])]
     if any(s is None for s in sizes):
         return None
-    b, h, sq, skv = sizes
-    if b * h * sq * skv * q.element_size() > max_score_bytes:
+    _, h, sq, skv = sizes
+    if h * sq * skv * q.element_size() > max_score_bytes:  # per sample (see the option)
         return None
     scale = node_arg(node, 6, "scale")
     return float(scale) if scale is not None else d**-0.5
