@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import difforge
+from difforge.bench.step import _time_ms
 from difforge.diffusers.presets import build_component
 from difforge.diffusers.step_inputs import VaeDecode, vae_decode_inputs
 from difforge.passes import norm
@@ -49,18 +51,6 @@ def _logged(node: torch.fx.Node) -> bool:
     return ok
 
 
-def median_ms(fn: Any, iters: int = 20) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     norm._channels_last_group_norm = _logged
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -83,7 +73,7 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             for _ in range(5):
                 run()
-            step = median_ms(run)
+            step = statistics.median(_time_ms(run, torch.device("cuda"), 20))
         rewrites = dict(difforge.compile_records[-1].rewrites)
         out[label] = {
             "compile_s": compile_s,

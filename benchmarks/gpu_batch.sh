@@ -30,13 +30,13 @@
 #   o2dit    graph-pool GPU tests, then PixArt-XL and SD3-medium steps: compile vs O2
 #            without graphs (max-optimize) vs O2 (max-optimize + pooled CUDA graphs)  ~9 min
 #   o2unet   SDXL UNet step and SDXL VAE decode, the same three (channels_last)     ~9 min
-#   dynstep  SDXL UNet step and VAE decode: O2 static vs O2 + dynamic, with profile  ~10 min
-#   dynvae   dynstep's VAE half, then the graph-pool GPU tests                ~8 min
+#   dynvae   SDXL VAE decode, O2 static vs O2 + dynamic (profiled), then the graph-pool
+#            GPU tests                                                       ~4 min
 #   o2flux   FLUX.1-dev step, the same three                                       ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|dynvae|dynstep|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|dynvae|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -170,18 +170,10 @@ case "$part" in
       --variants "$V" --profile --output-json "$out/step_o2_unet.json"
     run 200 step_o2_vae python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
       --variants "$V" --profile --output-json "$out/step_o2_vae.json" ;;
-  dynstep)
-    # Where a dynamic graph loses to a specialised one: SDXL UNet step and VAE decode at
-    # 1024x1024, O2 static vs O2 + dynamic, with the kernel breakdown.
-    S='"mode":"O2","memory_format":"channels_last"'
-    V="O2={$S};O2-dynamic={$S,\"dynamic\":true}"
-    run 450 step_dyn_unet python3 benchmarks/bench_step.py --models sdxl-base \
-      --variants "$V" --profile --output-json "$out/step_dyn_unet.json"
-    run 130 step_dyn_vae python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
-      --variants "$V" --profile --output-json "$out/step_dyn_vae.json" ;;
   dynvae)
-    # dynstep's VAE half alone (the UNet's dynamic compile outlasts one command), then the
-    # graph-pool GPU tests.
+    # Where a dynamic graph loses to a specialised one: the SDXL VAE decode at 1024x1024, O2
+    # static vs O2 + dynamic, with the kernel breakdown (the UNet's dynamic compile outlasts
+    # one command next to its static one), then the graph-pool GPU tests.
     S='"mode":"O2","memory_format":"channels_last"'
     V="O2={$S};O2-dynamic={$S,\"dynamic\":true}"
     run 320 step_dyn_vae python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
