@@ -10,7 +10,7 @@
 #   unetgn   SDXL UNet step: compile vs O2 without / with group_norm_channels_last  ~6 min
 #   compile  bench_compile PixArt O3 and FLUX O2, regional off/nested           ~9 min
 #   compilepx  bench_compile PixArt O2 and O3, regional off/nested              ~7 min
-#   sdxl     SDXL dynamic sweep vs a specialised compile at SDXL_SPECIALIZED (1024x1024),
+#   sdxl     SDXL dynamic sweep vs specialised compiles at SDXL_SPECIALIZED (1024x1024,960x720),
 #            3 timed runs a size; caches under .gpu-cache/ so a timed-out first call
 #            leaves the second one warm (the cold dynamic compile takes > 9 min)   ~10 min
 #   misc     new GPU tests (autotune buckets, graph pool), PixArt O2 warm start under
@@ -92,7 +92,7 @@ case "$part" in
       --compare difforge \
       --compiler-config '{"mode": "O2", "dynamic": true, "memory_format": "channels_last"}' \
       --run_multiple_resolutions --run_rare_resolutions \
-      --compare-specialized "${SDXL_SPECIALIZED:-1024x1024}" \
+      --compare-specialized "${SDXL_SPECIALIZED:-1024x1024,960x720}" \
       --steps 20 --warmups 1 --runs 3 --output-json "$out/t2i_sdxl_dynamic.json" ;;
   wprof)
     run 560 compile_pixart_profile python3 benchmarks/bench_compile.py \
