@@ -12,7 +12,8 @@
 #   compilepx  bench_compile PixArt O2 and O3, regional off/nested              ~7 min
 #   sdxl     SDXL dynamic sweep vs specialised compiles at SDXL_SPECIALIZED (1024x1024,960x720),
 #            3 timed runs a size; caches under .gpu-cache/ so a timed-out first call
-#            leaves the second one warm (the cold dynamic compile takes > 9 min)   ~10 min
+#            leaves the second one warm (cold: 390 s to the first output, then the sweep and
+#            the specialised compiles, ~2 min each, outlast one command)            ~10 min
 #   misc     new GPU tests (autotune buckets, graph pool), PixArt O2 warm start under
 #            cProfile, FLUX.1-dev O2 nested compile times                        ~11 min
 #   wprof    PixArt O2 warm start under cProfile alone                            ~5 min
