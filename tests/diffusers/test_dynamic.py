@@ -284,3 +284,25 @@ def test_vae_rewrites_fire_alike_on_symbolic_sizes(
     dynamic = _vae_rewrites(device, dtype, dynamic=True)
     assert static["group_norm_channels_last"] > 0 and static["attention_wide_heads"] == 1
     assert dynamic == static
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unet_rewrites_fire_alike_on_symbolic_sizes() -> None:
+    """The same for the tiny SDXL UNet on CUDA (its GroupNorms went through the check that
+    torch 2.11 answered wrongly for symbolic strides)."""
+    counts = []
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        module = build_component("tiny-sdxl", "unet", dtype=torch.float16, device="cuda")
+        options = {"mode": "O2", "memory_format": "channels_last", "dynamic": dynamic}
+        compiled = difforge.compile(module.eval(), options=options)
+        call = denoiser_step_inputs(
+            "tiny-sdxl", batch=2, height=96, width=64, device="cuda", dtype=torch.float16
+        )
+        with torch.no_grad():
+            compiled(*call.args, **call.kwargs)
+        counts.append(dict(difforge.compile_records[-1].rewrites))
+    static, dynamic_counts = counts
+    assert static["group_norm_channels_last"] > 0
+    assert dynamic_counts == static
