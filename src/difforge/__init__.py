@@ -7,6 +7,7 @@ model = torch.compile(model, backend="difforge", options={"mode": "O3"})
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
@@ -24,6 +25,8 @@ from difforge.memory_format import apply_memory_format
 from difforge.module_watch import ModuleWatch
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
+from difforge.precompile import enabled as precompile_enabled
+from difforge.precompile import precompiling, with_precompile
 from difforge.quant.auto import swap_fp8_linears
 from difforge.tracing import with_tracing_settings
 
@@ -157,10 +160,17 @@ def compile(
     )
     style = _apply_regional(module, config)
 
+    # Blocks style compiles many frames of one block class: one stored entry cannot serve them.
+    precompile = precompile_enabled(config) and style != "blocks"
+
     def compile_one(target: Any) -> Any:
-        compiled = torch.compile(
-            target, backend=backend_fn, dynamic=config.dynamic, fullgraph=config.fullgraph
-        )
+        # With cache.precompile, torch.compile itself loads a stored entry (difforge.precompile).
+        with precompiling(config) if precompile else contextlib.nullcontext():
+            compiled = torch.compile(
+                target, backend=backend_fn, dynamic=config.dynamic, fullgraph=config.fullgraph
+            )
+        if precompile:
+            compiled = with_precompile(compiled, config, target)
         # Dynamic shapes: floats traced as constants (difforge.tracing says why).
         compiled = with_tracing_settings(compiled, config, specialize_floats=config.dynamic is True)
         if batch_mode is None:

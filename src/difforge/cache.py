@@ -7,6 +7,7 @@ Layout under the root (``DIFFORGE_CACHE_DIR`` > ``$TORCHINDUCTOR_CACHE_DIR/diffo
     <root>/inductor          Inductor FX-graph, AOT-autograd and autotune caches
     <root>/triton            compiled Triton kernels
     <root>/autotune          autotune winners shared between nearby sizes (autotune_buckets)
+    <root>/precompile        Dynamo's stored traces, one folder per key (cache.precompile)
 
 `cache clear` removes only these folders, and only under a root that carries the
 marker, so a mistyped ``--dir`` cannot delete somebody else's ``inductor`` folder.
@@ -56,7 +57,7 @@ from difforge.options import default_cache_dir
 
 T = TypeVar("T")
 
-OWNED_SUBDIRS: tuple[str, ...] = ("inductor", "triton", "autotune")
+OWNED_SUBDIRS: tuple[str, ...] = ("inductor", "triton", "autotune", "precompile")
 MARKER = ".difforge-cache"
 
 
@@ -77,6 +78,10 @@ class CacheLayout:
     @property
     def autotune(self) -> Path:
         return self.root / "autotune"
+
+    @property
+    def precompile(self) -> Path:
+        return self.root / "precompile"
 
     @property
     def marker(self) -> Path:

@@ -131,6 +131,14 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
     ),
     "cache.enabled": (False, bool, "persist compiled artifacts under cache.dir"),
     "cache.dir": (None, (str, type(None)), "where cache-all persists artifacts"),
+    "cache.precompile": (
+        False,
+        bool,
+        "with cache-all, also store what Dynamo traced (torch's experimental caching "
+        "precompile) so that a new process skips tracing; entries keyed by options, "
+        "difforge source, torch/Triton versions and GPU; fewer guards (e.g. on attention "
+        "processors) than a traced graph, hence opt-in (difforge.precompile)",
+    ),
     "recompile.limit": (
         None,
         (int, type(None)),
@@ -682,6 +690,11 @@ def parse_options(
         settings.update(_available(MODE_SETTINGS[mode], torch_configs))
     settings.update(dotted)
 
+    if settings.get("cache.precompile") and not settings["cache.enabled"]:
+        raise OptionsError(
+            "option 'cache.precompile' stores entries in the persistent cache; add "
+            "'cache-all' to the mode or set 'cache.enabled': true"
+        )
     if "cache.dir" in dotted and not settings["cache.enabled"]:
         raise OptionsError(
             "option 'cache.dir' is set but caching is off; add 'cache-all' to the mode "

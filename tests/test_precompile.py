@@ -1,0 +1,112 @@
+"""``cache.precompile``: a new process loads what Dynamo traced instead of tracing again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import difforge
+from difforge import precompile
+from difforge.errors import OptionsError
+
+needs_precompile = pytest.mark.skipif(
+    precompile.support() is not None, reason=f"no precompile: {precompile.support()}"
+)
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch, difforge
+    from difforge.models import TinyDiT
+    torch.manual_seed(0)
+    model = TinyDiT().eval()
+    x = (torch.randn(2, 4, 16, 16), torch.rand(2) * 1000, torch.randn(2, 7, 48))
+    options = json.loads(sys.argv[1])
+    with torch.no_grad():
+        out = difforge.compile(model, options=options)(*x)
+        err = float((out - model(*x)).norm() / model(*x).norm())
+    c = torch._dynamo.utils.counters
+    print(json.dumps({
+        "hit": c["dynamo_cache"]["dynamo_cache_hit"],
+        "miss": c["dynamo_cache"]["dynamo_cache_miss"],
+        "traced": c["stats"]["unique_graphs"],
+        "compiles": len(difforge.compile_records),
+        "err": err,
+    }))
+    """
+)
+
+
+def _child(options: dict, root: Path) -> dict:
+    env = {**os.environ, "DIFFORGE_CACHE_DIR": str(root)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_precompile
+def test_a_new_process_loads_the_trace_instead_of_tracing(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    options = {"mode": "O2:cache-all", "cache.precompile": True}
+    cold = _child(options, root)
+    assert cold["miss"] == 1 and cold["traced"] == 1 and cold["err"] < 1e-4
+    entries = list((root / "precompile").glob("*/dynamo/*/entry"))
+    assert len(entries) == 1  # one key folder, one function
+
+    warm = _child(options, root)
+    assert warm["hit"] == 1 and warm["traced"] == 0 and warm["compiles"] == 0
+    assert warm["err"] == pytest.approx(cold["err"], rel=1e-6, abs=1e-9)
+
+    # Other options: another key folder, traced afresh, never the stored code.
+    other = _child({**options, "mode": "O1:cache-all"}, root)
+    assert other["hit"] == 0 and other["traced"] == 1
+    assert len(list((root / "precompile").glob("*/dynamo/*/entry"))) == 2
+
+    # Without the option nothing is loaded, and a damaged entry is only a miss.
+    assert _child({"mode": "O2:cache-all"}, root)["traced"] == 1
+    entries[0].write_bytes(b"truncated")
+    damaged = _child(options, root)
+    assert damaged["hit"] == 0 and damaged["traced"] == 1 and damaged["err"] < 1e-4
+
+
+def test_precompile_needs_the_persistent_cache() -> None:
+    with pytest.raises(OptionsError, match="'cache.precompile' stores entries"):
+        difforge.parse_options({"mode": "O2", "cache.precompile": True})
+    assert difforge.parse_options({"mode": "O2:cache-all"}).settings["cache.precompile"] is False
+
+
+def test_folder_key_follows_options(tmp_path: Path) -> None:
+    def folder(options: dict) -> Path:
+        return precompile.folder(difforge.parse_options({**options, "cache.dir": str(tmp_path)}))
+
+    base = {"mode": "O2:cache-all", "cache.precompile": True}
+    assert folder(base) == folder(dict(base))
+    assert folder(base) != folder({**base, "mode": "O3:cache-all"})
+    assert folder(base) != folder({**base, "dynamic": True})
+    assert folder(base).parent == tmp_path / "precompile"
+
+
+def test_unsupported_torch_warns_once_and_compiles_without(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(precompile, "support", lambda: "this torch has no precompile")
+    monkeypatch.setattr(precompile, "_warned", set())
+    config = difforge.parse_options(
+        {"mode": "O2:cache-all", "cache.precompile": True, "cache.dir": str(tmp_path)}
+    )
+    with pytest.warns(UserWarning, match="'cache.precompile' is ignored: this torch"):
+        assert precompile.enabled(config) is False
+    assert precompile.enabled(config) is False  # no second warning (pytest would not fail)
+    assert precompile.enabled(difforge.parse_options({"mode": "O2:cache-all"})) is False
