@@ -21,7 +21,8 @@ Each case runs in child processes so that no case inherits another's compiled co
 ``--regional`` takes ``off``, ``nested``, ``blocks`` (``compile.regional``, see
 difforge.regional); every mode runs once per value. Each step also reports its median
 time (``--step-runs``) so a regional compile can be checked for "no loss of speed".
-``--profile-warm N`` runs the warm-new phase under cProfile and keeps its N most costly
+``--precompile off,on`` adds ``cache.precompile`` (difforge.precompile: the warm new
+process loads Dynamo's stored trace instead of tracing). ``--profile-warm N`` runs the warm-new phase under cProfile and keeps its N most costly
 functions (own time and cumulative), to say which parts of a warm start are one-time
 process costs and which are re-tracing.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import pstats
 import shutil
@@ -64,6 +66,8 @@ class Phase:
     rel_err: float
     aot_bypass: int = 0
     """AOT-autograd cache bypasses (it refused to cache this graph; torch logs why)."""
+    dynamo_cache_hit: int = 0
+    """``cache.precompile``: Dynamo's stored trace was loaded instead of tracing."""
     step_ms: float | None = None
     breakdown: dict[str, float] = field(default_factory=dict)
     """Seconds per compiler phase (Dynamo's own timers, the largest few), to say where a
@@ -80,6 +84,8 @@ class CaseResult:
     mode: str
     cache_dir: str
     regional: str = "off"
+    precompile: bool = False
+    """``cache.precompile``: the warm new process loads Dynamo's stored trace."""
     step_ms: float | None = None
     """Median step time after compiling (warm-new process), to check speed is unchanged."""
     cold_s: float | None = None
@@ -117,6 +123,8 @@ def _counters() -> dict[str, int]:
         # On the H200 (torch 2.11) a warm PixArt start showed neither AOT hits nor misses:
         # record bypasses too, so the next run says whether the AOT cache refused.
         "aot_bypass": c["aot_autograd"]["autograd_cache_bypass"],
+        # cache.precompile: a hit loads Dynamo's stored trace (no tracing, no Inductor lookup).
+        "dynamo_cache_hit": c["dynamo_cache"]["dynamo_cache_hit"],
     }
 
 
@@ -165,6 +173,8 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
     options = {"mode": spec["mode"], "cache.dir": spec["cache_dir"]}
     if spec.get("regional", "off") != "off":
         options["compile.regional"] = True if spec["regional"] == "nested" else spec["regional"]
+    if spec.get("precompile"):
+        options["cache.precompile"] = True
     with torch.no_grad():
         _sync(device)
         start = time.perf_counter()
@@ -274,15 +284,24 @@ def _fresh_dir(root: Path, model: str, mode: str) -> Path:
 
 
 def bench_case(
-    model: str, mode: str, root: Path, args: argparse.Namespace, regional: str = "off"
+    model: str,
+    mode: str,
+    root: Path,
+    args: argparse.Namespace,
+    regional: str = "off",
+    precompile: bool = False,
 ) -> CaseResult:
     """Cold + warm-same in one new process, then warm-new in another, on one folder."""
-    folder = _fresh_dir(root, model, mode if regional == "off" else f"{mode}:regional-{regional}")
-    result = CaseResult(model=model, mode=mode, cache_dir=str(folder), regional=regional)
+    label = mode if regional == "off" else f"{mode}:regional-{regional}"
+    folder = _fresh_dir(root, model, label + (":precompile" if precompile else ""))
+    result = CaseResult(
+        model=model, mode=mode, cache_dir=str(folder), regional=regional, precompile=precompile
+    )
     spec = {
         "model": model,
         "mode": mode,
         "regional": regional,
+        "precompile": precompile,
         "step_runs": 0,
         "cache_dir": str(folder),
         "dtype": args.dtype,
@@ -327,6 +346,7 @@ def table(results: list[CaseResult]) -> str:
             r.model,
             r.mode,
             r.regional,
+            "on" if r.precompile else "off",
             _fmt(r.cold_s),
             _fmt(r.warm_same_s),
             _fmt(r.warm_new_s),
@@ -345,6 +365,7 @@ def table(results: list[CaseResult]) -> str:
         "model",
         "mode",
         "regional",
+        "precompile",
         "cold s",
         "warm same-proc s",
         "warm new-proc s",
@@ -389,6 +410,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated compile.regional values to compare: off, nested, blocks",
     )
     parser.add_argument(
+        "--precompile",
+        default="off",
+        help="comma-separated cache.precompile values to compare: off, on",
+    )
+    parser.add_argument(
         "--step-runs",
         type=int,
         default=10,
@@ -413,6 +439,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [r for r in args.regional if r not in ("off", "nested", "blocks")]
     if bad:
         parser.error(f"--regional: unknown value(s) {bad}; use off, nested, blocks")
+    values = [v.strip() for v in args.precompile.split(",") if v.strip()]
+    if not values or any(v not in ("off", "on") for v in values):
+        parser.error(f"--precompile: use off, on or off,on (got {args.precompile!r})")
+    args.precompile = [v == "on" for v in values]
     return args
 
 
@@ -427,11 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model in args.models:
             for mode in args.modes:
-                for regional in args.regional:
-                    result = bench_case(model, mode, root, args, regional)
+                for regional, precompile in itertools.product(args.regional, args.precompile):
+                    result = bench_case(model, mode, root, args, regional, precompile)
                     results.append(result)
                     print(
-                        f"{model} {mode} regional={regional}: cold {_fmt(result.cold_s)} s, "
+                        f"{model} {mode} regional={regional} precompile={precompile}: "
+                        f"cold {_fmt(result.cold_s)} s, "
                         f"warm same-process {_fmt(result.warm_same_s)} s, warm new-process "
                         f"{_fmt(result.warm_new_s)} s, step {_fmt(result.step_ms, '.2f')} ms"
                         + (f"  ERROR {result.error}" if result.error else ""),

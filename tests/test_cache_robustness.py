@@ -382,3 +382,30 @@ def test_bench_compile_on_tiny_pixart(tmp_path: Path, monkeypatch: pytest.Monkey
         assert all(p["rel_err"] < 1e-4 for p in phases.values())
         assert result["new_process_first_step_s"] > result["warm_new_s"] > 0
         assert result["step_ms"] > 0
+
+
+def test_bench_compile_precompile_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from difforge import precompile
+
+    if precompile.support() is not None:
+        pytest.skip(f"no precompile: {precompile.support()}")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
+    spec = importlib.util.spec_from_file_location("bench_compile", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_compile", bench)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "compile.json"
+    argv = ["--models", "tiny-pixart", "--modes", "O1", "--cache-root", str(tmp_path / "c")]
+    # "on" only (the "off" case is the test above): two child processes, not four.
+    argv += ["--precompile", "on", "--step-runs", "0", "--output-json", str(out)]
+    assert bench.main(argv) == 0
+    (on,) = json.loads(out.read_text())["results"]
+    assert on["precompile"] is True and on["error"] is None
+    assert on["phases"]["cold"]["dynamo_cache_hit"] == 0
+    assert on["phases"]["warm-new"]["dynamo_cache_hit"] == 1
+    assert on["phases"]["warm-new"]["fxgraph_hit"] == 0  # nothing traced, nothing looked up
+    assert all(p["rel_err"] < 1e-4 for p in on["phases"].values())
+    assert bench.parse_args(["--precompile", "off,on"]).precompile == [False, True]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--precompile", "maybe"])
