@@ -27,26 +27,34 @@ _CHILD = textwrap.dedent(
     model = TinyDiT().eval()
     x = (torch.randn(2, 4, 16, 16), torch.rand(2) * 1000, torch.randn(2, 7, 48))
     options = json.loads(sys.argv[1])
+    compiled = difforge.compile(model, options=options)
     with torch.no_grad():
-        out = difforge.compile(model, options=options)(*x)
+        out = compiled(*x)
         err = float((out - model(*x)).norm() / model(*x).norm())
     c = torch._dynamo.utils.counters
-    print(json.dumps({
+    result = {
         "hit": c["dynamo_cache"]["dynamo_cache_hit"],
         "miss": c["dynamo_cache"]["dynamo_cache_miss"],
         "traced": c["stats"]["unique_graphs"],
         "compiles": len(difforge.compile_records),
         "err": err,
-    }))
+    }
+    if len(sys.argv) > 2:  # then a size the stored entry has never seen: a recompile
+        y = (torch.randn(2, 4, 24, 16), x[1], x[2])
+        with torch.no_grad():
+            out = compiled(*y)
+            result["new_size_err"] = float((out - model(*y)).norm() / model(*y).norm())
+        result["traced_after"] = c["stats"]["unique_graphs"]
+    print(json.dumps(result))
     """
 )
 
 
-def _child(options: dict, root: Path) -> dict:
+def _child(options: dict, root: Path, new_size: bool = False) -> dict:
     env = {**os.environ, "DIFFORGE_CACHE_DIR": str(root)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(options)],
+        [sys.executable, "-c", _CHILD, json.dumps(options), *(["new-size"] if new_size else [])],
         capture_output=True,
         text=True,
         timeout=600,
@@ -65,9 +73,12 @@ def test_a_new_process_loads_the_trace_instead_of_tracing(tmp_path: Path) -> Non
     entries = list((root / "precompile").glob("*/dynamo/*/entry"))
     assert len(entries) == 1  # one key folder, one function
 
-    warm = _child(options, root)
+    warm = _child(options, root, new_size=True)
     assert warm["hit"] == 1 and warm["traced"] == 0 and warm["compiles"] == 0
     assert warm["err"] == pytest.approx(cold["err"], rel=1e-6, abs=1e-9)
+    # A size the entry has not seen recompiles (once this clashed with the loaded globals'
+    # names: advance_unique_ids) and is right.
+    assert warm["traced_after"] == 1 and warm["new_size_err"] < 1e-4
 
     # Other options: another key folder, traced afresh, never the stored code.
     other = _child({**options, "mode": "O1:cache-all"}, root)

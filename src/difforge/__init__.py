@@ -25,8 +25,8 @@ from difforge.memory_format import apply_memory_format
 from difforge.module_watch import ModuleWatch
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
+from difforge.precompile import advance_unique_ids, precompiling, with_precompile
 from difforge.precompile import enabled as precompile_enabled
-from difforge.precompile import precompiling, with_precompile
 from difforge.quant.auto import swap_fp8_linears
 from difforge.tracing import with_tracing_settings
 
@@ -165,11 +165,15 @@ def compile(
 
     def compile_one(target: Any) -> Any:
         # With cache.precompile, torch.compile itself loads a stored entry (difforge.precompile).
+        loads = torch._dynamo.utils.counters["dynamo_cache"]
+        hits = loads["dynamo_cache_hit"]
         with precompiling(config) if precompile else contextlib.nullcontext():
             compiled = torch.compile(
                 target, backend=backend_fn, dynamic=config.dynamic, fullgraph=config.fullgraph
             )
         if precompile:
+            if loads["dynamo_cache_hit"] != hits:
+                advance_unique_ids()  # else the next recompile clashes with loaded names
             compiled = with_precompile(compiled, config, target)
         # Dynamic shapes: floats traced as constants (difforge.tracing says why).
         compiled = with_tracing_settings(compiled, config, specialize_floats=config.dynamic is True)

@@ -33,8 +33,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import platform
+import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -127,6 +130,38 @@ def precompiling(config: CompileConfig) -> Iterator[None]:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         else:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+
+
+_INSTALLED_NAME = re.compile(r"^__\w*?_(\d+)$")
+
+
+def advance_unique_ids() -> None:
+    """Make Dynamo's next global names unique after a stored entry was loaded.
+
+    Dynamo names the globals it installs from one per-process counter
+    (``__builtins_dict___0``...). A loaded entry installs the names of the process that wrote
+    it, so the first trace after a load (a recompile for a new shape) asked for a name that
+    was already taken and failed (``AssertionError: Name '__builtins_dict___0' already
+    exists in scope``, torch 2.13). The counter is moved past every such name in use.
+    """
+    from torch._dynamo import bytecode_transformation
+
+    if not hasattr(bytecode_transformation, "_unique_id_counter"):
+        return
+    highest = -1
+    for module in list(sys.modules.values()):
+        names = getattr(module, "__dict__", None)
+        if not isinstance(names, dict):
+            continue
+        for name in list(names):
+            if isinstance(name, str) and name.startswith("__") and name[-1:].isdigit():
+                match = _INSTALLED_NAME.match(name)
+                if match:
+                    highest = max(highest, int(match.group(1)))
+    if highest >= 0:
+        current = next(bytecode_transformation._unique_id_counter)
+        start = max(current, highest + 1)
+        bytecode_transformation._unique_id_counter = itertools.count(start)
 
 
 def source_id(target: Any) -> str:
