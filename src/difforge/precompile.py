@@ -34,7 +34,6 @@ import contextlib
 import functools
 import hashlib
 import itertools
-import os
 import platform
 import re
 import sys
@@ -45,7 +44,7 @@ from typing import Any
 
 import torch
 
-from difforge.cache import CacheLayout
+from difforge.cache import CacheLayout, using_cache
 from difforge.options import CompileConfig
 
 KEY = "cache.precompile"
@@ -115,21 +114,29 @@ def folder(config: CompileConfig) -> Path:
 
 @contextlib.contextmanager
 def precompiling(config: CompileConfig) -> Iterator[None]:
-    """Dynamo's caching precompile on, its store pointed at ``config``'s folder."""
+    """Dynamo's caching precompile on, its store at ``config``'s folder, and Inductor and
+    Triton at the cache root's folders (difforge.cache), where the stored entry's kernels
+    were written: a loaded entry rebuilds its compiled code from them, not from scratch."""
     import torch._dynamo.config as dynamo_config
+    from torch._dynamo.package import DynamoCache
 
-    # torch's store reads its folder from TORCHINDUCTOR_CACHE_DIR when it loads and saves;
-    # difforge's compile (difforge.cache) redirects that variable again for its artifacts.
-    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder(config))
+    store = str(folder(config) / "dynamo")
+    # torch's store takes its folder from TORCHINDUCTOR_CACHE_DIR, which must name Inductor's
+    # own folder here; the instance attribute shadows the method for this context only.
+    had_own = "path_prefix" in vars(DynamoCache)
+    saved = vars(DynamoCache).get("path_prefix")
+    DynamoCache.path_prefix = lambda: store  # type: ignore[method-assign]
     try:
-        with dynamo_config.patch(caching_precompile=True):
+        with (
+            using_cache(CacheLayout(config.cache_dir)),
+            dynamo_config.patch(caching_precompile=True),
+        ):
             yield
     finally:
-        if saved is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if had_own:
+            DynamoCache.path_prefix = saved  # type: ignore[method-assign]
         else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+            del DynamoCache.path_prefix
 
 
 _INSTALLED_NAME = re.compile(r"^__\w*?_(\d+)$")
