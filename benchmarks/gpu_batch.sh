@@ -31,13 +31,15 @@
 #   o2dit    graph-pool GPU tests, then PixArt-XL and SD3-medium steps: compile vs O2
 #            without graphs (max-optimize) vs O2 (max-optimize + pooled CUDA graphs)  ~9 min
 #   o2unet   SDXL UNet step and SDXL VAE decode, the same three (channels_last)     ~9 min
+#   precompile  PixArt-XL O2 and FLUX.1-dev O2 (nested) compile times, cache.precompile
+#            off vs on (warm new process without Dynamo's re-trace)            ~10 min
 #   dynvae   SDXL VAE decode, O2 static vs O2 + dynamic (profiled), then the graph-pool
 #            GPU tests                                                       ~4 min
 #   o2flux   FLUX.1-dev step, the same three                                       ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|dynvae|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|precompile|dynvae|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -171,6 +173,15 @@ case "$part" in
       --variants "$V" --profile --output-json "$out/step_o2_unet.json"
     run 200 step_o2_vae python3 benchmarks/bench_step.py --models sdxl-base:vae --batch 1 \
       --variants "$V" --profile --output-json "$out/step_o2_vae.json" ;;
+  precompile)
+    # cache.precompile: warm start in a new process without Dynamo's re-trace (#5 targets:
+    # PixArt <= 10 s, FLUX <= 20 s), against the same cases without it, one run each.
+    run 290 compile_pixart_precompile python3 benchmarks/bench_compile.py \
+      --models pixart-xl-2-1024 --modes O2 --precompile off,on \
+      --output-json "$out/compile_pixart_precompile.json"
+    run 290 compile_flux_precompile python3 benchmarks/bench_compile.py --models flux-dev \
+      --modes O2 --regional nested --precompile off,on \
+      --output-json "$out/compile_flux_precompile.json" ;;
   dynvae)
     # Where a dynamic graph loses to a specialised one: the SDXL VAE decode at 1024x1024, O2
     # static vs O2 + dynamic, with the kernel breakdown (the UNet's dynamic compile outlasts

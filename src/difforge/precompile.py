@@ -113,14 +113,14 @@ def folder(config: CompileConfig) -> Path:
 
 
 @contextlib.contextmanager
-def precompiling(config: CompileConfig) -> Iterator[None]:
+def precompiling(config: CompileConfig, store_folder: Path | None = None) -> Iterator[None]:
     """Dynamo's caching precompile on, its store at ``config``'s folder, and Inductor and
     Triton at the cache root's folders (difforge.cache), where the stored entry's kernels
     were written: a loaded entry rebuilds its compiled code from them, not from scratch."""
     import torch._dynamo.config as dynamo_config
     from torch._dynamo.package import DynamoCache
 
-    store = str(folder(config) / "dynamo")
+    store = str((store_folder or folder(config)) / "dynamo")
     # torch's store takes its folder from TORCHINDUCTOR_CACHE_DIR, which must name Inductor's
     # own folder here; the instance attribute shadows the method for this context only.
     had_own = "path_prefix" in vars(DynamoCache)
@@ -201,12 +201,13 @@ def with_precompile(compiled: Any, config: CompileConfig, target: Any) -> Any:
     from difforge.entry import wrap_entry
 
     frames = torch._dynamo.utils.counters["stats"]
+    store_folder = folder(config)  # hashed once, not at every call
 
     def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(call)
         def run(*args: Any, **kwargs: Any) -> Any:
             before = frames["unique_graphs"]
-            with precompiling(config):
+            with precompiling(config, store_folder):
                 out = call(*args, **kwargs)
             if frames["unique_graphs"] != before:
                 save(config, target)
