@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from typing import Any
+
 import torch
 
 
@@ -21,3 +26,16 @@ def dit_inputs(batch: int = 2, size: int = 16, tokens: int = 7) -> tuple[torch.T
 
 def unet_inputs(batch: int = 2, size: int = 16) -> tuple[torch.Tensor, ...]:
     return torch.randn(batch, 4, size, size), torch.rand(batch) * 1000
+
+
+def run_child(script: str, *args: str, env: dict[str, str]) -> Any:
+    """Run ``script`` in a new Python process; the JSON its last output line holds."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import torch
 import difforge
 from difforge.cache import MARKER, CacheLayout, cache_info, clear_cache
 
-from .helpers import dit_inputs, rel_err
+from .helpers import dit_inputs, rel_err, run_child
 
 _CHILD = textwrap.dedent(
     """
@@ -40,15 +37,7 @@ _CHILD = textwrap.dedent(
 
 
 def _child(mode: str, env: dict[str, str]) -> dict[str, float]:
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, mode],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(_CHILD, mode, env=env)
 
 
 def test_cache_all_persists_across_processes(tmp_path: Path) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +12,8 @@ import pytest
 import difforge
 from difforge import precompile
 from difforge.errors import OptionsError
+
+from .helpers import run_child
 
 needs_precompile = pytest.mark.skipif(
     precompile.support() is not None, reason=f"no precompile: {precompile.support()}"
@@ -53,15 +53,7 @@ _CHILD = textwrap.dedent(
 def _child(options: dict, root: Path, new_size: bool = False) -> dict:
     env = {**os.environ, "DIFFORGE_CACHE_DIR": str(root)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(options), *(["new-size"] if new_size else [])],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(_CHILD, json.dumps(options), *(["new-size"] if new_size else []), env=env)
 
 
 @needs_precompile
