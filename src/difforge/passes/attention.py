@@ -4,9 +4,10 @@
 256 has no flash or cuDNN kernel; SDPA runs PyTorch's memory-efficient kernel, which reached
 ~120 TFLOP/s on an H100 for the SD/SDXL VAE's mid-block attention (one head of 512 over
 128x128 = 16384 latent pixels at a 1024² decode: 4.6 ms of a 39 ms decode). Where the score
-matrix of one sample is small enough (``attention.wide_max_score_bytes``) the call becomes two GEMMs around
-a float32 softmax, as diffusers' classic ``AttnProcessor`` computes it: scores in the input
-dtype (fp32 accumulation), softmax in float32, probabilities cast back for the second GEMM.
+matrix of one sample is small enough (``attention.wide_max_score_bytes``) the call becomes two
+GEMMs around a float32 softmax, as diffusers' classic ``AttnProcessor`` computes it: scores in
+the input dtype (fp32 accumulation), softmax in float32, probabilities cast back for the second
+GEMM.
 With symbolic sizes (``dynamic: true``) the rewritten call checks the cap itself, which the
 trace turns into a guard: a resolution past it recompiles to SDPA (an H100 SDXL VAE decode
 at 1024², dynamic, without this: 4.5 ms in the memory-efficient kernel).
@@ -123,8 +124,9 @@ def attention_by_matmul_within(
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def _wide_heads_call(node: torch.fx.Node, max_score_bytes: int) -> float | None:
-    """The softmax scale when ``node`` is an SDPA call to rewrite into GEMMs, else None."""
+def _wide_heads_call(node: torch.fx.Node, max_score_bytes: int) -> tuple[float, bool] | None:
+    """(softmax scale, whether the sizes are static) when ``node`` is an SDPA call to
+    rewrite into GEMMs, else None."""
     tensors = _plain_sdpa(node)
     if tensors is None:
         return None
@@ -138,14 +140,16 @@ def _wide_heads_call(node: torch.fx.Node, max_score_bytes: int) -> float | None:
         return None  # broadcast batch/heads: leave it to SDPA
     # A symbolic size is judged by its hint here; the call then checks the bound itself
     # (attention_by_matmul_within), so sizes past the cap get SDPA, never a huge matrix.
-    sizes = [size_hint(s) for s in (*q.shape[:3], k.shape[2])]
+    shape = (*q.shape[:3], k.shape[2])
+    sizes = [size_hint(s) for s in shape]
     if any(s is None for s in sizes):
         return None
     _, h, sq, skv = sizes
     if h * sq * skv * q.element_size() > max_score_bytes:  # per sample (see the option)
         return None
     scale = node_arg(node, 6, "scale")
-    return float(scale) if scale is not None else d**-0.5
+    static = all(isinstance(s, int) for s in shape)
+    return (float(scale) if scale is not None else d**-0.5), static
 
 
 @register_pass("attention_wide_heads", stage="fx", tier="optimize")
@@ -156,11 +160,10 @@ def attention_wide_heads(graph: torch.fx.Graph) -> int:
     max_bytes = current_policy().wide_max_score_bytes
     made = 0
     for node in list(graph.nodes):
-        scale = _wide_heads_call(node, max_bytes)
-        if scale is None:
+        call = _wide_heads_call(node, max_bytes)
+        if call is None:
             continue
-        q, k = node_tensor(node.args[0]), node_tensor(node.args[1])
-        static = all(isinstance(n, int) for n in (*q.shape[:3], k.shape[2]))
+        scale, static = call
         if static:
             replace_with_call(graph, node, attention_by_matmul, (*node.args[:3], scale))
         else:
