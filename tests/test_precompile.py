@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import textwrap
@@ -21,8 +22,15 @@ needs_precompile = pytest.mark.skipif(
 
 _CHILD = textwrap.dedent(
     """
-    import json, sys, torch, difforge
+    import json, os, sys, warnings, torch, difforge
     from difforge.models import TinyDiT
+    if os.environ.get("BREAK_GUARD_LOADING"):  # as torch 2.11 failed on DefaultsSource
+        def broken(state):
+            raise TypeError("DefaultsSource.__init__() takes from 3 to 4 positional arguments")
+        torch._dynamo.package.load_guards_state = broken
+    warnings.simplefilter("always")
+    caught = warnings.catch_warnings(record=True)
+    seen = caught.__enter__()
     torch.manual_seed(0)
     model = TinyDiT().eval()
     x = (torch.randn(2, 4, 16, 16), torch.rand(2) * 1000, torch.randn(2, 7, 48))
@@ -38,6 +46,8 @@ _CHILD = textwrap.dedent(
         "traced": c["stats"]["unique_graphs"],
         "compiles": len(difforge.compile_records),
         "err": err,
+        "load_errors": c["dynamo_cache"]["dynamo_cache_error"],
+        "warnings": [str(w.message) for w in seen if "cannot be loaded" in str(w.message)],
     }
     if len(sys.argv) > 2:  # then a size the stored entry has never seen: a recompile
         y = (torch.randn(2, 4, 24, 16), x[1], x[2])
@@ -50,8 +60,10 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _child(options: dict, root: Path, new_size: bool = False) -> dict:
+def _child(options: dict, root: Path, new_size: bool = False, *, broken: bool = False) -> dict:
     env = {**os.environ, "DIFFORGE_CACHE_DIR": str(root)}
+    if broken:
+        env["BREAK_GUARD_LOADING"] = "1"
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     return run_child(_CHILD, json.dumps(options), *(["new-size"] if new_size else []), env=env)
 
@@ -82,6 +94,55 @@ def test_a_new_process_loads_the_trace_instead_of_tracing(tmp_path: Path) -> Non
     entries[0].write_bytes(b"truncated")
     damaged = _child(options, root)
     assert damaged["hit"] == 0 and damaged["traced"] == 1 and damaged["err"] < 1e-4
+
+
+@needs_precompile
+def test_an_entry_whose_guards_cannot_load_is_a_miss_and_is_rewritten(tmp_path: Path) -> None:
+    # torch handles only a RuntimeError while it installs an entry; torch 2.11's TypeError
+    # from unpickling a guard source escaped from torch.compile (H100, 2026-11-27).
+    root = tmp_path / "cache"
+    options = {"mode": "O2:cache-all", "cache.precompile": True}
+    assert _child(options, root)["traced"] == 1
+    broken = _child(options, root, broken=True)
+    assert broken["hit"] == 0 and broken["load_errors"] == 1 and broken["traced"] == 1
+    assert broken["err"] < 1e-4
+    assert len(broken["warnings"]) == 1 and "TypeError: DefaultsSource" in broken["warnings"][0]
+    healthy = _child(options, root)  # the traced entry was written again and loads
+    assert healthy["hit"] == 1 and healthy["traced"] == 0 and healthy["load_errors"] == 0
+
+
+def test_guard_sources_that_pickle_derived_fields_are_repaired(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pickle
+
+    from torch._dynamo.source import DefaultsSource, LocalSource
+    from torch._guards import Source
+
+    def every_field(self):  # torch 2.11's reduce: derived (init=False) fields too
+        return type(self), tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    classes, pending = [], [Source]
+    while pending:
+        classes.append(pending.pop())
+        pending.extend(classes[-1].__subclasses__())
+    for cls in classes:  # monkeypatch puts every class's own reduce back afterwards
+        if "__reduce__" in vars(cls):
+            monkeypatch.setattr(cls, "__reduce__", vars(cls)["__reduce__"])
+        else:
+            monkeypatch.setattr(cls, "__reduce__", cls.__reduce__, raising=False)
+    source = DefaultsSource(LocalSource("fn"), 1)
+    keyword = DefaultsSource(LocalSource("fn"), "scale", is_kw=True)
+    assert precompile.repair_source_pickling.__wrapped__() == ()  # this torch round-trips
+    monkeypatch.setattr(DefaultsSource, "__reduce__", every_field)
+    with pytest.raises(TypeError, match="positional argument"):
+        pickle.loads(pickle.dumps(source))
+
+    repaired = precompile.repair_source_pickling.__wrapped__()
+    assert "DefaultsSource" in repaired and "LocalSource" not in repaired
+    for original in (source, keyword):
+        copy = pickle.loads(pickle.dumps(original))
+        assert copy == original and copy.name == original.name
 
 
 def test_precompile_needs_the_persistent_cache() -> None:

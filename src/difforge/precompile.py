@@ -32,9 +32,11 @@ devices and strides and the global state (grad mode, autocast) stay guarded. Hen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
+import pickle
 import platform
 import re
 import sys
@@ -68,19 +70,87 @@ def support() -> str | None:
 _warned: set[str] = set()
 
 
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
 def enabled(config: CompileConfig) -> bool:
     """Whether ``config`` asks for precompile and this torch has it (else one warning)."""
     if not config.settings.get(KEY):
         return False
     why_not = support()
     if why_not is not None:
-        if why_not not in _warned:
-            _warned.add(why_not)
-            warnings.warn(
-                f"difforge: option {KEY!r} is ignored: {why_not}", UserWarning, stacklevel=3
-            )
+        _warn_once(f"difforge: option {KEY!r} is ignored: {why_not}")
         return False
+    repair_source_pickling()
     return True
+
+
+def _reduce_init_fields(self: Any) -> tuple[Any, tuple[Any, ...]]:
+    # What torch 2.13 does: rebuild from the constructor's fields; __post_init__ derives
+    # the rest.
+    values = tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.init)
+    return type(self), values
+
+
+def _round_trips(source: Any) -> bool:
+    try:
+        return pickle.loads(pickle.dumps(source)) == source
+    except Exception:
+        return False
+
+
+@functools.cache
+def repair_source_pickling() -> tuple[str, ...]:
+    """Make Dynamo's guard sources pickle as their constructors expect; the classes repaired.
+
+    torch 2.11 pickles a source with *every* dataclass field, its derived ``init=False``
+    ones too, and unpickles it by calling the class with them, so an entry whose guards
+    hold a ``DefaultsSource`` (PixArt-XL and FLUX.1-dev have one) was written but could not
+    be loaded (``TypeError: DefaultsSource.__init__() takes from 3 to 4 positional
+    arguments``, H100, ``benchmarks/results/2026-11-27_h100_compile_pixart_precompile.json``).
+    Nothing changes on a torch whose sources already round-trip (2.13).
+    """
+    try:
+        from torch._dynamo.source import DefaultsSource, LocalSource
+        from torch._guards import Source
+    except ImportError:
+        return ()
+    try:
+        probe = DefaultsSource(LocalSource("fn"), 0)
+    except Exception:
+        return ()
+    if _round_trips(probe):
+        return ()
+    repaired = []
+    pending: list[type] = [Source]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if dataclasses.is_dataclass(cls) and any(not f.init for f in dataclasses.fields(cls)):
+            cls.__reduce__ = _reduce_init_fields  # type: ignore[method-assign,assignment]
+            repaired.append(cls.__name__)
+    return tuple(sorted(repaired))
+
+
+def unloadable(entry: Any) -> str | None:
+    """Why a stored entry's guards cannot be rebuilt on this torch, or None.
+
+    torch loads an entry inside ``torch.compile`` and handles only a ``RuntimeError`` there,
+    so any other failure while unpickling guards would escape to the user. Checked before
+    torch installs anything, so such an entry is a plain miss.
+    """
+    from torch._dynamo import package
+
+    for code in getattr(entry.dynamo, "codes", ()):
+        for guarded in getattr(code, "guarded_codes", ()):
+            try:
+                package.load_guards_state(guarded.guards_state)
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 @functools.cache
@@ -122,11 +192,28 @@ def precompiling(config: CompileConfig, store_folder: Path | None = None) -> Ite
     from torch._dynamo.package import DynamoCache
 
     store = str((store_folder or folder(config)) / "dynamo")
+    load = DynamoCache.load
+
+    def checked_load(fn: Callable[..., Any]) -> Any:
+        entry = load(fn)
+        why = None if entry is None else unloadable(entry)
+        if why is None:
+            return entry
+        counters = torch._dynamo.utils.counters["dynamo_cache"]
+        counters["dynamo_cache_hit"] -= 1  # counted as read by torch; it is not used
+        counters["dynamo_cache_error"] += 1
+        _warn_once(
+            f"difforge: a stored {KEY} entry for {source_id(fn)} cannot be loaded on torch "
+            f"{torch.__version__} ({why[:200]}); traced again and rewritten"
+        )
+        return None
+
     # torch's store takes its folder from TORCHINDUCTOR_CACHE_DIR, which must name Inductor's
-    # own folder here; the instance attribute shadows the method for this context only.
-    had_own = "path_prefix" in vars(DynamoCache)
-    saved = vars(DynamoCache).get("path_prefix")
-    DynamoCache.path_prefix = lambda: store  # type: ignore[method-assign]
+    # own folder here; instance attributes shadow the methods for this context only.
+    shadowed = {"path_prefix": lambda: store, "load": checked_load}
+    saved = {name: vars(DynamoCache)[name] for name in shadowed if name in vars(DynamoCache)}
+    for name, value in shadowed.items():
+        setattr(DynamoCache, name, value)
     try:
         with (
             using_cache(CacheLayout(config.cache_dir)),
@@ -134,10 +221,11 @@ def precompiling(config: CompileConfig, store_folder: Path | None = None) -> Ite
         ):
             yield
     finally:
-        if had_own:
-            DynamoCache.path_prefix = saved  # type: ignore[method-assign]
-        else:
-            del DynamoCache.path_prefix
+        for name in shadowed:
+            if name in saved:
+                setattr(DynamoCache, name, saved[name])
+            else:
+                delattr(DynamoCache, name)
 
 
 _INSTALLED_NAME = re.compile(r"^__\w*?_(\d+)$")
@@ -225,8 +313,10 @@ __all__ = [
     "enabled",
     "folder",
     "precompiling",
+    "repair_source_pickling",
     "save",
     "source_id",
     "support",
+    "unloadable",
     "with_precompile",
 ]
