@@ -407,6 +407,24 @@ def test_step_measurement_on_tiny_pixart() -> None:
     assert results["O1"].rel_err_vs_fp32 is not None and results["O1"].rel_err_vs_fp32 < 1e-5
 
 
+def test_step_first_size_compiles_dynamic_variants_elsewhere_first() -> None:
+    """--first-size: a dynamic variant's compiling call is at another size, and the measured
+    size then runs on the same graph; a static variant compiles at the measured size only."""
+    from difforge.bench.step import bench_model, parse_args
+
+    argv = ["--models", "tiny-pixart", "--height", "64", "--width", "64", "--warmup", "0"]
+    argv += ["--iters", "1", "--dtype", "float32", "--first-size", "48x80", "--variants"]
+    argv += ['static={"mode": "O1"};dyn={"mode": "O1", "dynamic": true}']
+    results = {
+        r.variant: r for r in bench_model("tiny-pixart", parse_args(argv), torch.device("cpu"), {})
+    }
+    assert results["dyn"].error is None and results["dyn"].first_size == [48, 80]
+    assert results["dyn"].graphs == 1 and results["dyn"].rel_err_vs_fp32 < 1e-5
+    assert results["static"].first_size is None and results["static"].graphs == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--first-size", "1024"])
+
+
 def test_step_variants_each_start_from_the_built_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     """A channels_last variant re-lays the shared module's conv weights in place; the next
     variant (here stock compile, then a 'preserve' one) must see the preset's NCHW weights."""

@@ -88,6 +88,12 @@ class VariantResult:
     fp8_linears: int | None = None
     """Linears the variant swapped to fp8 (low-precision/O3, ``quant.fp8_linear``, or the
     ``fp8`` variant)."""
+    first_size: list[int] | None = None
+    """[height, width] of the compiling first call when it was not the measured size
+    (``--first-size``, dynamic variants only)."""
+    graphs: int | None = None
+    """Graphs Dynamo compiled for the variant (a dynamic one: 1 per model, however many
+    sizes it was called at)."""
     attention_8bit: list[dict[str, Any]] = field(default_factory=list)
     """What the attention_int8 pass measured per attention shape (SDPA vs the best 8-bit
     tile) and chose; empty when the pass was off or saw no eligible call."""
@@ -248,26 +254,41 @@ def _compile(
     return difforge.compile(module, options=_variant_options(variant, extra))
 
 
+def _step_call(
+    name: str,
+    target: str,
+    size: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> StepCall:
+    """The inputs of one step (or decode) of ``name`` at ``size`` = (height, width)."""
+    preset = get_preset(name)
+    height, width = size
+    if target == "vae":
+        return vae_decode_inputs(
+            preset, batch=1, height=height, width=width, device=device, dtype=dtype
+        )
+    batch = args.batch or (1 if preset.family == "flux" else 2)
+    return denoiser_step_inputs(
+        preset, batch=batch, height=height, width=width, device=device, dtype=dtype
+    )
+
+
 def _build(
     name: str, target: str, dtype: torch.dtype, device: torch.device, args: argparse.Namespace
-) -> tuple[nn.Module, StepCall, int]:
+) -> tuple[nn.Module, StepCall]:
     preset = get_preset(name)
+    call = _step_call(name, target, (args.height, args.width), dtype, device, args)
     if target == "vae":
         vae = build_component(preset, "vae", dtype=dtype, device=device)
-        call = vae_decode_inputs(
-            preset, batch=1, height=args.height, width=args.width, device=device, dtype=dtype
-        )
-        return VaeDecode(vae).eval(), call, 1
-    batch = args.batch or (1 if preset.family == "flux" else 2)
+        return VaeDecode(vae).eval(), call
     module = build_component(preset, preset.denoiser, dtype=dtype, device=device).eval()
     if args.plant_outliers:
         # Columns chosen by name and seed: every build (the float32 reference too) gets
         # the same outliers.
         plant_outliers(module, args.plant_outliers, channels=args.outlier_channels)
-    call = denoiser_step_inputs(
-        preset, batch=batch, height=args.height, width=args.width, device=device, dtype=dtype
-    )
-    return module, call, batch
+    return module, call
 
 
 def _cast_call(call: StepCall, dtype: torch.dtype) -> StepCall:
@@ -290,7 +311,12 @@ def bench_model(
     dtype = getattr(torch, args.dtype) if args.dtype else preset.dtype
     if device.type == "cpu" and not args.dtype:
         dtype = torch.float32
-    module, call, _ = _build(name, target or "denoiser", dtype, device, args)
+    module, call = _build(name, target or "denoiser", dtype, device, args)
+    # Dynamic variants compile at --first-size, as a service warmed up at another size does:
+    # Inductor tunes a dynamic graph's kernels for the sizes it first sees.
+    first_call = call
+    if args.first_size is not None:
+        first_call = _step_call(name, target or "denoiser", args.first_size, dtype, device, args)
 
     reference = None
     if args.fp32_reference and dtype == torch.float32:
@@ -326,13 +352,19 @@ def bench_model(
         attention_select.measurements.clear()
         try:
             fn = _compile(module, variant, extra, name)
+            dynamic = bool(result.options and result.options.get("dynamic") is True)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             with torch.no_grad():
                 _sync(device)
                 t0 = time.perf_counter()
+                if dynamic and first_call is not call:
+                    call(fn)
+                    result.first_size = list(args.first_size)
                 # Clone: a CUDA-graph replay reuses its output buffers on the next call.
                 out = _first_tensor(call(fn)).clone()
                 _sync(device)
                 result.compile_s = time.perf_counter() - t0
+                result.graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
                 for _ in range(args.warmup):
                     call(fn)
                 times = _time_ms(lambda fn=fn: call(fn), device, args.iters)
@@ -419,6 +451,13 @@ def table(results: list[VariantResult]) -> str:
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
+def _size(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    if not sep or not height.isdigit() or not width.isdigit() or "0" in (height, width):
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 768x1024, got {text!r}")
+    return int(height), int(width)
+
+
 def parse_args(argv: list[str] | None, description: str | None = None) -> argparse.Namespace:
     """``benchmarks/bench_step.py``'s command line (``description``: its help text)."""
     parser = argparse.ArgumentParser(
@@ -442,6 +481,14 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> argpar
     )
     parser.add_argument("--height", type=int, default=1024 if on_gpu else 64)
     parser.add_argument("--width", type=int, default=1024 if on_gpu else 64)
+    parser.add_argument(
+        "--first-size",
+        type=_size,
+        default=None,
+        metavar="HxW",
+        help="variants with dynamic: true compile at this size first, then are measured at "
+        "--height x --width without recompiling (a warmed-up service's case)",
+    )
     parser.add_argument(
         "--batch", type=int, default=None, help="denoiser batch (default 2, FLUX 1)"
     )
