@@ -38,11 +38,15 @@
 #   dynunet  SDXL VAE decode and UNet step at 960x720: O2 static vs O2 + dynamic compiled
 #            first at 1024x1024 (as the pipeline sweep warms up), profiled; caches under
 #            .gpu-cache/, so a second call on the warm machine finishes the UNet      ~10 min
+#   dynkern  the kernels a dynamic graph loses on, with their code: SDXL UNet mid_block,
+#            down_blocks.2 and up_blocks.0 (1280 channels) and down_blocks.1 (640), and the
+#            VAE decoder's up_blocks.1, static vs dynamic at 960x720 (first call at 1024x1024),
+#            benchmarks/diag_dynamic_kernels.py                                    ~8 min
 #   o2flux   FLUX.1-dev step, the same three                                       ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|precompile|dynvae|dynunet|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -205,6 +209,12 @@ case "$part" in
       "${A[@]}" --output-json "$out/step_dyn960_vae.json"
     run 380 step_dyn960_unet python3 benchmarks/bench_step.py --models sdxl-base "${A[@]}" \
       --output-json "$out/step_dyn960_unet.json" ;;
+  dynkern)
+    for b in mid_block down_blocks.1 down_blocks.2 up_blocks.0; do
+      run 150 "diag_kernels_unet_$b" python3 benchmarks/diag_dynamic_kernels.py --block "$b"
+    done
+    run 120 diag_kernels_vae python3 benchmarks/diag_dynamic_kernels.py --component vae \
+      --block vae.decoder.up_blocks.1 ;;
   o2flux)
     run 570 step_o2_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants 'compile;O2-nocg={"mode":"max-optimize"};O2' --profile \

@@ -464,3 +464,37 @@ def test_compile_phases_reports_dynamos_timers_for_one_cold_compile(tmp_path: Pa
     # the compile happened in this call: Dynamo timed its tracing and Inductor's codegen
     assert phases["bytecode_tracing"] > 0 and phases["_compile.compile_inner"] > 0
     assert phases["_compile.compile_inner"] <= result["first_call_s"]
+
+
+@pytest.mark.slow
+def test_diag_dynamic_kernels_compares_one_block_and_keeps_its_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/diag_dynamic_kernels.py on the CPU: one UNet transformer block, static and
+    dynamic (first called elsewhere), one graph each, each variant's generated code kept; the
+    logging and cache settings it changes are put back."""
+    import importlib.util
+    import re
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "diag_dynamic_kernels.py"
+    spec = importlib.util.spec_from_file_location("diag_dynamic_kernels", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    from torch._inductor.codecache import output_code_log
+
+    propagate = output_code_log.propagate
+    argv = ["--model", "tiny-sdxl", "--block", "down_blocks.1.attentions.0", "--iters", "2"]
+    result = module.main([*argv, "--height", "96", "--width", "64", "--first-size", "64x48"])
+    static, dynamic = result["variants"]["static"], result["variants"]["dynamic"]
+    assert static["graphs"] == dynamic["graphs"] == 1
+    static_code = (tmp_path / static["code"]).read_text()
+    dynamic_code = (tmp_path / dynamic["code"]).read_text()
+    assert "def call(" in static_code and "def call(" in dynamic_code
+    # the dynamic graph takes its sizes as arguments; the static one has none
+    assert re.search(r"\bs\d+ = arg", dynamic_code) and not re.search(r"\bs\d+ = arg", static_code)
+    assert (tmp_path / "diag_dynamic_denoiser_down_blocks_1_attentions_0.json").exists()
+    assert output_code_log.propagate == propagate
+    assert not any(isinstance(h, module._CodeLog) for h in output_code_log.handlers)
+    assert torch._inductor.config.force_disable_caches is False

@@ -157,7 +157,7 @@ def _category(name: str) -> str:
 
 
 def _breakdown(
-    fn: Callable[[], Any], device: torch.device, iters: int = 5, top: int = 25
+    fn: Callable[[], Any], device: torch.device, iters: int = 5, top: int = 60
 ) -> tuple[dict[str, float], list[tuple[str, str, float, int]]]:
     """Kernel time per category and idle time between kernels, per step (ms), and the
     ``top`` kernels by time as (category, name, ms per step, launches per step)."""
