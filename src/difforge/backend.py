@@ -21,6 +21,8 @@ from difforge.cache import CacheLayout, compile_in_cache
 from difforge.errors import DifforgeError, OptionsError
 from difforge.fusion_memo import memoized_fusion_check
 from difforge.heuristics import choices_for, installed
+from difforge.index_join import cache_salt as index_join_salt
+from difforge.index_join import joined_symbolic_dimensions
 from difforge.kernels.attention_select import using_policy
 from difforge.options import CompileConfig, load_options, parse_options
 from difforge.passes import PostGradPasses, cacheable_targets, enabled_passes, run_fx_passes
@@ -135,7 +137,8 @@ class DifforgeBackend:
                 "post_grad_pre",
                 "post_grad_custom_pre_pass",
                 salt=(choices.cache_salt() if choices is not None else b"")
-                + bucket_salt(config, patches),
+                + bucket_salt(config, patches)
+                + index_join_salt(),
             ),
             "post_grad_custom_post_pass": _post_grad_hook(
                 config, "post_grad_post", "post_grad_custom_post_pass"
@@ -161,6 +164,7 @@ class DifforgeBackend:
                 installed(choices),
                 bucketing_for(config, patches),
                 memoized_fusion_check(),
+                joined_symbolic_dimensions(),
             ):
                 return compile_fx(gm, example_inputs, config_patches=patches)
 

@@ -1,0 +1,132 @@
+"""Inductor's view-index simplification, extended to sizes that are sums (dynamic shapes).
+
+A view that merges two dimensions, such as ``(B, N, C) -> (B·N, C)`` in front of a linear,
+reads its input at ``C·N·(i // N) + C·(i % N)``. Inductor's ``join_dimensions`` turns that
+back into ``C·i`` by matching the term ``scale·N·FloorDiv(i, N)`` against
+``scale·ModularIndexing(i, 1, N)``. With static shapes ``N`` is a number and the term is one
+product. With dynamic shapes the token count below a stride-2 convolution is
+``N = (1 + (h - 1)//2)·(1 + (w - 1)//2)``, which sympy keeps expanded
+(``1 + a + b + a·b``), so ``C·N·FloorDiv(i, N)`` is four terms, the match fails, and the view
+stays a gather: Inductor materialises it with a copy kernel and cannot fuse across it.
+On the CPU the dynamic tiny SDXL UNet compiled such an identity copy after the LayerNorm of
+its downsampled transformer block, where the static graph has none; the H100 profile of the
+full SDXL UNet at 960x720 (``benchmarks/results/2026-11-27_h100_step_dyn960_unet.json``) has
+105 launches of a kernel of that name and 2.8 ms more elementwise time per step dynamic than
+static.
+
+The extension compares the *coefficient* of ``FloorDiv(i, d·N)`` in the expanded index with
+``scale·N`` instead of matching one term, and joins the pair when they are equal. It only
+looks at pairs whose modulus is a sum, so static graphs (integer moduli) take Inductor's own
+rule alone. It is patched in while difforge's compiles run (the module global that
+``SizeVarAllocator`` calls) and counted in ``difforge.passes.counters["index_join.symbolic"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sympy
+
+from difforge.passes import counters
+
+log = logging.getLogger(__name__)
+
+JOINED = "index_join.symbolic"
+
+_lock = threading.Lock()
+_depth = 0
+_saved: tuple[Any, Callable[[Any], Any]] | None = None
+"""(torch._inductor.sizevars, its original join_dimensions) while patched."""
+
+
+def _functions() -> tuple[Any, Any] | None:
+    try:
+        from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+    except ImportError:  # pragma: no cover - every supported torch has both
+        return None
+    return FloorDiv, ModularIndexing
+
+
+def join_symbolic(expr: Any) -> Any:
+    """``scale·ModularIndexing(b, d, M) + scale·M·FloorDiv(b, d·M) -> scale·FloorDiv(b, d)``
+    where ``M`` is a sum and the second product appears expanded into several terms; other
+    expressions come back unchanged."""
+    functions = _functions()
+    if functions is None or not isinstance(expr, sympy.Add):
+        return expr
+    floor_div, modular = functions
+    scale = sympy.Wild("scale", exclude=[0], integer=True)
+    base = sympy.Wild("base", integer=True)
+    divisor = sympy.Wild("divisor", integer=True)
+    modulus = sympy.Wild("modulus", integer=True)
+    for term in expr.args:
+        m = term.match(scale * modular(base, divisor, modulus))
+        if not m or not isinstance(m[modulus], sympy.Add):
+            continue  # a monomial modulus: Inductor's own rule handles it
+        floor = floor_div(m[base], m[divisor] * m[modulus])
+        if not expr.has(floor):
+            continue
+        expanded = sympy.expand(expr)
+        coefficient = expanded.coeff(floor)
+        if sympy.expand(coefficient - m[scale] * m[modulus]) != 0:
+            continue
+        counters[JOINED] += 1
+        joined = expanded - coefficient * floor - term + m[scale] * floor_div(m[base], m[divisor])
+        return join_symbolic(sympy.expand(joined))
+    return expr
+
+
+def _extended(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    @functools.wraps(original)
+    def join_dimensions(expr: Any) -> Any:
+        return join_symbolic(original(expr))
+
+    return join_dimensions
+
+
+@contextlib.contextmanager
+def joined_symbolic_dimensions() -> Iterator[bool]:
+    """While the body runs, Inductor's ``join_dimensions`` also joins symbolic-sum moduli.
+    Yields whether the patch is in place. Re-entrant and thread-safe (counted, one patch)."""
+    global _depth, _saved
+    with _lock:
+        if _depth == 0:
+            try:
+                sizevars = importlib.import_module("torch._inductor.sizevars")
+            except ImportError:  # pragma: no cover
+                sizevars = None
+            original = getattr(sizevars, "join_dimensions", None)
+            if original is None or _functions() is None:
+                log.debug("difforge: this torch has no join_dimensions to extend")
+            else:
+                sizevars.join_dimensions = _extended(original)
+                _saved = (sizevars, original)
+        _depth += 1
+        patched = _saved is not None
+    try:
+        yield patched
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _saved is not None:
+                sizevars, original = _saved
+                sizevars.join_dimensions = original
+                _saved = None
+
+
+@functools.cache
+def cache_salt() -> bytes:
+    """This module's source: the code Inductor generates depends on it, so it is part of
+    the FX-graph cache key (difforge.backend)."""
+    return hashlib.sha256(Path(__file__).read_bytes()).digest()
+
+
+__all__ = ["JOINED", "cache_salt", "join_symbolic", "joined_symbolic_dimensions"]

@@ -1,0 +1,118 @@
+"""difforge.index_join: merged-dimension views stay views when the merged size is a sum."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import sympy
+import torch
+from torch._inductor import sizevars
+from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+
+import difforge
+from difforge import index_join
+from difforge.diffusers.presets import build_component
+from difforge.diffusers.step_inputs import denoiser_step_inputs
+from difforge.passes import counters
+
+s1, s2, i, j = sympy.symbols("s1 s2 i j", integer=True, nonnegative=True)
+# Tokens below one stride-2 convolution of an h x w map, as Dynamo derives them.
+TOKENS = sympy.expand((1 + FloorDiv(s1 - 1, 2)) * (1 + FloorDiv(s2 - 1, 2)))
+
+
+def _view_index(tokens: sympy.Expr, scale: int = 64, partner_scale: int = 64) -> sympy.Expr:
+    """The index of ``x.view(B * tokens, C)`` into a contiguous ``(B, tokens, C)`` buffer."""
+    return sympy.expand(
+        j + scale * ModularIndexing(i, 1, tokens) + partner_scale * tokens * FloorDiv(i, tokens)
+    )
+
+
+def test_inductor_alone_leaves_a_symbolic_sum_unjoined_and_we_join_it() -> None:
+    index = _view_index(TOKENS)
+    assert sizevars.join_dimensions(index) == index  # why the extension exists
+    before = counters[index_join.JOINED]
+    assert index_join.join_symbolic(sizevars.join_dimensions(index)) == 64 * i + j
+    assert counters[index_join.JOINED] == before + 1
+
+
+def test_mismatched_or_static_pairs_are_left_to_inductor() -> None:
+    before = counters[index_join.JOINED]
+    wrong = _view_index(TOKENS, partner_scale=32)  # not the same dimension: no join
+    assert index_join.join_symbolic(wrong) == wrong
+    static = _view_index(sympy.Integer(90), partner_scale=64)  # integer modulus
+    assert index_join.join_symbolic(static) == static
+    assert sizevars.join_dimensions(static) == 64 * i + j  # Inductor's own rule
+    assert index_join.join_symbolic(sympy.Integer(3)) == 3
+    assert counters[index_join.JOINED] == before
+
+
+def test_the_patch_is_scoped_and_reentrant() -> None:
+    original = sizevars.join_dimensions
+    with index_join.joined_symbolic_dimensions() as patched:
+        assert patched and sizevars.join_dimensions is not original
+        with index_join.joined_symbolic_dimensions():
+            pass
+        assert sizevars.join_dimensions(_view_index(TOKENS)) == 64 * i + j
+    assert sizevars.join_dimensions is original
+
+
+def _kernel_launches(dynamic: bool) -> tuple[list[str], float, int]:
+    """(Inductor's kernel names per launch, without serial numbers; error vs eager; joins)
+    of the tiny SDXL UNet compiled at O2 channels_last, at a size whose downsampled
+    token count is a symbolic sum."""
+    from torch._inductor.codecache import output_code_log
+
+    code: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            code.append(record.getMessage())
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_component("tiny-sdxl", "unet", dtype=torch.float32, device="cpu").eval()
+    options = {"mode": "O2", "memory_format": "channels_last", "dynamic": dynamic}
+    compiled = difforge.compile(model, options=options)
+    call = denoiser_step_inputs(
+        "tiny-sdxl", batch=2, height=96, width=72, device="cpu", dtype=torch.float32
+    )
+    handler, joins = Keep(logging.DEBUG), counters[index_join.JOINED]
+    torch._logging.set_logs(output_code=True)
+    output_code_log.addHandler(handler)
+    propagate, output_code_log.propagate = output_code_log.propagate, False
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad():
+            out = compiled(*call.args, **call.kwargs)[0]
+            ref = model(*call.args, **call.kwargs)[0]
+    finally:
+        output_code_log.removeHandler(handler)
+        output_code_log.propagate = propagate
+        torch._logging.set_logs()
+    wrapper = "\n".join(c for c in code if "def call(" in c)
+    launches = re.findall(r"^\s+(cpp_fused_\w+|triton_\w+)[.(]", wrapper, flags=re.M)
+    families = sorted(re.sub(r"_\d+$", "", k) for k in launches)
+    err = float((out - ref).norm() / ref.norm())
+    return families, err, counters[index_join.JOINED] - joins
+
+
+@pytest.mark.slow
+def test_dynamic_unet_gets_the_static_graphs_kernels() -> None:
+    """Without the join the dynamic tiny SDXL UNet copied a LayerNorm's output before its
+    linear (an identity gather, a kernel named after the LayerNorm *and* the mm) and had
+    one launch more than the static graph; with it, it launches as many kernels and the
+    same LayerNorm kernels. (Other kernels may fuse the same ops under other names: with
+    a symbolic size a no-op permute stays in a GroupNorm kernel's name.)"""
+    static, static_err, static_joins = _kernel_launches(dynamic=False)
+    dynamic, dynamic_err, dynamic_joins = _kernel_launches(dynamic=True)
+    assert static and static_joins == 0
+    assert dynamic_joins > 0
+    assert len(dynamic) == len(static)
+
+    def layer_norms(names: list[str]) -> list[str]:
+        return [n for n in names if "layer_norm" in n]
+
+    assert layer_norms(dynamic) == layer_norms(static)
+    assert not any("_mm_" in n for n in layer_norms(dynamic))
+    assert static_err < 1e-5 and dynamic_err < 1e-5
