@@ -37,6 +37,39 @@ def test_inductor_alone_leaves_a_symbolic_sum_unjoined_and_we_join_it() -> None:
     assert counters[index_join.JOINED] == before + 1
 
 
+def test_three_merged_dimensions_join_pairwise() -> None:
+    """``(B, H2, W2, C) -> (B·H2·W2, C)`` (a transformer block's output back to the map):
+    the two inner digits join first, then the outer one, as Inductor does for numbers."""
+    batch = sympy.Symbol("batch", integer=True, positive=True)
+    h2, w2 = 1 + FloorDiv(s1 - 1, 2), 1 + FloorDiv(s2 - 1, 2)
+    tokens = sympy.expand(h2 * w2)
+    index = sympy.expand(
+        j
+        + 64 * ModularIndexing(i, 1, w2)
+        + 64 * w2 * ModularIndexing(i, w2, h2)
+        + 64 * tokens * FloorDiv(i, tokens)
+    )
+    assert sizevars.join_dimensions(index) == index
+    assert index_join.join_symbolic(index) == 64 * i + j
+    # the same view of a view: the inner digits of (i mod tokens), then the outer one
+    inner = ModularIndexing(i, 1, tokens)
+    index = sympy.expand(
+        j
+        + 64 * ModularIndexing(inner, 1, w2)
+        + 64 * w2 * ModularIndexing(inner, w2, h2)
+        + 64 * tokens * FloorDiv(i, tokens)
+    )
+    assert sizevars.join_dimensions(index) == index
+    assert index_join.join_symbolic(index) == 64 * i + j
+    # the batch digit as a ModularIndexing (a batch inside a larger view)
+    index = sympy.expand(
+        j + 64 * ModularIndexing(i, 1, tokens) + 64 * tokens * ModularIndexing(i, tokens, batch)
+    )
+    assert sizevars.join_dimensions(index) == index
+    joined = index_join.join_symbolic(index)
+    assert joined == j + 64 * ModularIndexing(i, 1, sympy.expand(tokens * batch))
+
+
 def test_mismatched_or_static_pairs_are_left_to_inductor() -> None:
     before = counters[index_join.JOINED]
     wrong = _view_index(TOKENS, partner_scale=32)  # not the same dimension: no join

@@ -14,7 +14,8 @@ full SDXL UNet at 960x720 (``benchmarks/results/2026-11-27_h100_step_dyn960_unet
 105 launches of a kernel of that name and 2.8 ms more elementwise time per step dynamic than
 static.
 
-The extension compares the *coefficient* of ``FloorDiv(i, d·N)`` in the expanded index with
+The extension compares the *coefficient* of the partner (``FloorDiv(i, d·N)``, or the next
+``ModularIndexing`` out when three or more dimensions merge) in the expanded index with
 ``scale·N`` instead of matching one term, and joins the pair when they are equal. It only
 looks at pairs whose modulus is a sum, so static graphs (integer moduli) take Inductor's own
 rule alone. It is patched in while difforge's compiles run (the module global that
@@ -56,9 +57,16 @@ def _functions() -> tuple[Any, Any] | None:
 
 
 def join_symbolic(expr: Any) -> Any:
-    """``scale·ModularIndexing(b, d, M) + scale·M·FloorDiv(b, d·M) -> scale·FloorDiv(b, d)``
-    where ``M`` is a sum and the second product appears expanded into several terms; other
-    expressions come back unchanged."""
+    """Inductor's two view joins, for a modulus ``M`` that is a sum:
+
+    - ``scale·ModularIndexing(b, d, M) + scale·M·ModularIndexing(b, d·M, M2)``
+      ``-> scale·ModularIndexing(b, d, M·M2)`` (two merged dimensions), and
+    - ``scale·ModularIndexing(b, d, M) + scale·M·FloorDiv(b, d·M) -> scale·FloorDiv(b, d)``
+      (the outermost one),
+
+    where the second product appears expanded into several terms. A pair is joined when the
+    partner's coefficient in the expanded index equals ``scale·M``; anything else comes back
+    unchanged."""
     functions = _functions()
     if functions is None or not isinstance(expr, sympy.Add):
         return expr
@@ -71,16 +79,31 @@ def join_symbolic(expr: Any) -> Any:
         m = term.match(scale * modular(base, divisor, modulus))
         if not m or not isinstance(m[modulus], sympy.Add):
             continue  # a monomial modulus: Inductor's own rule handles it
-        floor = floor_div(m[base], m[divisor] * m[modulus])
-        if not expr.has(floor):
-            continue
+        b, d, mod, sc = m[base], m[divisor], m[modulus], m[scale]
         expanded = sympy.expand(expr)
-        coefficient = expanded.coeff(floor)
-        if sympy.expand(coefficient - m[scale] * m[modulus]) != 0:
-            continue
-        counters[JOINED] += 1
-        joined = expanded - coefficient * floor - term + m[scale] * floor_div(m[base], m[divisor])
-        return join_symbolic(sympy.expand(joined))
+        outer = sympy.expand(d * mod)
+        partners = [a for a in expanded.atoms(modular, floor_div) if a.args[0] == b]
+        for partner in partners:
+            if sympy.expand(partner.args[1] - outer) != 0:
+                continue  # not the next dimension out
+            coefficient = expanded.coeff(partner)
+            if coefficient == 0 or sympy.expand(coefficient - sc * mod) != 0:
+                continue
+            if isinstance(partner, modular):
+                merged_mod = sympy.expand(mod * partner.args[2])
+                inner_same = (
+                    d == 1
+                    and isinstance(b, modular)
+                    and b.args[1] == 1
+                    and sympy.expand(b.args[2] - merged_mod) == 0
+                )
+                # (x mod M) mod M is x mod M: the digits of the inner dimension, joined
+                merged = sc * (b if inner_same else modular(b, d, merged_mod))
+            else:
+                merged = sc * floor_div(b, d)
+            counters[JOINED] += 1
+            joined = expanded - coefficient * partner - sympy.expand(term) + merged
+            return join_symbolic(sympy.expand(joined))
     return expr
 
 
