@@ -43,24 +43,19 @@ def test_three_merged_dimensions_join_pairwise() -> None:
     batch = sympy.Symbol("batch", integer=True, positive=True)
     h2, w2 = 1 + FloorDiv(s1 - 1, 2), 1 + FloorDiv(s2 - 1, 2)
     tokens = sympy.expand(h2 * w2)
-    index = sympy.expand(
-        j
-        + 64 * ModularIndexing(i, 1, w2)
-        + 64 * w2 * ModularIndexing(i, w2, h2)
-        + 64 * tokens * FloorDiv(i, tokens)
-    )
-    assert sizevars.join_dimensions(index) == index
-    assert index_join.join_symbolic(index) == 64 * i + j
-    # the same view of a view: the inner digits of (i mod tokens), then the outer one
-    inner = ModularIndexing(i, 1, tokens)
-    index = sympy.expand(
-        j
-        + 64 * ModularIndexing(inner, 1, w2)
-        + 64 * w2 * ModularIndexing(inner, w2, h2)
-        + 64 * tokens * FloorDiv(i, tokens)
-    )
-    assert sizevars.join_dimensions(index) == index
-    assert index_join.join_symbolic(index) == 64 * i + j
+
+    def three_dims(token_index: sympy.Expr) -> sympy.Expr:
+        return sympy.expand(
+            j
+            + 64 * ModularIndexing(token_index, 1, w2)
+            + 64 * w2 * ModularIndexing(token_index, w2, h2)
+            + 64 * tokens * FloorDiv(i, tokens)
+        )
+
+    # the digits of i, and the same view of a view (the digits of i mod tokens)
+    for index in (three_dims(i), three_dims(ModularIndexing(i, 1, tokens))):
+        assert sizevars.join_dimensions(index) == index
+        assert index_join.join_symbolic(index) == 64 * i + j
     # the batch digit as a ModularIndexing (a batch inside a larger view)
     index = sympy.expand(
         j + 64 * ModularIndexing(i, 1, tokens) + 64 * tokens * ModularIndexing(i, tokens, batch)

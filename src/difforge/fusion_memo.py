@@ -18,15 +18,15 @@ Where this torch lacks either function, nothing is patched (one debug line).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from difforge.passes import counters
+from difforge.scoped_patch import ScopedPatch, Undo
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,6 @@ MISS = "fusion_memo.miss"
 
 _active = threading.local()
 """``memo``: the running check's {buffer name: (layout, key)}, set only inside the check."""
-_lock = threading.Lock()
-_depth = 0
-_saved: tuple[Any, Any, Any, Any] | None = None
-"""(wrapper module, original key function, Scheduler class, original check) while patched."""
 
 
 def _targets() -> tuple[Any, Any, Any, Any] | None:
@@ -87,33 +83,25 @@ def _memo_check(original: Callable[..., bool]) -> Callable[..., bool]:
     return check
 
 
-@contextlib.contextmanager
-def memoized_fusion_check() -> Iterator[bool]:
-    """While the body runs, Inductor's fusion memory check memoizes reuse keys. Yields
-    whether the patch is in place. Re-entrant and thread-safe (counted, one patch)."""
-    global _depth, _saved
-    with _lock:
-        if _depth == 0:
-            targets = _targets()
-            if targets is None:
-                log.debug("difforge: this torch has no fusion memory check to memoize")
-            else:
-                wrapper, key_fn, cls, check = targets
-                wrapper.buffer_reuse_key = _memo_key(key_fn)
-                cls.can_fusion_increase_peak_memory = _memo_check(check)
-                _saved = targets
-        _depth += 1
-        patched = _saved is not None
-    try:
-        yield patched
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0 and _saved is not None:
-                wrapper, key_fn, cls, check = _saved
-                wrapper.buffer_reuse_key = key_fn
-                cls.can_fusion_increase_peak_memory = check
-                _saved = None
+def _install() -> Undo | None:
+    targets = _targets()
+    if targets is None:
+        log.debug("difforge: this torch has no fusion memory check to memoize")
+        return None
+    wrapper, key_fn, cls, check = targets
+    wrapper.buffer_reuse_key = _memo_key(key_fn)
+    cls.can_fusion_increase_peak_memory = _memo_check(check)
+
+    def undo() -> None:
+        wrapper.buffer_reuse_key = key_fn
+        cls.can_fusion_increase_peak_memory = check
+
+    return undo
+
+
+memoized_fusion_check = ScopedPatch(_install)
+"""While the body runs, Inductor's fusion memory check memoizes reuse keys. Yields
+whether the patch is in place. Re-entrant and thread-safe (counted, one patch)."""
 
 
 __all__ = ["HIT", "MISS", "memoized_fusion_check"]

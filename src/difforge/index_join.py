@@ -24,28 +24,22 @@ rule alone. It is patched in while difforge's compiles run (the module global th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib
 import logging
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import sympy
 
 from difforge.passes import counters
+from difforge.scoped_patch import ScopedPatch, Undo
 
 log = logging.getLogger(__name__)
 
 JOINED = "index_join.symbolic"
-
-_lock = threading.Lock()
-_depth = 0
-_saved: tuple[Any, Callable[[Any], Any]] | None = None
-"""(torch._inductor.sizevars, its original join_dimensions) while patched."""
 
 
 def _functions() -> tuple[Any, Any] | None:
@@ -115,34 +109,26 @@ def _extended(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return join_dimensions
 
 
-@contextlib.contextmanager
-def joined_symbolic_dimensions() -> Iterator[bool]:
-    """While the body runs, Inductor's ``join_dimensions`` also joins symbolic-sum moduli.
-    Yields whether the patch is in place. Re-entrant and thread-safe (counted, one patch)."""
-    global _depth, _saved
-    with _lock:
-        if _depth == 0:
-            try:
-                sizevars = importlib.import_module("torch._inductor.sizevars")
-            except ImportError:  # pragma: no cover
-                sizevars = None
-            original = getattr(sizevars, "join_dimensions", None)
-            if original is None or _functions() is None:
-                log.debug("difforge: this torch has no join_dimensions to extend")
-            else:
-                sizevars.join_dimensions = _extended(original)
-                _saved = (sizevars, original)
-        _depth += 1
-        patched = _saved is not None
+def _install() -> Undo | None:
     try:
-        yield patched
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0 and _saved is not None:
-                sizevars, original = _saved
-                sizevars.join_dimensions = original
-                _saved = None
+        sizevars = importlib.import_module("torch._inductor.sizevars")
+    except ImportError:  # pragma: no cover
+        return None
+    original = getattr(sizevars, "join_dimensions", None)
+    if original is None or _functions() is None:
+        log.debug("difforge: this torch has no join_dimensions to extend")
+        return None
+    sizevars.join_dimensions = _extended(original)
+
+    def undo() -> None:
+        sizevars.join_dimensions = original
+
+    return undo
+
+
+joined_symbolic_dimensions = ScopedPatch(_install)
+"""While the body runs, Inductor's ``join_dimensions`` also joins symbolic-sum moduli.
+Yields whether the patch is in place. Re-entrant and thread-safe (counted, one patch)."""
 
 
 @functools.cache
