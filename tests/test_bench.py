@@ -407,10 +407,31 @@ def test_step_measurement_on_tiny_pixart() -> None:
     assert results["O1"].rel_err_vs_fp32 is not None and results["O1"].rel_err_vs_fp32 < 1e-5
 
 
-def test_step_first_size_compiles_dynamic_variants_elsewhere_first() -> None:
+def test_step_first_size_compiles_dynamic_variants_elsewhere_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """--first-size: a dynamic variant's compiling call is at another size, and the measured
     size then runs on the same graph; a static variant compiles at the measured size only."""
+    from difforge.bench import step
     from difforge.bench.step import bench_model, parse_args
+
+    first_latents: dict[str, tuple[int, ...]] = {}
+    real = step._compile
+
+    def spy(module, variant, extra, preset_name):  # type: ignore[no-untyped-def]
+        fn = real(module, variant, extra, preset_name)
+        label = variant.partition("=")[0]
+
+        def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+            latents = next(
+                v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() == 4
+            )
+            first_latents.setdefault(label, tuple(latents.shape))
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(step, "_compile", spy)
 
     argv = ["--models", "tiny-pixart", "--height", "64", "--width", "64", "--warmup", "0"]
     argv += ["--iters", "1", "--dtype", "float32", "--first-size", "48x80", "--variants"]
@@ -421,6 +442,8 @@ def test_step_first_size_compiles_dynamic_variants_elsewhere_first() -> None:
     assert results["dyn"].error is None and results["dyn"].first_size == [48, 80]
     assert results["dyn"].graphs == 1 and results["dyn"].rel_err_vs_fp32 < 1e-5
     assert results["static"].first_size is None and results["static"].graphs == 1
+    # the first call's latents: 48x80 pixels -> 6x10 for the dynamic variant, 64x64 -> 8x8
+    assert first_latents["dyn"][-2:] == (6, 10) and first_latents["static"][-2:] == (8, 8)
     with pytest.raises(SystemExit):
         parse_args(["--first-size", "1024"])
 

@@ -110,7 +110,7 @@ def repair_source_pickling() -> tuple[str, ...]:
     ones too, and unpickles it by calling the class with them, so an entry whose guards
     hold a ``DefaultsSource`` (PixArt-XL and FLUX.1-dev have one) was written but could not
     be loaded (``TypeError: DefaultsSource.__init__() takes from 3 to 4 positional
-    arguments``, H100, ``benchmarks/results/2026-11-27_h100_compile_pixart_precompile.json``).
+    arguments``, H100, ``benchmarks/results/2026-11-27_h100_compile_pixart_precompile_fail.json``).
     Nothing changes on a torch whose sources already round-trip (2.13).
     """
     try:

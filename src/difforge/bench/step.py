@@ -358,7 +358,7 @@ def bench_model(
                 _sync(device)
                 t0 = time.perf_counter()
                 if dynamic and first_call is not call:
-                    call(fn)
+                    first_call(fn)
                     result.first_size = list(args.first_size)
                 # Clone: a CUDA-graph replay reuses its output buffers on the next call.
                 out = _first_tensor(call(fn)).clone()
