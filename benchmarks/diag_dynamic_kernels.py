@@ -19,15 +19,12 @@ was 1.118x slower dynamic, all of it in Triton elementwise/reduction kernels).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import logging
 import os
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +32,10 @@ import torch
 from torch import nn
 
 import difforge
-from difforge.bench.step import _breakdown, _time_ms
+from difforge.bench.output_code import CodeLog, logged_code
+from difforge.bench.step import _breakdown, _size, _step_call, _time_ms
 from difforge.diffusers.presets import build_component, get_preset
-from difforge.diffusers.step_inputs import (
-    StepCall,
-    VaeDecode,
-    denoiser_step_inputs,
-    vae_decode_inputs,
-)
-
-
-class _CodeLog(logging.Handler):
-    """Keeps Inductor's ``output_code`` log records (one per compiled graph)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Output code: "):  # not the "written to" lines
-            self.records.append(message.removeprefix("Output code: ").lstrip("\n"))
-
-
-def _size(text: str) -> tuple[int, int]:
-    height, _, width = text.lower().partition("x")
-    return int(height), int(width)
+from difforge.diffusers.step_inputs import StepCall, VaeDecode
 
 
 def _component(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -68,17 +43,6 @@ def _component(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     if args.component == "vae":
         return VaeDecode(build_component(preset, "vae", dtype=dtype, device=device)).eval()
     return build_component(preset, preset.denoiser, dtype=dtype, device=device).eval()
-
-
-def _step(args: argparse.Namespace, size: tuple[int, int], device: torch.device, dtype: Any):
-    height, width = size
-    if args.component == "vae":
-        return vae_decode_inputs(
-            args.model, batch=1, height=height, width=width, device=device, dtype=dtype
-        )
-    return denoiser_step_inputs(
-        args.model, batch=args.batch, height=height, width=width, device=device, dtype=dtype
-    )
 
 
 def block_inputs(model: nn.Module, block: nn.Module, call: StepCall) -> StepCall:
@@ -129,8 +93,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = _component(args, device, dtype)
     block = model.get_submodule(args.block) if args.block else model
-    measured = block_inputs(model, block, _step(args, (args.height, args.width), device, dtype))
-    first = block_inputs(model, block, _step(args, args.first_size, device, dtype))
+    size = (args.height, args.width)
+    measured = block_inputs(
+        model, block, _step_call(args.model, args.component, size, dtype, device, args)
+    )
+    first = block_inputs(
+        model, block, _step_call(args.model, args.component, args.first_size, dtype, device, args)
+    )
     del model  # the block keeps its own weights
 
     with logged_code() as code_log:
@@ -142,31 +111,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-@contextlib.contextmanager
-def logged_code() -> Iterator[_CodeLog]:
-    """Inductor's output code of every graph compiled inside, caches off (a cache hit would
-    not log it); the loggers and the setting are put back afterwards."""
-    from torch._inductor.codecache import output_code_log as logger
-
-    code_log = _CodeLog()
-    torch._logging.set_logs(output_code=True)
-    logger.addHandler(code_log)
-    propagate, logger.propagate = logger.propagate, False  # to the files, not to stderr
-    try:
-        with torch._inductor.config.patch(force_disable_caches=True):
-            yield code_log
-    finally:
-        logger.removeHandler(code_log)
-        logger.propagate = propagate
-        torch._logging.set_logs()
-
-
 def _compare(
     args: argparse.Namespace,
     block: nn.Module,
     first: StepCall,
     measured: StepCall,
-    code_log: _CodeLog,
+    code_log: CodeLog,
     device: torch.device,
     out_dir: Path,
 ) -> dict[str, Any]:

@@ -507,6 +507,8 @@ def test_diag_dynamic_kernels_compares_one_block_and_keeps_its_code(
     monkeypatch.setenv("OUT", str(tmp_path))
     from torch._inductor.codecache import output_code_log
 
+    from difforge.bench.output_code import CodeLog
+
     propagate = output_code_log.propagate
     argv = ["--model", "tiny-sdxl", "--block", "down_blocks.1.attentions.0", "--iters", "2"]
     result = module.main([*argv, "--height", "96", "--width", "64", "--first-size", "64x48"])
@@ -519,5 +521,5 @@ def test_diag_dynamic_kernels_compares_one_block_and_keeps_its_code(
     assert re.search(r"\bs\d+ = arg", dynamic_code) and not re.search(r"\bs\d+ = arg", static_code)
     assert (tmp_path / "diag_dynamic_denoiser_down_blocks_1_attentions_0.json").exists()
     assert output_code_log.propagate == propagate
-    assert not any(isinstance(h, module._CodeLog) for h in output_code_log.handlers)
+    assert not any(isinstance(h, CodeLog) for h in output_code_log.handlers)
     assert torch._inductor.config.force_disable_caches is False

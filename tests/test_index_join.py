@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 
 import pytest
@@ -13,6 +12,7 @@ from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
 import difforge
 from difforge import index_join
+from difforge.bench.output_code import logged_code
 from difforge.diffusers.presets import build_component
 from difforge.diffusers.step_inputs import denoiser_step_inputs
 from difforge.passes import counters
@@ -90,14 +90,6 @@ def _kernel_launches(dynamic: bool) -> tuple[list[str], float, int]:
     """(Inductor's kernel names per launch, without serial numbers; error vs eager; joins)
     of the tiny SDXL UNet compiled at O2 channels_last, at a size whose downsampled
     token count is a symbolic sum."""
-    from torch._inductor.codecache import output_code_log
-
-    code: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            code.append(record.getMessage())
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_component("tiny-sdxl", "unet", dtype=torch.float32, device="cpu").eval()
@@ -106,18 +98,11 @@ def _kernel_launches(dynamic: bool) -> tuple[list[str], float, int]:
     call = denoiser_step_inputs(
         "tiny-sdxl", batch=2, height=96, width=72, device="cpu", dtype=torch.float32
     )
-    handler, joins = Keep(logging.DEBUG), counters[index_join.JOINED]
-    torch._logging.set_logs(output_code=True)
-    output_code_log.addHandler(handler)
-    propagate, output_code_log.propagate = output_code_log.propagate, False
-    try:
-        with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad():
-            out = compiled(*call.args, **call.kwargs)[0]
-            ref = model(*call.args, **call.kwargs)[0]
-    finally:
-        output_code_log.removeHandler(handler)
-        output_code_log.propagate = propagate
-        torch._logging.set_logs()
+    joins = counters[index_join.JOINED]
+    with logged_code() as code_log, torch.no_grad():
+        out = compiled(*call.args, **call.kwargs)[0]
+        ref = model(*call.args, **call.kwargs)[0]
+    code = code_log.records
     wrapper = "\n".join(c for c in code if "def call(" in c)
     launches = re.findall(r"^\s+(cpp_fused_\w+|triton_\w+)[.(]", wrapper, flags=re.M)
     families = sorted(re.sub(r"_\d+$", "", k) for k in launches)

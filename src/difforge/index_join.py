@@ -62,19 +62,21 @@ def join_symbolic(expr: Any) -> Any:
     partner's coefficient in the expanded index equals ``scale·M``; anything else comes back
     unchanged."""
     functions = _functions()
-    if functions is None or not isinstance(expr, sympy.Add):
-        return expr
+    if functions is None or not isinstance(expr, sympy.Add) or not expr.has(functions[1]):
+        return expr  # most indices: nothing to join, no pattern built
     floor_div, modular = functions
     scale = sympy.Wild("scale", exclude=[0], integer=True)
     base = sympy.Wild("base", integer=True)
     divisor = sympy.Wild("divisor", integer=True)
     modulus = sympy.Wild("modulus", integer=True)
+    expanded = None  # the whole index expanded, once, when a term is worth a look
     for term in expr.args:
         m = term.match(scale * modular(base, divisor, modulus))
         if not m or not isinstance(m[modulus], sympy.Add):
             continue  # a monomial modulus: Inductor's own rule handles it
         b, d, mod, sc = m[base], m[divisor], m[modulus], m[scale]
-        expanded = sympy.expand(expr)
+        if expanded is None:
+            expanded = sympy.expand(expr)
         outer = sympy.expand(d * mod)
         partners = [a for a in expanded.atoms(modular, floor_div) if a.args[0] == b]
         for partner in partners:
