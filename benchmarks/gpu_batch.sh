@@ -16,6 +16,8 @@
 #            the specialised compiles, ~2 min each, outlast one command)            ~10 min
 #   misc     new GPU tests (autotune buckets, graph pool), PixArt O2 warm start under
 #            cProfile, FLUX.1-dev O2 nested compile times                        ~11 min
+#   sdxlfix  the GPU tests of graphs on modules converted per call (the SDXL pipeline's
+#            force_upcast VAE), then the sdxl part cut at 470 s to fill .gpu-cache/  ~10 min
 #   wprof    PixArt O2 warm start under cProfile alone                            ~5 min
 #   o2cg     SDXL UNet and PixArt-XL steps: compile vs O2 vs O2 + CUDA graphs (trees,
 #            pooled) and the UNet in its own memory format                     ~9 min
@@ -46,7 +48,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|sdxlfix|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -99,12 +101,16 @@ case "$part" in
     # Persistent across calls on one warm machine (ignored by git, kept by the device tool).
     export TORCHINDUCTOR_CACHE_DIR="$PWD/.gpu-cache/inductor" DIFFORGE_CACHE_DIR="$PWD/.gpu-cache/difforge"
     # The warm-up (the compiling first call) is at a non-square size, as #6 asks.
-    run 585 t2i_sdxl_dynamic python3 benchmarks/text_to_image.py --model sdxl-base \
+    run "${SDXL_LIMIT:-585}" t2i_sdxl_dynamic python3 benchmarks/text_to_image.py --model sdxl-base \
       --compare difforge --height "${SDXL_WARMUP_H:-768}" --width "${SDXL_WARMUP_W:-1024}" \
       --compiler-config '{"mode": "O2", "dynamic": true, "memory_format": "channels_last"}' \
       --run_multiple_resolutions --run_rare_resolutions \
       --compare-specialized "${SDXL_SPECIALIZED:-1024x1024,960x720}" \
       --steps 20 --warmups 1 --runs 3 --output-json "$out/t2i_sdxl_dynamic.json" ;;
+  sdxlfix)
+    run 110 gpu_tests_pool python3 -m pytest -m gpu tests/test_graph_pool.py \
+      tests/diffusers/test_pipe.py -q -p no:cacheprovider -rs
+    SDXL_LIMIT=470 bash "$0" sdxl ;;
   wprof)
     run 560 compile_pixart_profile python3 benchmarks/bench_compile.py \
       --models pixart-xl-2-1024 --modes O2 --step-runs 0 --profile-warm 40 \

@@ -214,12 +214,78 @@ def test_replacing_a_parameter_or_submodule_drops_the_graphs() -> None:
     torch.testing.assert_close(pool(x), module(x))
     assert difforge.counters["cudagraphs.invalidated"] == 1
     assert difforge.counters["cudagraphs.capture"] == 2
+    # Each change is followed by a replay, so changes never add up to a volatile module.
     module.inner = Scale()  # a swapped sub-module (a LoRA layer, a fused projection)
+    pool(x)
     torch.testing.assert_close(pool(x), module(x))
     module.inner.weight = nn.Parameter(torch.tensor(7.0))  # the new sub-module is watched too
+    pool(x)
     torch.testing.assert_close(pool(x), module(x))
     assert difforge.counters["cudagraphs.invalidated"] == 3
     assert difforge.counters["cudagraphs.capture"] == 4
+    assert difforge.counters["cudagraphs.volatile"] == 0
+
+
+@torch.no_grad()
+def test_dtype_and_device_conversions_drop_the_graphs() -> None:
+    # .to() gives every weight new memory with no registration (param.data = converted).
+    pool, module = _watched()
+    x = torch.randn(2, dtype=torch.float64)
+    module.to(torch.float64)  # nothing captured yet: nothing to drop
+    pool(x)
+    pool(x)
+    assert difforge.counters["cudagraphs.invalidated"] == 0
+    module.inner.float()  # a sub-module's conversion counts too
+    module.inner.double()
+    torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.invalidated"] == 1
+    Scale().double()  # another model: no effect
+    pool(x)
+    assert difforge.counters["cudagraphs.invalidated"] == 1
+    assert difforge.counters["cudagraphs.capture"] == 2
+    assert difforge.counters["cudagraphs.replay"] == 2
+
+
+@torch.no_grad()
+def test_module_converted_around_every_call_stops_capturing_with_one_warning() -> None:
+    # The SDXL pipeline's fp16 VAE with force_upcast: .to(float32) before each decode and
+    # .to(float16) after. No graph would ever be replayed on the memory it captured.
+    pool, module = _watched()
+    x = torch.randn(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            module.double()
+            module.float()
+            torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.capture"] == 2  # then two wasted invalidations
+    assert difforge.counters["cudagraphs.invalidated"] == 2
+    assert difforge.counters["cudagraphs.volatile"] == 1
+    assert difforge.counters["cudagraphs.eager_call"] == 3
+    assert len([w for w in caught if "weights changed" in str(w.message)]) == 1
+    reset_graphs_of_pool = pool.reset  # difforge.reset_graphs calls this
+    reset_graphs_of_pool()
+    pool(x)
+    torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.capture"] == 3
+    assert difforge.counters["cudagraphs.replay"] == 1
+
+
+@torch.no_grad()
+def test_one_change_between_warm_up_and_serving_keeps_capturing() -> None:
+    # A LoRA loaded after the first call: one graph dropped unreplayed, then replays.
+    pool, module = _watched()
+    x = torch.randn(2)
+    pool(x)
+    module.inner.weight = nn.Parameter(torch.tensor(5.0))
+    for _ in range(3):
+        torch.testing.assert_close(pool(x), module(x))
+    module.half().float()  # after replays: a fresh start, not a second strike
+    for _ in range(3):
+        torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.volatile"] == 0
+    assert difforge.counters["cudagraphs.capture"] == 3
+    assert difforge.counters["cudagraphs.replay"] == 4
 
 
 @torch.no_grad()

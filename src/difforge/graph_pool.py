@@ -23,7 +23,10 @@ a device at a time, as a diffusers pipeline does.
 
 A pool that evicts ``2 * max_graphs`` never-replayed graphs with no replay in between
 (every call brings a new signature, e.g. a non-tensor argument that changes per call)
-stops capturing, with one warning: capturing every call costs more than it saves.
+stops capturing, with one warning: capturing every call costs more than it saves. So does
+a pool whose module changed twice with no replay in between (its weights get new memory
+at every call, e.g. a diffusers SDXL pipeline casting its fp16 VAE to fp32 around each
+decode): every graph would be dropped before its first replay.
 
 A new signature costs one ordinary call (which compiles if Dynamo must, and warms up
 lazy state: cuBLAS handles, autotuning, lazily built caches) plus one capture; its result
@@ -60,6 +63,11 @@ from difforge.passes import counters
 log = logging.getLogger(__name__)
 
 _PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+#: Module changes in a row, each dropping graphs that were never replayed, after which a
+#: pool stops capturing. Two, so that one change between a warm-up and serving (a LoRA
+#: loaded after the first call) keeps the graphs.
+VOLATILE_INVALIDATIONS = 2
 
 
 class Capturer(Protocol):
@@ -146,22 +154,24 @@ class GraphPool:
         self._unreplayed_evictions = 0
         """Never-replayed graphs evicted since the last replay; at 2 x max_graphs capturing
         stops."""
+        self._unreplayed_invalidations = 0
+        """Module changes that dropped only never-replayed graphs since the last replay; at
+        :data:`VOLATILE_INVALIDATIONS` capturing stops."""
         self._generation = self.watch.generation if self.watch is not None else 0
 
     # ------------------------------------------------------------------ public
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.watch is not None and self.watch.generation != self._generation:
-            # A weight or sub-module was replaced: graphs hold the old memory.
-            self._generation = self.watch.generation
-            if self._entries or self._failed:
-                self.reset()
-                counters["cudagraphs.invalidated"] += 1
-                log.info("difforge cudagraphs: %s changed; its graphs were dropped", self.name)
+            self._invalidate()
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._signature(leaves, spec)
         entry = self._entries.get(key) if key is not None else None
-        if key is None or key in self._failed or (entry is None and self._thrashing()):
+        if (
+            key is None
+            or key in self._failed
+            or (entry is None and (self._thrashing() or self._volatile()))
+        ):
             counters["cudagraphs.eager_call"] += 1
             return self.fn(*args, **kwargs)
         if entry is None:
@@ -173,6 +183,7 @@ class GraphPool:
         entry.replay()
         entry.replays += 1
         self._unreplayed_evictions = 0
+        self._unreplayed_invalidations = 0
         counters["cudagraphs.replay"] += 1
         outputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in entry.static_outputs]
         return pytree.tree_unflatten(outputs, entry.out_spec)
@@ -186,10 +197,12 @@ class GraphPool:
 
     def reset(self) -> None:
         """Drop every graph (their memory goes back to the pool); the next calls capture
-        afresh. Needed after changing the module in ways its arguments do not show."""
+        afresh, even where capturing had stopped. Needed after changing the module in ways
+        its arguments do not show."""
         self._entries.clear()
         self._failed.clear()
         self._unreplayed_evictions = 0
+        self._unreplayed_invalidations = 0
 
     # ----------------------------------------------------------------- helpers
 
@@ -282,6 +295,36 @@ class GraphPool:
             "difforge cudagraphs: %s captured graph %d/%d", self.name, len(self), self.max_graphs
         )
         return result
+
+    def _invalidate(self) -> None:
+        """The module changed (a weight or sub-module replaced, a dtype or device
+        conversion): every graph holds the old memory, so all are dropped."""
+        assert self.watch is not None
+        self._generation = self.watch.generation
+        if not (self._entries or self._failed):
+            return
+        wasted = bool(self._entries) and all(e.replays == 0 for e in self._entries.values())
+        kept = self._unreplayed_invalidations + wasted if wasted else 0
+        self.reset()
+        self._unreplayed_invalidations = kept
+        counters["cudagraphs.invalidated"] += 1
+        log.info("difforge cudagraphs: %s changed; its graphs were dropped", self.name)
+
+    def _volatile(self) -> bool:
+        """Whether the module changed so often that no graph of it lived to be replayed
+        (capturing stops, warned once)."""
+        if self._unreplayed_invalidations < VOLATILE_INVALIDATIONS:
+            return False
+        if "volatile" not in self._warned:
+            counters["cudagraphs.volatile"] += 1
+        self._warn_once(
+            "volatile",
+            f"difforge cudagraphs: {self.name}'s weights changed {self._unreplayed_invalidations} "
+            "times before any graph of it was replayed (e.g. a diffusers pipeline casting an "
+            "fp16 VAE with force_upcast to fp32 around every decode); it now runs without CUDA "
+            "graphs (call difforge.reset_graphs to try again)",
+        )
+        return True
 
     def _thrashing(self) -> bool:
         """Whether so many graphs were evicted unreplayed that capturing stops (warned once)."""

@@ -2,22 +2,31 @@
 
 A CUDA graph bakes in the memory of every weight it read. Dynamo would recompile when a
 module changes (its guards see a new parameter or sub-module), but a graph replay never
-asks Dynamo, so :mod:`difforge.graph_pool` must learn of such changes another way. torch
-calls global registration hooks whenever a parameter, buffer or sub-module is assigned to
-any module (``m.weight = nn.Parameter(...)``, ``register_buffer``, a LoRA layer swapped in,
-``fuse_qkv_projections`` adding a fused linear); a :class:`ModuleWatch` counts those that
-land in its module's tree.
+asks Dynamo, so :mod:`difforge.graph_pool` must learn of such changes another way. A
+:class:`ModuleWatch` counts, in its module's tree:
 
-Not seen (no registration happens): in-place updates, which graphs see anyway (same
-memory); ``param.data = other`` (new memory behind the same Parameter); plain attributes
-such as diffusers attention processors or a LoRA scale. After those, call
-``difforge.reset_graphs(compiled)``.
+- assignments: torch calls global registration hooks whenever a parameter, buffer or
+  sub-module is assigned to any module (``m.weight = nn.Parameter(...)``,
+  ``register_buffer``, a LoRA layer swapped in, ``fuse_qkv_projections`` adding a fused
+  linear);
+- conversions: ``Module._apply``, behind ``.to()``, ``.half()``, ``.float()``, ``.cuda()``
+  and the like, which gives every parameter new memory (``param.data = converted``) with no
+  registration. A diffusers SDXL pipeline does this around every VAE decode when the VAE is
+  fp16 and ``force_upcast`` is set; a graph replayed after it read freed memory (an illegal
+  memory access on an H100). torch has no hook for it, so ``_apply`` is wrapped once per
+  process.
+
+Not seen: in-place updates, which graphs see anyway (same memory); ``param.data = other``
+written by hand; plain attributes such as diffusers attention processors or a LoRA scale.
+After those, call ``difforge.reset_graphs(compiled)``.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,6 +80,20 @@ def _on_registration(module: nn.Module, name: str, value: Any) -> None:
     return None
 
 
+def _watching_apply(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``Module._apply`` that reports each converted module (it recurses into children
+    itself, so every module of a converted tree is reported)."""
+
+    @functools.wraps(original)
+    def _apply(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        _on_registration(self, "_apply", None)
+        return result
+
+    _apply.__difforge_watch__ = True  # type: ignore[attr-defined]
+    return _apply
+
+
 def _install_hooks() -> None:
     global _installed
     if _installed:
@@ -78,6 +101,9 @@ def _install_hooks() -> None:
     module_hooks.register_module_parameter_registration_hook(_on_registration)
     module_hooks.register_module_buffer_registration_hook(_on_registration)
     module_hooks.register_module_module_registration_hook(_on_registration)
+    original = getattr(nn.Module, "_apply", None)
+    if callable(original) and not getattr(original, "__difforge_watch__", False):
+        nn.Module._apply = _watching_apply(original)  # type: ignore[method-assign]
     _installed = True
 
 

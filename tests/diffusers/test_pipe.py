@@ -331,3 +331,30 @@ def test_fuse_qkv_projections_where_supported(caplog: pytest.LogCaptureFixture) 
     processors = pipe.transformer._orig_mod.attn_processors.values()
     assert not any(type(p).__name__ == "FusedAttnProcessor2_0" for p in processors)
     assert pipe.vae.decoder is decoder
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore:.*upcast_vae.*:FutureWarning")
+@pytest.mark.filterwarnings("ignore:difforge cudagraphs.*weights changed:UserWarning")
+def test_gpu_sdxl_dynamic_o2_pipeline_goes_back_to_earlier_sizes() -> None:
+    """The SDXL pipeline casts its fp16 VAE (``force_upcast``) to fp32 before each decode
+    and back after: new memory for every decoder weight at every call. On an H100 the
+    decoder's CUDA graph, replayed when the sweep came back to the warm-up size, read freed
+    memory (an illegal memory access). Its graphs must be dropped, and since they never
+    live to be replayed, capturing it must stop; the UNet keeps replaying."""
+    preset = get_preset("tiny-sdxl")
+    pipes = [build_pipeline(preset, dtype=torch.float16, device="cuda") for _ in range(2)]
+    reference, pipe = pipes
+    assert pipe.vae.config.force_upcast
+    options = {"mode": "O2", "dynamic": True, "memory_format": "channels_last"}
+    compile_pipe(pipe, options=options)
+    prompt = preset.prompt_kwargs(batch=1, device="cuda", dtype=torch.float16)
+    for height, width in [(96, 128), (128, 128), (96, 128), (64, 64), (128, 128), (96, 128)]:
+        kwargs = {**prompt, **preset.call_kwargs(height=height, width=width), "output_type": "np"}
+        out, ref = run(pipe, kwargs), run(reference, kwargs)
+        torch.cuda.synchronize()
+        assert out.shape == ref.shape == (1, height, width, 3)
+        assert psnr(out, ref) >= 30.0, (height, width)  # fp16 graphs vs fp16 eager
+    assert difforge.counters["cudagraphs.volatile"] == 1  # the decoder, once
+    assert difforge.counters["cudagraphs.replay"] > 0  # the UNet's steps
