@@ -2,7 +2,10 @@
 # What is left to measure on a GPU, in parts that each fit one 10-minute device command.
 # Usage (on the device machine, from the repo root, after ../shared/gpu/prep here and
 # with .whl carried): bash benchmarks/gpu_batch.sh <part>   -> JSON/logs under $OUT
-#   tests    every `gpu`-marked test (kernels, quant, passes, heuristics)      ~6 min
+#   tests    every `gpu`-marked test outside tests/diffusers (kernels, quant, passes)  ~5 min
+#   testsdiff  the `gpu`-marked tests in tests/diffusers (pipelines, dynamic rewrites)  ~5 min
+#   pixart   PixArt-XL-2 dynamic sweep vs specialised compiles at 1024x1024 and 960x720,
+#            warmed up at 768x1024, 3 timed runs a size                            ~5 min
 #   flux     FLUX.1-dev step: eager/compile/O2/O3 with profile                  ~8 min
 #   vae      SDXL VAE decode with today's O2 rule, O3                           ~3 min
 #   vaewide  wide-head attention and NHWC GroupNorm GPU tests, then SDXL VAE decode: compile
@@ -48,7 +51,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|sdxlfix|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -66,8 +69,18 @@ run() {  # run <seconds> <log name> <command...>: bounded, logged, tail shown
   return "$rc"  # so `part1 && part2` stops at a failed or timed-out part
 }
 case "$part" in
-  tests)
-    run 560 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider --durations=15 ;;
+  tests)  # all of them outlast one command (H100, f0acfd2)
+    run 560 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider --durations=15 \
+      --ignore=tests/diffusers ;;
+  testsdiff)
+    run 560 gpu_tests_diffusers python3 -m pytest -m gpu tests/diffusers -q -p no:cacheprovider \
+      --durations=15 ;;
+  pixart)
+    run 560 t2i_pixart_dynamic python3 benchmarks/text_to_image.py --model pixart-xl-2-1024 \
+      --compare difforge --height 768 --width 1024 \
+      --compiler-config '{"mode": "O2", "dynamic": true}' \
+      --run_multiple_resolutions --run_rare_resolutions --compare-specialized 1024x1024,960x720 \
+      --warmups 1 --runs 3 --output-json "$out/t2i_pixart_dynamic.json" ;;
   flux)
     run 560 step_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "eager;compile;O2;O3" --profile --output-json "$out/step_flux.json" ;;
