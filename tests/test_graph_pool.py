@@ -240,6 +240,8 @@ def test_dtype_and_device_conversions_drop_the_graphs() -> None:
     torch.testing.assert_close(pool(x), module(x))
     assert difforge.counters["cudagraphs.invalidated"] == 1
     Scale().double()  # another model: no effect
+    module.to(torch.float64)  # already float64: the same memory, nothing to drop
+    module.inner.to("cpu")
     pool(x)
     assert difforge.counters["cudagraphs.invalidated"] == 1
     assert difforge.counters["cudagraphs.capture"] == 2

@@ -80,14 +80,29 @@ def _on_registration(module: nn.Module, name: str, value: Any) -> None:
     return None
 
 
+def _own_memory(module: nn.Module) -> list[tuple[int, int, torch.dtype, torch.device] | None]:
+    """Identity, address, dtype and device of ``module``'s own parameters and buffers."""
+    tensors = [*module._parameters.values(), *module._buffers.values()]
+    return [
+        None if t is None else (id(t), t.data_ptr(), t.dtype, t.device)
+        for t in tensors
+        if t is None or isinstance(t, torch.Tensor)
+    ]
+
+
 def _watching_apply(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``Module._apply`` that reports each converted module (it recurses into children
-    itself, so every module of a converted tree is reported)."""
+    """``Module._apply`` that reports each module whose own weights it moved (it recurses
+    into children itself, so each module of a converted tree reports for itself). A no-op
+    conversion (``.to()`` to the dtype and device a module already has) reports nothing."""
 
     @functools.wraps(original)
     def _apply(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() or not _watches:
+            return original(self, *args, **kwargs)
+        before = _own_memory(self)
         result = original(self, *args, **kwargs)
-        _on_registration(self, "_apply", None)
+        if _own_memory(self) != before:
+            _on_registration(self, "_apply", None)
         return result
 
     _apply.__difforge_watch__ = True  # type: ignore[attr-defined]
