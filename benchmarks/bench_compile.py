@@ -30,15 +30,18 @@ process costs and which are re-tracing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import itertools
 import json
+import logging
 import pstats
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,8 @@ class Phase:
     rel_err: float
     aot_bypass: int = 0
     """AOT-autograd cache bypasses (it refused to cache this graph; torch logs why)."""
+    aot_bypass_reasons: list[str] = field(default_factory=list)
+    """Why, as torch logged it (each distinct reason once, cut to 500 characters)."""
     dynamo_cache_hit: int = 0
     """``cache.precompile``: Dynamo's stored trace was loaded instead of tracing."""
     step_ms: float | None = None
@@ -144,6 +149,38 @@ _BREAKDOWN_KEYS = (
 )
 
 
+class _BypassReasons(logging.Handler):
+    """Collects the reasons AOTAutograd's cache gives (at INFO) for refusing a graph. On an
+    H100 (torch 2.11) PixArt's O3 warm starts bypassed it (20 s instead of 9 s) and the log
+    that says why was not kept."""
+
+    LOGGER = "torch._functorch._aot_autograd.autograd_cache"
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "Bypassing autograd cache" in message:
+            reason = message[:500]
+            if reason not in self.reasons:
+                self.reasons.append(reason)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[_BypassReasons]:
+        logger = logging.getLogger(self.LOGGER)
+        level = logger.level
+        logger.addHandler(self)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)  # torch's handlers may print these lines too
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+
 def _breakdown() -> dict[str, float]:
     metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
     return {k: round(sum(metrics[k]), 3) for k in _BREAKDOWN_KEYS if metrics.get(k)}
@@ -175,7 +212,7 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
         options["compile.regional"] = True if spec["regional"] == "nested" else spec["regional"]
     if spec.get("precompile"):
         options["cache.precompile"] = True
-    with torch.no_grad():
+    with torch.no_grad(), _BypassReasons().attached() as bypass:
         _sync(device)
         start = time.perf_counter()
         compiled = difforge.compile(module, options=options)
@@ -186,7 +223,12 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
         step_ms = _median_ms(compiled, call, device, spec.get("step_runs", 0))
     rel_err = float((out - ref).double().norm() / ref.double().norm())
     return Phase(
-        seconds=seconds, rel_err=rel_err, step_ms=step_ms, breakdown=_breakdown(), **_counters()
+        seconds=seconds,
+        rel_err=rel_err,
+        step_ms=step_ms,
+        breakdown=_breakdown(),
+        aot_bypass_reasons=bypass.reasons,
+        **_counters(),
     )
 
 
@@ -468,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"  ERROR {result.error}" if result.error else ""),
                         flush=True,
                     )
+                    for name, phase in result.phases.items():
+                        for reason in phase.aot_bypass_reasons:
+                            print(f"  {name}: {reason}", flush=True)
     finally:
         if temporary and not args.keep_cache:
             shutil.rmtree(root, ignore_errors=True)

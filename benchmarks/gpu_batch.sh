@@ -38,6 +38,9 @@
 #   o2unet   SDXL UNet step and SDXL VAE decode, the same three (channels_last)     ~9 min
 #   precompile  PixArt-XL O2 and FLUX.1-dev O2 (nested) compile times, cache.precompile
 #            off vs on (warm new process without Dynamo's re-trace)            ~10 min
+#   o3warm   PixArt-XL O3 compile times (regional off), with the AOT-cache bypass reasons
+#            (its warm starts bypassed that cache at dd049e8: 20 s instead of 9 s)  ~3 min
+#   fluxpre  FLUX.1-dev O2 nested compile times, cache.precompile off vs on      ~8 min
 #   dynvae   SDXL VAE decode, O2 static vs O2 + dynamic (profiled), then the graph-pool
 #            GPU tests                                                       ~4 min
 #   dynunet  SDXL VAE decode and UNet step at 960x720: O2 static vs O2 + dynamic compiled
@@ -51,7 +54,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -207,6 +210,13 @@ case "$part" in
       --models pixart-xl-2-1024 --modes O2 --precompile off,on \
       --output-json "$out/compile_pixart_precompile.json"
     run 290 compile_flux_precompile python3 benchmarks/bench_compile.py --models flux-dev \
+      --modes O2 --regional nested --precompile off,on \
+      --output-json "$out/compile_flux_precompile.json" ;;
+  o3warm)
+    run 290 compile_pixart_o3 python3 benchmarks/bench_compile.py --models pixart-xl-2-1024 \
+      --modes O3 --output-json "$out/compile_pixart_o3.json" ;;
+  fluxpre)
+    run 560 compile_flux_precompile python3 benchmarks/bench_compile.py --models flux-dev \
       --modes O2 --regional nested --precompile off,on \
       --output-json "$out/compile_flux_precompile.json" ;;
   dynvae)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -409,3 +410,38 @@ def test_bench_compile_precompile_axis(tmp_path: Path, monkeypatch: pytest.Monke
     assert bench.parse_args(["--precompile", "off,on"]).precompile == [False, True]
     with pytest.raises(SystemExit):
         bench.parse_args(["--precompile", "maybe"])
+
+
+def _opaque_double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_bench_compile_records_why_the_aot_cache_was_bypassed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python function kept whole in the graph (allow_in_graph) is one thing AOTAutograd's
+    cache refuses; the benchmark must keep torch's reason, not only the count."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
+    spec = importlib.util.spec_from_file_location("bench_compile", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_compile", bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    opaque = torch._dynamo.allow_in_graph(_opaque_double)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return opaque(x.sin()) + 1
+
+    compiled = torch.compile(fn, backend="inductor")
+    with (
+        torch._inductor.config.patch(fx_graph_cache=True),
+        torch._functorch.config.patch(enable_autograd_cache=True),
+        bench._BypassReasons().attached() as bypass,
+    ):
+        torch.testing.assert_close(compiled(torch.ones(4)), torch.ones(4).sin() * 2 + 1)
+    assert len(bypass.reasons) == 1
+    assert "_opaque_double" in bypass.reasons[0]
+    logger = logging.getLogger(bench._BypassReasons.LOGGER)
+    assert bypass not in logger.handlers  # detached again
