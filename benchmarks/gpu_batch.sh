@@ -4,8 +4,8 @@
 # with .whl carried): bash benchmarks/gpu_batch.sh <part>   -> JSON/logs under $OUT
 #   tests    every `gpu`-marked test outside tests/diffusers (kernels, quant, passes)  ~5 min
 #   testsdiff  the `gpu`-marked tests in tests/diffusers (pipelines, dynamic rewrites)  ~5 min
-#   pixart   PixArt-XL-2 dynamic sweep vs specialised compiles at 1024x1024 and 960x720,
-#            warmed up at 768x1024, 3 timed runs a size                            ~5 min
+#   pixart   PixArt-XL-2 dynamic sweep vs specialised compiles at PIXART_SPECIALIZED
+#            (1024x1024,960x720), warmed up at 768x1024, 3 timed runs a size       ~5 min
 #   flux     FLUX.1-dev step: eager/compile/O2/O3 with profile                  ~8 min
 #   vae      SDXL VAE decode with today's O2 rule, O3                           ~3 min
 #   vaewide  wide-head attention and NHWC GroupNorm GPU tests, then SDXL VAE decode: compile
@@ -79,10 +79,14 @@ case "$part" in
     run 560 gpu_tests_diffusers python3 -m pytest -m gpu tests/diffusers -q -p no:cacheprovider \
       --durations=15 ;;
   pixart)
+    # Caches under .gpu-cache/ (kept on a warm machine), so a second call can compare more
+    # sizes: PIXART_SPECIALIZED=768x1024,1024x768,512x512,544x408 (the other four).
+    export TORCHINDUCTOR_CACHE_DIR="$PWD/.gpu-cache/inductor" DIFFORGE_CACHE_DIR="$PWD/.gpu-cache/difforge"
     run 560 t2i_pixart_dynamic python3 benchmarks/text_to_image.py --model pixart-xl-2-1024 \
       --compare difforge --height 768 --width 1024 \
       --compiler-config '{"mode": "O2", "dynamic": true}' \
-      --run_multiple_resolutions --run_rare_resolutions --compare-specialized 1024x1024,960x720 \
+      --run_multiple_resolutions --run_rare_resolutions \
+      --compare-specialized "${PIXART_SPECIALIZED:-1024x1024,960x720}" \
       --warmups 1 --runs 3 --output-json "$out/t2i_pixart_dynamic.json" ;;
   flux)
     run 560 step_flux python3 benchmarks/bench_step.py --models flux-dev \

@@ -304,7 +304,7 @@ class GraphPool:
         if not (self._entries or self._failed):
             return
         wasted = bool(self._entries) and all(e.replays == 0 for e in self._entries.values())
-        kept = self._unreplayed_invalidations + wasted if wasted else 0
+        kept = self._unreplayed_invalidations + 1 if wasted else 0
         self.reset()
         self._unreplayed_invalidations = kept
         counters["cudagraphs.invalidated"] += 1
