@@ -570,3 +570,23 @@ def test_outputs_pytree_cannot_copy_run_eagerly_with_a_warning() -> None:
     second = pool(torch.full((2,), 3.0))
     assert first.value.tolist() == [2.0, 2.0] and second.value.tolist() == [6.0, 6.0]
     assert len(pool) == 0 and difforge.counters["cudagraphs.eager_call"] == 1
+
+
+@torch.no_grad()
+def test_converting_a_module_with_storage_less_weights_still_works() -> None:
+    # A sparse buffer has no data pointer; .to() must not fail on it, and a real
+    # conversion is still seen through the dtype.
+    pool, module = _watched()
+    indices = torch.tensor([[0, 1]])
+    sparse = torch.sparse_coo_tensor(indices, torch.ones(2), (3,), check_invariants=True)
+    module.register_buffer("mask", sparse)
+    x = torch.randn(2)
+    pool(x)
+    pool(x)
+    module.to("cpu")  # a no-op
+    pool(x)
+    assert difforge.counters["cudagraphs.invalidated"] == 0
+    module.double()
+    x = x.double()
+    torch.testing.assert_close(pool(x), module(x))
+    assert difforge.counters["cudagraphs.invalidated"] == 1

@@ -80,14 +80,19 @@ def _on_registration(module: nn.Module, name: str, value: Any) -> None:
     return None
 
 
-def _own_memory(module: nn.Module) -> list[tuple[int, int, torch.dtype, torch.device] | None]:
+def _address(tensor: torch.Tensor) -> int | None:
+    """The tensor's data address, or None for one without plain storage (a sparse tensor,
+    a wrapper subclass such as a quantized weight): identity, dtype and device must do."""
+    try:
+        return tensor.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _own_memory(module: nn.Module) -> list[tuple[int, int | None, torch.dtype, torch.device]]:
     """Identity, address, dtype and device of ``module``'s own parameters and buffers."""
     tensors = [*module._parameters.values(), *module._buffers.values()]
-    return [
-        None if t is None else (id(t), t.data_ptr(), t.dtype, t.device)
-        for t in tensors
-        if t is None or isinstance(t, torch.Tensor)
-    ]
+    return [(id(t), _address(t), t.dtype, t.device) for t in tensors if isinstance(t, torch.Tensor)]
 
 
 def _watching_apply(original: Callable[..., Any]) -> Callable[..., Any]:
