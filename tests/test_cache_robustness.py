@@ -357,14 +357,20 @@ def test_key_changes_with_pass_source_and_options(tmp_path: Path, probe_pass: Pa
 # --------------------------------------------------------------------------- benchmark
 
 
-@pytest.mark.slow
-def test_bench_compile_on_tiny_pixart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """benchmarks/bench_compile.py as a module (it is a script, not part of the package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
     spec = importlib.util.spec_from_file_location("bench_compile", path)
     assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_compile", bench)  # dataclasses look it up
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_compile", module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_compile_on_tiny_pixart(tmp_path: Path, bench: Any) -> None:
     assert bench.with_cache_all("O2") == "O2:cache-all"
     assert bench.with_cache_all("cache-all:O3") == "cache-all:O3"
 
@@ -385,17 +391,11 @@ def test_bench_compile_on_tiny_pixart(tmp_path: Path, monkeypatch: pytest.Monkey
         assert result["step_ms"] > 0
 
 
-def test_bench_compile_precompile_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_compile_precompile_axis(tmp_path: Path, bench: Any) -> None:
     from difforge import precompile
 
     if precompile.support() is not None:
         pytest.skip(f"no precompile: {precompile.support()}")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
-    spec = importlib.util.spec_from_file_location("bench_compile", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_compile", bench)
-    spec.loader.exec_module(bench)
     out = tmp_path / "compile.json"
     argv = ["--models", "tiny-pixart", "--modes", "O1", "--cache-root", str(tmp_path / "c")]
     # "on" only (the "off" case is the test above): two child processes, not four.
@@ -417,16 +417,10 @@ def _opaque_double(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_bench_compile_records_why_the_aot_cache_was_bypassed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bench: Any
 ) -> None:
     """A Python function kept whole in the graph (allow_in_graph) is one thing AOTAutograd's
     cache refuses; the benchmark must keep torch's reason, not only the count."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
-    spec = importlib.util.spec_from_file_location("bench_compile", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_compile", bench)
-    spec.loader.exec_module(bench)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch._dynamo.reset()
     opaque = torch._dynamo.allow_in_graph(_opaque_double)

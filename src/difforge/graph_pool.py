@@ -311,33 +311,35 @@ class GraphPool:
         log.info("difforge cudagraphs: %s changed; its graphs were dropped", self.name)
 
     def _volatile(self) -> bool:
-        """Whether the module changed so often that no graph of it lived to be replayed
-        (capturing stops, warned once)."""
-        if self._unreplayed_invalidations < VOLATILE_INVALIDATIONS:
-            return False
-        if "volatile" not in self._warned:
-            counters["cudagraphs.volatile"] += 1
-        self._warn_once(
+        """Whether the module changed so often that no graph of it lived to be replayed."""
+        return self._stop_capturing(
             "volatile",
-            f"difforge cudagraphs: {self.name}'s weights changed {self._unreplayed_invalidations} "
-            "times before any graph of it was replayed (e.g. a diffusers pipeline casting an "
-            "fp16 VAE with force_upcast to fp32 around every decode); it now runs without CUDA "
-            "graphs (call difforge.reset_graphs to try again)",
+            self._unreplayed_invalidations >= VOLATILE_INVALIDATIONS,
+            f"{self.name}'s weights changed {self._unreplayed_invalidations} times before any "
+            "graph of it was replayed (e.g. a diffusers pipeline casting an fp16 VAE with "
+            "force_upcast to fp32 around every decode)",
         )
-        return True
 
     def _thrashing(self) -> bool:
-        """Whether so many graphs were evicted unreplayed that capturing stops (warned once)."""
-        if self._unreplayed_evictions < 2 * self.max_graphs:
+        """Whether so many graphs were evicted unreplayed that capturing stops."""
+        return self._stop_capturing(
+            "thrashing",
+            self._unreplayed_evictions >= 2 * self.max_graphs,
+            f"{self.name} had {self._unreplayed_evictions} graphs evicted without a single "
+            "replay (each call brings new shapes, strides or non-tensor argument values; raise "
+            "cudagraphs.max_graphs or pass changing values as tensors)",
+        )
+
+    def _stop_capturing(self, why: str, stop: bool, message: str) -> bool:
+        """``stop``, saying so once (a warning, counter ``cudagraphs.<why>``) when True."""
+        if not stop:
             return False
-        if "thrash" not in self._warned:
-            counters["cudagraphs.thrashing"] += 1
+        if why not in self._warned:
+            counters[f"cudagraphs.{why}"] += 1
         self._warn_once(
-            "thrash",
-            f"difforge cudagraphs: {self.name} had {self._unreplayed_evictions} graphs evicted "
-            "without a single replay (each call brings new shapes, strides or non-tensor "
-            "argument values); it now runs without CUDA graphs (raise cudagraphs.max_graphs, "
-            "pass changing values as tensors, or call difforge.reset_graphs to try again)",
+            why,
+            f"difforge cudagraphs: {message}; it now runs without CUDA graphs (call "
+            "difforge.reset_graphs to try again)",
         )
         return True
 
