@@ -39,7 +39,7 @@
 #   precompile  PixArt-XL O2 and FLUX.1-dev O2 (nested) compile times, cache.precompile
 #            off vs on (warm new process without Dynamo's re-trace)            ~10 min
 #   o3warm   PixArt-XL O3 compile times (regional off), with the AOT-cache bypass reasons
-#            (its warm starts bypassed that cache at dd049e8: 20 s instead of 9 s)  ~3 min
+#            (none expected since db19844: 20 s at dd049e8, 9.2 s at 430d482)       ~3 min
 #   fluxpre  FLUX.1-dev O2 nested compile times, cache.precompile off vs on      ~8 min
 #   dynvae   SDXL VAE decode, O2 static vs O2 + dynamic (profiled), then the graph-pool
 #            GPU tests                                                       ~4 min
