@@ -25,6 +25,17 @@ os.environ.setdefault(
 )
 
 
+# Inductor's CPU code here is scalar C++ unless DIFFORGE_TEST_VECTORIZE=1. These tests check
+# difforge's rewrites against eager, not Inductor's CPU vectorizer (our users' kernels are
+# Triton's); choosing SIMD tilings and probing the CPU's vector ISA took half of every CPU
+# compile (tiny SDXL dynamic sweep: 132 s vectorized, 62 s scalar). Tests that start their
+# own Python processes compile vectorized.
+if os.environ.get("DIFFORGE_TEST_VECTORIZE", "0") != "1":
+    import torch._inductor.config as _inductor_config
+
+    _inductor_config.cpp.simdlen = 0
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with no compiled code, zeroed counters and a fixed seed."""

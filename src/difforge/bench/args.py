@@ -82,6 +82,8 @@ class BenchConfig:
     """JSON options for difforge (validated)."""
     fuse_qkv_projections: bool
     quantize: bool
+    eager_components: tuple[str, ...]
+    """Components every compiler leaves eager (``vae``, ``vae.decoder``, ``text_encoder`` ...)."""
     multiple_resolutions: bool
     rare_resolutions: bool
     specialized: tuple[str, ...] | None
@@ -141,6 +143,15 @@ def canonical_compiler(name: str) -> str:
     if key not in COMPILERS:
         raise BenchError(f"unknown compiler {name!r}; choose from: {', '.join(COMPILERS)}")
     return COMPILER_ALIASES.get(key, key)
+
+
+def _component_list(text: str) -> tuple[str, ...]:
+    """``"vae, text_encoder"`` -> ``("vae", "text_encoder")``; checked against the pipeline
+    once it is built (:func:`difforge.bench.compilers.check_eager_components`)."""
+    names = tuple(part for part in (p.strip() for p in text.split(",")) if part)
+    if not names:
+        raise argparse.ArgumentTypeError("needs at least one component name, e.g. vae")
+    return names
 
 
 def parse_compilers(text: str) -> tuple[str, ...]:
@@ -249,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--fuse-qkv-projections",
         action="store_true",
         help="ask compile_pipe to fuse Q/K/V projections (difforge only)",
+    )
+    comp.add_argument(
+        "--eager-components",
+        metavar="LIST",
+        type=_component_list,
+        default=(),
+        help="comma-separated components every compiler leaves eager, e.g. vae (both halves) "
+        "or vae.encoder,text_encoder: compile_pipe's ignores, and the same modules skipped by "
+        "stock torch.compile",
     )
     comp.add_argument(
         "--quantize",
@@ -402,6 +422,7 @@ def resolve(ns: argparse.Namespace) -> BenchConfig:
         compiler_config=_check_compiler_config(ns.compiler_config),
         fuse_qkv_projections=ns.fuse_qkv_projections,
         quantize=ns.quantize,
+        eager_components=ns.eager_components,
         multiple_resolutions=ns.run_multiple_resolutions,
         rare_resolutions=ns.run_rare_resolutions,
         specialized=_specialized_sizes(ns),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,15 +81,43 @@ def compiled_components(pipe: DiffusionPipeline) -> list[tuple[object, str]]:
     return out
 
 
+def _component_name(pipe: DiffusionPipeline, owner: object, attr: str) -> str:
+    return attr if owner is pipe else f"vae.{attr}"
+
+
+def _is_eager(name: str, eager: Sequence[str]) -> bool:
+    """``name`` is one of ``eager`` or inside one (``vae`` covers ``vae.decoder``)."""
+    return any(name == e or name.startswith(f"{e}.") for e in eager)
+
+
+def check_eager_components(pipe: DiffusionPipeline, eager: Sequence[str]) -> None:
+    """Every name in ``eager`` (``--eager-components``) must cover a component this
+    pipeline compiles; a typo would silently compile everything."""
+    names = [_component_name(pipe, owner, attr) for owner, attr in compiled_components(pipe)]
+    for e in eager:
+        if not any(_is_eager(n, [e]) for n in names):
+            raise BenchError(
+                f"--eager-components: {type(pipe).__name__} compiles no component {e!r}; "
+                f"its components: {', '.join(names)} (or vae for both halves)"
+            )
+
+
 def compile_stock(
-    pipe: DiffusionPipeline, mode: str | None, dynamic: bool | None = None
+    pipe: DiffusionPipeline,
+    mode: str | None,
+    dynamic: bool | None = None,
+    eager: Sequence[str] = (),
 ) -> list[str]:
-    """Wrap the components with stock ``torch.compile`` (Inductor); returns their names."""
+    """Wrap the components with stock ``torch.compile`` (Inductor), except those named in
+    ``eager``; returns the names of the compiled ones."""
     names = []
     for owner, attr in compiled_components(pipe):
+        name = _component_name(pipe, owner, attr)
+        if _is_eager(name, eager):
+            continue
         module = getattr(owner, attr)
         setattr(owner, attr, torch.compile(module, backend="inductor", mode=mode, dynamic=dynamic))
-        names.append(attr if owner is pipe else f"vae.{attr}")
+        names.append(name)
     return names
 
 
@@ -109,15 +137,17 @@ def apply_compiler(
     fuse_qkv_projections: bool = False,
     quantize: bool = False,
     dynamic: bool | None = None,
+    eager: Sequence[str] = (),
 ) -> Applied:
-    """Compile ``pipe`` in place with ``compiler`` (a canonical name). ``dynamic`` (not
-    None) overrides the compiler's own choice, e.g. ``False`` for a shape-specialised
-    baseline."""
+    """Compile ``pipe`` in place with ``compiler`` (a canonical name), leaving the
+    components named in ``eager`` as they are. ``dynamic`` (not None) overrides the
+    compiler's own choice, e.g. ``False`` for a shape-specialised baseline."""
     if compiler == "none":
         return Applied(pipe, "eager")
+    check_eager_components(pipe, eager)
     if compiler in STOCK_MODES:
         mode = STOCK_MODES[compiler]
-        names = compile_stock(pipe, mode, dynamic)
+        names = compile_stock(pipe, mode, dynamic, eager)
         extra = "" if dynamic is None else f", dynamic={dynamic}"
         return Applied(pipe, f"torch.compile(mode={mode!r}{extra}) on {', '.join(names)}")
     if compiler != "difforge":
@@ -136,8 +166,13 @@ def apply_compiler(
     if quantize:
         pipe = require_quantize()(pipe) or pipe
         how.append("quantize_pipe")
-    pipe = compile_pipe(pipe, options=options, fuse_qkv_projections=fuse_qkv_projections)
-    how.append(f"compile_pipe(options={options!r}, fuse_qkv_projections={fuse_qkv_projections})")
+    pipe = compile_pipe(
+        pipe, options=options, ignores=eager, fuse_qkv_projections=fuse_qkv_projections
+    )
+    ignores = f", ignores={list(eager)!r}" if eager else ""
+    how.append(
+        f"compile_pipe(options={options!r}{ignores}, fuse_qkv_projections={fuse_qkv_projections})"
+    )
     return Applied(pipe, " + ".join(how))
 
 

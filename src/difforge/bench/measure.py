@@ -412,6 +412,7 @@ def measure_specialized(
                 fuse_qkv_projections=config.fuse_qkv_projections and result.compiler == "difforge",
                 quantize=config.quantize and result.compiler == "difforge",
                 dynamic=False,
+                eager=config.eager_components,
             )
             run = dataclasses.replace(workload, pipe=applied.pipe)
 
@@ -490,6 +491,7 @@ def run_compiler(
             options=config.compiler_config if compiler == "difforge" else None,
             fuse_qkv_projections=config.fuse_qkv_projections and compiler == "difforge",
             quantize=config.quantize and compiler == "difforge",
+            eager=config.eager_components,
         )
         result.how = applied.how
         # compile_pipe may hand back another pipeline object; run that one.
