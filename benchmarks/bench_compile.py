@@ -51,6 +51,7 @@ from tabulate import tabulate
 
 import difforge
 from difforge.bench.args import default_model
+from difforge.bench.measure import compile_cache_counts
 from difforge.bench.report import environment
 from difforge.cache import MARKER
 
@@ -116,21 +117,6 @@ def _first_tensor(out: Any) -> torch.Tensor:
     while isinstance(out, (tuple, list)):
         out = out[0]
     return getattr(out, "sample", out)
-
-
-def _counters() -> dict[str, int]:
-    c = torch._dynamo.utils.counters
-    return {
-        "fxgraph_hit": c["inductor"]["fxgraph_cache_hit"],
-        "fxgraph_miss": c["inductor"]["fxgraph_cache_miss"],
-        "aot_hit": c["aot_autograd"]["autograd_cache_hit"],
-        "aot_miss": c["aot_autograd"]["autograd_cache_miss"],
-        # On the H200 (torch 2.11) a warm PixArt start showed neither AOT hits nor misses:
-        # record bypasses too, so the next run says whether the AOT cache refused.
-        "aot_bypass": c["aot_autograd"]["autograd_cache_bypass"],
-        # cache.precompile: a hit loads Dynamo's stored trace (no tracing, no Inductor lookup).
-        "dynamo_cache_hit": c["dynamo_cache"]["dynamo_cache_hit"],
-    }
 
 
 # Dynamo's timers worth showing; nested ones overlap (tracing < compile_inner), so they are
@@ -228,7 +214,7 @@ def _phase(module: torch.nn.Module, call: Any, spec: dict[str, Any], device: tor
         step_ms=step_ms,
         breakdown=_breakdown(),
         aot_bypass_reasons=bypass.reasons,
-        **_counters(),
+        **compile_cache_counts(),
     )
 
 

@@ -224,6 +224,24 @@ def test_eager_components_are_left_alone_by_every_compiler(tiny_workload: Any) -
         parse_args(["--eager-components", ","])
 
 
+def test_warm_up_line_says_how_warm_the_caches_were() -> None:
+    from difforge.bench.measure import CompilerResult
+    from difforge.bench.report import summary_line
+
+    r = CompilerResult("difforge", first_run_s=3.0, warmup_s=3.0, warmup_runs_s=[3.0])
+    r.inference_s, r.inference_runs_s, r.iterations_per_s, r.graphs = 1.0, [1.0], 2.0, 2
+    r.compile_caches = dict.fromkeys(
+        ("fxgraph_hit", "fxgraph_miss", "aot_hit", "aot_miss", "aot_bypass", "dynamo_cache_hit"),
+        0,
+    )
+    assert "cache" not in summary_line(r, 2)  # nothing looked up: nothing said
+    r.compile_caches |= {"fxgraph_hit": 1, "fxgraph_miss": 1, "aot_bypass": 1}
+    line = summary_line(r, 2)
+    assert "FX cache 1 hit, 1 miss; AOT cache 0 hit, 0 miss, 1 BYPASSED" in line
+    r.compile_caches |= {"aot_bypass": 0, "dynamo_cache_hit": 2}
+    assert "0 miss; 2 precompiled)" in summary_line(r, 2)
+
+
 # ------------------------------------------------------------------------- metrics
 
 
@@ -307,6 +325,11 @@ def test_compare_writes_json_with_three_results(compare_run: dict[str, Any]) -> 
         assert r["peak_memory_bytes"] is None  # CPU
         assert r["recompiles_in_timed_runs"] == 0
     none, compiled, ours = data["results"]
+    assert not any(none["compile_caches"].values())  # eager looks nothing up
+    for r in (compiled, ours):  # every compiled graph went through Inductor's FX cache
+        caches = r["compile_caches"]
+        assert caches["fxgraph_hit"] + caches["fxgraph_miss"] >= r["graphs"]
+        assert caches["aot_bypass"] == 0
     assert none["image_match"] == "reference" and none["psnr_db"] is None
     assert none["max_abs_diff"] == 0.0 and none["graphs"] == 0
     for r in (compiled, ours):

@@ -106,6 +106,9 @@ class CompilerResult:
     """Peak CUDA memory allocated during the warm-up (compilation, autotuning)."""
     graphs: int | None = None
     """Graphs Dynamo compiled during the warm-up."""
+    compile_caches: dict[str, int] | None = None
+    """:func:`compile_cache_counts` during the first warm-up run (hits say how warm a
+    first run was; a slow "warm" first run with misses or AOT bypasses says why)."""
     recompiles_in_timed_runs: int | None = None
     """Graphs compiled during the timed runs; anything but 0 spoils the timing."""
     image_match: str = NO_REFERENCE
@@ -221,6 +224,22 @@ def unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def compile_cache_counts() -> dict[str, int]:
+    """torch's compile-cache counters of this process (since the last counters reset):
+    Inductor's FX-graph cache, AOTAutograd's cache (a bypass: it refused to cache a graph,
+    so a warm start re-traces through AOTAutograd) and Dynamo's precompile cache."""
+    c = torch._dynamo.utils.counters
+    return {
+        "fxgraph_hit": int(c["inductor"]["fxgraph_cache_hit"]),
+        "fxgraph_miss": int(c["inductor"]["fxgraph_cache_miss"]),
+        "aot_hit": int(c["aot_autograd"]["autograd_cache_hit"]),
+        "aot_miss": int(c["aot_autograd"]["autograd_cache_miss"]),
+        "aot_bypass": int(c["aot_autograd"]["autograd_cache_bypass"]),
+        # cache.precompile: a hit loads Dynamo's stored trace (no tracing, no Inductor lookup).
+        "dynamo_cache_hit": int(c["dynamo_cache"]["dynamo_cache_hit"]),
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -299,7 +318,11 @@ def measure_steady(
     before = unique_graphs()
     for i in range(config.warmups):
         progress.phase(f"{name}: warm-up {i + 1}/{config.warmups}" + (" (compiling)" * (i == 0)))
+        caches = compile_cache_counts()
         seconds, _ = wall_time(workload.call, device)
+        if i == 0:
+            after = compile_cache_counts()
+            result.compile_caches = {k: after[k] - caches[k] for k in after}
         result.warmup_runs_s.append(seconds)
         progress.advance()
     result.first_run_s = result.warmup_runs_s[0]

@@ -154,6 +154,18 @@ def speedups(results: Sequence[CompilerResult], baseline: str = "none") -> dict[
     }
 
 
+def _caches(counts: dict[str, int] | None) -> str:
+    """`` (FX cache 2 hits, 1 miss; AOT cache ...)`` for the warm-up line; empty when
+    nothing was looked up (eager, or a compiler without torch's caches)."""
+    if not counts or not any(counts.values()):
+        return ""
+    fx = f"FX cache {counts['fxgraph_hit']} hit, {counts['fxgraph_miss']} miss"
+    aot = f"AOT cache {counts['aot_hit']} hit, {counts['aot_miss']} miss"
+    aot += f", {counts['aot_bypass']} BYPASSED" if counts["aot_bypass"] else ""
+    pre = f"; {counts['dynamo_cache_hit']} precompiled" if counts["dynamo_cache_hit"] else ""
+    return f" ({fx}; {aot}{pre})"
+
+
 def summary_line(r: CompilerResult, steps: int) -> str:
     """The per-compiler lines printed as soon as a compiler finishes."""
     if not r.ok:
@@ -161,7 +173,7 @@ def summary_line(r: CompilerResult, steps: int) -> str:
     return (
         f"[{r.compiler}] warm-up (compile): first run {_fmt(r.first_run_s, '.2f')} s, "
         f"{len(r.warmup_runs_s)} warm-up runs {_fmt(r.warmup_s, '.2f')} s, "
-        f"{r.graphs} graphs compiled\n"
+        f"{r.graphs} graphs compiled{_caches(r.compile_caches)}\n"
         f"[{r.compiler}] inference: {_fmt(r.inference_s, '.3f')} s "
         f"(median of {len(r.inference_runs_s)}), {_fmt(r.iterations_per_s, '.2f')} it/s "
         f"over {steps} steps, peak memory {_memory(r.peak_memory_bytes)}"
