@@ -28,12 +28,15 @@ os.environ.setdefault(
 # Inductor's CPU code here is scalar C++ unless DIFFORGE_TEST_VECTORIZE=1. These tests check
 # difforge's rewrites against eager, not Inductor's CPU vectorizer (our users' kernels are
 # Triton's); choosing SIMD tilings and probing the CPU's vector ISA took half of every CPU
-# compile (tiny SDXL dynamic sweep: 132 s vectorized, 62 s scalar). Tests that start their
-# own Python processes compile vectorized.
+# compile (tiny SDXL dynamic sweep: 132 s vectorized, 62 s scalar). Inductor's own switch,
+# an environment variable, so xdist workers and the tests' child processes (whose caches
+# and saved pipelines record the ISA) compile alike.
 if os.environ.get("DIFFORGE_TEST_VECTORIZE", "0") != "1":
+    os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
     import torch._inductor.config as _inductor_config
 
-    _inductor_config.cpp.simdlen = 0
+    # In case torch._inductor.config was imported before this file set the variable.
+    _inductor_config.cpp.vec_isa_ok = os.environ["TORCHINDUCTOR_VEC_ISA_OK"] == "1"
 
 
 @pytest.fixture(autouse=True)
