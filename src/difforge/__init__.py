@@ -25,7 +25,12 @@ from difforge.memory_format import apply_memory_format
 from difforge.module_watch import ModuleWatch
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
-from difforge.precompile import advance_unique_ids, precompiling, with_precompile
+from difforge.precompile import (
+    advance_unique_ids,
+    module_of_globals,
+    precompiling,
+    with_precompile,
+)
 from difforge.precompile import enabled as precompile_enabled
 from difforge.quant.auto import swap_fp8_linears
 from difforge.tracing import with_tracing_settings
@@ -167,7 +172,10 @@ def compile(
         # With cache.precompile, torch.compile itself loads a stored entry (difforge.precompile).
         loads = torch._dynamo.utils.counters["dynamo_cache"]
         hits = loads["dynamo_cache_hit"]
-        with precompiling(config) if precompile else contextlib.nullcontext():
+        with (
+            precompiling(config) if precompile else contextlib.nullcontext(),
+            module_of_globals(target) if precompile else contextlib.nullcontext(),
+        ):
             compiled = torch.compile(
                 target, backend=backend_fn, dynamic=config.dynamic, fullgraph=config.fullgraph
             )

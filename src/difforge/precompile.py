@@ -218,6 +218,7 @@ def precompiling(config: CompileConfig, store_folder: Path | None = None) -> Ite
         with (
             using_cache(CacheLayout(config.cache_dir)),
             dynamo_config.patch(caching_precompile=True),
+            _install_failures_are_misses(),
         ):
             yield
     finally:
@@ -226,6 +227,49 @@ def precompiling(config: CompileConfig, store_folder: Path | None = None) -> Ite
                 setattr(DynamoCache, name, saved[name])
             else:
                 delattr(DynamoCache, name)
+
+
+@contextlib.contextmanager
+def _install_failures_are_misses() -> Iterator[None]:
+    """Turn any failure while torch installs a loaded entry into the RuntimeError that
+    torch.compile handles (it warns and traces afresh), counted and warned about once.
+
+    Unpickling is checked before (:func:`unloadable`); building the guards can still fail:
+    FLUX.1-dev's forward is decorated (diffusers' ``apply_lora_scale``), and torch stores a
+    guard on the wrapped function's ``__defaults__``, a closure variable it cannot restore
+    (``AttributeError: '_Missing' object has no attribute '__defaults__'`` from inside
+    torch.compile, torch 2.13, 2026-11-27).
+    """
+    from torch._dynamo.package import CompilePackage
+
+    install = CompilePackage.install
+
+    def checked_install(self: Any, backends: Any) -> None:
+        try:
+            install(self, backends)
+        except Exception as exc:
+            counters = torch._dynamo.utils.counters["dynamo_cache"]
+            counters["dynamo_cache_hit"] -= 1  # counted as read by torch; it is not used
+            counters["dynamo_cache_error"] += 1
+            _warn_once(
+                f"difforge: a stored {KEY} entry cannot be installed on torch "
+                f"{torch.__version__} ({type(exc).__name__}: {str(exc)[:200]}); traced again"
+            )
+            # torch's handler initializes the package afresh, which asserts that it is not
+            # initialized yet (torch 2.13): undo what the failed install left behind.
+            with contextlib.suppress(Exception):
+                self.uninstall()
+            self._initialized = False
+            advance_unique_ids()  # names it installed outside uninstall's list stay taken
+            if isinstance(exc, RuntimeError):
+                raise
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
+
+    CompilePackage.install = checked_install  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CompilePackage.install = install  # type: ignore[method-assign]
 
 
 _INSTALLED_NAME = re.compile(r"^__\w*?_(\d+)$")
@@ -258,6 +302,36 @@ def advance_unique_ids() -> None:
         current = next(bytecode_transformation._unique_id_counter)
         start = max(current, highest + 1)
         bytecode_transformation._unique_id_counter = itertools.count(start)
+
+
+@contextlib.contextmanager
+def module_of_globals(target: Any) -> Iterator[None]:
+    """While torch.compile sets up ``target``'s entry, give its function the ``__module__``
+    of the globals its code reads.
+
+    torch records an entry's module as ``fn.__module__`` and installs the compiled code's
+    globals (``__compiled_fn_...``) in that module. A forward decorated with
+    ``functools.wraps`` (diffusers' ``apply_lora_scale`` on FLUX.1-dev's) takes the wrapped
+    function's ``__module__`` while its code reads the decorator's module, so the first call
+    after loading raised ``NameError: name '__compiled_fn_1_...' is not defined`` (torch
+    2.13), and torch 2.11 raised it already in the compiling process (FLUX.1-dev, H100,
+    2026-11-27). The entry keeps the module's name as a string, so the attribute is needed
+    only while torch.compile records it, and is restored after.
+    """
+    fn = target.forward if isinstance(target, torch.nn.Module) else target
+    fn = getattr(fn, "__func__", fn)
+    code_globals = getattr(fn, "__globals__", None)
+    name = code_globals.get("__name__") if isinstance(code_globals, dict) else None
+    module = sys.modules.get(name) if isinstance(name, str) else None
+    original = getattr(fn, "__module__", None)
+    if module is None or vars(module) is not code_globals or original == name:
+        yield
+        return
+    fn.__module__ = name
+    try:
+        yield
+    finally:
+        fn.__module__ = original
 
 
 def source_id(target: Any) -> str:
@@ -312,6 +386,7 @@ __all__ = [
     "advance_unique_ids",
     "enabled",
     "folder",
+    "module_of_globals",
     "precompiling",
     "repair_source_pickling",
     "save",
