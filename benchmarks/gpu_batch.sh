@@ -41,6 +41,8 @@
 #   o3warm   PixArt-XL O3 compile times (regional off), with the AOT-cache bypass reasons
 #            (none expected since db19844: 20 s at dd049e8, 9.2 s at 430d482)       ~3 min
 #   fluxpre  FLUX.1-dev O2 nested compile times, cache.precompile off vs on      ~8 min
+#   fluxwarm FLUX.1-dev O2: nested + precompile (after the decorated-forward fix), then the
+#            blocks style, compile times and step                                  ~9 min
 #   dynvae   SDXL VAE decode, O2 static vs O2 + dynamic (profiled), then the graph-pool
 #            GPU tests                                                       ~4 min
 #   dynunet  SDXL VAE decode and UNet step at 960x720: O2 static vs O2 + dynamic compiled
@@ -54,7 +56,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -219,6 +221,15 @@ case "$part" in
   o3warm)
     run 290 compile_pixart_o3 python3 benchmarks/bench_compile.py --models pixart-xl-2-1024 \
       --modes O3 --output-json "$out/compile_pixart_o3.json" ;;
+  fluxwarm)
+    # #5's FLUX warm start: precompile with the decorated-forward fix (8b2d425: a loaded entry
+    # or a warned miss, never the NameError), and the blocks style (two block frames to
+    # re-trace instead of the whole model; pooled CUDA graphs still cover the whole call).
+    run 290 compile_flux_precompile_fix python3 benchmarks/bench_compile.py --models flux-dev \
+      --modes O2 --regional nested --precompile on --step-runs 5 \
+      --output-json "$out/compile_flux_precompile_fix.json"
+    run 290 compile_flux_blocks python3 benchmarks/bench_compile.py --models flux-dev \
+      --modes O2 --regional blocks --step-runs 5 --output-json "$out/compile_flux_blocks.json" ;;
   fluxpre)
     run 560 compile_flux_precompile python3 benchmarks/bench_compile.py --models flux-dev \
       --modes O2 --regional nested --precompile off,on \
