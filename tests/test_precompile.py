@@ -125,6 +125,12 @@ def test_a_new_process_loads_the_trace_instead_of_tracing(tmp_path: Path) -> Non
     damaged = _child(options, root)
     assert damaged["hit"] == 0 and damaged["traced"] == 1 and damaged["err"] < 1e-4
 
+    # The rewritten entry loads from a cache folder moved to another path.
+    moved = tmp_path / "moved-cache"
+    root.rename(moved)
+    again = _child(options, moved)
+    assert again["hit"] == 1 and again["traced"] == 0 and again["err"] < 1e-4
+
 
 @needs_precompile
 def test_a_forward_wrapped_in_another_module_loads(tmp_path: Path) -> None:
