@@ -240,6 +240,71 @@ def test_gelu_epilogue_off_in_o1() -> None:
     assert difforge.counters["gelu_epilogue"] == 0
 
 
+# --------------------------------------------------------------------- split_cat_linear
+@pytest.fixture
+def small_copies_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny models' concatenations are below the pass's size floor: lower it."""
+    from difforge.passes import split_linear
+
+    monkeypatch.setattr(split_linear, "MIN_COPY_ELEMENTS", 1)
+
+
+class ParallelBlock(nn.Module):
+    """FLUX's single block in miniature: attention and an MLP side by side, one projection
+    of both (``proj_out(cat([attn, mlp], -1))``)."""
+
+    def __init__(self, dim: int = 16, mlp: int = 64, out: int | None = None) -> None:
+        super().__init__()
+        self.to_v = nn.Linear(dim, dim)
+        self.proj_mlp = nn.Linear(dim, mlp)
+        self.proj_out = nn.Linear(dim + mlp, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = F.scaled_dot_product_attention(x[:, None], x[:, None], self.to_v(x)[:, None])[:, 0]
+        mlp = F.gelu(self.proj_mlp(x), approximate="tanh")
+        return x.mean(-1, keepdim=True) + 0.5 * self.proj_out(torch.cat([attn, mlp], dim=2))
+
+
+def test_split_cat_linear_splits_the_projection_of_a_concatenation(small_copies_split) -> None:
+    _run(ParallelBlock().eval(), torch.randn(2, 9, 16))
+    assert difforge.counters["split_cat_linear"] == 1
+
+
+def test_split_cat_linear_three_parts_and_no_bias(small_copies_split) -> None:
+    proj = nn.Linear(3 * 32, 8, bias=False).eval()
+    a, b = nn.Linear(8, 32).eval(), nn.Linear(8, 32).eval()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return proj(torch.cat([a(x), torch.tanh(x).repeat(1, 1, 4), b(x)], dim=-1))
+
+    _run(fn, torch.randn(2, 5, 8))
+    assert difforge.counters["split_cat_linear"] == 1
+
+
+def test_split_cat_linear_leaves_what_it_must_not_split(small_copies_split) -> None:
+    proj = nn.Linear(32, 8).eval()
+
+    def cat_read_twice(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        joined = torch.cat([x, x * 2], dim=-1)
+        return proj(joined), joined.sum(-1)
+
+    def cat_along_tokens(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.cat([x, x], dim=1), proj.weight[:, :16], proj.bias)
+
+    _run(cat_read_twice, torch.randn(2, 5, 16))
+    _run(cat_along_tokens, torch.randn(2, 5, 16))
+    # K = 80 features into N = 64 outputs: the extra output would move more than the copy.
+    _run(ParallelBlock(out=64).eval(), torch.randn(2, 9, 16))
+    _run(ParallelBlock().eval(), torch.randn(2, 9, 16), options={"mode": "O1"})
+    assert difforge.counters["split_cat_linear"] == 0
+
+
+def test_split_cat_linear_leaves_small_copies() -> None:
+    # 2 x 9 rows of 80 features: far below MIN_COPY_ELEMENTS, one GEMM stays cheaper.
+    _run(ParallelBlock().eval(), torch.randn(2, 9, 16))
+    assert difforge.counters["split_cat_linear"] == 0
+
+
 # -------------------------------------------------------------------- gelu_tanh_sigmoid
 def test_gelu_tanh_sigmoid_rewrites_tanh_gelus_left_by_the_epilogue() -> None:
     # On the CPU the epilogue computes erf, so a tanh GELU stays a GELU for this pass.

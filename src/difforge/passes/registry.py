@@ -140,11 +140,14 @@ def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], 
 #: Built-in pass modules in execution order. Epilogue folding runs before QKV fusion:
 #: FLUX's single blocks feed the MLP projection from the same input as q/k/v, and a
 #: linear that fuse_qkv swallowed can no longer take its GELU into the epilogue. The
-#: activation rewrites run after the epilogue folding, on the GELUs it left, and the
+#: concatenation split comes next, on linears whose inputs are final (their GEMMs are
+#: not fuse_qkv candidates: the weight is a slice). The activation rewrites run after
+#: the epilogue folding, on the GELUs it left, and the
 #: quantization rewrites after them (they match either GELU form).
 BUILTIN_MODULES: tuple[str, ...] = (
     "cleanup",
     "gemm_epilogue",
+    "split_linear",
     "activation",
     "quant_fusion",
     "fuse_linear",
