@@ -53,10 +53,11 @@
 #            VAE decoder's up_blocks.1, static vs dynamic at 960x720 (first call at 1024x1024),
 #            benchmarks/diag_dynamic_kernels.py                                    ~8 min
 #   o2flux   FLUX.1-dev step, the same three                                       ~8 min
+#   splitflux FLUX.1-dev step: compile vs O2 without / with split_cat_linear, profiled  ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -260,6 +261,11 @@ case "$part" in
     done
     run 120 diag_kernels_vae python3 benchmarks/diag_dynamic_kernels.py --component vae \
       --block vae.decoder.up_blocks.1 ;;
+  splitflux)
+    # split_cat_linear on FLUX.1-dev's single blocks: O2 with and without it, profiled.
+    run 570 step_split_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants 'compile;O2-nosplit={"mode":"O2","passes.split_cat_linear":false};O2' \
+      --profile --output-json "$out/step_split_flux.json" ;;
   o2flux)
     run 570 step_o2_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants 'compile;O2-nocg={"mode":"max-optimize"};O2' --profile \
