@@ -53,11 +53,13 @@
 #            VAE decoder's up_blocks.1, static vs dynamic at 960x720 (first call at 1024x1024),
 #            benchmarks/diag_dynamic_kernels.py                                    ~8 min
 #   o2flux   FLUX.1-dev step, the same three                                       ~8 min
+#   fluxkern FLUX.1-dev single and double block kernels and code (diag_dynamic_kernels.py),
+#            then the `gpu` tests in tests/diffusers                               ~9 min
 #   splitflux FLUX.1-dev step: compile vs O2 without / with split_cat_linear, profiled  ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -261,6 +263,16 @@ case "$part" in
     done
     run 120 diag_kernels_vae python3 benchmarks/diag_dynamic_kernels.py --component vae \
       --block vae.decoder.up_blocks.1 ;;
+  fluxkern)
+    # FLUX.1-dev's blocks at 1024x1024 (batch 1), static and dynamic, their kernels profiled and
+    # their code written out: why the single blocks' RMSNorm + RoPE kernel takes 3x its bytes.
+    for b in single_transformer_blocks.0 transformer_blocks.0; do
+      run 150 "diag_kernels_flux_$b" python3 benchmarks/diag_dynamic_kernels.py --model flux-dev \
+        --block "$b" --batch 1 --height 1024 --width 1024 --first-size 1024x1024 \
+        --options '{"mode":"O2"}'
+    done
+    run 330 gpu_tests_diffusers python3 -m pytest -m gpu tests/diffusers -q -p no:cacheprovider \
+      --durations=15 ;;
   splitflux)
     # split_cat_linear on FLUX.1-dev's single blocks: O2 with and without it, profiled.
     run 570 step_split_flux python3 benchmarks/bench_step.py --models flux-dev \
