@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import difforge
-from difforge import heuristics
 from difforge.errors import OptionsError
 from difforge.heuristics import DifforgeChoices, choices_for
 from difforge.options import parse_options
@@ -87,60 +86,15 @@ class _Features:
 
 
 def test_only_layer_norm_reductions_qualify() -> None:
-    from difforge.heuristics import _only_norms
+    from difforge.heuristics import _only_layer_norm
 
     aten = torch.ops.aten
     ln = _Node(aten.native_layer_norm.default, aten.add.Tensor)
     gn = _Node(aten.native_group_norm.default)
-    rms = _Node(aten._fused_rms_norm.default)
-    assert _only_norms(_Features(ln))
-    assert not _only_norms(_Features(ln, gn))  # a GroupNorm piece: Inductor decides
-    assert not _only_norms(_Features(_Node(aten.sum.dim_IntList)))  # a plain sum
-    assert not _only_norms(object())  # unexpected structures: no override
-    assert not _only_norms(_Features(rms))  # RMSNorm only when asked for
-    assert _only_norms(_Features(rms), ("layer_norm", "rms_norm"))
-
-
-class _Reduction(_Features):
-    def __init__(self, hint: object, length: int, *nodes: _Node) -> None:
-        super().__init__(*nodes)
-        self.hint, self.reduction_numel = hint, length
-
-    def get_reduction_hint(self) -> object:
-        return self.hint
-
-
-@pytest.mark.skipif(not heuristics._AVAILABLE, reason="no InductorChoices hook")
-def test_rms_norm_rows_qualify_only_with_their_option(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch._inductor.runtime.hints import ReductionHint
-
-    # Inductor's own answer for these rows is "loop" (INNER: > 1024; other hints: > 64).
-    monkeypatch.setattr(
-        heuristics.InductorChoices,
-        "should_use_persistent_reduction",
-        staticmethod(lambda features, cooperative: False),
-    )
-    aten = torch.ops.aten
-    rms, ln = _Node(aten._fused_rms_norm.default), _Node(aten.native_layer_norm.default)
-    on = heuristics.DifforgeChoices(2048, rms_norm=True)
-    off = heuristics.DifforgeChoices(2048)
-    inner, other = ReductionHint.INNER, ReductionHint.DEFAULT
-
-    def persistent(choices: heuristics.DifforgeChoices, kernel: _Reduction) -> bool:
-        return bool(choices.should_use_persistent_reduction(kernel, False))
-
-    # FLUX's q/k RMSNorm + RoPE: 128 per head, not plainly row-wise.
-    assert persistent(on, _Reduction(other, 128, rms))
-    assert not persistent(off, _Reduction(other, 128, rms))
-    assert not persistent(on, _Reduction(other, 512, rms))  # long rotated rows: loop
-    assert not persistent(on, _Reduction(other, 128, ln))  # only RMSNorm past the hint
-    assert not persistent(on, _Reduction(other, 128, rms, _Node(aten.native_group_norm.default)))
-    # Row-wise RMSNorm rows follow the LayerNorm limit.
-    assert persistent(on, _Reduction(inner, 2048, rms))
-    assert not persistent(off, _Reduction(inner, 2048, rms))
-    assert persistent(off, _Reduction(inner, 2048, ln))
-    assert not persistent(on, _Reduction(inner, 4096, ln))
-    assert on.cache_salt() != off.cache_salt()
+    assert _only_layer_norm(_Features(ln))
+    assert not _only_layer_norm(_Features(ln, gn))  # a GroupNorm piece: Inductor decides
+    assert not _only_layer_norm(_Features(_Node(aten.sum.dim_IntList)))  # a plain sum
+    assert not _only_layer_norm(object())  # unexpected structures: no override
 
 
 class _Buffer:

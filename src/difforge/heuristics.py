@@ -49,15 +49,11 @@ class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
     rows and (optionally) fp8 row quantizations."""
 
     def __init__(
-        self,
-        persistent_reduction_max: int | None,
-        fp8_quant_max: int | None = None,
-        rms_norm: bool = False,
+        self, persistent_reduction_max: int | None, fp8_quant_max: int | None = None
     ) -> None:
         super().__init__()
         self.persistent_reduction_max = persistent_reduction_max
         self.fp8_quant_max = fp8_quant_max
-        self.rms_norm = rms_norm
 
     def should_use_persistent_reduction(  # type: ignore[override]
         self, features: Any, cooperative_reduction: bool
@@ -66,29 +62,22 @@ class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
             return True
         import torch._inductor.config as inductor_config
 
-        if cooperative_reduction or not inductor_config.triton.persistent_reductions:
+        if (
+            cooperative_reduction
+            or not inductor_config.triton.persistent_reductions
+            or features.get_reduction_hint() != ReductionHint.INNER
+        ):
             return False
         rnumel = features.reduction_numel
         if not getattr(rnumel, "is_number", isinstance(rnumel, int)):
             return False  # a symbolic row length: leave it to Inductor
-        if features.get_reduction_hint() != ReductionHint.INNER:
-            # FLUX's q/k RMSNorm + RoPE kernel reads each head's 128 values and their
-            # rotated pairs: not plainly row-wise, so Inductor's limit there is 64 and it
-            # looped over the row three times (0.084 ms a block, 3x its bytes, H100).
-            return (
-                self.rms_norm
-                and bool(self.persistent_reduction_max)
-                and int(rnumel) <= 256
-                and _only_norms(features, ("rms_norm",))
-            )
         # LayerNorm rows: the DiT LayerNorms (1152/1536 wide) gained on an H200, while
         # the pieces of a channels-last GroupNorm got slower as persistent reductions (SDXL
         # VAE decode 38.9 -> 43.6 ms on an H100), so other reductions keep Inductor's
         # choice unless they are fp8 row quantizations and that limit is set.
         length = int(rnumel)
         limit = self.persistent_reduction_max
-        norms = ("layer_norm", "rms_norm") if self.rms_norm else ("layer_norm",)
-        if limit and length <= limit and _only_norms(features, norms):
+        if limit and length <= limit and _only_layer_norm(features):
             return True
         if self.fp8_quant_max and length <= self.fp8_quant_max:
             return _writes_fp8(features) and not _has_group_norm(features)
@@ -100,7 +89,7 @@ class DifforgeChoices(InductorChoices):  # type: ignore[misc,valid-type]
         # machine returned the previous rule's kernels).
         return (
             f"persistent_reduction_max={self.persistent_reduction_max};"
-            f"fp8_quant_max={self.fp8_quant_max};rms_norm={self.rms_norm};{_SOURCE}"
+            f"fp8_quant_max={self.fp8_quant_max};{_SOURCE}"
         ).encode()
 
 
@@ -118,15 +107,12 @@ def _reduction_origins(features: Any) -> list[str] | None:
     return names
 
 
-def _only_norms(features: Any, norms: tuple[str, ...] = ("layer_norm",)) -> bool:
-    """Whether the kernel's reductions include one of ``norms`` (LayerNorm, RMSNorm) and no
-    GroupNorm (by ATen origin)."""
+def _only_layer_norm(features: Any) -> bool:
+    """Whether the kernel's reductions include a LayerNorm and no GroupNorm (by ATen origin)."""
     names = _reduction_origins(features)
     if names is None:  # not sure means no
         return False
-    return any(norm in n for n in names for norm in norms) and not any(
-        "group_norm" in n for n in names
-    )
+    return any("layer_norm" in n for n in names) and not any("group_norm" in n for n in names)
 
 
 def _writes_fp8(features: Any) -> bool:
@@ -162,9 +148,7 @@ def choices_for(config: CompileConfig) -> DifforgeChoices | None:
         )
         return None
     return DifforgeChoices(
-        None if limit is None else int(limit),
-        None if fp8_limit is None else int(fp8_limit),
-        rms_norm=bool(config.settings.get("heuristics.persistent_rms_norm")),
+        None if limit is None else int(limit), None if fp8_limit is None else int(fp8_limit)
     )
 
 

@@ -82,7 +82,6 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         # (heuristics.py): applied to every reduction it made the SDXL VAE's GroupNorm
         # persistent and the decode 9% slower (benchmarks/results, 2026-11-26).
         "heuristics.persistent_reduction_max": 2048,
-        "heuristics.persistent_rms_norm": True,
     },
     "cudagraphs": {
         "inductor.triton.cudagraphs": True,
@@ -154,13 +153,6 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "largest row (reduction) length Inductor keeps in registers in one pass (one read "
         "of the row instead of two); null = Inductor's own limit (1024), which sends the "
         "LayerNorms of 1152- to 3072-wide DiTs to looped reductions",
-    ),
-    "heuristics.persistent_rms_norm": (
-        False,
-        bool,
-        "heuristics.persistent_reduction_max also covers RMSNorm rows (FLUX's per-head q/k "
-        "norm, 128 wide, fused with RoPE), which Inductor otherwise loops over: reductions "
-        "that are not plainly row-wise get a limit of 64",
     ),
     "heuristics.persistent_fp8_quant_max": (
         None,
