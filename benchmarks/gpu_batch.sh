@@ -55,13 +55,11 @@
 #   o2flux   FLUX.1-dev step, the same three                                       ~8 min
 #   fluxkern FLUX.1-dev single and double block kernels and code (diag_dynamic_kernels.py),
 #            then the `gpu` tests in tests/diffusers                               ~9 min
-#   rmsflux  FLUX.1-dev step: compile vs O2 without / with heuristics.persistent_rms_norm,
-#            profiled, then the single block's kernels and code                   ~9 min
 #   splitflux FLUX.1-dev step: compile vs O2 without / with split_cat_linear, profiled  ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|rmsflux|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -275,15 +273,6 @@ case "$part" in
     done
     run 330 gpu_tests_diffusers python3 -m pytest -m gpu tests/diffusers -q -p no:cacheprovider \
       --durations=15 ;;
-  rmsflux)
-    # heuristics.persistent_rms_norm on FLUX.1-dev: O2 with and without it, profiled; then the
-    # single block's code (is the RMSNorm + RoPE kernel persistent now?).
-    run 420 step_rms_flux python3 benchmarks/bench_step.py --models flux-dev \
-      --variants 'compile;O2-rmsloop={"mode":"O2","heuristics.persistent_rms_norm":false};O2' \
-      --profile --output-json "$out/step_rms_flux.json"
-    run 150 diag_kernels_flux_single python3 benchmarks/diag_dynamic_kernels.py --model flux-dev \
-      --block single_transformer_blocks.0 --batch 1 --height 1024 --width 1024 \
-      --first-size 1024x1024 --options '{"mode":"O2"}' ;;
   splitflux)
     # split_cat_linear on FLUX.1-dev's single blocks: O2 with and without it, profiled.
     run 570 step_split_flux python3 benchmarks/bench_step.py --models flux-dev \
