@@ -20,14 +20,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def _dit(depth: int = 6) -> TinyDiT:
     torch.manual_seed(0)
     return TinyDiT(depth=depth).eval()

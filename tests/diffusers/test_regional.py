@@ -28,13 +28,6 @@ pytestmark = pytest.mark.skipif(
 OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _first(out: Any) -> torch.Tensor:
     return getattr(out, "sample", out[0] if isinstance(out, tuple) else out)
 
