@@ -288,11 +288,15 @@ def test_split_cat_linear_leaves_what_it_must_not_split(small_copies_split) -> N
         joined = torch.cat([x, x * 2], dim=-1)
         return proj(joined), joined.sum(-1)
 
+    def cat_of_mixed_dtypes(x: torch.Tensor) -> torch.Tensor:  # the int part is promoted
+        return proj(torch.cat([x, (x > 0).int()], dim=-1))
+
     def cat_along_tokens(x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(torch.cat([x, x], dim=1), proj.weight[:, :16], proj.bias)
 
     _run(cat_read_twice, torch.randn(2, 5, 16))
     _run(cat_along_tokens, torch.randn(2, 5, 16))
+    _run(cat_of_mixed_dtypes, torch.randn(2, 5, 16))
     # K = 80 features into N = 64 outputs: the extra output would move more than the copy.
     _run(ParallelBlock(out=64).eval(), torch.randn(2, 9, 16))
     _run(ParallelBlock().eval(), torch.randn(2, 9, 16), options={"mode": "O1"})

@@ -199,13 +199,7 @@ def precompiling(config: CompileConfig, store_folder: Path | None = None) -> Ite
         why = None if entry is None else unloadable(entry)
         if why is None:
             return entry
-        counters = torch._dynamo.utils.counters["dynamo_cache"]
-        counters["dynamo_cache_hit"] -= 1  # counted as read by torch; it is not used
-        counters["dynamo_cache_error"] += 1
-        _warn_once(
-            f"difforge: a stored {KEY} entry for {source_id(fn)} cannot be loaded on torch "
-            f"{torch.__version__} ({why[:200]}); traced again and rewritten"
-        )
+        _unused_entry(f"for {source_id(fn)} cannot be loaded", why, "traced again and rewritten")
         return None
 
     # torch's store takes its folder from TORCHINDUCTOR_CACHE_DIR, which must name Inductor's
@@ -229,6 +223,17 @@ def precompiling(config: CompileConfig, store_folder: Path | None = None) -> Ite
                 delattr(DynamoCache, name)
 
 
+def _unused_entry(what: str, why: str, then: str) -> None:
+    """Count a stored entry torch read but difforge did not use as an error, not a hit,
+    and warn once."""
+    counters = torch._dynamo.utils.counters["dynamo_cache"]
+    counters["dynamo_cache_hit"] -= 1  # counted as read by torch; it is not used
+    counters["dynamo_cache_error"] += 1
+    _warn_once(
+        f"difforge: a stored {KEY} entry {what} on torch {torch.__version__} ({why[:200]}); {then}"
+    )
+
+
 @contextlib.contextmanager
 def _install_failures_are_misses() -> Iterator[None]:
     """Turn any failure while torch installs a loaded entry into the RuntimeError that
@@ -248,13 +253,7 @@ def _install_failures_are_misses() -> Iterator[None]:
         try:
             install(self, backends)
         except Exception as exc:
-            counters = torch._dynamo.utils.counters["dynamo_cache"]
-            counters["dynamo_cache_hit"] -= 1  # counted as read by torch; it is not used
-            counters["dynamo_cache_error"] += 1
-            _warn_once(
-                f"difforge: a stored {KEY} entry cannot be installed on torch "
-                f"{torch.__version__} ({type(exc).__name__}: {str(exc)[:200]}); traced again"
-            )
+            _unused_entry("cannot be installed", f"{type(exc).__name__}: {exc}", "traced again")
             # torch's handler initializes the package afresh, which asserts that it is not
             # initialized yet (torch 2.13): undo what the failed install left behind.
             with contextlib.suppress(Exception):

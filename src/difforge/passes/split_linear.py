@@ -24,6 +24,7 @@ accumulation), so it is exact up to floating-point reassociation, the ``optimize
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -38,7 +39,7 @@ _LINEAR = torch._C._nn.linear
 MIN_COPY_ELEMENTS = 1 << 22
 
 
-def _parts(cat: object, linear: torch.fx.Node) -> list[torch.fx.Node] | None:
+def _parts(cat: object) -> list[torch.fx.Node] | None:
     """The concatenated tensors when ``cat`` joins them along the last dim for ``linear``
     alone (anything else reads the concatenation: it is built anyway)."""
     if not isinstance(cat, torch.fx.Node) or cat.op != "call_function":
@@ -68,10 +69,12 @@ def _match(linear: torch.fx.Node) -> tuple[list[torch.fx.Node], torch.fx.Node, o
     if linear.op != "call_function" or linear.target is not _LINEAR:
         return None
     x, weight, bias = (node_arg(linear, i, n) for i, n in enumerate(("input", "weight", "bias")))
-    parts = _parts(x, linear)
+    parts = _parts(x)
     w = node_tensor(weight)
     if parts is None or w is None or w.dim() != 2:
         return None
+    if any(node_tensor(p).dtype != w.dtype for p in parts):  # type: ignore[union-attr]
+        return None  # the concatenation promoted a part: keep its single conversion
     widths = [_static_width(p) for p in parts]
     n_out, k = w.shape
     if any(width is None for width in widths) or not isinstance(k, int):
@@ -103,7 +106,9 @@ def _fill_example_values(nodes: list[torch.fx.Node]) -> None:
     fake_mode = detect_fake_mode([t for t in inputs if t is not None])
     if fake_mode is None:
         return
-    with fake_mode:
+    shape_env = fake_mode.shape_env
+    no_guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+    with fake_mode, no_guards:  # shapes for later passes only: no guards for Dynamo
         for node in nodes:
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), value)
             try:
