@@ -391,6 +391,21 @@ def test_bench_compile_on_tiny_pixart(tmp_path: Path, bench: Any) -> None:
         assert result["step_ms"] > 0
 
 
+def test_bench_compile_reference_runs_blocks_compiled_in_place_eagerly(bench: Any) -> None:
+    # The `blocks` style compiles a model's blocks in place; the reference must not run them.
+    def zeroing(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        return lambda *args: [torch.zeros_like(out) for out in gm(*args)]
+
+    torch.manual_seed(0)
+    block = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(torch.nn.Identity())
+    model[0] = torch.compile(block, backend=zeroing)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert model(x).abs().sum() == 0  # the compiled block is what a plain call runs
+        torch.testing.assert_close(bench._eager_output(model, lambda m: m(x)), block(x))
+
+
 def test_bench_compile_precompile_axis(tmp_path: Path, bench: Any) -> None:
     from difforge import precompile
 
