@@ -316,9 +316,9 @@ def measure_steady(
     device = workload.device
     name = result.compiler
     before = unique_graphs()
+    caches = compile_cache_counts()  # before the first run, the one that compiles
     for i in range(config.warmups):
         progress.phase(f"{name}: warm-up {i + 1}/{config.warmups}" + (" (compiling)" * (i == 0)))
-        caches = compile_cache_counts()
         seconds, _ = wall_time(workload.call, device)
         if i == 0:
             after = compile_cache_counts()
