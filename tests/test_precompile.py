@@ -46,11 +46,15 @@ _CHILD = textwrap.dedent(
         def unbuildable(*args, **kwargs):
             raise AttributeError("'_Missing' object has no attribute '__defaults__'")
         torch._dynamo.package.load_guard_manager = unbuildable
+    patch_forward = os.environ.get("PATCH_FORWARD")
     warnings.simplefilter("always")
     caught = warnings.catch_warnings(record=True)
     seen = caught.__enter__()
     torch.manual_seed(0)
     model = TinyDiT().eval()
+    if patch_forward:  # the same tensors, other Python: the stored trace must not run
+        original = model.proj_out.forward
+        model.proj_out.forward = lambda x: original(x) * 2
     x = (torch.randn(2, 4, 16, 16), torch.rand(2) * 1000, torch.randn(2, 7, 48))
     options = json.loads(sys.argv[1])
     compiled = difforge.compile(model, options=options)
@@ -86,6 +90,7 @@ def _child(
     broken: bool = False,
     wrapped: bool = False,
     unbuildable: bool = False,
+    patched: bool = False,
 ) -> dict:
     env = {**os.environ, "DIFFORGE_CACHE_DIR": str(root)}
     if broken:
@@ -94,6 +99,8 @@ def _child(
         env["WRAPPED_FORWARD"] = "1"
     if unbuildable:
         env["BREAK_GUARD_BUILDING"] = "1"
+    if patched:
+        env["PATCH_FORWARD"] = "1"
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     return run_child(_CHILD, json.dumps(options), *(["new-size"] if new_size else []), env=env)
 
@@ -124,6 +131,11 @@ def test_a_new_process_loads_the_trace_instead_of_tracing(tmp_path: Path) -> Non
     entries[0].write_bytes(b"truncated")
     damaged = _child(options, root)
     assert damaged["hit"] == 0 and damaged["traced"] == 1 and damaged["err"] < 1e-4
+
+    # A model whose Python differs (a patched forward) with the same tensors: another
+    # folder, traced afresh; torch's own guards would have run the stored trace.
+    patched = _child(options, root, patched=True)
+    assert patched["hit"] == 0 and patched["traced"] == 1 and patched["err"] < 1e-4
 
     # The rewritten entry loads from a cache folder moved to another path.
     moved = tmp_path / "moved-cache"
@@ -251,6 +263,38 @@ def test_folder_key_follows_options(tmp_path: Path) -> None:
     assert folder(base) != folder({**base, "mode": "O3:cache-all"})
     assert folder(base) != folder({**base, "dynamic": True})
     assert folder(base).parent == tmp_path / "precompile"
+
+
+def test_folder_key_follows_the_models_python(tmp_path: Path) -> None:
+    from torch import nn
+
+    config = difforge.parse_options(
+        {"mode": "O2:cache-all", "cache.precompile": True, "cache.dir": str(tmp_path)}
+    )
+
+    class Processor:
+        def __call__(self, x: object) -> object:
+            return x
+
+    class OtherProcessor(Processor):
+        pass
+
+    def model(processor: object = None) -> nn.Module:
+        m = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+        if processor is not None:
+            m[0].processor = processor
+        return m
+
+    base = precompile.folder(config, model(Processor()))
+    assert precompile.folder(config, model(Processor())) == base  # other weights: same
+    assert precompile.folder(config, model(OtherProcessor())) != base
+    assert precompile.folder(config, model()) != base
+    patched = model(Processor())
+    patched[1].forward = lambda x: x
+    assert precompile.folder(config, patched) != base
+    other_class = model(Processor())
+    other_class[1] = nn.SiLU()
+    assert precompile.folder(config, other_class) != base
 
 
 def test_unsupported_torch_warns_once_and_compiles_without(

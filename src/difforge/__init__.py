@@ -32,6 +32,7 @@ from difforge.precompile import (
     with_precompile,
 )
 from difforge.precompile import enabled as precompile_enabled
+from difforge.precompile import folder as precompile_folder
 from difforge.quant.auto import swap_fp8_linears
 from difforge.tracing import with_tracing_settings
 
@@ -172,8 +173,9 @@ def compile(
         # With cache.precompile, torch.compile itself loads a stored entry (difforge.precompile).
         loads = torch._dynamo.utils.counters["dynamo_cache"]
         hits = loads["dynamo_cache_hit"]
+        store = precompile_folder(config, target) if precompile else None
         with (
-            precompiling(config) if precompile else contextlib.nullcontext(),
+            precompiling(config, store) if precompile else contextlib.nullcontext(),
             module_of_globals(target) if precompile else contextlib.nullcontext(),
         ):
             compiled = torch.compile(
@@ -182,7 +184,7 @@ def compile(
         if precompile:
             if loads["dynamo_cache_hit"] != hits:
                 advance_unique_ids()  # else the next recompile clashes with loaded names
-            compiled = with_precompile(compiled, config, target)
+            compiled = with_precompile(compiled, config, target, store)
         # Dynamic shapes: floats traced as constants (difforge.tracing says why).
         compiled = with_tracing_settings(compiled, config, specialize_floats=config.dynamic is True)
         if batch_mode is None:

@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import hashlib
 import itertools
+import marshal
 import pickle
 import platform
 import re
@@ -170,8 +171,61 @@ def _accelerator() -> str:
     return f"cpu {platform.machine()}"
 
 
-def folder(config: CompileConfig) -> Path:
-    """Where ``config``'s precompiled entries live."""
+@functools.cache
+def _file_hash(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+@functools.cache
+def _class_hash(cls: type) -> str:
+    """The qualified names of ``cls`` and its bases with their source files' contents."""
+    digest = hashlib.sha256()
+    for klass in cls.__mro__:
+        digest.update(f"{klass.__module__}.{klass.__qualname__}".encode())
+        source = getattr(sys.modules.get(klass.__module__), "__file__", None)
+        if source and klass.__module__ not in ("builtins", "torch.nn.modules.module"):
+            digest.update(_file_hash(source).encode())
+    return digest.hexdigest()
+
+
+def _callable_hash(fn: Any) -> str:
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is None:
+        return _class_hash(type(fn))
+    return hashlib.sha256(marshal.dumps(code)).hexdigest()
+
+
+def python_fingerprint(target: Any) -> str:
+    """A hash of the Python that ``target``'s stored trace runs and torch does not guard.
+
+    A loaded entry keeps the guards on tensors and global state, but not on which code the
+    model's objects run: torch drops, e.g., the guards on diffusers' attention-processor
+    objects. So the folder key covers, for every submodule, its class and base classes with
+    their source files, a ``forward`` patched onto the instance, and the class of its
+    attention ``processor``: another processor, a patched forward or an edited model file
+    starts from an empty folder instead of running the stored code. Weights are not in it.
+    """
+    digest = hashlib.sha256()
+    modules = target.modules() if isinstance(target, torch.nn.Module) else ()
+    if not isinstance(target, torch.nn.Module):
+        digest.update(_callable_hash(target).encode())
+    for module in modules:
+        digest.update(_class_hash(type(module)).encode())
+        patched = vars(module).get("forward")
+        if patched is not None:
+            digest.update(_callable_hash(patched).encode())
+        processor = getattr(module, "processor", None)
+        if processor is not None:
+            digest.update(_class_hash(type(processor)).encode())
+    return digest.hexdigest()
+
+
+def folder(config: CompileConfig, target: Any = None) -> Path:
+    """Where ``config``'s precompiled entries for ``target`` (its :func:`python_fingerprint`)
+    live."""
     try:
         import triton
 
@@ -179,7 +233,8 @@ def folder(config: CompileConfig) -> Path:
     except ImportError:
         triton_version = "none"
     parts = (config.key(), _difforge_source_hash(), torch.__version__, triton_version)
-    digest = hashlib.sha256("\n".join((*parts, _accelerator())).encode()).hexdigest()
+    model = python_fingerprint(target) if target is not None else "any"
+    digest = hashlib.sha256("\n".join((*parts, _accelerator(), model)).encode()).hexdigest()
     return CacheLayout(config.cache_dir).precompile / digest[:32]
 
 
@@ -341,14 +396,15 @@ def source_id(target: Any) -> str:
     return CompilePackage.source_id_from_fn(fn)
 
 
-def save(config: CompileConfig, target: Any) -> bool:
+def save(config: CompileConfig, target: Any, store_folder: Path | None = None) -> bool:
     """Write ``target``'s entry (what Dynamo recorded for it in this process) to
-    ``config``'s folder; False when there is nothing to write."""
+    ``store_folder`` (default: ``config``'s folder for ``target``); False when there is
+    nothing to write."""
     from torch._dynamo.package import DynamoCache
     from torch._dynamo.precompile_context import PrecompileContext
 
     key = source_id(target)
-    with precompiling(config):
+    with precompiling(config, store_folder or folder(config, target)):
         entries, _ = PrecompileContext.create_cache_entries()
         entry = entries.get(key)
         if entry is None:
@@ -357,13 +413,16 @@ def save(config: CompileConfig, target: Any) -> bool:
     return True
 
 
-def with_precompile(compiled: Any, config: CompileConfig, target: Any) -> Any:
+def with_precompile(
+    compiled: Any, config: CompileConfig, target: Any, store_folder: Path | None = None
+) -> Any:
     """Make every call of ``compiled`` run under :func:`precompiling` and save ``target``'s
-    entry after a call that compiled (the first one, and any recompile)."""
+    entry after a call that compiled (the first one, and any recompile), in
+    ``store_folder`` (default: ``config``'s folder for ``target``)."""
     from difforge.entry import wrap_entry
 
     frames = torch._dynamo.utils.counters["stats"]
-    store_folder = folder(config)  # hashed once, not at every call
+    store_folder = store_folder or folder(config, target)  # hashed once, not at every call
 
     def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(call)
@@ -372,7 +431,7 @@ def with_precompile(compiled: Any, config: CompileConfig, target: Any) -> Any:
             with precompiling(config, store_folder):
                 out = call(*args, **kwargs)
             if frames["unique_graphs"] != before:
-                save(config, target)
+                save(config, target, store_folder)
             return out
 
         return run
@@ -387,6 +446,7 @@ __all__ = [
     "folder",
     "module_of_globals",
     "precompiling",
+    "python_fingerprint",
     "repair_source_pickling",
     "save",
     "source_id",
