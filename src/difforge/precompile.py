@@ -23,10 +23,12 @@ What difforge adds:
   compiled (torch's save writes every function compiled so far into the folder in force).
 
 What it costs: the entry is loaded with *fewer guards*. torch drops guards it cannot
-serialise, such as the identity and code of attention-processor objects, so a model whose
-Python differs from the one that wrote the entry while its tensors look the same (another
-attention processor, a patched ``forward``) runs the stored code. Tensor shapes, dtypes,
-devices and strides and the global state (grad mode, autocast) stay guarded. Hence opt-in.
+serialise, such as the identity and code of attention-processor objects. difforge's folder key
+covers the model's own Python instead (:func:`python_fingerprint`: classes and their source
+files, instance-patched ``forward``s, processor classes), so another processor or a patched
+``forward`` is traced afresh; a monkeypatched library function or a global flag the model
+reads is not covered and would run the stored code. Tensor shapes, dtypes, devices and
+strides and the global state (grad mode, autocast) stay guarded. Hence opt-in.
 """
 
 from __future__ import annotations
