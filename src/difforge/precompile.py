@@ -16,8 +16,9 @@ What difforge adds:
   (``PixArtTransformer2DModel.forward``), and keeps one folder for every option set. difforge
   keeps entries under ``<cache root>/precompile/<key>/`` where ``<key>`` hashes everything
   that can change the compiled code: the options (:meth:`CompileConfig.key`), the source of
-  every difforge module, the torch and Triton versions and the accelerator. Another option
-  set, another difforge or another GPU starts from an empty folder.
+  every difforge module, the torch and Triton versions, the accelerator and the model's
+  Python (:func:`python_fingerprint`). Another option set, another difforge, another GPU or
+  another model code starts from an empty folder.
 - **Scope.** The setting is switched on only around difforge's own ``torch.compile`` and
   its calls, never for the process, and difforge writes only the entry of the function it
   compiled (torch's save writes every function compiled so far into the folder in force).
