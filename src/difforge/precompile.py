@@ -189,7 +189,7 @@ def _class_hash(cls: type) -> str:
     for klass in cls.__mro__:
         digest.update(f"{klass.__module__}.{klass.__qualname__}".encode())
         source = getattr(sys.modules.get(klass.__module__), "__file__", None)
-        if source and klass.__module__ not in ("builtins", "torch.nn.modules.module"):
+        if source:  # builtins have none; torch's own files are covered by its version too
             digest.update(_file_hash(source).encode())
     return digest.hexdigest()
 
@@ -212,10 +212,10 @@ def python_fingerprint(target: Any) -> str:
     starts from an empty folder instead of running the stored code. Weights are not in it.
     """
     digest = hashlib.sha256()
-    modules = target.modules() if isinstance(target, torch.nn.Module) else ()
     if not isinstance(target, torch.nn.Module):
         digest.update(_callable_hash(target).encode())
-    for module in modules:
+        return digest.hexdigest()
+    for module in target.modules():
         digest.update(_class_hash(type(module)).encode())
         patched = vars(module).get("forward")
         if patched is not None:
@@ -375,7 +375,7 @@ def module_of_globals(target: Any) -> Iterator[None]:
     2026-11-27). The entry keeps the module's name as a string, so the attribute is needed
     only while torch.compile records it, and is restored after.
     """
-    fn = target.forward if isinstance(target, torch.nn.Module) else target
+    fn = _entry_function(target)
     fn = getattr(fn, "__func__", fn)
     code_globals = getattr(fn, "__globals__", None)
     name = code_globals.get("__name__") if isinstance(code_globals, dict) else None
@@ -391,12 +391,16 @@ def module_of_globals(target: Any) -> Iterator[None]:
         fn.__module__ = original
 
 
+def _entry_function(target: Any) -> Any:
+    """The function torch keys ``target``'s entry by (a module: its ``forward``)."""
+    return target.forward if isinstance(target, torch.nn.Module) else target
+
+
 def source_id(target: Any) -> str:
     """torch's name for the entry of ``target`` (a module: its ``forward``)."""
     from torch._dynamo.package import CompilePackage
 
-    fn = target.forward if isinstance(target, torch.nn.Module) else target
-    return CompilePackage.source_id_from_fn(fn)
+    return CompilePackage.source_id_from_fn(_entry_function(target))
 
 
 def save(config: CompileConfig, target: Any, store_folder: Path | None = None) -> bool:
