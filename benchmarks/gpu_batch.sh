@@ -28,6 +28,8 @@
 #   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization
 #            vs O3 + quant.fuse_qkv                                            ~9 min
 #   attn     every `gpu` test, then the 8-bit attention tile sweep vs SDPA             ~6 min
+#   attn8    the 8-bit attention kernel's `gpu` tests, then its sweep (tiles, P·V precision,
+#            exponential modes) vs SDPA at DiT and UNet shapes, CUDA-graph timed      ~8 min
 #   attnstep PixArt/SD3 step: compile vs O3 without/with 8-bit attention (fp16 / fp8 P·V) ~9 min
 #   attnflux FLUX.1-dev step: compile vs O3 without/with 8-bit attention               ~9 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
@@ -59,7 +61,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -176,6 +178,10 @@ case "$part" in
   attn)
     run 300 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
     run 240 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
+      --output-json "$out/probe_int8attn.json" ;;
+  attn8)
+    run 150 gpu_tests_attention python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
+    run 400 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
       --output-json "$out/probe_int8attn.json" ;;
   attnstep)
     V='compile;O3-noattn={"mode":"O3","passes.attention_int8":false};O3;O3-pv8={"mode":"O3","attention.pv_fp8":true}'

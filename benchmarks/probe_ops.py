@@ -22,6 +22,7 @@ they compute the same function (relative error against a float32 reference):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -250,39 +251,51 @@ def probe_fp8() -> list[dict[str, Any]]:
 
 # (block_m, block_n, num_warps, num_stages): tiles that compile without register spills
 # for sm_90a at head dims 64 and 72 (ptxas -v on the CPU), plus the 128-wide kv tile.
-INT8_ATTENTION_CONFIGS = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
+#: (block_m, block_n, warps, stages) per P·V precision: fp16 P·V at the two tiles the
+#: 2026-11-26 H100 sweep liked; fp8 P·V over more tiles, as its registers differ.
+INT8_ATTENTION_TILES = {
+    False: ((128, 64, 8, 3), (64, 64, 4, 3)),
+    True: ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)),
+}
+#: More attention shapes for the 8-bit sweep: SDXL's UNet self-attention at both levels.
+INT8_EXTRA_SHAPES = (
+    ("sdxl-self-64", 2, 10, 4096, 4096, 64, torch.float16),
+    ("sdxl-self-32", 2, 20, 1024, 1024, 64, torch.float16),
+)
 
 
 def probe_int8_attention() -> list[dict[str, Any]]:
-    """difforge's 8-bit attention per shape, tile and P·V precision against SDPA (timed once
-    per shape); each row includes the quantization pre-pass (``int8_ms``) and not
-    (``int8_kernel_only_ms``)."""
-    from difforge.kernels.attention_int8 import benchmark_attention
+    """difforge's 8-bit attention per shape, tile, P·V precision and exponential mode
+    against SDPA (timed once per shape), all timed as CUDA-graph replays; each row includes
+    the quantization pre-pass (``int8_ms``) and not (``int8_kernel_only_ms``)."""
+    from difforge.kernels.attention_int8 import EXP_MODES, benchmark_attention
 
     rows: list[dict[str, Any]] = []
-    for name, b, h, sq, skv, d, dtype in ATTENTION_SHAPES:
+    for name, b, h, sq, skv, d, dtype in ATTENTION_SHAPES + INT8_EXTRA_SHAPES:
         sdpa_ms: float | None = None
-        for pv_fp8 in (False, True):
-            for block_m, block_n, warps, stages in INT8_ATTENTION_CONFIGS:
-                row: dict[str, Any] = {
-                    "shape": name,
-                    "block_m": block_m,
-                    "block_n": block_n,
-                    "num_warps": warps,
-                    "num_stages": stages,
-                    "pv": "fp8" if pv_fp8 else "fp16",
-                }
-                try:
-                    res = benchmark_attention(
-                        b, h, sq, d, skv, dtype, block_m=block_m, block_n=block_n,
-                        num_warps=warps, num_stages=stages, pv_fp8=pv_fp8, warmup_ms=10,
-                        rep_ms=40, sdpa_ms=sdpa_ms,
-                    )  # fmt: skip
-                    sdpa_ms = res["sdpa_ms"]
-                    row.update(res)
-                except Exception as exc:  # a tile that does not compile is a result, too
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                rows.append(row)
+        for pv_fp8, tiles in INT8_ATTENTION_TILES.items():
+            modes = EXP_MODES if pv_fp8 else ("mufu", "split")
+            for (block_m, block_n, warps, stages), exp_mode in itertools.product(tiles, modes):
+                rowsums = (True, False) if pv_fp8 and d == 72 and block_n == 64 else (True,)
+                for rowsum_mma in rowsums:
+                    row: dict[str, Any] = {
+                        "shape": name, "block_m": block_m, "block_n": block_n,
+                        "num_warps": warps, "num_stages": stages,
+                        "pv": "fp8" if pv_fp8 else "fp16", "exp_mode": exp_mode,
+                        "rowsum_mma": rowsum_mma and pv_fp8 and d == 72,
+                    }  # fmt: skip
+                    try:
+                        res = benchmark_attention(
+                            b, h, sq, d, skv, dtype, block_m=block_m, block_n=block_n,
+                            num_warps=warps, num_stages=stages, pv_fp8=pv_fp8,
+                            exp_mode=exp_mode, rowsum_mma=rowsum_mma, rep_ms=40,
+                            sdpa_ms=sdpa_ms,
+                        )  # fmt: skip
+                        sdpa_ms = res["sdpa_ms"]
+                        row.update(res)
+                    except Exception as exc:  # a tile that does not compile is a result too
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    rows.append(row)
     return rows
 
 

@@ -49,6 +49,11 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 _INT8_MAX = 127.0
 _FP8_MAX = 448.0
+_LOG2_FP8_MAX = math.log2(_FP8_MAX)
+# int32 -> float32 by bits: the float bits of 1.5 * 2**23 plus an integer t are the float
+# 1.5 * 2**23 + t, exactly, for |t| < 2**22 (Q·Kᵀ's int8 sums stay below 127² * 128 < 2**21).
+_MAGIC = 12582912.0
+_MAGIC_BITS = 0x4B400000
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128
 DEFAULT_BLOCK_M = 128
@@ -330,6 +335,7 @@ def _quantize_v_fp8_kernel(
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    ONES_ROW: tl.constexpr,  # -1, or a padding row of Vᵀ filled with ones (see ROWSUM_MMA)
     INTERPRET: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -338,6 +344,8 @@ def _quantize_v_fp8_kernel(
     )
     scale = tl.load(scale_ptr + pid_bh * DV + offs_d, mask=offs_d < DV, other=1.0)
     y = tl.div_rn(x, scale[None, :])
+    if ONES_ROW >= 0:
+        y = tl.where((offs_d == ONES_ROW)[None, :] & (offs_s < seq)[:, None], 1.0, y)
     if INTERPRET:
         y = _fp8_e4m3_rne_as_fp32(y)
     y = y.to(tl.float8e4nv)
@@ -347,15 +355,18 @@ def _quantize_v_fp8_kernel(
 
 
 def quantize_v_fp8_transposed(
-    v: torch.Tensor, width: int, seq_multiple: int = 16
+    v: torch.Tensor, width: int, seq_multiple: int = 16, *, ones_row: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 Vᵀ for the kernel's P·V: ``([B, H, width, S_pad] e4m3, scales [B, H, width])``.
 
     Transposed so the sequence (P·V's reduction dim) is contiguous, as 8-bit tensor-core
     operands need; rows past the head dim and columns past S are 0. Same values as
-    :func:`quantize_v_fp8_reference`, transposed.
+    :func:`quantize_v_fp8_reference`, transposed. ``ones_row``: row D (the first padding
+    row, scale 1) is 1 over the sequence, so P·V also yields P's row sums.
     """
     b, h, s, d = v.shape
+    if ones_row and width <= d:
+        raise ValueError(f"quantize_v_fp8_transposed: no padding row for ones (width {width})")
     scale = v_fp8_scales(v, width)
     seq_pad = triton.cdiv(s, seq_multiple) * seq_multiple
     out = torch.empty((b, h, width, seq_pad), dtype=torch.float8_e4m3fn, device=v.device)
@@ -363,7 +374,7 @@ def quantize_v_fp8_transposed(
     _quantize_v_fp8_kernel[(triton.cdiv(seq_pad, block_s), b * h)](
         v, scale, out, v.stride(0), v.stride(1), v.stride(2), h, s, seq_pad,
         HEAD_DIM=d, DV=width, BLOCK_D=max(16, triton.next_power_of_2(width)), BLOCK_S=block_s,
-        INTERPRET=_interpreting(), num_warps=4,
+        ONES_ROW=d if ones_row else -1, INTERPRET=_interpreting(), num_warps=4,
     )  # fmt: skip
     return out, scale
 
@@ -398,19 +409,71 @@ def _load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.
 def _pv_dot(p, v, acc, PV_FP8: tl.constexpr, PV_IN_FP32: tl.constexpr):
     """``acc + p @ v`` with p cast for the chosen P·V precision (see the module docstring)."""
     if PV_FP8:
-        # p in [0, 1] scaled by 448 uses e4m3's whole range (no underflow of small weights);
-        # the 1/448 and V's channel scales are applied once at the end.
+        # p arrives scaled to [0, 448] (the exponent carries log2(448)), so it uses e4m3's
+        # whole range; the row sum carries the same factor, and V's channel scales are
+        # applied once at the end.
         if PV_IN_FP32:
-            return acc + tl.dot(_fp8_e4m3_rne_as_fp32(p * 448.0), v.to(tl.float32))
-        return tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
+            return acc + tl.dot(_fp8_e4m3_rne_as_fp32(p.to(tl.float32)), v.to(tl.float32))
+        return tl.dot(p.to(tl.float8e4nv), v, acc)
     if PV_IN_FP32:
         # fp16/bf16 products are exact in float32, so this equals the half-precision dot.
-        if v.dtype == tl.bfloat16:  # noqa: SIM108 (constexpr dtype branch, not a value)
+        if v.dtype == tl.bfloat16:
             p = _bf16_rne_as_fp32(p)
         else:
-            p = p.to(v.dtype).to(tl.float32)
+            p = p.to(tl.float32).to(v.dtype).to(tl.float32)
         return acc + tl.dot(p, v.to(tl.float32))
     return tl.dot(p.to(v.dtype), v, acc)
+
+
+#: How the softmax computes its exponentials (``exp_mode``), see :func:`_exp2`.
+EXP_MODES = ("mufu", "f16", "split")
+
+
+@triton.jit
+def _exp2_poly(x, DEGREE: tl.constexpr):
+    """``2**x`` on the float32 FMA pipe: ``2**round(x)`` built in the exponent bits times a
+    polynomial of the remainder in [-0.5, 0.5] (relative error 1.7e-3 at degree 2, 7.5e-5 at
+    3, minimax fits). Results below 2**-125 are wrong in value but tiny (P rounds to 0)."""
+    x = tl.maximum(x, -125.0)  # keeps the exponent arithmetic from wrapping
+    t = x + 12582912.0  # rounds x to an integer, held in t's low mantissa bits
+    r = x - (t - 12582912.0)
+    if DEGREE == 2:
+        p = (0.23841624337306253 * r + 0.7034238726047755) * r + 1.0004421678208975
+    else:
+        p = ((0.05517029859908645 * r + 0.24260802242443302) * r + 0.693260928865469) * r
+        p = p + 0.9999282725351607
+    # t's bits shifted by 23 are round(x) << 23 modulo 2**32 (MAGIC's low 9 bits are 0).
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2(x, EXP_MODE: tl.constexpr, PV_FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """``2**x`` of a ``[BLOCK_M, BLOCK_N]`` score tile, by ``EXP_MODE`` (:data:`EXP_MODES`):
+
+    0 ``mufu``: ``ex2.approx.f32`` on the special-function unit, which does 16 per clock per
+    SM, a quarter of the rate of the float32 math around it: it bounds the 8-bit kernel.
+    1 ``f16``: ``ex2.approx.f16x2``, the result in float16 (P is rounded to 8 or 16 bits
+    right after).
+    2 ``split``: every other column by :func:`_exp2_poly` on the FMA pipe, the rest on the
+    special-function unit, so the two pipes share the work.
+    """
+    if EXP_MODE == 1:
+        x16 = x.to(tl.float16)
+        if INTERPRET:  # no inline PTX in the interpreter
+            y = tl.exp2(x16.to(tl.float32)).to(tl.float16)
+        else:
+            y = tl.inline_asm_elementwise(
+                "ex2.approx.f16x2 $0, $1;", "=r,r", [x16], dtype=tl.float16, is_pure=True, pack=2
+            )
+    elif EXP_MODE == 2:
+        bm: tl.constexpr = x.shape[0]
+        bn: tl.constexpr = x.shape[1]
+        a, b = tl.split(tl.reshape(x, [bm, bn // 2, 2]))
+        y = tl.reshape(tl.join(tl.exp2(a), _exp2_poly(b, 2 if PV_FP8 else 3)), [bm, bn])
+    else:
+        y = tl.exp2(x)
+    return y
 
 
 @triton.jit
@@ -441,8 +504,14 @@ def _attend_kv_block(
     MASK_KV: tl.constexpr,
     PV_FP8: tl.constexpr,
     PV_IN_FP32: tl.constexpr,
+    EXP_MODE: tl.constexpr,
+    ROWSUM_MMA: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    """One online-softmax step over kv block ``j``; returns the updated accumulators."""
+    """One online-softmax step over kv block ``j``; returns the updated accumulators.
+
+    ``m_i`` is the running row max of the scores in log2 units. With ``ROWSUM_MMA`` the
+    row sum is not kept here: V carries a column of ones, so P·V's tensor cores sum P."""
     offs_kv = j * BLOCK_N + tl.arange(0, BLOCK_N)
     kv_mask = offs_kv < seq_kv
     # K tiles loaded transposed ([D, BLOCK_N]) straight from the row-major, zero-padded
@@ -460,16 +529,23 @@ def _attend_kv_block(
             kv_mask[None, :], kv_mask[None, :], MASK_KV, False,
         )  # fmt: skip
         s = tl.dot(q_tail, kt, s, out_dtype=tl.int32)
-    k_scale = tl.load(k_scale_row_ptr + j)
-    s = s.to(tl.float32) * (q_scale * k_scale)
+    c = q_scale * tl.load(k_scale_row_ptr + j)  # int score -> log2 units
+    # f = MAGIC + s as a float, by an integer add (a conversion instruction runs at a
+    # quarter of the float rate and would cost as much as the exponential).
+    f = (s + 0x4B400000).to(tl.float32, bitcast=True)
     if MASK_KV:
         # Ragged last kv block: padded keys must get zero weight, not exp2(0 - m).
-        s = tl.where(kv_mask[None, :], s, float("-inf"))
+        f = tl.where(kv_mask[None, :], f, float("-inf"))
     # Every kv block holds at least one real key, so m_new is finite: no NaN from inf - inf.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, (tl.max(f, 1) - 12582912.0) * c)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    # One FMA per score: (f - MAGIC) * c - m_new, plus log2(448) for fp8 P (see _pv_dot).
+    bias = -m_new - 12582912.0 * c
+    if PV_FP8:
+        bias += 8.807354922057604  # log2(448)
+    p = _exp2(f * c + bias[:, None], EXP_MODE, PV_FP8, INTERPRET)
+    if not ROWSUM_MMA:
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
 
     # V's main and tail column groups both exist in memory (the tail zero-padded by the
     # launcher): Triton 3.6 made sm_90 code that faulted for a column-masked 16-wide tail.
@@ -497,9 +573,9 @@ def _store_out(
 ):  # fmt: skip
     """Normalise one column group of the accumulator and store its real head-dim columns."""
     offs_d = D0 + tl.arange(0, WIDTH)
-    out = acc / l_i[:, None]
+    out = acc / l_i[:, None]  # for fp8 P both carry the factor 448
     if PV_FP8:
-        out = out * (tl.load(v_scale_ptr + offs_d) * (1.0 / 448.0))[None, :]
+        out = out * tl.load(v_scale_ptr + offs_d)[None, :]
     if INTERPRET and o_base.dtype.element_ty == tl.bfloat16:
         out = _bf16_rne_as_fp32(out)
     mask = m_mask[:, None]
@@ -554,6 +630,8 @@ def _attention_int8_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_KV: tl.constexpr,
     PV_FP8: tl.constexpr,
+    EXP_MODE: tl.constexpr,
+    ROWSUM_MMA: tl.constexpr,  # fp8 Vᵀ row HEAD_DIM holds ones (needs a padding column)
     INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -601,7 +679,8 @@ def _attention_int8_kernel(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
                 vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
                 seq_kv, j, QK_MAIN,
-                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, True,
+                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, True, EXP_MODE, ROWSUM_MMA,
+                True,
             )  # fmt: skip
             j += 1
     else:
@@ -614,8 +693,12 @@ def _attention_int8_kernel(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
                 vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
                 seq_kv, j, QK_MAIN, QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, not EVEN_KV, PV_FP8,
-                False,
+                False, EXP_MODE, ROWSUM_MMA, False,
             )  # fmt: skip
+
+    if ROWSUM_MMA:  # P's row sums came out of P·V in V's column of ones
+        ones_col = tl.arange(0, PV_TAIL if PV_TAIL > 0 else 16) == HEAD_DIM - PV_MAIN
+        l_i = tl.sum(tl.where(ones_col[None, :], acc_tail, 0.0), 1)
 
     v_scale_row = v_scale_ptr + pid_bh * (PV_MAIN + PV_TAIL)
     _store_out(
@@ -729,8 +812,21 @@ class Operands(NamedTuple):
     v_scale: torch.Tensor | None  # float32 [B, H, DV] (fp8 P·V only)
 
 
+def rowsum_mma_possible(head_dim: int, pv_fp8: bool) -> bool:
+    """Whether P·V can sum P for free: fp8 Vᵀ with a padding row in the tail tile (head dim
+    72 -> 64 + 16)."""
+    main, tail = head_dim_tiles(head_dim, 16)
+    return pv_fp8 and tail > 0 and main + tail > head_dim
+
+
 def prepare_operands(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int, pv_fp8: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    pv_fp8: bool,
+    rowsum_mma: bool = False,
 ) -> Operands:
     """Quantize q and (smoothed) k to padded int8 with block scales; V to fp8 Vᵀ with
     channel scales, or kept, with its tail columns copied into a zero-padded buffer (a
@@ -742,7 +838,7 @@ def prepare_operands(
     k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k), pad_to=width)
     pv_main, pv_tail = head_dim_tiles(d, 16)
     if pv_fp8:
-        vt8, v_scale = quantize_v_fp8_transposed(v, pv_main + pv_tail)
+        vt8, v_scale = quantize_v_fp8_transposed(v, pv_main + pv_tail, ones_row=rowsum_mma)
         return Operands(q8, q_scale, k8, k_scale, vt8, None, v_scale)
     if pv_main > d:
         v = torch.nn.functional.pad(v, (0, pv_main - d))
@@ -763,6 +859,8 @@ def _launch(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    exp_mode: str = "mufu",
+    rowsum_mma: bool = False,
 ) -> None:
     """Run the kernel on prepared operands (checked by the caller)."""
     b, h, sq, dq = ops.q8.shape
@@ -789,7 +887,7 @@ def _launch(
         h, sq, seq_kv, n_q_blocks, n_kv_blocks,
         HEAD_DIM=head_dim, QK_MAIN=qk_main, QK_TAIL=qk_tail, PV_MAIN=pv_main, PV_TAIL=pv_tail,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_KV=seq_kv % block_n == 0, PV_FP8=pv_fp8,
-        INTERPRET=_interpreting(),
+        EXP_MODE=EXP_MODES.index(exp_mode), ROWSUM_MMA=rowsum_mma, INTERPRET=_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
@@ -812,6 +910,8 @@ def attention_int8(
     num_warps: int | None = None,
     num_stages: int = DEFAULT_STAGES,
     pv_fp8: bool = False,
+    exp_mode: str = "mufu",
+    rowsum_mma: bool = True,
 ) -> torch.Tensor:
     """softmax(q kᵀ * sm_scale) v with int8 Q·Kᵀ; q ``[B, H, Sq, D]``, k/v ``[B, H, Skv, D]``.
 
@@ -820,6 +920,9 @@ def attention_int8(
     8, at most 128 (see :func:`head_dim_tiles` for how 72 is tiled). ``pv_fp8``: P·V in fp8
     e4m3 too (V per channel, P scaled by 448), else in q's dtype. ``block_m``/``block_n``
     are also the quantization blocks; ``num_warps``/``num_stages`` tune the kernel.
+    ``exp_mode``: how the softmax computes its exponentials (:data:`EXP_MODES`, see
+    :func:`_exp2`). ``rowsum_mma``: where :func:`rowsum_mma_possible`, P·V's
+    tensor cores also sum P (a column of ones in V's padding) instead of the softmax.
     Returns q's dtype, shape ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory order. Expected
     error against float SDPA ~1e-2 relative. Inference only (no autograd formula).
     """
@@ -829,14 +932,18 @@ def attention_int8(
     _check_block("block_n", block_n)
     if pv_fp8 and block_n < 32:
         raise ValueError(f"attention_int8: pv_fp8 needs block_n >= 32, got {block_n}")
+    if exp_mode not in EXP_MODES:
+        raise ValueError(f"attention_int8: exp_mode must be one of {EXP_MODES}, got {exp_mode!r}")
     d = q.shape[-1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
-    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8)
+    rowsum_mma = rowsum_mma and rowsum_mma_possible(d, pv_fp8)
+    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8, rowsum_mma)
     out = _empty_out(q)
     _launch(
         operands, out, sm_scale, head_dim=d, seq_kv=k.shape[2], block_m=block_m,
         block_n=block_n, num_warps=num_warps or _default_warps(block_m), num_stages=num_stages,
+        exp_mode=exp_mode, rowsum_mma=rowsum_mma,
     )  # fmt: skip
     return out
 
@@ -857,12 +964,14 @@ def _attention_int8_op(
     num_warps: int = 0,
     num_stages: int = DEFAULT_STAGES,
     pv_fp8: bool = False,
+    exp_mode: str = "mufu",
+    rowsum_mma: bool = True,
 ) -> torch.Tensor:
     """``torch.ops.difforge.attention_int8``: :func:`attention_int8` as a library op
     (``num_warps`` 0: the default for ``block_m``)."""
     return attention_int8(
         q, k, v, sm_scale, block_m=block_m, block_n=block_n, num_warps=num_warps or None,
-        num_stages=num_stages, pv_fp8=pv_fp8,
+        num_stages=num_stages, pv_fp8=pv_fp8, exp_mode=exp_mode, rowsum_mma=rowsum_mma,
     )  # fmt: skip
 
 
@@ -877,6 +986,8 @@ def _attention_int8_fake(
     num_warps: int = 0,
     num_stages: int = DEFAULT_STAGES,
     pv_fp8: bool = False,
+    exp_mode: str = "mufu",
+    rowsum_mma: bool = True,
 ) -> torch.Tensor:
     # Same checks as the real op, so a bad call fails at trace time, not at run time.
     _check_inputs(q, k, v)
@@ -901,6 +1012,8 @@ def benchmark_attention(
     num_warps: int | None = None,
     num_stages: int = DEFAULT_STAGES,
     pv_fp8: bool = False,
+    exp_mode: str = "mufu",
+    rowsum_mma: bool = True,
     warmup_ms: int = 25,
     rep_ms: int = 100,
     device: str = "cuda",
@@ -913,17 +1026,19 @@ def benchmark_attention(
     "int8_tflops", "sdpa_tflops"}``: ``int8_ms`` includes the quantization pre-pass and K's
     mean, ``int8_kernel_only_ms`` is the attention kernel alone on pre-quantized inputs,
     ``rel_err`` is ``‖int8 − sdpa‖ / ‖sdpa‖``, TFLOP/s count ``4·B·H·Sq·Skv·D`` (unpadded D).
-    ``timer`` (default: ``triton.testing.do_bench``, median of CUDA-event timings after
-    warm-up) is injectable so the plumbing is testable on the CPU; ``sdpa_ms`` skips
+    ``timer`` (default: ``triton.testing.do_bench_cudagraph``, the median over CUDA-graph
+    replays, so the launches' CPU time, which a compiled model's CUDA graph does not pay,
+    stays out) is injectable so the plumbing is testable on the CPU; ``sdpa_ms`` skips
     re-timing SDPA in a sweep over kernel configurations.
     """
     if timer is None:
         if device != "cuda" or not torch.cuda.is_available():
             raise RuntimeError("benchmark_attention needs a CUDA GPU (or an explicit timer)")
-        from triton.testing import do_bench
+        from triton.testing import do_bench_cudagraph
 
         def timer(fn: Callable[[], object]) -> float:
-            return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+            fn()  # compile and warm up outside the graph capture
+            return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
     seq_kv = seq_q if seq_kv is None else seq_kv
     gen = torch.Generator(device=device).manual_seed(0)
@@ -937,23 +1052,28 @@ def benchmark_attention(
         "block_n": block_n,
         "num_warps": num_warps or _default_warps(block_m),
         "num_stages": num_stages,
+        "exp_mode": exp_mode,
     }
+    rowsum_mma = rowsum_mma and rowsum_mma_possible(head_dim, pv_fp8)
 
     ref = sdpa(q, k, v)
-    out = attention_int8(q, k, v, pv_fp8=pv_fp8, **config)
+    out = attention_int8(q, k, v, pv_fp8=pv_fp8, rowsum_mma=rowsum_mma, **config)
     rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
     if sdpa_ms is None:
         sdpa_ms = timer(lambda: sdpa(q, k, v))
-    int8_ms = timer(lambda: attention_int8(q, k, v, pv_fp8=pv_fp8, **config))
+    int8_ms = timer(lambda: attention_int8(q, k, v, pv_fp8=pv_fp8, rowsum_mma=rowsum_mma, **config))
 
     # Kernel alone: the floor that a pre-pass fused into the QKV projection could reach.
-    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8)
+    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8, rowsum_mma)
     o = _empty_out(q)
     sm_scale = 1.0 / math.sqrt(head_dim)
 
     def kernel() -> None:
-        _launch(operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, **config)
+        _launch(
+            operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, rowsum_mma=rowsum_mma,
+            **config,
+        )  # fmt: skip
 
     kernel_ms = timer(kernel)
     torch.testing.assert_close(o, out, rtol=0, atol=0)  # same inputs, same kernel
