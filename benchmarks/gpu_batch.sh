@@ -30,8 +30,10 @@
 #   attn     every `gpu` test, then the 8-bit attention tile sweep vs SDPA             ~6 min
 #   attn8    the 8-bit attention kernel's `gpu` tests, then its sweep (tiles, P·V precision,
 #            exponential modes) vs SDPA at DiT and UNet shapes, CUDA-graph timed      ~8 min
-#   attnstep PixArt/SD3 step: compile vs O3 without/with 8-bit attention (fp16 / fp8 P·V) ~9 min
-#   attnflux FLUX.1-dev step: compile vs O3 without/with 8-bit attention               ~9 min
+#   attn8step the 8-bit attention `gpu` tests, the mufu sweep, then PixArt-XL's step: compile
+#            vs O3 vs O3 + 8-bit attention (fp16 / fp8 P·V, measured choice), profiled  ~9 min
+#   attn8dit SD3-medium and FLUX.1-dev steps: compile vs O3 vs O3 + 8-bit attention (fp8
+#            P·V), profiled                                                       ~10 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
 #            O2:cudagraphs + dynamic, difforge's pooled CUDA graphs (POOL_IMPLS)    ~9 min
@@ -61,7 +63,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attnstep|attnflux|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -183,14 +185,19 @@ case "$part" in
     run 150 gpu_tests_attention python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
     run 400 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
       --output-json "$out/probe_int8attn.json" ;;
-  attnstep)
-    V='compile;O3-noattn={"mode":"O3","passes.attention_int8":false};O3;O3-pv8={"mode":"O3","attention.pv_fp8":true}'
-    run 560 step_attn python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
-      --variants "$V" --output-json "$out/step_attn.json" ;;
-  attnflux)
-    V='compile;O3-noattn={"mode":"O3","passes.attention_int8":false};O3-pv8={"mode":"O3","attention.pv_fp8":true}'
-    run 560 step_attn_flux python3 benchmarks/bench_step.py --models flux-dev \
-      --variants "$V" --output-json "$out/step_attn_flux.json" ;;
+  attn8step)
+    V='compile;O3;O3-attn8={"mode":"O3","passes.attention_int8":true};O3-attn8-pv8={"mode":"O3","passes.attention_int8":true,"attention.pv_fp8":true}'
+    run 120 gpu_tests_attention python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
+    run 150 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
+      --int8-exp-modes mufu --output-json "$out/probe_int8attn.json"
+    run 300 step_attn_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_attn_pixart.json" ;;
+  attn8dit)
+    V='compile;O3;O3-attn8-pv8={"mode":"O3","passes.attention_int8":true,"attention.pv_fp8":true}'
+    run 270 step_attn_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
+      --variants "$V" --profile --output-json "$out/step_attn_sd3.json"
+    run 320 step_attn_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --profile --output-json "$out/step_attn_flux.json" ;;
   fluxo2)
     run 280 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
     run 290 step_flux_o2 python3 benchmarks/bench_step.py --models flux-dev \

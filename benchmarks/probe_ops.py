@@ -264,7 +264,7 @@ INT8_EXTRA_SHAPES = (
 )
 
 
-def probe_int8_attention() -> list[dict[str, Any]]:
+def probe_int8_attention(exp_modes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """difforge's 8-bit attention per shape, tile, P·V precision and exponential mode
     against SDPA (timed once per shape), all timed as CUDA-graph replays; each row includes
     the quantization pre-pass (``int8_ms``) and not (``int8_kernel_only_ms``)."""
@@ -274,7 +274,7 @@ def probe_int8_attention() -> list[dict[str, Any]]:
     for name, b, h, sq, skv, d, dtype in ATTENTION_SHAPES + INT8_EXTRA_SHAPES:
         sdpa_ms: float | None = None
         for pv_fp8, tiles in INT8_ATTENTION_TILES.items():
-            modes = EXP_MODES if pv_fp8 else ("mufu", "split")
+            modes = exp_modes or (EXP_MODES if pv_fp8 else ("mufu", "split"))
             for (block_m, block_n, warps, stages), exp_mode in itertools.product(tiles, modes):
                 rowsums = (True, False) if pv_fp8 and d == 72 and block_n == 64 else (True,)
                 for rowsum_mma in rowsums:
@@ -431,15 +431,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probes", default=",".join(PROBES))
     parser.add_argument("--output-json", type=Path)
+    parser.add_argument(
+        "--int8-exp-modes", help="int8attn: the exponential modes to sweep (default: all)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("probe_ops.py needs a CUDA GPU")
     results: dict[str, Any] = {"environment": environment(torch.device("cuda"))}
     for name in args.probes.split(","):
         probe = PROBES[name]
-        rows = (
-            probe(args.output_json.parent) if name == "attncode" and args.output_json else probe()
-        )
+        if name == "attncode" and args.output_json:
+            rows = probe(args.output_json.parent)
+        elif name == "int8attn" and args.int8_exp_modes:
+            rows = probe(tuple(args.int8_exp_modes.split(",")))
+        else:
+            rows = probe()
         results[name] = rows
         print(f"\n## {name}")
         print(tabulate(rows, headers="keys", floatfmt=".4g"))

@@ -71,6 +71,42 @@ def test_pass_fires_and_matches_eager(pv_fp8: bool) -> None:
     assert err > 2e-3
 
 
+def test_quantization_runs_in_inductor_kernels() -> None:
+    """The pass emits the quantization as torch ops: Inductor's code computes the int8
+    copies itself and calls only the prepared-operand kernel, not the eager op (whose
+    standalone Triton pre-passes would read q, k, v again)."""
+    from difforge.bench.output_code import logged_code
+
+    torch.manual_seed(0)
+    module = Attention(dim=144, heads=2).to(DEVICE).eval()
+    with logged_code() as code:
+        _, err = run(module, {**ALWAYS, "attention.pv_fp8": True}, inputs(dim=144))
+    assert difforge.counters["attention_int8"] == 1 and err < FP8_PV_TOL
+    text = "\n".join(code.records)
+    assert "attention_int8_prepared" in text
+    assert "difforge.attention_int8.default" not in text
+    assert "float8_e4m3fn" in text and "int8" in text  # the 8-bit copies are Inductor's
+
+
+def test_prepared_operands_equal_the_triton_prepass() -> None:
+    """The torch-op quantization the pass emits and the Triton pre-pass of the eager op
+    give the same operands, bit for bit (so the kernel's tests cover the compiled path)."""
+    from difforge.kernels import attention_int8 as k8
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, s, 72, device=DEVICE, dtype=torch.float16) for s in (37, 50, 50))
+    k = k + 2.0
+    for pv_fp8, rowsum in ((False, False), (True, False), (True, True)):
+        fused = k8.prepare_operands_torch(q, k, v, 16, 32, pv_fp8, rowsum)
+        triton_ops = k8.prepare_operands(q, k, v, 16, 32, pv_fp8, rowsum)
+        for name, a, b in zip(fused._fields, fused, triton_ops, strict=True):
+            if a is None or b is None:
+                assert a is None and b is None, name
+                continue
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0, msg=name)
+
+
 def test_head_dim_72_and_explicit_scale() -> None:
     torch.manual_seed(0)
     module = Attention(dim=144, heads=2, scale=0.05).to(DEVICE).eval()

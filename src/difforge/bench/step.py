@@ -213,6 +213,7 @@ def _attention_report() -> list[dict[str, Any]]:
                 "shape": [shape.batch, shape.heads, shape.seq_q, shape.seq_kv, shape.head_dim],
                 "sdpa_ms": m.sdpa_ms,
                 "best_8bit_ms": m.best_ms,
+                "best_8bit_kernel_ms": m.kernel_ms,
                 "rel_err_vs_sdpa": m.rel_err,
                 "chosen": None if m.choice is None else m.choice.__dict__,
             }

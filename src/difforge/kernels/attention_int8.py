@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from difforge.passes.registry import cacheable_target
+
 __all__ = [
     "attention_int8",
     "attention_int8_reference",
@@ -379,6 +381,22 @@ def quantize_v_fp8_transposed(
     return out, scale
 
 
+def quantize_v_fp8_transposed_torch(
+    v: torch.Tensor, width: int, seq_multiple: int = 16, *, ones_row: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_v_fp8_transposed` in plain torch ops (same values, bit for bit), for
+    compiled graphs: Inductor writes the transposed fp8 copy in one tiled kernel."""
+    b, h, s, d = v.shape
+    scale = v_fp8_scales(v, width)
+    y = v.float() / scale[:, :, None, :d]
+    if ones_row:
+        y = torch.cat([y, y.new_ones(b, h, s, 1)], dim=-1)
+    seq_pad = triton.cdiv(s, seq_multiple) * seq_multiple
+    y = torch.nn.functional.pad(y, (0, width - y.shape[-1])).transpose(-1, -2)
+    y = torch.nn.functional.pad(y, (0, seq_pad - s))
+    return y.to(torch.float8_e4m3fn).contiguous(), scale
+
+
 @triton.jit
 def _bf16_rne_as_fp32(x):
     """Round float32 ``x`` to the nearest bfloat16 (ties to even), kept in float32.
@@ -406,23 +424,28 @@ def _load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.
 
 
 @triton.jit
-def _pv_dot(p, v, acc, PV_FP8: tl.constexpr, PV_IN_FP32: tl.constexpr):
-    """``acc + p @ v`` with p cast for the chosen P·V precision (see the module docstring)."""
+def _pv_dot(p, v, acc, alpha, PV_FP8: tl.constexpr, PV_IN_FP32: tl.constexpr):
+    """``acc * alpha + p @ v`` with p cast for the chosen P·V precision (module docstring)."""
     if PV_FP8:
         # p arrives scaled to [0, 448] (the exponent carries log2(448)), so it uses e4m3's
         # whole range; the row sum carries the same factor, and V's channel scales are
         # applied once at the end.
         if PV_IN_FP32:
-            return acc + tl.dot(_fp8_e4m3_rne_as_fp32(p.to(tl.float32)), v.to(tl.float32))
-        return tl.dot(p.to(tl.float8e4nv), v, acc)
+            pv = tl.dot(_fp8_e4m3_rne_as_fp32(p.to(tl.float32)), v.to(tl.float32))
+        else:
+            pv = tl.dot(p.to(tl.float8e4nv), v)
+        # Each block's product starts from zero and is added in float32 (one FMA with the
+        # rescale): Hopper's fp8 MMA accumulates with fewer mantissa bits than float32, and
+        # accumulating the whole row there lost ~4% of P's row sums at 4096 keys.
+        return tl.fma(acc, alpha[:, None], pv)
     if PV_IN_FP32:
         # fp16/bf16 products are exact in float32, so this equals the half-precision dot.
         if v.dtype == tl.bfloat16:
             p = _bf16_rne_as_fp32(p)
         else:
             p = p.to(tl.float32).to(v.dtype).to(tl.float32)
-        return acc + tl.dot(p, v.to(tl.float32))
-    return tl.dot(p.to(v.dtype), v, acc)
+        return acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+    return tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
 
 
 #: How the softmax computes its exponentials (``exp_mode``), see :func:`_exp2`.
@@ -549,19 +572,22 @@ def _attend_kv_block(
 
     # V's main and tail column groups both exist in memory (the tail zero-padded by the
     # launcher): Triton 3.6 made sm_90 code that faulted for a column-masked 16-wide tail.
+    # fp8 Vᵀ is zero-padded to whole kv blocks, so its loads need no mask: a mask along its
+    # contiguous (sequence) axis would split them into single bytes.
+    mask_v: tl.constexpr = MASK_KV and not PV_FP8
     offs_vm = tl.arange(0, PV_MAIN)
     v = _load_tile(
         v_base + offs_kv[:, None] * stride_vs + offs_vm[None, :] * stride_vd,
-        kv_mask[:, None], kv_mask[:, None], MASK_KV, False,
+        kv_mask[:, None], kv_mask[:, None], mask_v, False,
     )  # fmt: skip
-    acc_main = _pv_dot(p, v, acc_main * alpha[:, None], PV_FP8, PV_IN_FP32)
+    acc_main = _pv_dot(p, v, acc_main, alpha, PV_FP8, PV_IN_FP32)
     if PV_TAIL > 0:
         offs_vt = tl.arange(0, PV_TAIL)
         vt = _load_tile(
             vt_base + offs_kv[:, None] * stride_vts + offs_vt[None, :] * stride_vtd,
-            kv_mask[:, None], kv_mask[:, None], MASK_KV, False,
+            kv_mask[:, None], kv_mask[:, None], mask_v, False,
         )  # fmt: skip
-        acc_tail = _pv_dot(p, vt, acc_tail * alpha[:, None], PV_FP8, PV_IN_FP32)
+        acc_tail = _pv_dot(p, vt, acc_tail, alpha, PV_FP8, PV_IN_FP32)
     return acc_main, acc_tail, l_i, m_new
 
 
@@ -838,7 +864,42 @@ def prepare_operands(
     k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k), pad_to=width)
     pv_main, pv_tail = head_dim_tiles(d, 16)
     if pv_fp8:
-        vt8, v_scale = quantize_v_fp8_transposed(v, pv_main + pv_tail, ones_row=rowsum_mma)
+        # Sequence padded to whole kv blocks: the kernel loads Vᵀ without masks.
+        vt8, v_scale = quantize_v_fp8_transposed(
+            v, pv_main + pv_tail, max(16, block_n), ones_row=rowsum_mma
+        )
+        return Operands(q8, q_scale, k8, k_scale, vt8, None, v_scale)
+    if pv_main > d:
+        v = torch.nn.functional.pad(v, (0, pv_main - d))
+    tail = None
+    if pv_tail:
+        tail = torch.nn.functional.pad(v[..., pv_main:], (0, pv_main + pv_tail - d))
+    return Operands(q8, q_scale, k8, k_scale, v, tail, None)
+
+
+def prepare_operands_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    pv_fp8: bool,
+    rowsum_mma: bool = False,
+) -> Operands:
+    """:func:`prepare_operands` in plain torch ops, for compiled graphs: Inductor fuses the
+    quantization into the kernels that produce q, k and v (a projection's bias, a norm,
+    RoPE) and writes 8-bit copies in place of a second pass. Same values (the quantizers
+    are the oracles of the Triton ones, tested bit for bit)."""
+    d = q.shape[-1]
+    pad = sum(head_dim_tiles(d, 32)) - d
+    q8, q_scale = quantize_per_block_int8(q, block_m)
+    k8, k_scale = quantize_per_block_int8(_smooth_k(k), block_n)
+    q8, k8 = (torch.nn.functional.pad(t, (0, pad)) for t in (q8, k8))
+    pv_main, pv_tail = head_dim_tiles(d, 16)
+    if pv_fp8:
+        vt8, v_scale = quantize_v_fp8_transposed_torch(
+            v, pv_main + pv_tail, max(16, block_n), ones_row=rowsum_mma
+        )
         return Operands(q8, q_scale, k8, k_scale, vt8, None, v_scale)
     if pv_main > d:
         v = torch.nn.functional.pad(v, (0, pv_main - d))
@@ -992,6 +1053,91 @@ def _attention_int8_fake(
     # Same checks as the real op, so a bad call fails at trace time, not at run time.
     _check_inputs(q, k, v)
     return _empty_out(q)
+
+
+@torch.library.custom_op("difforge::attention_int8_prepared", mutates_args=())
+def _attention_int8_prepared_op(
+    q8: torch.Tensor,
+    q_scale: torch.Tensor,
+    k8: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_main: torch.Tensor,
+    v_tail: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    sm_scale: float,
+    head_dim: int,
+    out_dtype: torch.dtype,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    exp_mode: str,
+    rowsum_mma: bool,
+) -> torch.Tensor:
+    """``torch.ops.difforge.attention_int8_prepared``: the kernel on operands that
+    :func:`prepare_operands_torch` made inside the graph (see :func:`attention_int8_fused`)."""
+    ops = Operands(q8, q_scale, k8, k_scale, v_main, v_tail, v_scale)
+    out = _prepared_out(q8, head_dim, out_dtype)
+    _launch(
+        ops, out, sm_scale, head_dim=head_dim, seq_kv=k8.shape[2], block_m=block_m,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, exp_mode=exp_mode,
+        rowsum_mma=rowsum_mma,
+    )  # fmt: skip
+    return out
+
+
+def _prepared_out(q8: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    b, h, sq, _ = q8.shape
+    return q8.new_empty((b, sq, h, head_dim), dtype=dtype).transpose(1, 2)
+
+
+@_attention_int8_prepared_op.register_fake
+def _attention_int8_prepared_fake(
+    q8: torch.Tensor,
+    q_scale: torch.Tensor,
+    k8: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_main: torch.Tensor,
+    v_tail: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    sm_scale: float,
+    head_dim: int,
+    out_dtype: torch.dtype,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    exp_mode: str,
+    rowsum_mma: bool,
+) -> torch.Tensor:
+    return _prepared_out(q8, head_dim, out_dtype)
+
+
+@cacheable_target
+def attention_int8_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    pv_fp8: bool,
+    exp_mode: str = "mufu",
+    rowsum_mma: bool = True,
+) -> torch.Tensor:
+    """What the ``attention_int8`` graph pass puts in place of SDPA: the quantization in
+    torch ops (:func:`prepare_operands_torch`, fused by Inductor into the producers of q,
+    k, v), then the kernel as one opaque op. Same arguments and result as
+    :func:`attention_int8` (inputs checked at trace time by the pass)."""
+    d = q.shape[-1]
+    rowsum_mma = rowsum_mma and rowsum_mma_possible(d, pv_fp8)
+    ops = prepare_operands_torch(q, k, v, block_m, block_n, pv_fp8, rowsum_mma)
+    return torch.ops.difforge.attention_int8_prepared(
+        *ops, d**-0.5 if sm_scale is None else sm_scale, d, q.dtype, block_m, block_n,
+        num_warps or _default_warps(block_m), num_stages, exp_mode, rowsum_mma,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,13 @@ class KernelChoice:
     num_warps: int
     num_stages: int
     pv_fp8: bool
+    exp_mode: str = "mufu"
 
-    def op_args(self) -> tuple[int, int, int, int, bool]:
-        return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.pv_fp8)
+    def op_args(self) -> tuple[int, int, int, int, bool, str]:
+        return (
+            self.block_m, self.block_n, self.num_warps, self.num_stages, self.pv_fp8,
+            self.exp_mode,
+        )  # fmt: skip
 
 
 #: Tiles timed per shape, for either P·V precision: the two fastest of the H100 sweep
@@ -84,8 +89,9 @@ class Measurement:
 
     choice: KernelChoice | None
     sdpa_ms: float
-    best_ms: float | None
+    best_ms: float | None  # kernel + standalone quantization
     rel_err: float | None
+    kernel_ms: float | None = None  # the best candidate's kernel alone
 
 
 _policy: contextvars.ContextVar[AttentionPolicy] = contextvars.ContextVar(
@@ -160,13 +166,24 @@ def choose(shape: AttentionShape, policy: AttentionPolicy) -> KernelChoice | Non
     return measurements[key].choice
 
 
+def _bench(fn: Callable[[], object]) -> float:
+    """Median ms of ``fn`` replayed in a CUDA graph (as a compiled model runs it: no launch
+    overhead), after one warm-up call outside the capture."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
+
+
 def _measure(
     shape: AttentionShape, candidates: list[KernelChoice], min_speedup: float
 ) -> Measurement:
-    """Time SDPA and each candidate on random inputs of ``shape`` (outside any fake mode)."""
-    from triton.testing import do_bench
+    """Time SDPA and each candidate on random inputs of ``shape`` (outside any fake mode).
 
-    from difforge.kernels.attention_int8 import attention_int8
+    A candidate's time is its kernel plus its quantization pre-pass as standalone Triton
+    kernels; in a compiled graph Inductor fuses the quantization into the producers of q, k
+    and v, so this over-counts (the choice errs towards SDPA)."""
+    from difforge.kernels import attention_int8 as k8
 
     unset_fake = getattr(torch._subclasses.fake_tensor, "unset_fake_temporarily", None)
     with unset_fake() if unset_fake else contextlib.nullcontext(), torch.no_grad():
@@ -180,26 +197,37 @@ def _measure(
         )  # fmt: skip
         sdpa = torch.nn.functional.scaled_dot_product_attention
         ref = sdpa(q, k, v).float()
-        sdpa_ms = float(do_bench(lambda: sdpa(q, k, v), warmup=10, rep=30))
-        best: tuple[float, KernelChoice, float] | None = None
+        sdpa_ms = _bench(lambda: sdpa(q, k, v))
+        best: tuple[float, KernelChoice, float, float] | None = None
         for c in candidates:
-            kwargs = {
-                "block_m": c.block_m, "block_n": c.block_n, "num_warps": c.num_warps,
-                "num_stages": c.num_stages, "pv_fp8": c.pv_fp8,
-            }  # fmt: skip
+            rowsum = k8.rowsum_mma_possible(shape.head_dim, c.pv_fp8)
+            tile = {"block_m": c.block_m, "block_n": c.block_n}
+            launch = {**tile, "num_warps": c.num_warps, "num_stages": c.num_stages}
             try:
-                out = attention_int8(q, k, v, **kwargs).float()
+                out = k8.attention_int8(
+                    q, k, v, pv_fp8=c.pv_fp8, exp_mode=c.exp_mode, rowsum_mma=rowsum, **launch
+                ).float()
             except Exception as exc:  # a tile that fails to compile here is skipped, said once
                 log.warning("difforge attention: tile %s failed (%s); skipped", c, exc)
                 continue
             err = float((out - ref).norm() / ref.norm())
             if not math.isfinite(err) or err > MAX_REL_ERR:
                 continue
-            ms = float(do_bench(lambda kw=kwargs: attention_int8(q, k, v, **kw), warmup=10, rep=30))
+
+            prep = functools.partial(
+                k8.prepare_operands, q, k, v, c.block_m, c.block_n, c.pv_fp8, rowsum
+            )
+            kernel = functools.partial(
+                k8._launch, prep(), k8._empty_out(q), shape.head_dim**-0.5,
+                head_dim=shape.head_dim, seq_kv=shape.seq_kv, exp_mode=c.exp_mode,
+                rowsum_mma=rowsum, **launch,
+            )  # fmt: skip
+            kernel_ms = _bench(kernel)
+            ms = kernel_ms + _bench(prep)
             if best is None or ms < best[0]:
-                best = (ms, c, err)
+                best = (ms, c, err, kernel_ms)
     if best is None:
         return Measurement(None, sdpa_ms, None, None)
-    ms, choice, err = best
+    ms, choice, err, kernel_ms = best
     use = sdpa_ms / ms >= min_speedup
-    return Measurement(choice if use else None, sdpa_ms, ms, err)
+    return Measurement(choice if use else None, sdpa_ms, ms, err, kernel_ms)

@@ -17,7 +17,9 @@ O3 leaves it off because on an H100 the kernel lost to cuDNN at every DiT shape,
 0.82x with its quantization, ``benchmarks/results/2026-11-26_h100_probe_int8attn.json``,
 and measuring costs compile time): a call with no mask, no dropout, not
 causal, half-precision 4-D q/k/v with one head dim (a multiple of 8, at most 128) and no
-gradient becomes ``torch.ops.difforge.attention_int8`` in the tile that
+gradient becomes :func:`difforge.kernels.attention_int8.attention_int8_fused` (the
+quantization in torch ops, which Inductor fuses into the producers of q, k and v, then
+``torch.ops.difforge.attention_int8_prepared``) in the tile that
 :func:`difforge.kernels.attention_select.choose` picks, measured on this GPU against SDPA
 (the ``attention.*`` options); where SDPA is faster the call is left alone. Calls with a
 mask (PixArt's cross-attention to padded prompts) always stay SDPA.
@@ -182,10 +184,10 @@ def attention_int8(graph: torch.fx.Graph) -> int:
     calls = [(n, s) for n, s in calls if kernel_available(s.device)]  # type: ignore[attr-defined]
     if not calls:
         return 0
-    from difforge.kernels.attention_int8 import _empty_out  # imports Triton, registers the op
+    # imports Triton and registers the ops
+    from difforge.kernels.attention_int8 import _empty_out, attention_int8_fused
 
     policy = current_policy()
-    op = torch.ops.difforge.attention_int8.default
     made = 0
     for node, shape in calls:
         choice = choose(shape, policy)  # type: ignore[arg-type]
@@ -194,7 +196,7 @@ def attention_int8(graph: torch.fx.Graph) -> int:
         q, k, v = node.args[:3]
         scale = node_arg(node, 6, "scale")
         with graph.inserting_before(node):
-            new = graph.call_function(op, (q, k, v, scale, *choice.op_args()))
+            new = graph.call_function(attention_int8_fused, (q, k, v, scale, *choice.op_args()))
         fake_q = node_tensor(q)
         mode = getattr(fake_q, "fake_mode", None)
         if mode is not None:
