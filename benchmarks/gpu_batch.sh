@@ -32,6 +32,9 @@
 #            exponential modes) vs SDPA at DiT and UNet shapes, CUDA-graph timed      ~8 min
 #   attn8step the 8-bit attention `gpu` tests, the mufu sweep, then PixArt-XL's step: compile
 #            vs O3 vs O3 + 8-bit attention (fp16 / fp8 P·V, measured choice), profiled  ~9 min
+#   o3fast   PixArt-XL step: compile vs O3 vs O3 + 8-bit attention chosen without measuring
+#            (attention.select=always, fp8 P·V: the in-graph quantization's real cost), then
+#            SDXL UNet step: compile vs O2 vs O3 (channels_last)                    ~8 min
 #   attn8dit SD3-medium and FLUX.1-dev steps: compile vs O3 vs O3 + 8-bit attention (fp8
 #            P·V), profiled                                                       ~10 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
@@ -63,7 +66,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -192,6 +195,14 @@ case "$part" in
       --int8-exp-modes mufu --output-json "$out/probe_int8attn.json"
     run 300 step_attn_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
       --variants "$V" --profile --output-json "$out/step_attn_pixart.json" ;;
+  o3fast)
+    V='compile;O3;O3-attn8-always={"mode":"O3","passes.attention_int8":true,"attention.pv_fp8":true,"attention.select":"always"}'
+    run 230 step_attn_always_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_attn_always_pixart.json"
+    V='compile;O2={"mode":"O2","memory_format":"channels_last"}'
+    V+=';O3={"mode":"O3","memory_format":"channels_last"}'
+    run 330 step_o3_unet python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_o3_unet.json" ;;
   attn8dit)
     V='compile;O3;O3-attn8-pv8={"mode":"O3","passes.attention_int8":true,"attention.pv_fp8":true}'
     run 270 step_attn_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
