@@ -35,6 +35,7 @@
 #   o3fast   PixArt-XL step: compile vs O3 vs O3 + 8-bit attention chosen without measuring
 #            (attention.select=always, fp8 P·V: the in-graph quantization's real cost), then
 #            SDXL UNet step: compile vs O2 vs O3 (channels_last)                    ~8 min
+#   o3unet   SDXL UNet step: compile vs O3 (channels_last), profiled               ~8 min
 #   attn8dit SD3-medium and FLUX.1-dev steps: compile vs O3 vs O3 + 8-bit attention (fp8
 #            P·V), profiled                                                       ~10 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
@@ -66,7 +67,7 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -202,6 +203,10 @@ case "$part" in
     V='compile;O2={"mode":"O2","memory_format":"channels_last"}'
     V+=';O3={"mode":"O3","memory_format":"channels_last"}'
     run 330 step_o3_unet python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_o3_unet.json" ;;
+  o3unet)
+    V='compile;O3={"mode":"O3","memory_format":"channels_last"}'
+    run 430 step_o3_unet python3 benchmarks/bench_step.py --models sdxl-base \
       --variants "$V" --profile --output-json "$out/step_o3_unet.json" ;;
   attn8dit)
     V='compile;O3;O3-attn8-pv8={"mode":"O3","passes.attention_int8":true,"attention.pv_fp8":true}'
