@@ -28,9 +28,9 @@
 #   fp8next  ffblock probe, then PixArt/SD3 O3 vs O3 + persistent fp8 quantization
 #            vs O3 + quant.fuse_qkv                                            ~9 min
 #   attn     every `gpu` test, then the 8-bit attention tile sweep vs SDPA             ~6 min
-#   attn8    the 8-bit attention kernel's `gpu` tests, then its sweep (tiles, P·V precision,
-#            exponential modes) vs SDPA at DiT and UNet shapes, CUDA-graph timed      ~8 min
-#   attn8step the 8-bit attention `gpu` tests, the mufu sweep, then PixArt-XL's step: compile
+#   attn8    the 8-bit attention kernel's `gpu` tests, then its sweep (tiles, P·V precision)
+#            vs SDPA at DiT and UNet shapes, CUDA-graph timed                        ~5 min
+#   attn8step the 8-bit attention `gpu` tests, the sweep, then PixArt-XL's step: compile
 #            vs O3 vs O3 + 8-bit attention (fp16 / fp8 P·V, measured choice), profiled  ~9 min
 #   o3fast   PixArt-XL step: compile vs O3 vs O3 + 8-bit attention chosen without measuring
 #            (attention.select=always, fp8 P·V: the in-graph quantization's real cost), then
@@ -186,14 +186,14 @@ case "$part" in
     run 240 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
       --output-json "$out/probe_int8attn.json" ;;
   attn8)
-    run 150 gpu_tests_attention python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
-    run 400 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
+    run 120 gpu_tests_attention python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
+    run 200 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
       --output-json "$out/probe_int8attn.json" ;;
   attn8step)
     V='compile;O3;O3-attn8={"mode":"O3","passes.attention_int8":true};O3-attn8-pv8={"mode":"O3","passes.attention_int8":true,"attention.pv_fp8":true}'
     run 120 gpu_tests_attention python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
     run 150 probe_int8attn python3 benchmarks/probe_ops.py --probes int8attn \
-      --int8-exp-modes mufu --output-json "$out/probe_int8attn.json"
+      --output-json "$out/probe_int8attn.json"
     run 300 step_attn_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
       --variants "$V" --profile --output-json "$out/step_attn_pixart.json" ;;
   o3fast)

@@ -22,7 +22,6 @@ they compute the same function (relative error against a float32 reference):
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -264,38 +263,32 @@ INT8_EXTRA_SHAPES = (
 )
 
 
-def probe_int8_attention(exp_modes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """difforge's 8-bit attention per shape, tile, P·V precision and exponential mode
-    against SDPA (timed once per shape), all timed as CUDA-graph replays; each row includes
-    the quantization pre-pass (``int8_ms``) and not (``int8_kernel_only_ms``)."""
-    from difforge.kernels.attention_int8 import EXP_MODES, benchmark_attention
+def probe_int8_attention() -> list[dict[str, Any]]:
+    """difforge's 8-bit attention per shape, tile and P·V precision against SDPA (timed once
+    per shape), all timed as CUDA-graph replays; each row includes the quantization
+    pre-pass (``int8_ms``) and not (``int8_kernel_only_ms``)."""
+    from difforge.kernels.attention_int8 import benchmark_attention
 
     rows: list[dict[str, Any]] = []
     for name, b, h, sq, skv, d, dtype in ATTENTION_SHAPES + INT8_EXTRA_SHAPES:
         sdpa_ms: float | None = None
         for pv_fp8, tiles in INT8_ATTENTION_TILES.items():
-            modes = exp_modes or (EXP_MODES if pv_fp8 else ("mufu", "split"))
-            for (block_m, block_n, warps, stages), exp_mode in itertools.product(tiles, modes):
-                rowsums = (True, False) if pv_fp8 and d == 72 and block_n == 64 else (True,)
-                for rowsum_mma in rowsums:
-                    row: dict[str, Any] = {
-                        "shape": name, "block_m": block_m, "block_n": block_n,
-                        "num_warps": warps, "num_stages": stages,
-                        "pv": "fp8" if pv_fp8 else "fp16", "exp_mode": exp_mode,
-                        "rowsum_mma": rowsum_mma and pv_fp8 and d == 72,
-                    }  # fmt: skip
-                    try:
-                        res = benchmark_attention(
-                            b, h, sq, d, skv, dtype, block_m=block_m, block_n=block_n,
-                            num_warps=warps, num_stages=stages, pv_fp8=pv_fp8,
-                            exp_mode=exp_mode, rowsum_mma=rowsum_mma, rep_ms=40,
-                            sdpa_ms=sdpa_ms,
-                        )  # fmt: skip
-                        sdpa_ms = res["sdpa_ms"]
-                        row.update(res)
-                    except Exception as exc:  # a tile that does not compile is a result too
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                    rows.append(row)
+            for block_m, block_n, warps, stages in tiles:
+                row: dict[str, Any] = {
+                    "shape": name, "block_m": block_m, "block_n": block_n, "num_warps": warps,
+                    "num_stages": stages, "pv": "fp8" if pv_fp8 else "fp16",
+                }  # fmt: skip
+                try:
+                    res = benchmark_attention(
+                        b, h, sq, d, skv, dtype, block_m=block_m, block_n=block_n,
+                        num_warps=warps, num_stages=stages, pv_fp8=pv_fp8, rep_ms=40,
+                        sdpa_ms=sdpa_ms,
+                    )  # fmt: skip
+                    sdpa_ms = res["sdpa_ms"]
+                    row.update(res)
+                except Exception as exc:  # a tile that does not compile is a result too
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                rows.append(row)
     return rows
 
 
@@ -431,9 +424,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probes", default=",".join(PROBES))
     parser.add_argument("--output-json", type=Path)
-    parser.add_argument(
-        "--int8-exp-modes", help="int8attn: the exponential modes to sweep (default: all)"
-    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("probe_ops.py needs a CUDA GPU")
@@ -442,8 +432,6 @@ def main(argv: list[str] | None = None) -> int:
         probe = PROBES[name]
         if name == "attncode" and args.output_json:
             rows = probe(args.output_json.parent)
-        elif name == "int8attn" and args.int8_exp_modes:
-            rows = probe(tuple(args.int8_exp_modes.split(",")))
         else:
             rows = probe()
         results[name] = rows

@@ -204,72 +204,6 @@ def test_kernel_fp8_pv_matches_reference(shape: tuple[int, ...], dtype: torch.dt
     )
 
 
-@pytest.mark.parametrize("exp_mode", mod.EXP_MODES)
-@pytest.mark.parametrize("pv_fp8", [False, True], ids=["pv-fp16", "pv-fp8"])
-@pytest.mark.parametrize("shape", [(2, 1, 16, 130, 72), (1, 2, 37, 53, 64)], ids=str)
-def test_kernel_exp_modes_match_reference(
-    shape: tuple[int, ...], pv_fp8: bool, exp_mode: str
-) -> None:
-    """Every way of computing the exponentials stays within the same budgets (the f16 and
-    polynomial exponentials err by <= 1e-3 relative, below P's own rounding)."""
-    q, k, v = qkv(*shape, torch.float16)
-    blocks = {"block_m": 16, "block_n": 32}
-    out = attention_int8(q, k, v, pv_fp8=pv_fp8, exp_mode=exp_mode, **blocks)
-    ref = attention_int8_reference(q, k, v, pv_fp8=pv_fp8, **blocks)
-    tol = FP8_KERNEL_TOL if pv_fp8 else 2 * KERNEL_TOL[torch.float16]
-    assert torch.isfinite(out).all() and rel_err(out, ref) < tol
-    budget = FP8_PV_VS_SDPA_TOL if pv_fp8 else INT8_VS_SDPA_TOL
-    assert rel_err(out, sdpa32(q, k, v)) < budget
-
-
-def test_rowsum_by_mma_matches_the_softmax_sum() -> None:
-    """Head dim 72 with fp8 P·V: V's padding column of ones makes P·V sum P; the result
-    equals the explicit row sum's up to fp8 rounding of P (the sum is of rounded P)."""
-    q, k, v = qkv(1, 2, 40, 70, 72, torch.float16)
-    assert mod.rowsum_mma_possible(72, True)
-    assert not mod.rowsum_mma_possible(72, False) and not mod.rowsum_mma_possible(64, True)
-    blocks = {"block_m": 16, "block_n": 32, "pv_fp8": True}
-    by_mma = attention_int8(q, k, v, rowsum_mma=True, **blocks)
-    by_sum = attention_int8(q, k, v, rowsum_mma=False, **blocks)
-    assert not torch.equal(by_mma, by_sum)  # the two paths really differ
-    assert rel_err(by_mma, by_sum) < 1e-2
-    assert rel_err(by_mma, sdpa32(q, k, v)) < FP8_PV_VS_SDPA_TOL
-
-
-def test_exp2_poly_accuracy() -> None:
-    """The FMA-pipe exponential against float64 over the softmax's range, both degrees."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def run(x_ptr, y2_ptr, y3_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-        tl.store(y2_ptr + offs, mod._exp2_poly(x, 2), mask=offs < n)
-        tl.store(y3_ptr + offs, mod._exp2_poly(x, 3), mask=offs < n)
-
-    x = torch.cat([torch.linspace(-40, 8.81, 4000), torch.tensor([-0.5, 0.5, -124.6, 0.0])])
-    x = x.to(DEVICE)
-    y2, y3 = torch.empty_like(x), torch.empty_like(x)
-    run[(1,)](x, y2, y3, x.numel(), BLOCK=4096)
-    exact = torch.exp2(x.double())
-    assert ((y2.double() - exact).abs() / exact).max() < 1.8e-3
-    assert ((y3.double() - exact).abs() / exact).max() < 1e-4
-    tiny = torch.tensor([-126.0, -1000.0, float("-inf")], device=DEVICE)
-    out = torch.empty_like(tiny)
-    run[(1,)](tiny, out, torch.empty_like(tiny), 3, BLOCK=4)
-    assert (out >= 0).all() and (out < 1e-37).all()  # rounds to 0 in P
-
-
-def test_quantize_v_fp8_ones_row() -> None:
-    v = torch.randn(1, 2, 21, 72, device=DEVICE, dtype=torch.float16)
-    vt8, scale = mod.quantize_v_fp8_transposed(v, 80, ones_row=True)
-    assert (vt8[:, :, 72, :21].float() == 1).all() and (vt8[:, :, 72, 21:].float() == 0).all()
-    assert (scale[..., 72] == 1).all() and (vt8[:, :, 73:].float() == 0).all()
-    with pytest.raises(ValueError, match="no padding row"):
-        mod.quantize_v_fp8_transposed(v[..., :64], 64, ones_row=True)
-
-
 @pytest.mark.parametrize("s", [1, 17, 64])
 def test_quantize_v_fp8_transposed_matches_reference(s: int) -> None:
     """fp8 Vᵀ: the reference's values transposed, zero rows past D and columns past S; the
@@ -365,8 +299,6 @@ def test_launcher_rejects_bad_inputs() -> None:
         attention_int8(q, k, v, block_m=24)
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         attention_int8(q, k, v, block_n=8)
-    with pytest.raises(ValueError, match="exp_mode must be one of"):
-        attention_int8(q, k, v, exp_mode="fast")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="about CPU tensors")
@@ -467,7 +399,6 @@ def test_benchmark_helper_needs_cuda_without_a_timer() -> None:
 
 _COMPILE_FOR_SM90 = textwrap.dedent(
     r"""
-    import re
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -480,7 +411,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
         return triton.compile(src, target=target, options=options).asm
 
-    for dt, d, fp8, exp_mode in (("fp16", 72, False, 0), ("bf16", 128, False, 1), ("fp16", 72, True, 2)):
+    for dt, d, fp8 in (("fp16", 72, False), ("bf16", 128, False), ("fp16", 72, True)):
         qk, pv = m.head_dim_tiles(d, 32), m.head_dim_tiles(d, 16)
         vt = "*fp8e4nv" if fp8 else f"*{dt}"
         types = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": vt, "vt_ptr": vt, "o_ptr": f"*{dt}", "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32",
@@ -488,7 +419,6 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
         consts = {"HEAD_DIM": d, "QK_MAIN": qk[0],
                   "QK_TAIL": qk[1], "PV_MAIN": pv[0], "PV_TAIL": pv[1], "BLOCK_M": 128,
                   "BLOCK_N": 64, "EVEN_KV": d != 72 or fp8, "PV_FP8": fp8, "INTERPRET": False,
-                  "EXP_MODE": exp_mode, "ROWSUM_MMA": fp8,
                   "stride_vs" if fp8 else "stride_vd": 1, "stride_vts" if fp8 else "stride_vtd": 1}
         asm = build(m._attention_int8_kernel, types, consts, num_warps=8, num_stages=2)
         assert "cubin" in asm, "ptxas did not run"
@@ -499,16 +429,8 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
             assert f"m64n16k{32 if fp8 else 16}.f32.{ptx_dt}" in asm["ptx"]
         # int32 scores become floats by an integer add, not a quarter-rate conversion
         assert "cvt.rn.f32.s32" not in asm["ptx"], "int -> float conversion in the loop"
-        ex2 = len(re.findall(r"ex2\.approx(?:\.ftz)?\.f32", asm["ptx"]))
-        if exp_mode == 1:
-            assert "ex2.approx.f16x2" in asm["ptx"]
-        elif exp_mode == 2:  # half of the 128 x 64 tile's 32 values a thread on the FMA pipe
-            assert 16 <= ex2 < 32, ex2
-        else:
-            assert ex2 >= 32, ex2
     types = {"v_ptr": "*fp16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv"}
-    consts = {"HEAD_DIM": 72, "DV": 80, "BLOCK_D": 128, "BLOCK_S": 64, "ONES_ROW": 72,
-              "INTERPRET": False}
+    consts = {"HEAD_DIM": 72, "DV": 80, "BLOCK_D": 128, "BLOCK_S": 64, "INTERPRET": False}
     asm = build(m._quantize_v_fp8_kernel, types, consts, num_warps=4)
     assert "cvt.rn.satfinite.e4m3x2.f32" in asm["ptx"], "fp8 V must round to nearest"
     types = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "out_ptr": "*i8", "scale_ptr": "*fp32"}
@@ -557,14 +479,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
     ],
     ids=["pixart-d72", "flux-d128", "cross-d72"],
 )
-@pytest.mark.parametrize(
-    "pv_fp8,exp_mode", [(False, "mufu"), (False, "split"), (True, "split"), (True, "f16")]
-)
+@pytest.mark.parametrize("pv_fp8", [False, True], ids=["pv-fp16", "pv-fp8"])
 def test_gpu_kernel_vs_sdpa_dit_shapes(
-    shape: tuple[int, ...], dtype: torch.dtype, pv_fp8: bool, exp_mode: str
+    shape: tuple[int, ...], dtype: torch.dtype, pv_fp8: bool
 ) -> None:
     q, k, v = qkv(*shape, dtype, device="cuda")
-    out = attention_int8(q, k, v, pv_fp8=pv_fp8, exp_mode=exp_mode)
+    out = attention_int8(q, k, v, pv_fp8=pv_fp8)
     ref = F.scaled_dot_product_attention(q, k, v)
     assert torch.isfinite(out).all()
     # Long sequences average more keys per row, so the int8 error should not exceed the
@@ -572,7 +492,7 @@ def test_gpu_kernel_vs_sdpa_dit_shapes(
     assert rel_err(out, ref) < (FP8_PV_VS_SDPA_TOL if pv_fp8 else INT8_VS_SDPA_TOL)
     # Same inputs through the oracle: the compiled kernel does the oracle's math.
     small = [t[:, :2] for t in (q, k, v)]
-    got = attention_int8(*small, pv_fp8=pv_fp8, exp_mode=exp_mode)
+    got = attention_int8(*small, pv_fp8=pv_fp8)
     oracle = attention_int8_reference(*small, pv_fp8=pv_fp8)
     assert rel_err(got, oracle) < (FP8_KERNEL_TOL if pv_fp8 else 2 * KERNEL_TOL[dtype])
 

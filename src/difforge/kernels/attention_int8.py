@@ -18,13 +18,17 @@ Math (non-causal, no mask), for q, k, v of shape ``[B, H, S, D]``:
 :func:`attention_int8` launches the Triton kernel; ``torch.ops.difforge.attention_int8`` is
 the same launcher as an opaque ``torch.library`` op for Dynamo/Inductor.
 
-Status: correctness is tested on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``).
-Speed is unmeasured until the GPU run (``benchmark_attention`` and the ``gpu`` tests); the
-block sizes and warp counts below are untuned first guesses. Quantization runs as a separate
-Triton pre-pass (:func:`quantize_per_block_int8_triton`, bit-identical to the plain-torch
-:func:`quantize_per_block_int8`): it reads q once and k twice (once for K's mean, in torch)
-and writes int8 copies, so at DiT shapes it is not free next to the attention itself;
-``benchmark_attention`` reports the kernel alone and the total so the GPU run can tell.
+Speed (H100, torch 2.11, Triton 3.6; ``benchmarks/results/2026-11-27_h100_probe_int8attn_s13.json``,
+CUDA-graph timed): the kernel alone beats cuDNN's fp16 SDPA only at PixArt's head dim 72
+with fp8 P·V (0.385 vs 0.455 ms at 2x16x4096², 64x64 tiles), ties at SD3/SDXL's 64 and
+FLUX's 128, and loses with fp16 P·V. The softmax's float32 work, not the tensor cores,
+bounds it: the scores become floats by an integer add (:data:`_MAGIC`; a conversion
+instruction runs at a quarter of the float rate) and scale, max and log2(448) fold into one
+FMA, but the loop stays FlashAttention-2-shaped (each warp group waits for its own MMAs;
+Triton 3.6 warp-specializes loops only on Blackwell). Quantization: the eager op runs Triton
+pre-passes (:func:`prepare_operands`); compiled graphs get the same values from torch ops
+(:func:`prepare_operands_torch`, through :func:`attention_int8_fused`) that Inductor
+fuses, which still cost PixArt-XL 2.65 ms a step against the kernel's 1.5 ms gain.
 """
 
 from __future__ import annotations
@@ -337,7 +341,6 @@ def _quantize_v_fp8_kernel(
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    ONES_ROW: tl.constexpr,  # -1, or a padding row of Vᵀ filled with ones (see ROWSUM_MMA)
     INTERPRET: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -346,8 +349,6 @@ def _quantize_v_fp8_kernel(
     )
     scale = tl.load(scale_ptr + pid_bh * DV + offs_d, mask=offs_d < DV, other=1.0)
     y = tl.div_rn(x, scale[None, :])
-    if ONES_ROW >= 0:
-        y = tl.where((offs_d == ONES_ROW)[None, :] & (offs_s < seq)[:, None], 1.0, y)
     if INTERPRET:
         y = _fp8_e4m3_rne_as_fp32(y)
     y = y.to(tl.float8e4nv)
@@ -357,18 +358,15 @@ def _quantize_v_fp8_kernel(
 
 
 def quantize_v_fp8_transposed(
-    v: torch.Tensor, width: int, seq_multiple: int = 16, *, ones_row: bool = False
+    v: torch.Tensor, width: int, seq_multiple: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 Vᵀ for the kernel's P·V: ``([B, H, width, S_pad] e4m3, scales [B, H, width])``.
 
     Transposed so the sequence (P·V's reduction dim) is contiguous, as 8-bit tensor-core
     operands need; rows past the head dim and columns past S are 0. Same values as
-    :func:`quantize_v_fp8_reference`, transposed. ``ones_row``: row D (the first padding
-    row, scale 1) is 1 over the sequence, so P·V also yields P's row sums.
+    :func:`quantize_v_fp8_reference`, transposed.
     """
     b, h, s, d = v.shape
-    if ones_row and width <= d:
-        raise ValueError(f"quantize_v_fp8_transposed: no padding row for ones (width {width})")
     scale = v_fp8_scales(v, width)
     seq_pad = triton.cdiv(s, seq_multiple) * seq_multiple
     out = torch.empty((b, h, width, seq_pad), dtype=torch.float8_e4m3fn, device=v.device)
@@ -376,21 +374,19 @@ def quantize_v_fp8_transposed(
     _quantize_v_fp8_kernel[(triton.cdiv(seq_pad, block_s), b * h)](
         v, scale, out, v.stride(0), v.stride(1), v.stride(2), h, s, seq_pad,
         HEAD_DIM=d, DV=width, BLOCK_D=max(16, triton.next_power_of_2(width)), BLOCK_S=block_s,
-        ONES_ROW=d if ones_row else -1, INTERPRET=_interpreting(), num_warps=4,
+        INTERPRET=_interpreting(), num_warps=4,
     )  # fmt: skip
     return out, scale
 
 
 def quantize_v_fp8_transposed_torch(
-    v: torch.Tensor, width: int, seq_multiple: int = 16, *, ones_row: bool = False
+    v: torch.Tensor, width: int, seq_multiple: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_v_fp8_transposed` in plain torch ops (same values, bit for bit), for
     compiled graphs: Inductor writes the transposed fp8 copy in one tiled kernel."""
-    b, h, s, d = v.shape
+    s, d = v.shape[2:]
     scale = v_fp8_scales(v, width)
     y = v.float() / scale[:, :, None, :d]
-    if ones_row:
-        y = torch.cat([y, y.new_ones(b, h, s, 1)], dim=-1)
     seq_pad = triton.cdiv(s, seq_multiple) * seq_multiple
     y = torch.nn.functional.pad(y, (0, width - y.shape[-1])).transpose(-1, -2)
     y = torch.nn.functional.pad(y, (0, seq_pad - s))
@@ -430,14 +426,15 @@ def _pv_dot(p, v, acc, alpha, PV_FP8: tl.constexpr, PV_IN_FP32: tl.constexpr):
         # p arrives scaled to [0, 448] (the exponent carries log2(448)), so it uses e4m3's
         # whole range; the row sum carries the same factor, and V's channel scales are
         # applied once at the end.
+        # The MMA accumulates across kv blocks. Hopper's fp8 MMA adds with fewer mantissa
+        # bits than float32: fine for P·V's signed sums (same error as a float32 sum on an
+        # H100), not for P's positive row sums, which the softmax keeps in float32. Adding
+        # each block in float32 instead made the kernel 10-40% slower (H100, 2026-11-27).
         if PV_IN_FP32:
-            pv = tl.dot(_fp8_e4m3_rne_as_fp32(p.to(tl.float32)), v.to(tl.float32))
-        else:
-            pv = tl.dot(p.to(tl.float8e4nv), v)
-        # Each block's product starts from zero and is added in float32 (one FMA with the
-        # rescale): Hopper's fp8 MMA accumulates with fewer mantissa bits than float32, and
-        # accumulating the whole row there lost ~4% of P's row sums at 4096 keys.
-        return tl.fma(acc, alpha[:, None], pv)
+            return acc * alpha[:, None] + tl.dot(
+                _fp8_e4m3_rne_as_fp32(p.to(tl.float32)), v.to(tl.float32)
+            )
+        return tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
     if PV_IN_FP32:
         # fp16/bf16 products are exact in float32, so this equals the half-precision dot.
         if v.dtype == tl.bfloat16:
@@ -446,57 +443,6 @@ def _pv_dot(p, v, acc, alpha, PV_FP8: tl.constexpr, PV_IN_FP32: tl.constexpr):
             p = p.to(tl.float32).to(v.dtype).to(tl.float32)
         return acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
     return tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-
-
-#: How the softmax computes its exponentials (``exp_mode``), see :func:`_exp2`.
-EXP_MODES = ("mufu", "f16", "split")
-
-
-@triton.jit
-def _exp2_poly(x, DEGREE: tl.constexpr):
-    """``2**x`` on the float32 FMA pipe: ``2**round(x)`` built in the exponent bits times a
-    polynomial of the remainder in [-0.5, 0.5] (relative error 1.7e-3 at degree 2, 7.5e-5 at
-    3, minimax fits). Results below 2**-125 are wrong in value but tiny (P rounds to 0)."""
-    x = tl.maximum(x, -125.0)  # keeps the exponent arithmetic from wrapping
-    t = x + 12582912.0  # rounds x to an integer, held in t's low mantissa bits
-    r = x - (t - 12582912.0)
-    if DEGREE == 2:
-        p = (0.23841624337306253 * r + 0.7034238726047755) * r + 1.0004421678208975
-    else:
-        p = ((0.05517029859908645 * r + 0.24260802242443302) * r + 0.693260928865469) * r
-        p = p + 0.9999282725351607
-    # t's bits shifted by 23 are round(x) << 23 modulo 2**32 (MAGIC's low 9 bits are 0).
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2(x, EXP_MODE: tl.constexpr, PV_FP8: tl.constexpr, INTERPRET: tl.constexpr):
-    """``2**x`` of a ``[BLOCK_M, BLOCK_N]`` score tile, by ``EXP_MODE`` (:data:`EXP_MODES`):
-
-    0 ``mufu``: ``ex2.approx.f32`` on the special-function unit, which does 16 per clock per
-    SM, a quarter of the rate of the float32 math around it: it bounds the 8-bit kernel.
-    1 ``f16``: ``ex2.approx.f16x2``, the result in float16 (P is rounded to 8 or 16 bits
-    right after).
-    2 ``split``: every other column by :func:`_exp2_poly` on the FMA pipe, the rest on the
-    special-function unit, so the two pipes share the work.
-    """
-    if EXP_MODE == 1:
-        x16 = x.to(tl.float16)
-        if INTERPRET:  # no inline PTX in the interpreter
-            y = tl.exp2(x16.to(tl.float32)).to(tl.float16)
-        else:
-            y = tl.inline_asm_elementwise(
-                "ex2.approx.f16x2 $0, $1;", "=r,r", [x16], dtype=tl.float16, is_pure=True, pack=2
-            )
-    elif EXP_MODE == 2:
-        bm: tl.constexpr = x.shape[0]
-        bn: tl.constexpr = x.shape[1]
-        a, b = tl.split(tl.reshape(x, [bm, bn // 2, 2]))
-        y = tl.reshape(tl.join(tl.exp2(a), _exp2_poly(b, 2 if PV_FP8 else 3)), [bm, bn])
-    else:
-        y = tl.exp2(x)
-    return y
 
 
 @triton.jit
@@ -527,14 +473,9 @@ def _attend_kv_block(
     MASK_KV: tl.constexpr,
     PV_FP8: tl.constexpr,
     PV_IN_FP32: tl.constexpr,
-    EXP_MODE: tl.constexpr,
-    ROWSUM_MMA: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):
-    """One online-softmax step over kv block ``j``; returns the updated accumulators.
-
-    ``m_i`` is the running row max of the scores in log2 units. With ``ROWSUM_MMA`` the
-    row sum is not kept here: V carries a column of ones, so P·V's tensor cores sum P."""
+    """One online-softmax step over kv block ``j``; returns the updated accumulators
+    (``m_i``: the running row max of the scores in log2 units)."""
     offs_kv = j * BLOCK_N + tl.arange(0, BLOCK_N)
     kv_mask = offs_kv < seq_kv
     # K tiles loaded transposed ([D, BLOCK_N]) straight from the row-major, zero-padded
@@ -566,9 +507,8 @@ def _attend_kv_block(
     bias = -m_new - 12582912.0 * c
     if PV_FP8:
         bias += 8.807354922057604  # log2(448)
-    p = _exp2(f * c + bias[:, None], EXP_MODE, PV_FP8, INTERPRET)
-    if not ROWSUM_MMA:
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+    p = tl.exp2(f * c + bias[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
 
     # V's main and tail column groups both exist in memory (the tail zero-padded by the
     # launcher): Triton 3.6 made sm_90 code that faulted for a column-masked 16-wide tail.
@@ -656,8 +596,6 @@ def _attention_int8_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_KV: tl.constexpr,
     PV_FP8: tl.constexpr,
-    EXP_MODE: tl.constexpr,
-    ROWSUM_MMA: tl.constexpr,  # fp8 Vᵀ row HEAD_DIM holds ones (needs a padding column)
     INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -705,8 +643,7 @@ def _attention_int8_kernel(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
                 vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
                 seq_kv, j, QK_MAIN,
-                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, True, EXP_MODE, ROWSUM_MMA,
-                True,
+                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, True,
             )  # fmt: skip
             j += 1
     else:
@@ -719,12 +656,8 @@ def _attention_int8_kernel(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
                 vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
                 seq_kv, j, QK_MAIN, QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, not EVEN_KV, PV_FP8,
-                False, EXP_MODE, ROWSUM_MMA, False,
+                False,
             )  # fmt: skip
-
-    if ROWSUM_MMA:  # P's row sums came out of P·V in V's column of ones
-        ones_col = tl.arange(0, PV_TAIL if PV_TAIL > 0 else 16) == HEAD_DIM - PV_MAIN
-        l_i = tl.sum(tl.where(ones_col[None, :], acc_tail, 0.0), 1)
 
     v_scale_row = v_scale_ptr + pid_bh * (PV_MAIN + PV_TAIL)
     _store_out(
@@ -838,13 +771,6 @@ class Operands(NamedTuple):
     v_scale: torch.Tensor | None  # float32 [B, H, DV] (fp8 P·V only)
 
 
-def rowsum_mma_possible(head_dim: int, pv_fp8: bool) -> bool:
-    """Whether P·V can sum P for free: fp8 Vᵀ with a padding row in the tail tile (head dim
-    72 -> 64 + 16)."""
-    main, tail = head_dim_tiles(head_dim, 16)
-    return pv_fp8 and tail > 0 and main + tail > head_dim
-
-
 def prepare_operands(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -852,7 +778,6 @@ def prepare_operands(
     block_m: int,
     block_n: int,
     pv_fp8: bool,
-    rowsum_mma: bool = False,
 ) -> Operands:
     """Quantize q and (smoothed) k to padded int8 with block scales; V to fp8 Vᵀ with
     channel scales, or kept, with its tail columns copied into a zero-padded buffer (a
@@ -865,9 +790,7 @@ def prepare_operands(
     pv_main, pv_tail = head_dim_tiles(d, 16)
     if pv_fp8:
         # Sequence padded to whole kv blocks: the kernel loads Vᵀ without masks.
-        vt8, v_scale = quantize_v_fp8_transposed(
-            v, pv_main + pv_tail, max(16, block_n), ones_row=rowsum_mma
-        )
+        vt8, v_scale = quantize_v_fp8_transposed(v, pv_main + pv_tail, max(16, block_n))
         return Operands(q8, q_scale, k8, k_scale, vt8, None, v_scale)
     if pv_main > d:
         v = torch.nn.functional.pad(v, (0, pv_main - d))
@@ -884,7 +807,6 @@ def prepare_operands_torch(
     block_m: int,
     block_n: int,
     pv_fp8: bool,
-    rowsum_mma: bool = False,
 ) -> Operands:
     """:func:`prepare_operands` in plain torch ops, for compiled graphs: Inductor fuses the
     quantization into the kernels that produce q, k and v (a projection's bias, a norm,
@@ -897,9 +819,7 @@ def prepare_operands_torch(
     q8, k8 = (torch.nn.functional.pad(t, (0, pad)) for t in (q8, k8))
     pv_main, pv_tail = head_dim_tiles(d, 16)
     if pv_fp8:
-        vt8, v_scale = quantize_v_fp8_transposed_torch(
-            v, pv_main + pv_tail, max(16, block_n), ones_row=rowsum_mma
-        )
+        vt8, v_scale = quantize_v_fp8_transposed_torch(v, pv_main + pv_tail, max(16, block_n))
         return Operands(q8, q_scale, k8, k_scale, vt8, None, v_scale)
     if pv_main > d:
         v = torch.nn.functional.pad(v, (0, pv_main - d))
@@ -920,8 +840,6 @@ def _launch(
     block_n: int,
     num_warps: int,
     num_stages: int,
-    exp_mode: str = "mufu",
-    rowsum_mma: bool = False,
 ) -> None:
     """Run the kernel on prepared operands (checked by the caller)."""
     b, h, sq, dq = ops.q8.shape
@@ -948,7 +866,7 @@ def _launch(
         h, sq, seq_kv, n_q_blocks, n_kv_blocks,
         HEAD_DIM=head_dim, QK_MAIN=qk_main, QK_TAIL=qk_tail, PV_MAIN=pv_main, PV_TAIL=pv_tail,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_KV=seq_kv % block_n == 0, PV_FP8=pv_fp8,
-        EXP_MODE=EXP_MODES.index(exp_mode), ROWSUM_MMA=rowsum_mma, INTERPRET=_interpreting(),
+        INTERPRET=_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
@@ -971,8 +889,6 @@ def attention_int8(
     num_warps: int | None = None,
     num_stages: int = DEFAULT_STAGES,
     pv_fp8: bool = False,
-    exp_mode: str = "mufu",
-    rowsum_mma: bool = True,
 ) -> torch.Tensor:
     """softmax(q kᵀ * sm_scale) v with int8 Q·Kᵀ; q ``[B, H, Sq, D]``, k/v ``[B, H, Skv, D]``.
 
@@ -981,9 +897,7 @@ def attention_int8(
     8, at most 128 (see :func:`head_dim_tiles` for how 72 is tiled). ``pv_fp8``: P·V in fp8
     e4m3 too (V per channel, P scaled by 448), else in q's dtype. ``block_m``/``block_n``
     are also the quantization blocks; ``num_warps``/``num_stages`` tune the kernel.
-    ``exp_mode``: how the softmax computes its exponentials (:data:`EXP_MODES`, see
-    :func:`_exp2`). ``rowsum_mma``: where :func:`rowsum_mma_possible`, P·V's
-    tensor cores also sum P (a column of ones in V's padding) instead of the softmax.
+        tensor cores also sum P (a column of ones in V's padding) instead of the softmax.
     Returns q's dtype, shape ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory order. Expected
     error against float SDPA ~1e-2 relative. Inference only (no autograd formula).
     """
@@ -993,18 +907,14 @@ def attention_int8(
     _check_block("block_n", block_n)
     if pv_fp8 and block_n < 32:
         raise ValueError(f"attention_int8: pv_fp8 needs block_n >= 32, got {block_n}")
-    if exp_mode not in EXP_MODES:
-        raise ValueError(f"attention_int8: exp_mode must be one of {EXP_MODES}, got {exp_mode!r}")
     d = q.shape[-1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
-    rowsum_mma = rowsum_mma and rowsum_mma_possible(d, pv_fp8)
-    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8, rowsum_mma)
+    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8)
     out = _empty_out(q)
     _launch(
         operands, out, sm_scale, head_dim=d, seq_kv=k.shape[2], block_m=block_m,
         block_n=block_n, num_warps=num_warps or _default_warps(block_m), num_stages=num_stages,
-        exp_mode=exp_mode, rowsum_mma=rowsum_mma,
     )  # fmt: skip
     return out
 
@@ -1025,14 +935,12 @@ def _attention_int8_op(
     num_warps: int = 0,
     num_stages: int = DEFAULT_STAGES,
     pv_fp8: bool = False,
-    exp_mode: str = "mufu",
-    rowsum_mma: bool = True,
 ) -> torch.Tensor:
     """``torch.ops.difforge.attention_int8``: :func:`attention_int8` as a library op
     (``num_warps`` 0: the default for ``block_m``)."""
     return attention_int8(
         q, k, v, sm_scale, block_m=block_m, block_n=block_n, num_warps=num_warps or None,
-        num_stages=num_stages, pv_fp8=pv_fp8, exp_mode=exp_mode, rowsum_mma=rowsum_mma,
+        num_stages=num_stages, pv_fp8=pv_fp8,
     )  # fmt: skip
 
 
@@ -1047,8 +955,6 @@ def _attention_int8_fake(
     num_warps: int = 0,
     num_stages: int = DEFAULT_STAGES,
     pv_fp8: bool = False,
-    exp_mode: str = "mufu",
-    rowsum_mma: bool = True,
 ) -> torch.Tensor:
     # Same checks as the real op, so a bad call fails at trace time, not at run time.
     _check_inputs(q, k, v)
@@ -1071,8 +977,6 @@ def _attention_int8_prepared_op(
     block_n: int,
     num_warps: int,
     num_stages: int,
-    exp_mode: str,
-    rowsum_mma: bool,
 ) -> torch.Tensor:
     """``torch.ops.difforge.attention_int8_prepared``: the kernel on operands that
     :func:`prepare_operands_torch` made inside the graph (see :func:`attention_int8_fused`)."""
@@ -1080,8 +984,7 @@ def _attention_int8_prepared_op(
     out = _prepared_out(q8, head_dim, out_dtype)
     _launch(
         ops, out, sm_scale, head_dim=head_dim, seq_kv=k8.shape[2], block_m=block_m,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages, exp_mode=exp_mode,
-        rowsum_mma=rowsum_mma,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -1107,8 +1010,6 @@ def _attention_int8_prepared_fake(
     block_n: int,
     num_warps: int,
     num_stages: int,
-    exp_mode: str,
-    rowsum_mma: bool,
 ) -> torch.Tensor:
     return _prepared_out(q8, head_dim, out_dtype)
 
@@ -1124,19 +1025,16 @@ def attention_int8_fused(
     num_warps: int,
     num_stages: int,
     pv_fp8: bool,
-    exp_mode: str = "mufu",
-    rowsum_mma: bool = True,
 ) -> torch.Tensor:
     """What the ``attention_int8`` graph pass puts in place of SDPA: the quantization in
     torch ops (:func:`prepare_operands_torch`, fused by Inductor into the producers of q,
     k, v), then the kernel as one opaque op. Same arguments and result as
     :func:`attention_int8` (inputs checked at trace time by the pass)."""
     d = q.shape[-1]
-    rowsum_mma = rowsum_mma and rowsum_mma_possible(d, pv_fp8)
-    ops = prepare_operands_torch(q, k, v, block_m, block_n, pv_fp8, rowsum_mma)
+    ops = prepare_operands_torch(q, k, v, block_m, block_n, pv_fp8)
     return torch.ops.difforge.attention_int8_prepared(
         *ops, d**-0.5 if sm_scale is None else sm_scale, d, q.dtype, block_m, block_n,
-        num_warps or _default_warps(block_m), num_stages, exp_mode, rowsum_mma,
+        num_warps or _default_warps(block_m), num_stages,
     )  # fmt: skip
 
 
@@ -1158,8 +1056,6 @@ def benchmark_attention(
     num_warps: int | None = None,
     num_stages: int = DEFAULT_STAGES,
     pv_fp8: bool = False,
-    exp_mode: str = "mufu",
-    rowsum_mma: bool = True,
     warmup_ms: int = 25,
     rep_ms: int = 100,
     device: str = "cuda",
@@ -1198,27 +1094,24 @@ def benchmark_attention(
         "block_n": block_n,
         "num_warps": num_warps or _default_warps(block_m),
         "num_stages": num_stages,
-        "exp_mode": exp_mode,
     }
-    rowsum_mma = rowsum_mma and rowsum_mma_possible(head_dim, pv_fp8)
 
     ref = sdpa(q, k, v)
-    out = attention_int8(q, k, v, pv_fp8=pv_fp8, rowsum_mma=rowsum_mma, **config)
+    out = attention_int8(q, k, v, pv_fp8=pv_fp8, **config)
     rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
     if sdpa_ms is None:
         sdpa_ms = timer(lambda: sdpa(q, k, v))
-    int8_ms = timer(lambda: attention_int8(q, k, v, pv_fp8=pv_fp8, rowsum_mma=rowsum_mma, **config))
+    int8_ms = timer(lambda: attention_int8(q, k, v, pv_fp8=pv_fp8, **config))
 
     # Kernel alone: the floor that a pre-pass fused into the QKV projection could reach.
-    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8, rowsum_mma)
+    operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8)
     o = _empty_out(q)
     sm_scale = 1.0 / math.sqrt(head_dim)
 
     def kernel() -> None:
         _launch(
-            operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, rowsum_mma=rowsum_mma,
-            **config,
+            operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, **config
         )  # fmt: skip
 
     kernel_ms = timer(kernel)

@@ -51,13 +51,9 @@ class KernelChoice:
     num_warps: int
     num_stages: int
     pv_fp8: bool
-    exp_mode: str = "mufu"
 
-    def op_args(self) -> tuple[int, int, int, int, bool, str]:
-        return (
-            self.block_m, self.block_n, self.num_warps, self.num_stages, self.pv_fp8,
-            self.exp_mode,
-        )  # fmt: skip
+    def op_args(self) -> tuple[int, int, int, int, bool]:
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.pv_fp8)
 
 
 #: Tiles timed per shape, for either P·V precision: the two fastest of the H100 sweep
@@ -200,13 +196,10 @@ def _measure(
         sdpa_ms = _bench(lambda: sdpa(q, k, v))
         best: tuple[float, KernelChoice, float, float] | None = None
         for c in candidates:
-            rowsum = k8.rowsum_mma_possible(shape.head_dim, c.pv_fp8)
             tile = {"block_m": c.block_m, "block_n": c.block_n}
             launch = {**tile, "num_warps": c.num_warps, "num_stages": c.num_stages}
             try:
-                out = k8.attention_int8(
-                    q, k, v, pv_fp8=c.pv_fp8, exp_mode=c.exp_mode, rowsum_mma=rowsum, **launch
-                ).float()
+                out = k8.attention_int8(q, k, v, pv_fp8=c.pv_fp8, **launch).float()
             except Exception as exc:  # a tile that fails to compile here is skipped, said once
                 log.warning("difforge attention: tile %s failed (%s); skipped", c, exc)
                 continue
@@ -214,13 +207,10 @@ def _measure(
             if not math.isfinite(err) or err > MAX_REL_ERR:
                 continue
 
-            prep = functools.partial(
-                k8.prepare_operands, q, k, v, c.block_m, c.block_n, c.pv_fp8, rowsum
-            )
+            prep = functools.partial(k8.prepare_operands, q, k, v, c.block_m, c.block_n, c.pv_fp8)
             kernel = functools.partial(
                 k8._launch, prep(), k8._empty_out(q), shape.head_dim**-0.5,
-                head_dim=shape.head_dim, seq_kv=shape.seq_kv, exp_mode=c.exp_mode,
-                rowsum_mma=rowsum, **launch,
+                head_dim=shape.head_dim, seq_kv=shape.seq_kv, **launch,
             )  # fmt: skip
             kernel_ms = _bench(kernel)
             ms = kernel_ms + _bench(prep)
