@@ -89,6 +89,24 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _WITH_FP8,
     ),
     (
+        "2026-11-27_h100_step_o3_unet_s13.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (channels_last)",
+        ("compile", "O3"),
+        {"compile": "torch.compile", "O3": "O3 (fp8 linears)"},
+    ),
+    (
+        "2026-11-27_h100_step_attn_always_pixart_s13.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "O3", "O3-attn8-always"),
+        {
+            "compile": "torch.compile",
+            "O3": "O3 (fp8 linears)",
+            "O3-attn8-always": "O3 + 8-bit attention (forced, fp8 P·V)",
+        },
+    ),
+    (
         "2026-11-26_h100_step_unet_gn.json",
         "sdxl-base",
         "SDXL UNet fp16, batch 2 (channels_last)",

@@ -2,10 +2,10 @@
 
 The ``attention_int8`` graph pass (:mod:`difforge.passes.attention`) asks :func:`choose` for
 each eligible ``scaled_dot_product_attention`` call (the pass is opt-in: no preset enables
-it, as the kernel lost to cuDNN on an H100). With the ``measured`` policy (the default),
-the choice is made on this GPU at compile time: SDPA and every candidate tile are timed on
-random inputs of the call's shape (CUDA-event medians, ``triton.testing.do_bench``), and the
-8-bit kernel is used only when its fastest tile, quantization included, beats SDPA by
+it; on an H100 it does not pay yet). With the ``measured`` policy (the default), the choice
+is made on this GPU at compile time: SDPA and every candidate tile are timed on random
+inputs of the call's shape (medians of CUDA-graph replays), and the 8-bit kernel is used
+only when its fastest tile, quantization included, beats SDPA by
 ``attention.min_speedup`` with its error against SDPA under :data:`MAX_REL_ERR`. Results are
 kept per process, keyed by GPU, shape, dtype and policy. ``always`` skips the measurement
 (A/B runs, and the CPU tests, where the kernel runs in Triton's interpreter).
@@ -56,10 +56,10 @@ class KernelChoice:
         return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.pv_fp8)
 
 
-#: Tiles timed per shape, for either P·V precision: the two fastest of the H100 sweep
-#: (``benchmarks/results/2026-11-26_h100_probe_int8attn.json``: 64x64 with 4 warps and 3
-#: stages at 7 of its 8 shape and precision pairs, 128x64 with 8 warps and 3 stages at the
-#: other, PixArt self-attention with fp16 P·V). Few on purpose: each
+#: Tiles timed per shape, for either P·V precision: the two fastest of the H100 sweeps
+#: (``benchmarks/results/2026-11-27_h100_probe_int8attn_final_s13.json``: 128x64 with 8 warps
+#: and 3 stages at PixArt's self-attention, 64x64 with 4 warps and 3 stages at the other
+#: shapes; 128x128 and 2-stage tiles never won). Few on purpose: each
 #: costs a Triton compile (~1 s) the first time on a machine.
 CANDIDATES: tuple[KernelChoice, ...] = tuple(
     KernelChoice(bm, bn, w, st, fp8)
