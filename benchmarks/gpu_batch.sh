@@ -66,8 +66,10 @@
 #   splitflux FLUX.1-dev step: compile vs O2 without / with split_cat_linear, profiled  ~8 min
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
+#   qualitysd3 the same for SD3-medium, with the float32 generation (fp32) as the yardstick
+#   qualityflux the same for FLUX.1-dev (eager, compile, O3, fp8, fp32)           ~10 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -314,6 +316,13 @@ case "$part" in
   quality)
     run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
       --no-progress --output-json "$out/quality_pixart.json" ;;
+  qualitysd3)
+    run 580 quality_sd3 python3 benchmarks/quality_report.py --models sd3-medium \
+      --no-progress --output-json "$out/quality_sd3.json" ;;
+  qualityflux)
+    run 580 quality_flux python3 benchmarks/quality_report.py --models flux-dev \
+      --modes eager,compile,O3,fp8,fp32 --runs 1 --no-progress \
+      --output-json "$out/quality_flux.json" ;;
   *)
     echo "unknown part $part" >&2
     exit 2 ;;

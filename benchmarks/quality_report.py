@@ -12,9 +12,12 @@ trained weights have and random ones lack):
   and the generation's median time.
 
 Modes: ``eager`` (the reference of the generation), ``compile`` (stock torch.compile),
-any difforge mode string (``O2``, ``O3``, ...), and ``fp8`` (the denoiser's linears
+any difforge mode string (``O2``, ``O3``, ...), ``fp8`` (the denoiser's linears
 quantized to fp8 by ``quantize_pipe``, run eagerly: the quantization's error alone; tiny
-presets quantize every linear the name rules allow, full ones what ``O3`` would). On a
+presets quantize every linear the name rules allow, full ones what ``O3`` would), and
+``fp32`` (the same pipeline converted to float32 and run eagerly, same seed, weights and
+prompt embeddings: how far the run's own dtype is from float32 over a generation, the
+yardstick for every other row; no step row, as the step's reference is float32 already). On a
 machine without fp8 GEMMs (any CPU) ``O3`` swaps nothing and ``fp8`` runs through the
 float32 reference path: a CPU run checks the machinery, it is no quality claim for a GPU.
 
@@ -57,8 +60,9 @@ from difforge.diffusers.quantize import quant_report, quantize_pipe
 from difforge.errors import OptionsError
 from difforge.options import parse_options
 
-DEFAULT_MODES = ("eager", "compile", "O2", "O3", "fp8")
+DEFAULT_MODES = ("eager", "compile", "O2", "O3", "fp8", "fp32")
 STOCK = {"eager": "none", "compile": "compile"}
+FP32 = "fp32"  # the eager pipeline in float32: see the module docstring
 DEFINITIONS = {
     "step_rel_err_vs_fp32": "||out - ref|| / ||ref|| of one denoiser call, ref = the same "
     "module (same weights, planted outliers included) in float32 eager",
@@ -67,6 +71,8 @@ DEFINITIONS = {
     "latent_psnr_db": "PSNR of the final latents (after the last scheduler step, before the "
     "VAE) against eager's, peak = eager's latents max - min; null when identical or for "
     "eager itself",
+    "fp32": "the same pipeline (weights, embeddings) converted to float32 and run eagerly: "
+    "its PSNR is the run dtype's own distance from float32 over the generation",
     "outliers": "null: the preset's random weights; else a few input columns of every "
     "denoiser nn.Linear multiplied by factor (difforge.bench.outliers.plant_outliers)",
 }
@@ -133,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if len(set(args.modes)) != len(args.modes):
         p.error(f"--modes names a mode twice: {args.modes}")
     for mode in args.modes:
-        if mode not in (*STOCK, "fp8"):
+        if mode not in (*STOCK, "fp8", FP32):
             difforge_options(mode)  # an unknown mode fails now, not after minutes
     if args.steps < 1 or args.runs < 1 or args.step_iters < 1 or args.outlier_channels < 1:
         p.error("--steps, --runs, --step-iters and --outlier-channels must be positive")
@@ -159,7 +165,10 @@ def measure_steps(
     model: str, args: argparse.Namespace, factor: float | None, device: torch.device
 ) -> dict[str, Any]:
     """bench_step's measurement of every mode on one model: variant label -> result."""
-    argv = ["--models", model, "--variants", ",".join(args.modes)]
+    variants = [m for m in args.modes if m != FP32]
+    if not variants:
+        return {}
+    argv = ["--models", model, "--variants", ",".join(variants)]
     argv += ["--warmup", "0" if device.type == "cpu" else "3", "--iters", str(args.step_iters)]
     argv += ["--outlier-channels", str(args.outlier_channels)]
     if factor is not None:
@@ -176,7 +185,7 @@ def measure_steps(
         preset = get_preset(model)
         ns.height = args.height or preset.default_height
         ns.width = args.width or preset.default_width
-    ns.variants = list(args.modes)  # a mode string may contain commas or colons
+    ns.variants = variants  # a mode string may contain commas or colons
     return {r.variant: r for r in bench_step.bench_model(model, ns, device, {})}
 
 
@@ -231,7 +240,7 @@ def measure_generations(
     snapshot = PipelineSnapshot(workload.pipe)
     results: dict[str, CompilerResult] = {}
     # Eager first: it is the reference the others are compared with.
-    for mode in ["eager", *(m for m in args.modes if m != "eager")]:
+    for mode in ["eager", *(m for m in args.modes if m not in ("eager", FP32))]:
         progress.phase(f"{model}: {mode}")
         try:
             if mode in STOCK:
@@ -246,11 +255,32 @@ def measure_generations(
         # compare_to_reference finds the reference by the name "none".
         result.compiler = "none" if mode == "eager" else mode
         results[mode] = result
-    compare_to_reference(list(results.values()))
     description = workload.describe()
+    if FP32 in args.modes:  # last: it converts the pipeline in place
+        progress.phase(f"{model}: {FP32}")
+        results[FP32] = _run_fp32(workload, config, progress)
+        results[FP32].compiler = FP32
+    compare_to_reference(list(results.values()))
     del workload, snapshot
     gc.collect()
     return results, description
+
+
+def _run_fp32(
+    workload: Workload, config: bench_args.BenchConfig, progress: Progress
+) -> CompilerResult:
+    """The workload's pipeline converted to float32 in place (the run dtype's weights and
+    prompt embeddings, exactly, in float32), run eagerly. A rebuilt float32 pipeline would
+    not do: presets draw their random weights per dtype."""
+    workload.pipe.to(torch.float32)
+    prompt = {
+        k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in workload.prompt_kwargs.items()
+    }
+    fp32 = dataclasses.replace(workload, dtype=torch.float32, prompt_kwargs=prompt)
+    result = run_compiler(fp32, "none", dataclasses.replace(config, dtype=torch.float32), progress)
+    result.how = "eager, float32"
+    return result
 
 
 # ---------------------------------------------------------------------------- report

@@ -204,6 +204,24 @@ def _load(name: str) -> ModuleType:
 
 
 @pytest.mark.slow
+def test_quality_report_fp32_yardstick(cpu_only: None, tmp_path: Path) -> None:
+    """``fp32``: the same pipeline converted to float32 against the run's dtype (bfloat16
+    here): no step row, a finite generation PSNR that the run dtype's rounding explains."""
+    report = _load("quality_report")
+    out = tmp_path / "q.json"
+    argv = ["--models", "tiny-pixart", "--modes", "eager,fp32", "--steps", "2", "--runs", "1"]
+    argv += ["--dtype", "bfloat16", "--outlier-factor", "0", "--output-json", str(out)]
+    assert report.main([*argv, "--no-progress"]) == 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"eager", "fp32"} and rows["fp32"]["step"] is None
+    gen = rows["fp32"]["generation"]
+    assert gen["how"] == "eager, float32" and gen["image_match"] == "differs"
+    # bfloat16 keeps 8 mantissa bits: two steps land ~50 dB from float32, not at 100+; a
+    # pipeline with other weights (a float32 rebuild draws new random ones) lands at ~25.
+    assert 40 < gen["latent_psnr_db"] < 90 and 40 < gen["psnr_db"] < 90
+
+
+@pytest.mark.slow
 def test_quality_report_end_to_end(
     cpu_only: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
