@@ -86,7 +86,10 @@ def _component_name(pipe: DiffusionPipeline, owner: object, attr: str) -> str:
 
 
 def _is_eager(name: str, eager: Sequence[str]) -> bool:
-    """``name`` is one of ``eager`` or inside one (``vae`` covers ``vae.decoder``)."""
+    """``name`` is one of ``eager`` or inside one (``vae`` covers ``vae.decoder``).
+
+    The same rule as ``difforge.diffusers.pipe.covered``, kept here because the benchmark
+    also measures difforge versions that lack it (see :func:`_optional`)."""
     return any(name == e or name.startswith(f"{e}.") for e in eager)
 
 

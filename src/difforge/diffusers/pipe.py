@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,8 +140,10 @@ def _check_ignores(pipe: Any, ignores: Iterable[str] | str) -> tuple[str, ...]:
     return ignores
 
 
-def _ignored(name: str, ignores: tuple[str, ...]) -> bool:
-    return any(name == ig or name.startswith(f"{ig}.") for ig in ignores)
+def covered(name: str, prefixes: Sequence[str]) -> bool:
+    """``name`` is one of the dotted component names ``prefixes`` or inside one (``vae``
+    covers ``vae.decoder``)."""
+    return any(name == p or name.startswith(f"{p}.") for p in prefixes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +370,7 @@ def compile_pipe(
     ignores = _check_ignores(pipe, ignores)
     if not (callable(backend) or isinstance(backend, str)):
         raise TypeError(f"backend must be a name or a callable, got {backend!r}")
-    targets = [n for n in _modules(pipe) if not _ignored(n, ignores)]
+    targets = [n for n in _modules(pipe) if not covered(n, ignores)]
     # Parse everything first: a bad option must fail before the pipe is touched.
     plans = {
         n: _component_options(
@@ -378,7 +380,7 @@ def compile_pipe(
     }
     state = _ensure_state(pipe)
 
-    for name in [n for n in state.compiled if _ignored(n, ignores)]:
+    for name in [n for n in state.compiled if covered(n, ignores)]:
         _restore(pipe, name, state, "now ignored; restored the original module")
 
     # Fusion changes the original modules, so their compiled keys record it.

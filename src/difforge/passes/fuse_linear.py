@@ -20,7 +20,6 @@ k/v on a few hundred text tokens do not.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 from collections import defaultdict
@@ -29,7 +28,14 @@ from typing import Any
 import torch
 import torch.fx
 
-from difforge.passes.registry import node_arg, node_tensor, register_pass, size_hint
+from difforge.passes.registry import (
+    guardless,
+    node_arg,
+    node_tensor,
+    node_value,
+    register_pass,
+    size_hint,
+)
 
 log = logging.getLogger("difforge.passes")
 
@@ -157,21 +163,18 @@ def _shapes_check(gm: torch.fx.GraphModule, new_nodes: list[torch.fx.Node]) -> E
     dynamic; re-running the whole graph would re-execute Python-level ops such as
     ``F.interpolate``, which specialise sizes or refuse symbolic ones.
     """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    inputs = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
+    inputs = [node_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
     modes = {id(i.fake_mode): i.fake_mode for i in inputs if hasattr(i, "fake_mode")}
     if len(modes) != 1 or any(i is None for i in inputs):
         return None  # no single fake mode to check with; AOT's own trace will check
     (fake_mode,) = modes.values()
-    shape_env = fake_mode.shape_env
-    no_guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
     new = set(new_nodes)
     changed: dict[torch.fx.Node, object] = {}
 
     def value_of(n: torch.fx.Node) -> object:
-        return changed[n] if n in changed else n.meta.get("example_value", n.meta.get("val"))
+        return changed[n] if n in changed else node_value(n)
 
-    with fake_mode, no_guards:
+    with guardless(fake_mode):
         for node in gm.graph.nodes:
             if node.op == "output":
                 continue

@@ -15,17 +15,21 @@ assert that it fired, and did not fire where it must not.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.fx
+
+if TYPE_CHECKING:
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
 log = logging.getLogger("difforge.passes")
 
@@ -90,8 +94,25 @@ def node_tensor(node: object) -> torch.Tensor | None:
     ``val``), or None for non-nodes and non-tensor values."""
     if not isinstance(node, torch.fx.Node):
         return None
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = node_value(node)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def node_value(node: torch.fx.Node) -> object:
+    """The fake value a node carries (tensor or not): ``example_value`` (Dynamo graphs),
+    else ``val`` (ATen graphs), else None."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+@contextlib.contextmanager
+def guardless(fake_mode: FakeTensorMode) -> Iterator[None]:
+    """``fake_mode`` active with its ShapeEnv's guards suppressed: for passes that run new
+    nodes on fake tensors only to learn their shapes, so a ``dynamic`` graph stays dynamic
+    (a guard recorded here would specialise what Dynamo kept symbolic)."""
+    shape_env = fake_mode.shape_env
+    no_guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+    with fake_mode, no_guards:
+        yield
 
 
 def size_hint(size: object) -> int | None:

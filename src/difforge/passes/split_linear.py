@@ -24,13 +24,19 @@ accumulation), so it is exact up to floating-point reassociation, the ``optimize
 
 from __future__ import annotations
 
-import contextlib
 import operator
 
 import torch
 import torch.fx
 
-from difforge.passes.registry import node_arg, node_tensor, register_pass, size_hint
+from difforge.passes.registry import (
+    guardless,
+    node_arg,
+    node_tensor,
+    node_value,
+    register_pass,
+    size_hint,
+)
 
 _LINEAR = torch._C._nn.linear
 
@@ -99,18 +105,13 @@ def _fill_example_values(nodes: list[torch.fx.Node]) -> None:
     so that later passes can read their shapes; without a fake mode they stay without."""
     from torch._guards import detect_fake_mode
 
-    def value(n: torch.fx.Node) -> object:
-        return n.meta.get("example_value", n.meta.get("val"))
-
     inputs = [node_tensor(i) for n in nodes for i in n.all_input_nodes]
     fake_mode = detect_fake_mode([t for t in inputs if t is not None])
     if fake_mode is None:
         return
-    shape_env = fake_mode.shape_env
-    no_guards = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
-    with fake_mode, no_guards:  # shapes for later passes only: no guards for Dynamo
+    with guardless(fake_mode):
         for node in nodes:
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), value)
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), node_value)
             try:
                 node.meta["example_value"] = node.target(*args, **kwargs)  # type: ignore[operator]
             except Exception:
