@@ -18,10 +18,11 @@ Math (non-causal, no mask), for q, k, v of shape ``[B, H, S, D]``:
 :func:`attention_int8` launches the Triton kernel; ``torch.ops.difforge.attention_int8`` is
 the same launcher as an opaque ``torch.library`` op for Dynamo/Inductor.
 
-Speed (H100, torch 2.11, Triton 3.6; ``benchmarks/results/2026-11-27_h100_probe_int8attn_s13.json``,
-CUDA-graph timed): the kernel alone beats cuDNN's fp16 SDPA only at PixArt's head dim 72
-with fp8 P·V (0.385 vs 0.455 ms at 2x16x4096², 64x64 tiles), ties at SD3/SDXL's 64 and
-FLUX's 128, and loses with fp16 P·V. The softmax's float32 work, not the tensor cores,
+Speed (H100, torch 2.11, Triton 3.6, CUDA-graph timed;
+``benchmarks/results/2026-11-27_h100_probe_int8attn_final_s13.json``): with fp8 P·V the
+kernel alone beats cuDNN's fp16 SDPA at PixArt's head dim 72 (0.349 vs 0.449 ms at
+2x16x4096², 128x64 tiles) and FLUX's 128 (0.405 vs 0.445), ties at SD3's and SDXL's 64, and
+with fp16 P·V it loses everywhere. The softmax's float32 work, not the tensor cores,
 bounds it: the scores become floats by an integer add (:data:`_MAGIC`; a conversion
 instruction runs at a quarter of the float rate) and scale, max and log2(448) fold into one
 FMA, but the loop stays FlashAttention-2-shaped (each warp group waits for its own MMAs;
@@ -55,11 +56,11 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 _INT8_MAX = 127.0
 _FP8_MAX = 448.0
-_LOG2_FP8_MAX = math.log2(_FP8_MAX)
-# int32 -> float32 by bits: the float bits of 1.5 * 2**23 plus an integer t are the float
-# 1.5 * 2**23 + t, exactly, for |t| < 2**22 (Q·Kᵀ's int8 sums stay below 127² * 128 < 2**21).
-_MAGIC = 12582912.0
-_MAGIC_BITS = 0x4B400000
+#: int32 -> float32 by bits: the float bits of 1.5 * 2**23 plus an integer t are the float
+#: 1.5 * 2**23 + t, exactly, for |t| < 2**22 (Q·Kᵀ's int8 sums stay below 127² * 128 < 2**21).
+_MAGIC = tl.constexpr(12582912.0)
+_MAGIC_BITS = tl.constexpr(0x4B400000)
+_LOG2_FP8_MAX = tl.constexpr(math.log2(_FP8_MAX))
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128
 DEFAULT_BLOCK_M = 128
@@ -496,17 +497,17 @@ def _attend_kv_block(
     c = q_scale * tl.load(k_scale_row_ptr + j)  # int score -> log2 units
     # f = MAGIC + s as a float, by an integer add (a conversion instruction runs at a
     # quarter of the float rate and would cost as much as the exponential).
-    f = (s + 0x4B400000).to(tl.float32, bitcast=True)
+    f = (s + _MAGIC_BITS).to(tl.float32, bitcast=True)
     if MASK_KV:
         # Ragged last kv block: padded keys must get zero weight, not exp2(0 - m).
         f = tl.where(kv_mask[None, :], f, float("-inf"))
     # Every kv block holds at least one real key, so m_new is finite: no NaN from inf - inf.
-    m_new = tl.maximum(m_i, (tl.max(f, 1) - 12582912.0) * c)
+    m_new = tl.maximum(m_i, (tl.max(f, 1) - _MAGIC) * c)
     alpha = tl.exp2(m_i - m_new)
     # One FMA per score: (f - MAGIC) * c - m_new, plus log2(448) for fp8 P (see _pv_dot).
-    bias = -m_new - 12582912.0 * c
+    bias = -m_new - _MAGIC * c
     if PV_FP8:
-        bias += 8.807354922057604  # log2(448)
+        bias += _LOG2_FP8_MAX
     p = tl.exp2(f * c + bias[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
 
@@ -897,7 +898,6 @@ def attention_int8(
     8, at most 128 (see :func:`head_dim_tiles` for how 72 is tiled). ``pv_fp8``: P·V in fp8
     e4m3 too (V per channel, P scaled by 448), else in q's dtype. ``block_m``/``block_n``
     are also the quantization blocks; ``num_warps``/``num_stages`` tune the kernel.
-        tensor cores also sum P (a column of ones in V's padding) instead of the softmax.
     Returns q's dtype, shape ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory order. Expected
     error against float SDPA ~1e-2 relative. Inference only (no autograd formula).
     """
@@ -964,6 +964,8 @@ def _attention_int8_fake(
 @torch.library.custom_op("difforge::attention_int8_prepared", mutates_args=())
 def _attention_int8_prepared_op(
     q8: torch.Tensor,
+    head_dim: int,
+    out_dtype: torch.dtype,
     q_scale: torch.Tensor,
     k8: torch.Tensor,
     k_scale: torch.Tensor,
@@ -971,15 +973,14 @@ def _attention_int8_prepared_op(
     v_tail: torch.Tensor | None,
     v_scale: torch.Tensor | None,
     sm_scale: float,
-    head_dim: int,
-    out_dtype: torch.dtype,
     block_m: int,
     block_n: int,
     num_warps: int,
     num_stages: int,
 ) -> torch.Tensor:
     """``torch.ops.difforge.attention_int8_prepared``: the kernel on operands that
-    :func:`prepare_operands_torch` made inside the graph (see :func:`attention_int8_fused`)."""
+    :func:`prepare_operands_torch` made inside the graph (see :func:`attention_int8_fused`).
+    What the output's shape depends on comes first, so the fake needs no full signature."""
     ops = Operands(q8, q_scale, k8, k_scale, v_main, v_tail, v_scale)
     out = _prepared_out(q8, head_dim, out_dtype)
     _launch(
@@ -996,20 +997,7 @@ def _prepared_out(q8: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.
 
 @_attention_int8_prepared_op.register_fake
 def _attention_int8_prepared_fake(
-    q8: torch.Tensor,
-    q_scale: torch.Tensor,
-    k8: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_main: torch.Tensor,
-    v_tail: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    sm_scale: float,
-    head_dim: int,
-    out_dtype: torch.dtype,
-    block_m: int,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
+    q8: torch.Tensor, head_dim: int, out_dtype: torch.dtype, *operands: object
 ) -> torch.Tensor:
     return _prepared_out(q8, head_dim, out_dtype)
 
@@ -1031,10 +1019,10 @@ def attention_int8_fused(
     k, v), then the kernel as one opaque op. Same arguments and result as
     :func:`attention_int8` (inputs checked at trace time by the pass)."""
     d = q.shape[-1]
-    ops = prepare_operands_torch(q, k, v, block_m, block_n, pv_fp8)
+    q8, *operands = prepare_operands_torch(q, k, v, block_m, block_n, pv_fp8)
     return torch.ops.difforge.attention_int8_prepared(
-        *ops, d**-0.5 if sm_scale is None else sm_scale, d, q.dtype, block_m, block_n,
-        num_warps or _default_warps(block_m), num_stages,
+        q8, d, q.dtype, *operands, d**-0.5 if sm_scale is None else sm_scale, block_m,
+        block_n, num_warps or _default_warps(block_m), num_stages,
     )  # fmt: skip
 
 
@@ -1110,9 +1098,7 @@ def benchmark_attention(
     sm_scale = 1.0 / math.sqrt(head_dim)
 
     def kernel() -> None:
-        _launch(
-            operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, **config
-        )  # fmt: skip
+        _launch(operands, o, sm_scale, head_dim=head_dim, seq_kv=seq_kv, **config)
 
     kernel_ms = timer(kernel)
     torch.testing.assert_close(o, out, rtol=0, atol=0)  # same inputs, same kernel

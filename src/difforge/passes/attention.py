@@ -13,10 +13,11 @@ trace turns into a guard: a resolution past it recompiles to SDPA (an H100 SDXL 
 at 1024², dynamic, without this: 4.5 ms in the memory-efficient kernel).
 
 ``attention_int8`` (``low-precision`` tier, opt-in with ``passes.attention_int8: true``;
-O3 leaves it off: on an H100 the kernel alone beats cuDNN only at PixArt's head dim 72, and
-forced into PixArt-XL's O3 step the quantization cost more than the kernel saved, 30.88 vs
-30.26 ms, ``benchmarks/results/2026-11-27_h100_step_attn_always_pixart_s13.json``; measuring
-also costs compile time): a call with no mask, no dropout, not causal, half-precision 4-D
+O3 leaves it off: on an H100 the kernel alone beats cuDNN at PixArt's head dim 72 (1.29x)
+and FLUX's 128 (1.10x) and ties at 64, and forced into PixArt-XL's O3 step the quantization
+cost more than the kernel saved, 30.88 vs 30.26 ms,
+``benchmarks/results/2026-11-27_h100_step_attn_always_pixart_s13.json``; measuring also
+costs compile time): a call with no mask, no dropout, not causal, half-precision 4-D
 q/k/v with one head dim (a multiple of 8, at most 128) and no
 gradient becomes :func:`difforge.kernels.attention_int8.attention_int8_fused` (the
 quantization in torch ops, which Inductor fuses into the producers of q, k and v, then
