@@ -41,7 +41,13 @@ _CHILD = textwrap.dedent(
             "    return wrapper\\n",
             wrappers.__dict__,
         )
-        TinyDiT.forward = wrappers.keep(TinyDiT.forward)
+        forward = TinyDiT.forward
+        if os.environ.get("WRAPPED_DEFAULTS"):  # FLUX's forward has defaults Dynamo guards
+            plain = forward
+            def forward(self, latents, timestep, caption, scale=1.0):
+                return plain(self, latents, timestep, caption) * scale
+            forward.__module__, forward.__qualname__ = plain.__module__, plain.__qualname__
+        TinyDiT.forward = wrappers.keep(forward)
     if os.environ.get("BREAK_GUARD_BUILDING"):  # as torch 2.13 failed on FLUX.1-dev's
         def unbuildable(*args, **kwargs):
             raise AttributeError("'_Missing' object has no attribute '__defaults__'")
@@ -91,6 +97,7 @@ def _child(
     wrapped: bool = False,
     unbuildable: bool = False,
     patched: bool = False,
+    defaults: bool = False,
 ) -> dict:
     env = {**os.environ, "DIFFORGE_CACHE_DIR": str(root)}
     if broken:
@@ -101,6 +108,8 @@ def _child(
         env["BREAK_GUARD_BUILDING"] = "1"
     if patched:
         env["PATCH_FORWARD"] = "1"
+    if defaults:
+        env["WRAPPED_DEFAULTS"] = "1"
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     return run_child(_CHILD, json.dumps(options), *(["new-size"] if new_size else []), env=env)
 
@@ -156,6 +165,50 @@ def test_a_forward_wrapped_in_another_module_loads(tmp_path: Path) -> None:
     warm = _child(options, root, wrapped=True)
     assert warm["hit"] == 1 and warm["traced"] == 0 and warm["compiles"] == 0
     assert warm["err"] == pytest.approx(cold["err"], rel=1e-6, abs=1e-9)
+
+
+@needs_precompile
+def test_a_decorated_forward_with_guarded_defaults_loads(tmp_path: Path) -> None:
+    # FLUX.1-dev on torch 2.13: the guard on the decorated function's __defaults__ referred
+    # to a function torch could not pickle (its name leads to the wrapper), so the entry was
+    # stored with a placeholder and never loaded ('_Missing' object has no attribute
+    # '__defaults__'). precompile.repair_decorated_function_pickling stores it by name and
+    # __wrapped__ steps.
+    root = tmp_path / "cache"
+    options = {"mode": "O1:cache-all", "cache.precompile": True}
+    cold = _child(options, root, wrapped=True, defaults=True)
+    assert cold["miss"] == 1 and cold["traced"] == 1 and cold["err"] < 1e-4
+    warm = _child(options, root, wrapped=True, defaults=True)
+    assert warm["warnings"] == [] and warm["load_errors"] == 0
+    assert warm["hit"] == 1 and warm["traced"] == 0 and warm["compiles"] == 0
+    assert warm["err"] == pytest.approx(cold["err"], rel=1e-6, abs=1e-9)
+
+
+def test_functions_behind_wrappers_pickle_by_name_and_depth() -> None:
+    import functools
+
+    from difforge.models import tiny
+
+    def keep(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    original = tiny.timestep_embedding
+    try:
+        tiny.timestep_embedding = keep(keep(original))
+        assert precompile._wrapped_depth(original) == 2
+        assert (
+            precompile.function_behind_wrappers(original.__module__, original.__qualname__, 2)
+            is original
+        )
+        assert precompile._wrapped_depth(tiny.timestep_embedding) is None  # its own name
+    finally:
+        tiny.timestep_embedding = original
+    assert precompile._wrapped_depth(original) is None
+    assert precompile._wrapped_depth(keep(original)) is None  # a wrapper nobody names
 
 
 @needs_precompile

@@ -38,6 +38,8 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
+import inspect
 import itertools
 import marshal
 import pickle
@@ -89,6 +91,7 @@ def enabled(config: CompileConfig) -> bool:
         _warn_once(f"difforge: option {KEY!r} is ignored: {why_not}")
         return False
     repair_source_pickling()
+    repair_decorated_function_pickling()
     return True
 
 
@@ -137,6 +140,59 @@ def repair_source_pickling() -> tuple[str, ...]:
             cls.__reduce__ = _reduce_init_fields  # type: ignore[method-assign,assignment]
             repaired.append(cls.__name__)
     return tuple(sorted(repaired))
+
+
+def function_behind_wrappers(module: str, qualname: str, depth: int) -> Any:
+    """The function ``depth`` ``__wrapped__`` steps behind ``module.qualname`` (unpickling
+    side of :func:`repair_decorated_function_pickling`)."""
+    fn: Any = importlib.import_module(module)
+    for name in qualname.split("."):
+        fn = getattr(fn, name)
+    for _ in range(depth):
+        fn = fn.__wrapped__
+    return fn
+
+
+def _wrapped_depth(fn: Any) -> int | None:
+    """How many ``__wrapped__`` steps lead from ``fn``'s module-level name to ``fn`` (a
+    function its decorator shadows there), or None when that name does not lead to it."""
+    target: Any = sys.modules.get(fn.__module__)
+    for name in fn.__qualname__.split("."):
+        target = getattr(target, name, None)
+    depth = 0
+    while target is not None and target is not fn and depth < 8:
+        target, depth = getattr(target, "__wrapped__", None), depth + 1
+    return depth if target is fn and depth else None
+
+
+@functools.cache
+def repair_decorated_function_pickling() -> bool:
+    """Let Dynamo's guard state pickle a function that a ``functools.wraps`` decorator
+    shadows under its own name; whether the repair was installed.
+
+    diffusers' ``apply_lora_scale`` wraps FLUX's ``forward``: Dynamo's first frame is the
+    wrapper, whose closure holds the original function, and a guard reads that function's
+    ``__defaults__``. torch pickles a function by its module and qualname and, finding the
+    wrapper there, stores a placeholder instead ("fqn mismatch"), so on torch 2.13 the
+    entry's guards could not be built (``'_Missing' object has no attribute
+    '__defaults__'``) and FLUX's stored trace was never used. Such a function is stored as
+    its name plus the number of ``__wrapped__`` steps to follow.
+    """
+    try:
+        from torch._dynamo.guards import GuardsStatePickler
+    except ImportError:
+        return False
+    original = GuardsStatePickler.reducer_override
+
+    def reducer_override(self: Any, obj: Any) -> Any:
+        if inspect.isfunction(obj) and "<locals>" not in obj.__qualname__:
+            depth = _wrapped_depth(obj)
+            if depth:
+                return function_behind_wrappers, (obj.__module__, obj.__qualname__, depth)
+        return original(self, obj)
+
+    GuardsStatePickler.reducer_override = reducer_override  # type: ignore[method-assign]
+    return True
 
 
 def unloadable(entry: Any) -> str | None:
@@ -454,6 +510,7 @@ __all__ = [
     "module_of_globals",
     "precompiling",
     "python_fingerprint",
+    "repair_decorated_function_pickling",
     "repair_source_pickling",
     "save",
     "source_id",
