@@ -92,6 +92,7 @@ def enabled(config: CompileConfig) -> bool:
         return False
     repair_source_pickling()
     repair_decorated_function_pickling()
+    repair_guard_installing_sources()
     return True
 
 
@@ -138,6 +139,55 @@ def repair_source_pickling() -> tuple[str, ...]:
         pending.extend(cls.__subclasses__())
         if dataclasses.is_dataclass(cls) and any(not f.init for f in dataclasses.fields(cls)):
             cls.__reduce__ = _reduce_init_fields  # type: ignore[method-assign,assignment]
+            repaired.append(cls.__name__)
+    return tuple(sorted(repaired))
+
+
+def rebuild_source(cls: type, values: dict[str, Any]) -> Any:
+    """A guard source rebuilt from its fields without ``__post_init__`` (unpickling side of
+    :func:`repair_guard_installing_sources`)."""
+    source = object.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(source, name, value)
+    return source
+
+
+def _reduce_fields(self: Any) -> tuple[Any, tuple[Any, ...]]:
+    return rebuild_source, (
+        type(self),
+        {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+    )
+
+
+def _installs_a_guard(cls: type) -> bool:
+    post_init = vars(cls).get("__post_init__")
+    try:
+        return post_init is not None and "install_guard" in inspect.getsource(post_init)
+    except (OSError, TypeError):
+        return False
+
+
+@functools.cache
+def repair_guard_installing_sources() -> tuple[str, ...]:
+    """Make guard sources whose ``__post_init__`` installs a guard unpickle without it; the
+    classes repaired.
+
+    torch 2.13 unpickles a source by calling its constructor, and ``ImportSource`` (in the
+    guards of FLUX's ``nested`` regions) then installs a guard, which needs a trace: loading
+    raised ``TracingContext.get() must be called within an ongoing trace`` and every stored
+    region was traced again. The stored guards do not need that side effect.
+    """
+    try:
+        from torch._guards import Source
+    except ImportError:
+        return ()
+    repaired = []
+    pending: list[type] = [Source]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if dataclasses.is_dataclass(cls) and _installs_a_guard(cls):
+            cls.__reduce__ = _reduce_fields  # type: ignore[method-assign,assignment]
             repaired.append(cls.__name__)
     return tuple(sorted(repaired))
 
@@ -511,6 +561,7 @@ __all__ = [
     "precompiling",
     "python_fingerprint",
     "repair_decorated_function_pickling",
+    "repair_guard_installing_sources",
     "repair_source_pickling",
     "save",
     "source_id",
