@@ -22,6 +22,12 @@ What difforge adds:
 - **Scope.** The setting is switched on only around difforge's own ``torch.compile`` and
   its calls, never for the process, and difforge writes only the entry of the function it
   compiled (torch's save writes every function compiled so far into the folder in force).
+- **Repairs** of torch's entry format where it failed on diffusion models: guard sources that
+  did not unpickle (:func:`repair_source_pickling`, torch 2.11;
+  :func:`repair_guard_installing_sources`, 2.13), a decorated ``forward``'s inner function
+  stored as a placeholder (:func:`repair_decorated_function_pickling`, 2.13), its entry
+  recorded under the wrong module (:func:`module_of_globals`); any other failure to load or
+  install an entry is a warned miss that traces afresh.
 
 What it costs: the entry is loaded with *fewer guards*. torch drops guards it cannot
 serialise, such as the identity and code of attention-processor objects. difforge's folder key
