@@ -138,15 +138,20 @@ def repair_source_pickling() -> tuple[str, ...]:
         return ()
     if _round_trips(probe):
         return ()
-    repaired = []
-    pending: list[type] = [Source]
+    derived = [c for c in _source_classes(Source) if any(not f.init for f in dataclasses.fields(c))]
+    for cls in derived:
+        cls.__reduce__ = _reduce_init_fields  # type: ignore[method-assign,assignment]
+    return tuple(sorted(c.__name__ for c in derived))
+
+
+def _source_classes(root: type) -> Iterator[type]:
+    """``root`` and its subclasses that are dataclasses (Dynamo's guard sources)."""
+    pending = [root]
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        if dataclasses.is_dataclass(cls) and any(not f.init for f in dataclasses.fields(cls)):
-            cls.__reduce__ = _reduce_init_fields  # type: ignore[method-assign,assignment]
-            repaired.append(cls.__name__)
-    return tuple(sorted(repaired))
+        if dataclasses.is_dataclass(cls):
+            yield cls
 
 
 def rebuild_source(cls: type, values: dict[str, Any]) -> Any:
@@ -187,15 +192,10 @@ def repair_guard_installing_sources() -> tuple[str, ...]:
         from torch._guards import Source
     except ImportError:
         return ()
-    repaired = []
-    pending: list[type] = [Source]
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if dataclasses.is_dataclass(cls) and _installs_a_guard(cls):
-            cls.__reduce__ = _reduce_fields  # type: ignore[method-assign,assignment]
-            repaired.append(cls.__name__)
-    return tuple(sorted(repaired))
+    installing = [c for c in _source_classes(Source) if _installs_a_guard(c)]
+    for cls in installing:
+        cls.__reduce__ = _reduce_fields  # type: ignore[method-assign,assignment]
+    return tuple(sorted(c.__name__ for c in installing))
 
 
 def function_behind_wrappers(module: str, qualname: str, depth: int) -> Any:

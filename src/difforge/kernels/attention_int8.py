@@ -788,10 +788,25 @@ def prepare_operands(
     width = sum(head_dim_tiles(d, 32))
     q8, q_scale = quantize_per_block_int8_triton(q, block_m, pad_to=width)
     k8, k_scale = quantize_per_block_int8_triton(k, block_n, subtract_mean=_k_mean(k), pad_to=width)
+    return _with_v(q8, q_scale, k8, k_scale, v, block_n, pv_fp8, quantize_v_fp8_transposed)
+
+
+def _with_v(
+    q8: torch.Tensor,
+    q_scale: torch.Tensor,
+    k8: torch.Tensor,
+    k_scale: torch.Tensor,
+    v: torch.Tensor,
+    block_n: int,
+    pv_fp8: bool,
+    quantize_v: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]],
+) -> Operands:
+    """The operands with V's part: fp8 Vᵀ by ``quantize_v``, or V and its padded tail."""
+    d = v.shape[-1]
     pv_main, pv_tail = head_dim_tiles(d, 16)
     if pv_fp8:
         # Sequence padded to whole kv blocks: the kernel loads Vᵀ without masks.
-        vt8, v_scale = quantize_v_fp8_transposed(v, pv_main + pv_tail, max(16, block_n))
+        vt8, v_scale = quantize_v(v, pv_main + pv_tail, max(16, block_n))
         return Operands(q8, q_scale, k8, k_scale, vt8, None, v_scale)
     if pv_main > d:
         v = torch.nn.functional.pad(v, (0, pv_main - d))
@@ -818,16 +833,7 @@ def prepare_operands_torch(
     q8, q_scale = quantize_per_block_int8(q, block_m)
     k8, k_scale = quantize_per_block_int8(_smooth_k(k), block_n)
     q8, k8 = (torch.nn.functional.pad(t, (0, pad)) for t in (q8, k8))
-    pv_main, pv_tail = head_dim_tiles(d, 16)
-    if pv_fp8:
-        vt8, v_scale = quantize_v_fp8_transposed_torch(v, pv_main + pv_tail, max(16, block_n))
-        return Operands(q8, q_scale, k8, k_scale, vt8, None, v_scale)
-    if pv_main > d:
-        v = torch.nn.functional.pad(v, (0, pv_main - d))
-    tail = None
-    if pv_tail:
-        tail = torch.nn.functional.pad(v[..., pv_main:], (0, pv_main + pv_tail - d))
-    return Operands(q8, q_scale, k8, k_scale, v, tail, None)
+    return _with_v(q8, q_scale, k8, k_scale, v, block_n, pv_fp8, quantize_v_fp8_transposed_torch)
 
 
 def _launch(
