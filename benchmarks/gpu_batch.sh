@@ -317,7 +317,7 @@ case "$part" in
     run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
       --no-progress --output-json "$out/quality_pixart.json" ;;
   qualitysd3)
-    run 580 quality_sd3 python3 benchmarks/quality_report.py --models sd3-medium \
+    run 580 quality_sd3 python3 benchmarks/quality_report.py --models sd3-medium --runs 1 \
       --no-progress --output-json "$out/quality_sd3.json" ;;
   qualityflux)
     run 580 quality_flux python3 benchmarks/quality_report.py --models flux-dev \
