@@ -165,11 +165,24 @@ def test_no_repeated_blocks_warns_and_compiles_whole():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
     x = torch.randn(3, 8)
-    with pytest.warns(UserWarning, match="found no repeated blocks"):
+    with pytest.warns(UserWarning, match="found no repeated blocks") as seen:
         compiled = difforge.compile(model, options={"compile.regional": True})
+    # Attributed to the line that called difforge.compile, not to difforge or torch.
+    assert [w.filename for w in seen] == [__file__]
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) < 1e-6
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_warnings_from_inside_torch_point_at_the_callers_line() -> None:
+    """A recompile is reported from deep inside Dynamo; the warning names the user's call."""
+    model = nn.Linear(8, 8).eval()
+    compiled = difforge.compile(model, options={"mode": "O1", "dynamic": False})
+    with torch.no_grad():
+        compiled(torch.randn(2, 8))
+        with pytest.warns(UserWarning, match="difforge: recompiling") as seen:
+            compiled(torch.randn(3, 8))  # another batch: a reported recompile
+    assert {w.filename for w in seen if "recompiling" in str(w.message)} == {__file__}
 
 
 @pytest.mark.parametrize("value", ["sometimes", 1, "Nested"])

@@ -40,7 +40,6 @@ import os
 import re
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,11 +244,10 @@ class BucketTable:
             if warn:
                 from difforge.cache import CacheWarning
 
-                warnings.warn(
+                warn(
                     f"difforge: ignoring the autotune bucket table {path} ({exc}); it is "
                     "replaced at the next autotune",
                     CacheWarning,
-                    stacklevel=2,
                 )
             return {}
 

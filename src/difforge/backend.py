@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from torch import nn
 from difforge.autotune_buckets import bucketing_for
 from difforge.autotune_buckets import cache_salt as bucket_salt
 from difforge.cache import CacheLayout, compile_in_cache
-from difforge.errors import DifforgeError, OptionsError
+from difforge.errors import DifforgeError, OptionsError, warn
 from difforge.fusion_memo import memoized_fusion_check
 from difforge.heuristics import choices_for, installed
 from difforge.index_join import cache_salt as index_join_salt
@@ -156,7 +155,7 @@ class DifforgeBackend:
                 "or torch.inference_mode(); this graph was compiled without freezing"
             )
             record.notes.append(note)
-            warnings.warn(f"difforge: {note}", stacklevel=2)
+            warn(f"difforge: {note}")
 
         def run_inductor() -> Callable[..., Any]:
             with (
@@ -258,26 +257,23 @@ def difforge_backend(
     backend = _ENTRY_POINT_BACKENDS[key]
     if config.settings.get("compile.regional") and not _warned_regional:
         _warned_regional = True
-        warnings.warn(
+        warn(
             "difforge: 'compile.regional' only takes effect through difforge.compile() or "
             "compile_pipe() (it marks the module's blocks before tracing); with torch.compile "
             "the whole model is compiled",
-            stacklevel=2,
         )
     if config.settings.get("quant.fp8_linear") and not _warned_fp8:
         _warned_fp8 = True
-        warnings.warn(
+        warn(
             "difforge: fp8 linears ('quant.fp8_linear', on under low-precision/O3) are swapped "
             "in by difforge.compile() or compile_pipe() before tracing; torch.compile(backend="
             "'difforge') only sees the traced graph, so the linears keep their precision "
             "(quantize first with difforge.quant.quantize_linears() or quantize_pipe())",
-            stacklevel=2,
         )
     if config.dynamic is not None and not _warned_dynamic:
         _warned_dynamic = True
-        warnings.warn(
+        warn(
             "difforge: the 'dynamic' option only takes effect through difforge.compile(); "
             "with torch.compile pass dynamic=... to torch.compile itself",
-            stacklevel=2,
         )
     return backend(gm, example_inputs)

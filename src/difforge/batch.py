@@ -71,7 +71,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -79,7 +78,7 @@ import torch
 from torch import nn
 
 from difforge.entry import wrap_entry
-from difforge.errors import DifforgeError, OptionsError
+from difforge.errors import DifforgeError, OptionsError, warn
 from difforge.options import BATCH_MODES, CompileConfig
 
 KEY = "shapes.batch"
@@ -327,11 +326,10 @@ class BatchAxis:
             with expected():
                 call(*resize(args), **resize(kwargs))
         except Exception as exc:  # a warm-up must never fail the user's call
-            warnings.warn(
+            warn(
                 f"difforge: {self.name}: could not compile batch {other} ahead of use "
                 f"('shapes.batch': {self.mode!r}); it will compile at its first call "
                 f"({type(exc).__name__}: {exc})",
-                stacklevel=3,
             )
 
 

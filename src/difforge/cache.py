@@ -47,12 +47,12 @@ import struct
 import tempfile
 import threading
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from difforge.errors import warn
 from difforge.options import default_cache_dir
 
 T = TypeVar("T")
@@ -321,10 +321,9 @@ def _warn_corrupt(problems: list[str]) -> None:
         f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
     )
     noun = "entry" if len(problems) == 1 else f"entries ({len(problems)})"
-    warnings.warn(
+    warn(
         f"difforge: corrupted cache {noun} {shown} removed; recompiling",
         CacheWarning,
-        stacklevel=4,
     )
 
 
@@ -380,11 +379,10 @@ def using_cache(layout: CacheLayout) -> Iterator[bool]:
     if reason is not None:
         if layout.root not in _warned_unwritable:
             _warned_unwritable.add(layout.root)
-            warnings.warn(
+            warn(
                 f"difforge: cache folder {layout.root} is not writable ({reason}); "
                 "compiling without the persistent cache",
                 CacheWarning,
-                stacklevel=3,
             )
         yield False
         return
@@ -541,10 +539,9 @@ def _recover(layout: CacheLayout, compile_fn: Callable[[], T], first: Exception)
             pass
         else:
             shown = ", ".join(str(p) for p in removed[:5])
-            warnings.warn(
+            warn(
                 f"difforge: corrupted cache entry {shown} removed ({_summary(first)}); recompiled",
                 CacheWarning,
-                stacklevel=4,
             )
             return result
     if not named and not any(isinstance(e, _IO_ERRORS) for e in _exception_chain(first)):
@@ -560,11 +557,10 @@ def _recover(layout: CacheLayout, compile_fn: Callable[[], T], first: Exception)
     if not recompiled:
         raise first
     _quarantine(layout)
-    warnings.warn(
+    warn(
         f"difforge: the cache folder {layout.root} broke this compile ({_summary(first)}) "
         "but an empty one did not; emptied it and recompiled",
         CacheWarning,
-        stacklevel=4,
     )
     return result
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,6 +56,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from difforge.entry import wrap_entry
+from difforge.errors import warn
 from difforge.module_watch import ModuleWatch
 from difforge.passes import counters
 
@@ -346,7 +346,7 @@ class GraphPool:
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
             self._warned.add(topic)
-            warnings.warn(message, stacklevel=4)
+            warn(message)
 
 
 def _distinct(tensor: torch.Tensor) -> torch.Tensor:

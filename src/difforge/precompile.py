@@ -52,7 +52,6 @@ import pickle
 import platform
 import re
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from typing import Any
 import torch
 
 from difforge.cache import CacheLayout, using_cache
+from difforge.errors import warn
 from difforge.options import CompileConfig
 
 KEY = "cache.precompile"
@@ -85,7 +85,7 @@ _warned: set[str] = set()
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, UserWarning, stacklevel=4)
+        warn(message, UserWarning)
 
 
 def enabled(config: CompileConfig) -> bool:

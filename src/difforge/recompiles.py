@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from difforge.errors import DifforgeError
+from difforge.errors import DifforgeError, warn
 
 log = logging.getLogger("difforge")
 
@@ -115,17 +114,15 @@ class RecompileTracker:
             )
         if (frame_id, event.reason) not in self._reported:
             self._reported.add((frame_id, event.reason))
-            warnings.warn(
+            warn(
                 f"difforge: recompiling {function} (recompile #{event.compile_index}): "
                 f"{event.reason}",
-                stacklevel=3,
             )
         if len(attempts) - 1 >= dynamo_recompile_limit():  # Dynamo counts planned ones too
-            warnings.warn(
+            warn(
                 f"difforge: {function} reached torch._dynamo.config.recompile_limit="
                 f"{dynamo_recompile_limit()}; inputs needing yet another compilation will run "
                 "EAGERLY (slow). Use 'dynamic': true or raise the limit.",
-                stacklevel=3,
             )
         log.info("difforge recompile #%d of %s: %s", event.compile_index, function, event.reason)
         return event

@@ -78,7 +78,6 @@ import hashlib
 import importlib
 import logging
 import types
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +87,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from difforge.entry import wrap_entry
-from difforge.errors import OptionsError
+from difforge.errors import OptionsError, warn
 
 log = logging.getLogger("difforge")
 
@@ -435,11 +434,10 @@ def with_region_fallback(compiled: Any, module: nn.Module) -> Any:
                 if not marked_blocks(module) or not _raised_in_region(exc):
                     raise
                 unmark_regions(module)
-                warnings.warn(
+                warn(
                     f"difforge: tracing the nested compile regions of {type(module).__name__} "
                     f"failed inside torch ({type(exc).__name__}: {_first_line(exc)}); compiling "
                     "the whole model instead (compile.regional off for this model)",
-                    stacklevel=2,
                 )
                 return call(*args, **kwargs)
 
@@ -449,9 +447,8 @@ def with_region_fallback(compiled: Any, module: nn.Module) -> Any:
 
 
 def no_blocks_warning(module: nn.Module) -> None:
-    warnings.warn(
+    warn(
         f"difforge: 'compile.regional' found no repeated blocks in {type(module).__name__} "
         "(no _repeated_blocks declared, no nn.ModuleList of identical modules); compiling "
         "the whole model instead",
-        stacklevel=3,
     )

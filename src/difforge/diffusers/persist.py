@@ -25,7 +25,6 @@ import os
 import platform
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 import difforge
 from difforge.cache import CacheLayout, using_cache
 from difforge.diffusers.pipe import PipeState, _get, _original, pipe_state
-from difforge.errors import DifforgeError
+from difforge.errors import DifforgeError, warn
 
 __all__ = ["ARTIFACTS_FILE", "META_FILE", "LoadResult", "environment", "load_pipe", "save_pipe"]
 
@@ -204,10 +203,9 @@ def save_pipe(pipe: Any, path: str | os.PathLike[str]) -> Path:
     data, info = result
     bypassed = _bypassed_graphs()
     if bypassed:
-        warnings.warn(
+        warn(
             f"difforge: {bypassed} graph(s) could not be put in Inductor's FX graph cache; "
             "they will be compiled again after load_pipe",
-            stacklevel=2,
         )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -257,7 +255,7 @@ def _mismatches(meta: dict[str, Any], pipe: Any, state: PipeState) -> dict[str, 
 
 
 def _not_loaded(reason: str, mismatches: dict[str, tuple[Any, Any]] | None = None) -> LoadResult:
-    warnings.warn(f"difforge: load_pipe did not load anything: {reason}", stacklevel=3)
+    warn(f"difforge: load_pipe did not load anything: {reason}")
     return LoadResult(False, reason, mismatches or {})
 
 

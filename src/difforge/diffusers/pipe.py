@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from difforge import regional
 from difforge.batch import KEY as BATCH_KEY
 from difforge.batch import has_group_norm, resolve_batch_mode
 from difforge.dynamic import remove_shape_adapters
+from difforge.errors import warn
 from difforge.memory_format import apply_memory_format
 from difforge.options import CompileConfig, load_options, parse_options
 
@@ -181,11 +181,10 @@ def _component_options(
         raw["quant.fp8_linear"] = False
     config = parse_options(raw)
     if raw.get(BATCH_KEY) == "unbacked" and config.dynamic is True and has_group_norm(module):
-        warnings.warn(
+        warn(
             f"difforge: {type(module).__name__} is a conv net (GroupNorm), which cannot take "
             "'shapes.batch': 'unbacked'; it compiles with 'warmup' (its batch-1 and batch>=2 "
             "graphs at the first call)",
-            stacklevel=3,
         )
         raw[BATCH_KEY] = "warmup"
         config = parse_options(raw)

@@ -13,7 +13,6 @@ recorded on the pipe and read back with :func:`quant_report`.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difforge.errors import DifforgeError
+from difforge.errors import DifforgeError, warn
 from difforge.quant.select import (
     DEFAULT_EXCLUDE,
     DEFAULT_MIN_FEATURES,
@@ -174,11 +173,10 @@ def quantize_pipe(
 
     why_slow = _fp8_gemm_reason()
     if why_slow is not None:
-        warnings.warn(
+        warn(
             f"fp8 GEMM not available: {why_slow}; quantized linears run through the float32 "
             "reference path, which is slow here",
             RuntimeWarning,
-            stacklevel=2,
         )
     base = quantize_linears(denoiser, module_filter)
     report = PipeQuantReport(

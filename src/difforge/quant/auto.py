@@ -20,13 +20,13 @@ user's own quantization choices win over the options'.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from difforge.errors import warn
 from difforge.quant.fp8 import Fp8Linear, scaled_mm_available
 from difforge.quant.select import DEFAULT_EXCLUDE, ModuleFilter, QuantizeReport, quantize_linears
 
@@ -81,7 +81,7 @@ def _warn_once(message: str) -> None:
         log.debug("difforge: %s", message)
         return
     _WARNED.add(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    warn(message, RuntimeWarning)
 
 
 def _fuse_qkv_projections(module: nn.Module) -> None:
