@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from difforge.errors import warn
+
 if TYPE_CHECKING:
     from difforge.options import CompileConfig
 
@@ -224,10 +226,10 @@ class BucketTable:
         self.entries: dict[str, dict[int, Winner]] = {}
         self.dirty = False
         if path is not None:
-            self.entries = self._read(path, warn=True)
+            self.entries = self._read(path, report=True)
 
     @staticmethod
-    def _read(path: Path, warn: bool) -> dict[str, dict[int, Winner]]:
+    def _read(path: Path, report: bool) -> dict[str, dict[int, Winner]]:
         try:
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict) or raw.get("version") != FORMAT_VERSION:
@@ -241,7 +243,7 @@ class BucketTable:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            if warn:
+            if report:
                 from difforge.cache import CacheWarning
 
                 warn(
@@ -267,7 +269,7 @@ class BucketTable:
         """Write the table (merged with the file's current contents) if anything changed."""
         if self.path is None or not self.dirty:
             return
-        merged = self._read(self.path, warn=False)
+        merged = self._read(self.path, report=False)
         for key, by_m in self.entries.items():
             merged.setdefault(key, {}).update(by_m)
         self.entries = merged
