@@ -1037,6 +1037,15 @@ def attention_int8_fused(
 # --------------------------------------------------------------------------------------
 
 
+def cuda_graph_ms(fn: Callable[[], object], rep_ms: int = 20) -> float:
+    """Median ms of ``fn`` replayed in a CUDA graph (as a compiled model runs it: no launch
+    overhead), after one call outside the capture that compiles and warms it up."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
 def benchmark_attention(
     batch: int = 2,
     heads: int = 16,
@@ -1070,11 +1079,9 @@ def benchmark_attention(
     if timer is None:
         if device != "cuda" or not torch.cuda.is_available():
             raise RuntimeError("benchmark_attention needs a CUDA GPU (or an explicit timer)")
-        from triton.testing import do_bench_cudagraph
 
         def timer(fn: Callable[[], object]) -> float:
-            fn()  # compile and warm up outside the graph capture
-            return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+            return cuda_graph_ms(fn, rep_ms)
 
     seq_kv = seq_q if seq_kv is None else seq_kv
     gen = torch.Generator(device=device).manual_seed(0)

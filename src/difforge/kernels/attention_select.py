@@ -18,7 +18,7 @@ import contextvars
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -162,15 +162,6 @@ def choose(shape: AttentionShape, policy: AttentionPolicy) -> KernelChoice | Non
     return measurements[key].choice
 
 
-def _bench(fn: Callable[[], object]) -> float:
-    """Median ms of ``fn`` replayed in a CUDA graph (as a compiled model runs it: no launch
-    overhead), after one warm-up call outside the capture."""
-    from triton.testing import do_bench_cudagraph
-
-    fn()
-    return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
-
-
 def _measure(
     shape: AttentionShape, candidates: list[KernelChoice], min_speedup: float
 ) -> Measurement:
@@ -193,7 +184,7 @@ def _measure(
         )  # fmt: skip
         sdpa = torch.nn.functional.scaled_dot_product_attention
         ref = sdpa(q, k, v).float()
-        sdpa_ms = _bench(lambda: sdpa(q, k, v))
+        sdpa_ms = k8.cuda_graph_ms(lambda: sdpa(q, k, v))
         best: tuple[float, KernelChoice, float, float] | None = None
         for c in candidates:
             tile = {"block_m": c.block_m, "block_n": c.block_n}
@@ -212,8 +203,8 @@ def _measure(
                 k8._launch, prep(), k8._empty_out(q), shape.head_dim**-0.5,
                 head_dim=shape.head_dim, seq_kv=shape.seq_kv, **launch,
             )  # fmt: skip
-            kernel_ms = _bench(kernel)
-            ms = kernel_ms + _bench(prep)
+            kernel_ms = k8.cuda_graph_ms(kernel)
+            ms = kernel_ms + k8.cuda_graph_ms(prep)
             if best is None or ms < best[0]:
                 best = (ms, c, err, kernel_ms)
     if best is None:
