@@ -130,6 +130,30 @@ def node_arg(node: torch.fx.Node, index: int, name: str, default: object = None)
     return node.args[index] if len(node.args) > index else default
 
 
+def fill_example_values(nodes: list[torch.fx.Node]) -> bool:
+    """Give nodes a pass inserted (in graph order) fake values, as Dynamo's own nodes
+    have, so that later passes can read their shapes; False (the rest left without) when
+    there is no fake mode or a node fails on fake inputs (AOT traces it afresh anyway)."""
+    from torch._guards import detect_fake_mode
+
+    inputs = [node_tensor(i) for n in nodes for i in n.all_input_nodes]
+    fake_mode = detect_fake_mode([t for t in inputs if t is not None])
+    if fake_mode is None:
+        return False
+    with guardless(fake_mode):
+        for node in nodes:
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), node_value)
+            try:
+                if node.op == "call_method":
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)  # type: ignore[arg-type]
+                else:
+                    value = node.target(*args, **kwargs)  # type: ignore[operator]
+            except Exception:
+                return False
+            node.meta["example_value"] = value
+    return True
+
+
 def replace_with_call(
     graph: torch.fx.Graph, node: torch.fx.Node, target: Callable[..., object], args: tuple
 ) -> torch.fx.Node:

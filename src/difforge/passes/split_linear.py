@@ -30,10 +30,9 @@ import torch
 import torch.fx
 
 from difforge.passes.registry import (
-    guardless,
+    fill_example_values,
     node_arg,
     node_tensor,
-    node_value,
     register_pass,
     size_hint,
 )
@@ -100,24 +99,6 @@ def _match(linear: torch.fx.Node) -> tuple[list[torch.fx.Node], torch.fx.Node, o
     return parts, weight, bias  # type: ignore[return-value]
 
 
-def _fill_example_values(nodes: list[torch.fx.Node]) -> None:
-    """Give the inserted ``nodes`` (in graph order) fake values, as Dynamo's own nodes have,
-    so that later passes can read their shapes; without a fake mode they stay without."""
-    from torch._guards import detect_fake_mode
-
-    inputs = [node_tensor(i) for n in nodes for i in n.all_input_nodes]
-    fake_mode = detect_fake_mode([t for t in inputs if t is not None])
-    if fake_mode is None:
-        return
-    with guardless(fake_mode):
-        for node in nodes:
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), node_value)
-            try:
-                node.meta["example_value"] = node.target(*args, **kwargs)  # type: ignore[operator]
-            except Exception:
-                return  # later passes skip a node without a value; AOT traces it afresh
-
-
 @register_pass("split_cat_linear", stage="fx", tier="optimize")
 def split_cat_linear(graph: torch.fx.Graph) -> int:
     """linear(cat([a, b], -1)) -> linear(a, W[:, :Ka]) + linear(b, W[:, Ka:], bias)."""
@@ -146,7 +127,7 @@ def split_cat_linear(graph: torch.fx.Graph) -> int:
                 total = out
                 start += width
         assert total is not None
-        _fill_example_values(created[:-1])
+        fill_example_values(created[:-1])
         total.meta.update(linear.meta)
         linear.replace_all_uses_with(total)
         graph.erase_node(linear)
