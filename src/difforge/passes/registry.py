@@ -134,12 +134,13 @@ def fill_example_values(nodes: list[torch.fx.Node]) -> bool:
     """Give nodes a pass inserted (in graph order) fake values, as Dynamo's own nodes
     have, so that later passes can read their shapes; False (the rest left without) when
     there is no fake mode or a node fails on fake inputs (AOT traces it afresh anyway)."""
-    from torch._guards import detect_fake_mode
-
+    # The inputs' own mode: the ambient tracing context's (what detect_fake_mode would
+    # return first) can be another one while a backend runs.
     inputs = [node_tensor(i) for n in nodes for i in n.all_input_nodes]
-    fake_mode = detect_fake_mode([t for t in inputs if t is not None])
-    if fake_mode is None:
+    modes = {id(m): m for t in inputs if (m := getattr(t, "fake_mode", None)) is not None}
+    if len(modes) != 1:
         return False
+    (fake_mode,) = modes.values()
     with guardless(fake_mode):
         for node in nodes:
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), node_value)
@@ -188,7 +189,8 @@ def register_pass(name: str, *, stage: Stage, tier: Tier) -> Callable[[PassFn], 
 #: concatenation split comes next, on linears whose inputs are final (their GEMMs are
 #: not fuse_qkv candidates: the weight is a slice). The activation rewrites run after
 #: the epilogue folding, on the GELUs it left, and the
-#: quantization rewrites after them (they match either GELU form).
+#: quantization rewrites after them (they match either GELU form). The joint-attention
+#: rewrite takes the per-stream GEMMs that QKV fusion made, so it comes after it.
 BUILTIN_MODULES: tuple[str, ...] = (
     "cleanup",
     "gemm_epilogue",
@@ -196,6 +198,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "activation",
     "quant_fusion",
     "fuse_linear",
+    "joint_linear",
     "attention",
     "norm",
 )

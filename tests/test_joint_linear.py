@@ -1,0 +1,223 @@
+"""The joint-attention rewrites (``joint_linear``, ``sliced_rows_linear``) and their op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import difforge
+from difforge.passes import joint_linear as joint
+
+from .helpers import rel_err
+
+
+@pytest.fixture
+def small_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny models' copies are below the passes' size floor: lower it."""
+    monkeypatch.setattr(joint, "MIN_ELEMENTS", 1)
+
+
+class JointAttention(nn.Module):
+    """SD3's joint attention in miniature: image and text tokens projected apart, attended
+    together, their outputs projected apart again."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, text_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        text_dim = text_dim or dim
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (
+            nn.Linear(text_dim, dim) for _ in range(3)
+        )
+        self.to_out, self.to_add_out = nn.Linear(dim, dim), nn.Linear(dim, text_dim)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.split_heads
+        q = torch.cat([h(self.to_q(x)), h(self.add_q_proj(c))], dim=2)
+        k = torch.cat([h(self.to_k(x)), h(self.add_k_proj(c))], dim=2)
+        v = torch.cat([h(self.to_v(x)), h(self.add_v_proj(c))], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        o = o.reshape(x.shape[0], -1, q.shape[1] * q.shape[3])
+        return self.to_out(o[:, : x.shape[1]]), self.to_add_out(o[:, x.shape[1] :])
+
+
+def _compare(fn, *inputs, options=None):  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        ref = fn(*inputs)
+        out = difforge.compile(fn, options=options or {"mode": "O2"})(*inputs)
+    for o, r in zip(out, ref, strict=True):
+        assert o.shape == r.shape
+        assert rel_err(o, r) < 1e-5
+
+
+# ------------------------------------------------------------------------------- the op
+@pytest.mark.parametrize("bias", [True, False])
+def test_joint_linear_op_equals_the_concatenated_linears(bias: bool) -> None:
+    torch.manual_seed(0)
+    xs = [torch.randn(3, 7, 16), torch.randn(3, 5, 12)]
+    ws = [torch.randn(24, 16), torch.randn(24, 12)]
+    bs = [torch.randn(24), torch.randn(24)] if bias else [None, None]
+    out = torch.ops.difforge.joint_linear(xs, ws, bs)
+    ref = torch.cat([F.linear(x, w, b) for x, w, b in zip(xs, ws, bs, strict=True)], dim=1)
+    assert out.shape == (3, 12, 24)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_joint_linear_op_rejects_streams_that_do_not_fit() -> None:
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="do not fit"):  # another batch
+        torch.ops.difforge.joint_linear(
+            [x, torch.randn(3, 4, 8)], [torch.randn(6, 8)] * 2, [None, None]
+        )
+    with pytest.raises(ValueError, match="do not fit"):  # another output width
+        torch.ops.difforge.joint_linear(
+            [x, x], [torch.randn(6, 8), torch.randn(5, 8)], [None, None]
+        )
+    with pytest.raises(ValueError, match="one dtype"):
+        torch.ops.difforge.joint_linear([x, x.double()], [torch.randn(6, 8)] * 2, [None, None])
+    with pytest.raises(ValueError, match=r"\[batch, tokens, features\]"):
+        torch.ops.difforge.joint_linear([x[0]], [torch.randn(6, 8)], [None])
+
+
+def test_linear_sliced_rows_equals_linear() -> None:
+    x = torch.randn(3, 9, 16)[:, 2:7]
+    w, b = torch.randn(8, 16), torch.randn(8)
+    assert rel_err(joint.linear_sliced_rows(x, w, b), F.linear(x, w, b)) < 1e-6
+    assert rel_err(joint.linear_sliced_rows(x, w, None), F.linear(x, w)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the passes
+def test_joint_attention_projections_write_one_buffer(small_copies: None) -> None:
+    # fuse_qkv makes one GEMM per stream first, so one joint buffer serves q, k and v.
+    _compare(JointAttention().eval(), torch.randn(2, 10, 32), torch.randn(2, 6, 32))
+    assert difforge.counters["fuse_qkv"] == 2
+    assert difforge.counters["joint_linear"] == 1
+    assert difforge.counters["sliced_rows_linear"] == 2  # to_out and to_add_out
+
+
+def test_joint_linear_without_qkv_fusion_makes_one_buffer_per_projection(
+    small_copies: None,
+) -> None:
+    options = {"mode": "O2", "passes.fuse_qkv": False}
+    _compare(
+        JointAttention(text_dim=24).eval(),
+        torch.randn(2, 10, 32),
+        torch.randn(2, 6, 24),
+        options=options,
+    )
+    assert difforge.counters["joint_linear"] == 3
+
+
+def test_joint_linear_with_dynamic_sizes(small_copies: None) -> None:
+    model = JointAttention().eval()
+    compiled = difforge.compile(model, options={"mode": "O2", "dynamic": True})
+    with torch.no_grad():
+        for batch, tokens, text in ((2, 10, 6), (3, 14, 5)):
+            x, c = torch.randn(batch, tokens, 32), torch.randn(batch, text, 32)
+            for o, r in zip(compiled(x, c), model(x, c), strict=True):
+                assert rel_err(o, r) < 1e-5
+    assert difforge.counters["joint_linear"] == 1
+
+
+class NotJoint(nn.Module):
+    """Concatenations the rewrite must leave: along features, of a projection that is also
+    read elsewhere, of streams viewed by other ops (the same values here, but it compares
+    ops, not what they do), and of a non-linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.c, self.d = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.e, self.f = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = torch.cat([self.a(x), self.b(x)], dim=-1)
+        c = self.c(x)
+        shared = torch.cat([c, self.d(y)], dim=1)
+        views = torch.cat(
+            [
+                self.e(x).view(2, -1, 2, 8).transpose(1, 2),
+                self.f(y).view(2, -1, 2, 8).permute(0, 2, 1, 3),
+            ],
+            dim=2,
+        )
+        computed = torch.cat([torch.tanh(x), self.a(y)], dim=1)
+        return features, shared, c.sum(-1), views, computed
+
+
+def test_joint_linear_leaves_what_it_must_not_rewrite(small_copies: None) -> None:
+    _compare(NotJoint().eval(), torch.randn(2, 5, 16), torch.randn(2, 3, 16))
+    assert difforge.counters["joint_linear"] == 0
+
+
+def test_joint_linear_leaves_small_copies_o1_and_gradients() -> None:
+    x, c = torch.randn(2, 10, 32), torch.randn(2, 6, 32)
+    _compare(JointAttention().eval(), x, c)  # far below MIN_ELEMENTS
+    assert difforge.counters["joint_linear"] == 0
+    assert difforge.counters["sliced_rows_linear"] == 0
+
+
+def test_joint_linear_off_in_o1_and_in_training(small_copies: None) -> None:
+    x, c = torch.randn(2, 10, 32), torch.randn(2, 6, 32)
+    _compare(JointAttention().eval(), x, c, options={"mode": "O1"})
+    model = JointAttention()
+    out = difforge.compile(model, options={"mode": "O2"})(x, c)
+    out[0].sum().backward()  # the op has no derivative: graphs that need one keep the cats
+    assert model.to_q.weight.grad is not None
+    assert difforge.counters["joint_linear"] == 0
+    assert difforge.counters["sliced_rows_linear"] == 0
+
+
+def test_sliced_rows_linear_only_where_samples_lie_apart(small_copies: None) -> None:
+    proj = nn.Linear(16, 8).eval()
+
+    def head(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (proj(x[:, 3:]),)
+
+    def whole(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (proj(x),)
+
+    _compare(head, torch.randn(1, 9, 16))  # one sample: its rows are one matrix already
+    _compare(whole, torch.randn(2, 9, 16))
+    assert difforge.counters["sliced_rows_linear"] == 0
+    _compare(head, torch.randn(2, 9, 16))
+    assert difforge.counters["sliced_rows_linear"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "tokens", "text"), [(2, 1024, 77), (3, 333, 19), (1, 4096, 154)])
+def test_gpu_joint_linear_op_matches_the_concatenated_linears(
+    dtype: torch.dtype, batch: int, tokens: int, text: int
+) -> None:
+    torch.manual_seed(0)
+    dev = "cuda"
+    xs = [
+        torch.randn(batch, tokens, 192, device=dev, dtype=dtype),
+        torch.randn(batch, text, 136, device=dev, dtype=dtype),
+    ]
+    ws = [
+        torch.randn(360, 192, device=dev, dtype=dtype) / 14,
+        torch.randn(360, 136, device=dev, dtype=dtype) / 12,
+    ]
+    bs = [torch.randn(360, device=dev, dtype=dtype), None]
+    out = torch.ops.difforge.joint_linear(xs, ws, bs)
+    ref = torch.cat(
+        [
+            F.linear(x.float(), w.float(), None if b is None else b.float())
+            for x, w, b in zip(xs, ws, bs, strict=True)
+        ],
+        dim=1,
+    )
+    assert rel_err(out.float(), ref) < (4e-3 if dtype == torch.float16 else 2e-2)
+    x = torch.randn(batch, tokens + text, 192, device=dev, dtype=dtype)[:, tokens:]
+    sliced = joint.linear_sliced_rows(x, ws[0], bs[0])
+    assert rel_err(sliced.float(), F.linear(x.float(), ws[0].float(), bs[0].float())) < (
+        4e-3 if dtype == torch.float16 else 2e-2
+    )
