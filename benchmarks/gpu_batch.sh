@@ -38,6 +38,8 @@
 #   o3unet   SDXL UNet step: compile vs O3 (channels_last), profiled               ~8 min
 #   attn8dit SD3-medium and FLUX.1-dev steps: compile vs O3 vs O3 + 8-bit attention (fp8
 #            P·V), profiled                                                       ~10 min
+#   joint    the joint-attention `gpu` tests, then SD3-medium's step: compile vs O2 without
+#            joint_linear/sliced_rows_linear vs O2 without sliced_rows_linear vs O2, profiled ~8 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
 #            O2:cudagraphs + dynamic, difforge's pooled CUDA graphs (POOL_IMPLS)    ~9 min
@@ -69,7 +71,7 @@
 #   qualitysd3 the same for SD3-medium, with the float32 generation (fp32) as the yardstick
 #   qualityflux the same for FLUX.1-dev (eager, compile, O3, fp8, fp32)           ~10 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -216,6 +218,13 @@ case "$part" in
       --variants "$V" --profile --output-json "$out/step_attn_sd3.json"
     run 320 step_attn_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --profile --output-json "$out/step_attn_flux.json" ;;
+  joint)
+    run 120 gpu_tests_joint python3 -m pytest -q -rA -m gpu tests/test_joint_linear.py \
+      -p no:cacheprovider
+    V='compile;O2-nojoint={"mode":"O2","passes.joint_linear":false,"passes.sliced_rows_linear":false}'
+    V+=';O2-nosliced={"mode":"O2","passes.sliced_rows_linear":false};O2'
+    run 430 step_joint_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
+      --variants "$V" --profile --output-json "$out/step_joint_sd3.json" ;;
   fluxo2)
     run 280 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
     run 290 step_flux_o2 python3 benchmarks/bench_step.py --models flux-dev \
