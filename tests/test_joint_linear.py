@@ -56,32 +56,58 @@ def _compare(fn, *inputs, options=None):  # type: ignore[no-untyped-def]
 
 
 # ------------------------------------------------------------------------------- the op
+def _joint(xs, ws, bs, streams, columns):  # type: ignore[no-untyped-def]
+    return torch.ops.difforge.joint_linear(xs, ws, bs, streams, columns)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_joint_linear_op_equals_the_concatenated_linears(bias: bool) -> None:
     torch.manual_seed(0)
     xs = [torch.randn(3, 7, 16), torch.randn(3, 5, 12)]
     ws = [torch.randn(24, 16), torch.randn(24, 12)]
     bs = [torch.randn(24), torch.randn(24)] if bias else [None, None]
-    out = torch.ops.difforge.joint_linear(xs, ws, bs)
+    out = _joint(xs, ws, bs, [0, 1], [0, 0])
     ref = torch.cat([F.linear(x, w, b) for x, w, b in zip(xs, ws, bs, strict=True)], dim=1)
     assert out.shape == (3, 12, 24)
     assert rel_err(out, ref) < 1e-6
 
 
+def test_joint_linear_op_mixes_a_fused_stream_and_one_linear_per_part() -> None:
+    # SD3 at 1024px: the image tokens' q/k/v are one fused GEMM, the text tokens' three.
+    torch.manual_seed(0)
+    x, c = torch.randn(2, 9, 16), torch.randn(2, 4, 16)
+    w_img, b_img = torch.randn(3 * 8, 16), torch.randn(3 * 8)
+    w_txt, b_txt = torch.randn(3, 8, 16), torch.randn(3, 8)
+    out = _joint(
+        [x, c, c, c],
+        [w_img, w_txt[1], w_txt[0], w_txt[2]],  # any order: columns say where each goes
+        [b_img, b_txt[1], None, b_txt[2]],
+        [0, 1, 1, 1],
+        [0, 8, 0, 16],
+    )
+    txt = torch.cat([F.linear(c, w_txt[0]), F.linear(c, w_txt[1], b_txt[1])], dim=-1)
+    txt = torch.cat([txt, F.linear(c, w_txt[2], b_txt[2])], dim=-1)
+    assert rel_err(out, torch.cat([F.linear(x, w_img, b_img), txt], dim=1)) < 1e-6
+
+
 def test_joint_linear_op_rejects_streams_that_do_not_fit() -> None:
-    x = torch.randn(2, 4, 8)
+    x, w = torch.randn(2, 4, 8), torch.randn(6, 8)
     with pytest.raises(ValueError, match="do not fit"):  # another batch
-        torch.ops.difforge.joint_linear(
-            [x, torch.randn(3, 4, 8)], [torch.randn(6, 8)] * 2, [None, None]
-        )
-    with pytest.raises(ValueError, match="do not fit"):  # another output width
-        torch.ops.difforge.joint_linear(
-            [x, x], [torch.randn(6, 8), torch.randn(5, 8)], [None, None]
-        )
+        _joint([x, torch.randn(3, 4, 8)], [w, w], [None, None], [0, 1], [0, 0])
+    with pytest.raises(ValueError, match="do not tile"):  # another output width
+        _joint([x, x], [w, torch.randn(5, 8)], [None, None], [0, 1], [0, 0])
+    with pytest.raises(ValueError, match="do not tile"):  # a gap: columns 6..8 unwritten
+        _joint([x, x, x], [w, w, torch.randn(12, 8)], [None] * 3, [0, 0, 1], [0, 8, 0])
+    with pytest.raises(ValueError, match="do not tile"):  # an overlap
+        _joint([x, x, x], [w, w, torch.randn(12, 8)], [None] * 3, [0, 0, 1], [0, 4, 0])
+    with pytest.raises(ValueError, match="differ in tokens"):
+        _joint([x, x[:, :3]], [w, w], [None, None], [0, 0], [0, 6])
+    with pytest.raises(ValueError, match="numbered"):
+        _joint([x, x], [w, w], [None, None], [0, 2], [0, 0])
     with pytest.raises(ValueError, match="one dtype"):
-        torch.ops.difforge.joint_linear([x, x.double()], [torch.randn(6, 8)] * 2, [None, None])
+        _joint([x, x.double()], [w, w], [None, None], [0, 1], [0, 0])
     with pytest.raises(ValueError, match=r"\[batch, tokens, features\]"):
-        torch.ops.difforge.joint_linear([x[0]], [torch.randn(6, 8)], [None])
+        _joint([x[0]], [w], [None], [0], [0])
 
 
 def test_linear_sliced_rows_equals_linear() -> None:
@@ -98,6 +124,19 @@ def test_joint_attention_projections_write_one_buffer(small_copies: None) -> Non
     assert difforge.counters["fuse_qkv"] == 2
     assert difforge.counters["joint_linear"] == 1
     assert difforge.counters["sliced_rows_linear"] == 2  # to_out and to_add_out
+
+
+def test_joint_linear_with_only_the_image_stream_fused(
+    small_copies: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fuse_qkv's cost rule as at SD3's 1024px (the image tokens' q/k/v fuse, the few text
+    # tokens' do not): one buffer still, the text stream's three GEMMs side by side in it.
+    from difforge.passes import fuse_linear
+
+    monkeypatch.setattr(fuse_linear, "SMALL_GROUP_ELEMENTS", 1)
+    _compare(JointAttention().eval(), torch.randn(2, 64, 32), torch.randn(2, 6, 32))
+    assert difforge.counters["fuse_qkv"] == 1
+    assert difforge.counters["joint_linear"] == 1
 
 
 def test_joint_linear_without_qkv_fusion_makes_one_buffer_per_projection(
@@ -207,7 +246,7 @@ def test_gpu_joint_linear_op_matches_the_concatenated_linears(
         torch.randn(360, 136, device=dev, dtype=dtype) / 12,
     ]
     bs = [torch.randn(360, device=dev, dtype=dtype), None]
-    out = torch.ops.difforge.joint_linear(xs, ws, bs)
+    out = _joint(xs, ws, bs, [0, 1], [0, 0])
     ref = torch.cat(
         [
             F.linear(x.float(), w.float(), None if b is None else b.float())
@@ -215,6 +254,19 @@ def test_gpu_joint_linear_op_matches_the_concatenated_linears(
         ],
         dim=1,
     )
+    # the text stream as three GEMMs side by side (column slices of the buffer)
+    parts = [ws[1][:120], ws[1][120:240], ws[1][240:]]
+    b_txt = torch.randn(360, device=dev, dtype=dtype)
+    split = _joint(
+        [xs[0], *[xs[1]] * 3],
+        [ws[0], *parts],
+        [bs[0], *b_txt.split(120)],
+        [0, 1, 1, 1],
+        [0, 0, 120, 240],
+    )
+    ref_split = ref.clone()
+    ref_split[:, tokens:] += b_txt.float()
+    assert rel_err(split.float(), ref_split) < (4e-3 if dtype == torch.float16 else 2e-2)
     assert rel_err(out.float(), ref) < (4e-3 if dtype == torch.float16 else 2e-2)
     x = torch.randn(batch, tokens + text, 192, device=dev, dtype=dtype)[:, tokens:]
     sliced = joint.linear_sliced_rows(x, ws[0], bs[0])

@@ -44,6 +44,7 @@ from difforge.passes.registry import (
     fill_example_values,
     node_arg,
     node_tensor,
+    node_value,
     register_pass,
     replace_with_call,
     size_hint,
@@ -66,50 +67,95 @@ _VIEW_METHODS = ("view", "reshape", "transpose", "permute")
 # --------------------------------------------------------------------------------------
 
 
-def _joint_out(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
-    if not xs or len(xs) != len(weights):
-        raise ValueError("joint_linear needs one weight per input, at least one input")
+def _layout(
+    xs: list[torch.Tensor], weights: list[torch.Tensor], streams: list[int], columns: list[int]
+) -> tuple[list[int], int]:
+    """Each stream's first row and the buffer's width, after checking that the entries
+    tile every stream's rows ``[0, width)`` exactly once (no column left unwritten)."""
+    if not xs or not len(xs) == len(weights) == len(streams) == len(columns):
+        raise ValueError("joint_linear needs one weight, stream and column per input")
     if any(x.dim() != 3 for x in xs) or any(w.dim() != 2 for w in weights):
         raise ValueError("joint_linear takes [batch, tokens, features] inputs, 2-D weights")
-    batch, n_out = xs[0].shape[0], weights[0].shape[0]
-    for x, w in zip(xs, weights, strict=True):
-        if x.shape[0] != batch or w.shape[0] != n_out or x.shape[2] != w.shape[1]:
+    batch = xs[0].shape[0]
+    tokens: dict[int, object] = {}
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for x, w, s, c in zip(xs, weights, streams, columns, strict=True):
+        if x.shape[0] != batch or x.shape[2] != w.shape[1]:
             raise ValueError(
                 f"joint_linear: input {tuple(x.shape)} and weight {tuple(w.shape)} do not "
-                f"fit a batch of {batch} and {n_out} outputs"
+                f"fit a batch of {batch}"
             )
         if x.dtype != xs[0].dtype or w.dtype != xs[0].dtype:
             raise ValueError("joint_linear: inputs and weights must share one dtype")
-    tokens = sum(x.shape[1] for x in xs)
-    return xs[0].new_empty((batch, tokens, n_out))
+        if tokens.setdefault(s, x.shape[1]) != x.shape[1]:
+            raise ValueError(f"joint_linear: stream {s}'s inputs differ in tokens")
+        spans.setdefault(s, []).append((c, c + w.shape[0]))
+    if sorted(spans) != list(range(len(spans))):
+        raise ValueError(f"joint_linear: streams must be numbered 0..n-1, got {sorted(spans)}")
+    width = max(stop for s in spans.values() for _, stop in s)
+    for s, parts in spans.items():
+        edges = [0]
+        for start, stop in sorted(parts):
+            if start != edges[-1]:
+                break
+            edges.append(stop)
+        if edges[-1] != width or len(edges) != len(parts) + 1:
+            raise ValueError(
+                f"joint_linear: stream {s}'s columns {sorted(parts)} do not tile [0, {width})"
+            )
+    firsts, row = [], 0
+    for s in range(len(spans)):
+        firsts.append(row)
+        row = row + tokens[s]  # type: ignore[operator]
+    return firsts, width
 
 
 @torch.library.custom_op("difforge::joint_linear", mutates_args=())
 def joint_linear(
-    xs: list[torch.Tensor], weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+    xs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    streams: list[int],
+    columns: list[int],
 ) -> torch.Tensor:
-    """``cat([linear(x, w, b) for x, w, b in zip(xs, weights, biases)], dim=1)`` without the
-    concatenation: each stream's GEMM writes its own rows of the result."""
-    out = _joint_out(xs, weights)
-    start = 0
-    for x, w, b in zip(xs, weights, biases, strict=True):
-        stop = start + x.shape[1]
-        for i in range(x.shape[0]):
-            # One sample's rows of one stream: a contiguous [tokens, N] matrix of `out`.
-            rows = out[i, start:stop]
+    """Several streams' linears in one ``[batch, tokens, width]`` buffer, without copies:
+    entry ``e`` computes ``linear(xs[e], weights[e], biases[e])`` into the token rows of
+    stream ``streams[e]`` (streams stacked in order, as ``cat(..., dim=1)`` would) and the
+    columns from ``columns[e]``. A stream is one fused GEMM or several side by side."""
+    firsts, width = _layout(xs, weights, streams, columns)
+    batch, total = xs[0].shape[0], sum(x.shape[1] for x in _one_per_stream(xs, streams))
+    out = xs[0].new_empty((batch, total, width))
+    for x, w, b, s, c in zip(xs, weights, biases, streams, columns, strict=True):
+        rows = slice(firsts[s], firsts[s] + x.shape[1])
+        for i in range(batch):
+            # One sample's rows of one entry: a [tokens, N] matrix of `out` (contiguous
+            # when the entry spans the width: then cuBLASLt adds the bias in its epilogue).
+            dst = out[i, rows, c : c + w.shape[0]]
             if b is None:
-                torch.mm(x[i], w.t(), out=rows)
+                torch.mm(x[i], w.t(), out=dst)
             else:
-                torch.addmm(b, x[i], w.t(), out=rows)
-        start = stop
+                torch.addmm(b, x[i], w.t(), out=dst)
     return out
+
+
+def _one_per_stream(xs: list[torch.Tensor], streams: list[int]) -> list[torch.Tensor]:
+    first = {}
+    for x, s in zip(xs, streams, strict=True):
+        first.setdefault(s, x)
+    return [first[s] for s in sorted(first)]
 
 
 @joint_linear.register_fake
 def _joint_linear_fake(
-    xs: list[torch.Tensor], weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+    xs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    streams: list[int],
+    columns: list[int],
 ) -> torch.Tensor:
-    return _joint_out(xs, weights)
+    _, width = _layout(xs, weights, streams, columns)
+    total = sum(x.shape[1] for x in _one_per_stream(xs, streams))
+    return xs[0].new_empty((xs[0].shape[0], total, width))
 
 
 @cacheable_target
@@ -129,13 +175,33 @@ def linear_sliced_rows(
 
 @dataclass(frozen=True)
 class _Chain:
-    """One tensor of a concatenation: ``views(getitem(split(linear), index))`` (or the
-    views of the linear itself), the views listed from the linear outwards."""
+    """One tensor of a concatenation: ``views(getitem(split(linear), index))`` (a part of
+    a fused projection) or ``views(linear)``, the views listed from the linear outwards."""
 
     linear: torch.fx.Node
     split: torch.fx.Node | None
     index: int | None
     views: tuple[torch.fx.Node, ...]
+
+    @property
+    def root(self) -> torch.fx.Node:
+        """The node the views start from: the split's getitem, or the linear."""
+        return self.views[0].args[0] if self.views else self.tensor  # type: ignore[return-value]
+
+    @property
+    def tensor(self) -> torch.fx.Node:
+        """The concatenated node itself."""
+        if self.views:
+            return self.views[-1]
+        return _getitem_of(self) if self.split is not None else self.linear
+
+
+def _getitem_of(chain: _Chain) -> torch.fx.Node:
+    assert chain.split is not None
+    for user in chain.split.users:
+        if user.target is operator.getitem and user.args[1] == chain.index:
+            return user
+    raise AssertionError("a matched chain's getitem is missing")
 
 
 def _is_view(node: torch.fx.Node) -> bool:
@@ -150,10 +216,6 @@ def _is_split(node: object) -> bool:
     if node.op == "call_method":
         return node.target in _SPLIT_METHODS
     return node.op == "call_function" and node.target in _SPLIT_FUNCTIONS
-
-
-def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def _chain(tensor: object) -> _Chain | None:
@@ -174,10 +236,15 @@ def _chain(tensor: object) -> _Chain | None:
         if len(node.users) != 1 or not isinstance(node.args[1], int):
             return None
         split, index = node.args[0], node.args[1]
+        if _dim(node_arg(split, 2, "dim", 0), 3) != 2:  # type: ignore[arg-type]
+            return None  # a split of the tokens, not of the features
         node = split.args[0]  # type: ignore[union-attr,assignment]
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return None
     if node.target is not _LINEAR:
+        return None
+    out = node_tensor(node)
+    if out is None or out.dim() != 3 or out.requires_grad:
         return None
     return _Chain(node, split, index, tuple(reversed(views)))  # type: ignore[arg-type]
 
@@ -186,14 +253,14 @@ def _same(a: object, b: object) -> bool:
     """Equal arguments (nodes by identity, sizes without guards)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
         return statically_known_true(a == b)
     return a is b if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node) else a == b
 
 
-def _same_op(a: torch.fx.Node | None, b: torch.fx.Node | None) -> bool:
-    if a is None or b is None:
-        return a is b
+def _same_view(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     return (
         a.op == b.op
         and a.target == b.target
@@ -208,14 +275,7 @@ def _dim(dim: object, rank: int) -> int | None:
 
 def _token_axis(chain: _Chain) -> int | None:
     """Where the linear's token axis (dim 1 of ``[B, S, N]``) ends up after the chain's
-    views, or None when a view moves or reshapes it (or the split is not over features)."""
-    out = node_tensor(chain.linear)
-    if out is None or out.dim() != 3:
-        return None
-    if chain.split is not None:
-        dim = node_arg(chain.split, 2, "dim", 0)
-        if _dim(dim, 3) != 2:
-            return None
+    views, or None when a view moves it into other dims."""
     axis = 1
     for view in chain.views:
         before, after = node_tensor(view.args[0]), node_tensor(view)  # type: ignore[arg-type]
@@ -245,7 +305,7 @@ def _token_axis(chain: _Chain) -> int | None:
 
 
 def _cat_chains(cat: torch.fx.Node) -> list[_Chain] | None:
-    """The chains of a token-axis concatenation whose streams agree view by view."""
+    """The chains of a token-axis concatenation of same-width parts, viewed alike."""
     if cat.op != "call_function" or cat.target not in _CATS:
         return None
     tensors = node_arg(cat, 0, "tensors")
@@ -259,13 +319,14 @@ def _cat_chains(cat: torch.fx.Node) -> list[_Chain] | None:
     assert first is not None
     if len({c.linear for c in chains}) != len(chains):  # type: ignore[union-attr]
         return None
+    width = node_tensor(first.root).shape[-1]  # type: ignore[union-attr]
     for c in chains[1:]:
         assert c is not None
-        if c.index != first.index or len(c.views) != len(first.views):
+        if len(c.views) != len(first.views) or not all(
+            _same_view(a, b) for a, b in zip(c.views, first.views, strict=True)
+        ):
             return None
-        if not _same_op(c.split, first.split):
-            return None
-        if not all(_same_op(a, b) for a, b in zip(c.views, first.views, strict=True)):
+        if not _same(node_tensor(c.root).shape[-1], width):  # type: ignore[union-attr]
             return None
     axis = _token_axis(first)
     if axis is None or _dim(node_arg(cat, 1, "dim", 0), out.dim()) != axis:
@@ -277,44 +338,133 @@ def _linear_args(linear: torch.fx.Node) -> tuple[object, object, object]:
     return tuple(node_arg(linear, i, n) for i, n in enumerate(("input", "weight", "bias")))  # type: ignore[return-value]
 
 
-def _linears_fit(linears: tuple[torch.fx.Node, ...]) -> bool:
-    """One joint buffer can hold these linears' outputs: same batch, outputs and dtype, no
-    gradients, and big enough to matter."""
-    outs = [node_tensor(n) for n in linears]
-    if any(o is None or o.dim() != 3 or o.requires_grad for o in outs):
-        return False
-    first = outs[0]
-    assert first is not None
-    for o in outs[1:]:
-        assert o is not None
-        if o.dtype != first.dtype or not _same(o.shape[0], first.shape[0]):
-            return False
-        if not _same(o.shape[2], first.shape[2]):
-            return False
-    for linear in linears:
-        x, weight, _ = _linear_args(linear)
-        xt, wt = node_tensor(x), node_tensor(weight)
-        if xt is None or wt is None or xt.dim() != 3 or xt.dtype != first.dtype:
-            return False
+@dataclass
+class _Group:
+    """Concatenations that share projections (q, k, v of one attention), and how their
+    streams are projected: per stream, one fused linear split into parts, or one linear
+    per part."""
+
+    members: list[tuple[torch.fx.Node, list[_Chain]]]
+    widths: list[int]  # the parts' widths, in column order
+    part_of: dict[torch.fx.Node, int]  # cat -> its part (columns) in the joint buffer
+
+
+def _groups(graph: torch.fx.Graph) -> list[list[tuple[torch.fx.Node, list[_Chain]]]]:
+    """Token-axis concatenations of projections, grouped where they share a linear."""
+    found = [(n, c) for n in graph.nodes if (c := _cat_chains(n)) is not None]
+    owner: dict[torch.fx.Node, int] = {}
+    parent = list(range(len(found)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, (_, chains) in enumerate(found):
+        for c in chains:
+            if c.linear in owner:
+                parent[root(i)] = root(owner[c.linear])
+            owner[c.linear] = i
+    groups: dict[int, list[tuple[torch.fx.Node, list[_Chain]]]] = {}
+    for i, member in enumerate(found):
+        groups.setdefault(root(i), []).append(member)
+    return list(groups.values())
+
+
+def _static_width(value: object) -> int | None:
+    """The last size of a node's tensor (or of a tensor), when it is a plain int."""
+    if isinstance(value, torch.fx.Node):
+        value = node_tensor(value)
+    size = value.shape[-1] if isinstance(value, torch.Tensor) else None
+    return size if isinstance(size, int) else None
+
+
+def _plan(members: list[tuple[torch.fx.Node, list[_Chain]]]) -> _Group | None:
+    """The joint buffer's column parts for one group, or None when its streams do not
+    line up (a stream fused differently across the group, parts of unequal widths)."""
+    n = len(members[0][1])
+    if any(len(chains) != n for _, chains in members):
+        return None
+    fused_widths: list[int] | None = None
+    part_of: dict[torch.fx.Node, int] = {}
+    for s in range(n):
+        at = [chains[s] for _, chains in members]
+        if all(c.split is not None for c in at):
+            if len({c.split for c in at}) != 1 or len({c.index for c in at}) != len(at):
+                return None
+            parts = node_value(at[0].split)  # type: ignore[arg-type]
+            if not isinstance(parts, (list, tuple)):
+                return None
+            widths = [_static_width(t) for t in parts]
+            if None in widths:
+                return None
+            if fused_widths is not None and widths != fused_widths:
+                return None
+            fused_widths = widths  # type: ignore[assignment]
+            for (cat, _), c in zip(members, at, strict=True):
+                if part_of.setdefault(cat, c.index) != c.index:  # type: ignore[arg-type]
+                    return None
+        elif not all(c.split is None for c in at) or len({c.linear for c in at}) != len(at):
+            return None
+    if fused_widths is None:  # no stream fused: one part per concatenation
+        if len(members) != 1:
+            return None
+        cat, chains = members[0]
+        width = _static_width(chains[0].root)
+        return None if width is None else _Group(members, [width], {cat: 0})
+    if sorted(part_of.values()) != list(range(len(fused_widths))):
+        return None  # a part of a fused projection that no concatenation takes
+    for cat, chains in members:
+        if any(_static_width(c.root) != fused_widths[part_of[cat]] for c in chains):
+            return None
+    return _Group(members, fused_widths, part_of)
+
+
+def _entries(group: _Group) -> list[tuple[object, object, object, int, int]] | None:
+    """(x, weight, bias, stream, first column) per GEMM of the joint buffer."""
+    offsets = [sum(group.widths[:i]) for i in range(len(group.widths))]
+    entries: list[tuple[object, object, object, int, int]] = []
+    seen: set[torch.fx.Node] = set()
+    for cat, chains in group.members:
+        for s, c in enumerate(chains):
+            if c.linear in seen:
+                continue
+            seen.add(c.linear)
+            column = 0 if c.split is not None else offsets[group.part_of[cat]]
+            entries.append((*_linear_args(c.linear), s, column))
+    dtypes = set()
+    for x, w, b, _, _ in entries:
+        for t in (x, w, b):
+            if t is not None:
+                value = node_tensor(t)
+                if value is None:
+                    return None
+                dtypes.add(value.dtype)
+    return entries if len(dtypes) == 1 else None
+
+
+def _big_enough(group: _Group) -> bool:
     elements = 0
-    for o in outs:
-        hints = [size_hint(s) for s in o.shape]  # type: ignore[union-attr]
-        if None in hints:
-            return False
-        elements += hints[0] * hints[1] * hints[2]  # type: ignore[operator]
+    for _, chains in group.members:
+        for c in chains:
+            hints = [size_hint(d) for d in node_tensor(c.root).shape]  # type: ignore[union-attr]
+            if None in hints:
+                return False
+            elements += hints[0] * hints[1] * hints[2]  # type: ignore[operator]
     return elements >= MIN_ELEMENTS
 
 
-def _covered(
-    linears: tuple[torch.fx.Node, ...], members: list[tuple[torch.fx.Node, list[_Chain]]]
-) -> bool:
-    """Nothing but these chains reads the linears (or their splits)."""
-    reached: set[torch.fx.Node] = {cat for cat, _ in members}
-    for _, chains in members:
+def _covered(group: _Group) -> bool:
+    """Nothing but the group's chains reads its linears (or their splits)."""
+    reached: set[torch.fx.Node] = {cat for cat, _ in group.members}
+    linears: set[torch.fx.Node] = set()
+    for _, chains in group.members:
         for c in chains:
+            linears.add(c.linear)
             reached.update(c.views)
             if c.split is not None:
-                reached |= {c.split, _first_after_split(c)}
+                reached |= {c.split, _getitem_of(c)}
     for linear in linears:
         for user in linear.users:
             if user not in reached:
@@ -324,70 +474,44 @@ def _covered(
     return True
 
 
-def _first_after_split(chain: _Chain) -> torch.fx.Node:
-    """The ``getitem`` that picks the chain's part of the split."""
-    assert chain.split is not None
-    for user in chain.split.users:
-        if user.target is operator.getitem and user.args[1] == chain.index:
-            return user
-    raise AssertionError("a matched chain's getitem is missing")
-
-
-def _replay(
-    graph: torch.fx.Graph, chain: _Chain, root: torch.fx.Node, split: torch.fx.Node | None
-) -> list[torch.fx.Node]:
-    """``chain``'s views applied to ``root`` (through ``split``'s part); the new nodes."""
-    created: list[torch.fx.Node] = []
-    node = root
-    if chain.split is not None:
-        assert split is not None
-        node = graph.call_function(operator.getitem, (split, chain.index))
-        created.append(node)
-    for view in chain.views:
-        node = graph.create_node(view.op, view.target, (node, *view.args[1:]), dict(view.kwargs))
-        created.append(node)
-    return created
-
-
-def _rewrite(
-    graph: torch.fx.Graph,
-    linears: tuple[torch.fx.Node, ...],
-    groups: list[tuple[torch.fx.Node, list[_Chain]]],
-) -> bool:
-    cats = [cat for cat, _ in groups]
+def _rewrite(graph: torch.fx.Graph, group: _Group) -> bool:
+    entries = _entries(group)
+    if entries is None:
+        return False
+    cats = [cat for cat, _ in group.members]
     order = {n: i for i, n in enumerate(graph.nodes)}
-    first_cat = min(cats, key=order.__getitem__)
-    args = [_linear_args(n) for n in linears]
     created: list[torch.fx.Node] = []
     replacements: list[tuple[torch.fx.Node, torch.fx.Node]] = []
-    with graph.inserting_before(first_cat):
+    with graph.inserting_before(min(cats, key=order.__getitem__)):
         joint = graph.call_function(
             torch.ops.difforge.joint_linear.default,
-            ([a[0] for a in args], [a[1] for a in args], [a[2] for a in args]),
+            tuple(list(column) for column in zip(*entries, strict=True)),
         )
         created.append(joint)
-        splits: dict[int, torch.fx.Node] = {}
-        for cat, chains in groups:
-            chain = chains[0]
-            split = None
-            if chain.split is not None:
-                key = id(chain.split)
-                if key not in splits:
-                    s = chain.split
-                    splits[key] = graph.create_node(
-                        s.op, s.target, (joint, *s.args[1:]), dict(s.kwargs)
-                    )
-                    created.append(splits[key])
-                split = splits[key]
-            nodes = _replay(graph, chain, joint, split)
-            created += nodes
-            replacements.append((cat, nodes[-1] if nodes else joint))
+        split = None
+        if len(group.widths) > 1:
+            split = graph.call_function(torch.split, (joint, group.widths), {"dim": -1})
+            created.append(split)
+        for cat, chains in group.members:
+            node = joint
+            if split is not None:
+                node = graph.call_function(operator.getitem, (split, group.part_of[cat]))
+                created.append(node)
+            for view in chains[0].views:
+                node = graph.create_node(
+                    view.op, view.target, (node, *view.args[1:]), dict(view.kwargs)
+                )
+                created.append(node)
+            replacements.append((cat, node))
     ok = fill_example_values(created)
-    if ok:
-        for cat, new in replacements:
-            want, got = node_tensor(cat), node_tensor(new)
-            if want is None or got is None or not _same(tuple(want.shape), tuple(got.shape)):
-                ok = False
+    for cat, new in replacements if ok else ():
+        want, got = node_tensor(cat), node_tensor(new)
+        ok = (
+            ok
+            and want is not None
+            and got is not None
+            and _same(tuple(want.shape), tuple(got.shape))
+        )
     if not ok:
         for node in reversed(created):
             graph.erase_node(node)
@@ -401,18 +525,10 @@ def _rewrite(
 @register_pass("joint_linear", stage="fx", tier="optimize")
 def fuse_joint_projections(graph: torch.fx.Graph) -> int:
     """cat(per-stream linears' views, tokens) -> views of one buffer the GEMMs write into."""
-    groups: dict[tuple[torch.fx.Node, ...], list[tuple[torch.fx.Node, list[_Chain]]]] = {}
-    for node in graph.nodes:
-        chains = _cat_chains(node)
-        if chains is not None:
-            groups.setdefault(tuple(c.linear for c in chains), []).append((node, chains))
     made = 0
-    for linears, members in groups.items():
-        if (
-            _linears_fit(linears)
-            and _covered(linears, members)
-            and _rewrite(graph, linears, members)
-        ):
+    for members in _groups(graph):
+        group = _plan(members)
+        if group is not None and _big_enough(group) and _covered(group) and _rewrite(graph, group):
             made += 1
     return made
 
