@@ -125,16 +125,31 @@ def joint_linear(
     firsts, width = _layout(xs, weights, streams, columns)
     batch, total = xs[0].shape[0], sum(x.shape[1] for x in _one_per_stream(xs, streams))
     out = xs[0].new_empty((batch, total, width))
+    part_biases: dict[int, list[tuple[int, torch.Tensor | None, int]]] = {}
     for x, w, b, s, c in zip(xs, weights, biases, streams, columns, strict=True):
         rows = slice(firsts[s], firsts[s] + x.shape[1])
-        for i in range(batch):
-            # One sample's rows of one entry: a [tokens, N] matrix of `out` (contiguous
-            # when the entry spans the width: then cuBLASLt adds the bias in its epilogue).
-            dst = out[i, rows, c : c + w.shape[0]]
-            if b is None:
-                torch.mm(x[i], w.t(), out=dst)
-            else:
-                torch.addmm(b, x[i], w.t(), out=dst)
+        if w.shape[0] == width:
+            # The stream in one GEMM: each sample's rows are a contiguous [tokens, width]
+            # matrix of `out`, and cuBLASLt adds the bias in its epilogue.
+            for i in range(batch):
+                if b is None:
+                    torch.mm(x[i], w.t(), out=out[i, rows])
+                else:
+                    torch.addmm(b, x[i], w.t(), out=out[i, rows])
+            continue
+        # A column part: strided rows, where cuBLAS would first copy the bias into the
+        # output (one small kernel per sample and part). One strided-batched GEMM for all
+        # samples instead, and the stream's biases added once, below.
+        torch.bmm(x, w.t().expand(batch, -1, -1), out=out[:, rows, c : c + w.shape[0]])
+        part_biases.setdefault(s, []).append((c, b, w.shape[0]))
+    for s, parts in part_biases.items():
+        if all(b is None for _, b, _ in parts):
+            continue
+        bias = torch.cat(
+            [out.new_zeros(n) if b is None else b for _, b, n in sorted(parts, key=lambda p: p[0])]
+        )
+        rows = slice(firsts[s], firsts[s] + _one_per_stream(xs, streams)[s].shape[1])
+        out[:, rows].add_(bias)
     return out
 
 
