@@ -39,7 +39,7 @@
 #   attn8dit SD3-medium and FLUX.1-dev steps: compile vs O3 vs O3 + 8-bit attention (fp8
 #            P·V), profiled                                                       ~10 min
 #   joint    the joint-attention `gpu` tests, then SD3-medium's step: compile vs O2 without
-#            joint_linear/sliced_rows_linear vs O2 without sliced_rows_linear vs O2, profiled ~8 min
+#            joint_linear vs O2, profiled                                        ~6 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
 #            O2:cudagraphs + dynamic, difforge's pooled CUDA graphs (POOL_IMPLS)    ~9 min
@@ -221,8 +221,7 @@ case "$part" in
   joint)
     run 120 gpu_tests_joint python3 -m pytest -q -rA -m gpu tests/test_joint_linear.py \
       -p no:cacheprovider
-    V='compile;O2-nojoint={"mode":"O2","passes.joint_linear":false,"passes.sliced_rows_linear":false}'
-    V+=';O2-nosliced={"mode":"O2","passes.sliced_rows_linear":false};O2'
+    V='compile;O2-nojoint={"mode":"O2","passes.joint_linear":false};O2'
     run 430 step_joint_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
       --variants "$V" --profile --output-json "$out/step_joint_sd3.json" ;;
   fluxo2)

@@ -1,4 +1,4 @@
-"""The joint-attention rewrites (``joint_linear``, ``sliced_rows_linear``) and their op."""
+"""The joint-attention rewrite (``joint_linear``) and its op."""
 
 from __future__ import annotations
 
@@ -110,20 +110,12 @@ def test_joint_linear_op_rejects_streams_that_do_not_fit() -> None:
         _joint([x[0]], [w], [None], [0], [0])
 
 
-def test_linear_sliced_rows_equals_linear() -> None:
-    x = torch.randn(3, 9, 16)[:, 2:7]
-    w, b = torch.randn(8, 16), torch.randn(8)
-    assert rel_err(joint.linear_sliced_rows(x, w, b), F.linear(x, w, b)) < 1e-6
-    assert rel_err(joint.linear_sliced_rows(x, w, None), F.linear(x, w)) < 1e-6
-
-
 # ----------------------------------------------------------------------------- the passes
 def test_joint_attention_projections_write_one_buffer(small_copies: None) -> None:
     # fuse_qkv makes one GEMM per stream first, so one joint buffer serves q, k and v.
     _compare(JointAttention().eval(), torch.randn(2, 10, 32), torch.randn(2, 6, 32))
     assert difforge.counters["fuse_qkv"] == 2
     assert difforge.counters["joint_linear"] == 1
-    assert difforge.counters["sliced_rows_linear"] == 2  # to_out and to_add_out
 
 
 def test_joint_linear_with_only_the_image_stream_fused(
@@ -198,7 +190,6 @@ def test_joint_linear_leaves_small_copies_o1_and_gradients() -> None:
     x, c = torch.randn(2, 10, 32), torch.randn(2, 6, 32)
     _compare(JointAttention().eval(), x, c)  # far below MIN_ELEMENTS
     assert difforge.counters["joint_linear"] == 0
-    assert difforge.counters["sliced_rows_linear"] == 0
 
 
 def test_joint_linear_off_in_o1_and_in_training(small_copies: None) -> None:
@@ -209,23 +200,6 @@ def test_joint_linear_off_in_o1_and_in_training(small_copies: None) -> None:
     out[0].sum().backward()  # the op has no derivative: graphs that need one keep the cats
     assert model.to_q.weight.grad is not None
     assert difforge.counters["joint_linear"] == 0
-    assert difforge.counters["sliced_rows_linear"] == 0
-
-
-def test_sliced_rows_linear_only_where_samples_lie_apart(small_copies: None) -> None:
-    proj = nn.Linear(16, 8).eval()
-
-    def head(x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (proj(x[:, 3:]),)
-
-    def whole(x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (proj(x),)
-
-    _compare(head, torch.randn(1, 9, 16))  # one sample: its rows are one matrix already
-    _compare(whole, torch.randn(2, 9, 16))
-    assert difforge.counters["sliced_rows_linear"] == 0
-    _compare(head, torch.randn(2, 9, 16))
-    assert difforge.counters["sliced_rows_linear"] == 1
 
 
 @pytest.mark.gpu
@@ -268,8 +242,3 @@ def test_gpu_joint_linear_op_matches_the_concatenated_linears(
     ref_split[:, tokens:] += b_txt.float()
     assert rel_err(split.float(), ref_split) < (4e-3 if dtype == torch.float16 else 2e-2)
     assert rel_err(out.float(), ref) < (4e-3 if dtype == torch.float16 else 2e-2)
-    x = torch.randn(batch, tokens + text, 192, device=dev, dtype=dtype)[:, tokens:]
-    sliced = joint.linear_sliced_rows(x, ws[0], bs[0])
-    assert rel_err(sliced.float(), F.linear(x.float(), ws[0].float(), bs[0].float())) < (
-        4e-3 if dtype == torch.float16 else 2e-2
-    )

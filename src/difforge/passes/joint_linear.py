@@ -1,33 +1,34 @@
-"""Joint attention's projections without the copies into and out of the joint sequence.
+"""Joint attention's projections written into one buffer, without concatenation copies.
 
-SD3's MM-DiT blocks project image and text tokens with separate weights, attend over both
-at once, then project each part of the output with its own weights again::
+SD3's MM-DiT blocks project image and text tokens with separate weights and attend over
+both at once::
 
-    q = cat([view(linear(x_img, Wq)), view(linear(x_txt, Wq')) ], dim=tokens)  # k, v alike
+    q = cat([view(linear(x_img, Wq)), view(linear(x_txt, Wq'))], dim=tokens)  # k, v alike
     o = sdpa(q, k, v).transpose(1, 2).reshape(B, S, C)
-    y_img, y_txt = linear(o[:, :S_img], Wo), linear(o[:, S_img:], Wo')
 
-Inductor copies each concatenation (cuBLAS outputs cannot be written into a slice of a
-shared buffer) and, with a batch above one, each output slice before its GEMM (a slice of
-the token axis is no ``[rows, C]`` matrix). In SD3-medium's O2 step on an H100 those copies
-are 1.41 ms (q, k, v) and 0.38 ms per step (``benchmarks/results/2026-11-26_h100_step_o2_dit.json``).
+Inductor copies each concatenation (a cuBLAS output cannot be written into a slice of a
+shared buffer), and because the concatenations are contiguous ``[B, H, S, D]`` tensors,
+cuDNN writes ``o`` in that order too, so the ``reshape`` after it copies once more. In
+SD3-medium's O2 step on an H100 that is 1.41 + 0.39 ms a step
+(``benchmarks/results/2026-11-26_h100_step_o2_dit.json``).
 
-- ``joint_linear``: the concatenations of one attention become views of one buffer that
-  ``difforge::joint_linear`` fills: each stream's GEMM writes its rows of ``[B, S_img +
-  S_txt, N]`` directly (one cuBLAS call per sample and stream, bias in cuBLASLt's
-  epilogue). It fires where every tensor of a token-axis ``cat`` is a chain of views (a split
-  of the features, ``view``/``reshape`` that keep the token axis, ``transpose``/``permute``)
-  of a linear's output, the chains agree stream by stream, and nothing else reads those
-  linears. The attention then gets q/k/v as strided views, and cuDNN writes its output in
-  the same token-major order, so the ``reshape`` after it is free too.
-- ``sliced_rows_linear``: ``linear(x[:, a:b], W, bias)`` on a batch above one becomes
-  ``bmm(x[:, a:b], Wᵀ expanded over the batch) + bias``: cuBLAS's strided-batched GEMM reads
-  each sample's rows where they lie, and the bias joins the pointwise kernel after it.
+The rewrite makes the concatenations views of one ``[B, S_img + S_txt, N]`` buffer that
+``difforge::joint_linear`` fills: each stream's GEMM writes its own token rows directly. A
+stream is one fused GEMM (``fuse_qkv``'s, one cuBLAS call per sample, the bias in
+cuBLASLt's epilogue) or one linear per part (SD3's 154 text tokens at 1024px, which
+``fuse_qkv``'s cost rule leaves apart: one strided-batched GEMM per part into its columns and
+one bias add for the stream). q, k and v then reach cuDNN as strided views, cuDNN writes its
+output token-major, and the ``reshape`` after it is free.
 
-Both are skipped below :data:`MIN_ELEMENTS` (a copy that small costs about a launch).
-Exactness: the same products; ``joint_linear`` splits the GEMM's rows by sample (the same
-float32 accumulation per output), and ``sliced_rows_linear`` rounds the product before
-adding the bias (one rounding more), so it is in the ``optimize`` tier.
+It fires where every tensor of a token-axis ``cat`` is a chain of views (a split of the
+features, ``view``/``reshape`` that keep the token axis, ``transpose``/``permute``) of a
+linear's output, the chains agree stream by stream, nothing else reads those linears, and
+the buffer has at least :data:`MIN_ELEMENTS` elements (below that a copy costs about a
+launch). The output side needs nothing: ``linear(o[:, :S_img])`` on a token slice is already
+one strided-batched GEMM (torch's matmul does not fold a batch it cannot view as rows).
+
+Exactness: the same products with the same float32 accumulation; a part's bias is added
+after its rounded GEMM output (one rounding more), so it is in the ``optimize`` tier.
 """
 
 from __future__ import annotations
@@ -40,13 +41,11 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from difforge.passes.registry import (
-    cacheable_target,
     fill_example_values,
     node_arg,
     node_tensor,
     node_value,
     register_pass,
-    replace_with_call,
     size_hint,
 )
 
@@ -171,16 +170,6 @@ def _joint_linear_fake(
     _, width = _layout(xs, weights, streams, columns)
     total = sum(x.shape[1] for x in _one_per_stream(xs, streams))
     return xs[0].new_empty((xs[0].shape[0], total, width))
-
-
-@cacheable_target
-def linear_sliced_rows(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``linear(x, weight, bias)`` for a ``[batch, tokens, K]`` view whose samples lie apart:
-    one strided-batched GEMM over the rows where they lie."""
-    out = torch.bmm(x, weight.t().expand(x.shape[0], -1, -1))
-    return out if bias is None else out + bias
 
 
 # --------------------------------------------------------------------------------------
@@ -545,49 +534,4 @@ def fuse_joint_projections(graph: torch.fx.Graph) -> int:
         group = _plan(members)
         if group is not None and _big_enough(group) and _covered(group) and _rewrite(graph, group):
             made += 1
-    return made
-
-
-def _token_slice(x: object) -> bool:
-    """``x`` is ``base[:, a:b]`` (or ``narrow(base, 1, ...)``) of a 3-D ``base``."""
-    if not isinstance(x, torch.fx.Node) or x.op != "call_function":
-        return False
-    base = node_tensor(x.args[0]) if x.args else None
-    if base is None or base.dim() != 3:
-        return False
-    if x.target is torch.narrow:
-        return _dim(node_arg(x, 1, "dim"), 3) == 1
-    if x.target is not operator.getitem or not isinstance(x.args[1], tuple):
-        return False
-    index = x.args[1]
-    full = slice(None, None, None)
-    return (
-        len(index) in (2, 3)
-        and index[0] == full
-        and isinstance(index[1], slice)
-        and index[1] != full
-        and all(i == full or i is Ellipsis for i in index[2:])
-    )
-
-
-@register_pass("sliced_rows_linear", stage="fx", tier="optimize")
-def sliced_rows_linear(graph: torch.fx.Graph) -> int:
-    """linear(x[:, a:b]) over a batch -> one strided-batched GEMM on the rows where they lie."""
-    made = 0
-    for linear in list(graph.nodes):
-        if linear.op != "call_function" or linear.target is not _LINEAR:
-            continue
-        x, weight, bias = _linear_args(linear)
-        xt, wt, out = node_tensor(x), node_tensor(weight), node_tensor(linear)
-        if not _token_slice(x) or xt is None or wt is None or out is None:
-            continue
-        if wt.dim() != 2 or out.requires_grad or xt.dtype != wt.dtype:
-            continue
-        hints = [size_hint(s) for s in xt.shape]
-        if None in hints or hints[0] == 1:  # one sample's rows are a matrix already
-            continue
-        if hints[0] * hints[1] * hints[2] < MIN_ELEMENTS:  # type: ignore[operator]
-            continue
-        replace_with_call(graph, linear, linear_sliced_rows, (x, weight, bias))
-        made += 1
     return made
