@@ -52,6 +52,17 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _O2_GRAPHS,
     ),
     ("2026-11-26_h100_step_o2_dit.json", "sd3-medium", "SD3-medium fp16, batch 2", _O2, _O2_GRAPHS),
+    (
+        "2026-11-27_h100_step_joint_sd3_s14.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("compile", "O2-nojoint", "O2"),
+        {
+            "compile": "torch.compile",
+            "O2-nojoint": "O2 without joint_linear",
+            "O2": "O2 (+ joint_linear)",
+        },
+    ),
     ("2026-11-26_h100_step_o2_flux.json", "flux-dev", "FLUX.1-dev bf16, batch 1", _O2, _O2_GRAPHS),
     (
         "2026-11-26_h100_step_o2_unet.json",
