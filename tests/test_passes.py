@@ -655,3 +655,85 @@ def test_gpu_group_norm_channels_last_matches_eager(
         out = difforge.compile(half, options={"mode": "O2"})(x.to(dtype))
     assert difforge.counters["group_norm_channels_last"] == 1
     assert rel_err(out, ref) <= 1.5 * rel_err(eager, ref) + 1e-3
+
+
+# ---------------------------------------------------------------------------- geglu_gemm
+@pytest.fixture
+def geglu_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pass targets CUDA (its kernel is Triton's); the op runs the reference math on the
+    # CPU, so the rewrite itself can be checked here.
+    from difforge.passes import gemm_epilogue
+
+    monkeypatch.setattr(gemm_epilogue, "GEGLU_DEVICES", ("cuda", "cpu"))
+
+
+class GegluBlock(nn.Module):
+    """diffusers' GEGLU feed-forward: ``a * gelu(g)`` of one projection's halves."""
+
+    def __init__(self, approximate: str = "none", gate_first: bool = False) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(16, 64), nn.Linear(32, 16)
+        self.approximate, self.gate_first = approximate, gate_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.proj(x).chunk(2, dim=-1)
+        if self.gate_first:  # the GELU on the first half: another function
+            a, g = g, a
+        return self.out(a * F.gelu(g, approximate=self.approximate))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_geglu_gemm_fuses_the_gate_into_one_op(geglu_on_cpu: None, approximate: str) -> None:
+    _run(GegluBlock(approximate).eval(), torch.randn(2, 7, 16))
+    assert difforge.counters["geglu_gemm"] == 1
+
+
+def test_geglu_gemm_leaves_other_graphs(geglu_on_cpu: None) -> None:
+    proj = nn.Linear(16, 64).eval()
+
+    def pre_activation_read_twice(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = proj(x)
+        a, g = h.chunk(2, dim=-1)
+        return a * F.gelu(g), h.sum(-1)
+
+    def three_chunks(x: torch.Tensor) -> torch.Tensor:
+        a, g, _ = proj(x)[..., :63].chunk(3, dim=-1)
+        return a * F.gelu(g)
+
+    def silu_gate(x: torch.Tensor) -> torch.Tensor:
+        a, g = proj(x).chunk(2, dim=-1)
+        return a * F.silu(g)
+
+    _run(GegluBlock(gate_first=True).eval(), torch.randn(2, 7, 16))
+    for fn in (pre_activation_read_twice, three_chunks, silu_gate):
+        _run(fn, torch.randn(2, 7, 16))
+    _run(GegluBlock().eval(), torch.randn(2, 7, 16), options={"mode": "O1"})
+    assert difforge.counters["geglu_gemm"] == 0
+
+
+def test_geglu_gemm_is_cuda_only_and_inference_only(geglu_on_cpu: None, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    block = GegluBlock()
+    out = difforge.compile(block, options={"mode": "O2"})(torch.randn(2, 7, 16))
+    out.sum().backward()  # the op has no derivative: a graph that needs one keeps eager's
+    assert block.proj.weight.grad is not None
+    from difforge.passes import gemm_epilogue
+
+    monkeypatch.setattr(gemm_epilogue, "GEGLU_DEVICES", ("cuda",))
+    _run(GegluBlock().eval(), torch.randn(2, 7, 16))
+    assert difforge.counters["geglu_gemm"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_geglu_gemm_in_a_compiled_block(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    block = GegluBlock().cuda().eval()
+    x = torch.randn(2, 333, 16, device="cuda")
+    with torch.no_grad():
+        ref = block(x)
+        half = block.to(dtype)
+        eager = half(x.to(dtype))
+        out = difforge.compile(half, options={"mode": "O2"})(x.to(dtype))
+    assert difforge.counters["geglu_gemm"] == 1
+    assert rel_err(out, ref) <= max(1.5 * rel_err(eager, ref), 1e-3)
