@@ -40,9 +40,8 @@
 #            P·V), profiled                                                       ~10 min
 #   joint    the joint-attention `gpu` tests, then SD3-medium's step: compile vs O2 without
 #            joint_linear vs O2, profiled                                        ~6 min
-#   geglu    the fused GEGLU GEMM's `gpu` tests, then its tiling sweep against cuBLAS +
-#            Inductor's GEGLU at the SDXL UNet's shapes                          ~2 min
-#   geglustep SDXL UNet step: compile vs O2 without geglu_gemm vs O2 (channels_last) ~9 min
+#   geglu    benchmarks/probe_geglu.py: Triton GEMMs with GEGLU's gate in the epilogue
+#            (pointer and TMA loads) vs cuBLAS + Inductor's GEGLU, SDXL's shapes   ~2 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
 #            O2:cudagraphs + dynamic, difforge's pooled CUDA graphs (POOL_IMPLS)    ~9 min
@@ -74,7 +73,7 @@
 #   qualitysd3 the same for SD3-medium, with the float32 generation (fp32) as the yardstick
 #   qualityflux the same for FLUX.1-dev (eager, compile, O3, fp8, fp32)           ~10 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|geglustep}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -228,15 +227,7 @@ case "$part" in
     run 430 step_joint_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
       --variants "$V" --profile --output-json "$out/step_joint_sd3.json" ;;
   geglu)
-    run 200 gpu_tests_geglu python3 -m pytest -q -rA -m gpu tests/kernels/test_geglu_linear.py \
-      tests/test_passes.py -k geglu -p no:cacheprovider
-    run 200 probe_geglu python3 benchmarks/probe_ops.py --probes geglu \
-      --output-json "$out/probe_geglu.json" ;;
-  geglustep)
-    V='compile;O2-nogeglu={"mode":"O2","memory_format":"channels_last","passes.geglu_gemm":false}'
-    V+=';O2={"mode":"O2","memory_format":"channels_last"}'
-    run 570 step_geglu_unet python3 benchmarks/bench_step.py --models sdxl-base \
-      --variants "$V" --profile --output-json "$out/step_geglu_unet.json" ;;
+    run 300 probe_geglu python3 benchmarks/probe_geglu.py --output-json "$out/probe_geglu.json" ;;
   fluxo2)
     run 280 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
     run 290 step_flux_o2 python3 benchmarks/bench_step.py --models flux-dev \

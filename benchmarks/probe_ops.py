@@ -410,63 +410,6 @@ def probe_ff_block() -> list[dict[str, Any]]:
     return rows
 
 
-#: (name, M, K, inner N): the GEGLU feed-forward inputs of the SDXL UNet at 1024², batch 2.
-GEGLU_SHAPES = (("sdxl-1280", 2048, 1280, 5120), ("sdxl-640", 8192, 640, 2560))
-#: Tilings of the fused GEGLU kernel to sweep: (block_m, block_n, block_k, warps, stages).
-GEGLU_TILES = (
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 32, 8, 4),
-    (128, 64, 64, 4, 4),
-    (128, 64, 64, 8, 4),
-    (64, 128, 64, 4, 4),
-)
-
-
-def probe_geglu() -> list[dict[str, Any]]:
-    """The fused GEGLU GEMM (difforge.kernels.geglu_linear) per tiling, against cuBLAS's GEMM
-    alone and Inductor's GEMM + fused pointwise GEGLU (what O2 runs without the kernel)."""
-    from difforge.kernels.geglu_linear import GegluConfig, geglu_linear, geglu_reference
-
-    rows: list[dict[str, Any]] = []
-    for name, m, k, n in GEGLU_SHAPES:
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        w = torch.randn(2 * n, k, device="cuda", dtype=torch.float16) * k**-0.5
-        bias = torch.randn(2 * n, device="cuda", dtype=torch.float16)
-        ref = geglu_reference(x.float(), w.float(), bias.float())
-        compiled = torch.compile(geglu_reference)
-        variants: list[tuple[str, Callable[[], torch.Tensor]]] = [
-            ("cublas_linear_only", lambda: F.linear(x, w, bias)),
-            ("inductor", lambda: compiled(x, w, bias)),
-        ]
-        for bm, bn, bk, warps, stages in GEGLU_TILES:
-            cfg = GegluConfig(bm, bn, bk, 8, warps, stages)
-            variants.append(
-                (
-                    f"triton {bm}x{bn}x{bk} w{warps} s{stages}",
-                    lambda c=cfg: geglu_linear(x, w, bias, config=c),
-                )
-            )
-        for variant, fn in variants:
-            try:
-                out = fn()
-                ms = _bench(fn)
-            except Exception as exc:  # a tiling that does not fit: say so, go on
-                rows.append({"shape": name, "variant": variant, "error": repr(exc)[:200]})
-                continue
-            rows.append(
-                {
-                    "shape": name,
-                    "variant": variant,
-                    "ms": ms,
-                    "tflops": 4 * m * k * n / ms / 1e9,
-                    "rel_err": None if variant == "cublas_linear_only" else _rel(out, ref),
-                }
-            )
-        torch._dynamo.reset()
-    return rows
-
-
 PROBES = {
     "attention": probe_attention,
     "gelu": probe_gelu,
@@ -474,7 +417,6 @@ PROBES = {
     "int8attn": probe_int8_attention,
     "attncode": probe_attention_code,
     "ffblock": probe_ff_block,
-    "geglu": probe_geglu,
 }
 
 

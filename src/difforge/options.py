@@ -75,7 +75,6 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "passes.gelu_epilogue": True,
         "passes.split_cat_linear": True,
         "passes.joint_linear": True,
-        "passes.geglu_gemm": True,
         "passes.gelu_tanh_sigmoid": True,
         "passes.attention_wide_heads": True,
         "passes.group_norm_channels_last": True,

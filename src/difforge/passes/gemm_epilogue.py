@@ -14,23 +14,13 @@ erf form on the CPU, so the rewrite only fires where the model asked for that sa
 on that device; anything else (other approximations, no bias, fp8, more than one user of
 the linear's output, e.g. GEGLU's chunk, graphs that need gradients) is left alone. The fused result is rounded once
 instead of twice, so it is, if anything, closer to float32.
-
-``geglu_gemm`` (CUDA, fp16/bf16): diffusers' ``GEGLU`` (the SDXL and SD 1.5 UNets'
-feed-forward input), ``a * gelu(g)`` for ``a, g = linear(x).chunk(2, -1)``, has no cuBLASLt
-epilogue (the product pairs columns ``j`` and ``j + inner``): it becomes
-``torch.ops.difforge.geglu_linear``, a Triton GEMM that accumulates each output tile's ``a``
-and ``g`` columns side by side and writes only the product
-(:mod:`difforge.kernels.geglu_linear`). The pre-activations are not rounded before the GELU.
 """
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
-from difforge.kernels import geglu_linear as _geglu  # registers torch.ops.difforge.geglu_linear
 from difforge.passes.registry import (
     cacheable_target,
     node_arg,
@@ -93,85 +83,5 @@ def gelu_epilogue(graph: torch.fx.Graph) -> int:
         linear, parts = match
         replace_with_call(graph, gelu, linear_gelu, parts)
         graph.erase_node(linear)
-        made += 1
-    return made
-
-
-#: Devices where ``geglu_gemm`` fires (the kernel is Triton's; the CPU keeps Inductor's code).
-GEGLU_DEVICES: tuple[str, ...] = ("cuda",)
-_CHUNKS = (torch.chunk, torch.Tensor.chunk)
-
-
-def _chunk_half(node: object, index: int) -> torch.fx.Node | None:
-    """The linear whose output ``node`` is half ``index`` of (``chunk(2, -1)``), else None."""
-    if not isinstance(node, torch.fx.Node) or node.target is not operator.getitem:
-        return None
-    chunk, i = node.args
-    if i != index or not isinstance(chunk, torch.fx.Node) or len(chunk.users) != 2:
-        return None
-    is_chunk = (chunk.op == "call_method" and chunk.target == "chunk") or (
-        chunk.op == "call_function" and chunk.target in _CHUNKS
-    )
-    if not is_chunk or node_arg(chunk, 1, "chunks") != 2:
-        return None
-    out = node_tensor(chunk.args[0])
-    if out is None or node_arg(chunk, 2, "dim", 0) not in (-1, out.dim() - 1):
-        return None
-    linear = chunk.args[0]
-    if not isinstance(linear, torch.fx.Node) or linear.target is not _LINEAR:
-        return None
-    return linear if len(linear.users) == 1 else None
-
-
-def _geglu_match(mul: torch.fx.Node) -> tuple[torch.fx.Node, tuple[object, ...]] | None:
-    """(the linear, (x, weight, bias, approximate)) when ``mul`` is ``a * gelu(g)`` of one
-    linear's two halves."""
-    if mul.op != "call_function" or mul.target is not operator.mul or len(mul.args) != 2:
-        return None
-    for a, gelu in (mul.args, mul.args[::-1]):
-        if not isinstance(gelu, torch.fx.Node) or gelu.target is not _GELU:
-            continue
-        if len(gelu.users) != 1:
-            continue
-        linear = _chunk_half(a, 0)
-        if linear is None or _chunk_half(gelu.args[0], 1) is not linear:
-            continue
-        x, weight, bias = (
-            node_arg(linear, i, n) for i, n in enumerate(("input", "weight", "bias"))
-        )
-        out, xt, wt = node_tensor(mul), node_tensor(x), node_tensor(weight)
-        if out is None or xt is None or wt is None or out.requires_grad:
-            return None
-        if out.device.type not in GEGLU_DEVICES or wt.dim() != 2:
-            return None
-        if out.device.type == "cuda" and out.dtype not in (torch.float16, torch.bfloat16):
-            return None  # the kernel's dtypes; float32 keeps cuBLAS
-        if not xt.dtype == wt.dtype == out.dtype:
-            return None
-        bt = node_tensor(bias)
-        if bias is not None and (bt is None or bt.dtype != out.dtype):
-            return None
-        approximate = node_arg(gelu, 1, "approximate", "none")
-        if approximate not in _geglu.APPROXIMATIONS:
-            return None
-        return linear, (x, weight, bias, approximate)
-    return None
-
-
-@register_pass("geglu_gemm", stage="fx", tier="optimize")
-def geglu_gemm(graph: torch.fx.Graph) -> int:
-    """a * gelu(g) of one linear's halves (GEGLU) -> one Triton GEMM writing the product."""
-    made = 0
-    for mul in list(graph.nodes):
-        match = _geglu_match(mul)
-        if match is None:
-            continue
-        linear, args = match
-        chunk = next(iter(linear.users))
-        halves = list(chunk.users)
-        gelus = [u for h in halves for u in h.users if u is not mul]
-        replace_with_call(graph, mul, torch.ops.difforge.geglu_linear.default, args)
-        for node in (*gelus, *halves, chunk, linear):
-            graph.erase_node(node)
         made += 1
     return made
