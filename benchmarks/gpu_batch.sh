@@ -71,9 +71,10 @@
 #   quality  quality report, PixArt-XL: eager/compile/O2/O3/fp8, with and without
 #            planted outliers, 20-step generations                             ~9 min
 #   qualitysd3 the same for SD3-medium, with the float32 generation (fp32) as the yardstick
+#   qualitysd3o SD3-medium's planted-outlier set alone (eager, compile, O3, fp8, fp32) ~9 min
 #   qualityflux the same for FLUX.1-dev (eager, compile, O3, fp8, fp32)           ~10 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -328,9 +329,13 @@ case "$part" in
   quality)
     run 570 quality_pixart python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
       --no-progress --output-json "$out/quality_pixart.json" ;;
-  qualitysd3)
+  qualitysd3)  # the weights as built: all modes took 9 min on an H100 (the outlier set did not fit)
     run 580 quality_sd3 python3 benchmarks/quality_report.py --models sd3-medium --runs 1 \
-      --no-progress --output-json "$out/quality_sd3.json" ;;
+      --weights built --no-progress --output-json "$out/quality_sd3.json" ;;
+  qualitysd3o)  # the planted-outlier set alone
+    run 580 quality_sd3_outliers python3 benchmarks/quality_report.py --models sd3-medium \
+      --modes eager,compile,O3,fp8,fp32 --runs 1 --weights outliers --no-progress \
+      --output-json "$out/quality_sd3_outliers.json" ;;
   qualityflux)
     run 580 quality_flux python3 benchmarks/quality_report.py --models flux-dev \
       --modes eager,compile,O3,fp8,fp32 --runs 1 --no-progress \

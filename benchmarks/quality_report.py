@@ -103,6 +103,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="factor of the planted outlier columns (default: 30; 0: no planted runs)",
     )
     p.add_argument(
+        "--weights",
+        choices=("both", "built", "outliers"),
+        default="both",
+        help="which weight sets: the preset's as built, with planted outliers, or both (the "
+        "default); one set per command keeps a large model within a time limit",
+    )
+    p.add_argument(
         "--outlier-channels",
         type=int,
         default=4,
@@ -145,6 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--steps, --runs, --step-iters and --outlier-channels must be positive")
     if args.outlier_factor < 0:
         p.error("--outlier-factor must be >= 0")
+    if args.weights == "outliers" and not args.outlier_factor:
+        p.error("--weights outliers needs a positive --outlier-factor")
     return args
 
 
@@ -367,11 +376,22 @@ def markdown_table(rows: list[dict[str, Any]], gens: list[CompilerResult | None]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
+def weight_sets(weights: str, outlier_factor: float) -> list[float | None]:
+    """The runs' outlier factors: None for the preset's weights as built, then the planted
+    factor (``--weights both``, the default; no planted run with factor 0)."""
+    sets: list[float | None] = []
+    if weights in ("both", "built"):
+        sets.append(None)
+    if weights in ("both", "outliers") and outlier_factor:
+        sets.append(outlier_factor)
+    return sets
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
-    factors: list[float | None] = [None] + ([args.outlier_factor] if args.outlier_factor else [])
+    factors = weight_sets(args.weights, args.outlier_factor)
     rows: list[dict[str, Any]] = []
     gens: list[CompilerResult | None] = []
     workloads: dict[str, Any] = {}

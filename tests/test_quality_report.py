@@ -203,6 +203,19 @@ def _load(name: str) -> ModuleType:
     return module
 
 
+def test_quality_report_weight_sets(cpu_only: None) -> None:
+    report = _load("quality_report")
+    assert report.weight_sets("both", 30.0) == [None, 30.0]
+    assert report.weight_sets("both", 0.0) == [None]
+    assert report.weight_sets("built", 30.0) == [None]
+    assert report.weight_sets("outliers", 30.0) == [30.0]
+    assert report.parse_args([]).weights == "both"
+    with pytest.raises(SystemExit):  # nothing would run
+        report.parse_args(["--weights", "outliers", "--outlier-factor", "0"])
+    with pytest.raises(SystemExit):
+        report.parse_args(["--weights", "planted"])
+
+
 @pytest.mark.slow
 def test_quality_report_fp32_yardstick(cpu_only: None, tmp_path: Path) -> None:
     """``fp32``: the same pipeline converted to float32 against the run's dtype (bfloat16
