@@ -62,3 +62,24 @@ def test_sd3_joint_attention_reads_and_writes_one_buffer(monkeypatch: pytest.Mon
         out = _first(call(difforge.compile(model, options={"mode": "O2"})))
     assert difforge.counters["joint_linear"] == 2
     assert rel_err(out, ref) < 1e-5
+
+
+def test_pixart_cross_attention_takes_the_short_kv_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every block's cross-attention to the (padded) T5 prompt, with diffusers' own mask; the
+    # self-attention stays SDPA (its kv is all 1024 latent tokens, past MAX_KV).
+    from difforge.passes import attention
+
+    monkeypatch.setattr(attention, "SHORT_KV_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "SHORT_KV_MIN_QUERIES", 1)
+    preset = get_preset("tiny-pixart")
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    call = denoiser_step_inputs(
+        preset, batch=2, height=512, width=512, device="cpu", dtype=torch.float32
+    )
+    options = {"mode": "O2", "passes.attention_short_kv": True}
+    with torch.no_grad():
+        ref = _first(call(model))
+        out = _first(call(difforge.compile(model, options=options)))
+    blocks = len(model.transformer_blocks)
+    assert difforge.counters["attention_short_kv"] == blocks
+    assert rel_err(out, ref) < 1e-5
