@@ -741,3 +741,21 @@ def test_gpu_attention_short_kv_in_a_compiled_block(dtype: torch.dtype) -> None:
         out = difforge.compile(half, options=SHORT_KV_ON)(*args)
     assert difforge.counters["attention_short_kv"] == 1
     assert rel_err(out, ref) <= max(1.5 * rel_err(eager, ref), 2e-3)
+
+
+def test_the_ops_passes_insert_exist_once_the_passes_load() -> None:
+    # A stored graph (compile cache, cache.precompile) that calls one of them must load in a
+    # new process where no pass has run yet: loading the registry registers them all.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from difforge.passes import all_passes\n"
+        "all_passes()\n"
+        "for name in ('joint_linear', 'attention_short_kv', 'attention_int8_prepared'):\n"
+        "    getattr(torch.ops.difforge, name).default\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

@@ -41,6 +41,10 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+# Importing the kernels registers the ops these passes insert (torch.ops.difforge.*), so a
+# graph stored with one of them (the compile cache, cache.precompile) loads in a new process.
+from difforge.kernels import attention_int8 as _attention_int8  # noqa: F401
+from difforge.kernels import attention_short_kv as _attention_short_kv
 from difforge.passes.registry import (
     cacheable_target,
     fill_example_values,
@@ -228,8 +232,6 @@ SHORT_KV_MIN_QUERIES = 1024
 
 def _short_kv_call(node: torch.fx.Node) -> tuple[object, ...] | None:
     """(q, k, v, mask, scale) when ``node`` is an SDPA call the short-kv kernel takes."""
-    from difforge.kernels.attention_short_kv import MAX_HEAD_DIM, MAX_KV
-
     if node.op != "call_function" or node.target not in _SDPA_TARGETS:
         return None
     dropout = node_arg(node, 4, "dropout_p", 0.0)
@@ -248,7 +250,9 @@ def _short_kv_call(node: torch.fx.Node) -> tuple[object, ...] | None:
     if q.device.type == "cuda" and q.dtype not in _HALF:
         return None  # the kernel's dtypes
     skv, d = k.shape[2], q.shape[3]
-    if not isinstance(skv, int) or not isinstance(d, int) or skv > MAX_KV or d > MAX_HEAD_DIM:
+    if not isinstance(skv, int) or not isinstance(d, int):
+        return None
+    if skv > _attention_short_kv.MAX_KV or d > _attention_short_kv.MAX_HEAD_DIM:
         return None
     if tuple(k.shape) != tuple(v.shape) or k.shape[3] != d:
         return None
@@ -275,8 +279,6 @@ def attention_short_kv(graph: torch.fx.Graph) -> int:
         call = _short_kv_call(node)
         if call is None:
             continue
-        import difforge.kernels.attention_short_kv  # noqa: F401  (registers the op)
-
         new = replace_with_call(graph, node, torch.ops.difforge.attention_short_kv.default, call)
         fill_example_values([new])  # the op's token-major strides, not SDPA's
         made += 1
