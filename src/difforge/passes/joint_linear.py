@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -66,10 +67,20 @@ _VIEW_METHODS = ("view", "reshape", "transpose", "permute")
 # --------------------------------------------------------------------------------------
 
 
+class _Layout(NamedTuple):
+    firsts: list[int]  # each stream's first row of the buffer
+    tokens: list[int]  # each stream's rows
+    width: int
+
+    @property
+    def rows(self) -> int:
+        return self.firsts[-1] + self.tokens[-1]
+
+
 def _layout(
     xs: list[torch.Tensor], weights: list[torch.Tensor], streams: list[int], columns: list[int]
-) -> tuple[list[int], int]:
-    """Each stream's first row and the buffer's width, after checking that the entries
+) -> _Layout:
+    """Where each stream's rows go and the buffer's width, after checking that the entries
     tile every stream's rows ``[0, width)`` exactly once (no column left unwritten)."""
     if not xs or not len(xs) == len(weights) == len(streams) == len(columns):
         raise ValueError("joint_linear needs one weight, stream and column per input")
@@ -106,7 +117,7 @@ def _layout(
     for s in range(len(spans)):
         firsts.append(row)
         row = row + tokens[s]  # type: ignore[operator]
-    return firsts, width
+    return _Layout(firsts, [tokens[s] for s in range(len(spans))], width)  # type: ignore[misc]
 
 
 @torch.library.custom_op("difforge::joint_linear", mutates_args=())
@@ -121,9 +132,9 @@ def joint_linear(
     entry ``e`` computes ``linear(xs[e], weights[e], biases[e])`` into the token rows of
     stream ``streams[e]`` (streams stacked in order, as ``cat(..., dim=1)`` would) and the
     columns from ``columns[e]``. A stream is one fused GEMM or several side by side."""
-    firsts, width = _layout(xs, weights, streams, columns)
-    batch, total = xs[0].shape[0], sum(x.shape[1] for x in _one_per_stream(xs, streams))
-    out = xs[0].new_empty((batch, total, width))
+    layout = _layout(xs, weights, streams, columns)
+    firsts, width, batch = layout.firsts, layout.width, xs[0].shape[0]
+    out = xs[0].new_empty((batch, layout.rows, width))
     part_biases: dict[int, list[tuple[int, torch.Tensor | None, int]]] = {}
     for x, w, b, s, c in zip(xs, weights, biases, streams, columns, strict=True):
         rows = slice(firsts[s], firsts[s] + x.shape[1])
@@ -147,16 +158,8 @@ def joint_linear(
         bias = torch.cat(
             [out.new_zeros(n) if b is None else b for _, b, n in sorted(parts, key=lambda p: p[0])]
         )
-        rows = slice(firsts[s], firsts[s] + _one_per_stream(xs, streams)[s].shape[1])
-        out[:, rows].add_(bias)
+        out[:, firsts[s] : firsts[s] + layout.tokens[s]].add_(bias)
     return out
-
-
-def _one_per_stream(xs: list[torch.Tensor], streams: list[int]) -> list[torch.Tensor]:
-    first = {}
-    for x, s in zip(xs, streams, strict=True):
-        first.setdefault(s, x)
-    return [first[s] for s in sorted(first)]
 
 
 @joint_linear.register_fake
@@ -167,9 +170,8 @@ def _joint_linear_fake(
     streams: list[int],
     columns: list[int],
 ) -> torch.Tensor:
-    _, width = _layout(xs, weights, streams, columns)
-    total = sum(x.shape[1] for x in _one_per_stream(xs, streams))
-    return xs[0].new_empty((xs[0].shape[0], total, width))
+    layout = _layout(xs, weights, streams, columns)
+    return xs[0].new_empty((xs[0].shape[0], layout.rows, layout.width))
 
 
 # --------------------------------------------------------------------------------------
