@@ -39,3 +39,22 @@ def run_child(script: str, *args: str, env: dict[str, str]) -> Any:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compile_for_sm90(script: str) -> None:
+    """Run ``script`` (which compiles Triton kernels for sm_90a and prints ``sm90 ok``) in a
+    new process without ``TRITON_INTERPRET``: kernels imported here may have been built for
+    the interpreter. Skips where Triton has no NVIDIA backend."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src_dir = Path(__file__).resolve().parents[1] / "src"
+    env["PYTHONPATH"] = os.pathsep.join([str(src_dir), env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0 and "sm90 ok" in res.stdout, res.stderr[-3000:]

@@ -23,6 +23,23 @@ def _first(out: Any) -> torch.Tensor:
     return getattr(out, "sample", out[0] if isinstance(out, tuple) else out)
 
 
+def _compiled_matches_eager(
+    name: str, options: dict[str, Any], *, batch: int, size: int
+) -> torch.nn.Module:
+    """One float32 denoiser step of preset ``name`` at ``size``², compiled with ``options``,
+    against eager (relative error < 1e-5); returns the eager model."""
+    preset = get_preset(name)
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    call = denoiser_step_inputs(
+        preset, batch=batch, height=size, width=size, device="cpu", dtype=torch.float32
+    )
+    with torch.no_grad():
+        ref = _first(call(model))
+        out = _first(call(difforge.compile(model, options=options)))
+    assert rel_err(out, ref) < 1e-5
+    return model
+
+
 @pytest.mark.parametrize(("regional", "splits"), [(False, 2), (True, 1)])
 def test_flux_single_blocks_project_attention_and_mlp_without_the_concatenation(
     regional: bool, splits: int, monkeypatch: pytest.MonkeyPatch
@@ -33,17 +50,9 @@ def test_flux_single_blocks_project_attention_and_mlp_without_the_concatenation(
     from difforge.passes import split_linear
 
     monkeypatch.setattr(split_linear, "MIN_COPY_ELEMENTS", 48 * 160)
-    preset = get_preset("tiny-flux")
-    model = build_component(preset, preset.denoiser, dtype=torch.float32)
-    call = denoiser_step_inputs(
-        preset, batch=1, height=64, width=64, device="cpu", dtype=torch.float32
-    )
     options = {"mode": "O2", "compile.regional": regional}
-    with torch.no_grad():
-        ref = _first(call(model))
-        out = _first(call(difforge.compile(model, options=options)))
+    _compiled_matches_eager("tiny-flux", options, batch=1, size=64)
     assert difforge.counters["split_cat_linear"] == splits
-    assert rel_err(out, ref) < 1e-5
 
 
 def test_sd3_joint_attention_reads_and_writes_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,16 +61,8 @@ def test_sd3_joint_attention_reads_and_writes_one_buffer(monkeypatch: pytest.Mon
     from difforge.passes import joint_linear
 
     monkeypatch.setattr(joint_linear, "MIN_ELEMENTS", 1)
-    preset = get_preset("tiny-sd3")
-    model = build_component(preset, preset.denoiser, dtype=torch.float32)
-    call = denoiser_step_inputs(
-        preset, batch=2, height=128, width=128, device="cpu", dtype=torch.float32
-    )
-    with torch.no_grad():
-        ref = _first(call(model))
-        out = _first(call(difforge.compile(model, options={"mode": "O2"})))
+    _compiled_matches_eager("tiny-sd3", {"mode": "O2"}, batch=2, size=128)
     assert difforge.counters["joint_linear"] == 2
-    assert rel_err(out, ref) < 1e-5
 
 
 def test_pixart_cross_attention_takes_the_short_kv_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,15 +72,6 @@ def test_pixart_cross_attention_takes_the_short_kv_kernel(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(attention, "SHORT_KV_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(attention, "SHORT_KV_MIN_QUERIES", 1)
-    preset = get_preset("tiny-pixart")
-    model = build_component(preset, preset.denoiser, dtype=torch.float32)
-    call = denoiser_step_inputs(
-        preset, batch=2, height=512, width=512, device="cpu", dtype=torch.float32
-    )
     options = {"mode": "O2", "passes.attention_short_kv": True}
-    with torch.no_grad():
-        ref = _first(call(model))
-        out = _first(call(difforge.compile(model, options=options)))
-    blocks = len(model.transformer_blocks)
-    assert difforge.counters["attention_short_kv"] == blocks
-    assert rel_err(out, ref) < 1e-5
+    model = _compiled_matches_eager("tiny-pixart", options, batch=2, size=512)
+    assert difforge.counters["attention_short_kv"] == len(model.transformer_blocks)

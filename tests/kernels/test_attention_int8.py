@@ -8,16 +8,13 @@ real DiT shapes.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers import compile_for_sm90
 
 from difforge.kernels import attention_int8 as mod
 from difforge.kernels.attention_int8 import (
@@ -464,18 +461,7 @@ def test_kernels_compile_for_sm90_without_a_gpu() -> None:
 
     Runs in a subprocess because this session's kernels were built for the interpreter.
     """
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src_dir = Path(mod.__file__).resolve().parents[2]  # .../src
-    env["PYTHONPATH"] = os.pathsep.join([str(src_dir), env.get("PYTHONPATH", "")])
-    res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_SM90],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0 and "sm90 ok" in res.stdout, res.stderr[-3000:]
+    compile_for_sm90(_COMPILE_FOR_SM90)
 
 
 # --------------------------------------------------------------------------------------

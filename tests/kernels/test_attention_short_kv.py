@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import rel_err
+from tests.helpers import compile_for_sm90, rel_err
 
-import difforge.kernels.attention_short_kv as mod
 from difforge.kernels.attention_short_kv import (
     attention_short_kv,
     attention_short_kv_reference,
@@ -133,18 +128,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
 
 def test_kernel_compiles_for_sm90_without_a_gpu() -> None:
     """Lowering and ptxas for H100 (sm_90a) on the CPU: tensor-core MMAs, exp2."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src_dir = Path(mod.__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(src_dir), env.get("PYTHONPATH", "")])
-    res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_SM90],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0 and "sm90 ok" in res.stdout, res.stderr[-3000:]
+    compile_for_sm90(_COMPILE_FOR_SM90)
 
 
 @pytest.mark.gpu

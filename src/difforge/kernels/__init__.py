@@ -8,4 +8,17 @@ so importing this package alone costs nothing.
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import os
+
+__all__: list[str] = ["interpreting"]
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``): the
+    kernels then take CPU tensors and work around the interpreter's known bugs."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -35,7 +35,6 @@ fuses, which still cost PixArt-XL 2.65 ms a step against the kernel's 1.5 ms gai
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -43,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from difforge.kernels import interpreting as _interpreting
 from difforge.passes.registry import cacheable_target
 
 __all__ = [
@@ -66,14 +66,6 @@ _MAX_HEAD_DIM = 128
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 64
 DEFAULT_STAGES = 2
-
-
-def _interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ into graphs (on the CPU, outside Triton's interpreter, it runs the reference).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from difforge.kernels import interpreting as _interpreting
 
 __all__ = ["MAX_KV", "attention_short_kv", "attention_short_kv_reference", "head_dim_split"]
 
@@ -37,13 +38,6 @@ MAX_KV = 256
 MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def head_dim_split(head_dim: int) -> tuple[int, int]:
