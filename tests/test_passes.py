@@ -759,3 +759,25 @@ def test_the_ops_passes_insert_exist_once_the_passes_load() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_fill_example_values_runs_functions_and_methods_in_the_inputs_fake_mode() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def graph_with(modes: tuple[FakeTensorMode, FakeTensorMode]) -> tuple[torch.fx.Graph, list]:
+        graph = torch.fx.Graph()
+        a, b = graph.placeholder("a"), graph.placeholder("b")
+        for node, mode in zip((a, b), modes, strict=True):
+            with mode:
+                node.meta["example_value"] = torch.empty(2, 6)
+        cat = graph.call_function(torch.cat, ([a, b],), {"dim": 1})
+        view = graph.call_method("view", (cat, 2, 3, 4))
+        return graph, [cat, view]
+
+    mode = FakeTensorMode()
+    _, nodes = graph_with((mode, mode))
+    assert registry.fill_example_values(nodes)
+    assert [tuple(n.meta["example_value"].shape) for n in nodes] == [(2, 12), (2, 3, 4)]
+    _, nodes = graph_with((FakeTensorMode(), FakeTensorMode()))  # no single mode: nothing
+    assert not registry.fill_example_values(nodes)
+    assert all("example_value" not in n.meta for n in nodes)
