@@ -28,8 +28,8 @@ mask (PixArt's cross-attention to padded prompts) always stay SDPA.
 
 ``attention_short_kv`` (``optimize`` tier, opt-in with ``passes.attention_short_kv: true``
 until it is measured on a GPU): on CUDA, an SDPA call over at most
-:data:`~difforge.kernels.attention_short_kv.MAX_KV` keys (cross-attention to text: PixArt's
-120/300 T5 tokens, SDXL's 77 CLIP tokens) and at least :data:`SHORT_KV_MIN_QUERIES` queries,
+:data:`~difforge.kernels.attention_short_kv.MAX_KV` keys (cross-attention to text: PixArt-α's
+120 T5 tokens, SDXL's 77 CLIP tokens; not PixArt-Σ's 300) and at least :data:`SHORT_KV_MIN_QUERIES` queries,
 with or without an additive/boolean mask, no dropout, not causal, half precision, becomes
 ``torch.ops.difforge.attention_short_kv``: one pass over the whole kv sequence per query
 tile (:mod:`difforge.kernels.attention_short_kv`), output token-major.
