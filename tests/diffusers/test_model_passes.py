@@ -75,3 +75,15 @@ def test_pixart_cross_attention_takes_the_short_kv_kernel(monkeypatch: pytest.Mo
     options = {"mode": "O2", "passes.attention_short_kv": True}
     model = _compiled_matches_eager("tiny-pixart", options, batch=2, size=512)
     assert difforge.counters["attention_short_kv"] == len(model.transformer_blocks)
+
+
+def test_flux_double_blocks_write_v_into_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # FLUX's joint blocks: q and k pass RMSNorms before their concatenation (left as they are),
+    # v is unflattened and concatenated as it comes: its two projections write one buffer.
+    # At 1024px fuse_qkv leaves FLUX's projections apart (its cost rule); so does this test.
+    from difforge.passes import joint_linear
+
+    monkeypatch.setattr(joint_linear, "MIN_ELEMENTS", 1)
+    options = {"mode": "O2", "passes.fuse_qkv": False}
+    model = _compiled_matches_eager("tiny-flux", options, batch=1, size=64)
+    assert difforge.counters["joint_linear"] == len(model.transformer_blocks)

@@ -21,7 +21,7 @@ one bias add for the stream). q, k and v then reach cuDNN as strided views, cuDN
 output token-major, and the ``reshape`` after it is free.
 
 It fires where every tensor of a token-axis ``cat`` is a chain of views (a split of the
-features, ``view``/``reshape`` that keep the token axis, ``transpose``/``permute``) of a
+features, ``view``/``reshape``/``unflatten`` that keep the token axis, ``transpose``/``permute``) of a
 linear's output, the chains agree stream by stream, nothing else reads those linears, and
 the buffer has at least :data:`MIN_ELEMENTS` elements (below that a copy costs about a
 launch). The output side needs nothing: ``linear(o[:, :S_img])`` on a token slice is already
@@ -58,8 +58,8 @@ MIN_ELEMENTS = 1 << 22
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 _SPLIT_FUNCTIONS = (torch.split, torch.functional.split, torch.chunk)
 _SPLIT_METHODS = ("split", "chunk")
-_VIEW_FUNCTIONS = (torch.reshape, torch.transpose, torch.permute)
-_VIEW_METHODS = ("view", "reshape", "transpose", "permute")
+_VIEW_FUNCTIONS = (torch.reshape, torch.transpose, torch.permute, torch.unflatten)
+_VIEW_METHODS = ("view", "reshape", "unflatten", "transpose", "permute")
 
 
 # --------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def _token_axis(chain: _Chain) -> int | None:
         if before is None or after is None:
             return None
         name = view.target if view.op == "call_method" else view.target.__name__  # type: ignore[union-attr]
-        if name in ("view", "reshape"):
+        if name in ("view", "reshape", "unflatten"):
             keep = axis + 1
             if after.dim() < keep or not _same(
                 tuple(before.shape[:keep]), tuple(after.shape[:keep])
