@@ -45,6 +45,8 @@
 #   shortkv  the short-kv attention `gpu` tests and its probe against cuDNN/flash at PixArt's
 #            and SDXL's cross-attention shapes, then PixArt-XL's step: compile vs O2 vs O2 +
 #            attention_short_kv, profiled                                          ~7 min
+#   shortkvunet SDXL UNet step: compile vs O2 vs O2 + attention_short_kv (channels_last),
+#            profiled                                                              ~9 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
 #            O2:cudagraphs + dynamic, difforge's pooled CUDA graphs (POOL_IMPLS)    ~9 min
@@ -77,7 +79,7 @@
 #   qualitysd3o SD3-medium's planted-outlier set alone (eager, compile, O3, fp8, fp32) ~9 min
 #   qualityflux the same for FLUX.1-dev (eager, compile, O3, fp8, fp32)           ~10 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|shortkv}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|shortkv|shortkvunet}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -240,6 +242,11 @@ case "$part" in
     V='compile;O2;O2-shortkv={"mode":"O2","passes.attention_short_kv":true}'
     run 330 step_short_kv_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
       --variants "$V" --profile --output-json "$out/step_short_kv_pixart.json" ;;
+  shortkvunet)
+    V='compile;O2={"mode":"O2","memory_format":"channels_last"}'
+    V+=';O2-shortkv={"mode":"O2","memory_format":"channels_last","passes.attention_short_kv":true}'
+    run 570 step_short_kv_unet python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_short_kv_unet.json" ;;
   fluxo2)
     run 280 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
     run 290 step_flux_o2 python3 benchmarks/bench_step.py --models flux-dev \
