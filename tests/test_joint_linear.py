@@ -186,6 +186,26 @@ def test_joint_linear_leaves_what_it_must_not_rewrite(small_copies: None) -> Non
     assert difforge.counters["joint_linear"] == 0
 
 
+class JointWithSidePart(JointAttention):
+    """The image stream's projection also feeds an MLP (one fused GEMM of q, k, v and the MLP
+    input, FLUX single-block style): a part no concatenation takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_mlp = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, out_c = super().forward(x, c)
+        # no GELU: gelu_epilogue would take the MLP linear before fuse_qkv sees it
+        return out + torch.tanh(self.proj_mlp(x)), out_c
+
+
+def test_joint_linear_leaves_a_fused_projection_with_a_part_elsewhere(small_copies: None) -> None:
+    _compare(JointWithSidePart().eval(), torch.randn(2, 10, 32), torch.randn(2, 6, 32))
+    assert difforge.counters["fuse_qkv"] == 2  # image: q, k, v and the MLP input in one GEMM
+    assert difforge.counters["joint_linear"] == 0
+
+
 def test_joint_linear_leaves_small_copies_o1_and_gradients() -> None:
     x, c = torch.randn(2, 10, 32), torch.randn(2, 6, 32)
     _compare(JointAttention().eval(), x, c)  # far below MIN_ELEMENTS
