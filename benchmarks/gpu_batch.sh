@@ -40,6 +40,8 @@
 #            P·V), profiled                                                       ~10 min
 #   joint    the joint-attention `gpu` tests, then SD3-medium's step: compile vs O2 without
 #            joint_linear vs O2, profiled                                        ~6 min
+#   jointflux FLUX.1-dev step: compile vs O2 without joint_linear vs O2 (v of the double
+#            blocks in one buffer), profiled                                       ~9 min
 #   geglu    benchmarks/probe_geglu.py: Triton GEMMs with GEGLU's gate in the epilogue
 #            (pointer and TMA loads) vs cuBLAS + Inductor's GEGLU, SDXL's shapes   ~2 min
 #   shortkv  the short-kv attention `gpu` tests and its probe against cuDNN/flash at PixArt's
@@ -79,7 +81,7 @@
 #   qualitysd3o SD3-medium's planted-outlier set alone (eager, compile, O3, fp8, fp32) ~9 min
 #   qualityflux the same for FLUX.1-dev (eager, compile, O3, fp8, fp32)           ~10 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|shortkv|shortkvunet}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|shortkv|shortkvunet|jointflux}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -232,6 +234,10 @@ case "$part" in
     V='compile;O2-nojoint={"mode":"O2","passes.joint_linear":false};O2'
     run 430 step_joint_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
       --variants "$V" --profile --output-json "$out/step_joint_sd3.json" ;;
+  jointflux)
+    V='compile;O2-nojoint={"mode":"O2","passes.joint_linear":false};O2'
+    run 570 step_joint_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --profile --output-json "$out/step_joint_flux.json" ;;
   geglu)
     run 300 probe_geglu python3 benchmarks/probe_geglu.py --output-json "$out/probe_geglu.json" ;;
   shortkv)
