@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 from tests.helpers import compile_for_sm90, rel_err
 
-from difforge.kernels.attention_short_kv import (
-    attention_short_kv,
-    attention_short_kv_reference,
-    head_dim_split,
-)
+from difforge.kernels import head_dim_tiles
+from difforge.kernels.attention_short_kv import attention_short_kv, attention_short_kv_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Half-precision kernel against the float32 oracle: P and V rounded to the input dtype.
@@ -26,15 +23,16 @@ def _qkv(b: int, h: int, sq: int, skv: int, d: int, dtype: torch.dtype, device: 
     return q, k, v
 
 
-def test_head_dim_split() -> None:
-    assert head_dim_split(72) == (64, 16)
-    assert head_dim_split(64) == (64, 0)
-    assert head_dim_split(128) == (128, 0)
-    assert head_dim_split(40) == (32, 16)
-    assert head_dim_split(96) == (64, 32)
-    assert head_dim_split(8) == (16, 0)
+def test_head_dim_tiles_for_16_bit_mmas() -> None:
+    assert head_dim_tiles(72, 16) == (64, 16)
+    assert head_dim_tiles(64, 16) == (64, 0)
+    assert head_dim_tiles(128, 16) == (128, 0)
+    assert head_dim_tiles(40, 16) == (32, 16)
+    assert head_dim_tiles(96, 16) == (64, 32)
+    assert head_dim_tiles(8, 16) == (16, 0)
+    q, k, v = _qkv(1, 1, 4, 4, 130, torch.float16)
     with pytest.raises(ValueError, match="head dim"):
-        head_dim_split(130)
+        attention_short_kv(q, k, v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -105,7 +103,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
 
     kernel = m._short_kv_kernel
     for dt, d, kv, bias in (("fp16", 72, 128, True), ("bf16", 64, 128, False), ("fp16", 72, 256, True)):
-        main, tail = m.head_dim_split(d)
+        main, tail = m.head_dim_tiles(d, 16)
         consts = {"HEAD_DIM": d, "D_MAIN": main, "D_TAIL": tail, "BLOCK_M": 128, "BLOCK_KV": kv,
                   "HAS_BIAS": bias, "BIAS_ROWS": False, "INTERPRET": False,
                   "stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1}

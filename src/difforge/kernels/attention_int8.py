@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from difforge.kernels import head_dim_tiles, token_major_empty
 from difforge.kernels import interpreting as _interpreting
 from difforge.passes.registry import cacheable_target
 
@@ -731,23 +732,6 @@ def _check_block(name: str, block: int) -> None:
         raise ValueError(f"attention_int8: {name} must be a power of two >= 16, got {block}")
 
 
-def head_dim_tiles(d: int, min_width: int) -> tuple[int, int]:
-    """Tile widths ``(main, tail)`` covering head dim ``d`` (``tail`` 0: one tile).
-
-    ``main`` is the largest power of two <= d, ``tail`` the power of two >= the rest; both
-    at least ``min_width`` (what an 8-bit or 16-bit tensor-core instruction needs). When
-    the two would be no narrower than one power-of-two tile, one tile it is. Head dim 72
-    gives 64 + 32 for Q·Kᵀ (int8, min 32) and 64 + 16 for P·V: 1.33x and 1.11x the work of
-    72 instead of 1.78x for a 128-wide tile.
-    """
-    full = max(min_width, triton.next_power_of_2(d))
-    main = max(min_width, 1 << (d.bit_length() - 1))
-    if main >= d:
-        return main, 0
-    tail = max(min_width, triton.next_power_of_2(d - main))
-    return (full, 0) if main + tail >= full else (main, tail)
-
-
 def _default_warps(block_m: int) -> int:
     return 8 if block_m >= 128 else 4
 
@@ -870,13 +854,6 @@ def _launch(
     )  # fmt: skip
 
 
-def _empty_out(q: torch.Tensor) -> torch.Tensor:
-    """``[B, H, Sq, D]`` laid out as ``[B, Sq, H, D]``: what SDPA's flash kernels return, so
-    diffusers' following ``transpose(1, 2).reshape(B, Sq, H * D)`` is free."""
-    b, h, sq, d = q.shape
-    return q.new_empty((b, sq, h, d)).transpose(1, 2)
-
-
 def attention_int8(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -909,7 +886,7 @@ def attention_int8(
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
     operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8)
-    out = _empty_out(q)
+    out = token_major_empty(q)
     _launch(
         operands, out, sm_scale, head_dim=d, seq_kv=k.shape[2], block_m=block_m,
         block_n=block_n, num_warps=num_warps or _default_warps(block_m), num_stages=num_stages,
@@ -956,7 +933,7 @@ def _attention_int8_fake(
 ) -> torch.Tensor:
     # Same checks as the real op, so a bad call fails at trace time, not at run time.
     _check_inputs(q, k, v)
-    return _empty_out(q)
+    return token_major_empty(q)
 
 
 @torch.library.custom_op("difforge::attention_int8_prepared", mutates_args=())
@@ -980,7 +957,7 @@ def _attention_int8_prepared_op(
     :func:`prepare_operands_torch` made inside the graph (see :func:`attention_int8_fused`).
     What the output's shape depends on comes first, so the fake needs no full signature."""
     ops = Operands(q8, q_scale, k8, k_scale, v_main, v_tail, v_scale)
-    out = _prepared_out(q8, head_dim, out_dtype)
+    out = token_major_empty(q8, head_dim, out_dtype)
     _launch(
         ops, out, sm_scale, head_dim=head_dim, seq_kv=k8.shape[2], block_m=block_m,
         block_n=block_n, num_warps=num_warps, num_stages=num_stages,
@@ -988,16 +965,11 @@ def _attention_int8_prepared_op(
     return out
 
 
-def _prepared_out(q8: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    b, h, sq, _ = q8.shape
-    return q8.new_empty((b, sq, h, head_dim), dtype=dtype).transpose(1, 2)
-
-
 @_attention_int8_prepared_op.register_fake
 def _attention_int8_prepared_fake(
     q8: torch.Tensor, head_dim: int, out_dtype: torch.dtype, *operands: object
 ) -> torch.Tensor:
-    return _prepared_out(q8, head_dim, out_dtype)
+    return token_major_empty(q8, head_dim, out_dtype)
 
 
 @cacheable_target
@@ -1099,7 +1071,7 @@ def benchmark_attention(
 
     # Kernel alone: the floor that a pre-pass fused into the QKV projection could reach.
     operands = prepare_operands(q, k, v, block_m, block_n, pv_fp8)
-    o = _empty_out(q)
+    o = token_major_empty(q)
     sm_scale = 1.0 / math.sqrt(head_dim)
 
     def kernel() -> None:

@@ -171,6 +171,7 @@ def _measure(
     kernels; in a compiled graph Inductor fuses the quantization into the producers of q, k
     and v, so this over-counts (the choice errs towards SDPA)."""
     from difforge.kernels import attention_int8 as k8
+    from difforge.kernels import token_major_empty
 
     unset_fake = getattr(torch._subclasses.fake_tensor, "unset_fake_temporarily", None)
     with unset_fake() if unset_fake else contextlib.nullcontext(), torch.no_grad():
@@ -200,7 +201,7 @@ def _measure(
 
             prep = functools.partial(k8.prepare_operands, q, k, v, c.block_m, c.block_n, c.pv_fp8)
             kernel = functools.partial(
-                k8._launch, prep(), k8._empty_out(q), shape.head_dim**-0.5,
+                k8._launch, prep(), token_major_empty(q), shape.head_dim**-0.5,
                 head_dim=shape.head_dim, seq_kv=shape.seq_kv, **launch,
             )  # fmt: skip
             kernel_ms = k8.cuda_graph_ms(kernel)

@@ -29,25 +29,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from difforge.kernels import head_dim_tiles, token_major_empty
 from difforge.kernels import interpreting as _interpreting
 
-__all__ = ["MAX_KV", "attention_short_kv", "attention_short_kv_reference", "head_dim_split"]
+__all__ = ["MAX_KV", "attention_short_kv", "attention_short_kv_reference"]
 
 #: The longest key/value sequence the kernel takes (one tile of scores per query block).
 MAX_KV = 256
 MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
-
-
-def head_dim_split(head_dim: int) -> tuple[int, int]:
-    """(main, tail) MMA widths covering ``head_dim``: powers of two, at least 16 each (a tail
-    of 0 when ``head_dim`` is one already). 72 -> (64, 16), 40 -> (32, 16), 128 -> (128, 0)."""
-    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    main = max(16, 1 << (head_dim.bit_length() - 1))
-    rest = head_dim - main
-    return main, (0 if rest <= 0 else max(16, triton.next_power_of_2(rest)))
 
 
 def attention_short_kv_reference(
@@ -202,12 +193,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         torch.broadcast_shapes(mask.shape, (b, h, q.shape[2], k.shape[2]))  # raises if not
 
 
-def _out(q: torch.Tensor) -> torch.Tensor:
-    """Token-major output memory, returned as the ``[B, H, S, D]`` view."""
-    b, h, s, d = q.shape
-    return q.new_empty((b, s, h, d)).transpose(1, 2)
-
-
 def attention_short_kv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -224,7 +209,7 @@ def attention_short_kv(
         raise ValueError(f"attention_short_kv: q, k, v must share fp16 or bf16, got {q.dtype}")
     b, h, sq, d = q.shape
     skv = k.shape[2]
-    out = _out(q)
+    out = token_major_empty(q)
     if out.numel() == 0:
         return out
     if mask is not None and mask.dtype == torch.bool:
@@ -233,7 +218,7 @@ def attention_short_kv(
         )
     bias = mask.expand(b, h, sq, skv) if mask is not None else None
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
-    d_main, d_tail = head_dim_split(d)
+    d_main, d_tail = head_dim_tiles(d, 16)
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
     grid = (triton.cdiv(sq, block_m), b * h)
     _short_kv_kernel[grid](
@@ -260,7 +245,7 @@ def attention_short_kv_op(
     if q.is_cuda or (_interpreting() and q.dtype in _SUPPORTED_DTYPES):
         return attention_short_kv(q, k, v, mask, scale)
     _check(q, k, v, mask)
-    return _out(q).copy_(attention_short_kv_reference(q, k, v, mask, scale))
+    return token_major_empty(q).copy_(attention_short_kv_reference(q, k, v, mask, scale))
 
 
 @attention_short_kv_op.register_fake
@@ -272,4 +257,4 @@ def _attention_short_kv_fake(
     scale: float | None,
 ) -> torch.Tensor:
     _check(q, k, v, mask)
-    return _out(q)
+    return token_major_empty(q)

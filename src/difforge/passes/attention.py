@@ -45,6 +45,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 # graph stored with one of them (the compile cache, cache.precompile) loads in a new process.
 from difforge.kernels import attention_int8 as _attention_int8  # noqa: F401
 from difforge.kernels import attention_short_kv as _attention_short_kv
+from difforge.kernels import token_major_empty
 from difforge.passes.registry import (
     cacheable_target,
     fill_example_values,
@@ -201,7 +202,7 @@ def attention_int8(graph: torch.fx.Graph) -> int:
     if not calls:
         return 0
     # imports Triton and registers the ops
-    from difforge.kernels.attention_int8 import _empty_out, attention_int8_fused
+    from difforge.kernels.attention_int8 import attention_int8_fused
 
     policy = current_policy()
     made = 0
@@ -217,7 +218,7 @@ def attention_int8(graph: torch.fx.Graph) -> int:
         mode = getattr(fake_q, "fake_mode", None)
         if mode is not None:
             with mode:
-                new.meta["example_value"] = _empty_out(fake_q)
+                new.meta["example_value"] = token_major_empty(fake_q)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         made += 1
