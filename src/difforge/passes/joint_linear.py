@@ -484,11 +484,10 @@ def _rewrite(graph: torch.fx.Graph, group: _Group) -> bool:
     entries = _entries(group)
     if entries is None:
         return False
-    cats = [cat for cat, _ in group.members]
-    order = {n: i for i, n in enumerate(graph.nodes)}
     created: list[torch.fx.Node] = []
     replacements: list[tuple[torch.fx.Node, torch.fx.Node]] = []
-    with graph.inserting_before(min(cats, key=order.__getitem__)):
+    # _groups lists each group's concatenations in graph order: the first is the earliest.
+    with graph.inserting_before(group.members[0][0]):
         joint = graph.call_function(
             torch.ops.difforge.joint_linear.default,
             tuple(list(column) for column in zip(*entries, strict=True)),
