@@ -114,14 +114,16 @@ def _short_kv_kernel(
         kt = kt.to(tl.float32)
     s = tl.dot(q, kt)
     if D_TAIL > 0:
+        # The tail's columns past the head dim are clamped to its last column and zeroed
+        # after the load, never masked in it: Triton 3.6's sm_90 code for a column-masked
+        # 16-wide load faulted and returned wrong tail columns (H100, 2026-11-27).
         d_tail = D_MAIN + tl.arange(0, D_TAIL)
         in_dim = d_tail < HEAD_DIM
-        qt = tl.load(
-            q_base + d_tail[None, :] * stride_qd, mask=rows[:, None] & in_dim[None, :], other=0.0
-        )
-        ktt = tl.load(
-            k_base + d_tail[:, None] * stride_kd, mask=in_dim[:, None] & keys[None, :], other=0.0
-        )
+        d_read = tl.minimum(d_tail, HEAD_DIM - 1)
+        qt = tl.load(q_base + d_read[None, :] * stride_qd, mask=rows[:, None], other=0.0)
+        qt = tl.where(in_dim[None, :], qt, 0.0)
+        ktt = tl.load(k_base + d_read[:, None] * stride_kd, mask=keys[None, :], other=0.0)
+        ktt = tl.where(in_dim[:, None], ktt, 0.0)
         if INTERPRET:
             qt = qt.to(tl.float32)
             ktt = ktt.to(tl.float32)
@@ -157,11 +159,8 @@ def _short_kv_kernel(
     o = tl.dot(p_in, v) * inv[:, None]
     tl.store(o_base + d_main[None, :] * stride_od, o.to(o_ptr.dtype.element_ty), mask=rows[:, None])
     if D_TAIL > 0:
-        d_tail = D_MAIN + tl.arange(0, D_TAIL)
-        in_dim = d_tail < HEAD_DIM
-        vt = tl.load(
-            v_base + d_tail[None, :] * stride_vd, mask=keys[:, None] & in_dim[None, :], other=0.0
-        )
+        # Columns past the head dim (duplicates of the last) only reach unstored outputs.
+        vt = tl.load(v_base + d_read[None, :] * stride_vd, mask=keys[:, None], other=0.0)
         if INTERPRET:
             vt = vt.to(tl.float32)
         ot = tl.dot(p_in, vt) * inv[:, None]
