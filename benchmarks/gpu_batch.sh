@@ -47,6 +47,7 @@
 #   shortkv  the short-kv attention `gpu` tests and its probe against cuDNN/flash at PixArt's
 #            and SDXL's cross-attention shapes, then PixArt-XL's step: compile vs O2 vs O2 +
 #            attention_short_kv, profiled                                          ~7 min
+#   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
 #   shortkvunet SDXL UNet step: compile vs O2 vs O2 + attention_short_kv (channels_last),
 #            profiled                                                              ~9 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
@@ -238,6 +239,9 @@ case "$part" in
     V='compile;O2-nojoint={"mode":"O2","passes.joint_linear":false};O2'
     run 570 step_joint_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --profile --output-json "$out/step_joint_flux.json" ;;
+  headpad)
+    run 200 probe_head_pad python3 benchmarks/probe_ops.py --probes headpad \
+      --output-json "$out/probe_head_pad.json" ;;
   geglu)
     run 300 probe_geglu python3 benchmarks/probe_geglu.py --output-json "$out/probe_geglu.json" ;;
   shortkv)

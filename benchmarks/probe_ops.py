@@ -12,6 +12,7 @@ they compute the same function (relative error against a float32 reference):
   (``torch._addmm_activation``) vs Inductor.
 - ``fp8``: ``torch._scaled_mm`` with row-wise scales vs fp16/bf16 GEMM at DiT shapes.
 - ``int8attn``: difforge's 8-bit attention kernel vs SDPA per head dim and tile.
+- ``headpad``: SDPA with head dim 72 zero-padded to 80/96/128 (a padded projection's output).
 - ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
   FF2, residual) compiled fp16 at O2 and with fp8 linears, with and without the
   ``gelu_tanh_sigmoid`` pass; block time and the time of each kernel.
@@ -477,6 +478,55 @@ def probe_short_kv() -> list[dict[str, Any]]:
     return rows
 
 
+#: (name, B, H, Sq, Skv, D): attention with a head dim no SDPA kernel is specialised for.
+HEAD_PAD_SHAPES = (
+    ("pixart-self", 2, 16, 4096, 4096, 72),
+    ("pixart-cross", 2, 16, 4096, 120, 72),
+)
+HEAD_PAD_DIMS = (72, 80, 96, 128)
+
+
+def probe_head_pad() -> list[dict[str, Any]]:
+    """SDPA at a head dim zero-padded to a wider one (the scale kept at 1/sqrt(real dim)):
+    q, k, v as a padded QKV projection would give them (token-major views of [B, S, H*Dp]).
+    Zero columns add nothing to q·k and give zero output columns, so the result's first D
+    columns are exact; the question is whether cuDNN or flash has a faster kernel there."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows: list[dict[str, Any]] = []
+    for name, b, h, sq, skv, d in HEAD_PAD_SHAPES:
+        q, k, v = (
+            torch.randn(b, s, h, d, device="cuda", dtype=torch.float16).transpose(1, 2)
+            for s in (sq, skv, skv)
+        )
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        for dp in HEAD_PAD_DIMS:
+            qp, kp, vp = (F.pad(t.transpose(1, 2), (0, dp - d)).transpose(1, 2) for t in (q, k, v))
+            for backend in ("default", "cudnn", "flash"):
+
+                def fn(backend: str = backend) -> torch.Tensor:
+                    if backend == "default":
+                        return F.scaled_dot_product_attention(qp, kp, vp, scale=d**-0.5)
+                    chosen = {
+                        "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "flash": SDPBackend.FLASH_ATTENTION,
+                    }
+                    with sdpa_kernel(chosen[backend]):
+                        return F.scaled_dot_product_attention(qp, kp, vp, scale=d**-0.5)
+
+                row: dict[str, Any] = {"shape": name, "head dim": dp, "backend": backend}
+                try:
+                    out = fn()[..., :d]
+                    row["ms"] = _bench(fn)
+                    row["rel_err"] = _rel(out, ref)
+                    flops = 4 * b * h * sq * skv * d
+                    row["TFLOP/s (real dim)"] = flops / row["ms"] / 1e9
+                except Exception as exc:  # a backend that refuses the head dim: say so
+                    row["error"] = repr(exc)[:160]
+                rows.append(row)
+    return rows
+
+
 PROBES = {
     "attention": probe_attention,
     "gelu": probe_gelu,
@@ -485,6 +535,7 @@ PROBES = {
     "attncode": probe_attention_code,
     "ffblock": probe_ff_block,
     "shortkv": probe_short_kv,
+    "headpad": probe_head_pad,
 }
 
 
