@@ -47,6 +47,8 @@
 #   shortkv  the short-kv attention `gpu` tests and its probe against cuDNN/flash at PixArt's
 #            and SDXL's cross-attention shapes, then PixArt-XL's step: compile vs O2 vs O2 +
 #            attention_short_kv, profiled                                          ~7 min
+#   jointo3  joint_linear's gpu tests (fp8 op too); SD3-medium step: compile vs O3 without
+#            joint_linear vs O3 (fp8 linears writing one q/k/v buffer each), profiled  ~8 min
 #   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
 #   shortkvunet SDXL UNet step: compile vs O2 vs O2 + attention_short_kv (channels_last),
 #            profiled                                                              ~9 min
@@ -241,6 +243,11 @@ case "$part" in
     V='compile;O2-nojoint={"mode":"O2","passes.joint_linear":false};O2'
     run 570 step_joint_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --profile --output-json "$out/step_joint_flux.json" ;;
+  jointo3)
+    run 100 gpu_tests_joint python3 -m pytest -q -rA -m gpu tests/test_joint_linear.py -p no:cacheprovider
+    V='compile;O3-nojoint={"mode":"O3","passes.joint_linear":false};O3'
+    run 480 step_joint_sd3_o3 python3 benchmarks/bench_step.py --models sd3-medium \
+      --variants "$V" --profile --output-json "$out/step_joint_sd3_o3.json" ;;
   headpad)
     run 200 probe_head_pad python3 benchmarks/probe_ops.py --probes headpad \
       --output-json "$out/probe_head_pad.json" ;;

@@ -262,3 +262,102 @@ def test_gpu_joint_linear_op_matches_the_concatenated_linears(
     ref_split[:, tokens:] += b_txt.float()
     assert rel_err(split.float(), ref_split) < (4e-3 if dtype == torch.float16 else 2e-2)
     assert rel_err(out.float(), ref) < (4e-3 if dtype == torch.float16 else 2e-2)
+
+
+# --------------------------------------------------------------------- fp8 linears (O3)
+def _fp8_attention(text_dim: int | None = None) -> JointAttention:
+    """JointAttention with every projection an ``Fp8Linear`` that traces ``_scaled_mm``
+    (the 2.13 CPU build has the row-wise kernel; on CUDA it needs compute capability 8.9)."""
+    from difforge.quant.fp8 import Fp8Linear
+
+    model = JointAttention(text_dim=text_dim).eval()
+    for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+        fp8 = Fp8Linear.from_linear(getattr(model, name))
+        fp8.use_scaled_mm, fp8.direct_out_dtypes = True, (torch.float32,)
+        setattr(model, name, fp8)
+    return model
+
+
+def test_joint_scaled_mm_op_equals_the_concatenated_fp8_gemms() -> None:
+    from difforge.quant.fp8 import quantize_rows, quantize_weight
+
+    torch.manual_seed(0)
+    x, c = torch.randn(2 * 7, 16), torch.randn(2 * 5, 12)
+    (xq, sx), (cq, sc) = quantize_rows(x), quantize_rows(c)
+    w_img, w_txt = quantize_weight(torch.randn(24, 16)), quantize_weight(torch.randn(24, 12))
+    w_parts = [quantize_weight(torch.randn(8, 12)) for _ in range(3)]
+    b = torch.randn(24)
+
+    def mm(a, sa, w, b=None):  # type: ignore[no-untyped-def]
+        return torch._scaled_mm(
+            a, w[0].t(), scale_a=sa[:, None], scale_b=w[1][None], bias=b, out_dtype=torch.float32
+        )
+
+    def joint(xs, scales, ws, bs, streams, columns):  # type: ignore[no-untyped-def]
+        return torch.ops.difforge.joint_scaled_mm(
+            xs, [s[:, None] for s in scales], [w[0].t() for w in ws], [w[1][None] for w in ws],
+            bs, streams, columns, 2, torch.float32,
+        )  # fmt: skip
+
+    out = joint([xq, cq], [sx, sc], [w_img, w_txt], [b, None], [0, 1], [0, 0])
+    ref = torch.cat([mm(xq, sx, w_img, b).view(2, 7, 24), mm(cq, sc, w_txt).view(2, 5, 24)], 1)
+    assert out.shape == (2, 12, 24)
+    assert rel_err(out, ref) < 1e-6
+    # a stream of one GEMM per part (copied into its columns), in any order
+    out = joint([xq] + [cq] * 3, [sx] + [sc] * 3, [w_img, *w_parts[::-1]], [None] * 4,
+                [0, 1, 1, 1], [0, 16, 8, 0])  # fmt: skip
+    txt = torch.cat([mm(cq, sc, w) for w in w_parts], dim=-1).view(2, 5, 24)
+    assert rel_err(out, torch.cat([mm(xq, sx, w_img).view(2, 7, 24), txt], 1)) < 1e-6
+    with pytest.raises(ValueError, match="do not fit"):  # 7 rows are not a batch of 2
+        joint([xq[:7], cq], [sx[:7], sc], [w_img, w_txt], [None, None], [0, 1], [0, 0])
+
+
+def test_joint_linear_on_fp8_linears_writes_one_buffer_per_projection(small_copies: None) -> None:
+    # O3 swaps linears for fp8 ones, which fuse_qkv cannot fuse: q, k and v each get a
+    # buffer that both streams' fp8 GEMMs write (SD3's O3 step kept its concatenations).
+    model = _fp8_attention(text_dim=24)
+    x, c = torch.randn(2, 10, 32), torch.randn(2, 6, 24)
+    with torch.no_grad():
+        ref = model(x, c)  # eagerly the opaque fp8 op: the same quantization and products
+        out = difforge.compile(model, options={"mode": "O2"})(x, c)
+    for o, r in zip(out, ref, strict=True):
+        assert rel_err(o, r) < 1e-5
+    assert difforge.counters["joint_linear"] == 3
+
+
+def test_joint_linear_leaves_fp8_and_plain_linears_mixed(small_copies: None) -> None:
+    model = _fp8_attention()
+    model.add_q_proj = nn.Linear(32, 32)  # q's streams: one fp8, one not: no common op
+    _compare(model, torch.randn(2, 10, 32), torch.randn(2, 6, 32))
+    assert difforge.counters["joint_linear"] == 2  # k and v
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a CUDA GPU with fp8 (compute capability 8.9+)",
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "tokens", "text"), [(2, 1024, 77), (3, 336, 16), (1, 4096, 154)])
+def test_gpu_joint_scaled_mm_op_matches_the_concatenated_fp8_gemms(
+    dtype: torch.dtype, batch: int, tokens: int, text: int
+) -> None:
+    from difforge.quant.fp8 import quantize_rows, quantize_weight
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    x = torch.randn(batch * tokens, 192, device=dev, dtype=dtype)
+    c = torch.randn(batch * text, 128, device=dev, dtype=dtype)
+    (xq, sx), (cq, sc) = quantize_rows(x), quantize_rows(c)
+    wi, si = quantize_weight(torch.randn(384, 192, device=dev, dtype=dtype) / 14)
+    wt, st = quantize_weight(torch.randn(384, 128, device=dev, dtype=dtype) / 12)
+    b = torch.randn(384, device=dev, dtype=dtype)
+    out = torch.ops.difforge.joint_scaled_mm(
+        [xq, cq], [sx[:, None], sc[:, None]], [wi.t(), wt.t()], [si[None], st[None]],
+        [b, None], [0, 1], [0, 0], batch, dtype,
+    )  # fmt: skip
+    img = (xq.float() * sx[:, None]) @ (wi.float() * si[:, None]).t() + b.float()
+    txt = (cq.float() * sc[:, None]) @ (wt.float() * st[:, None]).t()
+    ref = torch.cat([img.view(batch, tokens, -1), txt.view(batch, text, -1)], dim=1)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out.float(), ref) < (2e-3 if dtype == torch.float16 else 1e-2)

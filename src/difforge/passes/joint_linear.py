@@ -27,6 +27,11 @@ the buffer has at least :data:`MIN_ELEMENTS` elements (below that a copy costs a
 launch). The output side needs nothing: ``linear(o[:, :S_img])`` on a token slice is already
 one strided-batched GEMM (torch's matmul does not fold a batch it cannot view as rows).
 
+fp8 linears (``O3``'s ``Fp8Linear``, traced as a row quantization and ``torch._scaled_mm``
+viewed ``[batch, tokens, N]``) get the same rewrite with ``difforge::joint_scaled_mm``: each
+GEMM takes its stream's fp8 rows and scales and writes its rows of the buffer (``out=``);
+the quantizations stay where Inductor fused them. It fires for static batch sizes only.
+
 Exactness: the same products with the same float32 accumulation; a part's bias is added
 after its rounded GEMM output (one rounding more), so it is in the ``optimize`` tier.
 """
@@ -78,28 +83,23 @@ class _Layout(NamedTuple):
 
 
 def _layout(
-    xs: list[torch.Tensor], weights: list[torch.Tensor], streams: list[int], columns: list[int]
+    shapes: list[tuple[object, object]],
+    widths: list[int],
+    streams: list[int],
+    columns: list[int],
 ) -> _Layout:
-    """Where each stream's rows go and the buffer's width, after checking that the entries
-    tile every stream's rows ``[0, width)`` exactly once (no column left unwritten)."""
-    if not xs or not len(xs) == len(weights) == len(streams) == len(columns):
-        raise ValueError("joint_linear needs one weight, stream and column per input")
-    if any(x.dim() != 3 for x in xs) or any(w.dim() != 2 for w in weights):
-        raise ValueError("joint_linear takes [batch, tokens, features] inputs, 2-D weights")
-    batch = xs[0].shape[0]
+    """Where each stream's rows go and the buffer's width, given each entry's ``(batch,
+    tokens)`` and output width, after checking that the entries tile every stream's rows
+    ``[0, width)`` exactly once (no column left unwritten)."""
+    batch = shapes[0][0]
     tokens: dict[int, object] = {}
     spans: dict[int, list[tuple[int, int]]] = {}
-    for x, w, s, c in zip(xs, weights, streams, columns, strict=True):
-        if x.shape[0] != batch or x.shape[2] != w.shape[1]:
-            raise ValueError(
-                f"joint_linear: input {tuple(x.shape)} and weight {tuple(w.shape)} do not "
-                f"fit a batch of {batch}"
-            )
-        if x.dtype != xs[0].dtype or w.dtype != xs[0].dtype:
-            raise ValueError("joint_linear: inputs and weights must share one dtype")
-        if tokens.setdefault(s, x.shape[1]) != x.shape[1]:
+    for (b, t), n, s, c in zip(shapes, widths, streams, columns, strict=True):
+        if b != batch:
+            raise ValueError(f"joint_linear: an input of batch {b} does not fit a batch of {batch}")
+        if tokens.setdefault(s, t) != t:
             raise ValueError(f"joint_linear: stream {s}'s inputs differ in tokens")
-        spans.setdefault(s, []).append((c, c + w.shape[0]))
+        spans.setdefault(s, []).append((c, c + n))
     if sorted(spans) != list(range(len(spans))):
         raise ValueError(f"joint_linear: streams must be numbered 0..n-1, got {sorted(spans)}")
     width = max(stop for s in spans.values() for _, stop in s)
@@ -120,6 +120,26 @@ def _layout(
     return _Layout(firsts, [tokens[s] for s in range(len(spans))], width)  # type: ignore[misc]
 
 
+def _linear_layout(
+    xs: list[torch.Tensor], weights: list[torch.Tensor], streams: list[int], columns: list[int]
+) -> _Layout:
+    """:func:`_layout` of ``joint_linear``'s ``[batch, tokens, features]`` inputs."""
+    if not xs or not len(xs) == len(weights) == len(streams) == len(columns):
+        raise ValueError("joint_linear needs one weight, stream and column per input")
+    if any(x.dim() != 3 for x in xs) or any(w.dim() != 2 for w in weights):
+        raise ValueError("joint_linear takes [batch, tokens, features] inputs, 2-D weights")
+    for x, w in zip(xs, weights, strict=True):
+        if x.shape[0] != xs[0].shape[0] or x.shape[2] != w.shape[1]:
+            raise ValueError(
+                f"joint_linear: input {tuple(x.shape)} and weight {tuple(w.shape)} do not "
+                f"fit a batch of {xs[0].shape[0]}"
+            )
+        if x.dtype != xs[0].dtype or w.dtype != xs[0].dtype:
+            raise ValueError("joint_linear: inputs and weights must share one dtype")
+    shapes = [(x.shape[0], x.shape[1]) for x in xs]
+    return _layout(shapes, [w.shape[0] for w in weights], streams, columns)
+
+
 @torch.library.custom_op("difforge::joint_linear", mutates_args=())
 def joint_linear(
     xs: list[torch.Tensor],
@@ -132,7 +152,7 @@ def joint_linear(
     entry ``e`` computes ``linear(xs[e], weights[e], biases[e])`` into the token rows of
     stream ``streams[e]`` (streams stacked in order, as ``cat(..., dim=1)`` would) and the
     columns from ``columns[e]``. A stream is one fused GEMM or several side by side."""
-    layout = _layout(xs, weights, streams, columns)
+    layout = _linear_layout(xs, weights, streams, columns)
     firsts, width, batch = layout.firsts, layout.width, xs[0].shape[0]
     out = xs[0].new_empty((batch, layout.rows, width))
     part_biases: dict[int, list[tuple[int, torch.Tensor | None, int]]] = {}
@@ -170,8 +190,86 @@ def _joint_linear_fake(
     streams: list[int],
     columns: list[int],
 ) -> torch.Tensor:
-    layout = _layout(xs, weights, streams, columns)
+    layout = _linear_layout(xs, weights, streams, columns)
     return xs[0].new_empty((xs[0].shape[0], layout.rows, layout.width))
+
+
+def _scaled_mm_layout(
+    xs: list[torch.Tensor],
+    mat2s: list[torch.Tensor],
+    streams: list[int],
+    columns: list[int],
+    batch: int,
+) -> _Layout:
+    """:func:`_layout` of ``joint_scaled_mm``'s ``[batch * tokens, K]`` fp8 inputs."""
+    if not xs or not len(xs) == len(mat2s) == len(streams) == len(columns):
+        raise ValueError("joint_scaled_mm needs one weight, stream and column per input")
+    if any(x.dim() != 2 for x in xs) or any(w.dim() != 2 for w in mat2s):
+        raise ValueError("joint_scaled_mm takes [batch * tokens, K] inputs, [K, N] weights")
+    for x, w in zip(xs, mat2s, strict=True):
+        if x.shape[1] != w.shape[0] or x.shape[0] % batch != 0:
+            raise ValueError(
+                f"joint_scaled_mm: input {tuple(x.shape)} and weight {tuple(w.shape)} do not "
+                f"fit a batch of {batch}"
+            )
+    shapes = [(batch, x.shape[0] // batch) for x in xs]
+    return _layout(shapes, [w.shape[1] for w in mat2s], streams, columns)
+
+
+@torch.library.custom_op("difforge::joint_scaled_mm", mutates_args=())
+def joint_scaled_mm(
+    xs: list[torch.Tensor],
+    x_scales: list[torch.Tensor],
+    mat2s: list[torch.Tensor],
+    w_scales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    streams: list[int],
+    columns: list[int],
+    batch: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``joint_linear`` for fp8 linears (``quant.fp8``'s traced form): entry ``e`` computes
+    ``torch._scaled_mm(xs[e], mat2s[e], x_scales[e], w_scales[e], biases[e])`` (row-wise
+    scales, ``xs[e]`` the ``[batch * tokens, K]`` rows of its stream) into the stream's token
+    rows and the columns from ``columns[e]`` of one ``[batch, tokens, width]`` buffer."""
+    layout = _scaled_mm_layout(xs, mat2s, streams, columns, batch)
+    out = xs[0].new_empty((batch, layout.rows, layout.width), dtype=out_dtype)
+    for x, sx, w, sw, b, s, c in zip(
+        xs, x_scales, mat2s, w_scales, biases, streams, columns, strict=True
+    ):
+        tokens = x.shape[0] // batch
+        first = layout.firsts[s]
+        if w.shape[1] == layout.width:
+            # A whole stream: each sample's rows are one contiguous [tokens, width] matrix of
+            # `out`, written by the GEMM itself (bias in its epilogue).
+            for i in range(batch):
+                rows = slice(i * tokens, (i + 1) * tokens)
+                torch._scaled_mm(
+                    x[rows], w, scale_a=sx[rows], scale_b=sw, bias=b, out_dtype=out_dtype,
+                    out=out[i, first : first + tokens],
+                )  # fmt: skip
+            continue
+        # A column part (a stream projected by one linear per part): the GEMM cannot write
+        # strided rows, so its output is copied in (only small streams are left unfused).
+        part = torch._scaled_mm(x, w, scale_a=sx, scale_b=sw, bias=b, out_dtype=out_dtype)
+        out[:, first : first + tokens, c : c + w.shape[1]] = part.view(batch, tokens, -1)
+    return out
+
+
+@joint_scaled_mm.register_fake
+def _joint_scaled_mm_fake(
+    xs: list[torch.Tensor],
+    x_scales: list[torch.Tensor],
+    mat2s: list[torch.Tensor],
+    w_scales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    streams: list[int],
+    columns: list[int],
+    batch: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    layout = _scaled_mm_layout(xs, mat2s, streams, columns, batch)
+    return xs[0].new_empty((batch, layout.rows, layout.width), dtype=out_dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -224,12 +322,41 @@ def _is_split(node: object) -> bool:
     return node.op == "call_function" and node.target in _SPLIT_FUNCTIONS
 
 
+def _scaled_mm_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The ``torch._scaled_mm`` whose ``[batch * tokens, N]`` output ``node`` views as
+    ``[batch, tokens, N]`` (``Fp8Linear``'s traced forward), with row-wise scales, the bias
+    in its epilogue and nothing else reading it; else None."""
+    if not _is_view(node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    mm = node.args[0]
+    if mm.op != "call_function" or mm.target is not torch._scaled_mm or len(mm.users) != 1:
+        return None
+    if node_arg(mm, 5, "scale_result") is not None or node_arg(mm, 7, "use_fast_accum", False):
+        return None
+    if not isinstance(node_arg(mm, 6, "out_dtype"), torch.dtype):
+        return None
+    flat, out = node_tensor(mm), node_tensor(node)
+    if flat is None or out is None or flat.dim() != 2 or out.dim() != 3:
+        return None
+    scales = [node_tensor(node_arg(mm, i, n)) for i, n in ((2, "scale_a"), (3, "scale_b"))]  # type: ignore[arg-type]
+    if any(t is None or t.dim() != 2 for t in scales):
+        return None  # tensor-wise scales: not the row-wise recipe
+    return mm if isinstance(out.shape[0], int) and _same(out.shape[2], flat.shape[1]) else None
+
+
+def _is_projection(node: torch.fx.Node) -> bool:
+    """A linear, or the ``[batch, tokens, N]`` view of an fp8 linear's ``_scaled_mm``."""
+    if node.op == "call_function" and node.target is _LINEAR:
+        return True
+    return _scaled_mm_of(node) is not None
+
+
 def _chain(tensor: object) -> _Chain | None:
     if not isinstance(tensor, torch.fx.Node):
         return None
     views: list[torch.fx.Node] = []
     node = tensor
-    while _is_view(node):
+    while _is_view(node) and _scaled_mm_of(node) is None:
         if len(node.users) != 1:
             return None
         views.append(node)
@@ -245,9 +372,7 @@ def _chain(tensor: object) -> _Chain | None:
         if _dim(node_arg(split, 2, "dim", 0), 3) != 2:  # type: ignore[arg-type]
             return None  # a split of the tokens, not of the features
         node = split.args[0]  # type: ignore[union-attr,assignment]
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-        return None
-    if node.target is not _LINEAR:
+    if not isinstance(node, torch.fx.Node) or not _is_projection(node):
         return None
     out = node_tensor(node)
     if out is None or out.dim() != 3 or out.requires_grad:
@@ -340,8 +465,24 @@ def _cat_chains(cat: torch.fx.Node) -> list[_Chain] | None:
     return chains  # type: ignore[return-value]
 
 
-def _linear_args(linear: torch.fx.Node) -> tuple[object, object, object]:
-    return tuple(node_arg(linear, i, n) for i, n in enumerate(("input", "weight", "bias")))  # type: ignore[return-value]
+class _Entry(NamedTuple):
+    """One GEMM of a joint buffer: its operands (``joint_linear``'s or
+    ``joint_scaled_mm``'s per-entry arguments), stream and first column."""
+
+    operands: tuple[object, ...]
+    stream: int
+    column: int
+
+
+def _operands(projection: torch.fx.Node) -> tuple[object, ...]:
+    """(input, weight, bias) of a linear; (x_fp8, scale_a, mat2, scale_b, bias) of an fp8
+    linear's ``_scaled_mm``."""
+    mm = _scaled_mm_of(projection)
+    if mm is None:
+        return tuple(node_arg(projection, i, n) for i, n in enumerate(("input", "weight", "bias")))
+    names = ("self", "mat2", "scale_a", "scale_b", "bias")
+    x, mat2, scale_a, scale_b, bias = (node_arg(mm, i, n) for i, n in enumerate(names))
+    return x, scale_a, mat2, scale_b, bias
 
 
 @dataclass
@@ -427,10 +568,10 @@ def _plan(members: list[tuple[torch.fx.Node, list[_Chain]]]) -> _Group | None:
     return _Group(members, fused_widths, part_of)
 
 
-def _entries(group: _Group) -> list[tuple[object, object, object, int, int]] | None:
-    """(x, weight, bias, stream, first column) per GEMM of the joint buffer."""
+def _entries(group: _Group) -> list[_Entry] | None:
+    """The joint buffer's GEMMs, or None when they mix fp8 and other linears, or dtypes."""
     offsets = [sum(group.widths[:i]) for i in range(len(group.widths))]
-    entries: list[tuple[object, object, object, int, int]] = []
+    entries: list[_Entry] = []
     seen: set[torch.fx.Node] = set()
     for cat, chains in group.members:
         for s, c in enumerate(chains):
@@ -438,10 +579,19 @@ def _entries(group: _Group) -> list[tuple[object, object, object, int, int]] | N
                 continue
             seen.add(c.linear)
             column = 0 if c.split is not None else offsets[group.part_of[cat]]
-            entries.append((*_linear_args(c.linear), s, column))
+            entries.append(_Entry(_operands(c.linear), s, column))
+    kinds = {len(e.operands) for e in entries}
+    if len(kinds) != 1:
+        return None
+    if kinds == {5}:  # fp8: one output dtype, every bias in it (as cuBLASLt's epilogue adds)
+        mms = [_scaled_mm_of(c.linear) for _, chains in group.members for c in chains]
+        dtypes = {node_arg(mm, 6, "out_dtype") for mm in mms if mm is not None}
+        biases = [node_tensor(e.operands[4]) for e in entries if e.operands[4] is not None]
+        ok = len(dtypes) == 1 and all(b is not None and b.dtype in dtypes for b in biases)
+        return entries if ok else None
     dtypes = set()
-    for x, w, b, _, _ in entries:
-        for t in (x, w, b):
+    for e in entries:
+        for t in e.operands:
             if t is not None:
                 value = node_tensor(t)
                 if value is None:
@@ -487,11 +637,23 @@ def _rewrite(graph: torch.fx.Graph, group: _Group) -> bool:
     created: list[torch.fx.Node] = []
     replacements: list[tuple[torch.fx.Node, torch.fx.Node]] = []
     # _groups lists each group's concatenations in graph order: the first is the earliest.
+    per_operand = [list(column) for column in zip(*(e.operands for e in entries), strict=True)]
+    streams, columns = [e.stream for e in entries], [e.column for e in entries]
     with graph.inserting_before(group.members[0][0]):
-        joint = graph.call_function(
-            torch.ops.difforge.joint_linear.default,
-            tuple(list(column) for column in zip(*entries, strict=True)),
-        )
+        if len(per_operand) == 5:  # fp8 linears
+            first = group.members[0][1][0].linear
+            mm = _scaled_mm_of(first)
+            joint = graph.call_function(
+                torch.ops.difforge.joint_scaled_mm.default,
+                (
+                    *per_operand, streams, columns,
+                    node_tensor(first).shape[0], node_arg(mm, 6, "out_dtype"),  # type: ignore[union-attr,arg-type]
+                ),
+            )  # fmt: skip
+        else:
+            joint = graph.call_function(
+                torch.ops.difforge.joint_linear.default, (*per_operand, streams, columns)
+            )
         created.append(joint)
         split = None
         if len(group.widths) > 1:
