@@ -87,3 +87,32 @@ def test_flux_double_blocks_write_v_into_one_buffer(monkeypatch: pytest.MonkeyPa
     options = {"mode": "O2", "passes.fuse_qkv": False}
     model = _compiled_matches_eager("tiny-flux", options, batch=1, size=64)
     assert difforge.counters["joint_linear"] == len(model.transformer_blocks)
+
+
+def test_sd3_joint_attention_on_fp8_linears_reads_and_writes_one_buffer_per_projection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # O3's fp8 linears (traced to _scaled_mm: forced here, the CPU build has the row-wise
+    # kernel) cannot be fused to one q/k/v GEMM, so each of q, k and v gets its buffer.
+    from difforge.passes import joint_linear
+    from difforge.quant.fp8 import Fp8Linear
+
+    monkeypatch.setattr(joint_linear, "MIN_ELEMENTS", 1)
+    preset = get_preset("tiny-sd3")
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    swapped = 0
+    for block in model.transformer_blocks:
+        attn = block.attn
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            fp8 = Fp8Linear.from_linear(getattr(attn, name))
+            fp8.use_scaled_mm, fp8.direct_out_dtypes = True, (torch.float32,)
+            setattr(attn, name, fp8)
+            swapped += 1
+    call = denoiser_step_inputs(
+        preset, batch=2, height=128, width=128, device="cpu", dtype=torch.float32
+    )
+    with torch.no_grad():
+        ref = _first(call(model))
+        out = _first(call(difforge.compile(model, options={"mode": "O2"})))
+    assert rel_err(out, ref) < 1e-5
+    assert difforge.counters["joint_linear"] == swapped // 2  # q, k, v of every block
