@@ -82,9 +82,10 @@
 #            planted outliers, 20-step generations                             ~9 min
 #   qualitysd3 the same for SD3-medium, with the float32 generation (fp32) as the yardstick
 #   qualitysd3o SD3-medium's planted-outlier set alone (eager, compile, O3, fp8, fp32) ~9 min
-#   qualityflux the same for FLUX.1-dev, weights as built (eager, compile, O3, fp8)  ~10 min
-#   qualityfluxo  FLUX.1-dev's planted-outlier set (eager, compile, O3, fp8)         ~10 min
-#   qualityflux32 FLUX.1-dev in float32 (the yardstick), both sets, against eager   ~10 min
+#   qualityflux FLUX.1-dev's quality report, weights as built: eager, O3, fp8        ~9 min
+#   qualityfluxc  the same for stock torch.compile                                ~7 min
+#   qualityfluxo  FLUX.1-dev's planted-outlier set: eager, O3, fp8                 ~9 min
+#   qualityflux32 FLUX.1-dev in float32 (the yardstick), weights as built          ~7 min
 set -uo pipefail
 part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|shortkv|shortkvunet|jointflux}"
 out="${OUT:-out}"
@@ -373,17 +374,23 @@ case "$part" in
     run 580 quality_sd3_outliers python3 benchmarks/quality_report.py --models sd3-medium \
       --modes eager,compile,O3,fp8,fp32 --runs 1 --weights outliers --no-progress \
       --output-json "$out/quality_sd3_outliers.json" ;;
-  qualityflux)  # one weight set and no float32 run per command: all of it outlasts 10 minutes
+  qualityflux)  # one weight set and one compiled mode per command: FLUX's eager, compile,
+    # O3 and fp8 on one set outlasted 10 minutes (H100, 2026-11-27: stopped at 580 s)
     run 580 quality_flux python3 benchmarks/quality_report.py --models flux-dev \
-      --modes eager,compile,O3,fp8 --runs 1 --weights built --no-progress \
+      --modes eager,O3,fp8 --runs 1 --weights built --no-progress \
       --output-json "$out/quality_flux.json" ;;
+  qualityfluxc)  # stock torch.compile on the weights as built
+    run 580 quality_flux_compile python3 benchmarks/quality_report.py --models flux-dev \
+      --modes eager,compile --runs 1 --weights built --no-progress \
+      --output-json "$out/quality_flux_compile.json" ;;
   qualityfluxo)  # the planted-outlier set
     run 580 quality_flux_outliers python3 benchmarks/quality_report.py --models flux-dev \
-      --modes eager,compile,O3,fp8 --runs 1 --weights outliers --no-progress \
+      --modes eager,O3,fp8 --runs 1 --weights outliers --no-progress \
       --output-json "$out/quality_flux_outliers.json" ;;
-  qualityflux32)  # the float32 yardstick, both sets (eager is the same deterministic reference)
+  qualityflux32)  # the float32 yardstick (eager is the same deterministic reference)
     run 580 quality_flux_fp32 python3 benchmarks/quality_report.py --models flux-dev \
-      --modes eager,fp32 --runs 1 --no-progress --output-json "$out/quality_flux_fp32.json" ;;
+      --modes eager,fp32 --runs 1 --weights built --no-progress \
+      --output-json "$out/quality_flux_fp32.json" ;;
   *)
     echo "unknown part $part" >&2
     exit 2 ;;
