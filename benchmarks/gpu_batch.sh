@@ -44,14 +44,9 @@
 #            blocks in one buffer), profiled                                       ~9 min
 #   geglu    benchmarks/probe_geglu.py: Triton GEMMs with GEGLU's gate in the epilogue
 #            (pointer and TMA loads) vs cuBLAS + Inductor's GEGLU, SDXL's shapes   ~2 min
-#   shortkv  the short-kv attention `gpu` tests and its probe against cuDNN/flash at PixArt's
-#            and SDXL's cross-attention shapes, then PixArt-XL's step: compile vs O2 vs O2 +
-#            attention_short_kv, profiled                                          ~7 min
 #   jointo3  joint_linear's gpu tests (fp8 op too); SD3-medium step: compile vs O3 without
 #            joint_linear vs O3 (fp8 linears writing one q/k/v buffer each), profiled  ~8 min
 #   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
-#   shortkvunet SDXL UNet step: compile vs O2 vs O2 + attention_short_kv (channels_last),
-#            profiled                                                              ~9 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
 #            O2:cudagraphs + dynamic, difforge's pooled CUDA graphs (POOL_IMPLS)    ~9 min
@@ -87,7 +82,7 @@
 #   qualityfluxo  FLUX.1-dev's planted-outlier set: eager, O3, fp8                 ~9 min
 #   qualityflux32 FLUX.1-dev in float32 (the yardstick), weights as built          ~7 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|shortkv|shortkvunet|jointflux}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -254,19 +249,6 @@ case "$part" in
       --output-json "$out/probe_head_pad.json" ;;
   geglu)
     run 300 probe_geglu python3 benchmarks/probe_geglu.py --output-json "$out/probe_geglu.json" ;;
-  shortkv)
-    run 120 gpu_tests_short_kv python3 -m pytest -q -rA -m gpu tests/kernels/test_attention_short_kv.py \
-      tests/test_passes.py -k short_kv -p no:cacheprovider
-    run 100 probe_short_kv python3 benchmarks/probe_ops.py --probes shortkv \
-      --output-json "$out/probe_short_kv.json"
-    V='compile;O2;O2-shortkv={"mode":"O2","passes.attention_short_kv":true}'
-    run 330 step_short_kv_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
-      --variants "$V" --profile --output-json "$out/step_short_kv_pixart.json" ;;
-  shortkvunet)
-    V='compile;O2={"mode":"O2","memory_format":"channels_last"}'
-    V+=';O2-shortkv={"mode":"O2","memory_format":"channels_last","passes.attention_short_kv":true}'
-    run 570 step_short_kv_unet python3 benchmarks/bench_step.py --models sdxl-base \
-      --variants "$V" --profile --output-json "$out/step_short_kv_unet.json" ;;
   fluxo2)
     run 280 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider
     run 290 step_flux_o2 python3 benchmarks/bench_step.py --models flux-dev \

@@ -411,73 +411,6 @@ def probe_ff_block() -> list[dict[str, Any]]:
     return rows
 
 
-#: (name, B, H, Sq, Skv, D, padded keys or 0): cross-attention to text tokens.
-SHORT_KV_SHAPES = (
-    ("pixart-alpha-cross", 2, 16, 4096, 120, 72, 40),
-    ("sdxl-640-cross", 2, 10, 4096, 77, 64, 0),
-    ("sdxl-1280-cross", 2, 20, 1024, 77, 64, 0),
-)
-
-
-def probe_short_kv() -> list[dict[str, Any]]:
-    """difforge's one-pass short-kv attention against SDPA's default (cuDNN) and flash, at
-    cross-attention shapes (PixArt with its padding mask as an additive bias), CUDA-graph
-    timed (these kernels take tens of microseconds)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench_cudagraph
-
-    from difforge.kernels.attention_short_kv import attention_short_kv
-
-    rows: list[dict[str, Any]] = []
-    for name, b, h, sq, skv, d, padded in SHORT_KV_SHAPES:
-        q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.float16).transpose(1, 2)
-        k, v = (
-            torch.randn(b, skv, h, d, device="cuda", dtype=torch.float16).transpose(1, 2)
-            for _ in range(2)
-        )
-        mask = None
-        if padded:
-            mask = torch.zeros(b, 1, 1, skv, device="cuda", dtype=torch.float16)
-            mask[0, ..., skv - padded :] = -10000.0
-        ref = F.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), attn_mask=None if mask is None else mask.float()
-        )
-
-        def sdpa(backend: SDPBackend | None = None) -> torch.Tensor:
-            if backend is None:
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-        variants: list[tuple[str, Callable[[], torch.Tensor]]] = [
-            ("sdpa default", sdpa),
-            ("sdpa cudnn", lambda: sdpa(SDPBackend.CUDNN_ATTENTION)),
-            ("sdpa flash", lambda: sdpa(SDPBackend.FLASH_ATTENTION)),
-        ]
-        for block_m, warps in ((128, 8), (128, 4), (64, 4)):
-            variants.append(
-                (
-                    f"short_kv {block_m} w{warps}",
-                    lambda bm=block_m, w=warps: attention_short_kv(
-                        q, k, v, mask, block_m=bm, num_warps=w
-                    ),
-                )
-            )
-        for variant, fn in variants:
-            row: dict[str, Any] = {"shape": name, "variant": variant}
-            try:
-                out = fn()
-                ms = float(do_bench_cudagraph(fn, rep=50))
-            except Exception as exc:  # a backend that refuses the shape/mask: say so, go on
-                row["error"] = repr(exc)[:200]
-                rows.append(row)
-                continue
-            io_bytes = 2 * (2 * q.numel() + 2 * k.numel())  # fp16 q, k, v in and the output out
-            row.update({"ms": ms, "GB/s": io_bytes / ms / 1e6, "rel_err": _rel(out, ref)})
-            rows.append(row)
-    return rows
-
-
 #: (name, B, H, Sq, Skv, D): attention with a head dim no SDPA kernel is specialised for.
 HEAD_PAD_SHAPES = (
     ("pixart-self", 2, 16, 4096, 4096, 72),
@@ -534,7 +467,6 @@ PROBES = {
     "int8attn": probe_int8_attention,
     "attncode": probe_attention_code,
     "ffblock": probe_ff_block,
-    "shortkv": probe_short_kv,
     "headpad": probe_head_pad,
 }
 

@@ -657,92 +657,6 @@ def test_gpu_group_norm_channels_last_matches_eager(
     assert rel_err(out, ref) <= 1.5 * rel_err(eager, ref) + 1e-3
 
 
-# -------------------------------------------------------------------- attention_short_kv
-@pytest.fixture
-def short_kv_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The pass targets CUDA (its kernel is Triton's); on the CPU the op runs the float32
-    # reference, so the rewrite itself can be checked here, on few queries.
-    from difforge.passes import attention
-
-    monkeypatch.setattr(attention, "SHORT_KV_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(attention, "SHORT_KV_MIN_QUERIES", 1)
-
-
-class CrossAttention(nn.Module):
-    """PixArt's cross-attention in miniature: image queries, text keys/values, a padding mask."""
-
-    def __init__(self, dim: int = 32, heads: int = 2, **sdpa_kwargs: object) -> None:
-        super().__init__()
-        self.heads, self.sdpa_kwargs = heads, sdpa_kwargs
-        self.q, self.kv, self.out = (
-            nn.Linear(dim, dim),
-            nn.Linear(dim, 2 * dim),
-            nn.Linear(dim, dim),
-        )
-
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
-        b = x.shape[0]
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
-
-        k, v = self.kv(ctx).chunk(2, dim=-1)
-        o = F.scaled_dot_product_attention(
-            heads(self.q(x)), heads(k), heads(v), attn_mask=mask, **self.sdpa_kwargs
-        )
-        return self.out(o.transpose(1, 2).reshape(b, -1, o.shape[1] * o.shape[3]))
-
-
-SHORT_KV_ON = {"mode": "O2", "passes.attention_short_kv": True}
-
-
-def test_attention_short_kv_rewrites_cross_attention(short_kv_on_cpu: None) -> None:
-    x, ctx = torch.randn(2, 40, 32), torch.randn(2, 7, 32)
-    bias = torch.zeros(2, 1, 1, 7)
-    bias[0, ..., 5:] = -10000.0  # the first prompt is padded after 5 tokens
-    keep = bias == 0
-    for mask in (None, bias, keep):
-        _run(CrossAttention().eval(), x, ctx, mask, options=SHORT_KV_ON)
-    assert difforge.counters["attention_short_kv"] == 3
-
-
-def test_attention_short_kv_leaves_other_calls(short_kv_on_cpu: None) -> None:
-    x, ctx = torch.randn(2, 40, 32), torch.randn(2, 7, 32)
-    _run(CrossAttention().eval(), x, ctx)  # opt-in: O2 alone keeps SDPA
-    _run(CrossAttention(is_causal=True).eval(), x, ctx, options=SHORT_KV_ON)
-    _run(CrossAttention().eval(), x, torch.randn(2, 300, 32), options=SHORT_KV_ON)  # kv > 256
-    assert difforge.counters["attention_short_kv"] == 0
-
-
-def test_attention_short_kv_is_cuda_only() -> None:
-    _run(
-        CrossAttention().eval(),
-        torch.randn(2, 2048, 32),
-        torch.randn(2, 7, 32),
-        options=SHORT_KV_ON,
-    )
-    assert difforge.counters["attention_short_kv"] == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_attention_short_kv_in_a_compiled_block(dtype: torch.dtype) -> None:
-    torch.manual_seed(0)
-    block = CrossAttention(dim=144, heads=2).cuda().eval()
-    x, ctx = torch.randn(2, 1500, 144, device="cuda"), torch.randn(2, 120, 144, device="cuda")
-    bias = torch.zeros(2, 1, 1, 120, device="cuda")
-    bias[1, ..., 60:] = -10000.0
-    with torch.no_grad():
-        ref = block(x, ctx, bias)
-        half = block.to(dtype)
-        args = (x.to(dtype), ctx.to(dtype), bias.to(dtype))
-        eager = half(*args)
-        out = difforge.compile(half, options=SHORT_KV_ON)(*args)
-    assert difforge.counters["attention_short_kv"] == 1
-    assert rel_err(out, ref) <= max(1.5 * rel_err(eager, ref), 2e-3)
-
-
 def test_the_ops_passes_insert_exist_once_the_passes_load() -> None:
     # A stored graph (compile cache, cache.precompile) that calls one of them must load in a
     # new process where no pass has run yet: loading the registry registers them all.
@@ -753,7 +667,7 @@ def test_the_ops_passes_insert_exist_once_the_passes_load() -> None:
         "import torch\n"
         "from difforge.passes import all_passes\n"
         "all_passes()\n"
-        "for name in ('joint_linear', 'attention_short_kv', 'attention_int8_prepared'):\n"
+        "for name in ('joint_linear', 'joint_scaled_mm', 'attention_int8_prepared'):\n"
         "    getattr(torch.ops.difforge, name).default\n"
         "print('ok')\n"
     )

@@ -65,18 +65,6 @@ def test_sd3_joint_attention_reads_and_writes_one_buffer(monkeypatch: pytest.Mon
     assert difforge.counters["joint_linear"] == 2
 
 
-def test_pixart_cross_attention_takes_the_short_kv_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every block's cross-attention to the (padded) T5 prompt, with diffusers' own mask; the
-    # self-attention stays SDPA (its kv is all 1024 latent tokens, past MAX_KV).
-    from difforge.passes import attention
-
-    monkeypatch.setattr(attention, "SHORT_KV_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(attention, "SHORT_KV_MIN_QUERIES", 1)
-    options = {"mode": "O2", "passes.attention_short_kv": True}
-    model = _compiled_matches_eager("tiny-pixart", options, batch=2, size=512)
-    assert difforge.counters["attention_short_kv"] == len(model.transformer_blocks)
-
-
 def test_flux_double_blocks_write_v_into_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     # FLUX's joint blocks: q and k pass RMSNorms before their concatenation (left as they are),
     # v is unflattened and concatenated as it comes: its two projections write one buffer.

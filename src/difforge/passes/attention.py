@@ -25,30 +25,19 @@ quantization in torch ops, which Inductor fuses into the producers of q, k and v
 :func:`difforge.kernels.attention_select.choose` picks, measured on this GPU against SDPA
 (the ``attention.*`` options); where SDPA is faster the call is left alone. Calls with a
 mask (PixArt's cross-attention to padded prompts) always stay SDPA.
-
-``attention_short_kv`` (``optimize`` tier, opt-in with ``passes.attention_short_kv: true``
-until it is measured on a GPU): on CUDA, an SDPA call over at most
-:data:`~difforge.kernels.attention_short_kv.MAX_KV` keys (cross-attention to text: PixArt-α's
-120 T5 tokens, SDXL's 77 CLIP tokens; not PixArt-Σ's 300) and at least :data:`SHORT_KV_MIN_QUERIES` queries,
-with or without an additive/boolean mask, no dropout, not causal, half precision, becomes
-``torch.ops.difforge.attention_short_kv``: one pass over the whole kv sequence per query
-tile (:mod:`difforge.kernels.attention_short_kv`), output token-major.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # Importing the kernels registers the ops these passes insert (torch.ops.difforge.*), so a
 # graph stored with one of them (the compile cache, cache.precompile) loads in a new process.
 from difforge.kernels import attention_int8 as _attention_int8  # noqa: F401
-from difforge.kernels import attention_short_kv as _attention_short_kv
 from difforge.kernels import token_major_empty
 from difforge.passes.registry import (
     cacheable_target,
-    fill_example_values,
     node_arg,
     node_tensor,
     register_pass,
@@ -221,66 +210,5 @@ def attention_int8(graph: torch.fx.Graph) -> int:
                 new.meta["example_value"] = token_major_empty(fake_q)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        made += 1
-    return made
-
-
-#: Devices where ``attention_short_kv`` fires (its kernel is Triton's; the CPU keeps SDPA).
-SHORT_KV_DEVICES: tuple[str, ...] = ("cuda",)
-#: Fewer queries than this are too little work for the rewrite to matter.
-SHORT_KV_MIN_QUERIES = 1024
-
-
-def _short_kv_call(node: torch.fx.Node) -> tuple[object, ...] | None:
-    """(q, k, v, mask, scale) when ``node`` is an SDPA call the short-kv kernel takes."""
-    if node.op != "call_function" or node.target not in _SDPA_TARGETS:
-        return None
-    dropout = node_arg(node, 4, "dropout_p", 0.0)
-    if not isinstance(dropout, (int, float)) or dropout != 0:
-        return None
-    if node_arg(node, 5, "is_causal", False) is not False or node.kwargs.get("enable_gqa", False):
-        return None
-    scale = node_arg(node, 6, "scale")
-    if scale is not None and not isinstance(scale, (int, float)):
-        return None
-    q, k, v = (node_tensor(a) for a in node.args[:3])
-    if q is None or k is None or v is None or any(t.dim() != 4 for t in (q, k, v)):
-        return None
-    if q.device.type not in SHORT_KV_DEVICES or not q.dtype == k.dtype == v.dtype:
-        return None
-    if q.device.type == "cuda" and q.dtype not in _HALF:
-        return None  # the kernel's dtypes
-    skv, d = k.shape[2], q.shape[3]
-    if not isinstance(skv, int) or not isinstance(d, int):
-        return None
-    if skv > _attention_short_kv.MAX_KV or d > _attention_short_kv.MAX_HEAD_DIM:
-        return None
-    if tuple(k.shape) != tuple(v.shape) or k.shape[3] != d:
-        return None
-    if not all(
-        statically_known_true(a == b) for a, b in zip(q.shape[:2], k.shape[:2], strict=True)
-    ):
-        return None  # broadcast batch/heads: leave it to SDPA
-    queries = size_hint(q.shape[2])
-    if queries is None or queries < SHORT_KV_MIN_QUERIES or node_tensor(node).requires_grad:  # type: ignore[union-attr]
-        return None
-    mask = node_arg(node, 3, "attn_mask")
-    if mask is not None:
-        m = node_tensor(mask)
-        if m is None or m.dim() > 4 or not (m.dtype == torch.bool or m.is_floating_point()):
-            return None
-    return (*node.args[:3], mask, None if scale is None else float(scale))
-
-
-@register_pass("attention_short_kv", stage="fx", tier="optimize")
-def attention_short_kv(graph: torch.fx.Graph) -> int:
-    """SDPA over a short kv sequence (cross-attention to text) -> one-pass Triton kernel."""
-    made = 0
-    for node in list(graph.nodes):
-        call = _short_kv_call(node)
-        if call is None:
-            continue
-        new = replace_with_call(graph, node, torch.ops.difforge.attention_short_kv.default, call)
-        fill_example_values([new])  # the op's token-major strides, not SDPA's
         made += 1
     return made
