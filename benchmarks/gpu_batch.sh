@@ -46,6 +46,8 @@
 #            (pointer and TMA loads) vs cuBLAS + Inductor's GEGLU, SDXL's shapes   ~2 min
 #   jointo3  joint_linear's gpu tests (fp8 op too); SD3-medium step: compile vs O3 without
 #            joint_linear vs O3 (fp8 linears writing one q/k/v buffer each), profiled  ~8 min
+#   ablatepx PixArt-XL step: compile vs O2 vs O2 without fuse_qkv vs without gelu_epilogue ~5 min
+#   ablatesd3 SD3-medium step: compile vs O2 vs O2 without fuse_qkv                  ~6 min
 #   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
@@ -244,6 +246,16 @@ case "$part" in
     V='compile;O3-nojoint={"mode":"O3","passes.joint_linear":false};O3'
     run 480 step_joint_sd3_o3 python3 benchmarks/bench_step.py --models sd3-medium \
       --variants "$V" --profile --output-json "$out/step_joint_sd3_o3.json" ;;
+  ablatepx)  # do fuse_qkv and gelu_epilogue still pay? (fused q/k/v views slowed cuDNN ~9%
+    # on an H200, 2026-11-26_h200_probe_ops.json; the GELU epilogue slowed FLUX's GEMMs ~18%)
+    V='compile;O2;O2-noqkv={"mode":"O2","passes.fuse_qkv":false}'
+    V+=';O2-nogelu={"mode":"O2","passes.gelu_epilogue":false}'
+    run 570 step_ablate_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_ablate_pixart.json" ;;
+  ablatesd3)
+    V='compile;O2;O2-noqkv={"mode":"O2","passes.fuse_qkv":false}'
+    run 570 step_ablate_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
+      --variants "$V" --profile --output-json "$out/step_ablate_sd3.json" ;;
   headpad)
     run 200 probe_head_pad python3 benchmarks/probe_ops.py --probes headpad \
       --output-json "$out/probe_head_pad.json" ;;
