@@ -293,23 +293,31 @@ def test_joint_scaled_mm_op_equals_the_concatenated_fp8_gemms() -> None:
             a, w[0].t(), scale_a=sa[:, None], scale_b=w[1][None], bias=b, out_dtype=torch.float32
         )
 
-    def joint(xs, scales, ws, bs, streams, columns):  # type: ignore[no-untyped-def]
+    def joint_mm(xs, scales, ws, bs, streams, columns):  # type: ignore[no-untyped-def]
         return torch.ops.difforge.joint_scaled_mm(
             xs, [s[:, None] for s in scales], [w[0].t() for w in ws], [w[1][None] for w in ws],
             bs, streams, columns, 2, torch.float32,
         )  # fmt: skip
 
-    out = joint([xq, cq], [sx, sc], [w_img, w_txt], [b, None], [0, 1], [0, 0])
+    out = joint_mm([xq, cq], [sx, sc], [w_img, w_txt], [b, None], [0, 1], [0, 0])
     ref = torch.cat([mm(xq, sx, w_img, b).view(2, 7, 24), mm(cq, sc, w_txt).view(2, 5, 24)], 1)
     assert out.shape == (2, 12, 24)
     assert rel_err(out, ref) < 1e-6
     # a stream of one GEMM per part (copied into its columns), in any order
-    out = joint([xq] + [cq] * 3, [sx] + [sc] * 3, [w_img, *w_parts[::-1]], [None] * 4,
+    out = joint_mm([xq] + [cq] * 3, [sx] + [sc] * 3, [w_img, *w_parts[::-1]], [None] * 4,
                 [0, 1, 1, 1], [0, 16, 8, 0])  # fmt: skip
     txt = torch.cat([mm(cq, sc, w) for w in w_parts], dim=-1).view(2, 5, 24)
     assert rel_err(out, torch.cat([mm(xq, sx, w_img).view(2, 7, 24), txt], 1)) < 1e-6
+    # 8 text tokens: each sample's float32 scales start 16-byte aligned, so the GEMM writes
+    # the buffer's rows directly (7 tokens above: one GEMM for the stream, copied in)
+    (c8, s8), w8 = quantize_rows(torch.randn(2 * 8, 12)), quantize_weight(torch.randn(24, 12))
+    assert joint._scales_aligned(s8[:, None], 8, 2)
+    assert not joint._scales_aligned(sc[:, None], 5, 2)
+    out = joint_mm([xq, c8], [sx, s8], [w_img, w8], [b, b], [0, 1], [0, 0])
+    ref = torch.cat([mm(xq, sx, w_img, b).view(2, 7, 24), mm(c8, s8, w8, b).view(2, 8, 24)], 1)
+    assert rel_err(out, ref) < 1e-6
     with pytest.raises(ValueError, match="do not fit"):  # 7 rows are not a batch of 2
-        joint([xq[:7], cq], [sx[:7], sc], [w_img, w_txt], [None, None], [0, 1], [0, 0])
+        joint_mm([xq[:7], cq], [sx[:7], sc], [w_img, w_txt], [None, None], [0, 1], [0, 0])
 
 
 def test_joint_linear_on_fp8_linears_writes_one_buffer_per_projection(small_copies: None) -> None:

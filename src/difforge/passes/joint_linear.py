@@ -216,6 +216,20 @@ def _scaled_mm_layout(
     return _layout(shapes, [w.shape[1] for w in mat2s], streams, columns)
 
 
+#: cuBLASLt's row-wise fp8 GEMM wants its scale vectors 16-byte aligned: a sample's slice of
+#: a stream's float32 scales starting at row 333 (SD3's text tokens, batch 2) was rejected
+#: with CUBLAS_STATUS_NOT_SUPPORTED on an H100.
+_SCALE_ALIGNMENT = 16
+
+
+def _scales_aligned(scales: torch.Tensor, tokens: int, batch: int) -> bool:
+    """Whether every sample's slice of ``scales`` ([batch * tokens, 1]) starts aligned."""
+    if batch == 1:
+        return True
+    step = tokens * scales.stride(0) * scales.element_size()
+    return scales.data_ptr() % _SCALE_ALIGNMENT == 0 and step % _SCALE_ALIGNMENT == 0
+
+
 @torch.library.custom_op("difforge::joint_scaled_mm", mutates_args=())
 def joint_scaled_mm(
     xs: list[torch.Tensor],
@@ -239,7 +253,7 @@ def joint_scaled_mm(
     ):
         tokens = x.shape[0] // batch
         first = layout.firsts[s]
-        if w.shape[1] == layout.width:
+        if w.shape[1] == layout.width and _scales_aligned(sx, tokens, batch):
             # A whole stream: each sample's rows are one contiguous [tokens, width] matrix of
             # `out`, written by the GEMM itself (bias in its epilogue).
             for i in range(batch):
@@ -249,8 +263,9 @@ def joint_scaled_mm(
                     out=out[i, first : first + tokens],
                 )  # fmt: skip
             continue
-        # A column part (a stream projected by one linear per part): the GEMM cannot write
-        # strided rows, so its output is copied in (only small streams are left unfused).
+        # A column part (a stream projected by one linear per part), or a stream whose
+        # samples' scales are misaligned: the GEMM cannot write strided rows, so its output
+        # is copied in (only small streams are left unfused; SD3's 333 text tokens).
         part = torch._scaled_mm(x, w, scale_a=sx, scale_b=sw, bias=b, out_dtype=out_dtype)
         out[:, first : first + tokens, c : c + w.shape[1]] = part.view(batch, tokens, -1)
     return out
