@@ -65,6 +65,17 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
     ),
     ("2026-11-26_h100_step_o2_flux.json", "flux-dev", "FLUX.1-dev bf16, batch 1", _O2, _O2_GRAPHS),
     (
+        "2026-11-27_h100_step_joint_flux_s15.json",
+        "flux-dev",
+        "FLUX.1-dev bf16, batch 1",
+        ("compile", "O2-nojoint", "O2"),
+        {
+            "compile": "torch.compile",
+            "O2-nojoint": "O2 without joint_linear",
+            "O2": "O2 (+ joint_linear on v)",
+        },
+    ),
+    (
         "2026-11-26_h100_step_o2_unet.json",
         "sdxl-base",
         "SDXL UNet fp16, batch 2 (channels_last)",
@@ -93,6 +104,17 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _WITH_FP8,
     ),
     (
+        "2026-11-27_h100_step_joint_sd3_o3_s15.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("compile", "O3-nojoint", "O3"),
+        {
+            "compile": "torch.compile",
+            "O3-nojoint": "O3 without joint_linear",
+            "O3": "O3 (+ joint_linear on fp8 linears)",
+        },
+    ),
+    (
         "2026-11-26_h100_step_flux_o3.json",
         "flux-dev",
         "FLUX.1-dev bf16, batch 1",
@@ -115,6 +137,18 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
             "compile": "torch.compile",
             "O3": "O3 (fp8 linears)",
             "O3-attn8-always": "O3 + 8-bit attention (forced, fp8 P·V)",
+        },
+    ),
+    (
+        "2026-11-27_h100_step_ablate_pixart_s15.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "O2", "O2-noqkv", "O2-nogelu"),
+        {
+            "compile": "torch.compile",
+            "O2": "O2",
+            "O2-noqkv": "O2 without fuse_qkv",
+            "O2-nogelu": "O2 without gelu_epilogue",
         },
     ),
     (
