@@ -481,12 +481,13 @@ def _cat_chains(cat: torch.fx.Node) -> list[_Chain] | None:
 
 
 class _Entry(NamedTuple):
-    """One GEMM of a joint buffer: its operands (``joint_linear``'s or
+    """One GEMM of a joint buffer: its operands (``joint_linear``'s or, for an fp8 linear,
     ``joint_scaled_mm``'s per-entry arguments), stream and first column."""
 
     operands: tuple[object, ...]
     stream: int
     column: int
+    fp8: bool
 
 
 def _operands(projection: torch.fx.Node) -> tuple[object, ...]:
@@ -594,11 +595,12 @@ def _entries(group: _Group) -> list[_Entry] | None:
                 continue
             seen.add(c.linear)
             column = 0 if c.split is not None else offsets[group.part_of[cat]]
-            entries.append(_Entry(_operands(c.linear), s, column))
-    kinds = {len(e.operands) for e in entries}
+            fp8 = _scaled_mm_of(c.linear) is not None
+            entries.append(_Entry(_operands(c.linear), s, column, fp8))
+    kinds = {e.fp8 for e in entries}
     if len(kinds) != 1:
         return None
-    if kinds == {5}:  # fp8: one output dtype, every bias in it (as cuBLASLt's epilogue adds)
+    if kinds == {True}:  # one output dtype, every bias in it (as cuBLASLt's epilogue adds)
         mms = [_scaled_mm_of(c.linear) for _, chains in group.members for c in chains]
         dtypes = {node_arg(mm, 6, "out_dtype") for mm in mms if mm is not None}
         biases = [node_tensor(e.operands[4]) for e in entries if e.operands[4] is not None]
@@ -655,7 +657,7 @@ def _rewrite(graph: torch.fx.Graph, group: _Group) -> bool:
     per_operand = [list(column) for column in zip(*(e.operands for e in entries), strict=True)]
     streams, columns = [e.stream for e in entries], [e.column for e in entries]
     with graph.inserting_before(group.members[0][0]):
-        if len(per_operand) == 5:  # fp8 linears
+        if entries[0].fp8:
             first = group.members[0][1][0].linear
             mm = _scaled_mm_of(first)
             joint = graph.call_function(
