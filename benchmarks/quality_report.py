@@ -136,6 +136,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=10 if on_gpu else 1,
         help="timed single steps per mode (default: 10 with a GPU, 1 without)",
     )
+    p.add_argument(
+        "--eager-components",
+        metavar="LIST",
+        default="",
+        help="pipeline components every mode leaves eager, e.g. vae (text_to_image.py's flag): "
+        "the denoiser alone then decides the PSNR, and a large model's report spends no device "
+        "time compiling its VAE (FLUX's took ~50 s per compiled mode on an H100)",
+    )
     p.add_argument("--output-json", type=Path)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
@@ -211,6 +219,8 @@ def _bench_config(
     argv += ["--no-text-encoders", "--no-progress"]
     if factor is not None:
         argv += ["--plant-outliers", str(factor)]
+    if args.eager_components:
+        argv += ["--eager-components", args.eager_components]
     for flag in ("dtype", "height", "width"):
         if getattr(args, flag):
             argv += [f"--{flag}", str(getattr(args, flag))]

@@ -216,6 +216,16 @@ def test_quality_report_weight_sets(cpu_only: None) -> None:
         report.parse_args(["--weights", "planted"])
 
 
+def test_quality_report_passes_eager_components_to_every_mode(cpu_only: None) -> None:
+    report = _load("quality_report")
+    device = torch.device("cpu")
+    built = report._bench_config("tiny-flux", report.parse_args([]), None, device)
+    assert built.eager_components == ()
+    args = report.parse_args(["--eager-components", "vae"])
+    config = report._bench_config("tiny-flux", args, 30.0, device)
+    assert config.eager_components == ("vae",) and config.plant_outliers == 30.0
+
+
 @pytest.mark.slow
 def test_quality_report_fp32_yardstick(cpu_only: None, tmp_path: Path) -> None:
     """``fp32``: the same pipeline converted to float32 against the run's dtype (bfloat16
