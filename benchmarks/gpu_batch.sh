@@ -48,6 +48,7 @@
 #            joint_linear vs O3 (fp8 linears writing one q/k/v buffer each), profiled  ~8 min
 #   ablatepx PixArt-XL step: compile vs O2 vs O2 without fuse_qkv vs without gelu_epilogue ~5 min
 #   ablatesd3 SD3-medium step: compile vs O2 vs O2 without fuse_qkv                  ~6 min
+#   fp8block FF2's GELU + fp8 quantization + GEMM: row-wise scales vs 1x128 / 128x128 blocks ~3 min
 #   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
@@ -84,7 +85,7 @@
 #   qualityfluxo  FLUX.1-dev's planted-outlier set: eager, O3, fp8                 ~9 min
 #   qualityflux32 FLUX.1-dev in float32 (the yardstick), weights as built          ~7 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -256,6 +257,9 @@ case "$part" in
     V='compile;O2;O2-noqkv={"mode":"O2","passes.fuse_qkv":false}'
     run 570 step_ablate_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
       --variants "$V" --profile --output-json "$out/step_ablate_sd3.json" ;;
+  fp8block)
+    run 300 probe_fp8_block python3 benchmarks/probe_ops.py --probes fp8block \
+      --output-json "$out/probe_fp8_block.json" ;;
   headpad)
     run 200 probe_head_pad python3 benchmarks/probe_ops.py --probes headpad \
       --output-json "$out/probe_head_pad.json" ;;

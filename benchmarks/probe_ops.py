@@ -12,6 +12,8 @@ they compute the same function (relative error against a float32 reference):
   (``torch._addmm_activation``) vs Inductor.
 - ``fp8``: ``torch._scaled_mm`` with row-wise scales vs fp16/bf16 GEMM at DiT shapes.
 - ``int8attn``: difforge's 8-bit attention kernel vs SDPA per head dim and tile.
+- ``fp8block``: a feed-forward's GELU + fp8 quantization + FF2 GEMM with row-wise scales
+  (today's O3) vs 1x128 activation / 128x128 weight block scales (one read to quantize).
 - ``headpad``: SDPA with head dim 72 zero-padded to 80/96/128 (a padded projection's output).
 - ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
   FF2, residual) compiled fp16 at O2 and with fp8 linears, with and without the
@@ -460,6 +462,104 @@ def probe_head_pad() -> list[dict[str, Any]]:
     return rows
 
 
+#: (name, M, K, N, dtype): a feed-forward's second GEMM, whose input is the GELU of the first's
+#: output: the fp8 activation quantization that costs most in O3's steps.
+FF2_SHAPES = (
+    ("pixart-ff2", 8192, 4608, 1152, torch.float16),
+    ("sd3-ff2", 8192, 6144, 1536, torch.float16),
+    ("flux-ff2", 4096, 12288, 3072, torch.bfloat16),
+)
+
+
+def _quantize_blocks(t: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 of ``t [R, C]`` with one float32 scale per ``rows x 128`` block (exact
+    absmax): ``(t_fp8, scales [R / rows, C / 128])``, ``t = t_fp8 * scale`` per block."""
+    from difforge.quant.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS
+
+    r, c = t.shape
+    blocks = t.float().reshape(r // rows, rows, c // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(SCALE_EPS) / FP8_MAX
+    q = (blocks * (1.0 / scale)[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.reshape(r, c), scale
+
+
+def probe_fp8_block() -> list[dict[str, Any]]:
+    """The GELU + fp8 quantization of a feed-forward's hidden activation and the FF2 GEMM:
+    today's row-wise recipe (one scale per token: Inductor reads the row twice, once for the
+    absmax bound and once to scale) against 1x128 activation blocks with 128x128 weight
+    blocks (``F.scaled_mm``'s BlockWise1x128 x BlockWise128x128, sm_90 only), whose scales
+    need one read. Each scale layout the GEMM might want is tried; the row says which ran."""
+    from torch.nn.functional import ScalingType
+
+    from difforge.quant.fp8 import _scaled_mm_linear, quantize_gelu_rows, quantize_weight
+
+    def gelu_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_gelu_rows(y)
+
+    def gelu_blocks(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = _quantize_blocks(F.gelu(y, approximate="tanh"), 1)
+        return q, scale.t().contiguous().t()  # "outer-dim-major": (M, K/128), stride (1, M)
+
+    rows: list[dict[str, Any]] = []
+    for name, m, k, n, dtype in FF2_SHAPES:
+        y = torch.randn(m, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
+        ref = F.gelu(y.float(), approximate="tanh") @ w.float().t()
+        w8_rows, ws_rows = quantize_weight(w)
+        w8_blocks, ws_blocks = _quantize_blocks(w, 128)  # scales [N/128, K/128]
+        quant_rows, quant_blocks = torch.compile(gelu_rows), torch.compile(gelu_blocks)
+        row: dict[str, Any] = {"shape": name, "m": m, "k": k, "n": n}
+        try:
+            row["quant_rows_ms"] = _bench(lambda: quant_rows(y))
+            row["quant_blocks_ms"] = _bench(lambda: quant_blocks(y))
+            a8, a_s = quant_rows(y)
+            row["gemm_rows_ms"] = _bench(
+                lambda: _scaled_mm_linear(a8, a_s, w8_rows, ws_rows, None, dtype)
+            )
+            row["rel_err_rows"] = _rel(
+                _scaled_mm_linear(a8, a_s, w8_rows, ws_rows, None, dtype), ref
+            )
+            b8, b_s = quant_blocks(y)
+            row["rel_err_block_quant"] = _rel(
+                (b8.float().reshape(m, k // 128, 128) * b_s[:, :, None]).reshape(m, k),
+                F.gelu(y.float(), approximate="tanh"),
+            )
+        except RuntimeError as exc:
+            row["error"] = str(exc).splitlines()[0][:160]
+            rows.append(row)
+            torch._dynamo.reset()
+            continue
+        for label, scale_b in (
+            ("w scales (K/128, N/128)", ws_blocks.t()),
+            ("w scales (K/128, N/128) contiguous", ws_blocks.t().contiguous()),
+            ("w scales (N/128, K/128)", ws_blocks),
+        ):
+
+            def gemm(scale_b: torch.Tensor = scale_b) -> torch.Tensor:
+                return F.scaled_mm(
+                    b8, w8_blocks.t(), b_s, ScalingType.BlockWise1x128,
+                    scale_b, ScalingType.BlockWise128x128, output_dtype=dtype,
+                )  # fmt: skip
+
+            try:
+                err = _rel(gemm(), ref)
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                row[f"block gemm error, {label}"] = str(exc).splitlines()[0][:120]
+                continue
+            if err < 0.1:  # a wrong layout runs but scales the wrong blocks
+                row["block_scale_layout"] = label
+                row["gemm_blocks_ms"] = _bench(gemm)
+                row["rel_err_blocks"] = err
+                row["speedup_quant+gemm"] = (row["quant_rows_ms"] + row["gemm_rows_ms"]) / (
+                    row["quant_blocks_ms"] + row["gemm_blocks_ms"]
+                )
+                break
+            row[f"block gemm rel err, {label}"] = err
+        rows.append(row)
+        torch._dynamo.reset()
+    return rows
+
+
 PROBES = {
     "attention": probe_attention,
     "gelu": probe_gelu,
@@ -468,6 +568,7 @@ PROBES = {
     "attncode": probe_attention_code,
     "ffblock": probe_ff_block,
     "headpad": probe_head_pad,
+    "fp8block": probe_fp8_block,
 }
 
 
