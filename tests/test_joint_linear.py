@@ -333,6 +333,19 @@ def test_joint_linear_on_fp8_linears_writes_one_buffer_per_projection(small_copi
     assert difforge.counters["joint_linear"] == 3
 
 
+def test_joint_linear_on_fp8_linears_with_dynamic_sizes(small_copies: None) -> None:
+    # The batch reaches the op as the graph's symbolic size: one graph for both calls.
+    model = _fp8_attention()
+    compiled = difforge.compile(model, options={"mode": "O2", "dynamic": True})
+    with torch.no_grad():
+        for batch, tokens, text in ((2, 10, 6), (3, 14, 5)):
+            x, c = torch.randn(batch, tokens, 32), torch.randn(batch, text, 32)
+            for o, r in zip(compiled(x, c), model(x, c), strict=True):
+                assert rel_err(o, r) < 1e-5
+    assert difforge.counters["joint_linear"] == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_joint_linear_leaves_fp8_and_plain_linears_mixed(small_copies: None) -> None:
     model = _fp8_attention()
     model.add_q_proj = nn.Linear(32, 32)  # q's streams: one fp8, one not: no common op

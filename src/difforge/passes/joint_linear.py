@@ -30,7 +30,8 @@ one strided-batched GEMM (torch's matmul does not fold a batch it cannot view as
 fp8 linears (``O3``'s ``Fp8Linear``, traced as a row quantization and ``torch._scaled_mm``
 viewed ``[batch, tokens, N]``) get the same rewrite with ``difforge::joint_scaled_mm``: each
 GEMM takes its stream's fp8 rows and scales and writes its rows of the buffer (``out=``);
-the quantizations stay where Inductor fused them. It fires for static batch sizes only.
+the quantizations stay where Inductor fused them; a symbolic batch size is passed as the
+graph's own size node.
 
 Exactness: the same products with the same float32 accumulation; a part's bias is added
 after its rounded GEMM output (one rounding more), so it is in the ``optimize`` tier.
@@ -337,6 +338,24 @@ def _is_split(node: object) -> bool:
     return node.op == "call_function" and node.target in _SPLIT_FUNCTIONS
 
 
+def _batch_of(view: torch.fx.Node) -> object:
+    """The batch size ``view`` (a ``[batch, tokens, N]`` view of a flat GEMM output) was given:
+    an int, or the graph node of a symbolic size; None when it is neither."""
+    out = node_tensor(view)
+    if out is None or out.dim() != 3:
+        return None
+    if isinstance(out.shape[0], int):
+        return out.shape[0]
+    sizes = view.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = tuple(sizes[0])
+    batch = sizes[0] if len(sizes) == 3 else None
+    value = node_value(batch) if isinstance(batch, torch.fx.Node) else None
+    if isinstance(value, torch.SymInt) and statically_known_true(value == out.shape[0]):
+        return batch
+    return None
+
+
 def _scaled_mm_of(node: torch.fx.Node) -> torch.fx.Node | None:
     """The ``torch._scaled_mm`` whose ``[batch * tokens, N]`` output ``node`` views as
     ``[batch, tokens, N]`` (``Fp8Linear``'s traced forward), with row-wise scales, the bias
@@ -356,7 +375,9 @@ def _scaled_mm_of(node: torch.fx.Node) -> torch.fx.Node | None:
     scales = [node_tensor(node_arg(mm, i, n)) for i, n in ((2, "scale_a"), (3, "scale_b"))]  # type: ignore[arg-type]
     if any(t is None or t.dim() != 2 for t in scales):
         return None  # tensor-wise scales: not the row-wise recipe
-    return mm if isinstance(out.shape[0], int) and _same(out.shape[2], flat.shape[1]) else None
+    if _batch_of(node) is None or not _same(out.shape[2], flat.shape[1]):
+        return None
+    return mm
 
 
 def _is_projection(node: torch.fx.Node) -> bool:
@@ -664,7 +685,7 @@ def _rewrite(graph: torch.fx.Graph, group: _Group) -> bool:
                 torch.ops.difforge.joint_scaled_mm.default,
                 (
                     *per_operand, streams, columns,
-                    node_tensor(first).shape[0], node_arg(mm, 6, "out_dtype"),  # type: ignore[union-attr,arg-type]
+                    _batch_of(first), node_arg(mm, 6, "out_dtype"),  # type: ignore[arg-type]
                 ),
             )  # fmt: skip
         else:
