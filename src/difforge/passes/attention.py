@@ -32,10 +32,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-# Importing the kernels registers the ops these passes insert (torch.ops.difforge.*), so a
-# graph stored with one of them (the compile cache, cache.precompile) loads in a new process.
-from difforge.kernels import attention_int8 as _attention_int8  # noqa: F401
 from difforge.kernels import token_major_empty
+
+# Importing the kernel module registers the ops this pass inserts (torch.ops.difforge.*), so
+# a graph stored with one of them (the compile cache, cache.precompile) loads in a new process.
+from difforge.kernels.attention_int8 import attention_int8_fused
 from difforge.passes.registry import (
     cacheable_target,
     node_arg,
@@ -190,9 +191,6 @@ def attention_int8(graph: torch.fx.Graph) -> int:
     calls = [(n, s) for n, s in calls if kernel_available(s.device)]  # type: ignore[attr-defined]
     if not calls:
         return 0
-    # imports Triton and registers the ops
-    from difforge.kernels.attention_int8 import attention_int8_fused
-
     policy = current_policy()
     made = 0
     for node, shape in calls:
