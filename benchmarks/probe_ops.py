@@ -472,15 +472,16 @@ FF2_SHAPES = (
 
 
 def _quantize_blocks(t: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 e4m3 of ``t [R, C]`` with one float32 scale per ``rows x 128`` block (exact
-    absmax): ``(t_fp8, scales [R / rows, C / 128])``, ``t = t_fp8 * scale`` per block."""
-    from difforge.quant.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS
+    """fp8 e4m3 of ``t [R, C]`` with one float32 scale per ``rows x 128`` block:
+    ``quant.fp8.quantize_rows`` of each block laid out as a row. ``(t_fp8, scales [R / rows,
+    C / 128])``, ``t = t_fp8 * scale`` per block."""
+    from difforge.quant.fp8 import quantize_rows
 
     r, c = t.shape
-    blocks = t.float().reshape(r // rows, rows, c // 128, 128)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(SCALE_EPS) / FP8_MAX
-    q = (blocks * (1.0 / scale)[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.reshape(r, c), scale
+    blocks = t.reshape(r // rows, rows, c // 128, 128).transpose(1, 2).reshape(-1, rows * 128)
+    q, scale = quantize_rows(blocks)
+    q = q.reshape(r // rows, c // 128, rows, 128).transpose(1, 2).reshape(r, c)
+    return q, scale.reshape(r // rows, c // 128)
 
 
 def probe_fp8_block() -> list[dict[str, Any]]:
