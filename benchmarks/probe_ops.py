@@ -14,6 +14,8 @@ they compute the same function (relative error against a float32 reference):
 - ``int8attn``: difforge's 8-bit attention kernel vs SDPA per head dim and tile.
 - ``fp8block``: a feed-forward's GELU + fp8 quantization + FF2 GEMM with row-wise scales
   (today's O3) vs 1x128 activation / 128x128 weight block scales (one read to quantize).
+- ``sdxl8``: SDXL's GEGLU + fp8 quantization (exact looped / persistent / bounded) and
+  its attention projections in fp16 vs fp8, per transformer level.
 - ``headpad``: SDPA with head dim 72 zero-padded to 80/96/128 (a padded projection's output).
 - ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
   FF2, residual) compiled fp16 at O2 and with fp8 linears, with and without the
@@ -561,6 +563,85 @@ def probe_fp8_block() -> list[dict[str, Any]]:
     return rows
 
 
+# SDXL UNet's transformer levels at 1024² with CFG: (name, tokens M, channels C).
+SDXL_LEVELS = (("sdxl-1280", 2048, 1280), ("sdxl-640", 8192, 640))
+
+
+def probe_sdxl_fp8() -> list[dict[str, Any]]:
+    """SDXL's fp8 candidates, per transformer level: (1) GEGLU + fp8 row quantization of
+    FF2's input as Inductor fuses it today (the exact absmax: a looped reduction that
+    evaluates the erf GELU in both passes), the same kept persistent (one read), and
+    ``quantize_geglu_rows``' bound (one GELU per element), against the fp16 GEGLU alone,
+    each plus FF2's GEMM; (2) the attention projections (kept fp16 by O3's size filter at
+    1280x1280): fp16 GEMM vs row quantization + fp8 GEMM, unfused (N = C) and with q/k/v
+    fused (N = 3C)."""
+    from difforge.heuristics import DifforgeChoices, installed
+    from difforge.quant.fp8 import (
+        _scaled_mm_linear,
+        quantize_geglu_rows,
+        quantize_rows,
+        quantize_weight,
+    )
+
+    def geglu(y: torch.Tensor) -> torch.Tensor:
+        h, gate = y.chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+    def geglu_exact(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_rows(geglu(y))
+
+    def geglu_bound(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, gate = y.chunk(2, dim=-1)
+        return quantize_geglu_rows(h, gate)
+
+    rows: list[dict[str, Any]] = []
+    dtype = torch.float16
+    for name, m, c in SDXL_LEVELS:
+        inner = 4 * c
+        y = torch.randn(m, 2 * inner, device="cuda", dtype=dtype)
+        w2 = torch.randn(c, inner, device="cuda", dtype=dtype) * inner**-0.5
+        w8, ws = quantize_weight(w2)
+        ref = geglu(y.float()) @ w2.float().t()
+        row: dict[str, Any] = {"level": name, "m": m, "c": c}
+        fp16 = torch.compile(geglu)
+        row["geglu_fp16_ms"] = _bench(lambda: fp16(y))
+        act = fp16(y)
+        row["ff2_fp16_ms"] = _bench(lambda: act @ w2.t())
+        row["ff2_fp16_rel_err"] = _rel(act @ w2.t(), ref)
+        variants: list[tuple[str, Callable[..., Any], DifforgeChoices | None]] = [
+            ("exact", geglu_exact, None),
+            ("exact_persistent", geglu_exact, DifforgeChoices(None, 16384)),
+            ("bound", geglu_bound, None),
+        ]
+        for label, fn, choices in variants:
+            torch._dynamo.reset()  # each variant compiles under its own heuristics
+            compiled = torch.compile(fn)
+            # No FX-graph cache: plain torch.compile's key does not see the heuristics.
+            with installed(choices), torch._inductor.config.patch(fx_graph_cache=False):
+                a8, a_s = compiled(y)
+            row[f"quant_{label}_ms"] = _bench(lambda compiled=compiled: compiled(y))
+            out = _scaled_mm_linear(a8, a_s, w8, ws, None, dtype)
+            row[f"ff2_fp8_{label}_rel_err"] = _rel(out, ref)
+        row["ff2_fp8_gemm_ms"] = _bench(lambda: _scaled_mm_linear(a8, a_s, w8, ws, None, dtype))
+        row["geglu+ff2 fp16 / fp8 bound"] = (row["geglu_fp16_ms"] + row["ff2_fp16_ms"]) / (
+            row["quant_bound_ms"] + row["ff2_fp8_gemm_ms"]
+        )
+        x = torch.randn(m, c, device="cuda", dtype=dtype)
+        quant = torch.compile(quantize_rows)
+        row["quant_x_ms"] = _bench(lambda: quant(x))
+        x8, xs = quant(x)
+        for label, n in (("proj", c), ("qkv", 3 * c)):
+            w = torch.randn(n, c, device="cuda", dtype=dtype) * c**-0.5
+            wq, wqs = quantize_weight(w)
+            row[f"{label}_fp16_ms"] = _bench(lambda w=w: x @ w.t())
+            row[f"{label}_fp8_ms"] = _bench(
+                lambda wq=wq, wqs=wqs: _scaled_mm_linear(x8, xs, wq, wqs, None, dtype)
+            )
+        rows.append(row)
+        torch._dynamo.reset()
+    return rows
+
+
 PROBES = {
     "attention": probe_attention,
     "gelu": probe_gelu,
@@ -570,6 +651,7 @@ PROBES = {
     "ffblock": probe_ff_block,
     "headpad": probe_head_pad,
     "fp8block": probe_fp8_block,
+    "sdxl8": probe_sdxl_fp8,
 }
 
 
