@@ -51,6 +51,7 @@
 #   fp8block FF2's GELU + fp8 quantization + GEMM: row-wise scales vs 1x128 / 128x128 blocks ~3 min
 #   sdxl8    SDXL's GEGLU + fp8 quantization (exact looped / persistent / bounded) + FF2, and its
 #            attention projections fp16 vs fp8 (unfused and q/k/v fused), per level  ~2 min
+#   o3sdxl   SDXL UNet step: compile vs O3 (GEGLU's FF2 fp16) vs O3 with it fp8, profiled  ~9 min
 #   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
@@ -87,7 +88,7 @@
 #   qualityfluxo  FLUX.1-dev's planted-outlier set: eager, O3, fp8                 ~9 min
 #   qualityflux32 FLUX.1-dev in float32 (the yardstick), weights as built          ~7 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -262,6 +263,12 @@ case "$part" in
   fp8block)
     run 300 probe_fp8_block python3 benchmarks/probe_ops.py --probes fp8block \
       --output-json "$out/probe_fp8_block.json" ;;
+  o3sdxl)  # SDXL UNet: does keeping GEGLU's FF2 in fp16 (quant.skip_gated_outputs, the
+    # default since 2026-11-27's sixteenth session) pay in the step, as sdxl8's probe says?
+    V='compile;O3={"mode":"O3","memory_format":"channels_last"}'
+    V+=';O3-ff2fp8={"mode":"O3","memory_format":"channels_last","quant.skip_gated_outputs":false}'
+    run 580 step_o3_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_o3_sdxl.json" ;;
   sdxl8)
     run 240 probe_sdxl_fp8 python3 benchmarks/probe_ops.py --probes sdxl8 \
       --output-json "$out/probe_sdxl_fp8.json" ;;

@@ -257,6 +257,14 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "repeated blocks (input/output layers, embedders, modulation), or the first and last "
         "linear of a model without repeated blocks",
     ),
+    "quant.skip_gated_outputs": (
+        True,
+        bool,
+        "fp8 swap: keep a feed-forward's output linear in high precision when its activation "
+        "is gated (GEGLU: SDXL, SD 1.5), whose fp8 row quantization costs more than the fp8 "
+        "GEMM saves (H100, SDXL's 1280-wide level: GEGLU + FF2 0.068 ms fp16 vs 0.098 ms "
+        "fp8; difforge.quant.select.GATED_ACTIVATIONS)",
+    ),
     "quant.fuse_qkv": (
         False,
         bool,

@@ -213,6 +213,11 @@ def test_quant_options_are_validated() -> None:
     patterns = {"quant.exclude": ["head"], "quant.include": ["blocks.*"]}
     f = auto.filter_from_settings(difforge.parse_options(patterns).settings)
     assert f.exclude == ("head",) and f.include == ("blocks.*",)
+    assert f.skip_gated_outputs is True  # the default
+    with pytest.raises(OptionsError, match="quant.skip_gated_outputs"):
+        difforge.parse_options({"quant.skip_gated_outputs": "no"})
+    gated_off = difforge.parse_options({"quant.skip_gated_outputs": False}).settings
+    assert auto.filter_from_settings(gated_off).skip_gated_outputs is False
 
 
 def test_info_says_what_the_modes_do_with_fp8() -> None:

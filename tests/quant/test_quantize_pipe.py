@@ -69,6 +69,30 @@ def test_filter_choices_on_the_tiny_pixart_transformer() -> None:
     assert quantize_linears(fresh).converted == []
 
 
+def test_gated_feed_forward_output_stays_in_high_precision_on_the_tiny_sdxl_unet() -> None:
+    """SDXL's feed-forwards are GEGLU: their output linear (ff.net.2) is skipped by
+    skip_gated_outputs, their input linear (the GEGLU's proj) and attention are not; a
+    GELU feed-forward (PixArt, above) keeps ff.net.2 converted."""
+    unet = build_component("tiny-sdxl", "unet", dtype=torch.float32, device="cpu")
+    ff = [n for n, _ in unet.named_modules() if n.endswith(".ff.net.2")]
+    assert ff  # the tiny UNet has transformer blocks
+    every = ModuleFilter(min_features=0, min_weight_elements=0)
+    plan = every.plan(unet)
+    for name in ff:
+        assert plan[name] == "input is a GEGLU's output (skip_gated_outputs)"
+        block = name.removesuffix("ff.net.2")
+        assert plan[f"{block}ff.net.0.proj"] is None
+        assert plan[f"{block}attn1.to_q"] is None
+    off = ModuleFilter(min_features=0, min_weight_elements=0, skip_gated_outputs=False)
+    assert all(off.plan(unet)[name] is None for name in ff)
+    # quantize_linears follows the plan: the skipped linears stay nn.Linear.
+    report = quantize_linears(unet, every)
+    assert set(ff) <= set(report.skipped) and not set(ff) & set(report.converted)
+    assert all(type(unet.get_submodule(n)) is torch.nn.Linear for n in ff)
+    with pytest.raises(TypeError, match="skip_gated_outputs"):
+        ModuleFilter(skip_gated_outputs=1)  # type: ignore[arg-type]
+
+
 def test_quantize_pipe_end_to_end_image() -> None:
     ref = _image(_pipe())
     pipe = _quiet_quantize(_pipe(), min_features=0, min_weight_elements=0)

@@ -52,7 +52,7 @@ class PipeQuantReport(QuantizeReport):
     dtype: str = "fp8"
     settings: tuple[Any, ...] = ()
     """(dtype, min_features, exclude, include, fuse_qkv_projections, min_weight_elements,
-    skip_edges) as normalised; a repeat call compares them."""
+    skip_edges, skip_gated_outputs) as normalised; a repeat call compares them."""
 
 
 def quant_report(pipe: Any) -> PipeQuantReport | None:
@@ -92,6 +92,7 @@ def quantize_pipe(
     fuse_qkv_projections: bool = False,
     min_weight_elements: int = DEFAULT_MIN_WEIGHT_ELEMENTS,
     skip_edges: bool = True,
+    skip_gated_outputs: bool = True,
 ) -> Any:
     """Quantize the denoiser's linears to fp8 in place; call it before ``compile_pipe``.
 
@@ -99,7 +100,8 @@ def quantize_pipe(
     Risk: ~2-4 % relative error per quantized linear on random data; image-level PSNR
     depends on the model and must be checked per model.
     ``min_features``, ``min_weight_elements``, ``exclude`` (default
-    :data:`~difforge.quant.select.DEFAULT_EXCLUDE`), ``include``, ``skip_edges``: see
+    :data:`~difforge.quant.select.DEFAULT_EXCLUDE`), ``include``, ``skip_edges``,
+    ``skip_gated_outputs``: see
     :class:`~difforge.quant.select.ModuleFilter`; the defaults are those of the
     ``low-precision`` mode's swap (``quant.*`` options), so ``quantize_pipe(pipe)`` then
     ``compile_pipe(pipe, options={"mode": "O3"})`` converts what ``O3`` alone would, and
@@ -128,6 +130,7 @@ def quantize_pipe(
         include=include,  # type: ignore[arg-type]
         min_weight_elements=min_weight_elements,
         skip_edges=skip_edges,
+        skip_gated_outputs=skip_gated_outputs,
     )
     settings = (
         dtype,
@@ -137,6 +140,7 @@ def quantize_pipe(
         bool(fuse_qkv_projections),
         module_filter.min_weight_elements,
         module_filter.skip_edges,
+        module_filter.skip_gated_outputs,
     )
 
     previous = quant_report(pipe)

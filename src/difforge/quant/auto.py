@@ -50,6 +50,7 @@ def filter_from_settings(settings: Mapping[str, Any]) -> ModuleFilter:
         exclude=DEFAULT_EXCLUDE if exclude is None else tuple(exclude),
         include=None if include is None else tuple(include),
         skip_edges=settings["quant.skip_edges"],
+        skip_gated_outputs=settings["quant.skip_gated_outputs"],
     )
 
 

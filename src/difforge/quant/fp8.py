@@ -113,9 +113,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _to_fp8(x, scale), scale
 
 
-#: A little above the largest magnitude GELU takes for negative inputs (tanh form 0.170041
-#: at x = -0.7525, exact form 0.169971 at -0.7518): the floor of the GELU bounds of
-#: :func:`quantize_cat_rows` and :func:`quantize_geglu_rows`.
+#: A little above the largest magnitude the tanh GELU takes for negative inputs
+#: (0.170041 at x = -0.7525): the floor of :func:`quantize_cat_rows`' GELU bound.
 GELU_NEGATIVE_BOUND = 0.1701
 
 
@@ -161,41 +160,6 @@ def quantize_gelu_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if y.dim() != 2:
         raise ValueError(f"quantize_gelu_rows expects a 2-D [M, K] tensor, got {y.shape}")
     return quantize_cat_rows([y], [True])
-
-
-def _gelu_float(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    """``gelu(x, approximate=...)`` as a float32 tensor (tanh in its sigmoid form)."""
-    if approximate == "tanh":
-        return gelu_tanh_float(x)
-    if approximate != "none":
-        raise ValueError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
-    return torch.nn.functional.gelu(x.float())
-
-
-def quantize_geglu_rows(
-    h: torch.Tensor, gate: torch.Tensor, approximate: str = "none"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows` of GEGLU's output ``h * gelu(gate)``, evaluating each GELU once.
-
-    The row scale comes from the bound ``max|h| * max(gelu(max(gate)), 0.1701)`` (both GELU
-    forms stay above -0.1701 and rise monotonically above -0.76), which needs two cheap row
-    reductions instead of the product's exact absmax (a pass that evaluates the GELU only
-    to find the maximum, then again to scale). The bound is at least the exact absmax, so
-    nothing saturates; where a row's largest ``|h|`` and largest ``gelu(gate)`` sit in
-    different columns it is looser, which moves the row down e4m3's exponent range without
-    costing mantissa bits until values reach its subnormals (2^-6 / 448 of the bound).
-    Risk: a row whose bound is far above its true absmax quantizes its smallest values
-    more coarsely. ``h`` and ``gate`` are 2-D ``[M, K]`` of one shape.
-    """
-    if h.dim() != 2 or h.shape != gate.shape:
-        raise ValueError(
-            f"quantize_geglu_rows expects two 2-D [M, K] tensors of one shape, got "
-            f"{tuple(h.shape)} and {tuple(gate.shape)}"
-        )
-    gate_bound = _gelu_float(gate.amax(dim=-1), approximate).clamp_min(GELU_NEGATIVE_BOUND)
-    bound = h.float().abs().amax(dim=-1) * gate_bound
-    scale = bound.clamp_min(SCALE_EPS) / FP8_MAX
-    return _to_fp8(h.float() * _gelu_float(gate, approximate), scale), scale
 
 
 # The row quantizers as CompositeImplicitAutograd ops: one node each in the Dynamo graph
