@@ -87,8 +87,11 @@
 #   qualityfluxc  the same for stock torch.compile                                ~7 min
 #   qualityfluxo  FLUX.1-dev's planted-outlier set: eager, O3, fp8                 ~9 min
 #   qualityflux32 FLUX.1-dev in float32 (the yardstick), weights as built          ~7 min
+#   qualitypx32 PixArt-XL's float32 yardstick, both weight sets                   ~4 min
+#   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
+#   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -399,6 +402,19 @@ case "$part" in
     run 580 quality_flux_outliers python3 benchmarks/quality_report.py --models flux-dev \
       --modes eager,O3,fp8 --runs 1 --weights outliers --eager-components vae --no-progress \
       --output-json "$out/quality_flux_outliers.json" ;;
+  qualitypx32)  # PixArt-XL's float32 yardstick alone (the other modes: `quality`)
+    run 400 quality_pixart_fp32 python3 benchmarks/quality_report.py --models pixart-xl-2-1024 \
+      --modes eager,fp32 --runs 1 --weights both --no-progress \
+      --output-json "$out/quality_pixart_fp32.json" ;;
+  qualitysdxl)  # SDXL base, weights as built; the VAE stays eager (its compile is no part of
+    # the modes' quality, and three cold UNet compiles already take ~6 min on an H100)
+    run 580 quality_sdxl python3 benchmarks/quality_report.py --models sdxl-base \
+      --modes eager,compile,O3,fp8,fp32 --runs 1 --weights built --eager-components vae \
+      --no-progress --output-json "$out/quality_sdxl.json" ;;
+  qualitysdxlo)  # SDXL base, planted outliers
+    run 580 quality_sdxl_outliers python3 benchmarks/quality_report.py --models sdxl-base \
+      --modes eager,O3,fp8,fp32 --runs 1 --weights outliers --eager-components vae \
+      --no-progress --output-json "$out/quality_sdxl_outliers.json" ;;
   qualityflux32)  # the float32 yardstick (eager is the same deterministic reference)
     run 580 quality_flux_fp32 python3 benchmarks/quality_report.py --models flux-dev \
       --modes eager,fp32 --runs 1 --weights built --no-progress \
