@@ -59,9 +59,10 @@ def test_cache_all_persists_across_processes(tmp_path: Path) -> None:
     assert warm["gelu_rewrites"] >= 1
     assert warm["aot_hit"] >= 1 and warm["aot_bypass"] == 0
 
-    # A different option changes the key: a miss, not a stale graph.
-    changed = _child("max-optimize:cache-all:freezing", env)
-    assert changed["miss"] >= 1
+    # A different option changes the key: a miss, not a stale graph. (Not freezing here: on
+    # the CPU its frozen graphs hold mkldnn-packed weights, which Inductor does not cache.)
+    changed = _child("O1:cache-all", env)
+    assert changed["miss"] >= 1 and changed["hit"] == 0
 
     # The cache folder can move (copied to another path or machine): still hits.
     moved = tmp_path / "moved-cache"

@@ -210,6 +210,26 @@ def test_freezing_with_grad_enabled_warns() -> None:
         compiled(*inputs)
 
 
+
+def test_freezing_folds_weights_into_constants() -> None:
+    """difforge.compile traces with Inductor's freezing on, so the weights reach the
+    graph as attributes (what Inductor folds) instead of inputs; through plain
+    torch.compile(backend="difforge") the global flag is off while Dynamo traces, and
+    difforge says that freezing had no effect rather than pretending."""
+    import difforge.backend as backend
+
+    model, inputs = TinyDiT().eval(), dit_inputs()
+    n_records = len(difforge.compile_records)
+    with torch.no_grad():
+        out = difforge.compile(model, options={"mode": "freezing"})(*inputs)
+        assert rel_err(out, model(*inputs)) < FP32_TOL
+    assert not any("no effect" in n for r in difforge.compile_records[n_records:] for n in r.notes)
+    torch._dynamo.reset()
+    backend._warned_unfrozen = False
+    plain = torch.compile(model, backend="difforge", options={"mode": "freezing"})
+    with torch.no_grad(), pytest.warns(UserWarning, match="freezing had no effect"):
+        assert rel_err(plain(*inputs), model(*inputs)) < FP32_TOL
+
 def test_dynamic_true_compiles_once_over_three_shapes() -> None:
     model = TinyDiT().eval()
     n_records = len(difforge.compile_records)

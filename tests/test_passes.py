@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -91,6 +92,26 @@ def test_fuse_qkv_fuses_large_weights_only_where_the_input_outweighs_them(
     _run(module, torch.randn(1, rows, 640))
     assert difforge.counters["fuse_qkv"] == fused
 
+
+
+@pytest.mark.parametrize(("mode", "fused"), [("O2", 0), ("O2:freezing", 1)])
+def test_fuse_qkv_fuses_large_weights_under_freezing(mode: str, fused: int) -> None:
+    """The 256-row case above, which the cost rule refuses (the in-graph weight
+    concatenation would move more bytes than the fusion saves): under ``freezing`` Dynamo
+    hands the weights over as graph attributes (difforge.tracing turns Inductor's freezing
+    on while it traces), Inductor folds the concatenation into a constant, and the group
+    is fused: no concatenation is left in the code that runs per call."""
+    from torch._inductor.utils import run_and_get_code
+
+    module = SelfAttentionProjections(dim=640).eval()
+    x = torch.randn(1, 256, 640)
+    with torch.no_grad():
+        ref = module(x)
+        out, code = run_and_get_code(difforge.compile(module, options={"mode": mode}), x)
+    assert rel_err(out, ref) < 1e-5
+    assert difforge.counters["fuse_qkv"] == fused
+    # A per-call concatenation would be a kernel of its own (cpp_fused_cat_0 on the CPU).
+    assert not re.findall(r"\b(?:cpp|triton)_\w*cat\w*", "\n".join(code))
 
 def test_fuse_qkv_cross_attention_fuses_only_kv() -> None:
     class Cross(nn.Module):

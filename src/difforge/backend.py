@@ -156,6 +156,10 @@ class DifforgeBackend:
             )
             record.notes.append(note)
             warn(f"difforge: {note}")
+        # Collected before Inductor runs: freezing rewrites the graph module's attributes.
+        weights = frozen_weights(gm, example_inputs) if freezing else []
+        if freezing and not any(kind == "attribute" for kind, _, _ in weights):
+            _warn_unfrozen(record)
 
         def run_inductor() -> Callable[..., Any]:
             with (
@@ -187,12 +191,54 @@ class DifforgeBackend:
             {k: v for k, v in record.rewrites.items() if v},
         )
         if freezing:
-            compiled = guard_frozen_weights(compiled, example_inputs)
+            compiled = guard_frozen_weights(compiled, weights)
         return with_tf32(compiled) if config.allow_tf32 else compiled
 
 
+def frozen_weights(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+) -> list[tuple[str, str, torch.Tensor]]:
+    """The weights freezing may fold, as ``(kind, name, tensor)``: the graph's tensor
+    attributes (how Dynamo hands over a module's parameters when it traces with Inductor's
+    ``freezing`` on, which :mod:`difforge.tracing` arranges) and any parameter or static
+    input left among the graph inputs."""
+    found: list[tuple[str, str, torch.Tensor]] = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value: Any = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, torch.Tensor):
+            found.append(("attribute", str(node.target), value))
+    for i, t in enumerate(example_inputs):
+        if isinstance(t, torch.Tensor) and (
+            isinstance(t, nn.Parameter) or getattr(t, "_dynamo_static_input_type", None)
+        ):
+            found.append(("input", f"#{i}", t))
+    return found
+
+
+_warned_unfrozen = False
+
+
+def _warn_unfrozen(record: CompileRecord) -> None:
+    """Freezing asked for, but Dynamo traced the weights as graph inputs: nothing folds."""
+    global _warned_unfrozen
+    note = (
+        "freezing had no effect on this graph: Dynamo traced the weights as inputs, which "
+        "happens when Inductor's global freezing flag was off while it traced; compile with "
+        "difforge.compile()/compile_pipe(), or set torch._inductor.config.freezing = True "
+        "before the first call"
+    )
+    record.notes.append(note)
+    if not _warned_unfrozen:
+        _warned_unfrozen = True
+        warn(f"difforge: {note}")
+
+
 def guard_frozen_weights(
-    compiled: Callable[..., Any], example_inputs: Sequence[Any]
+    compiled: Callable[..., Any], weights: Sequence[tuple[str, str, torch.Tensor]]
 ) -> Callable[..., Any]:
     """Refuse to run a frozen graph after its weights were changed in place.
 
@@ -201,21 +247,16 @@ def guard_frozen_weights(
     folded stay shared. An in-place update would then reach some layers and not
     others. Each tensor's version counter shows the update, so we fail loudly instead.
     """
-    watched = [
-        (i, t, t._version)
-        for i, t in enumerate(example_inputs)
-        if isinstance(t, torch.Tensor)
-        and (isinstance(t, nn.Parameter) or getattr(t, "_dynamo_static_input_type", None))
-    ]
+    watched = [(kind, name, t, t._version) for kind, name, t in weights]
 
     def run(*args: Any) -> Any:
-        for index, tensor, version in watched:
+        for kind, name, tensor, version in watched:
             if tensor._version != version:
                 raise DifforgeError(
                     "a weight was changed in place after this graph was compiled with the "
                     "'freezing' mode, which folded the old values into constants; recompile "
                     "(torch._dynamo.reset() and call again) or drop 'freezing' from the mode "
-                    f"(input #{index}, shape {tuple(tensor.shape)})"
+                    f"({kind} {name}, shape {tuple(tensor.shape)})"
                 )
         return compiled(*args)
 

@@ -10,9 +10,9 @@ regions cannot take a ``SymFloat`` at all (:mod:`difforge.regional`). The cost: 
 passed *as an argument* that changes value recompiles (reported, difforge.recompiles).
 
 ``torch.compile`` traces at the first call and at each recompile, so switches that
-shape the traced graph's symbols (duck sizing; float specialisation for nested regions
-with dynamic shapes, see :mod:`difforge.regional`) are applied around every call of the
-compiled object. Guard checks run first in C++, so a call that needs no tracing pays
+shape the traced graph (duck sizing; float specialisation for nested regions with dynamic
+shapes, see :mod:`difforge.regional`; ``freezing``, which Dynamo must see to hand the
+weights over as graph attributes) are applied around every call of the compiled object. Guard checks run first in C++, so a call that needs no tracing pays
 only for entering the context (microseconds).
 """
 
@@ -27,8 +27,12 @@ from difforge.entry import wrap_entry
 from difforge.options import CompileConfig
 
 
+def _freezing(config: CompileConfig) -> bool:
+    return bool(config.inductor_patches().get("freezing"))
+
+
 def _needs_context(config: CompileConfig, specialize_floats: bool) -> bool:
-    return not config.duck_sizing or specialize_floats
+    return not config.duck_sizing or specialize_floats or _freezing(config)
 
 
 @contextlib.contextmanager
@@ -36,6 +40,7 @@ def tracing_settings(config: CompileConfig, specialize_floats: bool = False) -> 
     """The trace-time settings of ``config``; ``specialize_floats``: trace Python floats
     as constants even with dynamic shapes (nested regions cannot take a ``SymFloat``)."""
     import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
     import torch.fx.experimental._config as fx_config
 
     with contextlib.ExitStack() as stack:
@@ -43,6 +48,12 @@ def tracing_settings(config: CompileConfig, specialize_floats: bool = False) -> 
             stack.enter_context(fx_config.patch(use_duck_shape=config.duck_sizing))
         if specialize_floats and hasattr(dynamo_config, "specialize_float"):
             stack.enter_context(dynamo_config.patch(specialize_float=True))
+        if _freezing(config):
+            # Dynamo reads Inductor's global `freezing` while tracing: only then does it
+            # make the module's parameters graph attributes, the only weights Inductor's
+            # freezing folds. Set in the backend's compile-time patches alone, it froze
+            # nothing (weights stayed graph inputs).
+            stack.enter_context(inductor_config.patch(freezing=True))
         yield
 
 

@@ -110,6 +110,12 @@ def _fuse_group(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> list[tor
     weights = [_linear_parts(n)[1] for n in linears]  # type: ignore[index]
     biases = [_linear_parts(n)[2] for n in linears]  # type: ignore[index]
     sizes = [int(node_tensor(w).shape[0]) for w in weights]  # type: ignore[union-attr]
+    # Dynamo emits a get_attr weight (freezing) where it is first used, maybe after the
+    # group's first linear; it reads nothing, so it can move up to where the cat goes.
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for attr in [*weights, *biases]:
+        if isinstance(attr, torch.fx.Node) and attr.op == "get_attr" and order[attr] > order[first]:
+            first.prepend(attr)
     outputs = []
     with graph.inserting_before(first):
         weight = graph.call_function(torch.cat, (weights,), {"dim": 0})
