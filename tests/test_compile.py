@@ -210,7 +210,6 @@ def test_freezing_with_grad_enabled_warns() -> None:
         compiled(*inputs)
 
 
-
 def test_freezing_folds_weights_into_constants() -> None:
     """difforge.compile traces with Inductor's freezing on, so the weights reach the
     graph as attributes (what Inductor folds) instead of inputs; through plain
@@ -229,6 +228,7 @@ def test_freezing_folds_weights_into_constants() -> None:
     plain = torch.compile(model, backend="difforge", options={"mode": "freezing"})
     with torch.no_grad(), pytest.warns(UserWarning, match="freezing had no effect"):
         assert rel_err(plain(*inputs), model(*inputs)) < FP32_TOL
+
 
 def test_dynamic_true_compiles_once_over_three_shapes() -> None:
     model = TinyDiT().eval()

@@ -93,7 +93,6 @@ def test_fuse_qkv_fuses_large_weights_only_where_the_input_outweighs_them(
     assert difforge.counters["fuse_qkv"] == fused
 
 
-
 @pytest.mark.parametrize(("mode", "fused"), [("O2", 0), ("O2:freezing", 1)])
 def test_fuse_qkv_fuses_large_weights_under_freezing(mode: str, fused: int) -> None:
     """The 256-row case above, which the cost rule refuses (the in-graph weight
@@ -112,6 +111,7 @@ def test_fuse_qkv_fuses_large_weights_under_freezing(mode: str, fused: int) -> N
     assert difforge.counters["fuse_qkv"] == fused
     # A per-call concatenation would be a kernel of its own (cpp_fused_cat_0 on the CPU).
     assert not re.findall(r"\b(?:cpp|triton)_\w*cat\w*", "\n".join(code))
+
 
 def test_fuse_qkv_cross_attention_fuses_only_kv() -> None:
     class Cross(nn.Module):
