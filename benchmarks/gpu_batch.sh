@@ -52,6 +52,8 @@
 #   sdxl8    SDXL's GEGLU + fp8 quantization (exact looped / persistent / bounded) + FF2, and its
 #            attention projections fp16 vs fp8 (unfused and q/k/v fused), per level  ~2 min
 #   o3sdxl   SDXL UNet step: compile vs O3 (GEGLU's FF2 fp16) vs O3 with it fp8, profiled  ~9 min
+#   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
+#   freezepx PixArt-XL step: compile vs O2 / O3, each with and without freezing, profiled ~9 min
 #   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
 #   fluxo2   every `gpu` test, then FLUX.1-dev compile vs O2 with profile               ~9 min
 #   pool     graph-pool GPU tests, then PixArt-XL 20 steps at every sweep size with
@@ -91,7 +93,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo}"
+part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -272,6 +274,16 @@ case "$part" in
     V+=';O3-ff2fp8={"mode":"O3","memory_format":"channels_last","quant.skip_gated_outputs":false}'
     run 580 step_o3_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
       --variants "$V" --profile --output-json "$out/step_o3_sdxl.json" ;;
+  freezesdxl)  # O2 + freezing (weights folded for real since 2026-11-27's sixteenth session:
+    # fuse_qkv then fuses the 1280-wide q/k/v and the text k/v its cost rule leaves apart)
+    V='compile;O2={"mode":"O2","memory_format":"channels_last"}'
+    V+=';O2-freezing={"mode":"O2:freezing","memory_format":"channels_last"}'
+    run 580 step_freeze_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_freeze_sdxl.json" ;;
+  freezepx)
+    V='compile;O2;O2-freezing={"mode":"O2:freezing"};O3;O3-freezing={"mode":"O3:freezing"}'
+    run 580 step_freeze_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_freeze_pixart.json" ;;
   sdxl8)
     run 240 probe_sdxl_fp8 python3 benchmarks/probe_ops.py --probes sdxl8 \
       --output-json "$out/probe_sdxl_fp8.json" ;;
