@@ -158,8 +158,9 @@ class DifforgeBackend:
             warn(f"difforge: {note}")
         # Collected before Inductor runs: freezing rewrites the graph module's attributes.
         weights = frozen_weights(gm, example_inputs) if freezing else []
-        if freezing and not any(kind == "attribute" for kind, _, _ in weights):
-            _warn_unfrozen(record)
+        kinds = {kind for kind, _, _ in weights}
+        if freezing and "input" in kinds and "attribute" not in kinds:
+            _warn_unfrozen(record)  # weights there, but none where Inductor can fold them
 
         def run_inductor() -> Callable[..., Any]:
             with (

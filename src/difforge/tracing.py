@@ -12,8 +12,9 @@ passed *as an argument* that changes value recompiles (reported, difforge.recomp
 ``torch.compile`` traces at the first call and at each recompile, so switches that
 shape the traced graph (duck sizing; float specialisation for nested regions with dynamic
 shapes, see :mod:`difforge.regional`; ``freezing``, which Dynamo must see to hand the
-weights over as graph attributes) are applied around every call of the compiled object. Guard checks run first in C++, so a call that needs no tracing pays
-only for entering the context (microseconds).
+weights over as graph attributes) are applied around every call of the compiled object.
+Guard checks run first in C++, so a call that needs no tracing pays only for entering the
+context (microseconds).
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ def _needs_context(config: CompileConfig, specialize_floats: bool) -> bool:
 
 
 @contextlib.contextmanager
-def tracing_settings(config: CompileConfig, specialize_floats: bool = False) -> Iterator[None]:
+def tracing_settings(
+    config: CompileConfig, specialize_floats: bool = False, freezing: bool | None = None
+) -> Iterator[None]:
     """The trace-time settings of ``config``; ``specialize_floats``: trace Python floats
-    as constants even with dynamic shapes (nested regions cannot take a ``SymFloat``)."""
+    as constants even with dynamic shapes (nested regions cannot take a ``SymFloat``);
+    ``freezing``: whether ``config`` freezes (None: work it out, once per call)."""
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
     import torch.fx.experimental._config as fx_config
@@ -48,7 +52,7 @@ def tracing_settings(config: CompileConfig, specialize_floats: bool = False) -> 
             stack.enter_context(fx_config.patch(use_duck_shape=config.duck_sizing))
         if specialize_floats and hasattr(dynamo_config, "specialize_float"):
             stack.enter_context(dynamo_config.patch(specialize_float=True))
-        if _freezing(config):
+        if _freezing(config) if freezing is None else freezing:
             # Dynamo reads Inductor's global `freezing` while tracing: only then does it
             # make the module's parameters graph attributes, the only weights Inductor's
             # freezing folds. Set in the backend's compile-time patches alone, it froze
@@ -64,11 +68,12 @@ def with_tracing_settings(
     ``config``'s settings; returns ``compiled`` itself when there is nothing to set."""
     if not _needs_context(config, specialize_floats):
         return compiled
+    freezing = _freezing(config)
 
     def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(call)
         def run(*args: Any, **kwargs: Any) -> Any:
-            with tracing_settings(config, specialize_floats):
+            with tracing_settings(config, specialize_floats, freezing):
                 return call(*args, **kwargs)
 
         return run
