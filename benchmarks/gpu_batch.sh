@@ -51,7 +51,7 @@
 #   fp8block FF2's GELU + fp8 quantization + GEMM: row-wise scales vs 1x128 / 128x128 blocks ~3 min
 #   sdxl8    SDXL's GEGLU + fp8 quantization (exact looped / persistent / bounded) + FF2, and its
 #            attention projections fp16 vs fp8 (unfused and q/k/v fused), per level  ~2 min
-#   o3sdxl   SDXL UNet step: compile vs O3 (GEGLU's FF2 fp16) vs O3 with it fp8, profiled  ~9 min
+#   o3sdxl   SDXL UNet step: compile vs O3 (GEGLU's FF2, text k/v fp16) vs O3 with both fp8 ~9 min
 #   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
 #   freezepx PixArt-XL step: compile vs O2 / O3, each with and without freezing, profiled ~9 min
 #   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
@@ -268,10 +268,12 @@ case "$part" in
   fp8block)
     run 300 probe_fp8_block python3 benchmarks/probe_ops.py --probes fp8block \
       --output-json "$out/probe_fp8_block.json" ;;
-  o3sdxl)  # SDXL UNet: does keeping GEGLU's FF2 in fp16 (quant.skip_gated_outputs, the
-    # default since 2026-11-27's sixteenth session) pay in the step, as sdxl8's probe says?
+  o3sdxl)  # SDXL UNet: do keeping GEGLU's FF2 and the text k/v in fp16 (quant.skip_gated_outputs,
+    # quant.skip_cross_attention_kv: defaults since 2026-11-27's sixteenth session) pay in the
+    # step, as sdxl8's probe and the s13 profile say? O3-old = both off (the s13 rule).
     V='compile;O3={"mode":"O3","memory_format":"channels_last"}'
-    V+=';O3-ff2fp8={"mode":"O3","memory_format":"channels_last","quant.skip_gated_outputs":false}'
+    V+=';O3-old={"mode":"O3","memory_format":"channels_last","quant.skip_gated_outputs":false'
+    V+=',"quant.skip_cross_attention_kv":false}'
     run 580 step_o3_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
       --variants "$V" --profile --output-json "$out/step_o3_sdxl.json" ;;
   freezesdxl)  # O2 + freezing (weights folded for real since 2026-11-27's sixteenth session:

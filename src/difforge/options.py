@@ -265,6 +265,14 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "GEMM saves (H100, SDXL's 1280-wide level: GEGLU + FF2 0.068 ms fp16 vs 0.098 ms "
         "fp8; difforge.quant.select.GATED_ACTIVATIONS)",
     ),
+    "quant.skip_cross_attention_kv": (
+        True,
+        bool,
+        "fp8 swap: keep a cross-attention's k/v projections in high precision: they read "
+        "only the prompt's tokens (SDXL: 154 rows with CFG), too few for fp8 to pay (H100, "
+        "SDXL UNet: 120 such GEMMs 0.80 ms a step in fp16, 1.03 ms in fp8; "
+        "difforge.quant.select.CROSS_ATTENTION_KV)",
+    ),
     "quant.fuse_qkv": (
         False,
         bool,

@@ -218,6 +218,10 @@ def test_quant_options_are_validated() -> None:
         difforge.parse_options({"quant.skip_gated_outputs": "no"})
     gated_off = difforge.parse_options({"quant.skip_gated_outputs": False}).settings
     assert auto.filter_from_settings(gated_off).skip_gated_outputs is False
+    kv_on = difforge.parse_options({"quant.skip_cross_attention_kv": False}).settings
+    assert auto.filter_from_settings(kv_on).skip_cross_attention_kv is False
+    with pytest.raises(OptionsError, match="quant.skip_cross_attention_kv"):
+        difforge.parse_options({"quant.skip_cross_attention_kv": 0})
 
 
 def test_info_says_what_the_modes_do_with_fp8() -> None:

@@ -52,13 +52,19 @@ def test_filter_choices_on_the_tiny_pixart_transformer() -> None:
     assert blocks == report.converted  # only the transformer blocks' linears
     per_block = {n.split(".", 2)[2] for n in blocks}
     assert per_block == {
-        *(f"attn{i}.to_{p}" for i in (1, 2) for p in ("q", "k", "v")),
+        *(f"attn1.to_{p}" for p in ("q", "k", "v")),
+        "attn2.to_q",
         "attn1.to_out.0",
         "attn2.to_out.0",
         "ff.net.0.proj",
         "ff.net.2",
     }
     skipped = report.skipped
+    # The cross-attention's k/v read the caption's tokens: skip_cross_attention_kv.
+    for p in ("k", "v"):
+        assert skipped[f"transformer_blocks.0.attn2.to_{p}"] == (
+            "reads the prompt's tokens (skip_cross_attention_kv)"
+        )
     assert "skip_edges" in skipped["proj_out"]  # the model's output layer is an edge
     assert "'emb'" in skipped["adaln_single.emb.timestep_embedder.linear_1"]
     assert "'adaln'" in skipped["adaln_single.linear"]
@@ -72,7 +78,8 @@ def test_filter_choices_on_the_tiny_pixart_transformer() -> None:
 def test_gated_feed_forward_output_stays_in_high_precision_on_the_tiny_sdxl_unet() -> None:
     """SDXL's feed-forwards are GEGLU: their output linear (ff.net.2) is skipped by
     skip_gated_outputs, their input linear (the GEGLU's proj) and attention are not; a
-    GELU feed-forward (PixArt, above) keeps ff.net.2 converted."""
+    GELU feed-forward (PixArt, above) keeps ff.net.2 converted. The text k/v of the
+    cross-attention are skipped by skip_cross_attention_kv."""
     unet = build_component("tiny-sdxl", "unet", dtype=torch.float32, device="cpu")
     ff = [n for n, _ in unet.named_modules() if n.endswith(".ff.net.2")]
     assert ff  # the tiny UNet has transformer blocks
@@ -85,6 +92,12 @@ def test_gated_feed_forward_output_stays_in_high_precision_on_the_tiny_sdxl_unet
         assert plan[f"{block}attn1.to_q"] is None
     off = ModuleFilter(min_features=0, min_weight_elements=0, skip_gated_outputs=False)
     assert all(off.plan(unet)[name] is None for name in ff)
+    # The cross-attention (attn2) k/v read the text: skipped; its q reads the image.
+    text_kv = [n for n in plan if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert text_kv and all("skip_cross_attention_kv" in (plan[n] or "") for n in text_kv)
+    assert all(plan[n.replace("attn2.to_k", "attn2.to_q")] is None for n in text_kv[::2])
+    kv_on = ModuleFilter(min_features=0, min_weight_elements=0, skip_cross_attention_kv=False)
+    assert all(kv_on.plan(unet)[n] is None for n in text_kv)
     # quantize_linears follows the plan: the skipped linears stay nn.Linear.
     report = quantize_linears(unet, every)
     assert set(ff) <= set(report.skipped) and not set(ff) & set(report.converted)
@@ -98,7 +111,8 @@ def test_quantize_pipe_end_to_end_image() -> None:
     pipe = _quiet_quantize(_pipe(), min_features=0, min_weight_elements=0)
     report = quant_report(pipe)
     assert report is not None and report.component == "transformer"
-    assert len(report.converted) == 20 and report.bytes_saved > 0
+    # 2 blocks x 8: q/k/v/out of self-attention, q/out of cross-attention, the FF pair.
+    assert len(report.converted) == 16 and report.bytes_saved > 0
     out = _image(pipe)
     assert np.isfinite(out).all()
     mse = float(((out.astype(np.float64) - ref) ** 2).mean())

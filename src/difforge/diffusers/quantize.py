@@ -52,7 +52,8 @@ class PipeQuantReport(QuantizeReport):
     dtype: str = "fp8"
     settings: tuple[Any, ...] = ()
     """(dtype, min_features, exclude, include, fuse_qkv_projections, min_weight_elements,
-    skip_edges, skip_gated_outputs) as normalised; a repeat call compares them."""
+    skip_edges, skip_gated_outputs, skip_cross_attention_kv) as normalised; a repeat call
+    compares them."""
 
 
 def quant_report(pipe: Any) -> PipeQuantReport | None:
@@ -93,6 +94,7 @@ def quantize_pipe(
     min_weight_elements: int = DEFAULT_MIN_WEIGHT_ELEMENTS,
     skip_edges: bool = True,
     skip_gated_outputs: bool = True,
+    skip_cross_attention_kv: bool = True,
 ) -> Any:
     """Quantize the denoiser's linears to fp8 in place; call it before ``compile_pipe``.
 
@@ -101,7 +103,7 @@ def quantize_pipe(
     depends on the model and must be checked per model.
     ``min_features``, ``min_weight_elements``, ``exclude`` (default
     :data:`~difforge.quant.select.DEFAULT_EXCLUDE`), ``include``, ``skip_edges``,
-    ``skip_gated_outputs``: see
+    ``skip_gated_outputs``, ``skip_cross_attention_kv``: see
     :class:`~difforge.quant.select.ModuleFilter`; the defaults are those of the
     ``low-precision`` mode's swap (``quant.*`` options), so ``quantize_pipe(pipe)`` then
     ``compile_pipe(pipe, options={"mode": "O3"})`` converts what ``O3`` alone would, and
@@ -131,6 +133,7 @@ def quantize_pipe(
         min_weight_elements=min_weight_elements,
         skip_edges=skip_edges,
         skip_gated_outputs=skip_gated_outputs,
+        skip_cross_attention_kv=skip_cross_attention_kv,
     )
     settings = (
         dtype,
@@ -141,6 +144,7 @@ def quantize_pipe(
         module_filter.min_weight_elements,
         module_filter.skip_edges,
         module_filter.skip_gated_outputs,
+        module_filter.skip_cross_attention_kv,
     )
 
     previous = quant_report(pipe)

@@ -51,6 +51,7 @@ def filter_from_settings(settings: Mapping[str, Any]) -> ModuleFilter:
         include=None if include is None else tuple(include),
         skip_edges=settings["quant.skip_edges"],
         skip_gated_outputs=settings["quant.skip_gated_outputs"],
+        skip_cross_attention_kv=settings["quant.skip_cross_attention_kv"],
     )
 
 
