@@ -104,3 +104,21 @@ def test_sd3_joint_attention_on_fp8_linears_reads_and_writes_one_buffer_per_proj
         out = _first(call(difforge.compile(model, options={"mode": "O2"})))
     assert rel_err(out, ref) < 1e-5
     assert difforge.counters["joint_linear"] == swapped // 2  # q, k, v of every block
+
+
+def test_sdxl_unet_under_freezing_fuses_the_groups_the_cost_rule_leaves_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without freezing, fuse_qkv fuses a group only where the input reads it saves outweigh
+    # the in-graph weight concatenation (a real SDXL's 1280-wide q/k/v and text k/v do not
+    # pass); under freezing the weights are constants and the concatenation folds, so every
+    # group fuses. The tiny UNet's groups are below the small-weights floor: lowered here.
+    from difforge.passes import fuse_linear
+
+    monkeypatch.setattr(fuse_linear, "SMALL_GROUP_ELEMENTS", 1)
+    _compiled_matches_eager("tiny-sdxl", {"mode": "O2"}, batch=2, size=64)
+    rule_only = difforge.counters["fuse_qkv"]
+    torch._dynamo.reset()
+    difforge.counters.clear()
+    _compiled_matches_eager("tiny-sdxl", {"mode": "O2:freezing"}, batch=2, size=64)
+    assert difforge.counters["fuse_qkv"] > rule_only
