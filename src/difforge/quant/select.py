@@ -80,7 +80,8 @@ GATED_ACTIVATIONS: frozenset[str] = frozenset({"GEGLU"})
 #: CFG), too few rows for the fp8 GEMM to pay. SDXL UNet on an H100, one run
 #: (``2026-11-27_h100_step_o3_unet_s13.json``): its 120 text k/v GEMMs took 0.80 ms a step
 #: in fp16 under stock compile and 1.03 ms in fp8 under O3, before their quantization.
-CROSS_ATTENTION_KV: tuple[str, ...] = ("to_k", "to_v")
+#: ``to_kv`` is the pair after diffusers' ``fuse_qkv_projections()`` (``quant.fuse_qkv``).
+CROSS_ATTENTION_KV: tuple[str, ...] = ("to_k", "to_v", "to_kv")
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -237,9 +238,9 @@ def gated_output_linears(root: nn.Module) -> dict[str, str]:
 
 
 def cross_attention_kv_linears(root: nn.Module) -> list[str]:
-    """The ``to_k``/``to_v`` linears of every module of ``root`` that says it is a
-    cross-attention (diffusers' ``Attention.is_cross_attention``): they read the prompt's
-    tokens, not the image's. Joint attention (SD3, FLUX) is not a cross-attention: its
+    """The ``to_k``/``to_v`` (or fused ``to_kv``) linears of every module of ``root`` that
+    says it is a cross-attention (diffusers' ``Attention.is_cross_attention``): they read the
+    prompt's tokens, not the image's. Joint attention (SD3, FLUX) is not a cross-attention: its
     context stream has projections of its own (``add_k_proj``) and is left to the size rules."""
     found = []
     for name, module in root.named_modules():
