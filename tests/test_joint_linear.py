@@ -144,14 +144,19 @@ def test_joint_linear_without_qkv_fusion_makes_one_buffer_per_projection(
     assert difforge.counters["joint_linear"] == 3
 
 
-def test_joint_linear_with_dynamic_sizes(small_copies: None) -> None:
-    model = JointAttention().eval()
+def _matches_eager_at_two_sizes(model: nn.Module) -> None:
+    """``model`` compiled O2 with dynamic shapes against eager at batch 2 and 3 (other
+    image and text token counts too)."""
     compiled = difforge.compile(model, options={"mode": "O2", "dynamic": True})
     with torch.no_grad():
         for batch, tokens, text in ((2, 10, 6), (3, 14, 5)):
             x, c = torch.randn(batch, tokens, 32), torch.randn(batch, text, 32)
             for o, r in zip(compiled(x, c), model(x, c), strict=True):
                 assert rel_err(o, r) < 1e-5
+
+
+def test_joint_linear_with_dynamic_sizes(small_copies: None) -> None:
+    _matches_eager_at_two_sizes(JointAttention().eval())
     assert difforge.counters["joint_linear"] == 1
 
 
@@ -335,13 +340,7 @@ def test_joint_linear_on_fp8_linears_writes_one_buffer_per_projection(small_copi
 
 def test_joint_linear_on_fp8_linears_with_dynamic_sizes(small_copies: None) -> None:
     # The batch reaches the op as the graph's symbolic size: one graph for both calls.
-    model = _fp8_attention()
-    compiled = difforge.compile(model, options={"mode": "O2", "dynamic": True})
-    with torch.no_grad():
-        for batch, tokens, text in ((2, 10, 6), (3, 14, 5)):
-            x, c = torch.randn(batch, tokens, 32), torch.randn(batch, text, 32)
-            for o, r in zip(compiled(x, c), model(x, c), strict=True):
-                assert rel_err(o, r) < 1e-5
+    _matches_eager_at_two_sizes(_fp8_attention())
     assert difforge.counters["joint_linear"] == 3
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
