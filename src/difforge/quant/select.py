@@ -175,19 +175,23 @@ class ModuleFilter:
         ``skip_gated_outputs`` and ``skip_cross_attention_kv``."""
         linears = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear)]
         plan = {n: self.reason(n, m) for n, m in linears}
+        # The structural rules, in order (the first that applies names the reason), each
+        # only where the size and name rules would convert.
+        skips: list[tuple[str, str]] = []
         if self.skip_edges:
             edges = edge_linears(root, [n for n, _ in linears])
-            for name, which in edges.items():
-                if plan[name] is None:
-                    plan[name] = f"{which} (skip_edges)"
+            skips += [(n, f"{which} (skip_edges)") for n, which in edges.items()]
         if self.skip_gated_outputs:
-            for name, gate in gated_output_linears(root).items():
-                if plan.get(name, "") is None:
-                    plan[name] = f"input is a {gate}'s output (skip_gated_outputs)"
+            gated = gated_output_linears(root)
+            skips += [
+                (n, f"input is a {g}'s output (skip_gated_outputs)") for n, g in gated.items()
+            ]
         if self.skip_cross_attention_kv:
-            for name in cross_attention_kv_linears(root):
-                if plan.get(name, "") is None:
-                    plan[name] = "reads the prompt's tokens (skip_cross_attention_kv)"
+            text = "reads the prompt's tokens (skip_cross_attention_kv)"
+            skips += [(n, text) for n in cross_attention_kv_linears(root)]
+        for name, why in skips:
+            if plan.get(name, "") is None:
+                plan[name] = why
         return plan
 
 
