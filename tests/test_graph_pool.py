@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import difforge
-from difforge.errors import OptionsError
+from difforge.errors import DifforgeError, OptionsError
+from difforge.frozen import FrozenWeightGuard, collecting_guards
 from difforge.graph_pool import CudaCapturer, GraphPool, graphs_of, reset_graphs
 from difforge.module_watch import ModuleWatch
 from difforge.options import parse_options
@@ -28,8 +29,11 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 class FakeCapturer:
     """Replays by re-running the captured call on its static inputs into static outputs."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, rerun: bool = True) -> None:
         self.fail = fail
+        self.rerun = rerun
+        """False: a replay runs no Python at all and leaves the recorded outputs, as a real
+        graph replaying constants would."""
         self.captures = 0
 
     def accepts(self, tensor: torch.Tensor) -> bool:
@@ -42,6 +46,8 @@ class FakeCapturer:
         outputs = fn()
 
         def replay() -> None:
+            if not self.rerun:
+                return
             fresh = fn()
             if isinstance(outputs, torch.Tensor):
                 outputs.copy_(fresh)
@@ -589,3 +595,90 @@ def test_converting_a_module_with_storage_less_weights_still_works() -> None:
     x = x.double()
     torch.testing.assert_close(pool(x), module(x))
     assert difforge.counters["cudagraphs.invalidated"] == 1
+
+
+@torch.no_grad()
+def test_replays_check_the_frozen_weights_a_recorded_call_ran() -> None:
+    """A replay runs no Python, so the guard inside the compiled call cannot see an in-place
+    update: the pool runs the checks it collected while recording."""
+    weight = torch.full((4,), 3.0)
+    frozen = weight.clone()  # what freezing folded
+    guard = FrozenWeightGuard(lambda x: x * frozen, [("attribute", "weight", weight)])
+    pool = GraphPool(guard, max_graphs=2, name="frozen", capturer=FakeCapturer(rerun=False))
+    x = torch.randn(4)
+    pool(x)
+    pool(x)  # unchanged weights: the replay runs
+    assert difforge.counters["cudagraphs.replay"] == 1
+    weight.add_(1.0)
+    with pytest.raises(DifforgeError, match="changed in place after this graph was compiled"):
+        pool(x)
+    assert difforge.counters["cudagraphs.replay"] == 1
+
+
+@torch.no_grad()
+def test_graphs_without_freezing_carry_no_weight_checks() -> None:
+    pool, module = _pool()
+    x = torch.randn(3)
+    pool(x)
+    (entry,) = pool._entries.values()
+    assert entry.guards == ()
+    module.weight.add_(1.0)  # shared memory: the replay reads the new value
+    torch.testing.assert_close(pool(x), module(x))
+
+
+def test_guards_collected_in_a_nested_scope_reach_the_enclosing_one() -> None:
+    weight = torch.ones(2)
+    a = FrozenWeightGuard(lambda: 1, [("attribute", "w", weight)])
+    b = FrozenWeightGuard(lambda: 2, [])
+    with collecting_guards() as outer:
+        a()
+        with collecting_guards() as inner:
+            b()
+            b()
+    assert inner == [b]
+    assert outer == [a, b]
+    assert (len(a), len(b)) == (1, 0)
+
+
+@torch.no_grad()
+def test_compiled_freezing_with_pooled_graphs_refuses_stale_replays() -> None:
+    """difforge.compile's whole path on the CPU, with the fake capturer in place of CUDA."""
+    module = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
+    compiled = difforge.compile(
+        module, options={"mode": "freezing:cudagraphs", "cudagraphs.impl": "pooled"}
+    )
+    pool = graphs_of(compiled)
+    assert isinstance(pool, GraphPool)
+    pool.capturer = FakeCapturer(rerun=False)
+    x = torch.randn(4, 8)
+    expected = module(x)
+    torch.testing.assert_close(compiled(x), expected)  # recorded
+    torch.testing.assert_close(compiled(x), expected)  # replayed
+    assert difforge.counters["cudagraphs.replay"] == 1
+    (entry,) = pool._entries.values()
+    assert [len(g) for g in entry.guards] == [4]  # two weights, two biases
+    module[2].weight.mul_(2.0)
+    with pytest.raises(DifforgeError, match="changed in place after this graph was compiled"):
+        compiled(x)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_frozen_pooled_graphs_refuse_an_in_place_update() -> None:
+    device = torch.device("cuda")
+    module = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    module = module.to(device).half().eval()
+    compiled = difforge.compile(module, options={"mode": "O2:freezing"})
+    assert isinstance(graphs_of(compiled), GraphPool)
+    x = torch.randn(32, 64, device=device, dtype=torch.half)
+    expected = module(x)
+    for _ in range(3):  # record, then replays
+        torch.testing.assert_close(compiled(x), expected, rtol=2e-3, atol=2e-3)
+    assert difforge.counters["cudagraphs.replay"] == 2
+    module[0].bias.add_(1.0)
+    with pytest.raises(DifforgeError, match="changed in place after this graph was compiled"):
+        compiled(x)
+    reset_graphs(compiled)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled(x), module(x), rtol=2e-3, atol=2e-3)

@@ -12,12 +12,12 @@ import torch
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 import torch.fx
-from torch import nn
 
 from difforge.autotune_buckets import bucketing_for
 from difforge.autotune_buckets import cache_salt as bucket_salt
 from difforge.cache import CacheLayout, compile_in_cache
-from difforge.errors import DifforgeError, OptionsError, warn
+from difforge.errors import OptionsError, warn
+from difforge.frozen import FrozenWeightGuard, frozen_weights
 from difforge.fusion_memo import memoized_fusion_check
 from difforge.heuristics import choices_for, installed
 from difforge.index_join import cache_salt as index_join_salt
@@ -192,32 +192,8 @@ class DifforgeBackend:
             {k: v for k, v in record.rewrites.items() if v},
         )
         if freezing:
-            compiled = guard_frozen_weights(compiled, weights)
+            compiled = FrozenWeightGuard(compiled, weights)
         return with_tf32(compiled) if config.allow_tf32 else compiled
-
-
-def frozen_weights(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
-) -> list[tuple[str, str, torch.Tensor]]:
-    """The weights freezing may fold, as ``(kind, name, tensor)``: the graph's tensor
-    attributes (how Dynamo hands over a module's parameters when it traces with Inductor's
-    ``freezing`` on, which :mod:`difforge.tracing` arranges) and any parameter or static
-    input left among the graph inputs."""
-    found: list[tuple[str, str, torch.Tensor]] = []
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        value: Any = gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part, None)
-        if isinstance(value, torch.Tensor):
-            found.append(("attribute", str(node.target), value))
-    for i, t in enumerate(example_inputs):
-        if isinstance(t, torch.Tensor) and (
-            isinstance(t, nn.Parameter) or getattr(t, "_dynamo_static_input_type", None)
-        ):
-            found.append(("input", f"#{i}", t))
-    return found
 
 
 _warned_unfrozen = False
@@ -236,32 +212,6 @@ def _warn_unfrozen(record: CompileRecord) -> None:
     if not _warned_unfrozen:
         _warned_unfrozen = True
         warn(f"difforge: {note}")
-
-
-def guard_frozen_weights(
-    compiled: Callable[..., Any], weights: Sequence[tuple[str, str, torch.Tensor]]
-) -> Callable[..., Any]:
-    """Refuse to run a frozen graph after its weights were changed in place.
-
-    Freezing turns parameters and buffers into constants and folds what depends on
-    them (transposes, casts, the fused-QKV concatenation); weights that were not
-    folded stay shared. An in-place update would then reach some layers and not
-    others. Each tensor's version counter shows the update, so we fail loudly instead.
-    """
-    watched = [(kind, name, t, t._version) for kind, name, t in weights]
-
-    def run(*args: Any) -> Any:
-        for kind, name, tensor, version in watched:
-            if tensor._version != version:
-                raise DifforgeError(
-                    "a weight was changed in place after this graph was compiled with the "
-                    "'freezing' mode, which folded the old values into constants; recompile "
-                    "(torch._dynamo.reset() and call again) or drop 'freezing' from the mode "
-                    f"({kind} {name}, shape {tuple(tensor.shape)})"
-                )
-        return compiled(*args)
-
-    return run
 
 
 _warned_dynamic = False
