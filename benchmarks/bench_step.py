@@ -23,7 +23,7 @@ import torch
 
 import difforge
 from difforge.bench.report import environment
-from difforge.bench.step import VariantResult, bench_model, parse_args, table
+from difforge.bench.step import VariantResult, bench_model, noisy_baselines, parse_args, table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         results.extend(bench_model(spec, args, device, extra))
     print()
     print(table(results))
+    notes = noisy_baselines(results)
+    for note in notes:
+        print(f"warning: {note}")
     if args.output_json:
         path = Path(args.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": environment(device),
             "args": {k: v for k, v in vars(args).items()},
             "results": [asdict(r) for r in results],
+            "warnings": notes,
         }
         path.write_text(json.dumps(payload, indent=2))
         print(f"wrote {path}")

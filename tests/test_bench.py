@@ -460,6 +460,26 @@ def test_step_measurement_on_tiny_pixart() -> None:
     assert all(r.error is None and r.median_ms and r.median_ms > 0 for r in results.values())
     assert results["eager"].rel_err_vs_fp32 == 0.0
     assert results["O1"].rel_err_vs_fp32 is not None and results["O1"].rel_err_vs_fp32 < 1e-5
+    assert all(r.spread == r.median_ms / r.min_ms >= 1.0 for r in results.values())
+
+
+def test_a_host_bound_baseline_is_called_out() -> None:
+    """The seventeenth session's SDXL run: stock compile's median 47.91 ms against a
+    37.32 ms minimum made O3 look 1.56x; the report must say that baseline is unfair."""
+    from difforge.bench.step import VariantResult, noisy_baselines
+
+    def result(variant: str, median: float, low: float) -> VariantResult:
+        r = VariantResult("sdxl-base", variant, 1.0, median, low, None, None, None)
+        r.spread = median / low
+        return r
+
+    steady = [result("compile", 37.62, 34.23), result("O2", 32.64, 32.24)]
+    assert noisy_baselines(steady) == []
+    noisy = [result("compile", 47.91, 37.32), result("O3", 30.69, 30.09)]
+    (note,) = noisy_baselines(noisy)
+    assert note.startswith("sdxl-base compile: median 47.91 ms is 1.28x its minimum 37.32")
+    # A slow difforge variant is not a baseline: no note for it.
+    assert noisy_baselines([result("O3", 40.0, 30.0)]) == []
 
 
 def test_step_first_size_compiles_dynamic_variants_elsewhere_first(

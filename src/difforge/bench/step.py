@@ -81,6 +81,10 @@ class VariantResult:
     rel_err_vs_fp32: float | None
     speedup_vs_eager: float | None = None
     speedup_vs_compile: float | None = None
+    spread: float | None = None
+    """Median over minimum of the timed steps: near 1 when the GPU sets the pace, well
+    above it when the host does (a baseline launching every kernel from Python on a busy
+    CPU), which makes ratios against this variant's median unreliable."""
     breakdown_ms: dict[str, float] = field(default_factory=dict)
     top_kernels: list[tuple[str, str, float, int]] = field(default_factory=list)
     error: str | None = None
@@ -375,6 +379,7 @@ def bench_model(
                     )
             result.median_ms = statistics.median(times)
             result.min_ms = min(times)
+            result.spread = result.median_ms / result.min_ms
             result.tflops = flops / (result.median_ms * 1e-3) / 1e12
             if device.type == "cuda":
                 result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
@@ -406,6 +411,24 @@ def bench_model(
     return results
 
 
+#: Above this median/min spread a baseline's timings are called unreliable.
+NOISY_SPREAD = 1.10
+
+
+def noisy_baselines(results: list[VariantResult]) -> list[str]:
+    """One line per ratio baseline (eager, compile) whose median is far above its minimum,
+    saying what the ratios against it are worth."""
+    notes = []
+    for r in results:
+        if r.variant in ("eager", "compile") and r.spread and r.spread > NOISY_SPREAD:
+            notes.append(
+                f"{r.model} {r.variant}: median {r.median_ms:.2f} ms is {r.spread:.2f}x its "
+                f"minimum {r.min_ms:.2f} ms (host-bound or disturbed steps); ratios against "
+                "its median are not fair, rerun or compare against the minimum"
+            )
+    return notes
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -430,6 +453,7 @@ def table(results: list[VariantResult]) -> str:
             _fmt(r.median_ms, ".2f"),
             _fmt(r.speedup_vs_eager, ".2f"),
             _fmt(r.speedup_vs_compile, ".2f"),
+            _fmt(r.spread, ".2f"),
             _fmt(r.tflops, ".0f"),
             _fmt(r.peak_mem_gib, ".1f"),
             _fmt(r.rel_err_vs_fp32, ".2e"),
@@ -444,6 +468,7 @@ def table(results: list[VariantResult]) -> str:
         "step ms",
         "x eager",
         "x compile",
+        "median/min",
         "TFLOP/s",
         "peak GiB",
         "rel err",
