@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 import difforge
+from difforge import replay_checks
 from difforge.errors import DifforgeError, OptionsError
-from difforge.frozen import FrozenWeightGuard, collecting_guards
+from difforge.frozen import FrozenWeightGuard
 from difforge.graph_pool import CudaCapturer, GraphPool, graphs_of, reset_graphs
 from difforge.module_watch import ModuleWatch
 from difforge.options import parse_options
@@ -621,22 +622,23 @@ def test_graphs_without_freezing_carry_no_weight_checks() -> None:
     x = torch.randn(3)
     pool(x)
     (entry,) = pool._entries.values()
-    assert entry.guards == ()
+    assert entry.before_replay == ()
     module.weight.add_(1.0)  # shared memory: the replay reads the new value
     torch.testing.assert_close(pool(x), module(x))
 
 
-def test_guards_collected_in_a_nested_scope_reach_the_enclosing_one() -> None:
+def test_checks_noted_in_a_nested_scope_reach_the_enclosing_one() -> None:
     weight = torch.ones(2)
     a = FrozenWeightGuard(lambda: 1, [("attribute", "w", weight)])
     b = FrozenWeightGuard(lambda: 2, [])
-    with collecting_guards() as outer:
+    a()  # no scope open: nothing noted, nothing kept
+    with replay_checks.collecting() as outer:
         a()
-        with collecting_guards() as inner:
+        with replay_checks.collecting() as inner:
             b()
             b()
-    assert inner == [b]
-    assert outer == [a, b]
+    assert inner == [b.check]
+    assert outer == [a.check, b.check]
     assert (len(a), len(b)) == (1, 0)
 
 
@@ -656,7 +658,8 @@ def test_compiled_freezing_with_pooled_graphs_refuses_stale_replays() -> None:
     torch.testing.assert_close(compiled(x), expected)  # replayed
     assert difforge.counters["cudagraphs.replay"] == 1
     (entry,) = pool._entries.values()
-    assert [len(g) for g in entry.guards] == [4]  # two weights, two biases
+    (check,) = entry.before_replay
+    assert len(check.__self__) == 4  # the frozen guard of two weights, two biases
     module[2].weight.mul_(2.0)
     with pytest.raises(DifforgeError, match="changed in place after this graph was compiled"):
         compiled(x)

@@ -7,22 +7,20 @@ counter shows the update, so a :class:`FrozenWeightGuard` wrapped around the com
 fails loudly instead.
 
 A pooled CUDA graph (:mod:`difforge.graph_pool`) replays the whole call without running
-any Python, guards included. The pool therefore collects the guards that ran while it
-recorded a call (:func:`collecting_guards`) and checks them itself before every replay.
+any Python, guards included. The pool therefore collects the checks of the guards that
+ran while it recorded a call (:mod:`difforge.replay_checks`) and runs them before every
+replay.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from difforge import replay_checks
 from difforge.errors import DifforgeError
-
-#: Open :func:`collecting_guards` scopes, innermost last.
-_collectors: list[dict[int, FrozenWeightGuard]] = []
 
 
 def frozen_weights(
@@ -74,23 +72,5 @@ class FrozenWeightGuard:
 
     def __call__(self, *args: Any) -> Any:
         self.check()
-        if _collectors:
-            _collectors[-1].setdefault(id(self), self)
+        replay_checks.note(self, self.check)
         return self.compiled(*args)
-
-
-@contextlib.contextmanager
-def collecting_guards() -> Iterator[list[FrozenWeightGuard]]:
-    """Collect every :class:`FrozenWeightGuard` that runs inside the scope (each once, in
-    the order they first ran); the list is filled when the scope closes."""
-    found: dict[int, FrozenWeightGuard] = {}
-    collected: list[FrozenWeightGuard] = []
-    _collectors.append(found)
-    try:
-        yield collected
-    finally:
-        _collectors.pop()
-        collected.extend(found.values())
-        if _collectors:  # an enclosing recording replays this one's graphs too
-            for guard in collected:
-                _collectors[-1].setdefault(id(guard), guard)

@@ -35,9 +35,10 @@ inputs on the CPU, gradients wanted, non-tensor arguments that are not plain val
 outputs torch's pytree cannot take apart, or a capture that failed (each warned once).
 
 What a graph cannot see: state outside its arguments. Parameters updated in place are
-fine (same memory), except where the ``freezing`` mode folded them into constants: the
-weight checks of the frozen graphs a call ran (:mod:`difforge.frozen`) run before each of
-its replays and raise as the compiled call would. Replacing a module's parameters, buffers or sub-modules (a LoRA load,
+fine (same memory), except where the ``freezing`` mode folded them into constants or
+``fuse_qkv.cached_weights`` concatenated them: what the call's compiled graphs do on every
+call (the frozen-weight check raises, a stale concatenation is recomputed in place;
+:mod:`difforge.replay_checks`) runs before each of its replays. Replacing a module's parameters, buffers or sub-modules (a LoRA load,
 fused projections) drops every graph before the next call, which then captures afresh
 (:mod:`difforge.module_watch`). Changes no registration shows (``param.data = other``, a
 new attention processor object, a LoRA scale) need :meth:`GraphPool.reset`
@@ -57,9 +58,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from difforge import replay_checks
 from difforge.entry import wrap_entry
 from difforge.errors import warn
-from difforge.frozen import FrozenWeightGuard, collecting_guards
 from difforge.module_watch import ModuleWatch
 from difforge.passes import counters
 
@@ -129,9 +130,9 @@ class _Entry:
     out_spec: pytree.TreeSpec
     static_views: list[torch.Tensor] = field(default_factory=list)
     """The inputs' writable views (:func:`_distinct`), what each replay copies into."""
-    guards: tuple[FrozenWeightGuard, ...] = ()
-    """The frozen graphs' weight checks that ran while this call was recorded; a replay
-    runs no Python, so the pool checks them itself."""
+    before_replay: tuple[Callable[[], None], ...] = ()
+    """What the call's compiled graphs do on every call and a replay would skip (frozen
+    weight checks, cached-weight refreshes; :mod:`difforge.replay_checks`)."""
     replays: int = 0
 
     def __post_init__(self) -> None:
@@ -183,8 +184,8 @@ class GraphPool:
         if entry is None:
             return self._capture(key, leaves, spec)
         self._entries.move_to_end(key)
-        for guard in entry.guards:
-            guard.check()
+        for hook in entry.before_replay:
+            hook()
         tensors = [_distinct(x) for x in leaves if isinstance(x, torch.Tensor)]
         if tensors:
             torch._foreach_copy_(entry.static_views, tensors)
@@ -263,7 +264,7 @@ class GraphPool:
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         # The ordinary call compiles (if Dynamo must) and warms lazy state up; nothing of
         # that may happen during a capture.
-        with collecting_guards() as guards:
+        with replay_checks.collecting() as hooks:
             result = self.fn(*args, **kwargs)
         while len(self._entries) >= self.max_graphs:
             evicted, old = self._entries.popitem(last=False)
@@ -298,7 +299,7 @@ class GraphPool:
             static_inputs=[x for x in static_leaves if isinstance(x, torch.Tensor)],
             static_outputs=static_outputs,
             out_spec=out_spec,
-            guards=tuple(guards),
+            before_replay=tuple(hooks),
         )
         counters["cudagraphs.capture"] += 1
         log.info(
