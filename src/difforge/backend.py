@@ -18,6 +18,7 @@ from difforge.autotune_buckets import cache_salt as bucket_salt
 from difforge.cache import CacheLayout, compile_in_cache
 from difforge.errors import OptionsError, warn
 from difforge.frozen import FrozenWeightGuard, frozen_weights
+from difforge.fused_weights import FusedWeights, caching_for
 from difforge.fusion_memo import memoized_fusion_check
 from difforge.heuristics import choices_for, installed
 from difforge.index_join import cache_salt as index_join_salt
@@ -115,8 +116,21 @@ class DifforgeBackend:
         start = time.perf_counter()
         record = CompileRecord(mode=config.mode, inductor_patches={}, regions=_regions(gm))
         unbacked = has_unbacked_sizes(example_inputs)
-        with using_policy(config.attention_policy()):
+        cache_weights = bool(config.settings["fuse_qkv.cached_weights"]) and not bool(
+            config.settings["cache.precompile"]  # a loaded entry would skip the refresh
+        )
+        with (
+            using_policy(config.attention_policy()),
+            caching_for(gm, example_inputs, cache_weights) as weight_cache,
+        ):
             record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
+        fused_groups = weight_cache.prune() if weight_cache is not None else []
+        if fused_groups:
+            assert weight_cache is not None
+            record.notes.append(
+                f"fuse_qkv.cached_weights: {len(fused_groups)} concatenations cached, "
+                f"{weight_cache.nbytes() / 2**20:.1f} MiB"
+            )
 
         patches = config.inductor_patches()
         if (
@@ -193,6 +207,8 @@ class DifforgeBackend:
         )
         if freezing:
             compiled = FrozenWeightGuard(compiled, weights)
+        if fused_groups:
+            compiled = FusedWeights(compiled, fused_groups)
         return with_tf32(compiled) if config.allow_tf32 else compiled
 
 

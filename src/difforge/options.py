@@ -205,6 +205,15 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "difforge.compile/compile_pipe); 'auto' = pooled (torch.compile(backend='difforge') "
         "cannot wrap the call, so Inductor's trees record there)",
     ),
+    "fuse_qkv.cached_weights": (
+        False,
+        bool,
+        "fuse_qkv: concatenate the fused weights once, into a buffer the graph reads, "
+        "instead of on every call; an in-place weight update recomputes it (checked on "
+        "every call and before every pooled CUDA-graph replay). Fuses every group, as under "
+        "freezing (SDXL's 1280-wide q/k/v and text k/v too), for one more copy of the fused "
+        "weights in memory; inference graphs only (difforge.fused_weights)",
+    ),
     "cudagraphs.max_graphs": (
         8,
         int,

@@ -121,4 +121,13 @@ def test_sdxl_unet_under_freezing_fuses_the_groups_the_cost_rule_leaves_apart(
     torch._dynamo.reset()
     difforge.counters.clear()
     _compiled_matches_eager("tiny-sdxl", {"mode": "O2:freezing"}, batch=2, size=64)
-    assert difforge.counters["fuse_qkv"] > rule_only
+    frozen = difforge.counters["fuse_qkv"]
+    assert frozen > rule_only
+    # fuse_qkv.cached_weights: the same groups fuse without freezing, the concatenations
+    # made once (weights and biases: two per group at most, one where there is no bias).
+    torch._dynamo.reset()
+    difforge.counters.clear()
+    options = {"mode": "O2", "fuse_qkv.cached_weights": True}
+    _compiled_matches_eager("tiny-sdxl", options, batch=2, size=64)
+    assert difforge.counters["fuse_qkv"] == frozen
+    assert frozen <= difforge.counters["fused_weights.cached"] <= 2 * frozen

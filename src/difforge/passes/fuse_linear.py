@@ -4,14 +4,16 @@ Attention blocks project one input three times (q, k, v; k and v in cross-attent
 FLUX's single blocks also the MLP input). One ``[M, K] x [K, N1+N2+N3]`` GEMM fills
 the GPU better than three thin ones and reads the input once. The weights are
 concatenated inside the graph, so in-place weight updates still take effect; under
-``freezing`` Inductor folds that concatenation into a constant, so it costs nothing.
+``freezing`` Inductor folds that concatenation into a constant, so it costs nothing, and
+with ``fuse_qkv.cached_weights`` it is done once and kept current outside the graph
+(:mod:`difforge.fused_weights`), which costs memory instead.
 
 Without freezing that concatenation reads and writes every weight on each call. Where the
 weights outweigh the input it costs more than the fusion saves: FLUX.1-dev's O2 step was
 1.1% slower than stock compile on an H100 (134.64 vs 133.19 ms,
 ``benchmarks/results/2026-11-26_h100_step_flux_o3.json``), with 2.87 ms of weight
 concatenation per step. So a group of ``n`` linears of ``K`` inputs and ``N`` outputs in all,
-on ``M`` input rows, is fused only when its weights are constants, small
+on ``M`` input rows, is fused only when its weights are constants or cached, small
 (``K·N < 2**20``: the copy is negligible) or when the input reads it saves are at least the
 weight bytes it moves: ``(n - 1)·M·K >= 2·K·N``. PixArt's and SD3's self-attention
 (``M = 8192``) fuse; FLUX's projections (``M = 4608``, ``N`` up to 21504) and cross-attention
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from difforge.fused_weights import FusedWeightCache, active_cache
 from difforge.passes.registry import (
     guardless,
     node_arg,
@@ -88,6 +91,9 @@ def _fusion_pays(linears: list[torch.fx.Node]) -> bool:
     weights = [p[1] for p in parts]  # type: ignore[index]
     if all(w.op == "get_attr" for w in weights):
         return True  # constants (freezing): the concatenation is folded at compile time
+    cache = active_cache()
+    if cache is not None and linears and cache.covers(linears[0].graph, weights):
+        return True  # fuse_qkv.cached_weights: concatenated once, outside the steps
     shapes = [node_tensor(w).shape for w in weights]  # type: ignore[union-attr]
     k = int(shapes[0][1])
     n_total = sum(int(s[0]) for s in shapes)
@@ -117,11 +123,10 @@ def _fuse_group(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> list[tor
         if isinstance(attr, torch.fx.Node) and attr.op == "get_attr" and order[attr] > order[first]:
             first.prepend(attr)
     outputs = []
+    cache = active_cache()
     with graph.inserting_before(first):
-        weight = graph.call_function(torch.cat, (weights,), {"dim": 0})
-        bias = (
-            graph.call_function(torch.cat, (biases,), {"dim": 0}) if biases[0] is not None else None
-        )
+        weight = _concatenation(graph, weights, cache)
+        bias = _concatenation(graph, biases, cache) if biases[0] is not None else None
         fused = graph.call_function(_LINEAR, (x, weight, bias))
         split = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
         for i in range(len(linears)):
@@ -131,6 +136,15 @@ def _fuse_group(graph: torch.fx.Graph, linears: list[torch.fx.Node]) -> list[tor
         old.replace_all_uses_with(new)
         graph.erase_node(old)
     return outputs
+
+
+def _concatenation(
+    graph: torch.fx.Graph, parts: list[Any], cache: FusedWeightCache | None
+) -> torch.fx.Node:
+    """``cat(parts, 0)``: read from a buffer concatenated once when the weights can be
+    cached (``fuse_qkv.cached_weights``), else computed in the graph."""
+    cached = cache.concatenation(graph, parts) if cache is not None else None
+    return cached if cached is not None else graph.call_function(torch.cat, (parts,), {"dim": 0})
 
 
 def _same_layout(a: object, b: object) -> bool:
@@ -155,6 +169,8 @@ def _run_node(gm: torch.fx.GraphModule, node: torch.fx.Node, value_of: Any) -> o
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     if node.op == "call_module":
         return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "get_attr":  # a cached concatenation: its fake value was set with it
+        return node_value(node)
     raise NotImplementedError(node.op)
 
 
