@@ -282,6 +282,26 @@ case "$part" in
     V+=';O2-freezing={"mode":"O2:freezing","memory_format":"channels_last"}'
     run 580 step_freeze_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
       --variants "$V" --profile --output-json "$out/step_freeze_sdxl.json" ;;
+  cachedsdxl)  # fuse_qkv.cached_weights (2026-11-28, seventeenth session): does concatenating
+    # the fused weights once buy what freezing bought (O2 32.64 -> 31.58 ms), weights still live?
+    V='compile;O2={"mode":"O2","memory_format":"channels_last"}'
+    V+=';O2-cached={"mode":"O2","memory_format":"channels_last","fuse_qkv.cached_weights":true}'
+    V+=';O2-freezing={"mode":"O2:freezing","memory_format":"channels_last"}'
+    run 590 step_cached_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_cached_sdxl.json" ;;
+  cacheddit)  # the same on the DiTs, whose self-attention q/k/v fuse today with a per-call
+    # concatenation (PixArt ~0.2 ms a step by bytes moved)
+    V='compile;O2;O2-cached={"mode":"O2","fuse_qkv.cached_weights":true}'
+    run 290 step_cached_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_cached_pixart.json"
+    run 290 step_cached_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
+      --variants "$V" --profile --output-json "$out/step_cached_sd3.json" ;;
+  cachedflux)  # FLUX: the cost rule refuses its groups (2.87 ms of concatenation a step);
+    # cached, every group fuses, for ~7 GB more memory, and joint_linear no longer takes v
+    # (its fused GEMM also feeds q and k's RMSNorms; tiny FLUX: 1 -> 0 rewrites)
+    V='compile;O2;O2-cached={"mode":"O2","fuse_qkv.cached_weights":true}'
+    run 590 step_cached_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --profile --output-json "$out/step_cached_flux.json" ;;
   freezepx)
     V='compile;O2;O2-freezing={"mode":"O2:freezing"};O3;O3-freezing={"mode":"O3:freezing"}'
     run 580 step_freeze_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \

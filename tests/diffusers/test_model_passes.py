@@ -65,6 +65,22 @@ def test_sd3_joint_attention_reads_and_writes_one_buffer(monkeypatch: pytest.Mon
     assert difforge.counters["joint_linear"] == 2
 
 
+def test_sd3_joint_attention_keeps_one_buffer_with_cached_fused_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # fuse_qkv.cached_weights fuses the text stream's q/k/v too (the cost rule refuses them
+    # at 154 tokens); joint_linear then takes both streams as one fused GEMM each.
+    from difforge.passes import fuse_linear, joint_linear
+
+    monkeypatch.setattr(joint_linear, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fuse_linear, "SMALL_GROUP_ELEMENTS", 1)
+    options = {"mode": "O2", "fuse_qkv.cached_weights": True}
+    model = _compiled_matches_eager("tiny-sd3", options, batch=2, size=64)
+    assert difforge.counters["fuse_qkv"] == 2 * len(model.transformer_blocks)
+    assert difforge.counters["joint_linear"] == 2
+    assert difforge.counters["fused_weights.cached"] == 2 * difforge.counters["fuse_qkv"]
+
+
 def test_flux_double_blocks_write_v_into_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     # FLUX's joint blocks: q and k pass RMSNorms before their concatenation (left as they are),
     # v is unflattened and concatenated as it comes: its two projections write one buffer.
