@@ -65,6 +65,22 @@ def test_in_place_updates_and_replaced_parameters_reach_the_next_call() -> None:
     assert difforge.counters["fused_weights.refresh"] == 2
 
 
+@torch.no_grad()
+def test_graphs_of_other_shapes_share_the_concatenations() -> None:
+    """A recompile for another shape reads the first graph's buffers (no second copy of
+    the weights), and an update reaches both graphs."""
+    module = SelfAttentionProjections(dim=32).eval()
+    compiled = difforge.compile(module, options={**CACHED, "dynamic": False})
+    small, large = torch.randn(1, 5, 32), torch.randn(3, 11, 32)
+    assert rel_err(compiled(small), module(small)) < 1e-5
+    assert rel_err(compiled(large), module(large)) < 1e-5
+    assert difforge.counters["fused_weights.cached"] == 4  # two groups in each of two graphs
+    assert difforge.counters["fused_weights.shared"] == 2
+    module.to_q.weight.mul_(3.0)
+    assert rel_err(compiled(large), module(large)) < 1e-5
+    assert rel_err(compiled(small), module(small)) < 1e-5
+
+
 def test_with_gradients_the_concatenation_stays_in_the_graph() -> None:
     """Autograd must see the weights: a graph traced with gradients on caches nothing, and
     the fused GEMM still trains every projection."""

@@ -14,7 +14,8 @@ compares each source's identity and version counter on every call and recomputes
 buffer in place (same memory, so recorded CUDA graphs stay valid). A pooled CUDA graph
 replays without Python, so the pool refreshes the buffers of the calls it recorded before
 each replay (:mod:`difforge.replay_checks`). The price is memory: one more copy of every
-fused weight (SDXL ~1.3 GB in fp16).
+fused weight (SDXL ~1.3 GB in fp16), shared by every graph compiled over the same weights
+(a recompile for another shape reuses the buffers).
 
 Only for inference graphs: when the graph is compiled with gradients on and a weight
 needs them, the concatenation stays in the graph, where autograd sees it.
@@ -23,6 +24,7 @@ needs them, the concatenation stays in the graph, where autograd sees it.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,16 +127,15 @@ class FusedWeightCache:
         name = f"_difforge_fused_weight_{len(self.groups)}"
         if not _declare_source(self.gm, name):
             return None
-        # A normal tensor even when compiled under inference_mode: later refreshes may run
-        # outside it, where writing into an inference tensor is refused.
-        with torch.no_grad(), torch.inference_mode(False):
-            buffer = torch.cat(sources, dim=0)
-        self.gm.register_buffer(name, buffer, persistent=False)
-        self.groups.append(FusedGroup(buffer, positions, sources))
+        group = FusedGroup(_shared_concatenation(sources), positions, sources)
+        self.gm.register_buffer(name, group.buffer, persistent=False)
+        self.groups.append(group)
         node = graph.get_attr(name)
         fake = next(iter(_fake_values(weights)), None)
         if fake is not None:
-            node.meta["example_value"] = fake.fake_mode.from_tensor(buffer, static_shapes=True)
+            node.meta["example_value"] = fake.fake_mode.from_tensor(
+                group.buffer, static_shapes=True
+            )
         counters["fused_weights.cached"] += 1
         return node
 
@@ -156,6 +157,35 @@ class FusedWeightCache:
     def nbytes(self) -> int:
         """Memory the cached concatenations hold."""
         return sum(g.buffer.numel() * g.buffer.element_size() for g in self.groups)
+
+
+#: Concatenations alive in the process, by their sources' ids: another graph of the same
+#: weights (a recompile for a new shape or batch) reads the same buffer instead of holding
+#: a copy of its own. Values: weak references to the sources and to the buffer.
+_shared: dict[tuple[int, ...], tuple[list[weakref.ref], weakref.ref]] = {}
+
+
+def _shared_concatenation(sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``cat(sources, 0)``: the live buffer of an earlier graph over the same tensors
+    (refreshed if a source changed since), else a new one."""
+    key = tuple(id(t) for t in sources)
+    hit = _shared.get(key)
+    if hit is not None:
+        refs, buffer_ref = hit
+        buffer = buffer_ref()
+        if buffer is not None and all(r() is t for r, t in zip(refs, sources, strict=True)):
+            with torch.no_grad():  # current whatever the other graph saw last
+                torch.cat(list(sources), dim=0, out=buffer)
+            counters["fused_weights.shared"] += 1
+            return buffer
+    for stale in [k for k, (_, b) in _shared.items() if b() is None]:
+        del _shared[stale]
+    # A normal tensor even when compiled under inference_mode: later refreshes may run
+    # outside it, where writing into an inference tensor is refused.
+    with torch.no_grad(), torch.inference_mode(False):
+        buffer = torch.cat(list(sources), dim=0)
+    _shared[key] = ([weakref.ref(t) for t in sources], weakref.ref(buffer))
+    return buffer
 
 
 def _declare_source(gm: torch.fx.GraphModule, name: str) -> bool:
