@@ -129,6 +129,24 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         {"compile": "torch.compile", "O3": "O3 (fp8 linears)"},
     ),
     (
+        "2026-11-28_h100_step_o3_sdxl_s17.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (channels_last)",
+        ("compile", "O3-old", "O3"),
+        {
+            "compile": "torch.compile",
+            "O3-old": "O3, GEGLU output and text k/v linears in fp8 too",
+            "O3": "O3 (skip_gated_outputs, skip_cross_attention_kv)",
+        },
+    ),
+    (
+        "2026-11-28_h100_step_freeze_sdxl_s17.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (channels_last)",
+        ("compile", "O2", "O2-freezing"),
+        {"compile": "torch.compile", "O2": "O2", "O2-freezing": "O2:freezing (weights folded)"},
+    ),
+    (
         "2026-11-27_h100_step_attn_always_pixart_s13.json",
         "pixart-xl-2-1024",
         "PixArt-XL-2 fp16, batch 2",
@@ -176,13 +194,31 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+#: A stock-compile baseline whose median exceeds its minimum by more than this was
+#: host-bound in its run (bench_step's NOISY_SPREAD): its ratios are marked, not trusted.
+NOISY_SPREAD = 1.10
+NOISY_NOTE = (
+    "† that run's stock compile was host-bound (median over 1.10x its minimum: it launches "
+    "every kernel from Python), so ratios against its median overstate difforge's gain."
+)
+
+
+def _noisy(baseline: dict | None) -> bool:
+    if not baseline or not baseline.get("min_ms") or not baseline.get("median_ms"):
+        return False
+    return baseline["median_ms"] / baseline["min_ms"] > NOISY_SPREAD
+
+
 def table() -> str:
     rows = []
+    flagged = False
     for file, model, label, variants, labels in STEP_RESULTS:
         data = json.loads((RESULTS / file).read_text())
         env = data["environment"]
         card = env.get("device_name", "?").replace("NVIDIA ", "").replace(" 80GB HBM3", "")
         by_variant = {r["variant"]: r for r in data["results"] if r["model"] == model}
+        mark = "†" if _noisy(by_variant.get("compile")) else ""
+        flagged = flagged or bool(mark)
         for name in variants:
             r = by_variant[name]
             shown = labels.get(name, name)
@@ -193,7 +229,7 @@ def table() -> str:
                     f"{card}, torch {env['torch']}" if name == variants[0] else "",
                     shown,
                     _fmt(r["median_ms"], ".2f"),
-                    _fmt(r.get("speedup_vs_compile"), ".3f") + "x",
+                    _fmt(r.get("speedup_vs_compile"), ".3f") + "x" + mark,
                     _fmt(r.get("rel_err_vs_fp32"), ".4f"),
                     _fmt(breakdown.get("attention"), ".1f"),
                     _fmt(breakdown.get("gemm"), ".1f"),
@@ -213,7 +249,8 @@ def table() -> str:
         "elementwise ms",
         "idle ms",
     ]
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    text = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    return f"{text}\n\n{NOISY_NOTE}" if flagged else text
 
 
 def main(argv: list[str] | None = None) -> int:
