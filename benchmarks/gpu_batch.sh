@@ -289,6 +289,12 @@ case "$part" in
     V+=';O2-freezing={"mode":"O2:freezing","memory_format":"channels_last"}'
     run 590 step_cached_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
       --variants "$V" --profile --output-json "$out/step_cached_sdxl.json" ;;
+  cachedsdxl3)  # the same under O3: SDXL's 1280-wide q/k/v and text k/v stay fp16 there
+    # (size rule, skip_cross_attention_kv), so fuse_qkv and the cache apply to them too
+    V='compile;O3={"mode":"O3","memory_format":"channels_last"}'
+    V+=';O3-cached={"mode":"O3","memory_format":"channels_last","fuse_qkv.cached_weights":true}'
+    run 590 step_cached_sdxl_o3 python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_cached_sdxl_o3.json" ;;
   cacheddit)  # the same on the DiTs, whose self-attention q/k/v fuse today with a per-call
     # concatenation (PixArt ~0.2 ms a step by bytes moved)
     V='compile;O2;O2-cached={"mode":"O2","fuse_qkv.cached_weights":true}'
