@@ -81,6 +81,71 @@ def test_graphs_of_other_shapes_share_the_concatenations() -> None:
     assert rel_err(compiled(small), module(small)) < 1e-5
 
 
+@torch.no_grad()
+def test_graphs_sharing_a_buffer_follow_each_others_refreshes() -> None:
+    """One graph refreshes the shared buffer from a replaced parameter; the other graph,
+    called with the original again, must not trust its own last look."""
+    module = SelfAttentionProjections(dim=32).eval()
+    compiled = difforge.compile(module, options={**CACHED, "dynamic": False})
+    small, large = torch.randn(1, 5, 32), torch.randn(3, 11, 32)
+    compiled(small), compiled(large)
+    original = module.to_k.weight
+    module.to_k.weight = nn.Parameter(torch.randn(32, 32))
+    assert rel_err(compiled(small), module(small)) < 1e-5
+    module.to_k.weight = original
+    assert rel_err(compiled(large), module(large)) < 1e-5
+    assert rel_err(compiled(small), module(small)) < 1e-5
+
+
+@torch.no_grad()
+def test_a_module_cast_after_compiling_gets_buffers_of_its_new_dtype() -> None:
+    """``.double()`` keeps the parameter objects (same ids): the recompile must not write
+    float64 weights into the float32 graph's buffer."""
+    module = SelfAttentionProjections(dim=32).eval()
+    compiled = difforge.compile(module, options=CACHED)
+    x = torch.randn(2, 9, 32)
+    compiled(x)
+    module.double()
+    out = compiled(x.double())
+    assert out.dtype == torch.float64
+    assert rel_err(out, module(x.double())) < 1e-10
+
+
+def test_weights_made_under_inference_mode_are_not_cached() -> None:
+    """Inference tensors have no version counter to watch: the in-graph concatenation
+    stays (where the cost rule allows it) and the compile succeeds."""
+    with torch.inference_mode():
+        module = SelfAttentionProjections(dim=32).eval()
+        x = torch.randn(2, 9, 32)
+        assert rel_err(difforge.compile(module, options=CACHED)(x), module(x)) < 1e-5
+    assert difforge.counters["fuse_qkv"] == 1
+    assert difforge.counters["fused_weights.cached"] == 0
+
+
+def test_freezing_folds_instead_of_caching() -> None:
+    module = SelfAttentionProjections(dim=640).eval()
+    x = torch.randn(1, 256, 640)
+    with torch.no_grad():
+        out = difforge.compile(module, options={**CACHED, "mode": "O2:freezing"})(x)
+        assert rel_err(out, module(x)) < 1e-5
+    assert difforge.counters["fuse_qkv"] == 1  # constants: fused, folded by Inductor
+    assert difforge.counters["fused_weights.cached"] == 0
+
+
+def test_buffer_sources_are_named_the_same_in_every_process() -> None:
+    """AOTAutograd's cache key includes the lifted buffers' sources: a name with an object
+    id in it would miss the cache on every warm start."""
+    from difforge.fused_weights import _declare_source
+
+    names = []
+    for _ in range(2):
+        gm = torch.fx.symbolic_trace(nn.Identity())
+        gm._param_name_to_source = {}
+        assert _declare_source(gm, "_difforge_fused_weight_0")
+        names.append(gm._param_name_to_source["_difforge_fused_weight_0"].name)
+    assert names[0] == names[1]
+
+
 def test_with_gradients_the_concatenation_stays_in_the_graph() -> None:
     """Autograd must see the weights: a graph traced with gradients on caches nothing, and
     the fused GEMM still trains every projection."""

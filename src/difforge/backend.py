@@ -116,8 +116,12 @@ class DifforgeBackend:
         start = time.perf_counter()
         record = CompileRecord(mode=config.mode, inductor_patches={}, regions=_regions(gm))
         unbacked = has_unbacked_sizes(example_inputs)
-        cache_weights = bool(config.settings["fuse_qkv.cached_weights"]) and not bool(
-            config.settings["cache.precompile"]  # a loaded entry would skip the refresh
+        # Not under precompile (a loaded entry would skip the refresh) nor freezing (Inductor
+        # would fold the buffer into a constant that no refresh reaches).
+        cache_weights = (
+            bool(config.settings["fuse_qkv.cached_weights"])
+            and not bool(config.settings["cache.precompile"])
+            and not config.inductor_patches().get("freezing")
         )
         with (
             using_policy(config.attention_policy()),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,36 +35,64 @@ from difforge import replay_checks
 from difforge.passes.registry import counters
 
 
-@dataclass
-class FusedGroup:
-    """One cached concatenation: ``buffer == torch.cat(sources, dim=0)``."""
+class Concatenation:
+    """A buffer holding ``cat(sources, 0)`` and what it was computed from: the source
+    tensors and their version counters. One per buffer, shared by every graph that reads
+    it, so that whichever graph refreshes it, all of them see what it holds now."""
 
-    buffer: torch.Tensor
-    positions: list[int]
-    """Where each source sits among the compiled graph's arguments."""
-    sources: list[torch.Tensor]
-    versions: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
+    def __init__(self, sources: Sequence[torch.Tensor]) -> None:
+        self.sources = list(sources)
+        # A normal tensor even when compiled under inference_mode: later refreshes may run
+        # outside it, where writing into an inference tensor is refused.
+        with torch.no_grad(), torch.inference_mode(False):
+            self.buffer = torch.cat(self.sources, dim=0)
         self.versions = [t._version for t in self.sources]
 
-    def stale(self, args: Sequence[Any] | None = None) -> bool:
-        """Whether a source changed in place, or (given the call's arguments) was replaced."""
-        for i, (source, version) in enumerate(zip(self.sources, self.versions, strict=True)):
-            if source._version != version:
-                return True
-            if args is not None and args[self.positions[i]] is not source:
-                return True
-        return False
+    def fits(self, sources: Sequence[torch.Tensor]) -> bool:
+        """Whether ``cat(sources)`` can be written into this buffer (same dtype, device
+        and shape: a module cast with ``.half()``/``.to()`` keeps its parameter objects)."""
+        return all(
+            t.dtype == self.buffer.dtype and t.device == self.buffer.device for t in sources
+        ) and (
+            sum(int(t.shape[0]) for t in sources),
+            *sources[0].shape[1:],
+        ) == tuple(self.buffer.shape)
 
-    def refresh(self, args: Sequence[Any] | None = None) -> None:
-        """Recompute the buffer in place from the call's arguments (or the kept sources)."""
-        if args is not None:
-            self.sources = [args[i] for i in self.positions]
+    def holds(self, sources: Sequence[torch.Tensor]) -> bool:
+        """Whether the buffer is ``cat(sources)`` as they are now."""
+        return all(
+            t is mine and t._version == version
+            for t, mine, version in zip(sources, self.sources, self.versions, strict=True)
+        )
+
+    def refresh(self, sources: Sequence[torch.Tensor]) -> None:
+        """Recompute the buffer in place (same memory: recorded CUDA graphs stay valid)."""
+        self.sources = list(sources)
         with torch.no_grad():
             torch.cat(self.sources, dim=0, out=self.buffer)
         self.versions = [t._version for t in self.sources]
         counters["fused_weights.refresh"] += 1
+
+
+@dataclass
+class FusedGroup:
+    """One graph's use of a :class:`Concatenation`: where its sources sit among the graph's
+    arguments."""
+
+    concatenation: Concatenation
+    positions: list[int]
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.concatenation.buffer
+
+    def update(self, args: Sequence[Any] | None = None) -> None:
+        """Refresh the buffer if a source changed in place or (given the call's arguments)
+        was replaced; without arguments (before a replay) from the sources it holds."""
+        concat = self.concatenation
+        sources = [args[i] for i in self.positions] if args is not None else concat.sources
+        if not concat.holds(sources):
+            concat.refresh(sources)
 
 
 class FusedWeights:
@@ -77,13 +105,11 @@ class FusedWeights:
     def before_replay(self) -> None:
         """For a replay that runs no Python: refresh what an in-place update made stale."""
         for group in self.groups:
-            if group.stale():
-                group.refresh()
+            group.update()
 
     def __call__(self, *args: Any) -> Any:
         for group in self.groups:
-            if group.stale(args):
-                group.refresh(args)
+            group.update(args)
         replay_checks.note(self, self.before_replay)
         return self.compiled(*args)
 
@@ -110,6 +136,8 @@ class FusedWeightCache:
         sources = [self._real[w][1] for w in weights]
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return False
+        if any(t.is_inference() for t in sources):
+            return False  # made under inference_mode: no version counter to watch
         return len({(t.dtype, t.device) for t in sources}) == 1 and all(
             t.dim() >= 1 for t in sources
         )
@@ -127,7 +155,7 @@ class FusedWeightCache:
         name = f"_difforge_fused_weight_{len(self.groups)}"
         if not _declare_source(self.gm, name):
             return None
-        group = FusedGroup(_shared_concatenation(sources), positions, sources)
+        group = FusedGroup(_shared_concatenation(sources), positions)
         self.gm.register_buffer(name, group.buffer, persistent=False)
         self.groups.append(group)
         node = graph.get_attr(name)
@@ -161,31 +189,24 @@ class FusedWeightCache:
 
 #: Concatenations alive in the process, by their sources' ids: another graph of the same
 #: weights (a recompile for a new shape or batch) reads the same buffer instead of holding
-#: a copy of its own. Values: weak references to the sources and to the buffer.
-_shared: dict[tuple[int, ...], tuple[list[weakref.ref], weakref.ref]] = {}
+#: a copy of its own. Weak values: a buffer lives as long as a graph reads it.
+_shared: weakref.WeakValueDictionary[tuple[int, ...], Concatenation] = weakref.WeakValueDictionary()
 
 
-def _shared_concatenation(sources: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``cat(sources, 0)``: the live buffer of an earlier graph over the same tensors
-    (refreshed if a source changed since), else a new one."""
+def _shared_concatenation(sources: Sequence[torch.Tensor]) -> Concatenation:
+    """The concatenation of an earlier graph over the same tensors (brought up to date),
+    else a new one."""
     key = tuple(id(t) for t in sources)
-    hit = _shared.get(key)
-    if hit is not None:
-        refs, buffer_ref = hit
-        buffer = buffer_ref()
-        if buffer is not None and all(r() is t for r, t in zip(refs, sources, strict=True)):
-            with torch.no_grad():  # current whatever the other graph saw last
-                torch.cat(list(sources), dim=0, out=buffer)
-            counters["fused_weights.shared"] += 1
-            return buffer
-    for stale in [k for k, (_, b) in _shared.items() if b() is None]:
-        del _shared[stale]
-    # A normal tensor even when compiled under inference_mode: later refreshes may run
-    # outside it, where writing into an inference tensor is refused.
-    with torch.no_grad(), torch.inference_mode(False):
-        buffer = torch.cat(list(sources), dim=0)
-    _shared[key] = ([weakref.ref(t) for t in sources], weakref.ref(buffer))
-    return buffer
+    concat = _shared.get(key)
+    if concat is not None and concat.fits(sources):
+        # Same ids may be other tensors (ids are reused): holds() compares identities.
+        if not concat.holds(sources):
+            concat.refresh(sources)
+        counters["fused_weights.shared"] += 1
+        return concat
+    concat = Concatenation(sources)
+    _shared[key] = concat
+    return concat
 
 
 def _declare_source(gm: torch.fx.GraphModule, name: str) -> bool:
@@ -201,7 +222,8 @@ def _declare_source(gm: torch.fx.GraphModule, name: str) -> bool:
         return False
     if not isinstance(table, dict):
         return False
-    table[name] = ConstantSource(f"__difforge_fused_weight_{id(gm):x}_{name}")
+    # A name stable across processes: AOTAutograd's cache key includes the sources.
+    table[name] = ConstantSource(f"__difforge_{name}")
     return True
 
 

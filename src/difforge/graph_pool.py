@@ -186,6 +186,7 @@ class GraphPool:
         self._entries.move_to_end(key)
         for hook in entry.before_replay:
             hook()
+            replay_checks.note(hook, hook)  # an enclosing pool recording this call needs it
         tensors = [_distinct(x) for x in leaves if isinstance(x, torch.Tensor)]
         if tensors:
             torch._foreach_copy_(entry.static_views, tensors)
