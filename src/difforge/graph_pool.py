@@ -38,8 +38,9 @@ What a graph cannot see: state outside its arguments. Parameters updated in plac
 fine (same memory), except where the ``freezing`` mode folded them into constants or
 ``fuse_qkv.cached_weights`` concatenated them: what the call's compiled graphs do on every
 call (the frozen-weight check raises, a stale concatenation is recomputed in place;
-:mod:`difforge.replay_checks`) runs before each of its replays. Replacing a module's parameters, buffers or sub-modules (a LoRA load,
-fused projections) drops every graph before the next call, which then captures afresh
+:mod:`difforge.replay_checks`) runs before each of its replays. Replacing a module's
+parameters, buffers or sub-modules (a LoRA load, fused projections) drops every graph
+before the next call, which then captures afresh
 (:mod:`difforge.module_watch`). Changes no registration shows (``param.data = other``, a
 new attention processor object, a LoRA scale) need :meth:`GraphPool.reset`
 (``difforge.reset_graphs``).
