@@ -442,7 +442,7 @@ def test_step_measurement_on_tiny_pixart() -> None:
             "--models",
             "tiny-pixart",
             "--variants",
-            "eager,O1",
+            "eager,compile,O1",
             "--height",
             "64",
             "--width",
@@ -456,11 +456,14 @@ def test_step_measurement_on_tiny_pixart() -> None:
         ]
     )
     results = {r.variant: r for r in bench_model("tiny-pixart", args, torch.device("cpu"), {})}
-    assert set(results) == {"eager", "O1"}
+    assert set(results) == {"eager", "compile", "O1"}
     assert all(r.error is None and r.median_ms and r.median_ms > 0 for r in results.values())
     assert results["eager"].rel_err_vs_fp32 == 0.0
     assert results["O1"].rel_err_vs_fp32 is not None and results["O1"].rel_err_vs_fp32 < 1e-5
     assert all(r.spread == r.median_ms / r.min_ms >= 1.0 for r in results.values())
+    fastest_compile = results["compile"].min_ms
+    for r in results.values():
+        assert r.speedup_vs_compile_min == pytest.approx(fastest_compile / r.min_ms)
 
 
 def test_a_host_bound_baseline_is_called_out() -> None:
