@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from difforge.bench.step import NOISY_SPREAD
+
 RESULTS = Path(__file__).resolve().parent / "results"
 README = RESULTS.parent.parent / "README.md"
 
@@ -194,12 +196,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-#: A stock-compile baseline whose median exceeds its minimum by more than this was
-#: host-bound in its run (bench_step's NOISY_SPREAD): its ratios are marked, not trusted.
-NOISY_SPREAD = 1.10
+#: Under a stock-compile baseline whose median exceeds its minimum by more than
+#: NOISY_SPREAD (host-bound in its run), ratios are marked, not trusted.
 NOISY_NOTE = (
-    "† that run's stock compile was host-bound (median over 1.10x its minimum: it launches "
-    "every kernel from Python), so ratios against its median overstate difforge's gain."
+    f"† that run's stock compile was host-bound (median over {NOISY_SPREAD:.2f}x its minimum: "
+    "it launches every kernel from Python), so ratios against its median overstate "
+    "difforge's gain."
 )
 
 

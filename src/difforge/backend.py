@@ -116,12 +116,13 @@ class DifforgeBackend:
         start = time.perf_counter()
         record = CompileRecord(mode=config.mode, inductor_patches={}, regions=_regions(gm))
         unbacked = has_unbacked_sizes(example_inputs)
+        patches = config.inductor_patches()
         # Not under precompile (a loaded entry would skip the refresh) nor freezing (Inductor
         # would fold the buffer into a constant that no refresh reaches).
         cache_weights = (
             bool(config.settings["fuse_qkv.cached_weights"])
             and not bool(config.settings["cache.precompile"])
-            and not config.inductor_patches().get("freezing")
+            and not patches.get("freezing")
         )
         with (
             using_policy(config.attention_policy()),
@@ -129,14 +130,12 @@ class DifforgeBackend:
         ):
             record.rewrites.update(run_fx_passes(gm, enabled_passes("fx", config.pass_enabled)))
         fused_groups = weight_cache.prune() if weight_cache is not None else []
-        if fused_groups:
-            assert weight_cache is not None
+        if weight_cache is not None and fused_groups:
             record.notes.append(
                 f"fuse_qkv.cached_weights: {len(fused_groups)} concatenations cached, "
                 f"{weight_cache.nbytes() / 2**20:.1f} MiB"
             )
 
-        patches = config.inductor_patches()
         if (
             unbacked
             and "layout_optimization" not in patches

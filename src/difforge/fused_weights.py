@@ -81,6 +81,9 @@ class FusedGroup:
 
     concatenation: Concatenation
     positions: list[int]
+    """Where each source sits among the compiled graph's arguments."""
+    name: str
+    """The graph module's buffer attribute that holds it."""
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -155,7 +158,7 @@ class FusedWeightCache:
         name = f"_difforge_fused_weight_{len(self.groups)}"
         if not _declare_source(self.gm, name):
             return None
-        group = FusedGroup(_shared_concatenation(sources), positions)
+        group = FusedGroup(_shared_concatenation(sources), positions, name)
         self.gm.register_buffer(name, group.buffer, persistent=False)
         self.groups.append(group)
         node = graph.get_attr(name)
@@ -171,14 +174,11 @@ class FusedWeightCache:
         """Drop the buffers the final graph does not read (a pass that failed and was rolled
         back, dead code); returns the groups kept."""
         read = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
-        kept = []
-        for i, group in enumerate(self.groups):
-            name = f"_difforge_fused_weight_{i}"
-            if name in read:
-                kept.append(group)
-            elif hasattr(self.gm, name):
-                delattr(self.gm, name)
-                getattr(self.gm, "_param_name_to_source", {}).pop(name, None)
+        kept = [g for g in self.groups if g.name in read]
+        for group in self.groups:
+            if group.name not in read and hasattr(self.gm, group.name):
+                delattr(self.gm, group.name)
+                getattr(self.gm, "_param_name_to_source", {}).pop(group.name, None)
         self.groups = kept
         return kept
 
