@@ -149,6 +149,32 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         {"compile": "torch.compile", "O2": "O2", "O2-freezing": "O2:freezing (weights folded)"},
     ),
     (
+        "2026-11-28_h100_step_cached_sdxl_s18.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (channels_last)",
+        ("compile", "O2", "O2-cached", "O2-freezing"),
+        {
+            "compile": "torch.compile",
+            "O2": "O2",
+            "O2-cached": "O2 + fuse_qkv.cached_weights",
+            "O2-freezing": "O2:freezing (weights folded)",
+        },
+    ),
+    (
+        "2026-11-28_h100_step_cached_pixart_s18.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "O2", "O2-cached"),
+        {"compile": "torch.compile", "O2": "O2", "O2-cached": "O2 + fuse_qkv.cached_weights"},
+    ),
+    (
+        "2026-11-28_h100_step_cached_sd3_s18.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("compile", "O2", "O2-cached"),
+        {"compile": "torch.compile", "O2": "O2", "O2-cached": "O2 + fuse_qkv.cached_weights"},
+    ),
+    (
         "2026-11-27_h100_step_attn_always_pixart_s13.json",
         "pixart-xl-2-1024",
         "PixArt-XL-2 fp16, batch 2",
