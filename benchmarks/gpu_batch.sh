@@ -117,7 +117,7 @@ case "$part" in
   testsreplay)  # the seventeenth session's gpu tests: frozen and cached weights under pooled
     # CUDA graphs (replays run the checks and refreshes the recorded call noted)
     run 300 gpu_tests_replay python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
-      tests/test_fused_weights.py tests/test_graph_pool.py ;;
+      tests/test_fused_weights.py tests/test_graph_pool.py tests/test_telemetry.py ;;
   testsdiff)
     run 560 gpu_tests_diffusers python3 -m pytest -m gpu tests/diffusers -q -p no:cacheprovider \
       --durations=15 ;;

@@ -16,7 +16,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 import difforge
 from difforge.bench.args import default_model
 from difforge.bench.outliers import plant_outliers
+from difforge.bench.telemetry import GpuTelemetry
 from difforge.diffusers.presets import build_component, get_preset
 from difforge.diffusers.step_inputs import (
     StepCall,
@@ -104,6 +105,10 @@ class VariantResult:
     attention_8bit: list[dict[str, Any]] = field(default_factory=list)
     """What the attention_int8 pass measured per attention shape (SDPA vs the best 8-bit
     tile) and chose; empty when the pass was off or saw no eligible call."""
+    gpu_telemetry: dict[str, Any] | None = None
+    """SM clock, board power and temperature sampled over the warm-up, timed and profiled
+    steps (:class:`difforge.bench.telemetry.TelemetrySummary`); None off CUDA or without
+    ``nvidia-smi``. A gap-free variant can run the same kernels at a lower clock."""
 
 
 def _sync(device: torch.device) -> None:
@@ -373,13 +378,16 @@ def bench_model(
                 _sync(device)
                 result.compile_s = time.perf_counter() - t0
                 result.graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-                for _ in range(args.warmup):
-                    call(fn)
-                times = _time_ms(lambda fn=fn: call(fn), device, args.iters)
-                if args.profile and device.type == "cuda":
-                    result.breakdown_ms, result.top_kernels = _breakdown(
-                        lambda fn=fn: call(fn), device
-                    )
+                with GpuTelemetry(device) as telemetry:
+                    for _ in range(args.warmup):
+                        call(fn)
+                    times = _time_ms(lambda fn=fn: call(fn), device, args.iters)
+                    if args.profile and device.type == "cuda":
+                        result.breakdown_ms, result.top_kernels = _breakdown(
+                            lambda fn=fn: call(fn), device
+                        )
+                summary = telemetry.summary()
+                result.gpu_telemetry = asdict(summary) if summary is not None else None
             result.median_ms = statistics.median(times)
             result.min_ms = min(times)
             result.spread = result.median_ms / result.min_ms
@@ -463,6 +471,7 @@ def table(results: list[VariantResult]) -> str:
             _fmt(r.tflops, ".0f"),
             _fmt(r.peak_mem_gib, ".1f"),
             _fmt(r.rel_err_vs_fp32, ".2e"),
+            _fmt(r.gpu_telemetry["sm_clock_mhz"] if r.gpu_telemetry else None, ".0f"),
             r.error or "",
         ]
         for r in results
@@ -479,6 +488,7 @@ def table(results: list[VariantResult]) -> str:
         "TFLOP/s",
         "peak GiB",
         "rel err",
+        "SM MHz",
         "error",
     ]
     return tabulate(rows, headers=headers, tablefmt="github")
