@@ -52,6 +52,7 @@
 #   sdxl8    SDXL's GEGLU + fp8 quantization (exact looped / persistent / bounded) + FF2, and its
 #            attention projections fp16 vs fp8 (unfused and q/k/v fused), per level  ~2 min
 #   o3sdxl   SDXL UNet step: compile vs O3 (GEGLU's FF2, text k/v fp16) vs O3 with both fp8 ~9 min
+#   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
 #   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
 #   freezepx PixArt-XL step: compile vs O2 / O3, each with and without freezing, profiled ~9 min
 #   headpad  SDPA at PixArt's head dim 72 zero-padded to 80/96/128, per backend       ~2 min
@@ -114,8 +115,9 @@ case "$part" in
   tests)  # all of them outlast one command (H100, f0acfd2)
     run 560 gpu_tests python3 -m pytest -m gpu tests -q -p no:cacheprovider --durations=15 \
       --ignore=tests/diffusers ;;
-  testsreplay)  # the seventeenth session's gpu tests: frozen and cached weights under pooled
-    # CUDA graphs (replays run the checks and refreshes the recorded call noted)
+  testsreplay)  # gpu tests of frozen and cached weights under pooled
+    # CUDA graphs (replays run the checks and refreshes the recorded call noted), and the
+    # nvidia-smi telemetry of bench_step
     run 300 gpu_tests_replay python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
       tests/test_fused_weights.py tests/test_graph_pool.py tests/test_telemetry.py ;;
   testsdiff)
@@ -306,6 +308,11 @@ case "$part" in
       --variants "$V" --profile --output-json "$out/step_cached_pixart.json"
     run 290 step_cached_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
       --variants "$V" --profile --output-json "$out/step_cached_sd3.json" ;;
+  o3flux)  # FLUX.1-dev O3 profiled with today's rules and the SM clock per variant (the last
+    # profiled O3 step is from 2026-11-26: 21.2 ms of Triton kernels, ~11 ms of them fp8
+    # activation quantization, against O2's 10.2)
+    run 590 step_o3_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants 'compile;O3' --profile --output-json "$out/step_o3_flux.json" ;;
   cachedflux)  # FLUX: the cost rule refuses its groups (2.87 ms of concatenation a step);
     # cached, every group fuses, for ~7 GB more memory, and joint_linear no longer takes v
     # (its fused GEMM also feeds q and k's RMSNorms; tiny FLUX: 1 -> 0 rewrites)
