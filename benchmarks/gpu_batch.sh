@@ -52,6 +52,8 @@
 #   sdxl8    SDXL's GEGLU + fp8 quantization (exact looped / persistent / bounded) + FF2, and its
 #            attention projections fp16 vs fp8 (unfused and q/k/v fused), per level  ~2 min
 #   o3sdxl   SDXL UNet step: compile vs O3 (GEGLU's FF2, text k/v fp16) vs O3 with both fp8 ~9 min
+#   attnquant the 8-bit attention's quantization pre-pass, piece by piece, against a plain
+#            copy of the same bytes, at PixArt / SD3 / FLUX self-attention shapes   ~2 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
 #   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
 #   freezepx PixArt-XL step: compile vs O2 / O3, each with and without freezing, profiled ~9 min
@@ -308,6 +310,9 @@ case "$part" in
       --variants "$V" --profile --output-json "$out/step_cached_pixart.json"
     run 290 step_cached_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
       --variants "$V" --profile --output-json "$out/step_cached_sd3.json" ;;
+  attnquant)  # where the 8-bit attention's quantization pre-pass spends its time, per piece
+    run 300 probe_attention_quant python3 benchmarks/probe_ops.py --probes attnquant \
+      --output-json "$out/probe_attention_quant.json" ;;
   o3flux)  # FLUX.1-dev O3 profiled with today's rules and the SM clock per variant (the last
     # profiled O3 step is from 2026-11-26: 21.2 ms of Triton kernels, ~11 ms of them fp8
     # activation quantization, against O2's 10.2)
