@@ -17,7 +17,7 @@ from difforge.bench.telemetry import (
 )
 
 # Prints nvidia-smi's CSV lines (one bad, one header-like, one without power) and then
-# keeps running until terminated, as `-lms` does.
+# keeps running until terminated, as `--loop-ms` does.
 _FAKE_SMI = """
 import sys, time
 for line in ("1980, 123.45, 38", "garbage", "clocks.sm, power.draw, temperature.gpu",

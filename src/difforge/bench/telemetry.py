@@ -6,7 +6,7 @@ takes longer in the faster variant (cuDNN's SDPA 4.50 ms vs 4.91 ms a SDXL step,
 compile vs O2, `benchmarks/results/2026-11-28_h100_step_cached_sdxl_s18.json`), and a
 kernel-time breakdown cannot tell that from a slower kernel without the clock next to it.
 
-``nvidia-smi --query-gpu ... -lms`` runs beside the measured block and prints one line per
+``nvidia-smi --query-gpu ... --loop-ms`` runs beside the measured block and prints one line per
 interval; :class:`GpuTelemetry` reads them in a thread and summarises. No ``nvidia-smi``,
 no CUDA device or a query the driver refuses: no summary, never an error (the numbers it
 explains still stand without it).
@@ -99,7 +99,7 @@ def nvidia_smi_command(device: torch.device, interval_ms: int) -> list[str] | No
         f"--id=GPU-{uuid}",
         f"--query-gpu={','.join(QUERY_FIELDS)}",
         "--format=csv,noheader,nounits",
-        f"-lms={interval_ms}",
+        f"--loop-ms={interval_ms}",
     ]
 
 
