@@ -93,6 +93,8 @@ def test_unknown_keys_are_errors_with_suggestions() -> None:
         ({"inductor.max_fusion_size": True}, "expects int, got bool"),
         ({"memory_format": "nhwc"}, "memory_format' must be one of channels_last"),
         ({"cache.dir": 5}, "'cache.dir' expects str or null"),
+        ({"compile.regional": "block"}, "one of nested, blocks; got 'block'; did you mean"),
+        ({"recompile.limit": -3}, "'recompile.limit' must be an integer >= 0"),
     ],
 )
 def test_wrong_types_are_errors(options: dict, match: str) -> None:
@@ -161,3 +163,22 @@ def test_readme_mode_table_is_current() -> None:
 
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert mode_table_markdown() in readme.read_text(), "regenerate the README's mode table"
+
+
+def test_a_bad_regional_style_fails_before_the_module_changes() -> None:
+    """difforge.compile validates every option before it touches the module: a misspelt
+    'compile.regional' used to be refused only when regions were built, after the conv
+    weights had been re-laid channels_last and the input hook installed."""
+    import torch
+
+    import difforge
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1))
+    with pytest.raises(OptionsError, match="compile.regional"):
+        difforge.compile(
+            model, options={"memory_format": "channels_last", "compile.regional": "block"}
+        )
+    assert model[0].weight.is_contiguous()
+    assert not model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not hasattr(model, "_difforge_memory_format_hook")
+    assert parse_options({"recompile.limit": None}, env={}).settings["recompile.limit"] is None

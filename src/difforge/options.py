@@ -346,8 +346,15 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "shapes.batch": BATCH_MODES,
 }
 _NON_NEGATIVE_INTS = frozenset(
-    {"quant.min_features", "quant.min_weight_elements", "attention.wide_max_score_bytes"}
+    {
+        "quant.min_features",
+        "quant.min_weight_elements",
+        "attention.wide_max_score_bytes",
+        "recompile.limit",
+    }
 )
+#: What ``compile.regional`` takes besides true/false (difforge.regional).
+REGIONAL_STYLES: tuple[str, ...] = ("nested", "blocks")
 _PATTERN_LISTS = frozenset({"quant.exclude", "quant.include"})
 
 TORCH_CONFIG_NAMESPACES: tuple[str, ...] = ("inductor", "functorch")
@@ -621,8 +628,15 @@ def _validate_dotted(key: str, value: Any, torch_configs: dict[str, dict[str, An
         _check_type(key, value, OWN_SETTINGS[key][1])
         if key in _POSITIVE_INTS and value is not None and value < 1:
             raise OptionsError(f"{key!r} must be a positive integer or null, got {value!r}")
-        if key in _NON_NEGATIVE_INTS and value < 0:
+        if key in _NON_NEGATIVE_INTS and value is not None and value < 0:
             raise OptionsError(f"{key!r} must be an integer >= 0, got {value!r}")
+        if key == "compile.regional" and isinstance(value, str) and value not in REGIONAL_STYLES:
+            # Checked here, not only when regions are built: by then difforge.compile and
+            # compile_pipe have changed the module (memory format, fp8 swap, fused q/k/v).
+            raise OptionsError(
+                f"option 'compile.regional' must be true, false or one of "
+                f"{', '.join(REGIONAL_STYLES)}; got {value!r}{_closest(value, REGIONAL_STYLES)}"
+            )
         choices = _CHOICES.get(key)
         if choices is not None and value is not None and value not in choices:
             raise OptionsError(

@@ -88,6 +88,7 @@ from torch import nn
 
 from difforge.entry import wrap_entry
 from difforge.errors import OptionsError, warn
+from difforge.options import REGIONAL_STYLES
 
 log = logging.getLogger("difforge")
 
@@ -104,9 +105,6 @@ __all__ = [
     "unmark_regions",
     "with_region_fallback",
 ]
-
-#: Values of ``compile.regional`` besides true/false.
-REGIONAL_STYLES: tuple[str, ...] = ("nested", "blocks")
 
 _MARK = "_difforge_region"
 """Attribute set on a marked block: the :class:`BlockGroup` signature it belongs to."""
