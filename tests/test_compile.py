@@ -316,6 +316,20 @@ def test_torch_compile_backend_string_with_options() -> None:
     assert difforge.counters["fuse_qkv"] > 0
 
 
+def test_torch_compile_with_another_cache_folder_writes_there(tmp_path) -> None:
+    """Entry-point backends are shared per options; two cache folders are two backends, so
+    the second model's artifacts land in its own folder (they all went to the first)."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 8)
+    for folder, width in (("a", 8), ("b", 16)):
+        model = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.GELU()).eval()
+        options = {"mode": "cache-all", "cache.dir": str(tmp_path / folder)}
+        with torch.no_grad():
+            torch.compile(model, backend="difforge", options=options)(x)
+    files = {f: [p for p in (tmp_path / f).rglob("*") if p.is_file()] for f in ("a", "b")}
+    assert files["a"] and files["b"], {f: len(v) for f, v in files.items()}
+
+
 def test_entry_point_works_without_importing_difforge() -> None:
     script = textwrap.dedent(
         """

@@ -261,8 +261,9 @@ def difforge_backend(
             )
         opts["mode"] = mode
     config = parse_options(opts)
-    # One backend per distinct options, so recompiles of a function are counted across calls.
-    key = config.key()
+    # One backend per distinct options (and cache folder), so recompiles of a function are
+    # counted across calls.
+    key = config.placement_key()
     if key not in _ENTRY_POINT_BACKENDS:
         _ENTRY_POINT_BACKENDS[key] = DifforgeBackend(config)
     backend = _ENTRY_POINT_BACKENDS[key]

@@ -562,8 +562,16 @@ class CompileConfig:
         configured = self.settings.get("cache.dir")
         return Path(configured).expanduser() if configured else default_cache_dir()
 
+    def placement_key(self) -> str:
+        """:meth:`key` plus the folder compiled artifacts go to (with the cache on): two
+        configs that differ only there compile the same code but must not share a backend
+        or a compiled component, or the second folder would never be written."""
+        folder = str(self.cache_dir) if self.cache_enabled else None
+        return json.dumps([self.key(), folder])
+
     def key(self) -> str:
-        """A stable JSON string of everything that can change the compiled result."""
+        """A stable JSON string of everything that can change the compiled result (not where
+        it is stored: see :meth:`placement_key`), so cache entries stay portable."""
         return json.dumps(
             {
                 "mode": self.mode,

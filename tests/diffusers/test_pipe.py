@@ -257,6 +257,20 @@ def test_other_options_recompile_from_the_original_modules(
     assert len(compile_calls) == 6
 
 
+def test_another_cache_folder_recompiles(compile_calls: list[str], tmp_path: Any) -> None:
+    """The options key leaves out cache.dir (saved pipes stay portable), but a second folder
+    must recompile, or its artifacts would keep going to the first one (reviewer's find)."""
+    pipe, _ = tiny("tiny-pixart")
+    first = {"mode": "cache-all", "cache.dir": str(tmp_path / "a")}
+    compile_pipe(pipe, options=first)
+    assert len(compile_calls) == 3
+    compile_pipe(pipe, options=first)
+    assert len(compile_calls) == 3
+    compile_pipe(pipe, options={"mode": "cache-all", "cache.dir": str(tmp_path / "b")})
+    assert len(compile_calls) == 6
+    assert pipe_state(pipe).configs["transformer"].cache_dir == tmp_path / "b"
+
+
 def test_module_compiled_elsewhere_is_recompiled_from_its_original(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -394,7 +394,15 @@ def compile_pipe(
         # 'compile.regional': 'blocks' compiles the blocks in place and keeps the module.
         if isinstance(current, _OptimizedModule) or name in state.compiled:
             recorded = state.compiled.get(name)
-            if recorded == key:
+            # The key leaves out the cache folder (it is saved with the pipe and must stay
+            # portable); a new folder still recompiles, or nothing would be written there.
+            before = state.configs.get(name)
+            same_folder = (
+                config is None
+                or before is None
+                or (before.placement_key() == config.placement_key())
+            )
+            if recorded == key and same_folder:
                 log.debug("difforge: %s is already compiled with these options", name)
                 continue
             why = "was compiled outside difforge" if recorded is None else "compile options changed"
