@@ -24,7 +24,8 @@ would have taken:
 
 Adapters change the module instance only (never the class), are idempotent, are recorded
 on the instance and undone by :func:`remove_shape_adapters`. ``difforge.compile`` applies
-them unless ``dynamic`` is ``false`` or ``shapes.adapters`` is off; each bumps
+them when ``dynamic`` is ``true`` and ``shapes.adapters`` is on (not under Dynamo's
+automatic dynamic, ``dynamic: null``, which keeps the model as it is); each bumps
 ``difforge.counters[name]`` once per module it adapts.
 """
 

@@ -126,6 +126,19 @@ def test_pixart_at_its_training_size_uses_the_same_graph() -> None:
     assert max(errors) < 1e-5
 
 
+def test_adapters_apply_only_with_dynamic_true() -> None:
+    """What the README's options table says: the adapters come with ``dynamic: true`` only;
+    the default (Dynamo's automatic dynamic) and ``false`` leave the module as it is."""
+    for dynamic, expected in (
+        (None, {}),
+        (False, {}),
+        (True, {"dynamic_pos_embed": ["pos_embed"]}),
+    ):
+        module, _ = denoiser("tiny-pixart")
+        difforge.compile(module, options={"dynamic": dynamic})
+        assert shape_adapters(module) == expected, dynamic
+
+
 def test_without_adapters_pixart_recompiles_for_square_sizes() -> None:
     """The negative case: ``shapes.adapters`` off leaves diffusers' square branch."""
     module, reference = denoiser("tiny-pixart")
