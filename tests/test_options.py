@@ -133,6 +133,13 @@ def test_env_precedence_option_over_env_over_default(tmp_path) -> None:
     # Inductor owns TORCHINDUCTOR_CACHE_DIR; ours is a folder inside it.
     config = parse_options(None, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path)})
     assert config.settings["cache.dir"] == str(tmp_path / "difforge")
+    # torch writes its own default into the environment (importing difforge imports Dynamo):
+    # that is no choice of the user's, and a root under /tmp would not survive a reboot.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    env = {"TORCHINDUCTOR_CACHE_DIR": torch_default(), "XDG_CACHE_HOME": str(tmp_path / "x")}
+    config = parse_options({"mode": "cache-all"}, env=env)
+    assert config.cache_dir == tmp_path / "x" / "difforge"
     with pytest.raises(OptionsError, match="DIFFORGE_GRAPH_CACHE='maybe' must be 1 or 0"):
         parse_options(None, env={"DIFFORGE_GRAPH_CACHE": "maybe"})
     with pytest.raises(OptionsError, match="unknown mode 'turbo'"):

@@ -28,8 +28,9 @@ CACHE_HELP = "show or clear difforge's compile cache"
 BENCH_HELP = "the text-to-image benchmark (all further arguments go to it)"
 
 CLEAR_DESCRIPTION = """\
-Remove difforge's own cache folders, <root>/inductor and <root>/triton, and the root
-itself if that leaves it empty. Nothing else under the root is touched.
+Remove difforge's own cache folders, <root>/inductor, <root>/triton, <root>/autotune and
+<root>/precompile, and the root itself if that leaves it empty. Nothing else under the root
+is touched.
 
 With --inductor-default, also remove torch Inductor's default cache folder
 ($TORCHINDUCTOR_CACHE_DIR, or /tmp/torchinductor_$USER), which difforge does not own:
@@ -286,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help=CACHE_HELP, description=CACHE_HELP)
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
     dir_help = (
-        "cache root (default: $DIFFORGE_CACHE_DIR, else $TORCHINDUCTOR_CACHE_DIR, "
-        "else ~/.cache/difforge)"
+        "cache root (default: $DIFFORGE_CACHE_DIR, else $TORCHINDUCTOR_CACHE_DIR/difforge if "
+        "you set it, else $XDG_CACHE_HOME/difforge or ~/.cache/difforge)"
     )
 
     cache_info = cache_sub.add_parser(

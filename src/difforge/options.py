@@ -439,15 +439,37 @@ def _env_bool(env: Mapping[str, str], name: str) -> bool | None:
     raise OptionsError(f"environment variable {name}={raw!r} must be 1 or 0 (or true/false)")
 
 
+def user_inductor_cache_dir(env: Mapping[str, str] | None = None) -> str | None:
+    """TORCHINDUCTOR_CACHE_DIR if the user chose it, else None.
+
+    The first time Inductor asks for its cache folder, torch writes its own default
+    (``/tmp/torchinductor_$USER``) into ``os.environ`` (``cache_dir_utils.cache_dir``), and
+    importing difforge already imports Dynamo: that value is torch's, not a choice, and a
+    cache root under /tmp would not survive a reboot. So a value equal to torch's default
+    counts as unset."""
+    env = os.environ if env is None else env
+    value = env.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value:
+        return None
+    try:  # private API (torch 2.9-2.13); without it every value counts as the user's
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+    except ImportError:
+        return value
+    if os.path.abspath(os.path.expanduser(value)) == os.path.abspath(torch_default()):
+        return None
+    return value
+
+
 def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
-    """The cache root: DIFFORGE_CACHE_DIR, else a ``difforge`` folder inside
-    TORCHINDUCTOR_CACHE_DIR (never that folder itself, which Inductor owns), else the
-    user cache directory."""
+    """The cache root: DIFFORGE_CACHE_DIR, else a ``difforge`` folder inside a
+    TORCHINDUCTOR_CACHE_DIR the user set (never that folder itself, which Inductor owns;
+    see :func:`user_inductor_cache_dir`), else the user cache directory."""
     env = os.environ if env is None else env
     if env.get("DIFFORGE_CACHE_DIR"):
         return Path(env["DIFFORGE_CACHE_DIR"]).expanduser()
-    if env.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(env["TORCHINDUCTOR_CACHE_DIR"]).expanduser() / "difforge"
+    inductor_dir = user_inductor_cache_dir(env)
+    if inductor_dir:
+        return Path(inductor_dir).expanduser() / "difforge"
     base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "difforge"
 
