@@ -74,6 +74,48 @@ def test_channels_last_input_conversion_is_not_a_compiled_frame() -> None:
     assert counters["frames"]["ok"] == 1
 
 
+def test_channels_last_with_fullgraph_has_no_graph_break() -> None:
+    """Dynamo traces the module's __call__, its pre-hooks included: the input hook must not
+    break the graph there (it was a disabled function: 'Skip calling torch.compiler.disable()'
+    under fullgraph). The inputs still arrive channels_last, converted before the call."""
+    from torch._dynamo.utils import counters
+
+    model = TinyUNet().eval()
+    compiled = difforge.compile(
+        model, options={"memory_format": "channels_last", "fullgraph": True}
+    )
+    seen: list[bool] = []
+    model.conv_in.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    args = unet_inputs()
+    with torch.no_grad():
+        assert rel_err(compiled(*args), model(*args)) < FP32_TOL
+    assert counters["graph_break"] == {}
+    assert seen[0] is True, "the compiled call sees channels_last inputs"
+    # The original module is left without an input hook: called eagerly it takes inputs as
+    # they come (same numbers).
+    assert seen[1:] == [False]
+
+
+def test_channels_last_hooks_the_inputs_only_where_the_module_runs_eagerly() -> None:
+    """compile.regional 'blocks' compiles the blocks in place and runs the model around
+    them eagerly: there the input hook converts; a whole-model compile gets no hook."""
+    model, reference = TinyDiT().eval(), TinyDiT().eval()
+    reference.load_state_dict(model.state_dict())
+    blocks = difforge.compile(
+        model, options={"memory_format": "channels_last", "compile.regional": "blocks"}
+    )
+    assert blocks is model and hasattr(model, "_difforge_memory_format_hook")
+    args = dit_inputs()
+    with torch.no_grad():
+        assert rel_err(blocks(*args), reference(*args)) < FP32_TOL
+    torch._dynamo.reset()
+    whole = TinyDiT().eval()
+    difforge.compile(whole, options={"memory_format": "channels_last"})
+    assert not hasattr(whole, "_difforge_memory_format_hook")
+
+
 def test_max_optimize_fires_fusion_and_o1_does_not() -> None:
     model, inputs = TinyDiT(depth=2).eval(), dit_inputs()
     _compile_and_check(model, inputs, {"mode": "O1"})

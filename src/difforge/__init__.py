@@ -19,9 +19,15 @@ from difforge._version import __version__
 from difforge.backend import DifforgeBackend, compile_records, difforge_backend
 from difforge.batch import BatchAxis, resolve_batch_mode, with_batch_axis
 from difforge.dynamic import apply_shape_adapters
+from difforge.entry import wrap_entry
 from difforge.errors import DifforgeError, OptionsError, PassError
 from difforge.graph_pool import GraphPool, graphs_of, requires_grad, reset_graphs, with_graph_pool
-from difforge.memory_format import apply_memory_format
+from difforge.memory_format import (
+    convert_conv_weights,
+    converting_inputs,
+    install_input_hook,
+    remove_input_hook,
+)
 from difforge.module_watch import ModuleWatch
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
@@ -146,7 +152,9 @@ def compile(
                 f"memory_format={config.memory_format!r} needs an nn.Module (it re-lays conv "
                 "weights); for a plain function use 'preserve'"
             )
-        apply_memory_format(module, config.memory_format)
+        # Weights now; the inputs once the regional style is known (below).
+        remove_input_hook(module)
+        convert_conv_weights(module, config.memory_format)
     # low-precision / quant.fp8_linear: nn.Linear -> Fp8Linear, in place, weights quantized
     # once here (difforge.quant.auto says why here and not in the backend).
     swap_fp8_linears(module, config.settings)
@@ -196,10 +204,18 @@ def compile(
         # Each block becomes its own compiled frame; the model around them stays eager.
         regional.compile_blocks(module, regional.find_repeated_blocks(module), compile_one)
         compiled = module
+        if config.memory_format != "preserve":
+            install_input_hook(module, config.memory_format)  # the module runs eagerly
     else:
         compiled = compile_one(module)
         if style == "nested":
             compiled = regional.with_region_fallback(compiled, module)
+        if config.memory_format != "preserve":
+            # Before Dynamo sees the call (a hook would be traced), inside the graph pool
+            # (so a recorded call captures the layout copy too).
+            compiled = wrap_entry(
+                compiled, lambda call: converting_inputs(call, config.memory_format)
+            )
     if not pooled:
         return compiled
     grad_sensitive = requires_grad(module)

@@ -6,6 +6,8 @@ converting weights once and inputs at the graph boundary beats converting per la
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,28 +42,57 @@ def _convert_inputs(value: Any, fmt: torch.memory_format) -> Any:
     return value
 
 
-def apply_memory_format(module: nn.Module, name: str) -> int:
-    """Apply ``name`` to ``module``'s conv weights and to its 4-D floating inputs.
-
-    Idempotent: a second call replaces the input hook rather than stacking another.
-    Returns the number of conv weights converted (0 for ``preserve``).
-    """
+def remove_input_hook(module: nn.Module) -> None:
+    """Drop the input-layout hook :func:`install_input_hook` put on ``module``, if any."""
     old = getattr(module, _HOOK_ATTR, None)
     if old is not None:
         old.remove()
         delattr(module, _HOOK_ATTR)
-    if name == "preserve":
-        return 0
-    converted = convert_conv_weights(module, name)
+
+
+def install_input_hook(module: nn.Module, name: str) -> None:
+    """Lay ``module``'s 4-D floating inputs out as ``name`` on every (eager) call.
+
+    For modules that run eagerly around compiled parts (``compile.regional: blocks``). A
+    compiled module gets :func:`converting_inputs` around its call instead: Dynamo traces a
+    module's hooks, as a frame of their own with its own guards or, under ``fullgraph``,
+    inside the graph, where this disabled function is an error."""
+    remove_input_hook(module)
     fmt = _torch_format(name)
 
-    # Outside Dynamo: a pre-hook runs before the compiled forward, so Dynamo would trace
-    # it as a frame of its own, with its own guards (argument count, sizes) that recompile
-    # for every module and batch it sees; eagerly it is one layout copy per 4-D input.
     @torch.compiler.disable
     def to_format(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return _convert_inputs(args, fmt), {k: _convert_inputs(v, fmt) for k, v in kwargs.items()}
 
     handle = module.register_forward_pre_hook(to_format, with_kwargs=True)
     object.__setattr__(module, _HOOK_ATTR, handle)
+
+
+def converting_inputs(call: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``call`` with its 4-D floating inputs laid out as ``name`` first, outside Dynamo
+    (wrapped around a compiled module's entry; see :func:`install_input_hook`)."""
+    fmt = _torch_format(name)
+
+    @functools.wraps(call)
+    def converted(*args: Any, **kwargs: Any) -> Any:
+        args = _convert_inputs(args, fmt)
+        return call(*args, **{k: _convert_inputs(v, fmt) for k, v in kwargs.items()})
+
+    return converted
+
+
+def apply_memory_format(module: nn.Module, name: str) -> int:
+    """Apply ``name`` to ``module``'s conv weights and, by a hook, to its 4-D floating
+    inputs (for eager use; ``difforge.compile`` converts a compiled module's inputs
+    outside the graph instead).
+
+    Idempotent: a second call replaces the input hook rather than stacking another.
+    Returns the number of conv weights converted (0 for ``preserve``, which only removes
+    the hook).
+    """
+    remove_input_hook(module)
+    if name == "preserve":
+        return 0
+    converted = convert_conv_weights(module, name)
+    install_input_hook(module, name)
     return converted
