@@ -26,6 +26,13 @@ README = RESULTS.parent.parent / "README.md"
 _OLD_O2 = "O2 then (max-optimize, no graphs)"
 #: Runs with today's O3: fp8 linears, the GELU/fp8 rewrites.
 _WITH_FP8 = {"compile": "torch.compile", "O2": _OLD_O2, "O3": "O3 (fp8 linears)"}
+#: O2 beside its weight variants (cached fused weights, freezing).
+_WEIGHTS = {
+    "compile": "torch.compile",
+    "O2": "O2",
+    "O2-cached": "O2 + fuse_qkv.cached_weights",
+    "O2-freezing": "O2:freezing (weights folded)",
+}
 #: Today's O2 (max-optimize + difforge's pooled CUDA graphs) against O2 without graphs.
 _O2_GRAPHS = {
     "compile": "torch.compile",
@@ -146,33 +153,28 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         "sdxl-base",
         "SDXL UNet fp16, batch 2 (channels_last)",
         ("compile", "O2", "O2-freezing"),
-        {"compile": "torch.compile", "O2": "O2", "O2-freezing": "O2:freezing (weights folded)"},
+        _WEIGHTS,
     ),
     (
         "2026-11-28_h100_step_cached_sdxl_s18.json",
         "sdxl-base",
         "SDXL UNet fp16, batch 2 (channels_last)",
         ("compile", "O2", "O2-cached", "O2-freezing"),
-        {
-            "compile": "torch.compile",
-            "O2": "O2",
-            "O2-cached": "O2 + fuse_qkv.cached_weights",
-            "O2-freezing": "O2:freezing (weights folded)",
-        },
+        _WEIGHTS,
     ),
     (
         "2026-11-28_h100_step_cached_pixart_s18.json",
         "pixart-xl-2-1024",
         "PixArt-XL-2 fp16, batch 2",
         ("compile", "O2", "O2-cached"),
-        {"compile": "torch.compile", "O2": "O2", "O2-cached": "O2 + fuse_qkv.cached_weights"},
+        _WEIGHTS,
     ),
     (
         "2026-11-28_h100_step_cached_sd3_s18.json",
         "sd3-medium",
         "SD3-medium fp16, batch 2",
         ("compile", "O2", "O2-cached"),
-        {"compile": "torch.compile", "O2": "O2", "O2-cached": "O2 + fuse_qkv.cached_weights"},
+        _WEIGHTS,
     ),
     (
         "2026-11-27_h100_step_attn_always_pixart_s13.json",
