@@ -42,6 +42,14 @@ def _convert_inputs(value: Any, fmt: torch.memory_format) -> Any:
     return value
 
 
+def _convert_call(
+    args: tuple, kwargs: dict[str, Any], fmt: torch.memory_format
+) -> tuple[tuple, dict[str, Any]]:
+    """A call's positional and keyword arguments with their 4-D floating tensors in ``fmt``
+    (the input hook's and :func:`converting_inputs`' one conversion)."""
+    return _convert_inputs(args, fmt), {k: _convert_inputs(v, fmt) for k, v in kwargs.items()}
+
+
 def remove_input_hook(module: nn.Module) -> None:
     """Drop the input-layout hook :func:`install_input_hook` put on ``module``, if any."""
     old = getattr(module, _HOOK_ATTR, None)
@@ -62,7 +70,7 @@ def install_input_hook(module: nn.Module, name: str) -> None:
 
     @torch.compiler.disable
     def to_format(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return _convert_inputs(args, fmt), {k: _convert_inputs(v, fmt) for k, v in kwargs.items()}
+        return _convert_call(args, kwargs, fmt)
 
     handle = module.register_forward_pre_hook(to_format, with_kwargs=True)
     object.__setattr__(module, _HOOK_ATTR, handle)
@@ -75,8 +83,8 @@ def converting_inputs(call: Callable[..., Any], name: str) -> Callable[..., Any]
 
     @functools.wraps(call)
     def converted(*args: Any, **kwargs: Any) -> Any:
-        args = _convert_inputs(args, fmt)
-        return call(*args, **{k: _convert_inputs(v, fmt) for k, v in kwargs.items()})
+        args, kwargs = _convert_call(args, kwargs, fmt)
+        return call(*args, **kwargs)
 
     return converted
 
