@@ -382,6 +382,15 @@ def _closest(word: str, candidates: list[str] | tuple[str, ...]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+def bad_regional_style(value: object) -> OptionsError:
+    """The error for a ``compile.regional`` value that is neither a bool nor a style."""
+    hint = _closest(value, REGIONAL_STYLES) if isinstance(value, str) else ""
+    return OptionsError(
+        f"option 'compile.regional' must be true, false or one of "
+        f"{', '.join(REGIONAL_STYLES)}; got {value!r}{hint}"
+    )
+
+
 def _torch_config(namespace: str) -> dict[str, Any]:
     """The current values of a torch config module, keyed by their dotted names."""
     if namespace == "inductor":
@@ -663,10 +672,7 @@ def _validate_dotted(key: str, value: Any, torch_configs: dict[str, dict[str, An
         if key == "compile.regional" and isinstance(value, str) and value not in REGIONAL_STYLES:
             # Checked here, not only when regions are built: by then difforge.compile and
             # compile_pipe have changed the module (memory format, fp8 swap, fused q/k/v).
-            raise OptionsError(
-                f"option 'compile.regional' must be true, false or one of "
-                f"{', '.join(REGIONAL_STYLES)}; got {value!r}{_closest(value, REGIONAL_STYLES)}"
-            )
+            raise bad_regional_style(value)
         choices = _CHOICES.get(key)
         if choices is not None and value is not None and value not in choices:
             raise OptionsError(

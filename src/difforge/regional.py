@@ -88,7 +88,7 @@ from torch import nn
 
 from difforge.entry import wrap_entry
 from difforge.errors import OptionsError, warn
-from difforge.options import REGIONAL_STYLES
+from difforge.options import REGIONAL_STYLES, bad_regional_style
 
 log = logging.getLogger("difforge")
 
@@ -163,10 +163,7 @@ def resolve_style(value: Any) -> str | None:
                     "use 'blocks' (or true, which picks what works)"
                 )
         return value
-    raise OptionsError(
-        f"option 'compile.regional' must be true, false or one of {', '.join(REGIONAL_STYLES)}; "
-        f"got {value!r}"
-    )
+    raise bad_regional_style(value)
 
 
 # --------------------------------------------------------------------------------------------
