@@ -230,6 +230,20 @@ def test_head_dim_tiles(d: int, qk: tuple[int, int], pv: tuple[int, int]) -> Non
     assert sum(qk) >= d and sum(pv) >= d
 
 
+@pytest.mark.parametrize(
+    "strides,align",
+    [
+        ((4096 * 1152, 72, 1152), 8),
+        ((4096 * 1152, 64, 1024), 16),
+        ((40, 20, 10), 2),
+        ((7, 3, 1), 1),
+    ],
+)
+def test_stride_alignment(strides: tuple[int, ...], align: int) -> None:
+    """The largest power of two up to 16 dividing every stride: PixArt's head stride 72 -> 8."""
+    assert mod.stride_alignment(*strides) == align
+
+
 @pytest.mark.parametrize("pv_fp8", [False, True], ids=["pv-fp16", "pv-fp8"])
 def test_kernel_head_dim_below_the_minimum_tile(pv_fp8: bool) -> None:
     """Head dim 8: V is padded to the 16-wide P·V tile (and q/k to 32 for Q·Kᵀ)."""
@@ -413,6 +427,7 @@ def test_benchmark_helper_needs_cuda_without_a_timer() -> None:
 
 _COMPILE_FOR_SM90 = textwrap.dedent(
     r"""
+    import re
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -420,10 +435,15 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
 
     target = GPUTarget("cuda", 90, 32)
 
-    def build(kernel, types, consts, **options):
+    def build(kernel, types, consts, aligned=(), **options):
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
-        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        # what a launch specialises: pointers and strides that are multiples of 16
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
         return triton.compile(src, target=target, options=options).asm
+
+    def count(pattern, ptx):
+        return len(re.findall(pattern, ptx))
 
     for dt, d, fp8 in (("fp16", 72, False), ("bf16", 128, False), ("fp16", 72, True)):
         qk, pv = m.head_dim_tiles(d, 32), m.head_dim_tiles(d, 16)
@@ -433,7 +453,8 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
         consts = {"HEAD_DIM": d, "QK_MAIN": qk[0],
                   "QK_TAIL": qk[1], "PV_MAIN": pv[0], "PV_TAIL": pv[1], "BLOCK_M": 128,
                   "BLOCK_N": 64, "EVEN_KV": d != 72 or fp8, "PV_FP8": fp8, "INTERPRET": False,
-                  "stride_vs" if fp8 else "stride_vd": 1, "stride_vts" if fp8 else "stride_vtd": 1}
+                  "stride_vs" if fp8 else "stride_vd": 1, "stride_vts" if fp8 else "stride_vtd": 1,
+                  "V_ALIGN": 8, "O_ALIGN": 8}
         asm = build(m._attention_int8_kernel, types, consts, num_warps=8, num_stages=2)
         assert "cubin" in asm, "ptxas did not run"
         assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in asm["ptx"], "no int8 wgmma"
@@ -443,14 +464,35 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
             assert f"m64n16k{32 if fp8 else 16}.f32.{ptx_dt}" in asm["ptx"]
         # int32 scores become floats by an integer add, not a quarter-rate conversion
         assert "cvt.rn.f32.s32" not in asm["ptx"], "int -> float conversion in the loop"
+        if d == 72 and not fp8:
+            # PixArt's [B, S, H, 72] V and output: head stride 72 is not a multiple of 16,
+            # so only the ALIGN hint makes V loads and output stores 16 bytes wide.
+            ptrs = [n for n in m._attention_int8_kernel.arg_names if n.endswith("_ptr")]
+            rows = ["stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks",
+                    "stride_vb", "stride_vs", "stride_ob", "stride_os", "stride_vtb", "stride_vth",
+                    "stride_vts"]
+            for align, narrow in ((1, True), (8, False)):
+                asm = build(m._attention_int8_kernel, types,
+                            {**consts, "V_ALIGN": align, "O_ALIGN": align},
+                            aligned=ptrs + rows, num_warps=8, num_stages=2)
+                assert (count(r"ld\.global(\.\w+)*\.b16 ", asm["ptx"]) > 0) == narrow, align
+                assert (count(r"st\.global(\.\w+)*\.b16 ", asm["ptx"]) > 0) == narrow, align
     types = {"v_ptr": "*fp16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv"}
-    consts = {"HEAD_DIM": 72, "DV": 80, "BLOCK_D": 128, "BLOCK_S": 64, "INTERPRET": False}
-    asm = build(m._quantize_v_fp8_kernel, types, consts, num_warps=4)
-    assert "cvt.rn.satfinite.e4m3x2.f32" in asm["ptx"], "fp8 V must round to nearest"
+    for align, narrow in ((1, True), (8, False)):
+        consts = {"HEAD_DIM": 72, "DV": 80, "BLOCK_D": 128, "BLOCK_S": 64, "INTERPRET": False,
+                  "ALIGN": align}
+        asm = build(m._quantize_v_fp8_kernel, types, consts, num_warps=4,
+                    aligned=("v_ptr", "scale_ptr", "out_ptr", "stride_vb", "stride_vs", "seq_pad"))
+        assert "cvt.rn.satfinite.e4m3x2.f32" in asm["ptx"], "fp8 V must round to nearest"
+        assert (count(r"ld\.global(\.\w+)*\.b16 ", asm["ptx"]) > 0) == narrow, align
     types = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "out_ptr": "*i8", "scale_ptr": "*fp32"}
-    consts = {"HEAD_DIM": 72, "D_OUT": 96, "BLOCK_D": 128, "BLOCK": 128, "SUBTRACT_MEAN": True}
-    asm = build(m._quantize_per_block_int8_kernel, types, consts, num_warps=8)
-    assert "div.rn.f32" in asm["ptx"], "quantization must use IEEE division"
+    for align, narrow in ((1, True), (8, False)):
+        consts = {"HEAD_DIM": 72, "D_OUT": 96, "BLOCK_D": 128, "BLOCK": 128,
+                  "SUBTRACT_MEAN": True, "ALIGN": align}
+        asm = build(m._quantize_per_block_int8_kernel, types, consts, num_warps=8,
+                    aligned=("x_ptr", "mean_ptr", "out_ptr", "scale_ptr", "stride_xb", "stride_xs"))
+        assert "div.rn.f32" in asm["ptx"], "quantization must use IEEE division"
+        assert (count(r"ld\.global(\.\w+)*\.b16 ", asm["ptx"]) > 0) == narrow, align
     print("sm90 ok")
     """
 )

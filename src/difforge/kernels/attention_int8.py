@@ -188,22 +188,49 @@ def _fp8_e4m3_rne_as_fp32(x):
     return tl.where(x < 0, -tl.minimum(r, 448.0), tl.minimum(r, 448.0))
 
 
+def stride_alignment(*strides: int) -> int:
+    """The largest power of two up to 16 dividing every stride (in elements).
+
+    Triton marks an integer argument as aligned only when it is a multiple of 16, so the
+    head stride 72 of a ``[B, S, H, 72]`` tensor seen as ``[B, H, S, 72]`` leaves every row
+    address "unaligned" and each load split into 2-byte pieces: the quantizers ran 4x slower
+    at PixArt's head dim than at 64 or 128 (H100, 2026-11-28). The kernels take this value
+    as a constexpr and hint their offsets with it (``tl.multiple_of``)."""
+    align = 16
+    while align > 1 and any(s % align for s in strides):
+        align //= 2
+    return align
+
+
+@triton.jit
+def _row_offsets(b, h, rows, stride_b, stride_h, stride_s, ALIGN: tl.constexpr):
+    """``(b * stride_b + h * stride_h, rows * stride_s)`` in int64 / int32, both hinted as
+    multiples of ``ALIGN`` (:func:`stride_alignment` of the three strides), so loads and
+    stores along the contiguous last dim vectorize."""
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    row = rows * stride_s
+    if ALIGN > 1:
+        base = tl.multiple_of(base, ALIGN)
+        row = tl.multiple_of(row, ALIGN)
+    return base, row
+
+
 @triton.jit
 def _load_row_block(
     x_ptr, stride_xb, stride_xh, stride_xs, n_heads, seq,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """This program's ``[BLOCK, BLOCK_D]`` rows of ``x [B, H, S, D]`` in float32 (grid:
     row block, batch x head), zero past the sequence and the head dim; with the offsets and
-    the mask of the real elements."""
+    the mask of the real elements. ``ALIGN``: :func:`stride_alignment` of x's strides."""
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_s < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    x_base = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-    x = tl.load(x_base + offs_s[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0)
+    base, rows = _row_offsets(b, h, offs_s, stride_xb, stride_xh, stride_xs, ALIGN)
+    x = tl.load(x_ptr + base + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
     return x.to(tl.float32), offs_s, offs_d, mask
 
 
@@ -224,11 +251,12 @@ def _quantize_per_block_int8_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK: tl.constexpr,
     SUBTRACT_MEAN: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     x, offs_s, offs_d, mask = _load_row_block(
-        x_ptr, stride_xb, stride_xh, stride_xs, n_heads, seq, HEAD_DIM, BLOCK, BLOCK_D
+        x_ptr, stride_xb, stride_xh, stride_xs, n_heads, seq, HEAD_DIM, BLOCK, BLOCK_D, ALIGN
     )
     if SUBTRACT_MEAN:
         mean = tl.load(mean_ptr + pid_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
@@ -297,6 +325,7 @@ def quantize_per_block_int8_triton(
         BLOCK_D=max(16, triton.next_power_of_2(width)),
         BLOCK=block,
         SUBTRACT_MEAN=subtract_mean is not None,
+        ALIGN=stride_alignment(*x.stride()[:3]),
         num_warps=8 if block >= 128 else 4,
     )
     return out, scale
@@ -336,10 +365,11 @@ def _quantize_v_fp8_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     x, offs_s, offs_d, _ = _load_row_block(
-        v_ptr, stride_vb, stride_vh, stride_vs, n_heads, seq, HEAD_DIM, BLOCK_S, BLOCK_D
+        v_ptr, stride_vb, stride_vh, stride_vs, n_heads, seq, HEAD_DIM, BLOCK_S, BLOCK_D, ALIGN
     )
     scale = tl.load(scale_ptr + pid_bh * DV + offs_d, mask=offs_d < DV, other=1.0)
     y = tl.div_rn(x, scale[None, :])
@@ -368,7 +398,7 @@ def quantize_v_fp8_transposed(
     _quantize_v_fp8_kernel[(triton.cdiv(seq_pad, block_s), b * h)](
         v, scale, out, v.stride(0), v.stride(1), v.stride(2), h, s, seq_pad,
         HEAD_DIM=d, DV=width, BLOCK_D=max(16, triton.next_power_of_2(width)), BLOCK_S=block_s,
-        INTERPRET=_interpreting(), num_warps=4,
+        INTERPRET=_interpreting(), ALIGN=stride_alignment(*v.stride()[:3]), num_warps=4,
     )  # fmt: skip
     return out, scale
 
@@ -467,6 +497,7 @@ def _attend_kv_block(
     MASK_KV: tl.constexpr,
     PV_FP8: tl.constexpr,
     PV_IN_FP32: tl.constexpr,
+    V_ALIGN: tl.constexpr,
 ):
     """One online-softmax step over kv block ``j``; returns the updated accumulators
     (``m_i``: the running row max of the scores in log2 units)."""
@@ -510,8 +541,11 @@ def _attend_kv_block(
     # contiguous (sequence) axis would split them into single bytes.
     mask_v: tl.constexpr = MASK_KV and not PV_FP8
     offs_vm = tl.arange(0, PV_MAIN)
+    v_rows = offs_kv * stride_vs
+    if not PV_FP8 and V_ALIGN > 1:  # V rows: hinted like the base (stride_alignment)
+        v_rows = tl.multiple_of(v_rows, V_ALIGN)
     v = _load_tile(
-        v_base + offs_kv[:, None] * stride_vs + offs_vm[None, :] * stride_vd,
+        v_base + v_rows[:, None] + offs_vm[None, :] * stride_vd,
         kv_mask[:, None], kv_mask[:, None], mask_v, False,
     )  # fmt: skip
     acc_main = _pv_dot(p, v, acc_main, alpha, PV_FP8, PV_IN_FP32)
@@ -529,7 +563,7 @@ def _attend_kv_block(
 def _store_out(
     o_base, stride_os, offs_m, m_mask, acc, l_i, v_scale_ptr,
     D0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, PV_FP8: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, O_ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Normalise one column group of the accumulator and store its real head-dim columns."""
     offs_d = D0 + tl.arange(0, WIDTH)
@@ -541,8 +575,11 @@ def _store_out(
     mask = m_mask[:, None]
     if D0 + WIDTH > HEAD_DIM:
         mask = mask & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m * stride_os
+    if O_ALIGN > 1:
+        rows = tl.multiple_of(rows, O_ALIGN)
     tl.store(
-        o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+        o_base + rows[:, None] + offs_d[None, :],
         out.to(o_base.dtype.element_ty),
         mask=mask,
     )
@@ -591,6 +628,8 @@ def _attention_int8_kernel(
     EVEN_KV: tl.constexpr,
     PV_FP8: tl.constexpr,
     INTERPRET: tl.constexpr,
+    V_ALIGN: tl.constexpr,  # stride_alignment of V's batch, head and row (fp8: column) strides
+    O_ALIGN: tl.constexpr,  # stride_alignment of the output's batch, head and row strides
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -599,9 +638,15 @@ def _attention_int8_kernel(
     # int64 base offsets: B*H*S*D overflows int32 at large batch x resolution.
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    v_off = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    if V_ALIGN > 1:
+        v_off = tl.multiple_of(v_off, V_ALIGN)
+    v_base = v_ptr + v_off
     vt_base = vt_ptr + b.to(tl.int64) * stride_vtb + h.to(tl.int64) * stride_vth
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_off = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    if O_ALIGN > 1:
+        o_off = tl.multiple_of(o_off, O_ALIGN)
+    o_base = o_ptr + o_off
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seq_q
@@ -637,7 +682,7 @@ def _attention_int8_kernel(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
                 vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
                 seq_kv, j, QK_MAIN,
-                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, True,
+                QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, True, PV_FP8, True, V_ALIGN,
             )  # fmt: skip
             j += 1
     else:
@@ -650,18 +695,18 @@ def _attention_int8_kernel(
                 q_main, q_tail, q_scale, acc_main, acc_tail, l_i, m_i, k_base, v_base,
                 vt_base, k_scale_row, stride_ks, stride_vs, stride_vd, stride_vts, stride_vtd,
                 seq_kv, j, QK_MAIN, QK_TAIL, PV_MAIN, PV_TAIL, BLOCK_N, not EVEN_KV, PV_FP8,
-                False,
+                False, V_ALIGN,
             )  # fmt: skip
 
     v_scale_row = v_scale_ptr + pid_bh * (PV_MAIN + PV_TAIL)
     _store_out(
         o_base, stride_os, offs_m, m_mask, acc_main, l_i, v_scale_row,
-        0, PV_MAIN, HEAD_DIM, PV_FP8, INTERPRET,
+        0, PV_MAIN, HEAD_DIM, PV_FP8, INTERPRET, O_ALIGN,
     )  # fmt: skip
     if PV_TAIL > 0:
         _store_out(
             o_base, stride_os, offs_m, m_mask, acc_tail, l_i, v_scale_row,
-            PV_MAIN, PV_TAIL, HEAD_DIM, PV_FP8, INTERPRET,
+            PV_MAIN, PV_TAIL, HEAD_DIM, PV_FP8, INTERPRET, O_ALIGN,
         )  # fmt: skip
 
 
@@ -850,6 +895,9 @@ def _launch(
         HEAD_DIM=head_dim, QK_MAIN=qk_main, QK_TAIL=qk_tail, PV_MAIN=pv_main, PV_TAIL=pv_tail,
         BLOCK_M=block_m, BLOCK_N=block_n, EVEN_KV=seq_kv % block_n == 0, PV_FP8=pv_fp8,
         INTERPRET=_interpreting(),
+        # fp8 Vᵀ's contiguous axis is the sequence: its column stride is the one to align.
+        V_ALIGN=stride_alignment(*v_strides[:2], v_strides[3] if pv_fp8 else v_strides[2]),
+        O_ALIGN=stride_alignment(*out.stride()[:3]),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
