@@ -361,6 +361,38 @@ def probe_attention_quant() -> list[dict[str, Any]]:
             except Exception as exc:  # one piece failing must not hide the others
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             rows.append(row)
+    return rows + _attention_quant_layouts()
+
+
+def _attention_quant_layouts() -> list[dict[str, Any]]:
+    """The q quantizer at PixArt's batch, heads and tokens for head dims 64 / 72 / 128, on
+    a view of a fused q/k/v projection and on a contiguous ``[B, H, S, D]`` copy, with 64-
+    and 128-row blocks: the 2026-11-28 probe ran it 4x slower per byte at head dim 72 than at
+    64 or 128 (still 0.11 ms after the loads were made 16 bytes wide); these rows say whether
+    the head dim or the strided layout is to blame."""
+    from difforge.kernels import attention_int8 as a8
+
+    rows: list[dict[str, Any]] = []
+    b, h, s = 2, 16, 4096
+    for d in (64, 72, 128):
+        fused = torch.randn(b, s, 3, h, d, device="cuda", dtype=torch.float16)
+        view = fused[:, :, 0].transpose(1, 2)
+        width = sum(a8.head_dim_tiles(d, 32))
+        for layout, q in (("fused view", view), ("contiguous", view.contiguous())):
+            for block in (64, 128):
+                row: dict[str, Any] = {
+                    "shape": f"pixart-q d{d} {layout}",
+                    "piece": f"q_quant block {block}",
+                }
+                ms = a8.cuda_graph_ms(
+                    lambda q=q, block=block: a8.quantize_per_block_int8_triton(
+                        q, block, pad_to=width
+                    ),
+                    40,
+                )
+                nbytes = q.numel() * 3  # fp16 in, int8 out
+                row.update(ms=ms, min_bytes_mb=nbytes / 1e6, gb_per_s=nbytes / (ms * 1e-3) / 1e9)
+                rows.append(row)
     return rows
 
 
