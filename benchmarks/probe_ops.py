@@ -369,7 +369,8 @@ def _attention_quant_layouts() -> list[dict[str, Any]]:
     a view of a fused q/k/v projection and on a contiguous ``[B, H, S, D]`` copy, with 64-
     and 128-row blocks: the 2026-11-28 probe ran it 4x slower per byte at head dim 72 than at
     64 or 128 (still 0.11 ms after the loads were made 16 bytes wide); these rows say whether
-    the head dim or the strided layout is to blame."""
+    the head dim or the strided layout is to blame, and (head dim 128 with columns 72.. set
+    to 0) whether zeros in the data cost the IEEE division its slow path."""
     from difforge.kernels import attention_int8 as a8
 
     rows: list[dict[str, Any]] = []
@@ -378,7 +379,11 @@ def _attention_quant_layouts() -> list[dict[str, Any]]:
         fused = torch.randn(b, s, 3, h, d, device="cuda", dtype=torch.float16)
         view = fused[:, :, 0].transpose(1, 2)
         width = sum(a8.head_dim_tiles(d, 32))
-        for layout, q in (("fused view", view), ("contiguous", view.contiguous())):
+        layouts = [("fused view", view), ("contiguous", view.contiguous())]
+        if d == 128:  # zeros in the data itself: does a zero numerator slow the division?
+            layouts.append(("zero cols 72+", view.contiguous()))
+            layouts[-1][1][..., 72:] = 0
+        for layout, q in layouts:
             for block in (64, 128):
                 row: dict[str, Any] = {
                     "shape": f"pixart-q d{d} {layout}",
