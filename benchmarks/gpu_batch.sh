@@ -52,6 +52,7 @@
 #   sdxl8    SDXL's GEGLU + fp8 quantization (exact looped / persistent / bounded) + FF2, and its
 #            attention projections fp16 vs fp8 (unfused and q/k/v fused), per level  ~2 min
 #   o3sdxl   SDXL UNet step: compile vs O3 (GEGLU's FF2, text k/v fp16) vs O3 with both fp8 ~9 min
+#   cgcontrol PixArt-XL step: compile vs compile + cudagraph trees vs O2, profiled      ~4 min
 #   attnquant the 8-bit attention's quantization pre-pass, piece by piece, against a plain
 #            copy of the same bytes, at PixArt / SD3 / FLUX self-attention shapes   ~2 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
@@ -310,6 +311,11 @@ case "$part" in
       --variants "$V" --profile --output-json "$out/step_cached_pixart.json"
     run 290 step_cached_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
       --variants "$V" --profile --output-json "$out/step_cached_sd3.json" ;;
+  cgcontrol)  # the control for "O2's kernels run longer": stock compile with cudagraph
+    # trees (reduce-overhead) runs compile's kernels gap-free, without difforge's rewrites
+    V='compile;compile-cudagraphs;O2'
+    run 230 step_cgcontrol_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_cgcontrol_pixart.json" ;;
   attnquant)  # where the 8-bit attention's quantization pre-pass spends its time, per piece
     run 300 probe_attention_quant python3 benchmarks/probe_ops.py --probes attnquant \
       --output-json "$out/probe_attention_quant.json" ;;

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import difforge.bench as bench
 from difforge.bench import args as bench_args
@@ -464,6 +465,28 @@ def test_step_measurement_on_tiny_pixart() -> None:
     fastest_compile = results["compile"].min_ms
     for r in results.values():
         assert r.speedup_vs_compile_min == pytest.approx(fastest_compile / r.min_ms)
+
+
+@pytest.mark.parametrize(
+    "variant,mode",
+    [
+        ("compile", None),
+        ("compile-max-autotune", "max-autotune-no-cudagraphs"),
+        ("compile-cudagraphs", "reduce-overhead"),
+    ],
+)
+def test_step_stock_variants_are_plain_torch_compile(
+    monkeypatch: pytest.MonkeyPatch, variant: str, mode: str | None
+) -> None:
+    """Stock variants are torch.compile with their mode and no difforge options (the
+    cudagraph-trees one is the control for O2's graphs: same kernels, no gaps)."""
+    from difforge.bench import step
+
+    calls: list[tuple[nn.Module, str | None]] = []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: calls.append((m, mode)) or m)
+    module = nn.Linear(2, 2)
+    assert step._compile(module, variant, {}, "tiny-pixart") is module
+    assert calls == [(module, mode)]
 
 
 def test_a_host_bound_baseline_is_called_out() -> None:

@@ -250,6 +250,17 @@ def fp8_filter(preset_name: str) -> ModuleFilter:
     return ModuleFilter()
 
 
+#: Stock torch.compile variants of one step and their ``mode``. ``compile-cudagraphs``
+#: (cudagraph trees) is the control for O2's CUDA graphs: a step replayed without gaps,
+#: the same kernels as ``compile``, none of difforge's rewrites. (The pipeline benchmark
+#: leaves CUDA graphs out of its stock baselines: see ``compilers.STOCK_MODES``.)
+STOCK_STEP_MODES: dict[str, str | None] = {
+    "compile": None,
+    "compile-max-autotune": "max-autotune-no-cudagraphs",
+    "compile-cudagraphs": "reduce-overhead",
+}
+
+
 def _compile(
     module: nn.Module, variant: str, extra: dict[str, Any], preset_name: str
 ) -> Callable[..., Any]:
@@ -260,10 +271,8 @@ def _compile(
         # this device has no fp8 GEMM). In place: the caller rebuilds the module afterwards.
         quantize_linears(module, fp8_filter(preset_name))
         return module
-    if variant == "compile":
-        return torch.compile(module)
-    if variant == "compile-max-autotune":
-        return torch.compile(module, mode="max-autotune-no-cudagraphs")
+    if variant in STOCK_STEP_MODES:
+        return torch.compile(module, mode=STOCK_STEP_MODES[variant])
     return difforge.compile(module, options=_variant_options(variant, extra))
 
 
@@ -359,7 +368,7 @@ def bench_model(
             torch.cuda.reset_peak_memory_stats(device)
         label = variant.partition("=")[0]
         result = VariantResult(spec, label, None, None, None, None, None, None)
-        if label not in ("eager", "compile", "compile-max-autotune", "fp8"):
+        if label not in ("eager", "fp8", *STOCK_STEP_MODES):
             result.options = _variant_options(variant, extra)
         fn = None
         attention_select.measurements.clear()
@@ -515,7 +524,8 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> argpar
     parser.add_argument(
         "--variants",
         default="eager,compile,O2",
-        help="eager, compile, compile-max-autotune, fp8 (the denoiser's linears quantized "
+        help="eager, compile, compile-max-autotune, compile-cudagraphs (stock "
+        "reduce-overhead), fp8 (the denoiser's linears quantized "
         "to fp8, run eagerly), any difforge mode string, or label=<options JSON>; separate "
         "with ';' when a JSON has commas",
     )
