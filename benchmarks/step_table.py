@@ -163,6 +163,31 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _WEIGHTS,
     ),
     (
+        "2026-11-28_h100_step_cached_sdxl_s19.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (channels_last)",
+        ("compile", "O2", "O2-cached", "O2-freezing"),
+        _WEIGHTS,
+    ),
+    (
+        "2026-11-28_h100_step_cgcontrol_pixart_s19.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "compile-cudagraphs", "O2"),
+        {
+            "compile": "torch.compile",
+            "compile-cudagraphs": "torch.compile + CUDA graph trees (reduce-overhead)",
+            "O2": "O2",
+        },
+    ),
+    (
+        "2026-11-28_h100_step_o3_flux_s19.json",
+        "flux-dev",
+        "FLUX.1-dev bf16, batch 1",
+        ("compile", "O3"),
+        {"compile": "torch.compile", "O3": "O3 (fp8 linears)"},
+    ),
+    (
         "2026-11-28_h100_step_cached_pixart_s18.json",
         "pixart-xl-2-1024",
         "PixArt-XL-2 fp16, batch 2",
