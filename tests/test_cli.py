@@ -69,6 +69,19 @@ def test_info_json_lists_features(capsys: pytest.CaptureFixture) -> None:
     assert "DIFFORGE_MODE" in data["environment"]
 
 
+def test_info_environment_hides_torchs_own_inductor_cache_dir() -> None:
+    """torch writes /tmp/torchinductor_$USER into the environment itself once Inductor
+    runs: `difforge info` must not report that as the user's TORCHINDUCTOR_CACHE_DIR (the
+    cache folder it prints beside it ignores it too), but a real choice shows."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    env = {"TORCHINDUCTOR_CACHE_DIR": default_cache_dir(), "DIFFORGE_MODE": "O2"}
+    assert info.environment(env)["TORCHINDUCTOR_CACHE_DIR"] is None
+    assert info.environment(env)["DIFFORGE_MODE"] == "O2"
+    env["TORCHINDUCTOR_CACHE_DIR"] = "/data/inductor"
+    assert info.environment(env)["TORCHINDUCTOR_CACHE_DIR"] == "/data/inductor"
+
+
 def test_missing_package_shows_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(info, "package_version", lambda dist: None)
     monkeypatch.setattr(info, "_probe_triton", lambda: (None, "triton is not installed"))

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from difforge.options import user_inductor_cache_dir
+
 #: Environment variables difforge (or the Inductor it drives) reads, with what they do.
 ENV_VARS: dict[str, str] = {
     "DIFFORGE_MODE": "default mode when options give none (e.g. O2, O3:cache-all)",
@@ -433,9 +435,15 @@ def features(platform: Platform | None = None) -> list[Feature]:
 
 
 def environment(env: Mapping[str, str] | None = None) -> dict[str, str | None]:
-    """The difforge-related environment variables and their values (None when unset)."""
+    """The difforge-related environment variables and their values (None when unset).
+
+    TORCHINDUCTOR_CACHE_DIR counts as unset when it holds the default torch itself wrote
+    into the environment (see ``options.user_inductor_cache_dir``): reporting it as set
+    would contradict the cache folder printed next to it."""
     env = os.environ if env is None else env
-    return {name: env.get(name) for name in ENV_VARS}
+    values = {name: env.get(name) for name in ENV_VARS}
+    values["TORCHINDUCTOR_CACHE_DIR"] = user_inductor_cache_dir(env)
+    return values
 
 
 def report(platform: Platform | None = None) -> dict[str, Any]:
