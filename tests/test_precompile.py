@@ -350,6 +350,60 @@ def test_folder_key_follows_the_models_python(tmp_path: Path) -> None:
     assert precompile.folder(config, other_class) != base
 
 
+def _double(module: object, x: object) -> object:
+    return x
+
+
+def _triple(module: object, x: object) -> object:
+    return x
+
+
+def _with_post(post: object) -> object:
+    def forward(x: object) -> object:
+        return post(x)  # type: ignore[operator]
+
+    return forward
+
+
+class _Hook:
+    def __init__(self, dtype: object) -> None:
+        self.storage_dtype = dtype
+
+    def new_forward(self, x: object) -> object:
+        return x
+
+
+def test_folder_key_follows_partial_closure_and_bound_forwards(tmp_path: Path) -> None:
+    """Patched forwards are told apart by what they run, not by their type or code alone:
+    diffusers' hooks and accelerate patch ``forward`` as ``partial(fn, module)``, users as
+    closures; one folder for two of them made a second process run the first one's trace
+    (a reviewer's repro: 0.33 error against eager)."""
+    import functools
+
+    import torch
+    from torch import nn
+
+    config = difforge.parse_options(
+        {"mode": "O2:cache-all", "cache.precompile": True, "cache.dir": str(tmp_path)}
+    )
+
+    def key(forward: object) -> object:
+        m = nn.Sequential(nn.Linear(4, 4))
+        m[0].forward = forward
+        return precompile.folder(config, m)
+
+    lin = nn.Linear(4, 4)
+    double, triple = functools.partial(_double, lin), functools.partial(_triple, lin)
+    assert key(double) == key(functools.partial(_double, nn.Linear(8, 8)))  # stable
+    assert key(double) != key(triple)
+    assert key(functools.partial(_double, lin, scale=2)) != key(double)
+    assert key(_with_post(abs)) == key(_with_post(abs))
+    assert key(_with_post(abs)) != key(_with_post(round))
+    bf16, fp8 = _Hook(torch.bfloat16), _Hook(torch.float8_e4m3fn)
+    assert key(bf16.new_forward) == key(_Hook(torch.bfloat16).new_forward)
+    assert key(bf16.new_forward) != key(fp8.new_forward)
+
+
 def test_unsupported_torch_warns_once_and_compiles_without(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -306,11 +306,92 @@ def _class_hash(cls: type) -> str:
     return digest.hexdigest()
 
 
+#: How deep :func:`_callable_hash` follows partials, wrappers and closure cells.
+_CALLABLE_DEPTH = 6
+#: Values whose ``repr`` is stable across processes and says what they are.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
 def _callable_hash(fn: Any) -> str:
-    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    if code is None:
-        return _class_hash(type(fn))
-    return hashlib.sha256(marshal.dumps(code)).hexdigest()
+    """A hash of what calling ``fn`` runs, stable across processes (no ``id``s): a
+    function's code, defaults and source file, and what its closure cells hold; a
+    ``functools.partial``'s function and bound arguments (diffusers' hooks and accelerate's
+    offloading patch ``forward`` as ``partial(new_forward, module)``); a bound method's
+    function and its object; other objects by class and attributes; ``__wrapped__``. Hashing a partial by its type or a
+    closure by its code alone gave two different patches one folder, and the second
+    process ran the first one's stored trace."""
+    digest = hashlib.sha256()
+    _hash_value(fn, digest, _CALLABLE_DEPTH, set())
+    return digest.hexdigest()
+
+
+def _hash_value(value: Any, digest: Any, depth: int, seen: set[int]) -> None:
+    """Feed ``value``'s process-independent identity into ``digest`` (see
+    :func:`_callable_hash`); containers and callables are followed ``depth`` levels."""
+    if isinstance(value, _PLAIN):
+        digest.update(f"{type(value).__name__}:{value!r}".encode())
+        return
+    if isinstance(value, torch.Tensor):
+        digest.update(f"tensor:{value.dtype}:{tuple(value.shape)}".encode())
+        return
+    if isinstance(value, torch.nn.Module):  # its own code is in the fingerprint's walk
+        digest.update(_class_hash(type(value)).encode())
+        return
+    if depth <= 0 or id(value) in seen:
+        digest.update(f"{type(value).__module__}.{type(value).__qualname__}".encode())
+        return
+    seen.add(id(value))
+    if isinstance(value, (tuple, list, set, frozenset)):
+        digest.update(f"{type(value).__name__}[".encode())
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        for item in items:
+            _hash_value(item, digest, depth - 1, seen)
+        digest.update(b"]")
+        return
+    if isinstance(value, dict):
+        digest.update(b"dict{")
+        for key in sorted(value, key=repr):
+            _hash_value(key, digest, depth - 1, seen)
+            _hash_value(value[key], digest, depth - 1, seen)
+        digest.update(b"}")
+        return
+    if isinstance(value, functools.partial):
+        digest.update(b"partial")
+        for part in (value.func, value.args, value.keywords):
+            _hash_value(part, digest, depth - 1, seen)
+        return
+    if inspect.ismethod(value):
+        digest.update(b"method")
+        _hash_value(value.__self__, digest, depth - 1, seen)
+        _hash_value(value.__func__, digest, depth - 1, seen)
+        return
+    if isinstance(value, type):
+        digest.update(_class_hash(value).encode())
+        return
+    if inspect.isbuiltin(value):
+        digest.update(f"builtin:{getattr(value, '__module__', None)}.{value.__qualname__}".encode())
+        return
+    code = getattr(value, "__code__", None)
+    if code is not None:
+        digest.update(hashlib.sha256(marshal.dumps(code)).digest())
+        digest.update(_file_hash(code.co_filename).encode())
+        for part in (getattr(value, "__defaults__", None), getattr(value, "__kwdefaults__", None)):
+            _hash_value(part, digest, depth - 1, seen)
+        for cell in getattr(value, "__closure__", None) or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell (a name assigned after the closure)
+                digest.update(b"empty-cell")
+                continue
+            _hash_value(contents, digest, depth - 1, seen)
+    else:  # an object: its class and attributes (a hook's settings, e.g. a storage dtype)
+        digest.update(_class_hash(type(value)).encode())
+        attrs = getattr(value, "__dict__", None)
+        if isinstance(attrs, dict):
+            _hash_value(attrs, digest, depth - 1, seen)
+    wrapped = getattr(value, "__wrapped__", None)
+    if wrapped is not None:
+        _hash_value(wrapped, digest, depth - 1, seen)
 
 
 def python_fingerprint(target: Any) -> str:
