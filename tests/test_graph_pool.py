@@ -36,11 +36,15 @@ class FakeCapturer:
         """False: a replay runs no Python at all and leaves the recorded outputs, as a real
         graph replaying constants would."""
         self.captures = 0
+        self.devices: list[torch.device] = []
 
     def accepts(self, tensor: torch.Tensor) -> bool:
         return True
 
-    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+    def capture(
+        self, fn: Callable[[], Any], device: torch.device
+    ) -> tuple[Callable[[], None], Any]:
+        self.devices.append(device)
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
@@ -50,13 +54,21 @@ class FakeCapturer:
             if not self.rerun:
                 return
             fresh = fn()
-            if isinstance(outputs, torch.Tensor):
-                outputs.copy_(fresh)
-            else:
-                for old, new in zip(outputs, fresh, strict=True):
-                    old.copy_(new)
+            # A real replay writes the outputs' memory whatever the mode; copy_ into
+            # outputs recorded under inference_mode is allowed only inside it.
+            with torch.inference_mode():
+                _refill(outputs, fresh)
 
         return replay, outputs
+
+
+def _refill(outputs: Any, fresh: Any) -> None:
+    """Copy a re-run's ``fresh`` outputs into the recorded ``outputs``."""
+    if isinstance(outputs, torch.Tensor):
+        outputs.copy_(fresh)
+    else:
+        for old, new in zip(outputs, fresh, strict=True):
+            old.copy_(new)
 
 
 class Scale(nn.Module):
@@ -94,6 +106,78 @@ def test_outputs_are_copies_that_later_calls_do_not_overwrite() -> None:
     assert first.tolist() == [3.0] * 4
     assert second.tolist() == [6.0] * 4
     assert third.tolist() == [15.0] * 4
+
+
+def test_a_shape_captured_in_inference_mode_replays_under_no_grad() -> None:
+    """Warm-up under inference_mode, serving under no_grad: the static inputs must not be
+    inference tensors, which a no_grad call cannot refill (a reviewer's repro)."""
+    pool, module = _pool(capturer=FakeCapturer())
+    module.requires_grad_(False)
+    x = torch.randn(2, 5)
+    with torch.inference_mode():
+        pool(x)
+    with torch.no_grad():
+        y = torch.randn(2, 5)
+        torch.testing.assert_close(pool(y), module(y))
+    assert difforge.counters["cudagraphs.replay"] == 1
+
+
+@torch.no_grad()
+def test_autocast_is_part_of_the_signature() -> None:
+    """A graph recorded without autocast replays its float32 kernels: under autocast the
+    call needs its own graph, as Dynamo would recompile."""
+    module = nn.Linear(8, 8).requires_grad_(False)
+    pool = GraphPool(module, max_graphs=4, capturer=FakeCapturer(rerun=False))
+    x = torch.randn(2, 8)
+    pool(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pool(x)
+        assert out.dtype == module(x).dtype == torch.bfloat16
+    assert difforge.counters["cudagraphs.capture"] == 2 and len(pool) == 2
+
+
+@torch.no_grad()
+def test_first_call_outputs_do_not_alias_the_static_inputs() -> None:
+    """A forward returning (a view of) its input: the first call's result must not be the
+    pool's buffer, which the next replay refills."""
+
+    class Residual(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x * 2, x.view(-1)
+
+    pool = GraphPool(Residual(), max_graphs=4, capturer=FakeCapturer(), grad_sensitive=False)
+    first = pool(torch.ones(2, 2))
+    second = pool(torch.full((2, 2), 7.0))
+    assert first[1].tolist() == [1.0] * 4 and second[1].tolist() == [7.0] * 4
+    assert first[0].tolist() == [[2.0, 2.0]] * 2
+
+
+@torch.no_grad()
+def test_a_forward_writing_into_its_arguments_runs_without_graphs() -> None:
+    """In-place updates of an argument reach the caller on every call; such a call is
+    never captured (a replay would write into the pool's copy only)."""
+
+    class Inplace(nn.Module):
+        def forward(self, x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+            buf.add_(1)
+            return x + 1
+
+    capturer = FakeCapturer()
+    pool = GraphPool(Inplace(), max_graphs=4, capturer=capturer, grad_sensitive=False)
+    buf = torch.zeros(1)
+    with pytest.warns(UserWarning, match="writes into its tensor arguments"):
+        pool(torch.ones(1), buf)
+    pool(torch.ones(1), buf)
+    assert buf.tolist() == [2.0]
+    assert capturer.captures == 0 and difforge.counters["cudagraphs.eager_call"] == 1
+
+
+@torch.no_grad()
+def test_captures_run_on_the_inputs_device() -> None:
+    capturer = FakeCapturer()
+    pool, _ = _pool(capturer=capturer)
+    pool(torch.ones(3))
+    assert capturer.devices == [torch.device("cpu")]
 
 
 @torch.no_grad()

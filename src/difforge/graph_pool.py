@@ -82,8 +82,11 @@ class Capturer(Protocol):
         """Whether a call with this tensor argument can be captured."""
         ...
 
-    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-        """Record ``fn()``; returns (replay, the outputs written by each replay)."""
+    def capture(
+        self, fn: Callable[[], Any], device: torch.device
+    ) -> tuple[Callable[[], None], Any]:
+        """Record ``fn()``, whose inputs live on ``device``; returns (replay, the outputs
+        written by each replay)."""
         ...
 
 
@@ -109,17 +112,30 @@ def shared_memory_pool(device: int) -> Any:
     return _DEVICE_POOLS[device][0]
 
 
+#: One side stream per device for captures: ``torch.cuda.graph``'s default capture stream
+#: is made once, on whichever device was current then, and shared by every later capture.
+_CAPTURE_STREAMS: dict[int, Any] = {}
+
+
 class CudaCapturer:
     """``torch.cuda.CUDAGraph`` captures into the process's shared pool of the device."""
 
     def accepts(self, tensor: torch.Tensor) -> bool:
         return tensor.is_cuda
 
-    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-        graph = torch.cuda.CUDAGraph()
-        pool = shared_memory_pool(torch.cuda.current_device())
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = fn()
+    def capture(
+        self, fn: Callable[[], Any], device: torch.device
+    ) -> tuple[Callable[[], None], Any]:
+        # On the inputs' device, not the current one: a model on cuda:1 while cuda:0 is
+        # current would run its kernels outside a capture made on cuda:0.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.cuda.device(index):
+            if index not in _CAPTURE_STREAMS:
+                _CAPTURE_STREAMS[index] = torch.cuda.Stream()
+            graph = torch.cuda.CUDAGraph()
+            pool = shared_memory_pool(index)
+            with torch.cuda.graph(graph, pool=pool, stream=_CAPTURE_STREAMS[index]):
+                outputs = fn()
         return graph.replay, outputs
 
 
@@ -258,23 +274,48 @@ class GraphPool:
                     "(not a tensor or plain value); such calls run without CUDA graphs",
                 )
                 return None
+        parts.append(_global_state())
         return tuple(parts)
 
     def _capture(self, key: Hashable, leaves: list[Any], spec: pytree.TreeSpec) -> Any:
         """Run the call once for real, then record it; returns the real call's result."""
         static_leaves = [_static_copy(x) if isinstance(x, torch.Tensor) else x for x in leaves]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
+        originals = [x for x in leaves if isinstance(x, torch.Tensor)]
+        statics = [x for x in static_leaves if isinstance(x, torch.Tensor)]
+        versions = [t._version for t in statics]
         # The ordinary call compiles (if Dynamo must) and warms lazy state up; nothing of
         # that may happen during a capture.
         with replay_checks.collecting() as hooks:
             result = self.fn(*args, **kwargs)
+        # It ran on copies: what it returns must not be those copies (the next replay
+        # refills them under the caller), and what it wrote into them goes back.
+        result = _detach_from(result, statics)
+        mutated = [
+            (orig, static)
+            for orig, static, version in zip(originals, statics, versions, strict=True)
+            if static._version != version
+        ]
+        if mutated:
+            for orig, static in mutated:
+                _distinct(orig).copy_(_distinct(static))
+            self._failed.add(key)
+            self._warn_once(
+                "mutation",
+                f"difforge cudagraphs: {self.name} writes into its tensor arguments; its "
+                "calls run without CUDA graphs",
+            )
+            return result
+        device = next(t.device for t in statics if self.capturer.accepts(t))
         while len(self._entries) >= self.max_graphs:
             evicted, old = self._entries.popitem(last=False)
             counters["cudagraphs.evict"] += 1
             self._unreplayed_evictions += old.replays == 0
             log.info("difforge cudagraphs: %s evicted the graph for %s", self.name, evicted)
         try:
-            replay, outputs = self.capturer.capture(functools.partial(self.fn, *args, **kwargs))
+            replay, outputs = self.capturer.capture(
+                functools.partial(self.fn, *args, **kwargs), device
+            )
         except Exception as exc:  # whatever broke the capture, this signature runs eagerly
             self._failed.add(key)
             counters["cudagraphs.capture_failed"] += 1
@@ -380,12 +421,40 @@ def _writable_layout(tensor: torch.Tensor) -> bool:
 
 def _static_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A buffer with ``tensor``'s layout (broadcast dimensions included, so the graph sees
-    the strides Dynamo compiled for), outside any graph pool, holding its values."""
-    static = torch.empty_strided(
-        tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device
-    )
-    _distinct(static).copy_(_distinct(tensor))
+    the strides Dynamo compiled for), outside any graph pool, holding its values.
+
+    Made outside inference mode: an inference tensor could not be refilled by a later call
+    under ``no_grad`` (warm-up under ``inference_mode``, serving under ``no_grad``)."""
+    with torch.inference_mode(False):
+        static = torch.empty_strided(
+            tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device
+        )
+        _distinct(static).copy_(_distinct(tensor))
     return static
+
+
+def _global_state() -> Hashable:
+    """The global state a compiled call depends on and Dynamo guards (it recompiles when
+    it changes): a graph captured without autocast must not replay under it."""
+    return (
+        tuple(
+            (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            for device in ("cuda", "cpu")
+        ),
+        torch.get_default_dtype(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+
+
+def _detach_from(result: Any, statics: Sequence[torch.Tensor]) -> Any:
+    """``result`` with every tensor that shares memory with one of ``statics`` cloned."""
+    owned = {t.untyped_storage().data_ptr() for t in statics}
+    leaves, spec = pytree.tree_flatten(result)
+    leaves = [
+        x.clone() if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() in owned else x
+        for x in leaves
+    ]
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def with_graph_pool(compiled: Any, pool_of: Callable[[Callable[..., Any]], GraphPool]) -> Any:
