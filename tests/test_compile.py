@@ -246,6 +246,18 @@ def test_freezing_refuses_stale_weights_after_an_update() -> None:
         assert rel_err(compiled(*inputs), model(*inputs)) < FP32_TOL
 
 
+def test_freezing_compiles_weights_made_in_inference_mode() -> None:
+    """Weights loaded or moved under inference_mode are inference tensors, without a
+    version counter: the stale-weight guard leaves them out instead of failing the compile
+    (a reviewer's repro: BackendCompilerFailed in FrozenWeightGuard)."""
+    with torch.inference_mode():
+        model = TinyDiT().eval()
+    inputs = dit_inputs()
+    compiled = difforge.compile(model, options={"mode": "freezing"})
+    with torch.inference_mode():
+        assert rel_err(compiled(*inputs), model(*inputs)) < FP32_TOL
+
+
 def test_freezing_with_grad_enabled_warns() -> None:
     model, inputs = TinyDiT().eval(), dit_inputs()
     compiled = difforge.compile(model, options={"mode": "freezing"})

@@ -54,7 +54,14 @@ class FrozenWeightGuard:
         self, compiled: Callable[..., Any], weights: Sequence[tuple[str, str, torch.Tensor]]
     ) -> None:
         self.compiled = compiled
-        self._watched = [(kind, name, t, t._version) for kind, name, t in weights]
+        # Inference tensors (a model loaded or moved under torch.inference_mode()) have no
+        # version counter: they are left unwatched. They can be changed in place only inside
+        # inference mode, and such a change goes unnoticed (documented under 'freezing').
+        self._watched = [
+            (kind, name, t, t._version) for kind, name, t in weights if not t.is_inference()
+        ]
+        self.unwatched = sum(1 for _, _, t in weights if t.is_inference())
+        """How many of the weights are inference tensors, which cannot be watched."""
 
     def __len__(self) -> int:
         return len(self._watched)
