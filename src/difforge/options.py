@@ -255,7 +255,8 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         None,
         (list, type(None)),
         "fp8 swap: name patterns kept in high precision (substring or glob); null = the "
-        "defaults (embedders, adaLN/norm, proj_in/proj_out, time/caption/context projections)",
+        "defaults (embedders, adaLN/norm, time/caption/context projections, x_embedder; "
+        "the model's first and last linears are kept by quant.skip_edges)",
     ),
     "quant.include": (
         None,

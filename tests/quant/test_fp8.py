@@ -144,6 +144,18 @@ def test_fp8_linear_module_vs_nn_linear(dtype: torch.dtype) -> None:
     assert q.bias is not None and q.bias.dtype == dtype
 
 
+def test_fp8_linear_follows_autocast_like_nn_linear() -> None:
+    """A drop-in for nn.Linear: under autocast the output has autocast's dtype."""
+    lin = nn.Linear(64, 32)
+    q = Fp8Linear.from_linear(lin)
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = q(x), lin(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert rel(out, nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())) < 0.05
+    assert q(x).dtype == torch.float32  # outside autocast: the input's dtype
+
+
 def test_op_matches_the_dequantize_reference_exactly_on_cpu() -> None:
     w_fp8, w_scale = quantize_weight(torch.randn(48, 32))
     x_fp8, x_scale = quantize_rows(torch.randn(5, 32))

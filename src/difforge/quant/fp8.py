@@ -461,6 +461,11 @@ class Fp8Linear(nn.Module):
         return dequantize(self.weight_fp8, self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+            # As nn.Linear under autocast: the output in autocast's dtype (the output dtype
+            # here follows the input's).
+            x = x.to(torch.get_autocast_dtype(device_type))
         impl = self.impl
         if impl == "auto":
             impl = "traceable" if torch.compiler.is_compiling() else "op"
