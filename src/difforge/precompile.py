@@ -317,9 +317,9 @@ def _callable_hash(fn: Any) -> str:
     function's code, defaults and source file, and what its closure cells hold; a
     ``functools.partial``'s function and bound arguments (diffusers' hooks and accelerate's
     offloading patch ``forward`` as ``partial(new_forward, module)``); a bound method's
-    function and its object; other objects by class and attributes; ``__wrapped__``. Hashing a partial by its type or a
-    closure by its code alone gave two different patches one folder, and the second
-    process ran the first one's stored trace."""
+    function and its object; other objects by class and attributes; ``__wrapped__``.
+    Hashing a partial by its type or a closure by its code alone gave two different
+    patches one folder, and the second process ran the first one's stored trace."""
     digest = hashlib.sha256()
     _hash_value(fn, digest, _CALLABLE_DEPTH, set())
     return digest.hexdigest()
