@@ -53,6 +53,7 @@
 #            attention projections fp16 vs fp8 (unfused and q/k/v fused), per level  ~2 min
 #   o3sdxl   SDXL UNet step: compile vs O3 (GEGLU's FF2, text k/v fp16) vs O3 with both fp8 ~9 min
 #   cgcontrol PixArt-XL step: compile vs compile + cudagraph trees vs O2, profiled      ~4 min
+#   cgcontrolsd3 / cgcontrolsdxl  the same for SD3-medium (~6 min) / SDXL UNet (~9 min)
 #   attnquant the 8-bit attention's quantization pre-pass, piece by piece, against a plain
 #            copy of the same bytes, at PixArt / SD3 / FLUX self-attention shapes   ~2 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
@@ -316,6 +317,14 @@ case "$part" in
     V='compile;compile-cudagraphs;O2'
     run 230 step_cgcontrol_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
       --variants "$V" --profile --output-json "$out/step_cgcontrol_pixart.json" ;;
+  cgcontrolsd3)  # the same control for SD3-medium
+    run 400 step_cgcontrol_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
+      --variants 'compile;compile-cudagraphs;O2' --profile \
+      --output-json "$out/step_cgcontrol_sd3.json" ;;
+  cgcontrolsdxl)  # and for the SDXL UNet (channels_last, as O2 runs it)
+    V='compile;compile-cudagraphs;O2={"mode":"O2","memory_format":"channels_last"}'
+    run 580 step_cgcontrol_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_cgcontrol_sdxl.json" ;;
   attnquant)  # where the 8-bit attention's quantization pre-pass spends its time, per piece
     run 300 probe_attention_quant python3 benchmarks/probe_ops.py --probes attnquant \
       --output-json "$out/probe_attention_quant.json" ;;
