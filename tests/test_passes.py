@@ -716,3 +716,84 @@ def test_fill_example_values_runs_functions_and_methods_in_the_inputs_fake_mode(
     _, nodes = graph_with((FakeTensorMode(), FakeTensorMode()))  # no single mode: nothing
     assert not registry.fill_example_values(nodes)
     assert all("example_value" not in n.meta for n in nodes)
+
+
+# --------------------------------------------------------------------------------------
+# Graphs that write into tensors in place (passes/mutation.py)
+# --------------------------------------------------------------------------------------
+
+
+class _ClampInPlace(nn.Module):
+    """An in-place write whose result is unused, next to a dropout the cleanup removes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h.clamp_(min=0.0)
+        return self.drop(h)
+
+
+class _SharedInputMutated(nn.Module):
+    """Two linears of one input with an in-place update of it between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.clone()
+        y1 = self.a(h)
+        h.mul_(2.0)
+        return F.gelu(y1) + self.b(h)
+
+
+def test_in_place_writes_survive_the_fx_cleanup() -> None:
+    """Dead-code elimination after a rewrite dropped ``h.clamp_()`` (no users): a reviewer's
+    repro, error 1.58 (diffusers' LTX-2 RoPE ``addcmul_`` lost its sine terms likewise)."""
+    torch.manual_seed(0)
+    model = _ClampInPlace().eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        out = difforge.compile(model)(x)
+        assert rel_err(out, model(x)) < 1e-5
+    assert difforge.counters["remove_dropout"] == 1
+
+
+def test_graphs_that_mutate_skip_the_rewrites_that_move_computations() -> None:
+    """fuse_qkv would compute ``b(h)`` before ``h.mul_``, gelu_epilogue ``a(h)`` after it."""
+    torch.manual_seed(0)
+    model = _SharedInputMutated().eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        out = difforge.compile(model, options={"mode": "O2"})(x)
+        assert rel_err(out, model(x)) < 1e-5
+    assert difforge.counters["fuse_qkv"] == 0 and difforge.counters["gelu_epilogue"] == 0
+    assert difforge.counters["fx_pass_skipped_mutation"] > 0
+
+
+def test_mutates_recognises_in_place_forms() -> None:
+    from difforge.passes.mutation import mutates
+
+    def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = x.add(1)
+        x.mul_(2)
+        torch.relu_(y)
+        b = F.relu(a, inplace=True)
+        torch.add(a, 1, out=y)
+        c = a.requires_grad_(False)
+        return b + c
+
+    graph = torch.fx.symbolic_trace(fn).graph
+    flags = {
+        str(n.target): mutates(n) for n in graph.nodes if n.op in ("call_method", "call_function")
+    }
+    assert flags["add"] is False and flags["mul_"] is True and flags["requires_grad_"] is False
+    assert [mutates(n) for n in graph.nodes if getattr(n.target, "__name__", "") == "relu_"] == [
+        True
+    ]
+    assert any(mutates(n) for n in graph.nodes if n.kwargs.get("inplace"))
+    assert any(mutates(n) for n in graph.nodes if "out" in n.kwargs)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.fx
 
+from difforge.passes.mutation import eliminate_dead_code, graph_mutates
 from difforge.passes.registry import (
     STAGES,
     GraphPass,
@@ -52,11 +53,17 @@ def run_fx_passes(gm: torch.fx.GraphModule, passes: Iterable[GraphPass]) -> dict
     """Run the fx-stage passes on a Dynamo graph module; returns rewrites per pass."""
     made: dict[str, int] = {}
     passes = list(passes)
+    # A graph that writes into tensors in place gets only the cleanup passes: the others
+    # move computations past reads and writes that the graph does not order (mutation.py).
+    mutating = graph_mutates(gm.graph)
     for graph_pass in passes:
+        if mutating and graph_pass.tier != "cleanup":
+            counters["fx_pass_skipped_mutation"] += 1
+            continue
         # Re-read gm.graph each time: a pass may swap in a restored graph.
         made[graph_pass.name] = run_pass(graph_pass, gm.graph)
     if any(made.values()):
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
     # Bodies of nested compile regions (invoke_subgraph, see difforge.regional) are
     # GraphModule children of the Dynamo graph: the blocks' code lives there.
