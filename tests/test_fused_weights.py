@@ -63,6 +63,10 @@ def test_in_place_updates_and_replaced_parameters_reach_the_next_call() -> None:
     module.to_v.bias = nn.Parameter(torch.randn(64))  # a new object in the same place
     assert rel_err(compiled(x), module(x)) < 1e-5
     assert difforge.counters["fused_weights.refresh"] == 2
+    # diffusers' LoRA fusing (models/lora.py): same object, same version, new memory
+    module.to_q.weight.data = module.to_q.weight.data * 3.0
+    assert rel_err(compiled(x), module(x)) < 1e-5
+    assert difforge.counters["fused_weights.refresh"] == 3
 
 
 @torch.no_grad()
