@@ -47,6 +47,7 @@ class Concatenation:
         with torch.no_grad(), torch.inference_mode(False):
             self.buffer = torch.cat(self.sources, dim=0)
         self.versions = [t._version for t in self.sources]
+        self.pointers = [t.data_ptr() for t in self.sources]
 
     def fits(self, sources: Sequence[torch.Tensor]) -> bool:
         """Whether ``cat(sources)`` can be written into this buffer (same dtype, device
@@ -59,10 +60,14 @@ class Concatenation:
         ) == tuple(self.buffer.shape)
 
     def holds(self, sources: Sequence[torch.Tensor]) -> bool:
-        """Whether the buffer is ``cat(sources)`` as they are now."""
+        """Whether the buffer is ``cat(sources)`` as they are now. The memory address too:
+        ``w.data = new`` (diffusers' LoRA fusing) keeps the parameter object and its version
+        counter. (``w.data += d`` changes neither: it goes unseen, as documented.)"""
         return all(
-            t is mine and t._version == version
-            for t, mine, version in zip(sources, self.sources, self.versions, strict=True)
+            t is mine and t._version == version and t.data_ptr() == pointer
+            for t, mine, version, pointer in zip(
+                sources, self.sources, self.versions, self.pointers, strict=True
+            )
         )
 
     def refresh(self, sources: Sequence[torch.Tensor]) -> None:
@@ -71,6 +76,7 @@ class Concatenation:
         with torch.no_grad():
             torch.cat(self.sources, dim=0, out=self.buffer)
         self.versions = [t._version for t in self.sources]
+        self.pointers = [t.data_ptr() for t in self.sources]
         counters["fused_weights.refresh"] += 1
 
 
