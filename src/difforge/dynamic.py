@@ -13,7 +13,10 @@ would have taken:
     adapter always recomputes, flattening the grid instead (same element order, so the
     same table): one graph. The table is recomputed on the input's device; on the CPU it
     is bit-identical to the stored one (tested), on a GPU float64 ``sin``/``cos`` may
-    differ in the last bit before the cast to float32.
+    differ in the last bit before the cast to float32. It is cast to the stored table's
+    dtype, as eager adds the stored table at the training size: after ``.half()`` that
+    table is float16 (eager adds a float32 table at other sizes, where the two differ by
+    float16 rounding of the table).
 ``dynamic_unet_upsample`` (``UNet2DConditionModel`` and its relatives)
     eager passes each up block the size of its skip connection only when a latent side is
     not a multiple of ``2**num_upsamplers``; otherwise it upsamples by ``scale_factor=2``.
@@ -143,7 +146,7 @@ def _patch_embed_forward(self: nn.Module, latent: torch.Tensor) -> torch.Tensor:
         base_size=self.base_size,
         interpolation_scale=self.interpolation_scale,
         device=latent.device,
-    )
+    ).to(self.pos_embed.dtype)
     return (latent + pos_embed).to(latent.dtype)
 
 
