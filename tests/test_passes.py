@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -797,3 +798,69 @@ def test_mutates_recognises_in_place_forms() -> None:
     ]
     assert any(mutates(n) for n in graph.nodes if n.kwargs.get("inplace"))
     assert any(mutates(n) for n in graph.nodes if "out" in n.kwargs)
+
+
+class _LocalWriteThenSharedInput(nn.Module):
+    """diffusers' sin-cos position embedding writes ``omega /= n`` into a fresh ``arange``:
+    no other node reads it, so the rewrites must still run (they did not, for PixArt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        omega = torch.arange(64, dtype=x.dtype, device=x.device)
+        omega /= 64.0
+        h = x + omega
+        return self.a(h) + self.b(h)
+
+
+def test_writes_no_other_node_reads_leave_the_rewrites_on() -> None:
+    torch.manual_seed(0)
+    model = _LocalWriteThenSharedInput().eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        out = difforge.compile(model, options={"mode": "O2"})(x)
+        assert rel_err(out, model(x)) < 1e-5
+    assert difforge.counters["fuse_qkv"] == 1
+    assert difforge.counters["fx_pass_skipped_mutation"] == 0
+
+
+def test_write_is_visible_follows_readers_and_aliases() -> None:
+    from difforge.passes.mutation import graph_mutates, write_is_visible
+
+    def visible(fn: Callable[..., torch.Tensor]) -> list[bool]:
+        graph = torch.fx.symbolic_trace(fn).graph
+        return [write_is_visible(n) for n in graph.nodes if n.op != "output"]
+
+    def fresh(x: torch.Tensor) -> torch.Tensor:
+        h = x.add(1)
+        h.mul_(2)  # result unused, h unread elsewhere: nothing can see it
+        g = x.exp()
+        g /= 3  # read through the write's own result only
+        return g
+
+    def read_again(x: torch.Tensor) -> torch.Tensor:
+        h = x.add(1)
+        h.mul_(2)
+        return h  # read through h: ordered only by the write having happened
+
+    def through_a_view(x: torch.Tensor) -> torch.Tensor:
+        h = x.add(1)
+        v = h.view(-1)
+        v.mul_(2)  # writes h too
+        return h
+
+    def an_input(x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return x.sum()
+
+    def out_argument(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        torch.add(x, 1, out=y)
+        return x.sum()
+
+    assert not any(visible(fresh))
+    assert not graph_mutates(torch.fx.symbolic_trace(fresh).graph)
+    for fn in (read_again, through_a_view, an_input, out_argument):
+        assert sum(visible(fn)) == 1, fn.__name__
+        assert graph_mutates(torch.fx.symbolic_trace(fn).graph), fn.__name__
