@@ -147,3 +147,27 @@ def test_sdxl_unet_under_freezing_fuses_the_groups_the_cost_rule_leaves_apart(
     _compiled_matches_eager("tiny-sdxl", options, batch=2, size=64)
     assert difforge.counters["fuse_qkv"] == frozen
     assert frozen <= difforge.counters["fused_weights.cached"] <= 2 * frozen
+
+
+@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-sdxl"])
+def test_real_denoiser_graphs_write_nothing_another_node_reads(name: str) -> None:
+    # Such a write turns the moving rewrites off (passes/mutation.py); diffusers' sin-cos
+    # position embedding's `omega /= n` once did so for every PixArt graph. Dynamo capture
+    # only: no Inductor compile.
+    from difforge.passes.mutation import graph_mutates
+
+    preset = get_preset(name)
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    call = denoiser_step_inputs(
+        preset, batch=1, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    verdicts: list[bool] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> Any:
+        verdicts.append(graph_mutates(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        call(torch.compile(model, backend=record, fullgraph=True))
+    assert verdicts == [False]
