@@ -31,11 +31,11 @@ import torch
 import torch.fx
 
 from difforge.fused_weights import FusedWeightCache, active_cache
+from difforge.passes import layout_check
+from difforge.passes.layout_check import make_contiguous
 from difforge.passes.registry import (
-    guardless,
     node_arg,
     node_tensor,
-    node_value,
     register_pass,
     size_hint,
 )
@@ -147,76 +147,6 @@ def _concatenation(
     return cached if cached is not None else graph.call_function(torch.cat, (parts,), {"dim": 0})
 
 
-def _same_layout(a: object, b: object) -> bool:
-    """Whether two fake values certainly have the same sizes and strides (symbolically)."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same_layout(x, y) for x, y in zip(a, b, strict=True))
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-        return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
-    if a.dim() != b.dim():
-        return False
-    pairs = [*zip(a.shape, b.shape, strict=True), *zip(a.stride(), b.stride(), strict=True)]
-    return all(statically_known_true(x == y) for x, y in pairs)
-
-
-def _run_node(gm: torch.fx.GraphModule, node: torch.fx.Node, value_of: Any) -> object:
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), value_of)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
-    if node.op == "get_attr":  # a cached concatenation: its fake value was set with it
-        return node_value(node)
-    raise NotImplementedError(node.op)
-
-
-def _shapes_check(gm: torch.fx.GraphModule, new_nodes: list[torch.fx.Node]) -> Exception | None:
-    """Check that the fused graph still traces: the split outputs are strided views, and a
-    later ``.view`` that needs contiguity would fail only here, not at run time.
-
-    Local and symbolic: the new nodes get their ``example_value`` from their inputs, then
-    only the nodes whose inputs now have another layout than Dynamo recorded are re-run on
-    fake tensors, until the layouts agree again (usually right after the attention's
-    reshapes). The ShapeEnv's guards are suppressed meanwhile, so a ``dynamic`` graph stays
-    dynamic; re-running the whole graph would re-execute Python-level ops such as
-    ``F.interpolate``, which specialise sizes or refuse symbolic ones.
-    """
-    inputs = [node_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    modes = {id(i.fake_mode): i.fake_mode for i in inputs if hasattr(i, "fake_mode")}
-    if len(modes) != 1 or any(i is None for i in inputs):
-        return None  # no single fake mode to check with; AOT's own trace will check
-    (fake_mode,) = modes.values()
-    new = set(new_nodes)
-    changed: dict[torch.fx.Node, object] = {}
-
-    def value_of(n: torch.fx.Node) -> object:
-        return changed[n] if n in changed else node_value(n)
-
-    with guardless(fake_mode):
-        for node in gm.graph.nodes:
-            if node.op == "output":
-                continue
-            if node in new:
-                try:
-                    node.meta["example_value"] = changed[node] = _run_node(gm, node, value_of)
-                except Exception as exc:  # e.g. CUDA fake kernels refusing symbolic sizes
-                    return exc
-                continue
-            if not any(i in changed for i in node.all_input_nodes):
-                continue
-            try:
-                value = _run_node(gm, node, value_of)
-            except Exception as exc:
-                return exc
-            if not _same_layout(value, node.meta.get("example_value")):
-                changed[node] = value
-    return None
-
-
 @register_pass("fuse_qkv", stage="fx", tier="optimize")
 def fuse_qkv(graph: torch.fx.Graph) -> int:
     """Fuse linears sharing one input (q/k/v, k/v, FLUX's qkv+mlp) into one GEMM + split."""
@@ -228,17 +158,12 @@ def fuse_qkv(graph: torch.fx.Graph) -> int:
     new_outputs = [out for group in groups for out in _fuse_group(graph, group)]
     if not isinstance(gm, torch.fx.GraphModule):
         return len(groups)
-    problem = _shapes_check(gm, [n for n in graph.nodes if n not in before])
+    problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
     if problem is not None:
         log.info("fuse_qkv: strided slices rejected (%s); making them contiguous", problem)
         # Make each slice contiguous (one copy each) so strided views cannot break
         # the model's reshapes; still one GEMM instead of several.
-        for out in new_outputs:
-            users = list(out.users)
-            with graph.inserting_after(out):
-                contiguous = graph.call_method("contiguous", (out,))
-            for user in users:
-                user.replace_input_with(out, contiguous)
+        make_contiguous(graph, new_outputs)
         # No second check: a contiguous slice has exactly the sizes and strides of the
         # linear output it replaces, so every later op sees what Dynamo recorded. (A
         # re-check can fail for reasons that are not ours: on CUDA the fake SDPA kernel
