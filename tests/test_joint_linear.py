@@ -116,6 +116,32 @@ def test_joint_attention_projections_write_one_buffer(small_copies: None) -> Non
     _compare(JointAttention().eval(), torch.randn(2, 10, 32), torch.randn(2, 6, 32))
     assert difforge.counters["fuse_qkv"] == 2
     assert difforge.counters["joint_linear"] == 1
+    # cuDNN reads q, k, v as strided views: no copy
+    assert difforge.counters["joint_linear.contiguous"] == 0
+
+
+class JointAttentionFlatHeads(JointAttention):
+    """Joint attention that views the concatenated q/k/v as ``[B * heads, S, D]`` for
+    ``bmm`` (a view that needs the contiguous tensor ``cat`` returned)."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, b = self.split_heads, x.shape[0]
+        q = torch.cat([h(self.to_q(x)), h(self.add_q_proj(c))], dim=2)
+        k = torch.cat([h(self.to_k(x)), h(self.add_k_proj(c))], dim=2)
+        v = torch.cat([h(self.to_v(x)), h(self.add_v_proj(c))], dim=2)
+        tokens, d = q.shape[2], q.shape[3]
+        q, k, v = (t.view(b * self.heads, tokens, d) for t in (q, k, v))
+        o = torch.softmax(q @ k.transpose(1, 2) * d**-0.5, dim=-1) @ v
+        o = o.view(b, self.heads, tokens, d).transpose(1, 2).reshape(b, tokens, -1)
+        return self.to_out(o[:, : x.shape[1]]), self.to_add_out(o[:, x.shape[1] :])
+
+
+def test_joint_linear_copies_what_a_later_view_needs_contiguous(small_copies: None) -> None:
+    # A reviewer's repro: the joint buffer's slices failed `.view(B * H, S, D)` in the
+    # compile ("Cannot view a tensor with shape [2, 2, 13, 16] and strides (1248, 16, 96, 1)").
+    _compare(JointAttentionFlatHeads().eval(), torch.randn(2, 9, 32), torch.randn(2, 4, 32))
+    assert difforge.counters["joint_linear"] == 1
+    assert difforge.counters["joint_linear.contiguous"] == 3  # q, k and v
 
 
 def test_joint_linear_with_only_the_image_stream_fused(

@@ -163,7 +163,7 @@ def fuse_qkv(graph: torch.fx.Graph) -> int:
         log.info("fuse_qkv: strided slices rejected (%s); making them contiguous", problem)
         # Make each slice contiguous (one copy each) so strided views cannot break
         # the model's reshapes; still one GEMM instead of several.
-        make_contiguous(graph, new_outputs)
+        make_contiguous(graph, new_outputs, "fuse_qkv")
         # No second check: a contiguous slice has exactly the sizes and strides of the
         # linear output it replaces, so every later op sees what Dynamo recorded. (A
         # re-check can fail for reasons that are not ours: on CUDA the fake SDPA kernel

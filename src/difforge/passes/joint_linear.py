@@ -39,6 +39,7 @@ after its rounded GEMM output (one rounding more), so it is in the ``optimize`` 
 
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -47,6 +48,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from difforge.passes import layout_check
+from difforge.passes.layout_check import make_contiguous
 from difforge.passes.registry import (
     fill_example_values,
     node_arg,
@@ -55,6 +58,8 @@ from difforge.passes.registry import (
     register_pass,
     size_hint,
 )
+
+log = logging.getLogger("difforge.passes")
 
 _LINEAR = torch._C._nn.linear
 
@@ -668,10 +673,11 @@ def _covered(group: _Group) -> bool:
     return True
 
 
-def _rewrite(graph: torch.fx.Graph, group: _Group) -> bool:
+def _rewrite(graph: torch.fx.Graph, group: _Group) -> list[torch.fx.Node] | None:
+    """Rewrite one group; returns the nodes that replaced its concatenations (None: left)."""
     entries = _entries(group)
     if entries is None:
-        return False
+        return None
     created: list[torch.fx.Node] = []
     replacements: list[tuple[torch.fx.Node, torch.fx.Node]] = []
     # _groups lists each group's concatenations in graph order: the first is the earliest.
@@ -720,19 +726,33 @@ def _rewrite(graph: torch.fx.Graph, group: _Group) -> bool:
     if not ok:
         for node in reversed(created):
             graph.erase_node(node)
-        return False
+        return None
     for cat, new in replacements:
         cat.replace_all_uses_with(new)
         graph.erase_node(cat)
-    return True
+    return [new for _, new in replacements]
 
 
 @register_pass("joint_linear", stage="fx", tier="optimize")
 def fuse_joint_projections(graph: torch.fx.Graph) -> int:
     """cat(per-stream linears' views, tokens) -> views of one buffer the GEMMs write into."""
     made = 0
+    before = set(graph.nodes)
+    replaced: list[torch.fx.Node] = []
     for members in _groups(graph):
         group = _plan(members)
-        if group is not None and _big_enough(group) and _covered(group) and _rewrite(graph, group):
+        if group is None or not _big_enough(group) or not _covered(group):
+            continue
+        new = _rewrite(graph, group)
+        if new is not None:
+            replaced += new
             made += 1
+    gm = graph.owning_module
+    if made and isinstance(gm, torch.fx.GraphModule):
+        problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
+        if problem is not None:
+            # A model that views the concatenation as if contiguous (``q.view(B * H, S, D)``)
+            # gets a contiguous copy, as the cat was; the GEMMs still write one buffer.
+            log.info("joint_linear: strided slices rejected (%s); making them contiguous", problem)
+            make_contiguous(graph, replaced, "joint_linear")
     return made

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from difforge.passes.registry import guardless, node_value
+from difforge.passes.registry import counters, guardless, node_value
 
 
 def same_layout(a: object, b: object) -> bool:
@@ -87,10 +87,12 @@ def retrace(gm: torch.fx.GraphModule, new_nodes: list[torch.fx.Node]) -> Excepti
     return None
 
 
-def make_contiguous(graph: torch.fx.Graph, outputs: list[torch.fx.Node]) -> None:
+def make_contiguous(graph: torch.fx.Graph, outputs: list[torch.fx.Node], pass_name: str) -> None:
     """Give each of ``outputs``' readers a contiguous copy (one copy per output): the copy
     has the sizes and strides of a contiguous tensor, which is what Dynamo recorded for the
-    tensor the rewrite replaced, so every later op sees what it saw."""
+    tensor the rewrite replaced, so every later op sees what it saw. Counted as
+    ``counters["<pass_name>.contiguous"]``."""
+    counters[f"{pass_name}.contiguous"] += len(outputs)
     for out in outputs:
         users = list(out.users)
         with graph.inserting_after(out):
