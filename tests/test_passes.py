@@ -679,6 +679,59 @@ def test_gpu_group_norm_channels_last_matches_eager(
     assert rel_err(out, ref) <= 1.5 * rel_err(eager, ref) + 1e-3
 
 
+class NormFlatView(NormAct):
+    """GroupNorm + SiLU, then a view that needs NCHW memory (``[B * C, H, W]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return super().forward(x).view(b * c, h, w)
+
+
+def test_group_norm_channels_last_copies_when_a_later_view_rejects_nhwc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CPU GroupNorm keeps NHWC, so the view below fails in eager here: the retrace is told
+    # to reject what CUDA's (NCHW-returning) GroupNorm graph would reject.
+    from difforge.passes import layout_check
+
+    def rejects(gm, new_nodes):  # type: ignore[no-untyped-def]
+        return ValueError("Cannot view a tensor with shape ... as a tensor with shape ...")
+
+    monkeypatch.setattr(layout_check, "retrace", rejects)
+    torch.manual_seed(0)
+    module = NormAct(16, 4).eval()
+    x = _nhwc(2, 16, 9, 7, offset=5.0)
+    with torch.no_grad():
+        out = difforge.compile(module, options={"mode": "O2"})(x)
+        assert rel_err(out, module(x)) < 1e-5
+    assert out.is_contiguous()  # the copy's NCHW, as CUDA's GroupNorm returns
+    assert difforge.counters["group_norm_channels_last"] == 1
+    assert difforge.counters["group_norm_channels_last.contiguous"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_group_norm_channels_last_then_an_nchw_view() -> None:
+    # A reviewer's finding: CUDA's GroupNorm returns NCHW, the rewrite NHWC; `.view(B * C,
+    # H, W)` after it failed the compile.
+    torch.manual_seed(0)
+    module = NormFlatView(64, 8).cuda().half().eval()
+    x = _nhwc(2, 64, 16, 12).cuda().half()
+    with torch.no_grad():
+        ref = module(x)
+        out = difforge.compile(module, options={"mode": "O2"})(x)
+    assert difforge.counters["group_norm_channels_last"] == 1
+    assert difforge.counters["group_norm_channels_last.contiguous"] == 1
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_group_norm_channels_last_without_a_view_keeps_nhwc() -> None:
+    torch.manual_seed(0)
+    _run(NormAct(16, 4).eval(), _nhwc(2, 16, 9, 7))
+    assert difforge.counters["group_norm_channels_last"] == 1
+    assert difforge.counters["group_norm_channels_last.contiguous"] == 0
+
+
 def test_the_ops_passes_insert_exist_once_the_passes_load() -> None:
     # A stored graph (compile cache, cache.precompile) that calls one of them must load in a
     # new process where no pass has run yet: loading the registry registers them all.

@@ -17,10 +17,14 @@ one scale and shift per channel, which Inductor fuses with what follows (SiLU, t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx
 import torch.nn.functional as F
 
+from difforge.passes import layout_check
+from difforge.passes.layout_check import make_contiguous
 from difforge.passes.registry import (
     cacheable_target,
     node_arg,
@@ -28,6 +32,8 @@ from difforge.passes.registry import (
     register_pass,
     replace_with_call,
 )
+
+log = logging.getLogger("difforge.passes")
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -106,6 +112,8 @@ def is_nhwc(x: torch.Tensor) -> bool:
 def group_norm_channels_last(graph: torch.fx.Graph) -> int:
     """GroupNorm of an NHWC activation -> per-channel statistics combined per group."""
     made = 0
+    before = set(graph.nodes)
+    outputs: list[torch.fx.Node] = []
     for node in list(graph.nodes):
         if not _channels_last_group_norm(node):
             continue
@@ -116,6 +124,14 @@ def group_norm_channels_last(graph: torch.fx.Graph) -> int:
             node_arg(node, 3, "bias"),
             float(node_arg(node, 4, "eps", 1e-5)),
         )
-        replace_with_call(graph, node, group_norm_by_channel, args)
+        outputs.append(replace_with_call(graph, node, group_norm_by_channel, args))
         made += 1
+    gm = graph.owning_module
+    if made and isinstance(gm, torch.fx.GraphModule):
+        # The rewrite's output is NHWC like its input; CUDA's GroupNorm returns NCHW, so a
+        # later `.view` (`h.view(B * C, H, W)`) that needs NCHW fails on the new layout.
+        problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
+        if problem is not None:
+            log.info("group_norm_channels_last: NHWC output rejected (%s); copying", problem)
+            make_contiguous(graph, outputs, "group_norm_channels_last")
     return made
