@@ -171,3 +171,27 @@ def test_real_denoiser_graphs_write_nothing_another_node_reads(name: str) -> Non
     with torch.no_grad():
         call(torch.compile(model, backend=record, fullgraph=True))
     assert verdicts == [False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gpu_vae_decoder_group_norms_stay_nhwc(dynamic: bool) -> None:
+    # CUDA's GroupNorm returns NCHW where the rewrite returns NHWC; the layout check copies
+    # to NCHW only where a later view needs it. The VAE decoder's resnets need no copy: one
+    # would cost a pass over the activation per GroupNorm (the VAE's O2 speed-up).
+    from difforge.diffusers.step_inputs import VaeDecode, vae_decode_inputs
+
+    preset = get_preset("tiny-sdxl")
+    vae = build_component(preset, "vae", dtype=torch.float16).cuda()
+    decode = VaeDecode(vae).eval()
+    call = vae_decode_inputs(
+        preset, batch=1, height=128, width=96, device="cuda", dtype=torch.float16
+    )
+    options = {"mode": "O2", "memory_format": "channels_last", "dynamic": dynamic}
+    with torch.no_grad():
+        ref = _first(call(decode))
+        out = _first(call(difforge.compile(decode, options=options)))
+    assert difforge.counters["group_norm_channels_last"] > 0
+    assert difforge.counters["group_norm_channels_last.contiguous"] == 0
+    assert rel_err(out.float(), ref.float()) < 5e-3
