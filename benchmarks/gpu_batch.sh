@@ -98,7 +98,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -124,6 +124,11 @@ case "$part" in
     # nvidia-smi telemetry of bench_step
     run 300 gpu_tests_replay python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
       tests/test_fused_weights.py tests/test_graph_pool.py tests/test_telemetry.py ;;
+  testsnew)  # the twentieth session's gpu tests: layout-check copies (GroupNorm, VAE), joint
+    # attention, the graph pool and cached weights under replay, telemetry
+    run 400 gpu_tests_new python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
+      tests/diffusers/test_model_passes.py tests/test_joint_linear.py tests/test_graph_pool.py \
+      tests/test_fused_weights.py tests/test_telemetry.py tests/test_passes.py ;;
   testsdiff)
     run 560 gpu_tests_diffusers python3 -m pytest -m gpu tests/diffusers -q -p no:cacheprovider \
       --durations=15 ;;
