@@ -17,9 +17,14 @@ orders. Treating it as a hazard turned off every O2 rewrite on PixArt.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import operator
+from collections.abc import Callable
 
+import torch
 import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 #: In-place Python operators (``x += y`` on a tensor writes into ``x``).
 _INPLACE_OPERATORS = {
@@ -34,22 +39,50 @@ _NOT_WRITES = {"requires_grad_", "retain_grad_", "share_memory_"}
 
 def mutates(node: torch.fx.Node) -> bool:
     """Whether ``node`` writes into one of its tensor arguments: an in-place method
-    (``mul_``), an in-place function (``torch.relu_``, ``inplace=True``), an ``out=``
-    argument, or an augmented assignment operator."""
-    if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
+    (``mul_``), an in-place function (``torch.relu_``, ``inplace=True`` by keyword or by
+    position as ``nn.LeakyReLU`` passes it), an ``out=`` argument, an item assignment
+    (``h[:, :4] = 0``) or an augmented assignment operator."""
+    if node.kwargs.get("out") is not None or _inplace_flag(node):
         return True
     if node.op == "call_method":
         name = str(node.target)
         return name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
     if node.op != "call_function":
         return False
-    if node.target in _INPLACE_OPERATORS:
+    if node.target in _INPLACE_OPERATORS or node.target is operator.setitem:
         return True
     schema = getattr(node.target, "_schema", None)  # an OpOverload
     if schema is not None:
         return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
     name = getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.startswith("_")
+
+
+@functools.cache
+def _signature(target: Callable[..., object]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without one
+        return None
+
+
+def _inplace_flag(node: torch.fx.Node) -> bool:
+    """``inplace=True``, by keyword or bound by position (``F.leaky_relu(h, 0.2, True)``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op != "call_function" or not callable(node.target):
+        return False
+    try:
+        signature = _signature(node.target)
+    except TypeError:  # an unhashable callable
+        signature = None
+    if signature is None or "inplace" not in signature.parameters:
+        return False
+    try:
+        bound = signature.bind_partial(*node.args, **node.kwargs)
+    except TypeError:
+        return False
+    return bound.arguments.get("inplace") is True
 
 
 #: Calls whose result may share storage with an argument (views, or ``self`` returned as
@@ -63,6 +96,8 @@ _MAY_ALIAS = {
     "as_strided", "alias", "detach", "real", "imag", "view_as_real", "view_as_complex",
     "contiguous", "to", "type", "type_as", "float", "half", "bfloat16", "double", "cuda",
     "cpu", "atleast_1d", "atleast_2d", "atleast_3d", "meshgrid", "positive", "conj",
+    # eval-mode dropout returns its input, but its fake kernel makes a new tensor
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
 }  # fmt: skip
 
 
@@ -83,7 +118,8 @@ def written(node: torch.fx.Node) -> list[object]:
                 elif index < len(node.args):
                     targets.append(node.args[index])
         return targets
-    # In-place methods, operators, functions and ``inplace=True`` write their first input.
+    # In-place methods, operators, item assignment and ``inplace=True`` write their first
+    # input.
     return [node.args[0] if node.args else node.kwargs.get("input")]
 
 
@@ -91,10 +127,51 @@ def _name(node: torch.fx.Node) -> str:
     return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
 
 
+def _storage(node: torch.fx.Node) -> StorageWeakRef | None:
+    """The storage of ``node``'s fake value (Dynamo's ``example_value``), when a tensor."""
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(value.untyped_storage())
+    except (NotImplementedError, RuntimeError):  # e.g. a tensor subclass without one
+        return None
+
+
+def _downstream(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """Every node that reads ``node``'s result, directly or through others."""
+    seen: set[torch.fx.Node] = set()
+    todo = [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _write_chain(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """``node`` and the tensors before it that in-place writes turned into it, each read by
+    the next write alone (``h.mul_(2).add_(1)``: ``mul_`` and ``h`` share ``add_``'s
+    storage, and nothing else reads them)."""
+    chain = {node}
+    while mutates(node):
+        targets = written(node)
+        if len(targets) != 1 or not isinstance(targets[0], torch.fx.Node):
+            break
+        if set(targets[0].users) != {node}:
+            break
+        node = targets[0]
+        chain.add(node)
+    return chain
+
+
 def write_is_visible(node: torch.fx.Node) -> bool:
     """Whether a node other than ``node`` could read what ``node`` writes: the written tensor
-    is an input, a parameter or buffer, a possible alias of another tensor, or has other
-    readers. Readers of ``node``'s own result come after it in any order the graph allows."""
+    is an input, a parameter or buffer, has other readers, or may share storage with another
+    tensor (by the call that made it, or by its fake value's storage: ``ravel``, ``.data``,
+    ``einsum`` and ``.long()`` of a long tensor return views or ``self``). Readers of
+    ``node``'s own result come after it in any order the graph allows."""
     for target in written(node):
         if not isinstance(target, torch.fx.Node):
             return True
@@ -102,6 +179,16 @@ def write_is_visible(node: torch.fx.Node) -> bool:
             return True
         if set(target.users) != {node}:
             return True
+        storage = _storage(target)
+        if storage is None:
+            return True  # no fake value: an alias cannot be ruled out
+        after, chain = _downstream(node), _write_chain(target)
+        for other in node.graph.nodes:
+            if other is node or other in chain or other in after:
+                continue
+            shared = _storage(other)
+            if shared is not None and shared == storage:
+                return True
     return False
 
 
