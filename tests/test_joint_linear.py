@@ -144,6 +144,66 @@ def test_joint_linear_copies_what_a_later_view_needs_contiguous(small_copies: No
     assert difforge.counters["joint_linear.contiguous"] == 3  # q, k and v
 
 
+class JointAttentionChannelsLastCat(JointAttention):
+    """Heads moved as ``[B, D, S, H]``: cat of those is channels_last in eager, and the view
+    after it holds only in that layout."""
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], -1, self.heads, t.shape[-1] // self.heads).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.split_heads
+        q = torch.cat([h(self.to_q(x)), h(self.add_q_proj(c))], dim=2)
+        k = torch.cat([h(self.to_k(x)), h(self.add_k_proj(c))], dim=2)
+        v = torch.cat([h(self.to_v(x)), h(self.add_v_proj(c))], dim=2)
+        return tuple(t.permute(0, 2, 3, 1).view(x.shape[0], -1) for t in (q, k, v))
+
+
+def test_joint_linear_copies_in_the_layout_the_cat_had(small_copies: None) -> None:
+    # A reviewer's repro: a contiguous copy of a channels_last cat failed the later view.
+    _compare(JointAttentionChannelsLastCat().eval(), torch.randn(2, 9, 32), torch.randn(2, 4, 32))
+    assert difforge.counters["joint_linear"] == 1
+    assert difforge.counters["joint_linear.contiguous"] == 3
+
+
+class TwoAttentions(nn.Module):
+    """One joint attention for cuDNN (strided q/k/v are fine), one that views them flat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sdpa, self.flat = JointAttention(), JointAttentionFlatHeads()
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a, b = self.sdpa(x, c)
+        return (*self.flat(a, b), a)
+
+
+def test_joint_linear_copies_only_for_the_attention_that_needs_it(small_copies: None) -> None:
+    _compare(TwoAttentions().eval(), torch.randn(2, 9, 32), torch.randn(2, 4, 32))
+    assert difforge.counters["joint_linear"] == 2
+    assert difforge.counters["joint_linear.contiguous"] == 3
+
+
+class JointAttentionLateText(JointAttention):
+    """The text k/v read a tensor computed after q's concatenation."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.split_heads
+        q = torch.cat([h(self.to_q(x)), h(self.add_q_proj(c))], dim=2)
+        c2 = F.silu(c)
+        k = torch.cat([h(self.to_k(x)), h(self.add_k_proj(c2))], dim=2)
+        v = torch.cat([h(self.to_v(x)), h(self.add_v_proj(c2 * 0.5))], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        o = o.reshape(x.shape[0], -1, q.shape[1] * q.shape[3])
+        return self.to_out(o[:, : x.shape[1]]), self.to_add_out(o[:, x.shape[1] :])
+
+
+def test_joint_linear_leaves_a_group_whose_inputs_come_later(small_copies: None) -> None:
+    # A reviewer's repro: the joint op, placed at q's cat, read c2 before it was computed.
+    _compare(JointAttentionLateText().eval(), torch.randn(2, 9, 32), torch.randn(2, 4, 32))
+    assert difforge.counters["joint_linear"] == 0
+
+
 def test_joint_linear_with_only_the_image_stream_fused(
     small_copies: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -690,8 +690,8 @@ class NormFlatView(NormAct):
 def test_group_norm_channels_last_copies_when_a_later_view_rejects_nhwc(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # CPU GroupNorm keeps NHWC, so the view below fails in eager here: the retrace is told
-    # to reject what CUDA's (NCHW-returning) GroupNorm graph would reject.
+    # CPU GroupNorm keeps NHWC, so a view that needs NCHW fails in eager here: the retrace
+    # is told to reject what CUDA's (NCHW-returning) GroupNorm graph would reject.
     from difforge.passes import layout_check
 
     def rejects(gm, new_nodes):  # type: ignore[no-untyped-def]
@@ -704,7 +704,8 @@ def test_group_norm_channels_last_copies_when_a_later_view_rejects_nhwc(
     with torch.no_grad():
         out = difforge.compile(module, options={"mode": "O2"})(x)
         assert rel_err(out, module(x)) < 1e-5
-    assert out.is_contiguous()  # the copy's NCHW, as CUDA's GroupNorm returns
+        # the copy has the layout Dynamo recorded (NHWC here; NCHW on CUDA)
+        assert out.stride() == module(x).stride()
     assert difforge.counters["group_norm_channels_last"] == 1
     assert difforge.counters["group_norm_channels_last.contiguous"] == 1
 
@@ -1013,3 +1014,23 @@ def test_writes_through_aliases_keep_the_rewrites_off(how: str) -> None:
         out = difforge.compile(model, options={"mode": "O2"})(x)
         assert rel_err(out, model(x)) < 1e-5
     assert difforge.counters["fuse_qkv"] == 0
+
+
+def test_dense_format_names_the_layouts_a_copy_can_make() -> None:
+    from difforge.passes.layout_check import dense_format
+
+    x = torch.randn(2, 8, 5, 3)
+    assert dense_format(x) == torch.contiguous_format
+    assert dense_format(x.to(memory_format=torch.channels_last)) == torch.channels_last
+    assert dense_format(torch.randn(2, 4, 3, 5, 6).to(memory_format=torch.channels_last_3d)) == (
+        torch.channels_last_3d
+    )
+    assert dense_format(x.transpose(1, 2)) is None
+    assert dense_format(x[:, :4]) is None  # a slice: strided, not dense
+    assert dense_format(torch.randn(4, 1, 3).expand(4, 1, 3)) == torch.contiguous_format
+    assert dense_format(None) is None
+    sym = _symbolic((2, 512, 16, 12), channels_last=True)
+    assert dense_format(sym) == torch.channels_last
+    assert dense_format(_symbolic((2, 512, 16, 12), channels_last=False)) == (
+        torch.contiguous_format
+    )

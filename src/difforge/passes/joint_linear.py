@@ -49,7 +49,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from difforge.passes import layout_check
-from difforge.passes.layout_check import make_contiguous
+from difforge.passes.layout_check import dense_format, make_contiguous
 from difforge.passes.registry import (
     fill_example_values,
     node_arg,
@@ -673,11 +673,27 @@ def _covered(group: _Group) -> bool:
     return True
 
 
-def _rewrite(graph: torch.fx.Graph, group: _Group) -> list[torch.fx.Node] | None:
-    """Rewrite one group; returns the nodes that replaced its concatenations (None: left)."""
+def _rewrite(
+    graph: torch.fx.Graph, group: _Group
+) -> list[tuple[torch.fx.Node, torch.memory_format]] | None:
+    """Rewrite one group; returns the nodes that replaced its concatenations with the
+    layouts Dynamo recorded for those (None: left alone)."""
     entries = _entries(group)
     if entries is None:
         return None
+    # A copy in the recorded layout is the fallback for a later view (layout_check): a
+    # concatenation recorded in no dense layout could not get one.
+    formats = [dense_format(node_tensor(cat)) for cat, _ in group.members]
+    if any(f is None for f in formats):
+        return None
+    # The joint op goes before the first concatenation: every GEMM input must exist there
+    # (a later stream may read a tensor computed after it).
+    first = group.members[0][0]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for e in entries:
+        for operand in e.operands:
+            if isinstance(operand, torch.fx.Node) and order[operand] > order[first]:
+                return None
     created: list[torch.fx.Node] = []
     replacements: list[tuple[torch.fx.Node, torch.fx.Node]] = []
     # _groups lists each group's concatenations in graph order: the first is the earliest.
@@ -730,29 +746,32 @@ def _rewrite(graph: torch.fx.Graph, group: _Group) -> list[torch.fx.Node] | None
     for cat, new in replacements:
         cat.replace_all_uses_with(new)
         graph.erase_node(cat)
-    return [new for _, new in replacements]
+    return [(new, fmt) for (_, new), fmt in zip(replacements, formats, strict=True)]
 
 
 @register_pass("joint_linear", stage="fx", tier="optimize")
 def fuse_joint_projections(graph: torch.fx.Graph) -> int:
     """cat(per-stream linears' views, tokens) -> views of one buffer the GEMMs write into."""
     made = 0
-    before = set(graph.nodes)
-    replaced: list[torch.fx.Node] = []
+    gm = graph.owning_module
     for members in _groups(graph):
         group = _plan(members)
         if group is None or not _big_enough(group) or not _covered(group):
             continue
+        before = set(graph.nodes)
         new = _rewrite(graph, group)
-        if new is not None:
-            replaced += new
-            made += 1
-    gm = graph.owning_module
-    if made and isinstance(gm, torch.fx.GraphModule):
+        if new is None:
+            continue
+        made += 1
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        # Checked per group, so one attention that views q as contiguous does not cost the
+        # others their copies.
         problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
         if problem is not None:
-            # A model that views the concatenation as if contiguous (``q.view(B * H, S, D)``)
-            # gets a contiguous copy, as the cat was; the GEMMs still write one buffer.
-            log.info("joint_linear: strided slices rejected (%s); making them contiguous", problem)
-            make_contiguous(graph, replaced, "joint_linear")
+            # A model that views the concatenation as dense (``q.view(B * H, S, D)``) gets
+            # a copy in the layout the cat had; the GEMMs still write one buffer.
+            log.info("joint_linear: strided slices rejected (%s); copying them", problem)
+            outputs, formats = zip(*new, strict=True)
+            make_contiguous(graph, list(outputs), "joint_linear", list(formats))
     return made

@@ -87,15 +87,50 @@ def retrace(gm: torch.fx.GraphModule, new_nodes: list[torch.fx.Node]) -> Excepti
     return None
 
 
-def make_contiguous(graph: torch.fx.Graph, outputs: list[torch.fx.Node], pass_name: str) -> None:
-    """Give each of ``outputs``' readers a contiguous copy (one copy per output): the copy
-    has the sizes and strides of a contiguous tensor, which is what Dynamo recorded for the
-    tensor the rewrite replaced, so every later op sees what it saw. Counted as
-    ``counters["<pass_name>.contiguous"]``."""
+def dense_format(value: object) -> torch.memory_format | None:
+    """``torch.contiguous_format`` or ``channels_last(_3d)`` when ``value``'s strides are
+    certainly those (symbolically), else None: the layouts a copy can reproduce."""
+    from torch._prims_common import (
+        make_channels_last_strides_for,
+        make_contiguous_strides_for,
+    )
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if not isinstance(value, torch.Tensor):
+        return None
+    shape, strides = tuple(value.shape), tuple(value.stride())
+    candidates = [(torch.contiguous_format, make_contiguous_strides_for(shape))]
+    if value.dim() in (4, 5):
+        fmt = torch.channels_last if value.dim() == 4 else torch.channels_last_3d
+        candidates.append((fmt, make_channels_last_strides_for(shape)))
+    for fmt, want in candidates:
+        # size-1 dims may carry any stride: they never move the address
+        pairs = [(a, b) for a, b, n in zip(strides, want, shape, strict=True) if n != 1]
+        if all(statically_known_true(a == b) for a, b in pairs):
+            return fmt
+    return None
+
+
+def make_contiguous(
+    graph: torch.fx.Graph,
+    outputs: list[torch.fx.Node],
+    pass_name: str,
+    formats: list[torch.memory_format] | None = None,
+) -> None:
+    """Give each of ``outputs``' readers a dense copy in ``formats`` (contiguous where not
+    given): the layout Dynamo recorded for the tensor the rewrite replaced, so every later
+    op sees what it saw. Counted as ``counters["<pass_name>.contiguous"]``."""
     counters[f"{pass_name}.contiguous"] += len(outputs)
-    for out in outputs:
+    formats = formats or [torch.contiguous_format] * len(outputs)
+    for out, fmt in zip(outputs, formats, strict=True):
         users = list(out.users)
+        kwargs = {} if fmt == torch.contiguous_format else {"memory_format": fmt}
         with graph.inserting_after(out):
-            contiguous = graph.call_method("contiguous", (out,))
+            copy = graph.call_method("contiguous", (out,), kwargs)
+        value = node_value(out)
+        if isinstance(value, torch.Tensor) and hasattr(value, "fake_mode"):
+            # later checks (another group's retrace) read it
+            with guardless(value.fake_mode):
+                copy.meta["example_value"] = value.contiguous(memory_format=fmt)
         for user in users:
-            user.replace_input_with(out, contiguous)
+            user.replace_input_with(out, copy)

@@ -24,7 +24,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from difforge.passes import layout_check
-from difforge.passes.layout_check import make_contiguous
+from difforge.passes.layout_check import dense_format, make_contiguous
 from difforge.passes.registry import (
     cacheable_target,
     node_arg,
@@ -114,6 +114,7 @@ def group_norm_channels_last(graph: torch.fx.Graph) -> int:
     made = 0
     before = set(graph.nodes)
     outputs: list[torch.fx.Node] = []
+    formats: list[torch.memory_format] = []
     for node in list(graph.nodes):
         if not _channels_last_group_norm(node):
             continue
@@ -124,6 +125,8 @@ def group_norm_channels_last(graph: torch.fx.Graph) -> int:
             node_arg(node, 3, "bias"),
             float(node_arg(node, 4, "eps", 1e-5)),
         )
+        # CUDA's GroupNorm returns NCHW: the copy, where one is needed, makes what it made
+        formats.append(dense_format(node_tensor(node)) or torch.contiguous_format)
         outputs.append(replace_with_call(graph, node, group_norm_by_channel, args))
         made += 1
     gm = graph.owning_module
@@ -133,5 +136,5 @@ def group_norm_channels_last(graph: torch.fx.Graph) -> int:
         problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
         if problem is not None:
             log.info("group_norm_channels_last: NHWC output rejected (%s); copying", problem)
-            make_contiguous(graph, outputs, "group_norm_channels_last")
+            make_contiguous(graph, outputs, "group_norm_channels_last", formats)
     return made
