@@ -138,16 +138,33 @@ def _storage(node: torch.fx.Node) -> StorageWeakRef | None:
         return None
 
 
-def _downstream(node: torch.fx.Node) -> set[torch.fx.Node]:
-    """Every node that reads ``node``'s result, directly or through others."""
-    seen: set[torch.fx.Node] = set()
-    todo = [node]
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return seen
+class _Aliases:
+    """Per graph: the nodes of each fake storage, and each node's position (built once, so
+    a graph's check stays linear in its size with many writes)."""
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
+        self.order: dict[torch.fx.Node, int] = {}
+        self.by_storage: dict[StorageWeakRef, list[torch.fx.Node]] = {}
+        for position, node in enumerate(graph.nodes):
+            self.order[node] = position
+            storage = _storage(node)
+            if storage is not None:
+                self.by_storage.setdefault(storage, []).append(node)
+
+    def reads_after(self, writer: torch.fx.Node, node: torch.fx.Node) -> bool:
+        """Whether ``node`` reads ``writer``'s result, directly or through others: a walk
+        back from ``node`` that stops at nodes placed before ``writer``."""
+        start = self.order[writer]
+        seen: set[torch.fx.Node] = set()
+        todo = [node]
+        while todo:
+            for source in todo.pop().all_input_nodes:
+                if source is writer:
+                    return True
+                if source not in seen and self.order.get(source, -1) > start:
+                    seen.add(source)
+                    todo.append(source)
+        return False
 
 
 def _write_chain(node: torch.fx.Node) -> set[torch.fx.Node]:
@@ -166,7 +183,7 @@ def _write_chain(node: torch.fx.Node) -> set[torch.fx.Node]:
     return chain
 
 
-def write_is_visible(node: torch.fx.Node) -> bool:
+def write_is_visible(node: torch.fx.Node, aliases: _Aliases | None = None) -> bool:
     """Whether a node other than ``node`` could read what ``node`` writes: the written tensor
     is an input, a parameter or buffer, has other readers, or may share storage with another
     tensor (by the call that made it, or by its fake value's storage: ``ravel``, ``.data``,
@@ -182,19 +199,22 @@ def write_is_visible(node: torch.fx.Node) -> bool:
         storage = _storage(target)
         if storage is None:
             return True  # no fake value: an alias cannot be ruled out
-        after, chain = _downstream(node), _write_chain(target)
-        for other in node.graph.nodes:
-            if other is node or other in chain or other in after:
+        aliases = aliases or _Aliases(node.graph)
+        chain = _write_chain(target)
+        for other in aliases.by_storage.get(storage, ()):
+            if other is node or other in chain or aliases.reads_after(node, other):
                 continue
-            shared = _storage(other)
-            if shared is not None and shared == storage:
-                return True
+            return True
     return False
 
 
 def graph_mutates(graph: torch.fx.Graph) -> bool:
     """Whether a node of ``graph`` writes in place into a tensor another node could read."""
-    return any(write_is_visible(node) for node in graph.nodes)
+    writers = [node for node in graph.nodes if mutates(node)]
+    if not writers:
+        return False
+    aliases = _Aliases(graph)
+    return any(write_is_visible(node, aliases) for node in writers)
 
 
 def eliminate_dead_code(graph: torch.fx.Graph) -> None:
