@@ -710,6 +710,20 @@ def test_group_norm_channels_last_copies_when_a_later_view_rejects_nhwc(
     assert difforge.counters["group_norm_channels_last.contiguous"] == 1
 
 
+def test_group_norm_channels_last_copies_only_the_output_a_view_rejects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Checked per GroupNorm (a reviewer's finding): the retrace rejects the first one only.
+    from difforge.passes import layout_check
+
+    verdicts = iter([ValueError("Cannot view ..."), None, None])
+    monkeypatch.setattr(layout_check, "retrace", lambda gm, new_nodes: next(verdicts))
+    torch.manual_seed(0)
+    _run(nn.Sequential(NormAct(16, 4), NormAct(16, 4)).eval(), _nhwc(2, 16, 9, 7, offset=5.0))
+    assert difforge.counters["group_norm_channels_last"] == 2
+    assert difforge.counters["group_norm_channels_last.contiguous"] == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_group_norm_channels_last_then_an_nchw_view() -> None:

@@ -112,9 +112,7 @@ def is_nhwc(x: torch.Tensor) -> bool:
 def group_norm_channels_last(graph: torch.fx.Graph) -> int:
     """GroupNorm of an NHWC activation -> per-channel statistics combined per group."""
     made = 0
-    before = set(graph.nodes)
-    outputs: list[torch.fx.Node] = []
-    formats: list[torch.memory_format] = []
+    gm = graph.owning_module
     for node in list(graph.nodes):
         if not _channels_last_group_norm(node):
             continue
@@ -126,15 +124,17 @@ def group_norm_channels_last(graph: torch.fx.Graph) -> int:
             float(node_arg(node, 4, "eps", 1e-5)),
         )
         # CUDA's GroupNorm returns NCHW: the copy, where one is needed, makes what it made
-        formats.append(dense_format(node_tensor(node)) or torch.contiguous_format)
-        outputs.append(replace_with_call(graph, node, group_norm_by_channel, args))
+        recorded = dense_format(node_tensor(node)) or torch.contiguous_format
+        before = set(graph.nodes)
+        out = replace_with_call(graph, node, group_norm_by_channel, args)
         made += 1
-    gm = graph.owning_module
-    if made and isinstance(gm, torch.fx.GraphModule):
-        # The rewrite's output is NHWC like its input; CUDA's GroupNorm returns NCHW, so a
-        # later `.view` (`h.view(B * C, H, W)`) that needs NCHW fails on the new layout.
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        # The rewrite's output is NHWC like its input, so a later `.view` that needs NCHW
+        # (`h.view(B * C, H, W)`) fails on it. Checked per GroupNorm: one such view costs
+        # the others no copy.
         problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
         if problem is not None:
             log.info("group_norm_channels_last: NHWC output rejected (%s); copying", problem)
-            make_contiguous(graph, outputs, "group_norm_channels_last", formats)
+            make_contiguous(graph, [out], "group_norm_channels_last", [recorded])
     return made
