@@ -39,7 +39,6 @@ after its rounded GEMM output (one rounding more), so it is in the ``optimize`` 
 
 from __future__ import annotations
 
-import logging
 import operator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,7 +48,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from difforge.passes import layout_check
-from difforge.passes.layout_check import dense_format, make_contiguous
+from difforge.passes.layout_check import dense_format
 from difforge.passes.registry import (
     fill_example_values,
     node_arg,
@@ -58,8 +57,6 @@ from difforge.passes.registry import (
     register_pass,
     size_hint,
 )
-
-log = logging.getLogger("difforge.passes")
 
 _LINEAR = torch._C._nn.linear
 
@@ -753,7 +750,6 @@ def _rewrite(
 def fuse_joint_projections(graph: torch.fx.Graph) -> int:
     """cat(per-stream linears' views, tokens) -> views of one buffer the GEMMs write into."""
     made = 0
-    gm = graph.owning_module
     for members in _groups(graph):
         group = _plan(members)
         if group is None or not _big_enough(group) or not _covered(group):
@@ -763,15 +759,10 @@ def fuse_joint_projections(graph: torch.fx.Graph) -> int:
         if new is None:
             continue
         made += 1
-        if not isinstance(gm, torch.fx.GraphModule):
-            continue
-        # Checked per group, so one attention that views q as contiguous does not cost the
-        # others their copies.
-        problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
-        if problem is not None:
-            # A model that views the concatenation as dense (``q.view(B * H, S, D)``) gets
-            # a copy in the layout the cat had; the GEMMs still write one buffer.
-            log.info("joint_linear: strided slices rejected (%s); copying them", problem)
-            outputs, formats = zip(*new, strict=True)
-            make_contiguous(graph, list(outputs), "joint_linear", list(formats))
+        # Checked per group, so one attention that views q as dense (`q.view(B * H, S, D)`)
+        # does not cost the others their copies; the GEMMs still write one buffer.
+        outputs, formats = zip(*new, strict=True)
+        layout_check.copy_where_views_fail(
+            graph, before, list(outputs), list(formats), "joint_linear"
+        )
     return made

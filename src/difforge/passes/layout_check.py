@@ -8,12 +8,15 @@ module finds that at rewrite time, and the rewrite makes its outputs contiguous 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.fx
 
 from difforge.passes.registry import counters, guardless, node_value
+
+log = logging.getLogger("difforge.passes")
 
 
 def same_layout(a: object, b: object) -> bool:
@@ -134,3 +137,24 @@ def make_contiguous(
                 copy.meta["example_value"] = value.contiguous(memory_format=fmt)
         for user in users:
             user.replace_input_with(out, copy)
+
+
+def copy_where_views_fail(
+    graph: torch.fx.Graph,
+    before: set[torch.fx.Node],
+    outputs: list[torch.fx.Node],
+    formats: list[torch.memory_format],
+    pass_name: str,
+) -> bool:
+    """After a rewrite that added the nodes not in ``before``: re-trace past them and, where
+    a later op (a model's ``.view``) fails on the new layouts, give ``outputs`` dense copies
+    in ``formats``. Returns whether it copied."""
+    gm = graph.owning_module
+    if not isinstance(gm, torch.fx.GraphModule):
+        return False
+    problem = retrace(gm, [n for n in graph.nodes if n not in before])
+    if problem is None:
+        return False
+    log.info("%s: new layouts rejected downstream (%s); copying", pass_name, problem)
+    make_contiguous(graph, outputs, pass_name, formats)
+    return True

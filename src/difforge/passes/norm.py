@@ -17,14 +17,12 @@ one scale and shift per channel, which Inductor fuses with what follows (SiLU, t
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.fx
 import torch.nn.functional as F
 
 from difforge.passes import layout_check
-from difforge.passes.layout_check import dense_format, make_contiguous
+from difforge.passes.layout_check import dense_format
 from difforge.passes.registry import (
     cacheable_target,
     node_arg,
@@ -32,8 +30,6 @@ from difforge.passes.registry import (
     register_pass,
     replace_with_call,
 )
-
-log = logging.getLogger("difforge.passes")
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -112,7 +108,6 @@ def is_nhwc(x: torch.Tensor) -> bool:
 def group_norm_channels_last(graph: torch.fx.Graph) -> int:
     """GroupNorm of an NHWC activation -> per-channel statistics combined per group."""
     made = 0
-    gm = graph.owning_module
     for node in list(graph.nodes):
         if not _channels_last_group_norm(node):
             continue
@@ -128,13 +123,10 @@ def group_norm_channels_last(graph: torch.fx.Graph) -> int:
         before = set(graph.nodes)
         out = replace_with_call(graph, node, group_norm_by_channel, args)
         made += 1
-        if not isinstance(gm, torch.fx.GraphModule):
-            continue
         # The rewrite's output is NHWC like its input, so a later `.view` that needs NCHW
         # (`h.view(B * C, H, W)`) fails on it. Checked per GroupNorm: one such view costs
         # the others no copy.
-        problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
-        if problem is not None:
-            log.info("group_norm_channels_last: NHWC output rejected (%s); copying", problem)
-            make_contiguous(graph, [out], "group_norm_channels_last", [recorded])
+        layout_check.copy_where_views_fail(
+            graph, before, [out], [recorded], "group_norm_channels_last"
+        )
     return made
