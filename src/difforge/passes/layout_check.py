@@ -1,9 +1,11 @@
 """Does a graph still trace after a rewrite replaced tensors with strided views?
 
 Rewrites that make one buffer and hand out views of it (``fuse_qkv``'s split of a fused
-GEMM, ``joint_linear``'s slices of one joint buffer) change the strides the rest of the
-graph sees. A model's later ``.view`` that relied on a contiguous tensor then fails; this
-module finds that at rewrite time, and the rewrite makes its outputs contiguous instead.
+GEMM, ``joint_linear``'s slices of one joint buffer), or that return another layout than
+the op they replace (``group_norm_channels_last``: NHWC where CUDA's GroupNorm returns
+NCHW), change the strides the rest of the graph sees. A model's later ``.view`` that relied
+on the old layout then fails; this module finds that at rewrite time, and the rewrite's
+outputs become dense copies in the layout Dynamo recorded instead.
 """
 
 from __future__ import annotations
