@@ -32,7 +32,6 @@ import torch.fx
 
 from difforge.fused_weights import FusedWeightCache, active_cache
 from difforge.passes import layout_check
-from difforge.passes.layout_check import make_contiguous
 from difforge.passes.registry import (
     node_arg,
     node_tensor,
@@ -153,19 +152,12 @@ def fuse_qkv(graph: torch.fx.Graph) -> int:
     groups = _groups(graph)
     if not groups:
         return 0
-    gm = graph.owning_module
     before = set(graph.nodes)
     new_outputs = [out for group in groups for out in _fuse_group(graph, group)]
-    if not isinstance(gm, torch.fx.GraphModule):
-        return len(groups)
-    problem = layout_check.retrace(gm, [n for n in graph.nodes if n not in before])
-    if problem is not None:
-        log.info("fuse_qkv: strided slices rejected (%s); making them contiguous", problem)
-        # Make each slice contiguous (one copy each) so strided views cannot break
-        # the model's reshapes; still one GEMM instead of several.
-        make_contiguous(graph, new_outputs, "fuse_qkv")
-        # No second check: a contiguous slice has exactly the sizes and strides of the
-        # linear output it replaces, so every later op sees what Dynamo recorded. (A
-        # re-check can fail for reasons that are not ours: on CUDA the fake SDPA kernel
-        # choice calls numel() on symbolic sizes, which the first check also hits.)
+    # Where the strided slices break a model's reshape, each becomes contiguous (one copy
+    # each); still one GEMM instead of several. A contiguous slice has exactly the sizes and
+    # strides of the linear output it replaces, so no second check is needed.
+    layout_check.copy_where_views_fail(
+        graph, before, new_outputs, [torch.contiguous_format] * len(new_outputs), "fuse_qkv"
+    )
     return len(groups)
