@@ -22,7 +22,6 @@ k/v on a few hundred text tokens do not.
 
 from __future__ import annotations
 
-import logging
 import operator
 from collections import defaultdict
 from typing import Any
@@ -38,8 +37,6 @@ from difforge.passes.registry import (
     register_pass,
     size_hint,
 )
-
-log = logging.getLogger("difforge.passes")
 
 _LINEAR = torch._C._nn.linear
 
