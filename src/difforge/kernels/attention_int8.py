@@ -44,6 +44,7 @@ import triton.language as tl
 
 from difforge.kernels import head_dim_tiles, token_major_empty
 from difforge.kernels import interpreting as _interpreting
+from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32, round_half_even
 from difforge.passes.registry import cacheable_target
 
 __all__ = [
@@ -160,34 +161,6 @@ def attention_int8_reference(
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _round_half_even(x):
-    """Round float32 to the nearest integer, ties to even (``torch.round``'s rule).
-
-    Written with floor because libdevice's rint is missing from Triton's interpreter.
-    ``x + 0.5`` is exact for ``0.5 <= |x| < 2**22``; below 0.5 the answer is 0 anyway.
-    """
-    r = tl.floor(x + 0.5)
-    odd_tie = ((r - x) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0)
-    r = tl.where(odd_tie, r - 1.0, r)
-    return tl.where(tl.abs(x) < 0.5, 0.0, r)
-
-
-@triton.jit
-def _fp8_e4m3_rne_as_fp32(x):
-    """Round float32 ``x`` (|x| <= 448) to the nearest e4m3 value, ties to even, in float32.
-
-    Interpreter only: Triton 3.6's interpreter drops the carry when rounding up into the
-    next binade (7.97 -> 4 instead of 8); the GPU's ``cvt.rn`` rounds correctly.
-    """
-    ax = tl.abs(x)
-    # e4m3: 3 mantissa bits; exponents below -6 are subnormal with the step of -6.
-    e = tl.maximum(tl.floor(tl.log2(tl.maximum(ax, 1e-30))), -6.0)
-    step = tl.exp2(e - 3.0)
-    r = _round_half_even(ax / step) * step
-    return tl.where(x < 0, -tl.minimum(r, 448.0), tl.minimum(r, 448.0))
-
-
 def stride_alignment(*strides: int) -> int:
     """The largest power of two up to 16 dividing every stride (in elements).
 
@@ -268,7 +241,7 @@ def _quantize_per_block_int8_kernel(
     # Padding lanes divide scale by itself, not 0 by scale: a zero numerator takes the IEEE
     # division's slow path, and with 56 of 128 columns padding at head dim 72 that made
     # this kernel 4.5x slower per byte than at head dim 128 (H100, 2026-11-28).
-    q = _round_half_even(tl.div_rn(tl.where(mask, x, scale), scale))
+    q = round_half_even(tl.div_rn(tl.where(mask, x, scale), scale))
     q = tl.where(mask, tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0)
     out_base = out_ptr + pid_bh.to(tl.int64) * seq * D_OUT
     out_mask = (offs_s < seq)[:, None] & (offs_d < D_OUT)[None, :]
@@ -378,7 +351,7 @@ def _quantize_v_fp8_kernel(
     # Padding lanes: 1 / 1 then 0, not 0 / 1 (the division's slow path; see the int8 one).
     y = tl.where(mask, tl.div_rn(tl.where(mask, x, 1.0), scale[None, :]), 0.0)
     if INTERPRET:
-        y = _fp8_e4m3_rne_as_fp32(y)
+        y = fp8_e4m3_rne_as_fp32(y)
     y = y.to(tl.float8e4nv)
     out_base = out_ptr + pid_bh.to(tl.int64) * DV * seq_pad
     out_mask = (offs_s < seq_pad)[:, None] & (offs_d < DV)[None, :]
@@ -460,7 +433,7 @@ def _pv_dot(p, v, acc, alpha, PV_FP8: tl.constexpr, PV_IN_FP32: tl.constexpr):
         # each block in float32 instead made the kernel 10-40% slower (H100, 2026-11-27).
         if PV_IN_FP32:
             return acc * alpha[:, None] + tl.dot(
-                _fp8_e4m3_rne_as_fp32(p.to(tl.float32)), v.to(tl.float32)
+                fp8_e4m3_rne_as_fp32(p.to(tl.float32)), v.to(tl.float32)
             )
         return tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
     if PV_IN_FP32:
