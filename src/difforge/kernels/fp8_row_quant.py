@@ -1,0 +1,193 @@
+"""fp8 row quantization of ``cat([gelu?(a), gelu?(b)], dim=-1)`` in one Triton kernel.
+
+The same function as :func:`difforge.quant.fp8.quantize_cat_rows` (its row bound, its
+scale, its rounding), computed by one program per row in two sweeps over the row: the first
+reads the row and takes its bound (the max of a GELU part, the absmax of a plain part), the
+second reads it again, applies the GELU, scales and stores float8. A row is at most a few
+tens of KB (FLUX.1's single blocks: 3072 + 12288 bf16 columns, 30 KB), so the second sweep
+reads what the first left in L2: DRAM sees the row once in and once out.
+
+Why it exists: Inductor compiles the composite into a row-reduction kernel and a separate
+pointwise kernel that both read the row from DRAM. In FLUX.1-dev's O3 step (H100,
+``benchmarks/results/2026-11-28_h100_step_o3_flux_s19.json``) the single blocks'
+GELU + concatenation + quantization took 5.07 ms over 38 calls (133 us each, 1.6 TB/s for
+the bytes it must move) plus 1.41 ms of row maxima; the one-pass kernel must move 212 MB a
+call, ~76 us at 2.8 TB/s. Whether it wins is measured by ``benchmarks/probe_ops.py --probes
+catquant`` before anything uses it.
+
+The GELU is evaluated as ``x * sigmoid(2·sqrt(2/pi)·(x + 0.044715·x³))`` with Triton's fast
+``exp`` and division (no libdevice ``tanh``): a few instructions per element, so the kernel
+stays memory-bound. The per-row scale and its reciprocal use IEEE division, as the torch
+reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from difforge.kernels import interpreting as _interpreting
+from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32
+from difforge.passes.activation import _TWO_SQRT_2_OVER_PI
+from difforge.quant.fp8 import FP8_MAX, GELU_NEGATIVE_BOUND, SCALE_EPS
+
+__all__ = ["quantize_cat_rows_triton"]
+
+# The torch reference's constants, as compile-time constants of the kernels.
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_SCALE_EPS = tl.constexpr(SCALE_EPS)
+_GELU_C = tl.constexpr(_TWO_SQRT_2_OVER_PI)
+_GELU_FLOOR = tl.constexpr(GELU_NEGATIVE_BOUND)
+#: Columns one program handles per step: 8 bf16 (16 bytes) per thread at 4 warps.
+_BLOCK = 1024
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _gelu_tanh(x):
+    z = _GELU_C * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _quantize_cat_rows_kernel(
+    a_ptr, b_ptr, out_ptr, scale_ptr,
+    stride_a, stride_b, stride_out, KA, KB,
+    GELU_A: tl.constexpr, GELU_B: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    # while, not for: Triton 3.6's interpreter cannot run range() over a runtime int with
+    # numpy >= 2.4 (see kernels.attention_int8). A streaming loop loses nothing by it: the
+    # latency hiding comes from the thousands of rows in flight, not from pipelining.
+    row = tl.program_id(0).to(tl.int64)  # rows x 30 KB overflows int32 offsets
+    cols = tl.arange(0, BLOCK)
+    a_row = a_ptr + row * stride_a
+    b_row = b_ptr + row * stride_b
+    out_row = out_ptr + row * stride_out
+    # Sweep 1, the row bound: max(gelu(max x), floor) for a GELU part, else max |x|.
+    acc = tl.full([BLOCK], float("-inf") if GELU_A else 0.0, tl.float32)
+    start = 0
+    while start < KA:
+        mask = start + cols < KA
+        if GELU_A:
+            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        else:
+            x = tl.abs(tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32))
+        acc = tl.maximum(acc, x)
+        start += BLOCK
+    bound = tl.max(acc, axis=0)
+    if GELU_A:
+        bound = tl.maximum(_gelu_tanh(bound), _GELU_FLOOR)
+    if HAS_B:
+        acc = tl.full([BLOCK], float("-inf") if GELU_B else 0.0, tl.float32)
+        start = 0
+        while start < KB:
+            mask = start + cols < KB
+            if GELU_B:
+                x = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            else:
+                x = tl.abs(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32))
+            acc = tl.maximum(acc, x)
+            start += BLOCK
+        bound_b = tl.max(acc, axis=0)
+        if GELU_B:
+            bound_b = tl.maximum(_gelu_tanh(bound_b), _GELU_FLOOR)
+        bound = tl.maximum(bound, bound_b)
+    scale = tl.math.div_rn(tl.maximum(bound, _SCALE_EPS), _FP8_MAX)
+    tl.store(scale_ptr + row, scale)
+    inv = tl.math.div_rn(1.0, scale)
+    # Sweep 2 (the row is in L2 now): GELU, scale, clamp, round to nearest even.
+    start = 0
+    while start < KA:
+        mask = start + cols < KA
+        x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        if GELU_A:
+            x = _gelu_tanh(x)
+        q = tl.minimum(tl.maximum(x * inv, -_FP8_MAX), _FP8_MAX)
+        if INTERPRET:  # the interpreter's cast drops a carry (see kernels.rounding)
+            q = fp8_e4m3_rne_as_fp32(q)
+        tl.store(out_row + start + cols, q.to(tl.float8e4nv), mask=mask)
+        start += BLOCK
+    if HAS_B:
+        start = 0
+        while start < KB:
+            mask = start + cols < KB
+            x = tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            if GELU_B:
+                x = _gelu_tanh(x)
+            q = tl.minimum(tl.maximum(x * inv, -_FP8_MAX), _FP8_MAX)
+            if INTERPRET:
+                q = fp8_e4m3_rne_as_fp32(q)
+            tl.store(out_row + KA + start + cols, q.to(tl.float8e4nv), mask=mask)
+            start += BLOCK
+
+
+def _check(parts: list[torch.Tensor], gelu: list[bool], *, device: bool = True) -> None:
+    if len(parts) != len(gelu) or not 1 <= len(parts) <= 2:
+        raise ValueError(
+            "quantize_cat_rows_triton: one or two parts with one gelu flag each, got "
+            f"{len(parts)} parts and {len(gelu)} flags"
+        )
+    if any(p.dim() != 2 for p in parts):
+        raise ValueError(
+            f"quantize_cat_rows_triton expects 2-D [M, K] parts, got {[p.shape for p in parts]}"
+        )
+    first = parts[0]
+    for p in parts:
+        if p.shape[0] != first.shape[0] or p.dtype != first.dtype or p.device != first.device:
+            raise ValueError(
+                "quantize_cat_rows_triton: parts must share rows, dtype and device, got "
+                f"{[(tuple(p.shape), p.dtype, str(p.device)) for p in parts]}"
+            )
+    if first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"quantize_cat_rows_triton: float16/bfloat16/float32, got {first.dtype}")
+    if device and first.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            "quantize_cat_rows_triton runs on CUDA tensors (or CPU ones under "
+            f"TRITON_INTERPRET=1), got {first.device}"
+        )
+
+
+def quantize_cat_rows_triton(
+    parts: list[torch.Tensor], gelu: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_fp8 [M, sum K], scale [M] float32)`` for ``cat([gelu(p) if g else p ...], -1)``,
+    the values :func:`difforge.quant.fp8.quantize_cat_rows` computes. One or two 2-D parts of
+    one float dtype; a part whose last stride is not 1 is copied first."""
+    _check(parts, gelu)
+    parts = [p if p.stride(-1) == 1 or p.shape[1] <= 1 else p.contiguous() for p in parts]
+    m = parts[0].shape[0]
+    widths = [p.shape[1] for p in parts]
+    out = torch.empty((m, sum(widths)), dtype=torch.float8_e4m3fn, device=parts[0].device)
+    scale = torch.empty((m,), dtype=torch.float32, device=parts[0].device)
+    if m == 0:
+        return out, scale
+    a = parts[0]
+    b = parts[1] if len(parts) == 2 else a  # unused when HAS_B is false
+    _quantize_cat_rows_kernel[(m,)](
+        a, b, out, scale, a.stride(0), b.stride(0), out.stride(0), widths[0],
+        widths[1] if len(parts) == 2 else 0,
+        GELU_A=bool(gelu[0]), GELU_B=bool(gelu[-1]) and len(parts) == 2,
+        HAS_B=len(parts) == 2, BLOCK=_BLOCK, INTERPRET=_interpreting(), num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return out, scale
+
+
+@torch.library.custom_op("difforge::fp8_quantize_cat_rows_triton", mutates_args=())
+def _quantize_cat_rows_op(
+    parts: list[torch.Tensor], gelu: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.difforge.fp8_quantize_cat_rows_triton``: one opaque graph node."""
+    return quantize_cat_rows_triton(list(parts), list(gelu))
+
+
+@_quantize_cat_rows_op.register_fake
+def _quantize_cat_rows_fake(
+    parts: list[torch.Tensor], gelu: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(list(parts), list(gelu), device=False)
+    m = parts[0].shape[0]
+    width = sum(p.shape[1] for p in parts)
+    out = parts[0].new_empty((m, width), dtype=torch.float8_e4m3fn)
+    return out, parts[0].new_empty((m,), dtype=torch.float32)

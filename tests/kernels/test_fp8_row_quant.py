@@ -1,0 +1,188 @@
+"""The one-kernel fp8 row quantization of ``cat([gelu?(a), gelu?(b)])`` against its torch
+reference (:func:`difforge.quant.fp8.quantize_cat_rows`): the same scales and the same
+float8 values, in Triton's interpreter here and compiled on a GPU."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from tests.helpers import compile_for_sm90
+
+from difforge.kernels import fp8_row_quant as mod
+from difforge.kernels.fp8_row_quant import quantize_cat_rows_triton
+from difforge.quant.fp8 import FP8_MAX, SCALE_EPS, quantize_cat_rows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def assert_same_quantization(
+    got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Scales within 2 float32 ulps (the GELU of the row max: fast exp and division in the
+    kernel) and float8 values equal, except one e4m3 step where the scaled value sits on a
+    rounding boundary and the GELU's last bits decide."""
+    (q, scale), (q_ref, scale_ref) = got, want
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert q.shape == q_ref.shape and scale.shape == scale_ref.shape
+    torch.testing.assert_close(scale, scale_ref, rtol=2.5e-7, atol=0)
+    qf, rf = q.float(), q_ref.float()
+    differ = qf != rf
+    assert int(differ.sum()) <= max(1, qf.numel() // 1000), int(differ.sum())
+    if differ.any():  # one step of e4m3 (3 mantissa bits) at that magnitude
+        step = torch.exp2(torch.floor(torch.log2(rf.abs().clamp_min(2**-6))) - 3)
+        assert bool(((qf - rf).abs() <= step)[differ].all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "widths,gelu",
+    [
+        ((40,), (False,)),  # a plain row quantization
+        ((2100,), (True,)),  # an FF's GELU output: three column blocks, the last ragged
+        ((48, 1100), (False, True)),  # FLUX's single blocks: attention, GELU(mlp)
+        ((1025, 17), (True, True)),
+        ((1, 1024), (True, False)),
+    ],
+)
+def test_matches_the_torch_reference(
+    dtype: torch.dtype, widths: tuple[int, ...], gelu: tuple[bool, ...]
+) -> None:
+    parts = [
+        torch.randn(6, w, dtype=dtype, device=DEVICE) * (1 + 2 * i) for i, w in enumerate(widths)
+    ]
+    got = quantize_cat_rows_triton(parts, list(gelu))
+    assert_same_quantization(got, quantize_cat_rows(parts, list(gelu)))
+    assert bool(got[0].float().abs().max() <= FP8_MAX)
+
+
+def test_special_rows() -> None:
+    """A zero row (scale from the floor, values exact zeros), a row below the GELU floor
+    (scale from 0.1701, nothing saturates), a row with one huge outlier (it maps to 448) and
+    a row that is all negative (the GELU part's bound is the floor)."""
+    a = torch.randn(4, 300, device=DEVICE)
+    a[0] = 0
+    a[1] = 1e-3 * torch.randn(300, device=DEVICE)
+    a[2, 7] = 3e4
+    a[3] = -a[3].abs() - 1
+    for gelu in (True, False):
+        q, scale = quantize_cat_rows_triton([a], [gelu])
+        assert_same_quantization((q, scale), quantize_cat_rows([a], [gelu]))
+        assert float(scale[0]) == pytest.approx((0.1701 if gelu else SCALE_EPS) / FP8_MAX)
+        assert bool((q[0].float() == 0).all())
+        assert float(q[2].float().abs().max()) == FP8_MAX
+    assert torch.isfinite(q.float()).all()
+
+
+def test_parts_with_row_strides_and_a_transposed_part() -> None:
+    """Column slices of one buffer (a fused projection's output) are read in place; a part
+    whose columns are strided is copied first. Same values either way."""
+    buf = torch.randn(5, 3 * 64 + 8, device=DEVICE, dtype=torch.bfloat16)
+    a, b = buf[:, 8:72], buf[:, 72:]
+    t = torch.randn(200, 5, device=DEVICE, dtype=torch.bfloat16).t()
+    for parts in ([a, b], [t, a]):
+        assert parts[0].stride(0) != parts[0].shape[1] or parts[0].stride(1) != 1
+        got = quantize_cat_rows_triton(parts, [False, True])
+        want = quantize_cat_rows([p.contiguous() for p in parts], [False, True])
+        assert_same_quantization(got, want)
+
+
+def test_no_rows() -> None:
+    q, scale = quantize_cat_rows_triton([torch.randn(0, 16, device=DEVICE)], [True])
+    assert q.shape == (0, 16) and scale.shape == (0,)
+
+
+def test_rejects_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one or two parts"):
+        quantize_cat_rows_triton([x, x, x], [True, True, True])
+    with pytest.raises(ValueError, match="one or two parts"):
+        quantize_cat_rows_triton([x], [True, False])
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_cat_rows_triton([x[0]], [True])
+    with pytest.raises(ValueError, match="share rows, dtype and device"):
+        quantize_cat_rows_triton([x, x[:3]], [True, True])
+    with pytest.raises(ValueError, match="share rows, dtype and device"):
+        quantize_cat_rows_triton([x, x.half()], [True, True])
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        quantize_cat_rows_triton([x.to(torch.int32)], [False])
+    if DEVICE == "cpu":
+        monkeypatch.setattr(mod, "_interpreting", lambda: False)
+        with pytest.raises(ValueError, match="runs on CUDA tensors"):
+            quantize_cat_rows_triton([x], [True])
+
+
+def test_op_opcheck_and_fake() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.difforge.fp8_quantize_cat_rows_triton.default
+    parts = [torch.randn(3, 40, device=DEVICE), torch.randn(3, 24, device=DEVICE)]
+    # torch's schema check compares outputs with allclose, which the CPU lacks for fp8.
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic")
+    if DEVICE != "cpu":
+        utils = ("test_schema", *utils)
+    torch.library.opcheck(op, (parts, [False, True]), test_utils=utils)
+    with FakeTensorMode():
+        fake = [torch.empty(7, 40, dtype=torch.bfloat16), torch.empty(7, 100, dtype=torch.bfloat16)]
+        q, scale = op(fake, [False, True])
+        assert q.shape == (7, 140) and q.dtype == torch.float8_e4m3fn
+        assert scale.shape == (7,) and scale.dtype == torch.float32
+
+
+_COMPILE_FOR_SM90 = textwrap.dedent(
+    """
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import difforge.kernels.fp8_row_quant as m
+
+    kernel = m._quantize_cat_rows_kernel
+    consts = {"GELU_A": False, "GELU_B": True, "HAS_B": True, "BLOCK": m._BLOCK,
+              "INTERPRET": False}
+    types = {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
+    aligned = ("a_ptr", "b_ptr", "out_ptr", "stride_a", "stride_b", "stride_out", "KA", "KB")
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": m._NUM_WARPS}).asm["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, "fp8 must round to nearest, two at a time"
+    assert re.search(r"ld\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "bf16 loads must be 16 bytes"
+    assert not re.search(r"ld\\.global(\\.\\w+)*\\.b16 ", ptx), "2-byte loads"
+    # the GELU: fast exp and division, no libdevice tanh; IEEE division only per row
+    assert "ex2.approx" in ptx and "tanh" not in ptx
+    assert len(re.findall(r"div\\.rn\\.f32", ptx)) <= 2, "per-element IEEE division"
+    print("sm90 ok")
+    """
+)
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu() -> None:
+    """Lowering and ptxas for an H100, with the instructions that keep it memory-bound."""
+    compile_for_sm90(_COMPILE_FOR_SM90)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "m,widths,gelu",
+    [
+        (4608, (3072, 12288), (False, True)),  # FLUX.1 single block, 1024²
+        (8192, (4608,), (True,)),  # PixArt-XL FF1 output, batch 2
+        (333, (72, 1000), (False, True)),  # odd sizes
+    ],
+    ids=["flux-single", "pixart-ff1", "odd"],
+)
+def test_gpu_matches_the_reference(
+    dtype: torch.dtype, m: int, widths: tuple[int, ...], gelu: tuple[bool, ...]
+) -> None:
+    parts = [torch.randn(m, w, device="cuda", dtype=dtype) for w in widths]
+    got = quantize_cat_rows_triton(parts, list(gelu))
+    assert_same_quantization(got, quantize_cat_rows(parts, list(gelu)))
