@@ -152,3 +152,37 @@ def test_pass_takes_a_cat_with_a_gelu_part(share_cat: bool, fires: int) -> None:
         _SingleBlock(share_cat=share_cat).eval(), {"mode": "O2", "passes.fp8_gelu_scale": True}
     )
     assert difforge.counters["fp8_gelu_scale"] == fires
+
+
+@pytest.mark.parametrize("model", [_FeedForward, _SingleBlock])
+def test_triton_quantizer_pass_replaces_the_composite(model: type[nn.Module]) -> None:
+    """``passes.fp8_cat_quant_kernel`` hands the quantization to the one-kernel Triton op
+    (here in Triton's interpreter, the CPU tests' stand-in for CUDA): same output."""
+    torch.manual_seed(0)
+    options = {"mode": "O2", "passes.fp8_gelu_scale": True, "passes.fp8_cat_quant_kernel": True}
+    _compile_and_check(model().eval(), options)
+    assert difforge.counters["fp8_gelu_scale"] == 1
+    assert difforge.counters["fp8_cat_quant_kernel"] == 1
+
+
+def test_triton_quantizer_pass_is_off_by_default_and_needs_its_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Off in every mode (not yet measured faster on a GPU); on, it leaves the composite
+    where Triton cannot run (a CPU without the interpreter)."""
+    from difforge.options import parse_options
+    from difforge.passes import quant_fusion
+
+    for mode in ("O2", "O3", "max-autotune:cudagraphs:low-precision"):
+        assert parse_options({"mode": mode}).settings["passes.fp8_cat_quant_kernel"] is False
+    torch.manual_seed(0)
+    _compile_and_check(_SingleBlock().eval(), {"mode": "O3"})
+    assert difforge.counters["fp8_gelu_scale"] == 1
+    assert difforge.counters["fp8_cat_quant_kernel"] == 0
+    torch._dynamo.reset()
+    difforge.counters.clear()
+    monkeypatch.setattr(quant_fusion, "_triton_runs_on", lambda device: False)
+    options = {"mode": "O3", "passes.fp8_cat_quant_kernel": True}
+    _compile_and_check(_SingleBlock().eval(), options)
+    assert difforge.counters["fp8_gelu_scale"] == 1
+    assert difforge.counters["fp8_cat_quant_kernel"] == 0

@@ -12,6 +12,11 @@ exact absmax). It also takes a last-dim ``torch.cat`` of GELU and other parts (F
 single blocks quantize ``cat([attention, gelu(mlp)])`` for ``proj_out``). Only in the
 ``low-precision`` tier: the scale is an upper bound, exact except for rows whose GELU
 stays below 0.17.
+
+``fp8_cat_quant_kernel``: the same quantization on CUDA as difforge's one-kernel Triton
+quantizer (:mod:`difforge.kernels.fp8_row_quant`) instead of the two kernels Inductor
+makes of the composite. Off in every mode until a GPU measures it faster
+(``benchmarks/probe_ops.py --probes catquant``); ``passes.fp8_cat_quant_kernel`` turns it on.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+import difforge.kernels.fp8_row_quant  # noqa: F401  (registers the Triton quantizer's op)
 from difforge.passes.activation import gelu_tanh_as_sigmoid
 from difforge.passes.registry import node_arg, node_tensor, register_pass
 
@@ -107,5 +113,49 @@ def fp8_gelu_scale(graph: torch.fx.Graph) -> int:
         fused.meta.update(quant.meta)
         quant.replace_all_uses_with(fused)
         graph.erase_node(quant)  # the view chain, the cat and the GELUs are dead code now
+        made += 1
+    return made
+
+
+def _is_quantize_cat_rows(node: torch.fx.Node) -> bool:
+    op = torch.ops.difforge.fp8_quantize_cat_rows
+    return node.op == "call_function" and node.target in (op, op.default)
+
+
+def _device_of(node: object) -> torch.device | None:
+    """The device of a part, looking through the reshapes fp8_gelu_scale adds (they carry
+    no example value)."""
+    while isinstance(node, torch.fx.Node):
+        value = node_tensor(node)
+        if value is not None:
+            return value.device
+        if node.target is not torch.reshape:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """CUDA, or the CPU under Triton's interpreter (the CPU tests)."""
+    from difforge.kernels import interpreting
+
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+@register_pass("fp8_cat_quant_kernel", stage="fx", tier="low-precision")
+def fp8_cat_quant_kernel(graph: torch.fx.Graph) -> int:
+    """fp8_quantize_cat_rows on CUDA -> difforge's one-kernel Triton quantizer."""
+    made = 0
+    for node in list(graph.nodes):
+        if not _is_quantize_cat_rows(node):
+            continue
+        parts, gelu = node_arg(node, 0, "parts"), node_arg(node, 1, "gelu")
+        if not isinstance(parts, (list, tuple)) or not 1 <= len(parts) <= 2:
+            continue  # the kernel takes one or two parts
+        devices = [_device_of(p) for p in parts]
+        if any(d is None or not _triton_runs_on(d) for d in devices):
+            continue  # elsewhere the composite stays
+        node.target = torch.ops.difforge.fp8_quantize_cat_rows_triton.default
+        node.args, node.kwargs = (list(parts), list(gelu)), {}
         made += 1
     return made
