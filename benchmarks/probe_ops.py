@@ -17,6 +17,9 @@ they compute the same function (relative error against a float32 reference):
 - ``sdxl8``: SDXL's GEGLU + fp8 quantization (exact looped / persistent / bounded) and
   its attention projections in fp16 vs fp8, per transformer level.
 - ``headpad``: SDPA with head dim 72 zero-padded to 80/96/128 (a padded projection's output).
+- ``catquant``: fp8 row quantization of a GELU output (FF1) and of FLUX's single-block
+  ``cat([attention, gelu(mlp)])``: Inductor's compiled composite (what O3 runs today)
+  against difforge's one-kernel Triton quantizer, next to a copy of the same bytes.
 - ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
   FF2, residual) compiled fp16 at O2 and with fp8 linears, with and without the
   ``gelu_tanh_sigmoid`` pass; block time and the time of each kernel.
@@ -401,6 +404,59 @@ def _attention_quant_layouts() -> list[dict[str, Any]]:
     return rows
 
 
+# (name, rows, part widths, GELU per part, dtype): the fp8 activation quantizations O3 runs.
+CAT_QUANT_SHAPES = (
+    ("flux-single", 4608, (3072, 12288), (False, True), torch.bfloat16),
+    ("flux-double-ff", 4096, (12288,), (True,), torch.bfloat16),
+    ("pixart-ff1", 8192, (4608,), (True,), torch.float16),
+    ("sd3-ff1", 8192, (6144,), (True,), torch.float16),
+)
+
+
+def probe_cat_quant() -> list[dict[str, Any]]:
+    """GELU (+ concatenation) + fp8 row quantization: Inductor's two kernels (row bound,
+    then GELU + scale + cast, each reading the row from DRAM) against the one-kernel Triton
+    quantizer (the second sweep reads the row from L2), CUDA-graph timed, with the GB/s of
+    the bytes each must move and the time a plain copy of those bytes takes."""
+    from difforge.kernels import attention_int8 as a8
+    from difforge.kernels.fp8_row_quant import quantize_cat_rows_triton
+    from difforge.passes.activation import gelu_tanh_float
+    from difforge.quant.fp8 import dequantize, quantize_cat_rows
+
+    compiled = torch.compile(quantize_cat_rows, dynamic=False)
+    rows: list[dict[str, Any]] = []
+    for name, m, widths, gelu, dtype in CAT_QUANT_SHAPES:
+        parts = [torch.randn(m, w, device="cuda", dtype=dtype) for w in widths]
+        flags = list(gelu)
+        exact = torch.cat(
+            [gelu_tanh_float(p) if g else p.float() for p, g in zip(parts, flags, strict=True)],
+            dim=-1,
+        )
+        moved = sum(p.numel() * p.element_size() for p in parts) + exact.numel()  # + fp8 out
+        src = torch.empty(moved // 2, device="cuda", dtype=torch.float16)
+        dst = torch.empty_like(src)  # a copy moving the same bytes: read half, write half
+        copy_ms = a8.cuda_graph_ms(lambda: dst.copy_(src), 40)
+        ways: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
+            "inductor (compiled composite)": lambda: compiled(parts, flags),
+            "triton (one kernel)": lambda: quantize_cat_rows_triton(parts, flags),
+        }
+        for way, fn in ways.items():
+            row: dict[str, Any] = {"shape": name, "way": way, "rows": m, "widths": widths}
+            try:
+                q, scale = fn()
+                ms = a8.cuda_graph_ms(fn, 40)
+                row.update(
+                    ms=ms,
+                    gb_per_s=moved / (ms * 1e-3) / 1e9,
+                    copy_ms=copy_ms,
+                    rel_err=_rel(dequantize(q, scale), exact),
+                )
+            except Exception as exc:  # one way failing must not hide the other
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
+    return rows
+
+
 def _pixart_block() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """One PixArt-XL-2 transformer block (real config, random weights) and 1024² inputs."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -779,6 +835,7 @@ PROBES = {
     "fp8block": probe_fp8_block,
     "sdxl8": probe_sdxl_fp8,
     "attnquant": probe_attention_quant,
+    "catquant": probe_cat_quant,
 }
 
 
