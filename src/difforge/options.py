@@ -96,6 +96,10 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "quant.fp8_linear": True,
         # The GELU-then-fp8 quantization scales from max(y): one GELU per element.
         "passes.fp8_gelu_scale": True,
+        # ... and runs as one Triton kernel per row instead of Inductor's two: H200, 1.10-1.82x
+        # at FLUX/PixArt/SD3 shapes, PixArt-XL's O3 step 30.07 -> 28.94 ms, same error
+        # (benchmarks/results/2026-11-28_h200_*catquant*_s21.*).
+        "passes.fp8_cat_quant_kernel": True,
         "inductor.triton.codegen_upcast_to_fp32": False,
         "inductor.emulate_precision_casts": False,
         "inductor.use_fast_math": True,

@@ -165,24 +165,23 @@ def test_triton_quantizer_pass_replaces_the_composite(model: type[nn.Module]) ->
     assert difforge.counters["fp8_cat_quant_kernel"] == 1
 
 
-def test_triton_quantizer_pass_is_off_by_default_and_needs_its_kernel(
+def test_triton_quantizer_pass_is_on_in_low_precision_and_needs_its_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Off in every mode (not yet measured faster on a GPU); on, it leaves the composite
-    where Triton cannot run (a CPU without the interpreter)."""
+    """On with the fp8 linears (low-precision, O3), off in the precise tier; on, it leaves
+    the composite where Triton cannot run (a CPU without the interpreter)."""
     from difforge.options import parse_options
     from difforge.passes import quant_fusion
 
-    for mode in ("O2", "O3", "max-autotune:cudagraphs:low-precision"):
-        assert parse_options({"mode": mode}).settings["passes.fp8_cat_quant_kernel"] is False
+    for mode, on in (("O2", False), ("max-optimize", False), ("O3", True), ("low-precision", True)):
+        assert parse_options({"mode": mode}).settings["passes.fp8_cat_quant_kernel"] is on
     torch.manual_seed(0)
-    _compile_and_check(_SingleBlock().eval(), {"mode": "O3"})
+    _compile_and_check(_SingleBlock().eval(), {"mode": "O3", "passes.fp8_cat_quant_kernel": False})
     assert difforge.counters["fp8_gelu_scale"] == 1
     assert difforge.counters["fp8_cat_quant_kernel"] == 0
     torch._dynamo.reset()
     difforge.counters.clear()
     monkeypatch.setattr(quant_fusion, "_triton_runs_on", lambda device: False)
-    options = {"mode": "O3", "passes.fp8_cat_quant_kernel": True}
-    _compile_and_check(_SingleBlock().eval(), options)
+    _compile_and_check(_SingleBlock().eval(), {"mode": "O3"})
     assert difforge.counters["fp8_gelu_scale"] == 1
     assert difforge.counters["fp8_cat_quant_kernel"] == 0
