@@ -57,8 +57,9 @@
 #   attnquant the 8-bit attention's quantization pre-pass, piece by piece, against a plain
 #            copy of the same bytes, at PixArt / SD3 / FLUX self-attention shapes   ~2 min
 #   catquant the one-kernel fp8 row quantizer's gpu tests, its probe against Inductor's two
-#            kernels, PixArt-XL / SD3 steps compile vs O3 vs O3 + it   ~8 min
-#   catquantflux FLUX.1-dev step: compile vs O3 vs O3 + the one-kernel quantizer, profiled ~10 min
+#            kernels, the LayerNorm + modulation + quantization probe, PixArt-XL / SD3 steps
+#            compile vs O3 without it vs O3                                  ~8 min
+#   catquantflux FLUX.1-dev step: compile vs O3 without / with the one-kernel quantizer, profiled ~10 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
 #   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
 #   freezepx PixArt-XL step: compile vs O2 / O3, each with and without freezing, profiled ~9 min
@@ -337,17 +338,18 @@ case "$part" in
     run 300 probe_attention_quant python3 benchmarks/probe_ops.py --probes attnquant \
       --output-json "$out/probe_attention_quant.json" ;;
   catquant)  # the one-kernel fp8 row quantizer: its gpu tests, then catquant (it vs
-    # Inductor's two kernels at FLUX / PixArt / SD3 shapes), then PixArt-XL and SD3-medium
-    # steps: compile vs O3 vs O3 with it (passes.fp8_cat_quant_kernel)
-    V='compile;O3;O3-catq={"mode":"O3","passes.fp8_cat_quant_kernel":true}'
+    # Inductor's two kernels at FLUX / PixArt / SD3 shapes) and lnquant (LayerNorm +
+    # modulation + quantization against memory speed), then PixArt-XL and SD3-medium
+    # steps: compile vs O3 (which runs it since 2026-11-28) vs O3 without it
+    V='compile;O3-nocatq={"mode":"O3","passes.fp8_cat_quant_kernel":false};O3'
     run 120 gpu_tests_catquant python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
       tests/kernels/test_fp8_row_quant.py tests/quant/test_fp8_gelu_scale.py
-    run 120 probe_catquant python3 benchmarks/probe_ops.py --probes catquant \
+    run 120 probe_catquant python3 benchmarks/probe_ops.py --probes catquant,lnquant \
       --output-json "$out/probe_catquant.json"
     run 330 step_catquant_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --variants "$V" --output-json "$out/step_catquant_dit.json" ;;
-  catquantflux)  # FLUX.1-dev step: compile vs O3 vs O3 with the one-kernel quantizer, profiled
-    V='compile;O3;O3-catq={"mode":"O3","passes.fp8_cat_quant_kernel":true}'
+  catquantflux)  # FLUX.1-dev step: compile vs O3 without / with the one-kernel quantizer, profiled
+    V='compile;O3-nocatq={"mode":"O3","passes.fp8_cat_quant_kernel":false};O3'
     run 590 step_catquant_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --profile --output-json "$out/step_catquant_flux.json" ;;
   o3flux)  # FLUX.1-dev O3 profiled with today's rules and the SM clock per variant (the last

@@ -20,6 +20,9 @@ they compute the same function (relative error against a float32 reference):
 - ``catquant``: fp8 row quantization of a GELU output (FF1) and of FLUX's single-block
   ``cat([attention, gelu(mlp)])``: Inductor's compiled composite (what O3 runs today)
   against difforge's one-kernel Triton quantizer, next to a copy of the same bytes.
+- ``lnquant``: LayerNorm + adaLN modulation + fp8 row quantization (what O3 runs before
+  each fp8 attention/FF projection of a DiT block), compiled, against a copy of the same
+  bytes: the headroom a one-kernel version could win.
 - ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
   FF2, residual) compiled fp16 at O2 and with fp8 linears, with and without the
   ``gelu_tanh_sigmoid`` pass; block time and the time of each kernel.
@@ -457,6 +460,62 @@ def probe_cat_quant() -> list[dict[str, Any]]:
     return rows
 
 
+# (name, batch, tokens, width, dtype): the normalised inputs of DiT blocks' fp8 projections.
+LN_QUANT_SHAPES = (
+    ("flux-single", 1, 4608, 3072, torch.bfloat16),
+    ("pixart", 2, 4096, 1152, torch.float16),
+    ("sd3", 2, 4096, 1536, torch.float16),
+)
+
+
+def _ln_mod_quant(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(layer_norm(x) * (1 + scale) + shift)``, as an adaLN DiT block feeds
+    its fp8 projections."""
+    from difforge.quant.fp8 import quantize_rows
+
+    h = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    return quantize_rows(h.reshape(-1, h.shape[-1]))
+
+
+def probe_ln_quant() -> list[dict[str, Any]]:
+    """LayerNorm + modulation + fp8 row quantization compiled by Inductor, CUDA-graph timed,
+    against a copy moving the bytes it must (read x, write float8): how far it is from
+    memory speed, i.e. what a one-kernel version (as ``catquant``'s) could win."""
+    from difforge.kernels import attention_int8 as a8
+    from difforge.quant.fp8 import dequantize
+
+    compiled = torch.compile(_ln_mod_quant, dynamic=False)
+    rows: list[dict[str, Any]] = []
+    for name, b, s, d, dtype in LN_QUANT_SHAPES:
+        x = torch.randn(b, s, d, device="cuda", dtype=dtype)
+        scale, shift = (0.5 * torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(2))
+        moved = x.numel() * (x.element_size() + 1)
+        src = torch.empty(moved // 2, device="cuda", dtype=torch.float16)
+        dst = torch.empty_like(src)
+        row: dict[str, Any] = {"shape": name, "rows": b * s, "width": d}
+        try:
+            q, qs = compiled(x, scale, shift)
+            ms = a8.cuda_graph_ms(lambda: compiled(x, scale, shift), 40)
+            copy_ms = a8.cuda_graph_ms(lambda: dst.copy_(src), 40)
+            exact = (
+                F.layer_norm(x.float(), (d,), eps=1e-6) * (1 + scale.float()[:, None])
+                + shift.float()[:, None]
+            ).reshape(-1, d)
+            row.update(
+                ms=ms,
+                gb_per_s=moved / (ms * 1e-3) / 1e9,
+                copy_ms=copy_ms,
+                headroom_ms=ms - copy_ms,
+                rel_err=_rel(dequantize(q, qs), exact),
+            )
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        rows.append(row)
+    return rows
+
+
 def _pixart_block() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """One PixArt-XL-2 transformer block (real config, random weights) and 1024² inputs."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -836,6 +895,7 @@ PROBES = {
     "sdxl8": probe_sdxl_fp8,
     "attnquant": probe_attention_quant,
     "catquant": probe_cat_quant,
+    "lnquant": probe_ln_quant,
 }
 
 
