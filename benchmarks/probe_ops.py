@@ -21,8 +21,8 @@ they compute the same function (relative error against a float32 reference):
   ``cat([attention, gelu(mlp)])``: Inductor's compiled composite (what O3 runs today)
   against difforge's one-kernel Triton quantizer, next to a copy of the same bytes.
 - ``lnquant``: LayerNorm + adaLN modulation + fp8 row quantization (what O3 runs before
-  each fp8 attention/FF projection of a DiT block), compiled, against a copy of the same
-  bytes: the headroom a one-kernel version could win.
+  each fp8 attention/FF projection of a DiT block) as O3 compiles it against difforge's
+  one-kernel Triton version (not yet in any graph), next to a copy of the same bytes.
 - ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
   FF2, residual) compiled fp16 at O2 and with fp8 linears, with and without the
   ``gelu_tanh_sigmoid`` pass; block time and the time of each kernel.
@@ -480,39 +480,48 @@ def _ln_mod_quant(
 
 
 def probe_ln_quant() -> list[dict[str, Any]]:
-    """LayerNorm + modulation + fp8 row quantization compiled by Inductor, CUDA-graph timed,
-    against a copy moving the bytes it must (read x, write float8): how far it is from
-    memory speed, i.e. what a one-kernel version (as ``catquant``'s) could win."""
+    """LayerNorm + modulation + fp8 row quantization as O3 compiles it against difforge's
+    one-kernel Triton version (the row in registers: one read, one float8 write), CUDA-graph
+    timed, next to a copy moving the bytes they must (read x, write float8)."""
+    import difforge
     from difforge.kernels import attention_int8 as a8
+    from difforge.kernels.fp8_row_quant import quantize_layer_norm_rows_triton
     from difforge.quant.fp8 import dequantize
 
-    compiled = torch.compile(_ln_mod_quant, dynamic=False)
     rows: list[dict[str, Any]] = []
     for name, b, s, d, dtype in LN_QUANT_SHAPES:
+        # O3's rewrites and Inductor settings without its CUDA graphs (the timer records
+        # one); one compile per shape, so no recompile warning.
+        options = {"mode": "max-optimize:low-precision"}
+        compiled = difforge.compile(_ln_mod_quant, options=options)
         x = torch.randn(b, s, d, device="cuda", dtype=dtype)
         scale, shift = (0.5 * torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(2))
         moved = x.numel() * (x.element_size() + 1)
         src = torch.empty(moved // 2, device="cuda", dtype=torch.float16)
         dst = torch.empty_like(src)
-        row: dict[str, Any] = {"shape": name, "rows": b * s, "width": d}
-        try:
-            q, qs = compiled(x, scale, shift)
-            ms = a8.cuda_graph_ms(lambda: compiled(x, scale, shift), 40)
-            copy_ms = a8.cuda_graph_ms(lambda: dst.copy_(src), 40)
-            exact = (
-                F.layer_norm(x.float(), (d,), eps=1e-6) * (1 + scale.float()[:, None])
-                + shift.float()[:, None]
-            ).reshape(-1, d)
-            row.update(
-                ms=ms,
-                gb_per_s=moved / (ms * 1e-3) / 1e9,
-                copy_ms=copy_ms,
-                headroom_ms=ms - copy_ms,
-                rel_err=_rel(dequantize(q, qs), exact),
-            )
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        rows.append(row)
+        copy_ms = a8.cuda_graph_ms(lambda: dst.copy_(src), 40)
+        exact = (
+            F.layer_norm(x.float(), (d,), eps=1e-6) * (1 + scale.float()[:, None])
+            + shift.float()[:, None]
+        ).reshape(-1, d)
+        ways: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
+            "inductor (O3 settings)": lambda: compiled(x, scale, shift),
+            "triton (one kernel)": lambda: quantize_layer_norm_rows_triton(x, scale, shift),
+        }
+        for way, fn in ways.items():
+            row: dict[str, Any] = {"shape": name, "way": way, "rows": b * s, "width": d}
+            try:
+                q, qs = fn()
+                ms = a8.cuda_graph_ms(fn, 40)
+                row.update(
+                    ms=ms,
+                    gb_per_s=moved / (ms * 1e-3) / 1e9,
+                    copy_ms=copy_ms,
+                    rel_err=_rel(dequantize(q, qs), exact),
+                )
+            except Exception as exc:  # one way failing must not hide the other
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
     return rows
 
 

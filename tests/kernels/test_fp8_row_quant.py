@@ -8,11 +8,15 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.helpers import compile_for_sm90
 
 from difforge.kernels import fp8_row_quant as mod
-from difforge.kernels.fp8_row_quant import quantize_cat_rows_triton
-from difforge.quant.fp8 import FP8_MAX, SCALE_EPS, quantize_cat_rows
+from difforge.kernels.fp8_row_quant import (
+    quantize_cat_rows_triton,
+    quantize_layer_norm_rows_triton,
+)
+from difforge.quant.fp8 import FP8_MAX, SCALE_EPS, quantize_cat_rows, quantize_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -131,6 +135,57 @@ def test_op_opcheck_and_fake() -> None:
         assert scale.shape == (7,) and scale.dtype == torch.float32
 
 
+def layer_norm_reference(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LayerNorm quantizer's function in float32, then the torch row quantizer."""
+    d = x.shape[-1]
+    y = F.layer_norm(x.float(), (d,), eps=eps) * (1 + scale.float()[:, None])
+    return quantize_rows((y + shift.float()[:, None]).reshape(-1, d))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 64), (1, 3, 1152), (3, 2, 100), (1, 1, 3072)])
+def test_layer_norm_quantizer_matches_the_reference(
+    dtype: torch.dtype, shape: tuple[int, int, int]
+) -> None:
+    b, _, d = shape
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 3 + 1
+    scale, shift = (0.5 * torch.randn(b, d, dtype=dtype, device=DEVICE) for _ in range(2))
+    got = quantize_layer_norm_rows_triton(x, scale, shift)
+    assert_same_quantization(got, layer_norm_reference(x, scale, shift))
+
+
+def test_layer_norm_quantizer_reads_strided_inputs() -> None:
+    """As DiT blocks hand them over: the modulation as chunks of one [B, 6 D] table (batch
+    stride 6 D), x a token slice of a longer sequence; and a transposed x (copied)."""
+    b, s, d = 2, 7, 96
+    table = torch.randn(b, 6 * d, device=DEVICE)
+    shift, scale = table[:, :d], table[:, d : 2 * d]
+    long = torch.randn(b, s + 3, d, device=DEVICE)
+    x = long[:, 3:]
+    xt = torch.randn(b, d, s, device=DEVICE).transpose(1, 2)
+    for xs in (x, xt):
+        got = quantize_layer_norm_rows_triton(xs, scale, shift, eps=1e-5)
+        assert_same_quantization(got, layer_norm_reference(xs, scale, shift, eps=1e-5))
+
+
+def test_layer_norm_quantizer_constant_row_and_bad_inputs() -> None:
+    """A constant row normalises to zeros: the output is the shift alone."""
+    x = torch.full((1, 2, 32), 5.0, device=DEVICE)
+    scale, shift = torch.zeros(1, 32, device=DEVICE), torch.linspace(-1, 1, 32, device=DEVICE)[None]
+    q, row_scale = quantize_layer_norm_rows_triton(x, scale, shift)
+    assert_same_quantization((q, row_scale), layer_norm_reference(x, scale, shift))
+    assert float(row_scale[0]) == pytest.approx(1 / FP8_MAX)
+    with pytest.raises(ValueError, match=r"x \[B, S, D\] and scale, shift \[B, D\]"):
+        quantize_layer_norm_rows_triton(x[0], scale, shift)
+    with pytest.raises(ValueError, match=r"x \[B, S, D\] and scale, shift \[B, D\]"):
+        quantize_layer_norm_rows_triton(x, scale[:, :16], shift)
+    wide = torch.zeros(1, 1, 8200, device=DEVICE)
+    with pytest.raises(ValueError, match="rows up to 8192 wide"):
+        quantize_layer_norm_rows_triton(wide, wide[0], wide[0])
+
+
 _COMPILE_FOR_SM90 = textwrap.dedent(
     """
     import re
@@ -155,6 +210,20 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
     # the GELU: fast exp and division, no libdevice tanh; IEEE division only per row
     assert "ex2.approx" in ptx and "tanh" not in ptx
     assert len(re.findall(r"div\\.rn\\.f32", ptx)) <= 2, "per-element IEEE division"
+
+    kernel = m._layer_norm_quant_kernel
+    consts = {"BLOCK_D": 4096, "INTERPRET": False}
+    types = {"x_ptr": "*bf16", "scale_ptr": "*bf16", "shift_ptr": "*bf16",
+             "out_ptr": "*fp8e4nv", "row_scale_ptr": "*fp32", "eps": "fp32"}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
+    aligned = ("x_ptr", "scale_ptr", "shift_ptr", "out_ptr", "stride_xb", "stride_xs",
+               "stride_mb", "stride_sb", "stride_out", "D")
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 8}).asm["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert re.search(r"ld\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "bf16 loads must be 16 bytes"
     print("sm90 ok")
     """
 )
@@ -186,3 +255,20 @@ def test_gpu_matches_the_reference(
     parts = [torch.randn(m, w, device="cuda", dtype=dtype) for w in widths]
     got = quantize_cat_rows_triton(parts, list(gelu))
     assert_same_quantization(got, quantize_cat_rows(parts, list(gelu)))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 4608, 3072), (2, 4096, 1152), (2, 4096, 1536), (3, 77, 200)],
+    ids=["flux", "pixart", "sd3", "odd"],
+)  # fmt: skip
+def test_gpu_layer_norm_quantizer_matches_the_reference(
+    dtype: torch.dtype, shape: tuple[int, int, int]
+) -> None:
+    b, _, d = shape
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    scale, shift = (0.5 * torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(2))
+    got = quantize_layer_norm_rows_triton(x, scale, shift)
+    assert_same_quantization(got, layer_norm_reference(x, scale, shift))

@@ -1,4 +1,6 @@
-"""fp8 row quantization of ``cat([gelu?(a), gelu?(b)], dim=-1)`` in one Triton kernel.
+"""fp8 row quantization in one Triton kernel: of ``cat([gelu?(a), gelu?(b)], dim=-1)``, and
+of a LayerNorm + adaLN modulation (:func:`quantize_layer_norm_rows_triton`, a probe
+candidate not yet wired into any graph).
 
 The same function as :func:`difforge.quant.fp8.quantize_cat_rows` (its row bound, its
 scale, its rounding), computed by one program per row in two sweeps over the row: the first
@@ -32,7 +34,7 @@ from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32
 from difforge.passes.activation import _TWO_SQRT_2_OVER_PI
 from difforge.quant.fp8 import FP8_MAX, GELU_NEGATIVE_BOUND, SCALE_EPS
 
-__all__ = ["quantize_cat_rows_triton"]
+__all__ = ["quantize_cat_rows_triton", "quantize_layer_norm_rows_triton"]
 
 # The torch reference's constants, as compile-time constants of the kernels.
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -191,3 +193,75 @@ def _quantize_cat_rows_fake(
     width = sum(p.shape[1] for p in parts)
     out = parts[0].new_empty((m, width), dtype=torch.float8_e4m3fn)
     return out, parts[0].new_empty((m,), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm + adaLN modulation + fp8 row quantization, one read of each row
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _layer_norm_quant_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr, row_scale_ptr,
+    stride_xb, stride_xs, stride_mb, stride_sb, stride_out, S, D, eps,
+    BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    # The whole row in registers (D <= 8192): one DRAM read, one float8 write.
+    row = tl.program_id(0).to(tl.int64)
+    b = row // S
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + b * stride_xb + (row - b * S) * stride_xs + cols, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    mod_scale = tl.load(scale_ptr + b * stride_mb + cols, mask=mask, other=0.0).to(tl.float32)
+    mod_shift = tl.load(shift_ptr + b * stride_sb + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.where(mask, xc * rstd * (1.0 + mod_scale) + mod_shift, 0.0)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), _SCALE_EPS), _FP8_MAX)
+    tl.store(row_scale_ptr + row, scale)
+    q = tl.minimum(tl.maximum(y * tl.math.div_rn(1.0, scale), -_FP8_MAX), _FP8_MAX)
+    if INTERPRET:
+        q = fp8_e4m3_rne_as_fp32(q)
+    tl.store(out_ptr + row * stride_out + cols, q.to(tl.float8e4nv), mask=mask)
+
+
+#: Widest row the LayerNorm quantizer keeps in registers.
+LAYER_NORM_QUANT_MAX_WIDTH = 8192
+
+
+def quantize_layer_norm_rows_triton(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(layer_norm(x) * (1 + scale[:, None]) + shift[:, None])`` flattened to
+    ``[B * S, D]``, with every intermediate in float32 (no rounding to x's dtype between
+    the steps, as Inductor computes the composite). ``x`` is ``[B, S, D]`` (last stride
+    1), ``scale`` and ``shift`` ``[B, D]``: the adaLN modulation of a DiT block feeding
+    its fp8 projection. Returns ``(x_fp8 [B * S, D], row scales [B * S] float32)``."""
+    if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]) or shift.shape != scale.shape:
+        raise ValueError(
+            "quantize_layer_norm_rows_triton expects x [B, S, D] and scale, shift [B, D], got "
+            f"{tuple(x.shape)}, {tuple(scale.shape)}, {tuple(shift.shape)}"
+        )
+    _check([x.flatten(0, 1)], [False])
+    b, s, d = x.shape
+    if d > LAYER_NORM_QUANT_MAX_WIDTH:
+        raise ValueError(
+            f"quantize_layer_norm_rows_triton: rows up to {LAYER_NORM_QUANT_MAX_WIDTH} wide, "
+            f"got {d}"
+        )
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    scale, shift = (t if t.stride(-1) == 1 else t.contiguous() for t in (scale, shift))
+    out = torch.empty((b * s, d), dtype=torch.float8_e4m3fn, device=x.device)
+    row_scale = torch.empty((b * s,), dtype=torch.float32, device=x.device)
+    if b * s == 0:
+        return out, row_scale
+    block_d = triton.next_power_of_2(d)
+    _layer_norm_quant_kernel[(b * s,)](
+        x, scale, shift, out, row_scale, x.stride(0), x.stride(1), scale.stride(0),
+        shift.stride(0), out.stride(0), s, d, eps,
+        BLOCK_D=block_d, INTERPRET=_interpreting(), num_warps=4 if block_d <= 2048 else 8,
+    )  # fmt: skip
+    return out, row_scale
