@@ -56,10 +56,13 @@
 #   cgcontrolsd3 / cgcontrolsdxl  the same for SD3-medium (~6 min) / SDXL UNet (~9 min)
 #   attnquant the 8-bit attention's quantization pre-pass, piece by piece, against a plain
 #            copy of the same bytes, at PixArt / SD3 / FLUX self-attention shapes   ~2 min
-#   catquant the one-kernel fp8 row quantizer's gpu tests, its probe against Inductor's two
-#            kernels, the LayerNorm + modulation + quantization probe, PixArt-XL / SD3 steps
-#            compile vs O3 without it vs O3                                  ~8 min
-#   catquantflux FLUX.1-dev step: compile vs O3 without / with the one-kernel quantizer, profiled ~10 min
+#   catquant the one-kernel fp8 quantizers' gpu tests, their probes (GELU + cat; LayerNorm +
+#            modulation) against Inductor's kernels                            ~3 min
+#   catquantdit PixArt-XL / SD3 steps: compile vs O3 without the GELU quantizer kernel vs
+#            O3 vs O3 + the LayerNorm quantizer kernel                       ~9 min
+#   catquantflux FLUX.1-dev step: compile vs O3, profiled                       ~9 min
+#   lnquantflux FLUX.1-dev step: O3 without the GELU quantizer kernel vs O3 vs O3 + the
+#            LayerNorm quantizer kernel                                         ~9 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
 #   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
 #   freezepx PixArt-XL step: compile vs O2 / O3, each with and without freezing, profiled ~9 min
@@ -102,7 +105,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantflux}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -337,21 +340,28 @@ case "$part" in
   attnquant)  # where the 8-bit attention's quantization pre-pass spends its time, per piece
     run 300 probe_attention_quant python3 benchmarks/probe_ops.py --probes attnquant \
       --output-json "$out/probe_attention_quant.json" ;;
-  catquant)  # the one-kernel fp8 row quantizer: its gpu tests, then catquant (it vs
-    # Inductor's two kernels at FLUX / PixArt / SD3 shapes) and lnquant (LayerNorm +
-    # modulation + quantization against memory speed), then PixArt-XL and SD3-medium
-    # steps: compile vs O3 (which runs it since 2026-11-28) vs O3 without it
-    V='compile;O3-nocatq={"mode":"O3","passes.fp8_cat_quant_kernel":false};O3'
-    run 120 gpu_tests_catquant python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
+  catquant)  # the one-kernel fp8 quantizers: their gpu tests, then catquant (GELU (+ cat) +
+    # quantization vs Inductor's two kernels at FLUX / PixArt / SD3 shapes) and lnquant
+    # (LayerNorm + modulation + quantization: O3's compiled composite vs the Triton kernel)
+    run 150 gpu_tests_catquant python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
       tests/kernels/test_fp8_row_quant.py tests/quant/test_fp8_gelu_scale.py
-    run 120 probe_catquant python3 benchmarks/probe_ops.py --probes catquant,lnquant \
-      --output-json "$out/probe_catquant.json"
-    run 330 step_catquant_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
-      --variants "$V" --output-json "$out/step_catquant_dit.json" ;;
-  catquantflux)  # FLUX.1-dev step: compile vs O3 without / with the one-kernel quantizer, profiled
+    run 240 probe_catquant python3 benchmarks/probe_ops.py --probes catquant,lnquant \
+      --output-json "$out/probe_catquant.json" ;;
+  catquantdit)  # PixArt-XL and SD3-medium steps: compile vs O3 without the GELU quantizer
+    # kernel vs O3 (with it, since 2026-11-28) vs O3 + the LayerNorm quantizer kernel
     V='compile;O3-nocatq={"mode":"O3","passes.fp8_cat_quant_kernel":false};O3'
+    V+=';O3-lnq={"mode":"O3","passes.fp8_layer_norm_quant_kernel":true}'
+    run 590 step_catquant_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
+      --variants "$V" --output-json "$out/step_catquant_dit.json" ;;
+  catquantflux)  # FLUX.1-dev step: compile vs O3 (with the GELU + cat quantizer kernel), profiled
     run 590 step_catquant_flux python3 benchmarks/bench_step.py --models flux-dev \
-      --variants "$V" --profile --output-json "$out/step_catquant_flux.json" ;;
+      --variants 'compile;O3' --profile --output-json "$out/step_catquant_flux.json" ;;
+  lnquantflux)  # FLUX.1-dev step: O3 without the GELU + cat quantizer kernel vs O3 vs O3 + the
+    # LayerNorm quantizer kernel
+    V='O3-nocatq={"mode":"O3","passes.fp8_cat_quant_kernel":false};O3'
+    V+=';O3-lnq={"mode":"O3","passes.fp8_layer_norm_quant_kernel":true}'
+    run 590 step_lnquant_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --output-json "$out/step_lnquant_flux.json" ;;
   o3flux)  # FLUX.1-dev O3 profiled with today's rules and the SM clock per variant (the last
     # profiled O3 step is from 2026-11-26: 21.2 ms of Triton kernels, ~11 ms of them fp8
     # activation quantization, against O2's 10.2)

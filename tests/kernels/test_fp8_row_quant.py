@@ -133,6 +133,12 @@ def test_op_opcheck_and_fake() -> None:
         q, scale = op(fake, [False, True])
         assert q.shape == (7, 140) and q.dtype == torch.float8_e4m3fn
         assert scale.shape == (7,) and scale.dtype == torch.float32
+    op = torch.ops.difforge.fp8_quantize_layer_norm_rows_triton.default
+    x, mod = torch.randn(2, 3, 32, device=DEVICE), torch.randn(2, 32, device=DEVICE)
+    torch.library.opcheck(op, (x, mod, mod, 1e-6), test_utils=utils)
+    with FakeTensorMode():
+        q, scale = op(torch.empty(2, 5, 48), torch.empty(2, 48), torch.empty(2, 48), 1e-6)
+        assert q.shape == (10, 48) and q.dtype == torch.float8_e4m3fn and scale.shape == (10,)
 
 
 def layer_norm_reference(

@@ -185,3 +185,66 @@ def test_triton_quantizer_pass_is_on_in_low_precision_and_needs_its_kernel(
     _compile_and_check(_SingleBlock().eval(), {"mode": "O3"})
     assert difforge.counters["fp8_gelu_scale"] == 1
     assert difforge.counters["fp8_cat_quant_kernel"] == 0
+
+
+class _AdaLNBlock(nn.Module):
+    """A DiT block's adaLN halves in miniature: ``norm(x) * (1 + scale) + shift`` (per
+    sample, from a ``[B, 6, D]`` table) feeding fp8 q/k/v, then the same before an fp8 FF.
+    ``variant`` breaks one condition of the LayerNorm quantization rewrite."""
+
+    def __init__(self, dim: int = 64, variant: str = "") -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=variant == "affine", eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.q, self.k, self.v = (Fp8Linear.from_linear(nn.Linear(dim, dim)) for _ in range(3))
+        self.ff = Fp8Linear.from_linear(nn.Linear(dim, dim))
+        self.variant = variant
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = table.chunk(6, dim=1)  # [B, 1, D]
+        if self.variant == "per_token":
+            scale1 = scale1 + x  # [B, S, D]: not one modulation row per sample
+        h = self.norm1(x) * (1 + scale1) + shift1
+        attn = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2), dim=-1) @ self.v(h)
+        x = x + gate1 * attn
+        h2 = shift2 + (scale2 + 1) * self.norm2(x)  # operands the other way round
+        out = x + gate2 * self.ff(h2)
+        return out + h if self.variant == "read_twice" else out
+
+
+def _adaln_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 9, 64, generator=g) * 2 + 1, 0.3 * torch.randn(2, 6, 64, generator=g)
+
+
+@pytest.mark.parametrize(
+    ("variant", "fires"),
+    [("", 2), ("affine", 1), ("per_token", 1), ("read_twice", 1)],
+    ids=["both-halves", "layer-norm-with-affine", "per-token-modulation", "read-elsewhere"],
+)
+def test_layer_norm_quantizer_pass(variant: str, fires: int) -> None:
+    """``passes.fp8_layer_norm_quant_kernel`` fires on both halves of the block, and not on
+    a half whose LayerNorm has weights, whose modulation is per token or whose modulated
+    activation is read by something other than fp8 quantizations; the output equals the
+    compile without it (the same quantization up to rounding boundaries)."""
+    torch.manual_seed(0)
+    model = _AdaLNBlock(variant=variant).eval()
+    x, table = _adaln_inputs()
+    options = {"mode": "O2", "passes.fp8_layer_norm_quant_kernel": False}
+    with torch.no_grad():
+        eager = model(x, table)
+        base = difforge.compile(model, options=options)(x, table)
+        assert difforge.counters["fp8_layer_norm_quant_kernel"] == 0
+        torch._dynamo.reset()
+        options["passes.fp8_layer_norm_quant_kernel"] = True
+        out = difforge.compile(model, options=options)(x, table)
+    assert difforge.counters["fp8_layer_norm_quant_kernel"] == fires
+    assert rel_err(out, base) < 1e-3
+    assert rel_err(out, eager) < 2e-2
+
+
+def test_layer_norm_quantizer_pass_is_opt_in() -> None:
+    from difforge.options import parse_options
+
+    for mode in ("O2", "O3", "max-autotune:cudagraphs:low-precision"):
+        assert parse_options({"mode": mode}).settings["passes.fp8_layer_norm_quant_kernel"] is False

@@ -1,6 +1,6 @@
 """fp8 row quantization in one Triton kernel: of ``cat([gelu?(a), gelu?(b)], dim=-1)``, and
-of a LayerNorm + adaLN modulation (:func:`quantize_layer_norm_rows_triton`, a probe
-candidate not yet wired into any graph).
+of a LayerNorm + adaLN modulation (:func:`quantize_layer_norm_rows_triton`; the
+``fp8_layer_norm_quant_kernel`` pass, off until a GPU measures it).
 
 The same function as :func:`difforge.quant.fp8.quantize_cat_rows` (its row bound, its
 scale, its rounding), computed by one program per row in two sweeps over the row: the first
@@ -265,3 +265,22 @@ def quantize_layer_norm_rows_triton(
         BLOCK_D=block_d, INTERPRET=_interpreting(), num_warps=4 if block_d <= 2048 else 8,
     )  # fmt: skip
     return out, row_scale
+
+
+@torch.library.custom_op("difforge::fp8_quantize_layer_norm_rows_triton", mutates_args=())
+def _layer_norm_quant_op(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.difforge.fp8_quantize_layer_norm_rows_triton``: one opaque graph node."""
+    return quantize_layer_norm_rows_triton(x, scale, shift, eps)
+
+
+@_layer_norm_quant_op.register_fake
+def _layer_norm_quant_fake(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() != 3 or scale.dim() != 2 or shift.dim() != 2:
+        raise ValueError("fp8_quantize_layer_norm_rows_triton: x [B, S, D], scale/shift [B, D]")
+    rows = x.shape[0] * x.shape[1]
+    out = x.new_empty((rows, x.shape[2]), dtype=torch.float8_e4m3fn)
+    return out, x.new_empty((rows,), dtype=torch.float32)

@@ -17,9 +17,16 @@ stays below 0.17.
 quantizer (:mod:`difforge.kernels.fp8_row_quant`) instead of the two kernels Inductor
 makes of the composite (``low-precision``): H200, 1.10-1.82x at FLUX/PixArt/SD3 shapes
 (``benchmarks/probe_ops.py --probes catquant``), PixArt-XL's O3 step 30.07 -> 28.94 ms.
+
+``fp8_layer_norm_quant_kernel``: the fp8 row quantizations of an adaLN-modulated LayerNorm
+(``layer_norm(x) * (1 + scale) + shift``, a DiT block's input to its q/k/v or FF) as one
+Triton kernel with the row in registers. Off until a GPU measures it
+(``probe_ops.py --probes lnquant``); ``passes.fp8_layer_norm_quant_kernel`` turns it on.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -157,5 +164,138 @@ def fp8_cat_quant_kernel(graph: torch.fx.Graph) -> int:
             continue  # elsewhere the composite stays
         node.target = torch.ops.difforge.fp8_quantize_cat_rows_triton.default
         node.args, node.kwargs = (list(parts), list(gelu)), {}
+        made += 1
+    return made
+
+
+_ADDS = (operator.add, torch.add)
+_MULS = (operator.mul, torch.mul)
+
+
+def _same_size(a: object, b: object) -> bool:
+    """Sizes equal without adding a guard (symbolic sizes: only when provably equal)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:  # sizes of different shape environments: not provably equal
+        return False
+
+
+def _binary(node: object, targets: tuple[object, ...]) -> tuple[object, object] | None:
+    """The two operands of ``node`` when it is a plain two-operand add or mul."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    if node.target not in targets or len(node.args) != 2 or node.kwargs:
+        return None
+    return node.args[0], node.args[1]
+
+
+def _plain_layer_norm(node: object) -> tuple[torch.fx.Node, float] | None:
+    """``(x, eps)`` of ``layer_norm(x, (D,), None, None, eps)`` on a 3-D ``x``."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    if node.target is not torch.nn.functional.layer_norm:
+        return None
+    x, shape = node_arg(node, 0, "input"), node_arg(node, 1, "normalized_shape")
+    eps = node_arg(node, 4, "eps", 1e-5)
+    if node_arg(node, 2, "weight") is not None or node_arg(node, 3, "bias") is not None:
+        return None
+    value = node_tensor(x) if isinstance(x, torch.fx.Node) else None
+    if value is None or value.dim() != 3 or not isinstance(eps, float):
+        return None
+    if not isinstance(shape, (tuple, list)) or len(shape) != 1:
+        return None
+    width = value.shape[-1]
+    if not isinstance(width, int) or shape[0] != width:
+        return None
+    assert isinstance(x, torch.fx.Node)
+    return x, eps
+
+
+def _modulation(node: torch.fx.Node) -> tuple[torch.fx.Node, ...] | None:
+    """``(layer_norm node, x, scale, shift)`` of ``layer_norm(x) * (1 + scale) + shift``
+    (operands in either order), each intermediate read only by the next step."""
+    add = _binary(node, _ADDS)
+    if add is None:
+        return None
+    for prod, shift in (add, add[::-1]):
+        mul = _binary(prod, _MULS)
+        if mul is None or not isinstance(shift, torch.fx.Node):
+            continue
+        for norm, one_plus in (mul, mul[::-1]):
+            operands = _binary(one_plus, _ADDS)
+            layer_norm = _plain_layer_norm(norm)
+            if operands is None or layer_norm is None:
+                continue
+            scale = next((o for o, c in (operands, operands[::-1]) if c == 1), None)
+            steps = (prod, one_plus, norm)
+            if not isinstance(scale, torch.fx.Node) or not all(
+                isinstance(n, torch.fx.Node) and len(n.users) == 1 for n in steps
+            ):
+                continue
+            assert isinstance(norm, torch.fx.Node)
+            return norm, layer_norm[0], scale, shift
+    return None
+
+
+def _row_modulation(value: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """A per-sample ``[B, 1, D]`` modulation of ``x [B, S, D]``."""
+    return (
+        value is not None
+        and value.dim() == 3
+        and _same_size(value.shape[0], x.shape[0])
+        and value.shape[1] == 1
+        and _same_size(value.shape[2], x.shape[2])
+    )
+
+
+def _quantizations(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The fp8 row quantizations that read ``node`` through views, when they are all its
+    readers (each chain read only by the next step)."""
+    quants = []
+    for user in node.users:
+        step = user
+        while _is_view(step) and len(step.users) == 1:
+            step = next(iter(step.users))
+        if not _is_quantize_rows(step):
+            return None
+        flat = node_tensor(node_arg(step, 0, "x"))  # type: ignore[arg-type]
+        if flat is None or flat.dim() != 2:
+            return None
+        quants.append(step)
+    return quants or None
+
+
+@register_pass("fp8_layer_norm_quant_kernel", stage="fx", tier="low-precision")
+def fp8_layer_norm_quant_kernel(graph: torch.fx.Graph) -> int:
+    """fp8 row quantization of layer_norm(x) * (1 + scale) + shift -> one Triton kernel."""
+    made = 0
+    for mod in list(graph.nodes):
+        match = _modulation(mod)
+        if match is None:
+            continue
+        norm, x, scale, shift = match
+        x_value = node_tensor(x)
+        eps = _plain_layer_norm(norm)[1]  # type: ignore[index]
+        if x_value is None or not _triton_runs_on(x_value.device):
+            continue
+        if not all(_row_modulation(node_tensor(t), x_value) for t in (scale, shift)):
+            continue
+        quants = _quantizations(mod)
+        if quants is None:
+            continue
+        with graph.inserting_before(mod.next):  # after x, scale and shift, before every reader
+            rows = [graph.call_function(torch.flatten, (t, 0, 1)) for t in (scale, shift)]
+            fused = graph.call_function(
+                torch.ops.difforge.fp8_quantize_layer_norm_rows_triton.default,
+                (x, rows[0], rows[1], eps),
+            )
+        fused.meta.update(quants[0].meta)
+        for quant in quants:
+            quant.replace_all_uses_with(fused)
+            graph.erase_node(quant)  # the views, modulation and LayerNorm are dead code now
         made += 1
     return made
