@@ -53,76 +53,69 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _part_bound(row_ptr, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 1 over one part of a row: ``max(gelu(max x), floor)`` for a GELU part, else
+    ``max |x|``."""
+    # while, not for: Triton 3.6's interpreter cannot run range() over a runtime int with
+    # numpy >= 2.4 (see kernels.attention_int8). A streaming loop loses nothing by it: the
+    # latency hiding comes from the thousands of rows in flight, not from pipelining.
+    cols = tl.arange(0, BLOCK)
+    acc = tl.full([BLOCK], float("-inf") if GELU else 0.0, tl.float32)
+    start = 0
+    while start < K:
+        mask = start + cols < K
+        if GELU:
+            x = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        else:
+            x = tl.abs(tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32))
+        acc = tl.maximum(acc, x)
+        start += BLOCK
+    bound = tl.max(acc, axis=0)
+    if GELU:
+        bound = tl.maximum(_gelu_tanh(bound), _GELU_FLOOR)
+    return bound
+
+
+@triton.jit
+def _part_store(
+    row_ptr, out_ptr, K, inv, GELU: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr
+):
+    """Sweep 2 over one part (the row is in L2 now): GELU, scale, clamp, round to nearest
+    even, store ``K`` float8 values from ``out_ptr``."""
+    cols = tl.arange(0, BLOCK)
+    start = 0
+    while start < K:
+        mask = start + cols < K
+        x = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            x = _gelu_tanh(x)
+        q = tl.minimum(tl.maximum(x * inv, -_FP8_MAX), _FP8_MAX)
+        if INTERPRET:  # the interpreter's cast drops a carry (see kernels.rounding)
+            q = fp8_e4m3_rne_as_fp32(q)
+        tl.store(out_ptr + start + cols, q.to(tl.float8e4nv), mask=mask)
+        start += BLOCK
+
+
+@triton.jit
 def _quantize_cat_rows_kernel(
     a_ptr, b_ptr, out_ptr, scale_ptr,
     stride_a, stride_b, stride_out, KA, KB,
     GELU_A: tl.constexpr, GELU_B: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # while, not for: Triton 3.6's interpreter cannot run range() over a runtime int with
-    # numpy >= 2.4 (see kernels.attention_int8). A streaming loop loses nothing by it: the
-    # latency hiding comes from the thousands of rows in flight, not from pipelining.
     row = tl.program_id(0).to(tl.int64)  # rows x 30 KB overflows int32 offsets
-    cols = tl.arange(0, BLOCK)
     a_row = a_ptr + row * stride_a
     b_row = b_ptr + row * stride_b
     out_row = out_ptr + row * stride_out
-    # Sweep 1, the row bound: max(gelu(max x), floor) for a GELU part, else max |x|.
-    acc = tl.full([BLOCK], float("-inf") if GELU_A else 0.0, tl.float32)
-    start = 0
-    while start < KA:
-        mask = start + cols < KA
-        if GELU_A:
-            x = tl.load(a_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        else:
-            x = tl.abs(tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32))
-        acc = tl.maximum(acc, x)
-        start += BLOCK
-    bound = tl.max(acc, axis=0)
-    if GELU_A:
-        bound = tl.maximum(_gelu_tanh(bound), _GELU_FLOOR)
+    bound = _part_bound(a_row, KA, GELU_A, BLOCK)
     if HAS_B:
-        acc = tl.full([BLOCK], float("-inf") if GELU_B else 0.0, tl.float32)
-        start = 0
-        while start < KB:
-            mask = start + cols < KB
-            if GELU_B:
-                x = tl.load(b_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            else:
-                x = tl.abs(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32))
-            acc = tl.maximum(acc, x)
-            start += BLOCK
-        bound_b = tl.max(acc, axis=0)
-        if GELU_B:
-            bound_b = tl.maximum(_gelu_tanh(bound_b), _GELU_FLOOR)
-        bound = tl.maximum(bound, bound_b)
+        bound = tl.maximum(bound, _part_bound(b_row, KB, GELU_B, BLOCK))
     scale = tl.math.div_rn(tl.maximum(bound, _SCALE_EPS), _FP8_MAX)
     tl.store(scale_ptr + row, scale)
     inv = tl.math.div_rn(1.0, scale)
-    # Sweep 2 (the row is in L2 now): GELU, scale, clamp, round to nearest even.
-    start = 0
-    while start < KA:
-        mask = start + cols < KA
-        x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-        if GELU_A:
-            x = _gelu_tanh(x)
-        q = tl.minimum(tl.maximum(x * inv, -_FP8_MAX), _FP8_MAX)
-        if INTERPRET:  # the interpreter's cast drops a carry (see kernels.rounding)
-            q = fp8_e4m3_rne_as_fp32(q)
-        tl.store(out_row + start + cols, q.to(tl.float8e4nv), mask=mask)
-        start += BLOCK
+    _part_store(a_row, out_row, KA, inv, GELU_A, BLOCK, INTERPRET)
     if HAS_B:
-        start = 0
-        while start < KB:
-            mask = start + cols < KB
-            x = tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            if GELU_B:
-                x = _gelu_tanh(x)
-            q = tl.minimum(tl.maximum(x * inv, -_FP8_MAX), _FP8_MAX)
-            if INTERPRET:
-                q = fp8_e4m3_rne_as_fp32(q)
-            tl.store(out_row + KA + start + cols, q.to(tl.float8e4nv), mask=mask)
-            start += BLOCK
+        _part_store(b_row, out_row + KA, KB, inv, GELU_B, BLOCK, INTERPRET)
 
 
 def _check(parts: list[torch.Tensor], gelu: list[bool], *, device: bool = True) -> None:
