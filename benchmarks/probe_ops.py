@@ -407,6 +407,38 @@ def _attention_quant_layouts() -> list[dict[str, Any]]:
     return rows
 
 
+def _time_quantizers(
+    label: dict[str, Any],
+    ways: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]],
+    moved: int,
+    exact: torch.Tensor,
+) -> list[dict[str, Any]]:
+    """One row per way of quantizing the same activation: CUDA-graph ms, GB/s of the
+    ``moved`` bytes, the ms of a copy moving as many, and the error against ``exact``."""
+    from difforge.kernels import attention_int8 as a8
+    from difforge.quant.fp8 import dequantize
+
+    src = torch.empty(moved // 2, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)  # a copy moving the same bytes: read half, write half
+    copy_ms = a8.cuda_graph_ms(lambda: dst.copy_(src), 40)
+    rows = []
+    for way, fn in ways.items():
+        row: dict[str, Any] = {**label, "way": way}
+        try:
+            q, scale = fn()
+            ms = a8.cuda_graph_ms(fn, 40)
+            row.update(
+                ms=ms,
+                gb_per_s=moved / (ms * 1e-3) / 1e9,
+                copy_ms=copy_ms,
+                rel_err=_rel(dequantize(q, scale), exact),
+            )
+        except Exception as exc:  # one way failing must not hide the other
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        rows.append(row)
+    return rows
+
+
 # (name, rows, part widths, GELU per part, dtype): the fp8 activation quantizations O3 runs.
 CAT_QUANT_SHAPES = (
     ("flux-single", 4608, (3072, 12288), (False, True), torch.bfloat16),
@@ -421,10 +453,9 @@ def probe_cat_quant() -> list[dict[str, Any]]:
     then GELU + scale + cast, each reading the row from DRAM) against the one-kernel Triton
     quantizer (the second sweep reads the row from L2), CUDA-graph timed, with the GB/s of
     the bytes each must move and the time a plain copy of those bytes takes."""
-    from difforge.kernels import attention_int8 as a8
     from difforge.kernels.fp8_row_quant import quantize_cat_rows_triton
     from difforge.passes.activation import gelu_tanh_float
-    from difforge.quant.fp8 import dequantize, quantize_cat_rows
+    from difforge.quant.fp8 import quantize_cat_rows
 
     compiled = torch.compile(quantize_cat_rows, dynamic=False)
     rows: list[dict[str, Any]] = []
@@ -436,27 +467,12 @@ def probe_cat_quant() -> list[dict[str, Any]]:
             dim=-1,
         )
         moved = sum(p.numel() * p.element_size() for p in parts) + exact.numel()  # + fp8 out
-        src = torch.empty(moved // 2, device="cuda", dtype=torch.float16)
-        dst = torch.empty_like(src)  # a copy moving the same bytes: read half, write half
-        copy_ms = a8.cuda_graph_ms(lambda: dst.copy_(src), 40)
         ways: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
             "inductor (compiled composite)": lambda: compiled(parts, flags),
             "triton (one kernel)": lambda: quantize_cat_rows_triton(parts, flags),
         }
-        for way, fn in ways.items():
-            row: dict[str, Any] = {"shape": name, "way": way, "rows": m, "widths": widths}
-            try:
-                q, scale = fn()
-                ms = a8.cuda_graph_ms(fn, 40)
-                row.update(
-                    ms=ms,
-                    gb_per_s=moved / (ms * 1e-3) / 1e9,
-                    copy_ms=copy_ms,
-                    rel_err=_rel(dequantize(q, scale), exact),
-                )
-            except Exception as exc:  # one way failing must not hide the other
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            rows.append(row)
+        label = {"shape": name, "rows": m, "widths": widths}
+        rows += _time_quantizers(label, ways, moved, exact)
     return rows
 
 
@@ -484,9 +500,7 @@ def probe_ln_quant() -> list[dict[str, Any]]:
     one-kernel Triton version (the row in registers: one read, one float8 write), CUDA-graph
     timed, next to a copy moving the bytes they must (read x, write float8)."""
     import difforge
-    from difforge.kernels import attention_int8 as a8
     from difforge.kernels.fp8_row_quant import quantize_layer_norm_rows_triton
-    from difforge.quant.fp8 import dequantize
 
     rows: list[dict[str, Any]] = []
     for name, b, s, d, dtype in LN_QUANT_SHAPES:
@@ -497,9 +511,6 @@ def probe_ln_quant() -> list[dict[str, Any]]:
         x = torch.randn(b, s, d, device="cuda", dtype=dtype)
         scale, shift = (0.5 * torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(2))
         moved = x.numel() * (x.element_size() + 1)
-        src = torch.empty(moved // 2, device="cuda", dtype=torch.float16)
-        dst = torch.empty_like(src)
-        copy_ms = a8.cuda_graph_ms(lambda: dst.copy_(src), 40)
         exact = (
             F.layer_norm(x.float(), (d,), eps=1e-6) * (1 + scale.float()[:, None])
             + shift.float()[:, None]
@@ -508,20 +519,7 @@ def probe_ln_quant() -> list[dict[str, Any]]:
             "inductor (O3 settings)": lambda: compiled(x, scale, shift),
             "triton (one kernel)": lambda: quantize_layer_norm_rows_triton(x, scale, shift),
         }
-        for way, fn in ways.items():
-            row: dict[str, Any] = {"shape": name, "way": way, "rows": b * s, "width": d}
-            try:
-                q, qs = fn()
-                ms = a8.cuda_graph_ms(fn, 40)
-                row.update(
-                    ms=ms,
-                    gb_per_s=moved / (ms * 1e-3) / 1e9,
-                    copy_ms=copy_ms,
-                    rel_err=_rel(dequantize(q, qs), exact),
-                )
-            except Exception as exc:  # one way failing must not hide the other
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            rows.append(row)
+        rows += _time_quantizers({"shape": name, "rows": b * s, "width": d}, ways, moved, exact)
     return rows
 
 
