@@ -80,6 +80,31 @@ def test_special_rows() -> None:
     assert torch.isfinite(q.float()).all()
 
 
+def test_nan_and_inf_rows_stay_visible() -> None:
+    """As the torch reference: a row holding a NaN gets a NaN scale and NaN codes, a row
+    holding an inf an inf scale and a NaN code where the inf was (a blow-up must not come
+    out of the quantizer as finite activations). The GPU's plain ``max.f32`` drops NaN;
+    the sm90 test checks the kernels use the NaN-propagating form."""
+    a = torch.randn(3, 40, device=DEVICE)
+    a[0, 5] = float("nan")
+    a[1, 9] = float("inf")
+    for gelu in (False, True):
+        q, scale = quantize_cat_rows_triton([a], [gelu])
+        q_ref, scale_ref = quantize_cat_rows([a], [gelu])
+        for got, want in ((scale, scale_ref), (q.float(), q_ref.float())):
+            assert torch.equal(torch.isnan(got), torch.isnan(want))
+            assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.isnan(scale[0]) and torch.isnan(q[0].float()).all()
+        assert torch.isnan(q[1, 9].float()) and bool((q[1].float().nan_to_num() == 0).all())
+        assert torch.isfinite(scale[2]) and torch.isfinite(q[2].float()).all()
+    x = torch.randn(1, 3, 32, device=DEVICE)
+    x[0, 1, 4] = float("nan")
+    zeros = torch.zeros(1, 32, device=DEVICE)
+    q, scale = quantize_layer_norm_rows_triton(x, zeros, zeros)
+    assert torch.isnan(scale[1]) and torch.isfinite(scale[[0, 2]]).all()
+    assert torch.isnan(q[1].float()).all() and torch.isfinite(q[[0, 2]].float()).all()
+
+
 def test_parts_with_row_strides_and_a_transposed_part() -> None:
     """Column slices of one buffer (a fused projection's output) are read in place; a part
     whose columns are strided is copied first. Same values either way."""
@@ -216,6 +241,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
     # the GELU: fast exp and division, no libdevice tanh; IEEE division only per row
     assert "ex2.approx" in ptx and "tanh" not in ptx
     assert len(re.findall(r"div\\.rn\\.f32", ptx)) <= 2, "per-element IEEE division"
+    assert "max.NaN.f32" in ptx and "min.NaN.f32" in ptx, "NaN must reach the scale and codes"
 
     kernel = m._layer_norm_quant_kernel
     consts = {"BLOCK_D": 4096, "INTERPRET": False}
@@ -230,6 +256,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
                          options={"num_warps": 8}).asm["ptx"]
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert re.search(r"ld\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "bf16 loads must be 16 bytes"
+    assert "max.NaN.f32" in ptx and "min.NaN.f32" in ptx, "NaN must reach the scale and codes"
     print("sm90 ok")
     """
 )

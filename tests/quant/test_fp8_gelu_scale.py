@@ -248,3 +248,60 @@ def test_layer_norm_quantizer_pass_is_opt_in() -> None:
 
     for mode in ("O2", "O3", "max-autotune:cudagraphs:low-precision"):
         assert parse_options({"mode": mode}).settings["passes.fp8_layer_norm_quant_kernel"] is False
+
+
+def test_triton_quantizer_pass_compiles_with_grad_enabled() -> None:
+    """Outside torch.no_grad, with parameters that require grad (a model fresh from
+    from_pretrained), AOTAutograd traces a backward through the Triton quantizers' ops:
+    they say "no gradient" instead of failing the compile."""
+    torch.manual_seed(0)
+    model = _SingleBlock().eval()
+    x = torch.randn(2, 9, 64)
+    options = {"mode": "O2", "passes.fp8_gelu_scale": True, "passes.fp8_cat_quant_kernel": True}
+    out = difforge.compile(model, options=options)(x)
+    assert difforge.counters["fp8_cat_quant_kernel"] == 1
+    with torch.no_grad():
+        assert rel_err(out.detach(), model(x)) < 1e-2
+    torch._dynamo.reset()
+    model = _AdaLNBlock().eval()
+    x, table = _adaln_inputs()
+    options = {"mode": "O2", "passes.fp8_layer_norm_quant_kernel": True}
+    out = difforge.compile(model, options=options)(x, table)
+    assert difforge.counters["fp8_layer_norm_quant_kernel"] == 2
+    with torch.no_grad():
+        assert rel_err(out.detach(), model(x, table)) < 2e-2
+
+
+class _MixedSingleBlock(_SingleBlock):
+    """The attention branch cast to bfloat16 before the cat: torch.cat promotes the parts."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn(x).to(torch.bfloat16)
+        h = torch.cat([attn, F.gelu(self.mlp(x), approximate="tanh")], dim=2)
+        return x + self.proj_out(h)
+
+
+def test_triton_quantizer_pass_declines_parts_of_two_dtypes() -> None:
+    torch.manual_seed(0)
+    options = {"mode": "O2", "passes.fp8_gelu_scale": True, "passes.fp8_cat_quant_kernel": True}
+    _compile_and_check(_MixedSingleBlock().eval(), options)
+    assert difforge.counters["fp8_gelu_scale"] == 1
+    assert difforge.counters["fp8_cat_quant_kernel"] == 0
+
+
+@pytest.mark.parametrize(
+    ("hip", "capability", "runs"),
+    [(None, (9, 0), True), (None, (8, 9), True), (None, (8, 0), False), ("6.2", (9, 0), False)],
+    ids=["h100", "ada", "a100", "rocm"],
+)
+def test_triton_quantizers_need_an_fp8_nvidia_gpu(
+    monkeypatch: pytest.MonkeyPatch, hip: str | None, capability: tuple[int, int], runs: bool
+) -> None:
+    """Triton has no float8 e4m3 below cc 8.9 (an A100 with hand-made Fp8Linears runs the
+    reference GEMM and keeps the composite quantization)."""
+    from difforge.passes import quant_fusion
+
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert quant_fusion._triton_runs_on(torch.device("cuda", 0)) is runs

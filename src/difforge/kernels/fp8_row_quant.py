@@ -53,6 +53,34 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _nan_aware_max(values):
+    """``max`` of a block that is NaN when any value is, as torch's ``amax``: the GPU's
+    ``max.f32`` (what ``tl.max`` reduces with) returns the non-NaN operand, so a NaN
+    activation would otherwise get a finite scale and a finite code, hiding the blow-up."""
+    has_nan = tl.max((values != values).to(tl.int32), axis=0) > 0
+    return tl.where(has_nan, float("nan"), tl.max(values, axis=0))
+
+
+@triton.jit
+def _clamp_fp8(x):
+    """Clamp to ±448 keeping NaN (the cast then writes e4m3's NaN)."""
+    x = tl.maximum(x, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _to_fp8(q, INTERPRET: tl.constexpr):
+    """float32 (already within ±448, or NaN) -> e4m3, rounding to nearest even."""
+    if INTERPRET:
+        # The interpreter's cast drops a carry and turns NaN into a number: round in
+        # float32 (kernels.rounding), then write e4m3's NaN code (0x7F) by its bits.
+        bits = fp8_e4m3_rne_as_fp32(q).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        bits = tl.where(q != q, 0x7F, bits).to(tl.uint8)
+        return bits.to(tl.float8e4nv, bitcast=True)
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
 def _part_bound(row_ptr, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
     """Sweep 1 over one part of a row: ``max(gelu(max x), floor)`` for a GELU part, else
     ``max |x|``."""
@@ -68,11 +96,11 @@ def _part_bound(row_ptr, K, GELU: tl.constexpr, BLOCK: tl.constexpr):
             x = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         else:
             x = tl.abs(tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32))
-        acc = tl.maximum(acc, x)
+        acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
         start += BLOCK
-    bound = tl.max(acc, axis=0)
+    bound = _nan_aware_max(acc)
     if GELU:
-        bound = tl.maximum(_gelu_tanh(bound), _GELU_FLOOR)
+        bound = tl.maximum(_gelu_tanh(bound), _GELU_FLOOR, propagate_nan=tl.PropagateNan.ALL)
     return bound
 
 
@@ -89,10 +117,7 @@ def _part_store(
         x = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
         if GELU:
             x = _gelu_tanh(x)
-        q = tl.minimum(tl.maximum(x * inv, -_FP8_MAX), _FP8_MAX)
-        if INTERPRET:  # the interpreter's cast drops a carry (see kernels.rounding)
-            q = fp8_e4m3_rne_as_fp32(q)
-        tl.store(out_ptr + start + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(out_ptr + start + cols, _to_fp8(_clamp_fp8(x * inv), INTERPRET), mask=mask)
         start += BLOCK
 
 
@@ -109,8 +134,10 @@ def _quantize_cat_rows_kernel(
     out_row = out_ptr + row * stride_out
     bound = _part_bound(a_row, KA, GELU_A, BLOCK)
     if HAS_B:
-        bound = tl.maximum(bound, _part_bound(b_row, KB, GELU_B, BLOCK))
-    scale = tl.math.div_rn(tl.maximum(bound, _SCALE_EPS), _FP8_MAX)
+        bound_b = _part_bound(b_row, KB, GELU_B, BLOCK)
+        bound = tl.maximum(bound, bound_b, propagate_nan=tl.PropagateNan.ALL)
+    bound = tl.maximum(bound, _SCALE_EPS, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.math.div_rn(bound, _FP8_MAX)
     tl.store(scale_ptr + row, scale)
     inv = tl.math.div_rn(1.0, scale)
     _part_store(a_row, out_row, KA, inv, GELU_A, BLOCK, INTERPRET)
@@ -177,6 +204,22 @@ def _quantize_cat_rows_op(
     return quantize_cat_rows_triton(list(parts), list(gelu))
 
 
+# Quantization has no useful gradient. "No gradient", registered as ``difforge::fp8_linear``
+# does, lets a model called outside ``torch.no_grad`` with parameters that require grad
+# (a diffusers model fresh from from_pretrained) still compile: AOTAutograd traces a
+# backward through every op. One None per input of each op.
+def _count_parts(ctx: object, inputs: tuple[object, ...], output: object) -> None:
+    ctx.parts = len(inputs[0])  # type: ignore[attr-defined,arg-type]
+
+
+def _no_grad_cat_backward(ctx: object, *grads: torch.Tensor) -> tuple[list[None], None]:
+    return [None] * ctx.parts, None  # type: ignore[attr-defined]
+
+
+def _no_grad_layer_norm_backward(ctx: object, *grads: torch.Tensor) -> tuple[None, ...]:
+    return None, None, None, None
+
+
 @_quantize_cat_rows_op.register_fake
 def _quantize_cat_rows_fake(
     parts: list[torch.Tensor], gelu: list[bool]
@@ -186,6 +229,9 @@ def _quantize_cat_rows_fake(
     width = sum(p.shape[1] for p in parts)
     out = parts[0].new_empty((m, width), dtype=torch.float8_e4m3fn)
     return out, parts[0].new_empty((m,), dtype=torch.float32)
+
+
+_quantize_cat_rows_op.register_autograd(_no_grad_cat_backward, setup_context=_count_parts)
 
 
 # --------------------------------------------------------------------------------------
@@ -212,12 +258,11 @@ def _layer_norm_quant_kernel(
     mod_scale = tl.load(scale_ptr + b * stride_mb + cols, mask=mask, other=0.0).to(tl.float32)
     mod_shift = tl.load(shift_ptr + b * stride_sb + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(mask, xc * rstd * (1.0 + mod_scale) + mod_shift, 0.0)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), _SCALE_EPS), _FP8_MAX)
+    bound = tl.maximum(_nan_aware_max(tl.abs(y)), _SCALE_EPS, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.math.div_rn(bound, _FP8_MAX)
     tl.store(row_scale_ptr + row, scale)
-    q = tl.minimum(tl.maximum(y * tl.math.div_rn(1.0, scale), -_FP8_MAX), _FP8_MAX)
-    if INTERPRET:
-        q = fp8_e4m3_rne_as_fp32(q)
-    tl.store(out_ptr + row * stride_out + cols, q.to(tl.float8e4nv), mask=mask)
+    q = _to_fp8(_clamp_fp8(y * tl.math.div_rn(1.0, scale)), INTERPRET)
+    tl.store(out_ptr + row * stride_out + cols, q, mask=mask)
 
 
 #: Widest row the LayerNorm quantizer keeps in registers.
@@ -277,3 +322,6 @@ def _layer_norm_quant_fake(
     rows = x.shape[0] * x.shape[1]
     out = x.new_empty((rows, x.shape[2]), dtype=torch.float8_e4m3fn)
     return out, x.new_empty((rows,), dtype=torch.float32)
+
+
+_layer_norm_quant_op.register_autograd(_no_grad_layer_norm_backward)

@@ -33,4 +33,5 @@ def fp8_e4m3_rne_as_fp32(x):
     e = tl.maximum(tl.floor(tl.log2(tl.maximum(ax, 1e-30))), -6.0)
     step = tl.exp2(e - 3.0)
     r = round_half_even(ax / step) * step
-    return tl.where(x < 0, -tl.minimum(r, 448.0), tl.minimum(r, 448.0))
+    r = tl.where(x < 0, -tl.minimum(r, 448.0), tl.minimum(r, 448.0))
+    return tl.where(x != x, x, r)  # NaN stays NaN, as the GPU's cvt keeps it

@@ -129,13 +129,13 @@ def _is_quantize_cat_rows(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in (op, op.default)
 
 
-def _device_of(node: object) -> torch.device | None:
-    """The device of a part, looking through the reshapes fp8_gelu_scale adds (they carry
-    no example value)."""
+def _value_of(node: object) -> torch.Tensor | None:
+    """The example value of a part, looking through the reshapes fp8_gelu_scale adds (they
+    carry none; a reshape keeps device and dtype)."""
     while isinstance(node, torch.fx.Node):
         value = node_tensor(node)
         if value is not None:
-            return value.device
+            return value
         if node.target is not torch.reshape:
             return None
         node = node.args[0]
@@ -143,10 +143,21 @@ def _device_of(node: object) -> torch.device | None:
 
 
 def _triton_runs_on(device: torch.device) -> bool:
-    """CUDA, or the CPU under Triton's interpreter (the CPU tests)."""
+    """An NVIDIA GPU with float8 e4m3 (cc >= 8.9: Triton refuses the type below), or the
+    CPU under Triton's interpreter (the CPU tests)."""
     from difforge.kernels import interpreting
 
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+    if device.type == "cuda":
+        return (
+            torch.version.hip is None
+            and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) >= (8, 9)
+        )
+    return device.type == "cpu" and interpreting()
+
+
+#: What the Triton quantizers read (one dtype for all parts).
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @register_pass("fp8_cat_quant_kernel", stage="fx", tier="low-precision")
@@ -159,9 +170,12 @@ def fp8_cat_quant_kernel(graph: torch.fx.Graph) -> int:
         parts, gelu = node_arg(node, 0, "parts"), node_arg(node, 1, "gelu")
         if not isinstance(parts, (list, tuple)) or not 1 <= len(parts) <= 2:
             continue  # the kernel takes one or two parts
-        devices = [_device_of(p) for p in parts]
-        if any(d is None or not _triton_runs_on(d) for d in devices):
+        values = [_value_of(p) for p in parts]
+        if any(v is None or not _triton_runs_on(v.device) for v in values):
             continue  # elsewhere the composite stays
+        dtypes = {v.dtype for v in values if v is not None}
+        if len(dtypes) != 1 or dtypes.pop() not in _KERNEL_DTYPES:
+            continue  # torch.cat promotes mixed parts; the kernel takes one float dtype
         node.target = torch.ops.difforge.fp8_quantize_cat_rows_triton.default
         node.args, node.kwargs = (list(parts), list(gelu)), {}
         made += 1
@@ -215,8 +229,10 @@ def _plain_layer_norm(node: object) -> tuple[torch.fx.Node, float] | None:
     return x, eps
 
 
-def _modulation(node: torch.fx.Node) -> tuple[torch.fx.Node, ...] | None:
-    """``(layer_norm node, x, scale, shift)`` of ``layer_norm(x) * (1 + scale) + shift``
+def _modulation(
+    node: torch.fx.Node,
+) -> tuple[torch.fx.Node, float, torch.fx.Node, torch.fx.Node] | None:
+    """``(x, eps, scale, shift)`` of ``layer_norm(x, eps=eps) * (1 + scale) + shift``
     (operands in either order), each intermediate read only by the next step."""
     add = _binary(node, _ADDS)
     if add is None:
@@ -236,8 +252,7 @@ def _modulation(node: torch.fx.Node) -> tuple[torch.fx.Node, ...] | None:
                 isinstance(n, torch.fx.Node) and len(n.users) == 1 for n in steps
             ):
                 continue
-            assert isinstance(norm, torch.fx.Node)
-            return norm, layer_norm[0], scale, shift
+            return layer_norm[0], layer_norm[1], scale, shift
     return None
 
 
@@ -252,9 +267,9 @@ def _row_modulation(value: torch.Tensor | None, x: torch.Tensor) -> bool:
     )
 
 
-def _quantizations(node: torch.fx.Node) -> list[torch.fx.Node] | None:
-    """The fp8 row quantizations that read ``node`` through views, when they are all its
-    readers (each chain read only by the next step)."""
+def _quantizations(node: torch.fx.Node, width: int) -> list[torch.fx.Node] | None:
+    """The fp8 row quantizations of ``[rows, width]`` views of ``node``, when they are all
+    its readers (each chain read only by the next step)."""
     quants = []
     for user in node.users:
         step = user
@@ -263,7 +278,7 @@ def _quantizations(node: torch.fx.Node) -> list[torch.fx.Node] | None:
         if not _is_quantize_rows(step):
             return None
         flat = node_tensor(node_arg(step, 0, "x"))  # type: ignore[arg-type]
-        if flat is None or flat.dim() != 2:
+        if flat is None or flat.dim() != 2 or flat.shape[1] != width:
             return None
         quants.append(step)
     return quants or None
@@ -277,14 +292,15 @@ def fp8_layer_norm_quant_kernel(graph: torch.fx.Graph) -> int:
         match = _modulation(mod)
         if match is None:
             continue
-        norm, x, scale, shift = match
+        x, eps, scale, shift = match
         x_value = node_tensor(x)
-        eps = _plain_layer_norm(norm)[1]  # type: ignore[index]
         if x_value is None or not _triton_runs_on(x_value.device):
+            continue
+        if x_value.dtype not in _KERNEL_DTYPES:
             continue
         if not all(_row_modulation(node_tensor(t), x_value) for t in (scale, shift)):
             continue
-        quants = _quantizations(mod)
+        quants = _quantizations(mod, x_value.shape[-1])
         if quants is None:
             continue
         with graph.inserting_before(mod.next):  # after x, scale and shift, before every reader
