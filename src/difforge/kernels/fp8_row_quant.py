@@ -14,8 +14,8 @@ pointwise kernel that both read the row from DRAM. In FLUX.1-dev's O3 step (H100
 ``benchmarks/results/2026-11-28_h100_step_o3_flux_s19.json``) the single blocks'
 GELU + concatenation + quantization took 5.07 ms over 38 calls (133 us each, 1.6 TB/s for
 the bytes it must move) plus 1.41 ms of row maxima; the one-pass kernel must move 212 MB a
-call, ~76 us at 2.8 TB/s. Whether it wins is measured by ``benchmarks/probe_ops.py --probes
-catquant`` before anything uses it.
+call, ~76 us at 2.8 TB/s. Measured (H200, ``benchmarks/probe_ops.py --probes catquant``):
+1.10-1.82x Inductor's two kernels at FLUX/PixArt/SD3 shapes, hence on in ``low-precision``.
 
 The GELU is evaluated as ``x * sigmoid(2·sqrt(2/pi)·(x + 0.044715·x³))`` with Triton's fast
 ``exp`` and division (no libdevice ``tanh``): a few instructions per element, so the kernel
@@ -34,7 +34,10 @@ from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32
 from difforge.passes.activation import _TWO_SQRT_2_OVER_PI
 from difforge.quant.fp8 import FP8_MAX, GELU_NEGATIVE_BOUND, SCALE_EPS
 
-__all__ = ["quantize_cat_rows_triton", "quantize_layer_norm_rows_triton"]
+__all__ = ["KERNEL_DTYPES", "quantize_cat_rows_triton", "quantize_layer_norm_rows_triton"]
+
+#: The input dtypes the quantizers read (one for all parts of a call).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The torch reference's constants, as compile-time constants of the kernels.
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -162,7 +165,7 @@ def _check(parts: list[torch.Tensor], gelu: list[bool], *, device: bool = True) 
                 "quantize_cat_rows_triton: parts must share rows, dtype and device, got "
                 f"{[(tuple(p.shape), p.dtype, str(p.device)) for p in parts]}"
             )
-    if first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if first.dtype not in KERNEL_DTYPES:
         raise ValueError(f"quantize_cat_rows_triton: float16/bfloat16/float32, got {first.dtype}")
     if device and first.device.type != "cuda" and not _interpreting():
         raise ValueError(

@@ -31,7 +31,8 @@ import operator
 import torch
 import torch.fx
 
-import difforge.kernels.fp8_row_quant  # noqa: F401  (registers the Triton quantizer's op)
+# Importing the module also registers the Triton quantizers' ops.
+from difforge.kernels.fp8_row_quant import KERNEL_DTYPES
 from difforge.passes.activation import gelu_tanh_as_sigmoid
 from difforge.passes.registry import node_arg, node_tensor, register_pass
 
@@ -42,10 +43,14 @@ _VIEW_METHODS = frozenset({"reshape", "view", "detach", "contiguous"})
 _VIEW_FUNCTIONS = (torch.reshape, torch.Tensor.reshape, torch.Tensor.view, torch.Tensor.detach)
 
 
+def _is_difforge_op(node: torch.fx.Node, name: str) -> bool:
+    """Whether ``node`` calls ``torch.ops.difforge.<name>`` (the packet or its overload)."""
+    op = getattr(torch.ops.difforge, name, None)
+    return node.op == "call_function" and op is not None and node.target in (op, op.default)
+
+
 def _is_quantize_rows(node: torch.fx.Node) -> bool:
-    target = node.target
-    op = getattr(torch.ops.difforge, "fp8_quantize_rows", None)
-    return node.op == "call_function" and op is not None and target in (op, op.default)
+    return _is_difforge_op(node, "fp8_quantize_rows")
 
 
 def _is_view(node: torch.fx.Node) -> bool:
@@ -124,11 +129,6 @@ def fp8_gelu_scale(graph: torch.fx.Graph) -> int:
     return made
 
 
-def _is_quantize_cat_rows(node: torch.fx.Node) -> bool:
-    op = torch.ops.difforge.fp8_quantize_cat_rows
-    return node.op == "call_function" and node.target in (op, op.default)
-
-
 def _value_of(node: object) -> torch.Tensor | None:
     """The example value of a part, looking through the reshapes fp8_gelu_scale adds (they
     carry none; a reshape keeps device and dtype)."""
@@ -156,16 +156,12 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
-#: What the Triton quantizers read (one dtype for all parts).
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 @register_pass("fp8_cat_quant_kernel", stage="fx", tier="low-precision")
 def fp8_cat_quant_kernel(graph: torch.fx.Graph) -> int:
     """fp8_quantize_cat_rows on CUDA -> difforge's one-kernel Triton quantizer."""
     made = 0
     for node in list(graph.nodes):
-        if not _is_quantize_cat_rows(node):
+        if not _is_difforge_op(node, "fp8_quantize_cat_rows"):
             continue
         parts, gelu = node_arg(node, 0, "parts"), node_arg(node, 1, "gelu")
         if not isinstance(parts, (list, tuple)) or not 1 <= len(parts) <= 2:
@@ -174,7 +170,7 @@ def fp8_cat_quant_kernel(graph: torch.fx.Graph) -> int:
         if any(v is None or not _triton_runs_on(v.device) for v in values):
             continue  # elsewhere the composite stays
         dtypes = {v.dtype for v in values if v is not None}
-        if len(dtypes) != 1 or dtypes.pop() not in _KERNEL_DTYPES:
+        if len(dtypes) != 1 or dtypes.pop() not in KERNEL_DTYPES:
             continue  # torch.cat promotes mixed parts; the kernel takes one float dtype
         node.target = torch.ops.difforge.fp8_quantize_cat_rows_triton.default
         node.args, node.kwargs = (list(parts), list(gelu)), {}
@@ -296,7 +292,7 @@ def fp8_layer_norm_quant_kernel(graph: torch.fx.Graph) -> int:
         x_value = node_tensor(x)
         if x_value is None or not _triton_runs_on(x_value.device):
             continue
-        if x_value.dtype not in _KERNEL_DTYPES:
+        if x_value.dtype not in KERNEL_DTYPES:
             continue
         if not all(_row_modulation(node_tensor(t), x_value) for t in (scale, shift)):
             continue
