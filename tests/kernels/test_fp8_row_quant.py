@@ -23,15 +23,17 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def assert_same_quantization(
-    got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]
+    got: tuple[torch.Tensor, torch.Tensor],
+    want: tuple[torch.Tensor, torch.Tensor],
+    scale_rtol: float = 2.5e-7,
 ) -> None:
-    """Scales within 2 float32 ulps (the GELU of the row max: fast exp and division in the
-    kernel) and float8 values equal, except one e4m3 step where the scaled value sits on a
-    rounding boundary and the GELU's last bits decide."""
+    """Scales within ``scale_rtol`` (default 2 float32 ulps: the GELU of the row max, fast
+    exp and division in the kernel) and float8 values equal, except one e4m3 step where the
+    scaled value sits on a rounding boundary and the last float32 bits decide."""
     (q, scale), (q_ref, scale_ref) = got, want
     assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
     assert q.shape == q_ref.shape and scale.shape == scale_ref.shape
-    torch.testing.assert_close(scale, scale_ref, rtol=2.5e-7, atol=0)
+    torch.testing.assert_close(scale, scale_ref, rtol=scale_rtol, atol=0)
     qf, rf = q.float(), q_ref.float()
     differ = qf != rf
     assert int(differ.sum()) <= max(1, qf.numel() // 1000), int(differ.sum())
@@ -164,6 +166,12 @@ def test_op_opcheck_and_fake() -> None:
     with FakeTensorMode():
         q, scale = op(torch.empty(2, 5, 48), torch.empty(2, 48), torch.empty(2, 48), 1e-6)
         assert q.shape == (10, 48) and q.dtype == torch.float8_e4m3fn and scale.shape == (10,)
+
+
+#: The GPU kernel sums mean and variance in another order than ATen's LayerNorm, with
+#: Triton's fast square root and division: on an H200 the row scales came out up to 4.6e-7 apart
+#: (about 4 float32 ulps) on 0.6-0.9% of rows; 1e-6 leaves twice that.
+LAYER_NORM_SCALE_RTOL = 1e-6
 
 
 def layer_norm_reference(
@@ -304,4 +312,4 @@ def test_gpu_layer_norm_quantizer_matches_the_reference(
     x = torch.randn(shape, device="cuda", dtype=dtype)
     scale, shift = (0.5 * torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(2))
     got = quantize_layer_norm_rows_triton(x, scale, shift)
-    assert_same_quantization(got, layer_norm_reference(x, scale, shift))
+    assert_same_quantization(got, layer_norm_reference(x, scale, shift), LAYER_NORM_SCALE_RTOL)
