@@ -105,6 +105,12 @@ class VariantResult:
     attention_8bit: list[dict[str, Any]] = field(default_factory=list)
     """What the attention_int8 pass measured per attention shape (SDPA vs the best 8-bit
     tile) and chose; empty when the pass was off or saw no eligible call."""
+    pass_counts: dict[str, int] = field(default_factory=dict)
+    """difforge counters (rewrites per pass, etc.) bumped while the variant compiled and
+    ran its first call. Empty for a graph Inductor loaded from its FX graph cache (see
+    ``fx_cache_hits``): the passes do not run again on a hit."""
+    fx_cache_hits: int = 0
+    """Graphs Inductor took from its FX graph cache for this variant."""
     gpu_telemetry: dict[str, Any] | None = None
     """SM clock, board power and temperature sampled over the warm-up, timed and profiled
     steps (:class:`difforge.bench.telemetry.TelemetrySummary`); None off CUDA or without
@@ -114,6 +120,19 @@ class VariantResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _compile_counters() -> tuple[dict[str, int], int]:
+    """A snapshot of difforge's counters and Inductor's FX graph cache hits."""
+    hits = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+    return dict(difforge.counters), int(hits)
+
+
+def _counter_delta(before: tuple[dict[str, int], int]) -> tuple[dict[str, int], int]:
+    """What changed since ``before``: the counters that grew, and the new cache hits."""
+    counts, hits = _compile_counters()
+    grown = {k: v - before[0].get(k, 0) for k, v in sorted(counts.items())}
+    return {k: v for k, v in grown.items() if v > 0}, hits - before[1]
 
 
 def _time_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> list[float]:
@@ -376,6 +395,7 @@ def bench_model(
             fn = _compile(module, variant, extra, name)
             dynamic = bool(result.options and result.options.get("dynamic") is True)
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            before = _compile_counters()
             with torch.no_grad():
                 _sync(device)
                 t0 = time.perf_counter()
@@ -387,6 +407,7 @@ def bench_model(
                 _sync(device)
                 result.compile_s = time.perf_counter() - t0
                 result.graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+                result.pass_counts, result.fx_cache_hits = _counter_delta(before)
                 with GpuTelemetry(device) as telemetry:
                     for _ in range(args.warmup):
                         call(fn)
