@@ -63,6 +63,9 @@
 #   catquantflux FLUX.1-dev step: compile vs O3, profiled                       ~9 min
 #   lnquantflux FLUX.1-dev step: O3 without the GELU quantizer kernel vs O3 vs O3 + the
 #            LayerNorm quantizer kernel                                         ~9 min
+#   ropekern the fp8 quantizers' and the RMSNorm + RoPE kernel's gpu tests, then the
+#            catquant (two sweeps vs registers) and rope probes                 ~3 min
+#   ropeflux FLUX.1-dev step: compile vs O2 vs O2 + rms_norm_rope vs O3 vs O3 + it, profiled ~10 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
 #   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
 #   freezepx PixArt-XL step: compile vs O2 / O3, each with and without freezing, profiled ~9 min
@@ -105,7 +108,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -362,6 +365,16 @@ case "$part" in
     V+=';O3-lnq={"mode":"O3","passes.fp8_layer_norm_quant_kernel":true}'
     run 590 step_lnquant_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --output-json "$out/step_lnquant_flux.json" ;;
+  ropekern)  # the Triton kernels of this session: gpu tests, then their probes
+    run 200 gpu_tests_ropekern python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
+      tests/kernels/test_fp8_row_quant.py tests/kernels/test_rms_norm_rope.py
+    run 300 probe_ropekern python3 benchmarks/probe_ops.py --probes catquant,rope \
+      --output-json "$out/probe_ropekern.json" ;;
+  ropeflux)  # FLUX.1-dev: the RMSNorm + RoPE kernel in O2 and O3 steps
+    V='compile;O2;O2-rope={"mode":"O2","passes.rms_norm_rope":true};O3'
+    V+=';O3-rope={"mode":"O3","passes.rms_norm_rope":true}'
+    run 590 step_rope_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --profile --output-json "$out/step_rope_flux.json" ;;
   o3flux)  # FLUX.1-dev O3 profiled with today's rules and the SM clock per variant (the last
     # profiled O3 step is from 2026-11-26: 21.2 ms of Triton kernels, ~11 ms of them fp8
     # activation quantization, against O2's 10.2)

@@ -23,6 +23,8 @@ they compute the same function (relative error against a float32 reference):
 - ``lnquant``: LayerNorm + adaLN modulation + fp8 row quantization (what O3 runs before
   each fp8 attention/FF projection of a DiT block) as O3 compiles it against difforge's
   one-kernel Triton version (not yet in any graph), next to a copy of the same bytes.
+- ``rope``: FLUX's per-head RMSNorm + rotary embedding of q and k, stock Inductor against
+  difforge's Triton kernel, alone and with the SDPA after it.
 - ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
   FF2, residual) compiled fp16 at O2 and with fp8 linears, with and without the
   ``gelu_tanh_sigmoid`` pass; block time and the time of each kernel.
@@ -543,6 +545,73 @@ def probe_ln_quant() -> list[dict[str, Any]]:
     return rows
 
 
+# (name, text tokens, image tokens): FLUX.1-dev at 1024², 24 heads of 128, bf16.
+ROPE_SHAPES = (("flux-single", 0, 4608), ("flux-double", 512, 4096))
+
+
+def probe_rope() -> list[dict[str, Any]]:
+    """FLUX's per-head RMSNorm + RoPE of q and k: the composite compiled by stock Inductor
+    against difforge's Triton kernel (``difforge::rms_norm_rope``), alone and followed by
+    the SDPA that reads them (the layout each hands cuDNN is part of the cost); CUDA-graph
+    timed, with the error against the float32 composite."""
+    from difforge.kernels import attention_int8 as a8
+    from difforge.kernels.rms_norm_rope import rms_norm_rope_reference
+
+    heads, d, dtype = 24, 128, torch.bfloat16
+    op = torch.ops.difforge.rms_norm_rope.default
+
+    def qk(rope: Callable[..., torch.Tensor], parts: list[list[torch.Tensor]], weights, cs):
+        return [rope(p, w, 1e-6, *cs) for p, w in zip(parts, weights, strict=True)]
+
+    def attend(rope: Callable[..., torch.Tensor], parts, weights, cs, v):
+        q, k = qk(rope, parts, weights, cs)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v)
+
+    rows: list[dict[str, Any]] = []
+    for name, txt, img in ROPE_SHAPES:
+        s = txt + img
+        fused = torch.randn(1, img, 3 * heads * d, device="cuda", dtype=dtype)
+        parts = []
+        for i in range(2):  # q, k: column slices of the fused projection, as in the model
+            own = [fused[..., i * heads * d : (i + 1) * heads * d].unflatten(-1, (heads, d))]
+            if txt:
+                own.insert(0, torch.randn(1, txt, heads, d, device="cuda", dtype=dtype))
+            parts.append(own)
+        weights = [[torch.rand(d, device="cuda", dtype=dtype) + 0.5 for _ in p] for p in parts]
+        theta = torch.rand(s, d // 2, device="cuda") * 6.3
+        cs = tuple(t.repeat_interleave(2, -1)[None, :, None] for t in (theta.cos(), theta.sin()))
+        v = torch.randn(1, heads, s, d, device="cuda", dtype=dtype)
+        exact = qk(rms_norm_rope_reference, [[p.float() for p in q] for q in parts],
+                   [[w.float() for w in ws] for ws in weights], cs)  # fmt: skip
+        moved = 2 * sum(p.numel() * p.element_size() for q in parts for p in q)  # in + out
+        ways = {
+            "inductor (stock compile)": torch.compile(partial(qk, rms_norm_rope_reference)),
+            "triton (difforge::rms_norm_rope)": partial(qk, op),
+            "inductor + sdpa": torch.compile(partial(attend, rms_norm_rope_reference)),
+            "triton + sdpa (compiled)": torch.compile(partial(attend, op)),
+        }
+        for way, fn in ways.items():
+            row: dict[str, Any] = {"shape": name, "tokens": s, "way": way}
+            try:
+                out = fn(parts, weights, cs, v) if "sdpa" in way else fn(parts, weights, cs)
+                ms = a8.cuda_graph_ms(
+                    (lambda fn=fn: fn(parts, weights, cs, v))
+                    if "sdpa" in way
+                    else (lambda fn=fn: fn(parts, weights, cs)),
+                    40,
+                )
+                row["ms"] = ms
+                if "sdpa" not in way:
+                    row["gb_per_s"] = moved / (ms * 1e-3) / 1e9
+                    row["rel_err"] = max(
+                        _rel(o.float(), e) for o, e in zip(out, exact, strict=True)
+                    )
+            except Exception as exc:  # one way failing must not hide the others
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
+    return rows
+
+
 def _pixart_block() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """One PixArt-XL-2 transformer block (real config, random weights) and 1024² inputs."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -923,6 +992,7 @@ PROBES = {
     "attnquant": probe_attention_quant,
     "catquant": probe_cat_quant,
     "lnquant": probe_ln_quant,
+    "rope": probe_rope,
 }
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__: list[str] = ["head_dim_tiles", "interpreting", "token_major_empty"]
+__all__: list[str] = ["head_dim_tiles", "interpreting", "token_major_empty", "triton_runs_on"]
 
 
 def interpreting() -> bool:
@@ -26,6 +26,22 @@ def interpreting() -> bool:
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(device: torch.device, min_capability: tuple[int, int] = (8, 0)) -> bool:
+    """Whether difforge's Triton kernels may run on ``device``: an NVIDIA GPU of at least
+    ``min_capability`` (bf16 needs 8.0, float8 e4m3 8.9: Triton refuses the type below),
+    or the CPU under Triton's interpreter (the CPU tests). Not ROCm: the kernels are only
+    tested on NVIDIA."""
+    import torch
+
+    if device.type == "cuda":
+        return (
+            torch.version.hip is None
+            and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) >= min_capability
+        )
+    return device.type == "cpu" and interpreting()
 
 
 def _next_power_of_2(n: int) -> int:

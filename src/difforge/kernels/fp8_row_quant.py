@@ -1,13 +1,17 @@
 """fp8 row quantization in one Triton kernel: of ``cat([gelu?(a), gelu?(b)], dim=-1)``, and
 of a LayerNorm + adaLN modulation (:func:`quantize_layer_norm_rows_triton`; the
-``fp8_layer_norm_quant_kernel`` pass, off until a GPU measures it).
+``fp8_layer_norm_quant_kernel`` pass, off: it paid nowhere in an O3 step, see
+:mod:`difforge.passes.quant_fusion`).
 
 The same function as :func:`difforge.quant.fp8.quantize_cat_rows` (its row bound, its
-scale, its rounding), computed by one program per row in two sweeps over the row: the first
+scale, its rounding), computed by one program per row. A row of up to
+``RESIDENT_MAX_COLUMNS`` (each part padded to a power of two; FLUX.1's single blocks:
+3072 + 12288 bf16 columns, 30 KB) is loaded into registers at once, bounded, scaled and
+stored: every load of the row in flight together. Wider rows take two sweeps: the first
 reads the row and takes its bound (the max of a GELU part, the absmax of a plain part), the
-second reads it again, applies the GELU, scales and stores float8. A row is at most a few
-tens of KB (FLUX.1's single blocks: 3072 + 12288 bf16 columns, 30 KB), so the second sweep
-reads what the first left in L2: DRAM sees the row once in and once out.
+second reads it again from L2, applies the GELU, scales and stores float8. The two-sweep
+kernel is the one measured below; the register one has yet to be timed on a GPU
+(``probe_ops.py --probes catquant`` times both).
 
 Why it exists: Inductor compiles the composite into a row-reduction kernel and a separate
 pointwise kernel that both read the row from DRAM. In FLUX.1-dev's O3 step (H100,

@@ -20,8 +20,12 @@ makes of the composite (``low-precision``): H200, 1.10-1.82x at FLUX/PixArt/SD3 
 
 ``fp8_layer_norm_quant_kernel``: the fp8 row quantizations of an adaLN-modulated LayerNorm
 (``layer_norm(x) * (1 + scale) + shift``, a DiT block's input to its q/k/v or FF) as one
-Triton kernel with the row in registers. Off until a GPU measures it
-(``probe_ops.py --probes lnquant``); ``passes.fp8_layer_norm_quant_kernel`` turns it on.
+Triton kernel with the row in registers. Off: alone the kernel is 2-5x Inductor's
+composite (``probe_ops.py --probes lnquant``), but in O3 steps on an H200 it paid nowhere
+(PixArt-XL 28.68 -> 28.89 ms, SD3 32.37 -> 32.34, FLUX.1-dev 95.96 -> 97.51;
+``benchmarks/results/2026-11-28_h200_step_*quant*_s22.json``): in the model Inductor's
+kernel also takes the residual add before the norm, which the pass leaves on its own.
+``passes.fp8_layer_norm_quant_kernel`` turns it on.
 """
 
 from __future__ import annotations
@@ -143,17 +147,10 @@ def _value_of(node: object) -> torch.Tensor | None:
 
 
 def _triton_runs_on(device: torch.device) -> bool:
-    """An NVIDIA GPU with float8 e4m3 (cc >= 8.9: Triton refuses the type below), or the
-    CPU under Triton's interpreter (the CPU tests)."""
-    from difforge.kernels import interpreting
+    """Triton's float8 e4m3 needs cc >= 8.9 (or the CPU under the interpreter)."""
+    from difforge.kernels import triton_runs_on
 
-    if device.type == "cuda":
-        return (
-            torch.version.hip is None
-            and torch.cuda.is_available()
-            and torch.cuda.get_device_capability(device) >= (8, 9)
-        )
-    return device.type == "cpu" and interpreting()
+    return triton_runs_on(device, (8, 9))
 
 
 @register_pass("fp8_cat_quant_kernel", stage="fx", tier="low-precision")

@@ -201,6 +201,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "joint_linear",
     "attention",
     "norm",
+    "rope",
 )
 
 

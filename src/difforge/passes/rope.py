@@ -1,0 +1,220 @@
+"""Rotary position embedding rewrites.
+
+``rms_norm_rope`` (``optimize`` tier, opt-in): the per-head RMSNorm of attention's q or k
+followed by diffusers' ``apply_rotary_emb(x, (cos, sin), use_real_unbind_dim=-1)``, as
+FLUX.1 runs it (its double blocks join the text tokens' normed q before the image
+tokens'), becomes one ``difforge::rms_norm_rope`` Triton kernel
+(:mod:`difforge.kernels.rms_norm_rope`, which says why). The matched composite is::
+
+    y = rms_norm(x, (D,), w, eps)                  # or cat([rms_norm(a), rms_norm(b)], 1)
+    real, imag = y.reshape(*lead, -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    out = (y.float() * cos + rotated.float() * sin).to(y.dtype)
+
+Only on an NVIDIA GPU with bf16 (cc >= 8.0), or the CPU under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from difforge.passes.registry import node_arg, node_tensor, register_pass, replace_with_call
+
+_RMS_NORMS = (F.rms_norm, torch.rms_norm)
+_MULS = (operator.mul, torch.mul)
+_ADDS = (operator.add, torch.add)
+_NEGS = (operator.neg, torch.neg)
+
+
+def _is_method(node: object, name: str) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target == name
+
+
+def _is_call(node: object, targets: tuple[object, ...]) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _float_of(node: object) -> torch.fx.Node | None:
+    """``t`` for ``t.float()`` or ``t.to(torch.float32)``."""
+    if _is_method(node, "float") and len(node.args) == 1 and not node.kwargs:  # type: ignore[union-attr]
+        return node.args[0]  # type: ignore[union-attr,return-value]
+    if _is_method(node, "to") and node.args[1:] == (torch.float32,) and not node.kwargs:  # type: ignore[union-attr]
+        return node.args[0]  # type: ignore[union-attr,return-value]
+    return None
+
+
+def _product(node: object) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """The readings ``(a, b)`` of ``node`` as ``a.float() * b``: either operand order, and
+    ``a`` itself for a float32 ``a`` (the cleanup passes drop its no-op ``.float()``)."""
+    if not _is_call(node, _MULS) or len(node.args) != 2 or node.kwargs:  # type: ignore[union-attr]
+        return []
+    lhs, rhs = node.args  # type: ignore[union-attr]
+    readings = []
+    for first, second in ((lhs, rhs), (rhs, lhs)):
+        if not isinstance(first, torch.fx.Node) or not isinstance(second, torch.fx.Node):
+            continue
+        base = _float_of(first)
+        if base is None and (v := node_tensor(first)) is not None and v.dtype == torch.float32:
+            base = first
+        if isinstance(base, torch.fx.Node):
+            readings.append((base, second))
+    return readings
+
+
+def _rotation(total: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | None:
+    """``(y, cos, sin)`` for ``total = y.float() * cos + rotated(y).float() * sin``, the
+    terms and each product's operands in either order."""
+    if not _is_call(total, _ADDS) or len(total.args) != 2 or total.kwargs:
+        return None
+    first, second = (_product(t) for t in total.args)
+    for terms in ((first, second), (second, first)):
+        for y, cos in terms[0]:
+            for rot, sin in terms[1]:
+                if _rotated_source(rot) is y:
+                    return y, cos, sin
+    return None
+
+
+def _rotated_source(node: object) -> torch.fx.Node | None:
+    """``y`` for ``stack([-imag, real], -1).flatten(3)`` with ``real, imag`` the unbound
+    pairs of ``y.reshape(..., -1, 2)``."""
+    if not _is_method(node, "flatten") or node_arg(node, 1, "start_dim") != 3:  # type: ignore[arg-type]
+        return None
+    stack = node.args[0]  # type: ignore[union-attr]
+    if not _is_call(stack, (torch.stack,)) or node_arg(stack, 1, "dim", 0) not in (-1, 4):  # type: ignore[arg-type]
+        return None
+    pair = node_arg(stack, 0, "tensors")  # type: ignore[arg-type]
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _is_call(pair[0], _NEGS):
+        return None
+    imag, real = pair[0].args[0], pair[1]
+    items = []
+    for item, index in ((real, 0), (imag, 1)):
+        if not _is_call(item, (operator.getitem,)) or item.args[1] != index:  # type: ignore[union-attr]
+            return None
+        items.append(item.args[0])  # type: ignore[union-attr]
+    unbind = items[0]
+    if items[1] is not unbind:
+        return None
+    if not (_is_method(unbind, "unbind") or _is_call(unbind, (torch.unbind,))):
+        return None
+    if node_arg(unbind, 1, "dim", 0) not in (-1, 4):  # type: ignore[arg-type]
+        return None
+    reshape = unbind.args[0]  # type: ignore[union-attr]
+    if not (_is_method(reshape, "reshape") or _is_method(reshape, "view")):
+        return None
+    pairs = node_tensor(reshape)
+    if pairs is None or pairs.dim() != 5 or pairs.shape[-1] != 2:
+        return None
+    return reshape.args[0]  # type: ignore[union-attr,return-value]
+
+
+@dataclass
+class _Norms:
+    parts: list[torch.fx.Node]
+    weights: list[torch.fx.Node | None]
+    eps: float
+
+
+def _rms_norm(node: object, dim: int) -> tuple[torch.fx.Node, torch.fx.Node | None, float] | None:
+    """``(x, weight, eps)`` for ``rms_norm(x, (dim,), weight, eps)``."""
+    if not _is_call(node, _RMS_NORMS):
+        return None
+    x = node_arg(node, 0, "input")  # type: ignore[arg-type]
+    shape = node_arg(node, 1, "normalized_shape")  # type: ignore[arg-type]
+    weight = node_arg(node, 2, "weight")  # type: ignore[arg-type]
+    eps = node_arg(node, 3, "eps")  # type: ignore[arg-type]
+    if not isinstance(x, torch.fx.Node) or tuple(shape or ()) != (dim,):  # type: ignore[arg-type]
+        return None
+    if weight is not None and not isinstance(weight, torch.fx.Node):
+        return None
+    if eps is None:  # F.rms_norm's default: float32's epsilon (the computation dtype)
+        eps = torch.finfo(torch.float32).eps
+    if not isinstance(eps, (int, float)):
+        return None
+    return x, weight, float(eps)
+
+
+def _norms(y: torch.fx.Node, dim: int) -> _Norms | None:
+    """The RMSNorms ``y`` is made of: one, or a token-axis ``cat`` of two with one eps."""
+    if _is_call(y, (torch.cat,)):
+        pieces = node_arg(y, 0, "tensors")
+        if node_arg(y, 1, "dim", 0) != 1 or not isinstance(pieces, (list, tuple)):
+            return None
+        norms = [_rms_norm(p, dim) for p in pieces]
+        if len(norms) != 2 or any(n is None for n in norms):
+            return None
+        if len({n[2] for n in norms}) != 1:  # type: ignore[index]
+            return None
+        return _Norms([n[0] for n in norms], [n[1] for n in norms], norms[0][2])  # type: ignore[index]
+    norm = _rms_norm(y, dim)
+    return None if norm is None else _Norms([norm[0]], [norm[1]], norm[2])
+
+
+def _angles_fit(t: torch.Tensor | None, y: torch.Tensor) -> bool:
+    """``cos``/``sin`` as diffusers broadcasts them: ``[1|B, S, 1, D]``, or ``[S, D]``."""
+    if t is None or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if t.device != y.device:
+        return False
+    b, s, _, d = y.shape
+    return tuple(t.shape) == (s, d) or (
+        t.dim() == 4 and t.shape[0] in (1, b) and tuple(t.shape[1:]) == (s, 1, d)
+    )
+
+
+def _triton_kernel_fits(norms: _Norms, y: torch.Tensor) -> bool:
+    from difforge.kernels import triton_runs_on
+    from difforge.kernels.rms_norm_rope import KERNEL_DTYPES
+
+    d = y.shape[-1]
+    if not isinstance(d, int) or d < 2 or d & (d - 1) or y.dtype not in KERNEL_DTYPES:
+        return False
+    if not triton_runs_on(y.device, (8, 0)):
+        return False
+    values = [node_tensor(p) for p in norms.parts]
+    if not all(v is not None and v.dtype == y.dtype and v.dim() == 4 for v in values):
+        return False
+    for weight in norms.weights:
+        w = node_tensor(weight) if weight is not None else None
+        if weight is not None and (w is None or w.dtype != y.dtype or tuple(w.shape) != (d,)):
+            return False
+    return True
+
+
+@register_pass("rms_norm_rope", stage="fx", tier="optimize")
+def rms_norm_rope(graph: torch.fx.Graph) -> int:
+    """rms_norm(q) + apply_rotary_emb(use_real_unbind_dim=-1) -> one Triton kernel."""
+    made = 0
+    for total in list(graph.nodes):
+        match = _rotation(total)
+        if match is None:
+            continue
+        y, cos, sin = match
+        y_value = node_tensor(y)
+        if y_value is None or y_value.dim() != 4:
+            continue
+        # The value to replace: the cast back to y's dtype, absent (a no-op the cleanup
+        # passes dropped) when y is float32.
+        cast = next(iter(total.users)) if len(total.users) == 1 else None
+        if _is_method(cast, "to") and cast.args[1:] == (y_value.dtype,) and not cast.kwargs:  # type: ignore[union-attr]
+            result = cast
+        elif y_value.dtype == torch.float32:
+            result = total
+        else:
+            continue
+        norms = _norms(y, y_value.shape[-1])  # type: ignore[arg-type]
+        if norms is None or not _triton_kernel_fits(norms, y_value):
+            continue
+        if not all(_angles_fit(node_tensor(t), y_value) for t in (cos, sin)):  # type: ignore[arg-type]
+            continue
+        import difforge.kernels.rms_norm_rope  # noqa: F401  (registers the op)
+
+        op = torch.ops.difforge.rms_norm_rope.default
+        replace_with_call(graph, result, op, (norms.parts, norms.weights, norms.eps, cos, sin))
+        made += 1
+    return made

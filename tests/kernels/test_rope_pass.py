@@ -1,0 +1,140 @@
+"""The ``rms_norm_rope`` pass: FLUX's per-head RMSNorm + rotary embedding of q and k becomes
+one ``difforge::rms_norm_rope`` kernel (Triton's interpreter here, this folder's conftest),
+and nothing else does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from tests.helpers import rel_err
+from torch import nn
+
+import difforge
+from difforge.options import parse_options
+
+ON = {"mode": "O2", "passes.rms_norm_rope": True}
+OFF = {"mode": "O2", "passes.rms_norm_rope": False}
+
+
+class _Attention(nn.Module):
+    """FLUX's attention in miniature (diffusers' own ``apply_rotary_emb``): q/k/v
+    projections, per-head RMSNorms, text tokens joined before image tokens when
+    ``joint``, RoPE on q and k, SDPA. ``variant`` breaks one condition of the rewrite."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, joint: bool = False, variant: str = ""):
+        super().__init__()
+        self.heads, self.joint, self.variant = heads, joint, variant
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.txt_qkv = nn.Linear(dim, 3 * dim)
+        d = dim // heads
+        self.norm_q, self.norm_k = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
+        self.norm_tq, self.norm_tk = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
+        for norm in (self.norm_q, self.norm_k, self.norm_tq, self.norm_tk):
+            nn.init.uniform_(norm.weight, 0.5, 1.5)
+
+    def forward(
+        self, x: torch.Tensor, txt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = self.norm_q(q), self.norm_k(k)
+        if self.joint:
+            tq, tk, tv = (
+                t.unflatten(-1, (self.heads, -1)) for t in self.txt_qkv(txt).chunk(3, dim=-1)
+            )
+            q = torch.cat([self.norm_tq(tq), q], dim=1)
+            k = torch.cat([self.norm_tk(tk), k], dim=1)
+            v = torch.cat([tv, v], dim=1)
+        unbind_dim = -2 if self.variant == "halves" else -1
+        q = apply_rotary_emb(q, (cos, sin), sequence_dim=1, use_real_unbind_dim=unbind_dim)
+        k = apply_rotary_emb(k, (cos, sin), sequence_dim=1, use_real_unbind_dim=unbind_dim)
+        if self.variant == "read_norm":  # the un-rotated norm read elsewhere: still fine
+            v = v + self.norm_q(v)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return o.transpose(1, 2).flatten(2)
+
+
+def _inputs(dim: int = 64, heads: int = 4, tokens: int = 10, txt: int = 3, joint: bool = False):
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, tokens, dim, generator=g), torch.randn(2, txt, dim, generator=g)
+    s, d = tokens + (txt if joint else 0), dim // heads
+    theta = torch.rand(s, d // 2, generator=g) * 6.3
+    return x, t, theta.cos().repeat_interleave(2, -1), theta.sin().repeat_interleave(2, -1)
+
+
+def _compare(model: nn.Module, inputs: tuple[torch.Tensor, ...], fires: int) -> None:
+    with torch.no_grad():
+        eager = model(*inputs)
+        base = difforge.compile(model, options=OFF)(*inputs)
+        assert difforge.counters["rms_norm_rope"] == 0
+        torch._dynamo.reset()
+        out = difforge.compile(model, options=ON)(*inputs)
+    assert difforge.counters["rms_norm_rope"] == fires
+    assert rel_err(out, base) < 1e-5 and rel_err(out, eager) < 1e-5
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["single-block", "double-block"])
+def test_pass_fires_on_q_and_k(joint: bool) -> None:
+    torch.manual_seed(0)
+    _compare(_Attention(joint=joint).eval(), _inputs(joint=joint), fires=2)
+
+
+@pytest.mark.parametrize(
+    ("variant", "heads", "fires"),
+    [("halves", 4, 0), ("", 8 // 3 * 3, 0), ("read_norm", 4, 2)],
+    ids=["halves-rotation", "head-dim-not-power-of-two", "norm-read-elsewhere"],
+)
+def test_pass_declines_what_the_kernel_does_not_compute(
+    variant: str, heads: int, fires: int
+) -> None:
+    """The rotation of halves (``use_real_unbind_dim=-2``) and a head dim of 64 / 6 ~ 10 are
+    left alone; a norm also read elsewhere still rewrites (the kernel recomputes it)."""
+    torch.manual_seed(0)
+    dim = 60 if heads == 6 else 64
+    _compare(_Attention(dim=dim, heads=heads, variant=variant).eval(), _inputs(dim, heads), fires)
+
+
+def test_pass_needs_its_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where Triton cannot run (a CPU without the interpreter, a GPU below cc 8.0) the
+    composite stays."""
+    import difforge.kernels as kernels
+
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda device, capability=(8, 0): False)
+    torch.manual_seed(0)
+    _compare(_Attention().eval(), _inputs(), fires=0)
+
+
+def test_pass_is_opt_in_until_measured() -> None:
+    for mode in ("O2", "O3", "max-optimize", "max-autotune:cudagraphs:low-precision"):
+        assert parse_options({"mode": mode}).settings["passes.rms_norm_rope"] is False
+
+
+def test_pass_compiles_with_grad_enabled() -> None:
+    """Parameters that require grad, no torch.no_grad: the op says "no gradient"."""
+    torch.manual_seed(0)
+    model = _Attention(joint=True).eval()
+    inputs = _inputs(joint=True)
+    out = difforge.compile(model, options=ON)(*inputs)
+    assert difforge.counters["rms_norm_rope"] == 2
+    with torch.no_grad():
+        assert rel_err(out.detach(), model(*inputs)) < 1e-5
+
+
+def test_pass_on_tiny_flux() -> None:
+    """diffusers' FluxTransformer2DModel (tiny preset, its real block code): every q and k
+    of every block, double and single, rewritten; the step unchanged."""
+    from difforge.diffusers.presets import get_preset
+    from difforge.diffusers.step_inputs import denoiser_step_inputs
+
+    preset = get_preset("tiny-flux")
+    model = preset.build_component("transformer").eval()
+    call = denoiser_step_inputs(
+        preset, batch=1, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    with torch.no_grad():
+        eager = call(model)[0]
+        out = call(difforge.compile(model, options=ON))[0]
+    assert difforge.counters["rms_norm_rope"] == 2 * blocks
+    assert rel_err(out, eager) < 1e-5
