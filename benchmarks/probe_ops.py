@@ -454,8 +454,7 @@ CAT_QUANT_SHAPES = (
 def probe_cat_quant() -> list[dict[str, Any]]:
     """GELU (+ concatenation) + fp8 row quantization: Inductor's two kernels (row bound,
     then GELU + scale + cast, each reading the row from DRAM) against the one-kernel Triton
-    quantizer (two sweeps, the second reading the row from L2; or the row held in
-    registers, at 4 / 8 / 16 warps), CUDA-graph timed, with the GB/s of
+    quantizer (the second sweep reads the row from L2), CUDA-graph timed, with the GB/s of
     the bytes each must move and the time a plain copy of those bytes takes."""
     from difforge.kernels.fp8_row_quant import quantize_cat_rows_triton
     from difforge.passes.activation import gelu_tanh_float
@@ -473,29 +472,11 @@ def probe_cat_quant() -> list[dict[str, Any]]:
         moved = sum(p.numel() * p.element_size() for p in parts) + exact.numel()  # + fp8 out
         ways: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
             "inductor (compiled composite)": lambda: compiled(parts, flags),
-            "triton (two sweeps)": lambda: quantize_cat_rows_triton(parts, flags, resident=False),
+            "triton (one kernel)": lambda: quantize_cat_rows_triton(parts, flags),
         }
-        for warps in (4, 8, 16):
-            ways[f"triton (registers, {warps} warps)"] = partial(
-                _resident_with_warps, parts, flags, warps
-            )
         label = {"shape": name, "rows": m, "widths": widths}
         rows += _time_quantizers(label, ways, moved, exact)
     return rows
-
-
-def _resident_with_warps(
-    parts: list[torch.Tensor], flags: list[bool], warps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The register kernel launched with ``warps`` warps instead of its own choice."""
-    from difforge.kernels import fp8_row_quant
-
-    own = fp8_row_quant._resident_warps
-    fp8_row_quant._resident_warps = lambda columns: warps
-    try:
-        return fp8_row_quant.quantize_cat_rows_triton(parts, flags, resident=True)
-    finally:
-        fp8_row_quant._resident_warps = own
 
 
 # (name, batch, tokens, width, dtype): the normalised inputs of DiT blocks' fp8 projections.

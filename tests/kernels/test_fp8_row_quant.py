@@ -20,8 +20,6 @@ from difforge.quant.fp8 import FP8_MAX, SCALE_EPS, quantize_cat_rows, quantize_r
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-#: Both kernels: the row held in registers, and the two sweeps over it.
-KERNELS = pytest.mark.parametrize("resident", [True, False], ids=["resident", "sweeps"])
 
 
 def assert_same_quantization(
@@ -55,20 +53,18 @@ def assert_same_quantization(
         ((1, 1024), (True, False)),
     ],
 )
-@KERNELS
 def test_matches_the_torch_reference(
-    dtype: torch.dtype, widths: tuple[int, ...], gelu: tuple[bool, ...], resident: bool
+    dtype: torch.dtype, widths: tuple[int, ...], gelu: tuple[bool, ...]
 ) -> None:
     parts = [
         torch.randn(6, w, dtype=dtype, device=DEVICE) * (1 + 2 * i) for i, w in enumerate(widths)
     ]
-    got = quantize_cat_rows_triton(parts, list(gelu), resident=resident)
+    got = quantize_cat_rows_triton(parts, list(gelu))
     assert_same_quantization(got, quantize_cat_rows(parts, list(gelu)))
     assert bool(got[0].float().abs().max() <= FP8_MAX)
 
 
-@KERNELS
-def test_special_rows(resident: bool) -> None:
+def test_special_rows() -> None:
     """A zero row (scale from the floor, values exact zeros), a row below the GELU floor
     (scale from 0.1701, nothing saturates), a row with one huge outlier (it maps to 448) and
     a row that is all negative (the GELU part's bound is the floor)."""
@@ -78,7 +74,7 @@ def test_special_rows(resident: bool) -> None:
     a[2, 7] = 3e4
     a[3] = -a[3].abs() - 1
     for gelu in (True, False):
-        q, scale = quantize_cat_rows_triton([a], [gelu], resident=resident)
+        q, scale = quantize_cat_rows_triton([a], [gelu])
         assert_same_quantization((q, scale), quantize_cat_rows([a], [gelu]))
         assert float(scale[0]) == pytest.approx((0.1701 if gelu else SCALE_EPS) / FP8_MAX)
         assert bool((q[0].float() == 0).all())
@@ -86,8 +82,7 @@ def test_special_rows(resident: bool) -> None:
     assert torch.isfinite(q.float()).all()
 
 
-@KERNELS
-def test_nan_and_inf_rows_stay_visible(resident: bool) -> None:
+def test_nan_and_inf_rows_stay_visible() -> None:
     """As the torch reference: a row holding a NaN gets a NaN scale and NaN codes, a row
     holding an inf an inf scale and a NaN code where the inf was (a blow-up must not come
     out of the quantizer as finite activations). The GPU's plain ``max.f32`` drops NaN;
@@ -96,7 +91,7 @@ def test_nan_and_inf_rows_stay_visible(resident: bool) -> None:
     a[0, 5] = float("nan")
     a[1, 9] = float("inf")
     for gelu in (False, True):
-        q, scale = quantize_cat_rows_triton([a], [gelu], resident=resident)
+        q, scale = quantize_cat_rows_triton([a], [gelu])
         q_ref, scale_ref = quantize_cat_rows([a], [gelu])
         for got, want in ((scale, scale_ref), (q.float(), q_ref.float())):
             assert torch.equal(torch.isnan(got), torch.isnan(want))
@@ -112,8 +107,7 @@ def test_nan_and_inf_rows_stay_visible(resident: bool) -> None:
     assert torch.isnan(q[1].float()).all() and torch.isfinite(q[[0, 2]].float()).all()
 
 
-@KERNELS
-def test_parts_with_row_strides_and_a_transposed_part(resident: bool) -> None:
+def test_parts_with_row_strides_and_a_transposed_part() -> None:
     """Column slices of one buffer (a fused projection's output) are read in place; a part
     whose columns are strided is copied first. Same values either way."""
     buf = torch.randn(5, 3 * 64 + 8, device=DEVICE, dtype=torch.bfloat16)
@@ -121,41 +115,9 @@ def test_parts_with_row_strides_and_a_transposed_part(resident: bool) -> None:
     t = torch.randn(200, 5, device=DEVICE, dtype=torch.bfloat16).t()
     for parts in ([a, b], [t, a]):
         assert parts[0].stride(0) != parts[0].shape[1] or parts[0].stride(1) != 1
-        got = quantize_cat_rows_triton(parts, [False, True], resident=resident)
+        got = quantize_cat_rows_triton(parts, [False, True])
         want = quantize_cat_rows([p.contiguous() for p in parts], [False, True])
         assert_same_quantization(got, want)
-
-
-class _LaunchSpy:
-    """Stands in for a Triton kernel: counts launches and runs the real one."""
-
-    def __init__(self, kernel: object) -> None:
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid: object) -> object:
-        self.launches += 1
-        return self.kernel[grid]  # type: ignore[index]
-
-
-def test_default_holds_the_row_when_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows up to RESIDENT_MAX_COLUMNS (each part padded to a power of two) take the
-    register kernel, wider ones the sweeps; asking for registers on a wider row is an
-    error, not a silent fallback."""
-    spies = {}
-    for name in ("_quantize_cat_rows_kernel", "_quantize_cat_rows_resident_kernel"):
-        spies[name] = _LaunchSpy(getattr(mod, name))
-        monkeypatch.setattr(mod, name, spies[name])
-    monkeypatch.setattr(mod, "RESIDENT_MAX_COLUMNS", 2048 + 64)
-    fits = [torch.randn(3, 2000, device=DEVICE), torch.randn(3, 40, device=DEVICE)]
-    wide = [torch.randn(3, 2000, device=DEVICE), torch.randn(3, 80, device=DEVICE)]
-    for parts in (fits, wide):
-        assert_same_quantization(
-            quantize_cat_rows_triton(parts, [True, False]), quantize_cat_rows(parts, [True, False])
-        )
-    assert spies["_quantize_cat_rows_resident_kernel"].launches == 1
-    assert spies["_quantize_cat_rows_kernel"].launches == 1
-    with pytest.raises(ValueError, match="too wide to hold in registers"):
-        quantize_cat_rows_triton(wide, [True, False], resident=True)
 
 
 def test_no_rows() -> None:
@@ -289,20 +251,6 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
     assert len(re.findall(r"div\\.rn\\.f32", ptx)) <= 2, "per-element IEEE division"
     assert "max.NaN.f32" in ptx and "min.NaN.f32" in ptx, "NaN must reach the scale and codes"
 
-    kernel = m._quantize_cat_rows_resident_kernel
-    consts = {"GELU_A": False, "GELU_B": True, "HAS_B": True, "BLOCK_A": 4096,
-              "BLOCK_B": 16384, "INTERPRET": False}
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": m._resident_warps(4096 + 16384)}).asm["ptx"]
-    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
-    assert re.search(r"ld\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "bf16 loads must be 16 bytes"
-    assert "ld.local" not in ptx and "st.local" not in ptx, "the row spilled to local memory"
-    assert "max.NaN.f32" in ptx and "min.NaN.f32" in ptx, "NaN must reach the scale and codes"
-    assert len(re.findall(r"div\\.rn\\.f32", ptx)) <= 2, "per-element IEEE division"
-
     kernel = m._layer_norm_quant_kernel
     consts = {"BLOCK_D": 4096, "INTERPRET": False}
     types = {"x_ptr": "*bf16", "scale_ptr": "*bf16", "shift_ptr": "*bf16",
@@ -342,12 +290,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
     ],
     ids=["flux-single", "pixart-ff1", "odd"],
 )
-@KERNELS
 def test_gpu_matches_the_reference(
-    dtype: torch.dtype, m: int, widths: tuple[int, ...], gelu: tuple[bool, ...], resident: bool
+    dtype: torch.dtype, m: int, widths: tuple[int, ...], gelu: tuple[bool, ...]
 ) -> None:
     parts = [torch.randn(m, w, device="cuda", dtype=dtype) for w in widths]
-    got = quantize_cat_rows_triton(parts, list(gelu), resident=resident)
+    got = quantize_cat_rows_triton(parts, list(gelu))
     assert_same_quantization(got, quantize_cat_rows(parts, list(gelu)))
 
 

@@ -4,14 +4,16 @@ of a LayerNorm + adaLN modulation (:func:`quantize_layer_norm_rows_triton`; the
 :mod:`difforge.passes.quant_fusion`).
 
 The same function as :func:`difforge.quant.fp8.quantize_cat_rows` (its row bound, its
-scale, its rounding), computed by one program per row. A row of up to
-``RESIDENT_MAX_COLUMNS`` (each part padded to a power of two; FLUX.1's single blocks:
-3072 + 12288 bf16 columns, 30 KB) is loaded into registers at once, bounded, scaled and
-stored: every load of the row in flight together. Wider rows take two sweeps: the first
+scale, its rounding), computed by one program per row in two sweeps over the row: the first
 reads the row and takes its bound (the max of a GELU part, the absmax of a plain part), the
-second reads it again from L2, applies the GELU, scales and stores float8. The two-sweep
-kernel is the one measured below; the register one has yet to be timed on a GPU
-(``probe_ops.py --probes catquant`` times both).
+second reads it again, applies the GELU, scales and stores float8. A row is at most a few
+tens of KB (FLUX.1's single blocks: 3072 + 12288 bf16 columns, 30 KB), so the second sweep
+reads what the first left in L2: DRAM sees the row once in and once out. Holding the whole
+row in registers instead (one load of it, all in flight at once) measured slower at every
+shape, 4 to 16 warps (H200: FLUX single block 0.096 -> 0.152 ms at best, PixArt FF1 0.047
+-> 0.071; ``benchmarks/results/2026-11-28_h200_probe_ropekern_s22.json``), most likely
+because a row's registers leave few programs per SM, too few rows in flight to hide DRAM
+latency (not profiled); it was removed.
 
 Why it exists: Inductor compiles the composite into a row-reduction kernel and a separate
 pointwise kernel that both read the row from DRAM. In FLUX.1-dev's O3 step (H100,
@@ -152,72 +154,6 @@ def _quantize_cat_rows_kernel(
         _part_store(b_row, out_row + KA, KB, inv, GELU_B, BLOCK, INTERPRET)
 
 
-@triton.jit
-def _resident_bound(x, mask, GELU: tl.constexpr):
-    """The bound of one part held in registers, as :func:`_part_bound` takes it."""
-    if GELU:
-        bound = _nan_aware_max(tl.where(mask, x, float("-inf")))
-        return tl.maximum(_gelu_tanh(bound), _GELU_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-    return _nan_aware_max(tl.where(mask, tl.abs(x), 0.0))
-
-
-@triton.jit
-def _resident_store(x, mask, out_ptr, inv, GELU: tl.constexpr, BLOCK: tl.constexpr,
-                    INTERPRET: tl.constexpr):  # fmt: skip
-    if GELU:
-        x = _gelu_tanh(x)
-    cols = tl.arange(0, BLOCK)
-    tl.store(out_ptr + cols, _to_fp8(_clamp_fp8(x * inv), INTERPRET), mask=mask)
-
-
-@triton.jit
-def _quantize_cat_rows_resident_kernel(
-    a_ptr, b_ptr, out_ptr, scale_ptr,
-    stride_a, stride_b, stride_out, KA, KB,
-    GELU_A: tl.constexpr, GELU_B: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    # The whole row in registers: every load of the row is issued before the first max,
-    # so a program has the row's bytes in flight at once where the sweeps have one block.
-    row = tl.program_id(0).to(tl.int64)
-    cols_a = tl.arange(0, BLOCK_A)
-    mask_a = cols_a < KA
-    a = tl.load(a_ptr + row * stride_a + cols_a, mask=mask_a, other=0.0).to(tl.float32)
-    bound = _resident_bound(a, mask_a, GELU_A)
-    if HAS_B:
-        cols_b = tl.arange(0, BLOCK_B)
-        mask_b = cols_b < KB
-        b = tl.load(b_ptr + row * stride_b + cols_b, mask=mask_b, other=0.0).to(tl.float32)
-        bound_b = _resident_bound(b, mask_b, GELU_B)
-        bound = tl.maximum(bound, bound_b, propagate_nan=tl.PropagateNan.ALL)
-    bound = tl.maximum(bound, _SCALE_EPS, propagate_nan=tl.PropagateNan.ALL)
-    scale = tl.math.div_rn(bound, _FP8_MAX)
-    tl.store(scale_ptr + row, scale)
-    inv = tl.math.div_rn(1.0, scale)
-    out_row = out_ptr + row * stride_out
-    _resident_store(a, mask_a, out_row, inv, GELU_A, BLOCK_A, INTERPRET)
-    if HAS_B:
-        _resident_store(b, mask_b, out_row + KA, inv, GELU_B, BLOCK_B, INTERPRET)
-
-
-#: Widest row (the parts' widths each rounded up to a power of two) the quantizer holds in
-#: registers; wider rows take the two sweeps. FLUX.1's single blocks: 4096 + 16384.
-RESIDENT_MAX_COLUMNS = 32768
-
-
-def _resident_blocks(widths: list[int]) -> tuple[int, int] | None:
-    """The register blocks of a resident launch, or None when the row is too wide."""
-    blocks = [triton.next_power_of_2(max(w, 1)) for w in widths]
-    if sum(blocks) > RESIDENT_MAX_COLUMNS:
-        return None
-    return blocks[0], blocks[1] if len(blocks) == 2 else 1
-
-
-def _resident_warps(columns: int) -> int:
-    """16-32 values a thread (16-byte loads of bf16), between 4 and 16 warps."""
-    return max(4, min(16, columns // 1024))
-
-
 def _check(parts: list[torch.Tensor], gelu: list[bool], *, device: bool = True) -> None:
     if len(parts) != len(gelu) or not 1 <= len(parts) <= 2:
         raise ValueError(
@@ -245,15 +181,11 @@ def _check(parts: list[torch.Tensor], gelu: list[bool], *, device: bool = True) 
 
 
 def quantize_cat_rows_triton(
-    parts: list[torch.Tensor], gelu: list[bool], *, resident: bool | None = None
+    parts: list[torch.Tensor], gelu: list[bool]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_fp8 [M, sum K], scale [M] float32)`` for ``cat([gelu(p) if g else p ...], -1)``,
     the values :func:`difforge.quant.fp8.quantize_cat_rows` computes. One or two 2-D parts of
-    one float dtype; a part whose last stride is not 1 is copied first.
-
-    ``resident`` picks the kernel: True holds each row in registers (one read; rows up to
-    ``RESIDENT_MAX_COLUMNS``), False sweeps it twice, None (default) holds it when it fits.
-    Both give the same values."""
+    one float dtype; a part whose last stride is not 1 is copied first."""
     _check(parts, gelu)
     parts = [p if p.stride(-1) == 1 or p.shape[1] <= 1 else p.contiguous() for p in parts]
     m = parts[0].shape[0]
@@ -264,27 +196,12 @@ def quantize_cat_rows_triton(
         return out, scale
     a = parts[0]
     b = parts[1] if len(parts) == 2 else a  # unused when HAS_B is false
-    args = (a, b, out, scale, a.stride(0), b.stride(0), out.stride(0), widths[0],
-            widths[1] if len(parts) == 2 else 0)  # fmt: skip
-    flags = {
-        "GELU_A": bool(gelu[0]),
-        "GELU_B": bool(gelu[-1]) and len(parts) == 2,
-        "HAS_B": len(parts) == 2,
-        "INTERPRET": _interpreting(),
-    }
-    blocks = _resident_blocks(widths) if resident is not False else None
-    if resident and blocks is None:
-        raise ValueError(
-            f"quantize_cat_rows_triton: rows of {widths} columns are too wide to hold in "
-            f"registers (at most {RESIDENT_MAX_COLUMNS} padded columns)"
-        )
-    if blocks is not None:
-        _quantize_cat_rows_resident_kernel[(m,)](
-            *args, **flags, BLOCK_A=blocks[0], BLOCK_B=blocks[1],
-            num_warps=_resident_warps(sum(blocks)),
-        )  # fmt: skip
-    else:
-        _quantize_cat_rows_kernel[(m,)](*args, **flags, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    _quantize_cat_rows_kernel[(m,)](
+        a, b, out, scale, a.stride(0), b.stride(0), out.stride(0), widths[0],
+        widths[1] if len(parts) == 2 else 0,
+        GELU_A=bool(gelu[0]), GELU_B=bool(gelu[-1]) and len(parts) == 2,
+        HAS_B=len(parts) == 2, BLOCK=_BLOCK, INTERPRET=_interpreting(), num_warps=_NUM_WARPS,
+    )  # fmt: skip
     return out, scale
 
 
