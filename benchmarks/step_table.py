@@ -49,6 +49,13 @@ _VAE_LABELS = {
     "O3": "O3",
 }
 _O2 = ("compile", "O2-nocg", "O2")
+#: O3 with and without difforge's Triton fp8 quantizers (2026-11-28, H200).
+_QUANT_KERNELS = {
+    "compile": "torch.compile",
+    "O3-nocatq": "O3 without the one-kernel GELU quantizer",
+    "O3": "O3 (with it)",
+    "O3-lnq": "O3 + LayerNorm quantizer kernel (opt-in)",
+}
 
 #: (file, model, label, variants shown, their labels): one run per row group, every
 #: variant from that same run.
@@ -186,6 +193,27 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         "FLUX.1-dev bf16, batch 1",
         ("compile", "O3"),
         {"compile": "torch.compile", "O3": "O3 (fp8 linears)"},
+    ),
+    (
+        "2026-11-28_h200_step_catquant_flux_s22.json",
+        "flux-dev",
+        "FLUX.1-dev bf16, batch 1",
+        ("compile", "O3"),
+        {"compile": "torch.compile", "O3": "O3 (fp8 linears, one-kernel GELU quantizer)"},
+    ),
+    (
+        "2026-11-28_h200_step_catquant_dit_s22.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "O3-nocatq", "O3", "O3-lnq"),
+        _QUANT_KERNELS,
+    ),
+    (
+        "2026-11-28_h200_step_catquant_dit_s22.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("compile", "O3-nocatq", "O3", "O3-lnq"),
+        _QUANT_KERNELS,
     ),
     (
         "2026-11-28_h100_step_cached_pixart_s18.json",
