@@ -65,6 +65,10 @@
 #            LayerNorm quantizer kernel                                         ~9 min
 #   ropekern the fp8 quantizers' and the RMSNorm + RoPE kernel's gpu tests, then the
 #            catquant (two sweeps vs registers) and rope probes                 ~3 min
+#   lnres    the fp8 quantizers' gpu tests, then the lnquant probe (with and without the
+#            residual update before the norm)                                    ~3 min
+#   lnresdit PixArt-XL / SD3 steps: compile vs O3 vs O3 + the LayerNorm quantizer kernel
+#            (now with the residual update)                                      ~8 min
 #   ropeflux FLUX.1-dev step: compile vs O2 vs O2 + rms_norm_rope vs O3 vs O3 + it, profiled ~10 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
 #   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
@@ -108,7 +112,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|lnres|lnresdit}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -370,6 +374,15 @@ case "$part" in
       tests/kernels/test_fp8_row_quant.py tests/kernels/test_rms_norm_rope.py
     run 300 probe_ropekern python3 benchmarks/probe_ops.py --probes catquant,rope \
       --output-json "$out/probe_ropekern.json" ;;
+  lnres)  # the LayerNorm quantizer with the residual update: gpu tests, then its probe
+    run 200 gpu_tests_lnres python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
+      tests/kernels/test_fp8_row_quant.py
+    run 300 probe_lnres python3 benchmarks/probe_ops.py --probes lnquant \
+      --output-json "$out/probe_lnres.json" ;;
+  lnresdit)  # PixArt-XL / SD3 O3 steps with the LayerNorm quantizer (residual included)
+    V='compile;O3;O3-lnq={"mode":"O3","passes.fp8_layer_norm_quant_kernel":true}'
+    run 590 step_lnres_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
+      --variants "$V" --output-json "$out/step_lnres_dit.json" ;;
   ropeflux)  # FLUX.1-dev: the RMSNorm + RoPE kernel in O2 and O3 steps
     V='compile;O2;O2-rope={"mode":"O2","passes.rms_norm_rope":true};O3'
     V+=';O3-rope={"mode":"O3","passes.rms_norm_rope":true}'

@@ -498,12 +498,28 @@ def _ln_mod_quant(
     return quantize_rows(h.reshape(-1, h.shape[-1]))
 
 
+def _residual_ln_mod_quant(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual update before a DiT block's norm, then :func:`_ln_mod_quant` of it:
+    ``(h, x_fp8, scales)``."""
+    h = x + gate[:, None] * y
+    return (h, *_ln_mod_quant(h, scale, shift))
+
+
 def probe_ln_quant() -> list[dict[str, Any]]:
     """LayerNorm + modulation + fp8 row quantization as O3 compiles it against difforge's
     one-kernel Triton version (the row in registers: one read, one float8 write), CUDA-graph
     timed, next to a copy moving the bytes they must (read x, write float8)."""
     import difforge
-    from difforge.kernels.fp8_row_quant import quantize_layer_norm_rows_triton
+    from difforge.kernels.fp8_row_quant import (
+        quantize_layer_norm_rows_triton,
+        quantize_residual_layer_norm_rows_triton,
+    )
 
     rows: list[dict[str, Any]] = []
     for name, b, s, d, dtype in LN_QUANT_SHAPES:
@@ -523,6 +539,25 @@ def probe_ln_quant() -> list[dict[str, Any]]:
             "triton (one kernel)": lambda: quantize_layer_norm_rows_triton(x, scale, shift),
         }
         rows += _time_quantizers({"shape": name, "rows": b * s, "width": d}, ways, moved, exact)
+        # With the residual update before the norm (what the model's norms read): one
+        # more input read and h written; the error is the quantization's of that h.
+        with_residual = difforge.compile(_residual_ln_mod_quant, options=options)
+        y = torch.randn_like(x)
+        gate = 0.5 * torch.randn(b, d, device="cuda", dtype=dtype)
+        h = (x.float() + gate.float()[:, None] * y.float()).to(dtype)
+        exact = (
+            F.layer_norm(h.float(), (d,), eps=1e-6) * (1 + scale.float()[:, None])
+            + shift.float()[:, None]
+        ).reshape(-1, d)
+        ways = {
+            "inductor, residual (O3 settings)": lambda: with_residual(x, y, gate, scale, shift)[1:],
+            "triton, residual (one kernel)": lambda: quantize_residual_layer_norm_rows_triton(
+                x, y, gate, scale, shift
+            )[1:],
+        }
+        moved_residual = x.numel() * (3 * x.element_size() + 1)  # x, y in; h, fp8 out
+        label = {"shape": f"{name}+residual", "rows": b * s, "width": d}
+        rows += _time_quantizers(label, ways, moved_residual, exact)
     return rows
 
 

@@ -122,6 +122,33 @@ def test_sd3_joint_attention_on_fp8_linears_reads_and_writes_one_buffer_per_proj
     assert difforge.counters["joint_linear"] == swapped // 2  # q, k, v of every block
 
 
+def test_sd3_layer_norm_quantizer_takes_the_residual_updates_before_the_norms() -> None:
+    # Every linear of the blocks fp8: each adaLN-modulated LayerNorm feeding them becomes
+    # one Triton kernel (Triton's interpreter here); the four norms that read a block's
+    # residual update (x + gate * attn, x + gate * ff) take that add in and write it out.
+    from torch import nn
+
+    from difforge.quant.fp8 import Fp8Linear
+
+    preset = get_preset("tiny-sd3")
+    model = build_component(preset, preset.denoiser, dtype=torch.float32)
+    for block in model.transformer_blocks:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Fp8Linear.from_linear(child))
+    call = denoiser_step_inputs(
+        preset, batch=2, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    options = {"mode": "O2", "passes.fp8_layer_norm_quant_kernel": True}
+    with torch.no_grad():
+        ref = _first(call(model))
+        out = _first(call(difforge.compile(model, options=options)))
+    assert rel_err(out, ref) < 1e-5
+    assert difforge.counters["fp8_layer_norm_quant_kernel"] == 6
+    assert difforge.counters["fp8_layer_norm_quant_kernel.residual"] == 4
+
+
 def test_sdxl_unet_under_freezing_fuses_the_groups_the_cost_rule_leaves_apart(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

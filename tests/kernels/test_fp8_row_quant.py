@@ -15,6 +15,7 @@ from difforge.kernels import fp8_row_quant as mod
 from difforge.kernels.fp8_row_quant import (
     quantize_cat_rows_triton,
     quantize_layer_norm_rows_triton,
+    quantize_residual_layer_norm_rows_triton,
 )
 from difforge.quant.fp8 import FP8_MAX, SCALE_EPS, quantize_cat_rows, quantize_rows
 
@@ -195,6 +196,52 @@ def test_layer_norm_quantizer_matches_the_reference(
     assert_same_quantization(got, layer_norm_reference(x, scale, shift))
 
 
+def residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``x + gate[:, None] * y`` in float32, rounded once to x's dtype."""
+    gated = y.float() if gate is None else gate.float()[:, None] * y.float()
+    return (x.float() + gated).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_residual_layer_norm_quantizer(dtype: torch.dtype, gated: bool) -> None:
+    """h = x + gate * y is written (the residual stream) and the norm quantizes h as
+    stored; y a column slice of a wider buffer (an attention output projection's rows)."""
+    b, s, d = 2, 5, 96
+    x = torch.randn(b, s, d, dtype=dtype, device=DEVICE) * 3 + 1
+    y = torch.randn(b, s, d + 32, dtype=dtype, device=DEVICE)[..., 16 : 16 + d]
+    gate = torch.randn(b, d, dtype=dtype, device=DEVICE) if gated else None
+    scale, shift = (0.5 * torch.randn(b, d, dtype=dtype, device=DEVICE) for _ in range(2))
+    h, q, row_scale = quantize_residual_layer_norm_rows_triton(x, y, gate, scale, shift)
+    assert h.is_contiguous() and h.dtype == dtype
+    # Rounded once to the dtype: exactly the reference on a GPU; Triton's interpreter
+    # casts float32 to bfloat16 by truncation, one bf16 step off where the GPU rounds up.
+    step = 2**-7 if dtype == torch.bfloat16 and DEVICE == "cpu" else 0.0
+    torch.testing.assert_close(h, residual_reference(x, y, gate), rtol=step, atol=0)
+    assert_same_quantization((q, row_scale), layer_norm_reference(h, scale, shift))
+
+
+def test_residual_layer_norm_quantizer_bad_inputs_and_op() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, mod = torch.randn(2, 3, 32, device=DEVICE), torch.randn(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="the residual's y must be x's shape"):
+        quantize_residual_layer_norm_rows_triton(x, x[:, :2], None, mod, mod)
+    with pytest.raises(ValueError, match=r"the gate must be \[B, D\]"):
+        quantize_residual_layer_norm_rows_triton(x, x, mod[:1], mod, mod)
+    with pytest.raises(ValueError, match="share a dtype"):
+        quantize_residual_layer_norm_rows_triton(x, x.double(), None, mod, mod)
+    op = torch.ops.difforge.fp8_quantize_residual_layer_norm_rows_triton.default
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(op, (x, torch.randn_like(x), mod, mod, mod, 1e-6), test_utils=utils)
+    torch.library.opcheck(op, (x, torch.randn_like(x), None, mod, mod, 1e-6), test_utils=utils)
+    with FakeTensorMode():
+        big = torch.empty(2, 5, 48)
+        h, q, scale = op(big, big, None, torch.empty(2, 48), torch.empty(2, 48), 1e-6)
+        assert h.shape == (2, 5, 48) and h.is_contiguous() and q.shape == (10, 48)
+        assert scale.shape == (10,)
+
+
 def test_layer_norm_quantizer_reads_strided_inputs() -> None:
     """As DiT blocks hand them over: the modulation as chunks of one [B, 6 D] table (batch
     stride 6 D), x a token slice of a longer sequence; and a transposed x (copied)."""
@@ -252,12 +299,14 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
     assert "max.NaN.f32" in ptx and "min.NaN.f32" in ptx, "NaN must reach the scale and codes"
 
     kernel = m._layer_norm_quant_kernel
-    consts = {"BLOCK_D": 4096, "INTERPRET": False}
-    types = {"x_ptr": "*bf16", "scale_ptr": "*bf16", "shift_ptr": "*bf16",
-             "out_ptr": "*fp8e4nv", "row_scale_ptr": "*fp32", "eps": "fp32"}
+    consts = {"BLOCK_D": 4096, "RESIDUAL": True, "HAS_GATE": True, "INTERPRET": False}
+    types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gate_ptr": "*bf16", "h_ptr": "*bf16",
+             "scale_ptr": "*bf16", "shift_ptr": "*bf16", "out_ptr": "*fp8e4nv",
+             "row_scale_ptr": "*fp32", "eps": "fp32"}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
-    aligned = ("x_ptr", "scale_ptr", "shift_ptr", "out_ptr", "stride_xb", "stride_xs",
-               "stride_mb", "stride_sb", "stride_out", "D")
+    aligned = ("x_ptr", "y_ptr", "gate_ptr", "h_ptr", "scale_ptr", "shift_ptr", "out_ptr",
+               "stride_xb", "stride_xs", "stride_yb", "stride_ys", "stride_gb", "stride_mb",
+               "stride_sb", "stride_out", "D")
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -313,3 +362,19 @@ def test_gpu_layer_norm_quantizer_matches_the_reference(
     scale, shift = (0.5 * torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(2))
     got = quantize_layer_norm_rows_triton(x, scale, shift)
     assert_same_quantization(got, layer_norm_reference(x, scale, shift), LAYER_NORM_SCALE_RTOL)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4608, 3072), (2, 4096, 1152)], ids=["flux", "pixart"])
+def test_gpu_residual_layer_norm_quantizer(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    b, _, d = shape
+    x, y = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(2))
+    gate, scale, shift = (0.5 * torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(3))
+    h, q, row_scale = quantize_residual_layer_norm_rows_triton(x, y, gate, scale, shift)
+    want_h = residual_reference(x, y, gate)
+    torch.testing.assert_close(h, want_h, rtol=0, atol=0)
+    assert_same_quantization(
+        (q, row_scale), layer_norm_reference(want_h, scale, shift), LAYER_NORM_SCALE_RTOL
+    )

@@ -206,7 +206,7 @@ class _AdaLNBlock(nn.Module):
             scale1 = scale1 + x  # [B, S, D]: not one modulation row per sample
         h = self.norm1(x) * (1 + scale1) + shift1
         attn = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2), dim=-1) @ self.v(h)
-        x = x + gate1 * attn
+        x = x + attn if self.variant == "ungated" else x + gate1 * attn
         h2 = shift2 + (scale2 + 1) * self.norm2(x)  # operands the other way round
         out = x + gate2 * self.ff(h2)
         return out + h if self.variant == "read_twice" else out
@@ -219,14 +219,22 @@ def _adaln_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("variant", "fires"),
-    [("", 2), ("affine", 1), ("per_token", 1), ("read_twice", 1)],
-    ids=["both-halves", "layer-norm-with-affine", "per-token-modulation", "read-elsewhere"],
+    [("", 2), ("ungated", 2), ("affine", 1), ("per_token", 1), ("read_twice", 1)],
+    ids=[
+        "both-halves",
+        "ungated-residual",
+        "layer-norm-with-affine",
+        "per-token-modulation",
+        "read-elsewhere",
+    ],
 )
 def test_layer_norm_quantizer_pass(variant: str, fires: int) -> None:
     """``passes.fp8_layer_norm_quant_kernel`` fires on both halves of the block, and not on
     a half whose LayerNorm has weights, whose modulation is per token or whose modulated
     activation is read by something other than fp8 quantizations; the output equals the
-    compile without it (the same quantization up to rounding boundaries)."""
+    compile without it (the same quantization up to rounding boundaries). The second
+    half's norm reads the residual update ``x + gate * attn`` (or ``x + attn``), which the
+    kernel takes in and writes out for the block's last add."""
     torch.manual_seed(0)
     model = _AdaLNBlock(variant=variant).eval()
     x, table = _adaln_inputs()
@@ -239,6 +247,7 @@ def test_layer_norm_quantizer_pass(variant: str, fires: int) -> None:
         options["passes.fp8_layer_norm_quant_kernel"] = True
         out = difforge.compile(model, options=options)(x, table)
     assert difforge.counters["fp8_layer_norm_quant_kernel"] == fires
+    assert difforge.counters["fp8_layer_norm_quant_kernel.residual"] == 1
     assert rel_err(out, base) < 1e-3
     assert rel_err(out, eager) < 2e-2
 

@@ -40,7 +40,12 @@ from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32
 from difforge.passes.activation import _TWO_SQRT_2_OVER_PI
 from difforge.quant.fp8 import FP8_MAX, GELU_NEGATIVE_BOUND, SCALE_EPS
 
-__all__ = ["KERNEL_DTYPES", "quantize_cat_rows_triton", "quantize_layer_norm_rows_triton"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "quantize_cat_rows_triton",
+    "quantize_layer_norm_rows_triton",
+    "quantize_residual_layer_norm_rows_triton",
+]
 
 #: The input dtypes the quantizers read (one for all parts of a call).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -250,17 +255,30 @@ _quantize_cat_rows_op.register_autograd(_no_grad_cat_backward, setup_context=_co
 
 @triton.jit
 def _layer_norm_quant_kernel(
-    x_ptr, scale_ptr, shift_ptr, out_ptr, row_scale_ptr,
-    stride_xb, stride_xs, stride_mb, stride_sb, stride_out, S, D, eps,
-    BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+    x_ptr, y_ptr, gate_ptr, h_ptr, scale_ptr, shift_ptr, out_ptr, row_scale_ptr,
+    stride_xb, stride_xs, stride_yb, stride_ys, stride_gb, stride_mb, stride_sb, stride_out,
+    S, D, eps,
+    BLOCK_D: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # The whole row in registers (D <= 8192): one DRAM read, one float8 write.
+    # The whole row in registers (D <= 8192): one DRAM read, one float8 write (and with
+    # RESIDUAL, h = x + gate * y: one more read, and h written once).
     row = tl.program_id(0).to(tl.int64)
     b = row // S
+    t = row - b * S
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    x = tl.load(x_ptr + b * stride_xb + (row - b * S) * stride_xs + cols, mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    x_in = tl.load(x_ptr + b * stride_xb + t * stride_xs + cols, mask=mask, other=0.0)
+    x = x_in.to(tl.float32)
+    if RESIDUAL:
+        y = tl.load(y_ptr + b * stride_yb + t * stride_ys + cols, mask=mask, other=0.0)
+        y = y.to(tl.float32)
+        if HAS_GATE:
+            y = y * tl.load(gate_ptr + b * stride_gb + cols, mask=mask, other=0.0).to(tl.float32)
+        # The residual stream is stored in its dtype, and the norm reads what was stored.
+        h = (x + y).to(x_in.dtype)
+        tl.store(h_ptr + row * D + cols, h, mask=mask)
+        x = h.to(tl.float32)
     mean = tl.sum(x, axis=0) / D
     xc = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
@@ -278,6 +296,71 @@ def _layer_norm_quant_kernel(
 LAYER_NORM_QUANT_MAX_WIDTH = 8192
 
 
+def _check_layer_norm(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    y: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> None:
+    """x ``[B, S, D]``, scale and shift ``[B, D]`` (and a residual ``[B, S, D]`` and gate
+    ``[B, D]``); one float dtype and device; D within the register limit."""
+    name = "quantize_layer_norm_rows_triton"
+    if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]) or shift.shape != scale.shape:
+        raise ValueError(
+            f"{name} expects x [B, S, D] and scale, shift [B, D], got "
+            f"{tuple(x.shape)}, {tuple(scale.shape)}, {tuple(shift.shape)}"
+        )
+    if y is not None and y.shape != x.shape:
+        raise ValueError(f"{name}: the residual's y must be x's shape, got {tuple(y.shape)}")
+    if gate is not None and gate.shape != scale.shape:
+        raise ValueError(f"{name}: the gate must be [B, D], got {tuple(gate.shape)}")
+    if y is not None and y.dtype != x.dtype:
+        raise ValueError(f"{name}: x and y must share a dtype, got {x.dtype} and {y.dtype}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{name}: float16/bfloat16/float32, got {x.dtype}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"{name} runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {x.device}"
+        )
+    if x.shape[2] > LAYER_NORM_QUANT_MAX_WIDTH:
+        raise ValueError(f"{name}: rows up to {LAYER_NORM_QUANT_MAX_WIDTH} wide, got {x.shape[2]}")
+
+
+def _last_dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_layer_norm(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    b, s, d = x.shape
+    x, scale, shift = _last_dense(x), _last_dense(scale), _last_dense(shift)
+    y = _last_dense(y) if y is not None else None
+    gate = _last_dense(gate) if gate is not None else None
+    out = torch.empty((b * s, d), dtype=torch.float8_e4m3fn, device=x.device)
+    row_scale = torch.empty((b * s,), dtype=torch.float32, device=x.device)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if y is not None else None
+    if b * s == 0:
+        return out, row_scale, h
+    block_d = triton.next_power_of_2(d)
+    yy = y if y is not None else x  # unused when RESIDUAL is false
+    gg = gate if gate is not None else scale  # unused when HAS_GATE is false
+    _layer_norm_quant_kernel[(b * s,)](
+        x, yy, gg, h if h is not None else x, scale, shift, out, row_scale,
+        x.stride(0), x.stride(1), yy.stride(0), yy.stride(1), gg.stride(0), scale.stride(0),
+        shift.stride(0), out.stride(0), s, d, eps,
+        BLOCK_D=block_d, RESIDUAL=y is not None, HAS_GATE=gate is not None,
+        INTERPRET=_interpreting(), num_warps=4 if block_d <= 2048 else 8,
+    )  # fmt: skip
+    return out, row_scale, h
+
+
 def quantize_layer_norm_rows_triton(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,32 +369,27 @@ def quantize_layer_norm_rows_triton(
     the steps, as Inductor computes the composite). ``x`` is ``[B, S, D]`` (last stride
     1), ``scale`` and ``shift`` ``[B, D]``: the adaLN modulation of a DiT block feeding
     its fp8 projection. Returns ``(x_fp8 [B * S, D], row scales [B * S] float32)``."""
-    if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]) or shift.shape != scale.shape:
-        raise ValueError(
-            "quantize_layer_norm_rows_triton expects x [B, S, D] and scale, shift [B, D], got "
-            f"{tuple(x.shape)}, {tuple(scale.shape)}, {tuple(shift.shape)}"
-        )
-    _check([x.flatten(0, 1)], [False])
-    b, s, d = x.shape
-    if d > LAYER_NORM_QUANT_MAX_WIDTH:
-        raise ValueError(
-            f"quantize_layer_norm_rows_triton: rows up to {LAYER_NORM_QUANT_MAX_WIDTH} wide, "
-            f"got {d}"
-        )
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    scale, shift = (t if t.stride(-1) == 1 else t.contiguous() for t in (scale, shift))
-    out = torch.empty((b * s, d), dtype=torch.float8_e4m3fn, device=x.device)
-    row_scale = torch.empty((b * s,), dtype=torch.float32, device=x.device)
-    if b * s == 0:
-        return out, row_scale
-    block_d = triton.next_power_of_2(d)
-    _layer_norm_quant_kernel[(b * s,)](
-        x, scale, shift, out, row_scale, x.stride(0), x.stride(1), scale.stride(0),
-        shift.stride(0), out.stride(0), s, d, eps,
-        BLOCK_D=block_d, INTERPRET=_interpreting(), num_warps=4 if block_d <= 2048 else 8,
-    )  # fmt: skip
+    _check_layer_norm(x, scale, shift)
+    out, row_scale, _ = _launch_layer_norm(x, None, None, scale, shift, eps)
     return out, row_scale
+
+
+def quantize_residual_layer_norm_rows_triton(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual update before a DiT block's norm and the quantization after it:
+    ``h = x + gate[:, None] * y`` (``x + y`` without a gate; float32 math, rounded once to
+    x's dtype), then :func:`quantize_layer_norm_rows_triton` of ``h`` as stored. Returns
+    ``(h [B, S, D] contiguous, x_fp8 [B * S, D], row scales [B * S] float32)``."""
+    _check_layer_norm(x, scale, shift, y, gate)
+    out, row_scale, h = _launch_layer_norm(x, y, gate, scale, shift, eps)
+    assert h is not None
+    return h, out, row_scale
 
 
 @torch.library.custom_op("difforge::fp8_quantize_layer_norm_rows_triton", mutates_args=())
@@ -334,3 +412,42 @@ def _layer_norm_quant_fake(
 
 
 _layer_norm_quant_op.register_autograd(_no_grad_layer_norm_backward)
+
+
+@torch.library.custom_op("difforge::fp8_quantize_residual_layer_norm_rows_triton", mutates_args=())
+def _residual_layer_norm_quant_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.difforge.fp8_quantize_residual_layer_norm_rows_triton``."""
+    return quantize_residual_layer_norm_rows_triton(x, y, gate, scale, shift, eps)
+
+
+@_residual_layer_norm_quant_op.register_fake
+def _residual_layer_norm_quant_fake(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dim() != 3 or y.shape != x.shape or scale.dim() != 2 or shift.dim() != 2:
+        raise ValueError(
+            "fp8_quantize_residual_layer_norm_rows_triton: x, y [B, S, D], scale/shift [B, D]"
+        )
+    rows = x.shape[0] * x.shape[1]
+    q = x.new_empty((rows, x.shape[2]), dtype=torch.float8_e4m3fn)
+    h = x.new_empty(x.shape)  # contiguous, as the kernel writes it
+    return h, q, x.new_empty((rows,), dtype=torch.float32)
+
+
+def _no_grad_residual_backward(ctx: object, *grads: torch.Tensor) -> tuple[None, ...]:
+    return None, None, None, None, None, None
+
+
+_residual_layer_norm_quant_op.register_autograd(_no_grad_residual_backward)

@@ -38,7 +38,13 @@ import torch.fx
 # Importing the module also registers the Triton quantizers' ops.
 from difforge.kernels.fp8_row_quant import KERNEL_DTYPES
 from difforge.passes.activation import gelu_tanh_as_sigmoid
-from difforge.passes.registry import node_arg, node_tensor, register_pass
+from difforge.passes.registry import (
+    counters,
+    fill_example_values,
+    node_arg,
+    node_tensor,
+    register_pass,
+)
 
 _GELU = torch._C._nn.gelu
 #: Shape-only steps Fp8Linear's traced forward puts between an activation and its
@@ -224,9 +230,10 @@ def _plain_layer_norm(node: object) -> tuple[torch.fx.Node, float] | None:
 
 def _modulation(
     node: torch.fx.Node,
-) -> tuple[torch.fx.Node, float, torch.fx.Node, torch.fx.Node] | None:
-    """``(x, eps, scale, shift)`` of ``layer_norm(x, eps=eps) * (1 + scale) + shift``
-    (operands in either order), each intermediate read only by the next step."""
+) -> tuple[torch.fx.Node, float, torch.fx.Node, torch.fx.Node, torch.fx.Node] | None:
+    """``(x, eps, scale, shift, norm)`` of ``norm = layer_norm(x, eps=eps)`` in
+    ``norm * (1 + scale) + shift`` (operands in either order), each intermediate read only
+    by the next step."""
     add = _binary(node, _ADDS)
     if add is None:
         return None
@@ -245,7 +252,7 @@ def _modulation(
                 isinstance(n, torch.fx.Node) and len(n.users) == 1 for n in steps
             ):
                 continue
-            return layer_norm[0], layer_norm[1], scale, shift
+            return layer_norm[0], layer_norm[1], scale, shift, norm  # type: ignore[return-value]
     return None
 
 
@@ -277,15 +284,110 @@ def _quantizations(node: torch.fx.Node, width: int) -> list[torch.fx.Node] | Non
     return quants or None
 
 
+def _residual(
+    x: torch.fx.Node, x_value: torch.Tensor
+) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node | None] | None:
+    """``(r, y, gate)`` when ``x = r + gate * y`` (``gate`` a ``[B, 1, D]`` modulation; or
+    ``x = r + y``, gate None): the residual update a DiT block makes before its norm, with
+    ``r`` and ``y`` of x's own shape and dtype and the product read only by the add."""
+    operands = _binary(x, _ADDS)
+    if operands is None or not all(isinstance(n, torch.fx.Node) for n in operands):
+        return None
+    kind = [_same_tensor_kind(node_tensor(n), x_value) for n in operands]  # type: ignore[arg-type]
+    for (r, other), r_kind in zip((operands, operands[::-1]), kind, strict=True):
+        prod = _binary(other, _MULS) if len(other.users) == 1 else None  # type: ignore[union-attr]
+        for gate, y in (prod, prod[::-1]) if prod is not None and r_kind else ():
+            if (
+                isinstance(gate, torch.fx.Node)
+                and isinstance(y, torch.fx.Node)
+                and _row_modulation(node_tensor(gate), x_value)
+                and _same_tensor_kind(node_tensor(y), x_value)
+            ):
+                return r, y, gate  # type: ignore[return-value]
+    if all(kind):
+        return operands[0], operands[1], None  # type: ignore[return-value]
+    return None
+
+
+def _same_tensor_kind(value: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Same dtype, device and (provably) shape as ``x``: no broadcasting, no promotion."""
+    return (
+        value is not None
+        and value.dtype == x.dtype
+        and value.device == x.device
+        and value.dim() == x.dim()
+        and all(_same_size(a, b) for a, b in zip(value.shape, x.shape, strict=True))
+    )
+
+
+def _quantization_getitems(quants: list[torch.fx.Node]) -> list[tuple[torch.fx.Node, int]] | None:
+    """Every reader of the quantizations as ``(getitem node, index)``, or None if one
+    reads the (q, scale) pair some other way."""
+    items = []
+    for quant in quants:
+        for user in quant.users:
+            if not (user.op == "call_function" and user.target is operator.getitem):
+                return None
+            if user.args[1] not in (0, 1):
+                return None
+            items.append((user, int(user.args[1])))  # type: ignore[call-overload]
+    return items
+
+
+def _fuse_with_residual(
+    graph: torch.fx.Graph,
+    x: torch.fx.Node,
+    residual: tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node | None],
+    norm_match: tuple[float, torch.fx.Node, torch.fx.Node, torch.fx.Node],
+    quants: list[torch.fx.Node],
+) -> bool:
+    """Replace the residual add ``x``, its norm (``norm_match``: eps, scale, shift and the
+    LayerNorm node) and quantizations by one ``fp8_quantize_residual_layer_norm_rows_triton``:
+    x's other readers take the ``h`` it writes. False (graph unchanged) where an operand is
+    computed after one of those readers."""
+    items = _quantization_getitems(quants)
+    if items is None:
+        return False
+    r, y, gate = residual
+    eps, scale, shift, norm = norm_match
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    inputs = [n for n in (r, y, gate, scale, shift) if n is not None]
+    last = max(inputs, key=order.__getitem__)
+    # The norm goes away with the rewrite (diffusers indexes scale[:, None] after it).
+    readers = [order[u] for u in x.users if u is not norm]
+    first_reader = min(readers, default=len(order))
+    if order[last] >= first_reader:
+        return False  # an operand is computed after x is first read: keep the graph
+    with graph.inserting_before(last.next):  # in order, after the last operand
+        rows = [graph.call_function(torch.flatten, (t, 0, 1)) for t in (gate, scale, shift) if t]
+        gate_row = rows.pop(0) if gate is not None else None
+        fused = graph.call_function(
+            torch.ops.difforge.fp8_quantize_residual_layer_norm_rows_triton.default,
+            (r, y, gate_row, rows[0], rows[1], eps),
+        )
+        parts = [graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
+    fill_example_values([*rows, *([gate_row] if gate_row is not None else []), fused, *parts])
+    for item, index in items:
+        item.replace_all_uses_with(parts[1 + index])
+        graph.erase_node(item)
+    for quant in quants:
+        graph.erase_node(quant)
+    # The residual stream reads h; the norm chain (dead code now) keeps reading x.
+    x.replace_all_uses_with(parts[0], delete_user_cb=lambda user: user is not norm)
+    return True
+
+
 @register_pass("fp8_layer_norm_quant_kernel", stage="fx", tier="low-precision")
 def fp8_layer_norm_quant_kernel(graph: torch.fx.Graph) -> int:
     """fp8 row quantization of layer_norm(x) * (1 + scale) + shift -> one Triton kernel."""
     made = 0
     for mod in list(graph.nodes):
+        if mod.graph is not graph:
+            continue  # erased by an earlier rewrite of this loop
         match = _modulation(mod)
         if match is None:
             continue
-        x, eps, scale, shift = match
+        x, eps, scale, shift, norm = match
         x_value = node_tensor(x)
         if x_value is None or not _triton_runs_on(x_value.device):
             continue
@@ -295,6 +397,15 @@ def fp8_layer_norm_quant_kernel(graph: torch.fx.Graph) -> int:
             continue
         quants = _quantizations(mod, x_value.shape[-1])
         if quants is None:
+            continue
+        # The residual update before the norm goes into the kernel too: Inductor fuses it
+        # with the norm, and a norm kernel without it leaves that add a kernel of its own.
+        residual = _residual(x, x_value)
+        if residual is not None and _fuse_with_residual(
+            graph, x, residual, (eps, scale, shift, norm), quants
+        ):
+            counters["fp8_layer_norm_quant_kernel.residual"] += 1
+            made += 1
             continue
         with graph.inserting_before(mod.next):  # after x, scale and shift, before every reader
             rows = [graph.call_function(torch.flatten, (t, 0, 1)) for t in (scale, shift)]
