@@ -20,12 +20,14 @@ makes of the composite (``low-precision``): H200, 1.10-1.82x at FLUX/PixArt/SD3 
 
 ``fp8_layer_norm_quant_kernel``: the fp8 row quantizations of an adaLN-modulated LayerNorm
 (``layer_norm(x) * (1 + scale) + shift``, a DiT block's input to its q/k/v or FF) as one
-Triton kernel with the row in registers. Off: alone the kernel is 2-5x Inductor's
-composite (``probe_ops.py --probes lnquant``), but in O3 steps on an H200 it paid nowhere
-(PixArt-XL 28.68 -> 28.89 ms, SD3 32.37 -> 32.34, FLUX.1-dev 95.96 -> 97.51;
+Triton kernel with the row in registers. Alone the kernel is 2-5x Inductor's composite
+(``probe_ops.py --probes lnquant``), but in O3 steps on an H200 it paid nowhere (PixArt-XL
+28.68 -> 28.89 ms, SD3 32.37 -> 32.34, FLUX.1-dev 95.96 -> 97.51;
 ``benchmarks/results/2026-11-28_h200_step_*quant*_s22.json``): in the model Inductor's
-kernel also takes the residual add before the norm, which the pass leaves on its own.
-``passes.fp8_layer_norm_quant_kernel`` turns it on.
+kernel also took the residual update before the norm (``x + gate * y``), which the pass
+left on its own. So where the norm reads such an update, the kernel now takes it in and
+writes ``h`` for its other readers. Off until a step measures that
+(``benchmarks/gpu_batch.sh lnresdit``); ``passes.fp8_layer_norm_quant_kernel`` turns it on.
 """
 
 from __future__ import annotations
