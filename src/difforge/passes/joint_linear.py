@@ -45,7 +45,6 @@ from typing import NamedTuple
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from difforge.passes import layout_check
 from difforge.passes.layout_check import dense_format
@@ -55,6 +54,7 @@ from difforge.passes.registry import (
     node_tensor,
     node_value,
     register_pass,
+    same_size,
     size_hint,
 )
 
@@ -353,7 +353,7 @@ def _batch_of(view: torch.fx.Node) -> object:
         sizes = tuple(sizes[0])
     batch = sizes[0] if len(sizes) == 3 else None
     value = node_value(batch) if isinstance(batch, torch.fx.Node) else None
-    if isinstance(value, torch.SymInt) and statically_known_true(value == out.shape[0]):
+    if isinstance(value, torch.SymInt) and same_size(value, out.shape[0]):
         return batch
     return None
 
@@ -425,7 +425,7 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return statically_known_true(a == b)
+        return same_size(a, b)
     return a is b if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node) else a == b
 
 

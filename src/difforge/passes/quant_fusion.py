@@ -46,6 +46,7 @@ from difforge.passes.registry import (
     node_arg,
     node_tensor,
     register_pass,
+    same_size,
 )
 
 _GELU = torch._C._nn.gelu
@@ -187,18 +188,6 @@ _ADDS = (operator.add, torch.add)
 _MULS = (operator.mul, torch.mul)
 
 
-def _same_size(a: object, b: object) -> bool:
-    """Sizes equal without adding a guard (symbolic sizes: only when provably equal)."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    try:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        return bool(statically_known_true(a == b))
-    except Exception:  # sizes of different shape environments: not provably equal
-        return False
-
-
 def _binary(node: object, targets: tuple[object, ...]) -> tuple[object, object] | None:
     """The two operands of ``node`` when it is a plain two-operand add or mul."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
@@ -263,9 +252,9 @@ def _row_modulation(value: torch.Tensor | None, x: torch.Tensor) -> bool:
     return (
         value is not None
         and value.dim() == 3
-        and _same_size(value.shape[0], x.shape[0])
+        and same_size(value.shape[0], x.shape[0])
         and value.shape[1] == 1
-        and _same_size(value.shape[2], x.shape[2])
+        and same_size(value.shape[2], x.shape[2])
     )
 
 
@@ -318,7 +307,7 @@ def _same_tensor_kind(value: torch.Tensor | None, x: torch.Tensor) -> bool:
         and value.dtype == x.dtype
         and value.device == x.device
         and value.dim() == x.dim()
-        and all(_same_size(a, b) for a, b in zip(value.shape, x.shape, strict=True))
+        and all(same_size(a, b) for a, b in zip(value.shape, x.shape, strict=True))
     )
 
 

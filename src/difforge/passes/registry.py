@@ -123,6 +123,19 @@ def size_hint(size: object) -> int | None:
     return int(hint) if hint is not None else None
 
 
+def same_size(a: object, b: object) -> bool:
+    """Sizes equal without adding a guard: ints by value, symbolic sizes only when provably
+    equal (a pass must not specialise a ``dynamic`` graph by asking)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:  # sizes of different shape environments: not provably equal
+        return False
+
+
 def node_arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:
     """Argument ``name`` of a call node, given by keyword or at position ``index``."""
     if name in node.kwargs:

@@ -23,7 +23,13 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from difforge.passes.registry import node_arg, node_tensor, register_pass, replace_with_call
+from difforge.passes.registry import (
+    node_arg,
+    node_tensor,
+    register_pass,
+    replace_with_call,
+    same_size,
+)
 
 _RMS_NORMS = (F.rms_norm, torch.rms_norm)
 _MULS = (operator.mul, torch.mul)
@@ -128,7 +134,9 @@ def _rms_norm(node: object, dim: int) -> tuple[torch.fx.Node, torch.fx.Node | No
     shape = node_arg(node, 1, "normalized_shape")  # type: ignore[arg-type]
     weight = node_arg(node, 2, "weight")  # type: ignore[arg-type]
     eps = node_arg(node, 3, "eps")  # type: ignore[arg-type]
-    if not isinstance(x, torch.fx.Node) or tuple(shape or ()) != (dim,):  # type: ignore[arg-type]
+    if not isinstance(x, torch.fx.Node) or not isinstance(shape, (list, tuple)):
+        return None
+    if len(shape) != 1 or not same_size(shape[0], dim):
         return None
     if weight is not None and not isinstance(weight, torch.fx.Node):
         return None
@@ -156,14 +164,21 @@ def _norms(y: torch.fx.Node, dim: int) -> _Norms | None:
 
 
 def _angles_fit(t: torch.Tensor | None, y: torch.Tensor) -> bool:
-    """``cos``/``sin`` as diffusers broadcasts them: ``[1|B, S, 1, D]``, or ``[S, D]``."""
+    """``cos``/``sin`` as diffusers broadcasts them: ``[1|B, S, 1, D]``, or ``[S, D]``
+    (sizes compared without guards: a dynamic graph keeps its symbolic tokens)."""
     if t is None or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if t.device != y.device:
         return False
     b, s, _, d = y.shape
-    return tuple(t.shape) == (s, d) or (
-        t.dim() == 4 and t.shape[0] in (1, b) and tuple(t.shape[1:]) == (s, 1, d)
+    if t.dim() == 2:
+        return same_size(t.shape[0], s) and same_size(t.shape[1], d)
+    return (
+        t.dim() == 4
+        and (same_size(t.shape[0], 1) or same_size(t.shape[0], b))
+        and same_size(t.shape[1], s)
+        and same_size(t.shape[2], 1)
+        and same_size(t.shape[3], d)
     )
 
 
