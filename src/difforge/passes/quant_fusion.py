@@ -135,24 +135,12 @@ def fp8_gelu_scale(graph: torch.fx.Graph) -> int:
             fused = graph.call_function(
                 torch.ops.difforge.fp8_quantize_cat_rows.default, (flat, gelu)
             )
+        fill_example_values(flat)  # later passes read the parts' dtype and device
         fused.meta.update(quant.meta)
         quant.replace_all_uses_with(fused)
         graph.erase_node(quant)  # the view chain, the cat and the GELUs are dead code now
         made += 1
     return made
-
-
-def _value_of(node: object) -> torch.Tensor | None:
-    """The example value of a part, looking through the reshapes fp8_gelu_scale adds (they
-    carry none; a reshape keeps device and dtype)."""
-    while isinstance(node, torch.fx.Node):
-        value = node_tensor(node)
-        if value is not None:
-            return value
-        if node.target is not torch.reshape:
-            return None
-        node = node.args[0]
-    return None
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -172,7 +160,7 @@ def fp8_cat_quant_kernel(graph: torch.fx.Graph) -> int:
         parts, gelu = node_arg(node, 0, "parts"), node_arg(node, 1, "gelu")
         if not isinstance(parts, (list, tuple)) or not 1 <= len(parts) <= 2:
             continue  # the kernel takes one or two parts
-        values = [_value_of(p) for p in parts]
+        values = [node_tensor(p) for p in parts]
         if any(v is None or not _triton_runs_on(v.device) for v in values):
             continue  # elsewhere the composite stays
         dtypes = {v.dtype for v in values if v is not None}
