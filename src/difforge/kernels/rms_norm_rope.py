@@ -46,7 +46,7 @@ def _rms_norm_rope_kernel(
     token = tl.program_id(0).to(tl.int64)
     b = token // S
     s = token - b * S
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     cols = tl.arange(0, D)
     mask = (heads < H)[:, None]
     x_in = tl.load(
@@ -192,15 +192,10 @@ def _rms_norm_rope_fake(
     return parts[0].new_empty((b, sum(p.shape[1] for p in parts), h, d))
 
 
-# Inference only, as the fp8 ops: "no gradient" lets a model whose parameters require
-# grad (fresh from from_pretrained) compile outside torch.no_grad.
-def _count_parts(ctx: object, inputs: tuple[object, ...], output: object) -> None:
-    ctx.parts = len(inputs[0])  # type: ignore[attr-defined,arg-type]
+def _no_backward(ctx: object, grad: torch.Tensor) -> tuple[object, ...]:
+    # The rms_norm_rope pass declines graphs whose q/k need a gradient; a direct caller
+    # learns it here instead of getting silently wrong gradients.
+    raise RuntimeError("difforge::rms_norm_rope is inference-only: it has no backward")
 
 
-def _no_grad_backward(ctx: object, grad: torch.Tensor) -> tuple[object, ...]:
-    parts = ctx.parts  # type: ignore[attr-defined]
-    return [None] * parts, [None] * parts, None, None, None
-
-
-_rms_norm_rope_op.register_autograd(_no_grad_backward, setup_context=_count_parts)
+_rms_norm_rope_op.register_autograd(_no_backward)

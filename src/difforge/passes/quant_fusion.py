@@ -379,7 +379,9 @@ def fp8_layer_norm_quant_kernel(graph: torch.fx.Graph) -> int:
             continue
         # The residual update before the norm goes into the kernel too: Inductor fuses it
         # with the norm, and a norm kernel without it leaves that add a kernel of its own.
-        residual = _residual(x, x_value)
+        # Not in graphs that need x's gradient: the kernel has none, and h is no
+        # quantization (whose gradient O3 drops anyway) but the residual stream itself.
+        residual = _residual(x, x_value) if not x_value.requires_grad else None
         if residual is not None and _fuse_with_residual(
             graph, x, residual, (eps, scale, shift, norm), quants
         ):

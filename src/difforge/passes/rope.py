@@ -11,7 +11,8 @@ tokens'), becomes one ``difforge::rms_norm_rope`` Triton kernel
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
     out = (y.float() * cos + rotated.float() * sin).to(y.dtype)
 
-Only on an NVIDIA GPU with bf16 (cc >= 8.0), or the CPU under Triton's interpreter.
+Only on an NVIDIA GPU with bf16 (cc >= 8.0), or the CPU under Triton's interpreter, and
+only in graphs that need no gradient through q and k (the kernel has no backward).
 """
 
 from __future__ import annotations
@@ -113,8 +114,12 @@ def _rotated_source(node: object) -> torch.fx.Node | None:
     reshape = unbind.args[0]  # type: ignore[union-attr]
     if not (_is_method(reshape, "reshape") or _is_method(reshape, "view")):
         return None
-    pairs = node_tensor(reshape)
-    if pairs is None or pairs.dim() != 5 or pairs.shape[-1] != 2:
+    pairs, y = node_tensor(reshape), node_tensor(reshape.args[0])  # type: ignore[union-attr]
+    if pairs is None or y is None or pairs.dim() != 5 or y.dim() != 4:
+        return None
+    # [B, S, H, D] -> [B, S, H, D / 2, 2]: each channel pair, nothing else moved
+    kept = all(same_size(a, b) for a, b in zip(pairs.shape[:3], y.shape[:3], strict=True))
+    if not kept or pairs.shape[-1] != 2 or not same_size(2 * pairs.shape[3], y.shape[3]):
         return None
     return reshape.args[0]  # type: ignore[union-attr,return-value]
 
@@ -164,15 +169,15 @@ def _norms(y: torch.fx.Node, dim: int) -> _Norms | None:
 
 
 def _angles_fit(t: torch.Tensor | None, y: torch.Tensor) -> bool:
-    """``cos``/``sin`` as diffusers broadcasts them: ``[1|B, S, 1, D]``, or ``[S, D]``
-    (sizes compared without guards: a dynamic graph keeps its symbolic tokens)."""
+    """``cos``/``sin`` as diffusers broadcasts them onto ``y [B, S, H, D]``: ``[1|B, S, 1,
+    D]`` (sizes compared without guards: a dynamic graph keeps its symbolic tokens)."""
     if t is None or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if t.device != y.device:
         return False
+    # Only the 4-D form: a 2-D [S, D] would broadcast onto y's (heads, head dim), not its
+    # (tokens, head dim).
     b, s, _, d = y.shape
-    if t.dim() == 2:
-        return same_size(t.shape[0], s) and same_size(t.shape[1], d)
     return (
         t.dim() == 4
         and (same_size(t.shape[0], 1) or same_size(t.shape[0], b))
@@ -213,6 +218,8 @@ def rms_norm_rope(graph: torch.fx.Graph) -> int:
         y_value = node_tensor(y)
         if y_value is None or y_value.dim() != 4:
             continue
+        if y_value.requires_grad:
+            continue  # the kernel has no backward: training graphs keep the composite
         # The value to replace: the cast back to y's dtype, absent (a no-op the cleanup
         # passes dropped) when y is float32.
         cast = next(iter(total.users)) if len(total.users) == 1 else None
