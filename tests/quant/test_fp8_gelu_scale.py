@@ -277,7 +277,19 @@ def test_triton_quantizer_pass_compiles_with_grad_enabled() -> None:
     options = {"mode": "O2", "passes.fp8_layer_norm_quant_kernel": True}
     out = difforge.compile(model, options=options)(x, table)
     assert difforge.counters["fp8_layer_norm_quant_kernel"] == 2
-    # the residual stream needs its gradient: that add stays outside the kernel
+    with torch.no_grad():
+        assert rel_err(out.detach(), model(x, table)) < 2e-2
+
+
+def test_residual_layer_norm_quantizer_keeps_a_residual_stream_that_needs_grad() -> None:
+    """An input that requires grad makes the residual update need it too: the kernel has
+    no backward, so that add stays outside it (the norm's quantization still goes in)."""
+    torch.manual_seed(0)
+    model = _AdaLNBlock().eval()
+    x, table = _adaln_inputs()
+    options = {"mode": "O2", "passes.fp8_layer_norm_quant_kernel": True}
+    out = difforge.compile(model, options=options)(x.requires_grad_(), table)
+    assert difforge.counters["fp8_layer_norm_quant_kernel"] == 2
     assert difforge.counters["fp8_layer_norm_quant_kernel.residual"] == 0
     with torch.no_grad():
         assert rel_err(out.detach(), model(x, table)) < 2e-2
