@@ -295,6 +295,34 @@ def test_residual_layer_norm_quantizer_keeps_a_residual_stream_that_needs_grad()
         assert rel_err(out.detach(), model(x, table)) < 2e-2
 
 
+class _TokenMajorStream(nn.Module):
+    """A residual stream kept ``[S, B, D]`` in memory and read back through a view that
+    only its own layout allows: the kernel writes h row-major, so that update stays out."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.q = Fp8Linear.from_linear(nn.Linear(dim, dim))
+
+    def forward(self, r_sbd: torch.Tensor, y: torch.Tensor, table: torch.Tensor):
+        shift, scale, gate = table.chunk(3, dim=1)
+        x = r_sbd.transpose(0, 1) + gate * y  # [B, S, D] with [S, B, D] strides
+        h = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
+        return self.q(h), x.transpose(0, 1).view(-1, x.shape[-1])
+
+
+def test_residual_layer_norm_quantizer_keeps_a_stream_that_is_not_row_major() -> None:
+    torch.manual_seed(0)
+    model = _TokenMajorStream().eval()
+    args = (torch.randn(9, 2, 64), torch.randn(2, 9, 64), 0.3 * torch.randn(2, 3, 64))
+    options = {"mode": "O2", "passes.fp8_layer_norm_quant_kernel": True}
+    with torch.no_grad():
+        eager = model(*args)
+        out = difforge.compile(model, options=options)(*args)
+    assert difforge.counters["fp8_layer_norm_quant_kernel"] == 1
+    assert difforge.counters["fp8_layer_norm_quant_kernel.residual"] == 0
+    assert rel_err(out[0], eager[0]) < 2e-2 and torch.equal(out[1], eager[1])
+
+
 class _MixedSingleBlock(_SingleBlock):
     """The attention branch cast to bfloat16 before the cat: torch.cat promotes the parts."""
 

@@ -241,7 +241,7 @@ def _row_modulation(value: torch.Tensor | None, x: torch.Tensor) -> bool:
         value is not None
         and value.dim() == 3
         and same_size(value.shape[0], x.shape[0])
-        and value.shape[1] == 1
+        and same_size(value.shape[1], 1)
         and same_size(value.shape[2], x.shape[2])
     )
 
@@ -299,6 +299,18 @@ def _same_tensor_kind(value: torch.Tensor | None, x: torch.Tensor) -> bool:
     )
 
 
+def _row_major(value: torch.Tensor | None) -> bool:
+    """Dense row-major strides (provably, without a guard; size-1 dims take any stride)."""
+    if value is None:
+        return False
+    expected = 1
+    for size, stride in zip(reversed(value.shape), reversed(value.stride()), strict=True):
+        if not same_size(size, 1) and not same_size(stride, expected):
+            return False
+        expected = expected * size
+    return True
+
+
 def _quantization_getitems(quants: list[torch.fx.Node]) -> list[tuple[torch.fx.Node, int]] | None:
     """Every reader of the quantizations as ``(getitem node, index)``, or None if one
     reads the (q, scale) pair some other way."""
@@ -325,8 +337,8 @@ def _fuse_with_residual(
     x's other readers take the ``h`` it writes. False (graph unchanged) where an operand is
     computed after one of those readers."""
     items = _quantization_getitems(quants)
-    if items is None:
-        return False
+    if items is None or not _row_major(node_tensor(x)):
+        return False  # h comes out row-major: x's readers must have seen that layout
     r, y, gate = residual
     eps, scale, shift, norm = norm_match
     order = {node: i for i, node in enumerate(graph.nodes)}
@@ -345,6 +357,9 @@ def _fuse_with_residual(
             (r, y, gate_row, rows[0], rows[1], eps),
         )
         parts = [graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):  # for error messages
+        if key in quants[0].meta:
+            fused.meta[key] = quants[0].meta[key]
     fill_example_values([*rows, *([gate_row] if gate_row is not None else []), fused, *parts])
     for item, index in items:
         item.replace_all_uses_with(parts[1 + index])
@@ -361,7 +376,7 @@ def fp8_layer_norm_quant_kernel(graph: torch.fx.Graph) -> int:
     """fp8 row quantization of layer_norm(x) * (1 + scale) + shift -> one Triton kernel."""
     made = 0
     for mod in list(graph.nodes):
-        if mod.graph is not graph:
+        if getattr(mod, "_erased", False):
             continue  # erased by an earlier rewrite of this loop
         match = _modulation(mod)
         if match is None:
