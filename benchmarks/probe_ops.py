@@ -608,14 +608,14 @@ def probe_rope() -> list[dict[str, Any]]:
         }
         for way, fn in ways.items():
             row: dict[str, Any] = {"shape": name, "tokens": s, "way": way}
+            call = (
+                partial(fn, parts, weights, cs, v)
+                if "sdpa" in way
+                else partial(fn, parts, weights, cs)
+            )
             try:
-                out = fn(parts, weights, cs, v) if "sdpa" in way else fn(parts, weights, cs)
-                ms = a8.cuda_graph_ms(
-                    (lambda fn=fn: fn(parts, weights, cs, v))
-                    if "sdpa" in way
-                    else (lambda fn=fn: fn(parts, weights, cs)),
-                    40,
-                )
+                out = call()
+                ms = a8.cuda_graph_ms(call, 40)
                 row["ms"] = ms
                 if "sdpa" not in way:
                     row["gb_per_s"] = moved / (ms * 1e-3) / 1e9

@@ -107,8 +107,9 @@ class VariantResult:
     tile) and chose; empty when the pass was off or saw no eligible call."""
     pass_counts: dict[str, int] = field(default_factory=dict)
     """difforge counters (rewrites per pass, etc.) bumped while the variant compiled and
-    ran its first call. Empty for a graph Inductor loaded from its FX graph cache (see
-    ``fx_cache_hits``): the passes do not run again on a hit."""
+    ran its first call. The fx-stage passes run at every compile; the post-grad ones do not
+    run again for a graph Inductor loads from its FX graph cache (``fx_cache_hits``), so
+    theirs are missing then."""
     fx_cache_hits: int = 0
     """Graphs Inductor took from its FX graph cache for this variant."""
     gpu_telemetry: dict[str, Any] | None = None

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__: list[str] = ["head_dim_tiles", "interpreting", "token_major_empty", "triton_runs_on"]
+__all__: list[str] = [
+    "head_dim_tiles",
+    "interpreting",
+    "last_dim_dense",
+    "token_major_empty",
+    "triton_runs_on",
+]
 
 
 def interpreting() -> bool:
@@ -42,6 +48,12 @@ def triton_runs_on(device: torch.device, min_capability: tuple[int, int] = (8, 0
             and torch.cuda.get_device_capability(device) >= min_capability
         )
     return device.type == "cpu" and interpreting()
+
+
+def last_dim_dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last stride is 1 (what the kernels index by column), else a
+    contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _next_power_of_2(n: int) -> int:

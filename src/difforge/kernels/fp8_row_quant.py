@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from difforge.kernels import interpreting as _interpreting
+from difforge.kernels import last_dim_dense
 from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32
 from difforge.passes.activation import _TWO_SQRT_2_OVER_PI
 from difforge.quant.fp8 import FP8_MAX, GELU_NEGATIVE_BOUND, SCALE_EPS
@@ -304,8 +305,13 @@ def _check_layer_norm(
     gate: torch.Tensor | None = None,
 ) -> None:
     """x ``[B, S, D]``, scale and shift ``[B, D]`` (and a residual ``[B, S, D]`` and gate
-    ``[B, D]``); one float dtype and device; D within the register limit."""
-    name = "quantize_layer_norm_rows_triton"
+    ``[B, D]``); one float dtype and device; D within the register limit. Errors name the
+    function that was called."""
+    name = (
+        "quantize_layer_norm_rows_triton"
+        if y is None
+        else "quantize_residual_layer_norm_rows_triton"
+    )
     if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]) or shift.shape != scale.shape:
         raise ValueError(
             f"{name} expects x [B, S, D] and scale, shift [B, D], got "
@@ -327,10 +333,6 @@ def _check_layer_norm(
         raise ValueError(f"{name}: rows up to {LAYER_NORM_QUANT_MAX_WIDTH} wide, got {x.shape[2]}")
 
 
-def _last_dense(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_layer_norm(
     x: torch.Tensor,
     y: torch.Tensor | None,
@@ -340,9 +342,9 @@ def _launch_layer_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     b, s, d = x.shape
-    x, scale, shift = _last_dense(x), _last_dense(scale), _last_dense(shift)
-    y = _last_dense(y) if y is not None else None
-    gate = _last_dense(gate) if gate is not None else None
+    x, scale, shift = last_dim_dense(x), last_dim_dense(scale), last_dim_dense(shift)
+    y = last_dim_dense(y) if y is not None else None
+    gate = last_dim_dense(gate) if gate is not None else None
     out = torch.empty((b * s, d), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((b * s,), dtype=torch.float32, device=x.device)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if y is not None else None

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from difforge.kernels import last_dim_dense
+
 __all__ = ["KERNEL_DTYPES", "rms_norm_rope_reference", "rms_norm_rope_triton"]
 
 #: The dtypes the kernel reads and writes (one for every part and the output).
@@ -61,9 +63,9 @@ def _rms_norm_rope_kernel(
         y = y * tl.load(w_ptr + cols).to(tl.float32)[None, :]
     # The graph rounds the norm's output to its dtype before the rotation reads it.
     y = y.to(x_in.dtype).to(tl.float32)
-    angle = row0 + s
-    cos = tl.load(cos_ptr + b * stride_cb + angle * stride_cs + cols).to(tl.float32)
-    sin = tl.load(sin_ptr + b * stride_sb + angle * stride_ss + cols).to(tl.float32)
+    joined = row0 + s  # the token's index in the joined sequence: its angle and output row
+    cos = tl.load(cos_ptr + b * stride_cb + joined * stride_cs + cols).to(tl.float32)
+    sin = tl.load(sin_ptr + b * stride_sb + joined * stride_ss + cols).to(tl.float32)
     y_even, y_odd = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
     cos_even, cos_odd = tl.split(tl.reshape(cos, (D // 2, 2)))
     sin_even, sin_odd = tl.split(tl.reshape(sin, (D // 2, 2)))
@@ -71,7 +73,7 @@ def _rms_norm_rope_kernel(
     out_even = y_even * cos_even[None, :] + (-y_odd) * sin_even[None, :]
     out_odd = y_odd * cos_odd[None, :] + y_even * sin_odd[None, :]
     out = tl.reshape(tl.join(out_even, out_odd), (BLOCK_H, D))
-    dest = out_ptr + b * stride_ob + (row0 + s) * stride_os + heads[:, None] * stride_oh
+    dest = out_ptr + b * stride_ob + joined * stride_os + heads[:, None] * stride_oh
     tl.store(dest + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -79,10 +81,10 @@ def _angles(t: torch.Tensor, b: int, s: int, d: int) -> tuple[torch.Tensor, int,
     """``cos`` or ``sin`` as ``(tensor, batch stride, token stride)``: ``[S, D]``, or
     ``[1 or B, S, 1, D]`` as diffusers broadcasts it; the last stride made 1."""
     if t.dim() == 2 and t.shape == (s, d):
-        t = t if t.stride(-1) == 1 else t.contiguous()
+        t = last_dim_dense(t)
         return t, 0, t.stride(0)
     if t.dim() == 4 and t.shape[0] in (1, b) and t.shape[1:] == (s, 1, d):
-        t = t if t.stride(-1) == 1 else t.contiguous()
+        t = last_dim_dense(t)
         return t, (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
     raise ValueError(
         f"rms_norm_rope: cos and sin must be [S, D] or [1|B, S, 1, D] with S={s}, D={d}, "
@@ -153,7 +155,7 @@ def rms_norm_rope_triton(
     out = torch.empty((b, s_total, h, d), dtype=first.dtype, device=first.device)
     row0 = 0
     for part, weight in zip(parts, weights, strict=True):
-        x = part if part.stride(-1) == 1 else part.contiguous()
+        x = last_dim_dense(part)
         s = x.shape[1]
         if b * s:
             w = weight.contiguous() if weight is not None else x  # x: unused when HAS_W false
