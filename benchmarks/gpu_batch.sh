@@ -72,6 +72,7 @@
 #   ropeflux FLUX.1-dev step: compile vs O2 vs O2 + rms_norm_rope, profiled        ~9 min
 #   ropeflux3 FLUX.1-dev step: O3 vs O3 + rms_norm_rope (+ the residual LayerNorm
 #            quantizer), profiled                                                ~9 min
+#   fluxgelu FLUX.1-dev step: O2 vs O2 without gelu_epilogue, profiled           ~5 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
 #   freezesdxl SDXL UNet step: compile vs O2 vs O2 + freezing (channels_last), profiled  ~9 min
 #   freezepx PixArt-XL step: compile vs O2 / O3, each with and without freezing, profiled ~9 min
@@ -114,7 +115,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -385,6 +386,11 @@ case "$part" in
     V='compile;O3;O3-lnq={"mode":"O3","passes.fp8_layer_norm_quant_kernel":true}'
     run 590 step_lnres_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --variants "$V" --output-json "$out/step_lnres_dit.json" ;;
+  fluxgelu)  # FLUX.1-dev O2 (rms_norm_rope on): does cuBLASLt's GELU epilogue pay there? (its
+    # GEMMs ran ~18% longer than the plain ones; compile's GELU kernels cost ~5.5 ms a step)
+    V='O2;O2-nogelu={"mode":"O2","passes.gelu_epilogue":false}'
+    run 590 step_gelu_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --profile --output-json "$out/step_gelu_flux.json" ;;
   ropeflux)  # FLUX.1-dev: the RMSNorm + RoPE kernel in an O2 step (three cold compiles)
     V='compile;O2;O2-rope={"mode":"O2","passes.rms_norm_rope":true}'
     run 590 step_rope_flux python3 benchmarks/bench_step.py --models flux-dev \
