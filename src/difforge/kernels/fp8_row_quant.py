@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from difforge.inference_only import register_inference_only
 from difforge.kernels import interpreting as _interpreting
 from difforge.kernels import last_dim_dense
 from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32
@@ -219,22 +220,6 @@ def _quantize_cat_rows_op(
     return quantize_cat_rows_triton(list(parts), list(gelu))
 
 
-# Quantization has no useful gradient. "No gradient", registered as ``difforge::fp8_linear``
-# does, lets a model called outside ``torch.no_grad`` with parameters that require grad
-# (a diffusers model fresh from from_pretrained) still compile: AOTAutograd traces a
-# backward through every op. One None per input of each op.
-def _count_parts(ctx: object, inputs: tuple[object, ...], output: object) -> None:
-    ctx.parts = len(inputs[0])  # type: ignore[attr-defined,arg-type]
-
-
-def _no_grad_cat_backward(ctx: object, *grads: torch.Tensor) -> tuple[list[None], None]:
-    return [None] * ctx.parts, None  # type: ignore[attr-defined]
-
-
-def _no_grad_layer_norm_backward(ctx: object, *grads: torch.Tensor) -> tuple[None, ...]:
-    return None, None, None, None
-
-
 @_quantize_cat_rows_op.register_fake
 def _quantize_cat_rows_fake(
     parts: list[torch.Tensor], gelu: list[bool]
@@ -246,7 +231,10 @@ def _quantize_cat_rows_fake(
     return out, parts[0].new_empty((m,), dtype=torch.float32)
 
 
-_quantize_cat_rows_op.register_autograd(_no_grad_cat_backward, setup_context=_count_parts)
+# Quantization has no useful gradient: a model called outside ``torch.no_grad`` with
+# parameters that require grad (fresh from from_pretrained) still compiles, and a backward
+# through the op raises (difforge.inference_only).
+register_inference_only(_quantize_cat_rows_op, "the fp8 GELU (+ cat) quantizer kernel")
 
 
 # --------------------------------------------------------------------------------------
@@ -413,7 +401,7 @@ def _layer_norm_quant_fake(
     return out, x.new_empty((rows,), dtype=torch.float32)
 
 
-_layer_norm_quant_op.register_autograd(_no_grad_layer_norm_backward)
+register_inference_only(_layer_norm_quant_op, "the fp8 LayerNorm quantizer kernel")
 
 
 @torch.library.custom_op("difforge::fp8_quantize_residual_layer_norm_rows_triton", mutates_args=())
@@ -448,8 +436,4 @@ def _residual_layer_norm_quant_fake(
     return h, q, x.new_empty((rows,), dtype=torch.float32)
 
 
-def _no_grad_residual_backward(ctx: object, *grads: torch.Tensor) -> tuple[None, ...]:
-    return None, None, None, None, None, None
-
-
-_residual_layer_norm_quant_op.register_autograd(_no_grad_residual_backward)
+register_inference_only(_residual_layer_norm_quant_op, "the fp8 LayerNorm quantizer kernel")

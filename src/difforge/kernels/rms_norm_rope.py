@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from difforge.inference_only import register_inference_only
 from difforge.kernels import last_dim_dense
 
 __all__ = ["KERNEL_DTYPES", "rms_norm_rope_reference", "rms_norm_rope_triton"]
@@ -194,10 +195,11 @@ def _rms_norm_rope_fake(
     return parts[0].new_empty((b, sum(p.shape[1] for p in parts), h, d))
 
 
-def _no_backward(ctx: object, grad: torch.Tensor) -> tuple[object, ...]:
-    # The rms_norm_rope pass declines graphs whose q/k need a gradient; a direct caller
-    # learns it here instead of getting silently wrong gradients.
-    raise RuntimeError("difforge::rms_norm_rope is inference-only: it has no backward")
-
-
-_rms_norm_rope_op.register_autograd(_no_backward)
+# The rms_norm_rope pass declines graphs whose q/k need a gradient; a direct caller's
+# backward raises instead of getting silently wrong gradients.
+register_inference_only(
+    _rms_norm_rope_op,
+    "difforge::rms_norm_rope",
+    "call it under torch.no_grad() (the `rms_norm_rope` pass leaves graphs that need "
+    "gradients alone)",
+)

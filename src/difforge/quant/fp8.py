@@ -37,6 +37,7 @@ import logging
 import torch
 from torch import nn
 
+from difforge.inference_only import guard_detached_input, register_inference_only
 from difforge.passes.activation import gelu_tanh_float
 
 log = logging.getLogger("difforge.quant")
@@ -280,14 +281,9 @@ def _(
     return x_fp8.new_empty((x_fp8.shape[0], w_fp8.shape[0]), dtype=out_dtype)
 
 
-def _no_grad_backward(ctx: object, grad: torch.Tensor) -> tuple[None, ...]:
-    # Inference only. Registering an explicit "no gradient" lets AOTAutograd trace modules
-    # whose parameters require grad (a diffusers model fresh from from_pretrained) instead
-    # of failing on an op without an autograd formula.
-    return (None,) * 6
-
-
-fp8_linear_op.register_autograd(_no_grad_backward)
+# Inference only: a model whose parameters require grad still traces, and a backward
+# through the op raises (difforge.inference_only says why not "no gradient").
+register_inference_only(fp8_linear_op, "an fp8 linear (`quant.fp8_linear`)")
 
 
 def fp8_linear(
@@ -348,11 +344,20 @@ def fp8_linear_traceable(
     reference, numerically the same function. ``direct_out_dtype``: False where the
     rowwise kernel cannot write ``x.dtype`` (:func:`rowwise_out_dtype_ok`): bfloat16 out,
     then cast and add the bias. Inference only: the quantized operands are detached, so
-    a module whose parameters require grad still traces (``_scaled_mm`` has no gradient).
+    a module whose parameters require grad still traces (``_scaled_mm`` has no gradient),
+    and a backward that reaches ``x`` through it raises (:mod:`difforge.inference_only`).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    x_fp8, x_scale = torch.ops.difforge.fp8_quantize_rows(x2.detach())
+    # Where x needs a gradient, the quantization keeps it (so x_scale does) and the GEMM
+    # takes detached operands: the guard at the end raises on a backward that reaches x.
+    # The guard reads x_scale, not x: the rewrites of the quantization that want to be
+    # x's only reader still see it so (difforge.passes.quant_fusion).
+    guarded = torch.is_grad_enabled() and x.requires_grad
+    x_fp8, x_scale = torch.ops.difforge.fp8_quantize_rows(x2 if guarded else x2.detach())
+    scale_source = x_scale
+    if guarded:
+        x_fp8, x_scale = x_fp8.detach(), x_scale.detach()
     if bias is not None:
         bias = bias.detach()
     if not scaled_mm:
@@ -377,7 +382,8 @@ def fp8_linear_traceable(
             ).to(x.dtype)
             if bias is not None:
                 out = out + bias.to(x.dtype)
-    return out.reshape(*lead, w_fp8.shape[0])
+    out = out.reshape(*lead, w_fp8.shape[0])
+    return guard_detached_input(out, scale_source, "an fp8 linear (`quant.fp8_linear`)")
 
 
 #: Fp8Linear implementations: "auto" = traceable under torch.compile, the op eagerly.

@@ -1,0 +1,117 @@
+"""Gradients through difforge's inference-only rewrites fail loudly instead of vanishing.
+
+The fp8 linears, the Triton fp8 quantizers and the RMSNorm + RoPE kernel have no backward.
+Saying "no gradient" (``None``) lets AOTAutograd trace a model whose parameters require
+grad (a diffusers model fresh from ``from_pretrained``, called outside ``torch.no_grad``),
+but then ``loss.backward()`` silently skips every path through them: wrong gradients and
+no error. Raising inside the backward formula instead breaks the compile itself, because
+AOTAutograd traces the backward (with fake tensors) whenever an input requires grad.
+
+So the backward formula returns, for each input that requires grad, the output of
+``difforge::inference_only_grad``: a graph node whose fake implementation is a tensor of
+the input's shape (the trace goes through) and whose real implementation raises a
+``RuntimeError`` naming the rewrite and the way out. A forward call never runs it; a
+``backward()`` through the rewrite does, in eager and compiled code alike. Under
+``torch.no_grad``/``inference_mode`` none of this is in the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+#: What the error suggests for the low-precision (O3) rewrites.
+LOW_PRECISION_HINT = (
+    "run the model under torch.no_grad() (or torch.inference_mode()), or compile without "
+    "`low-precision` (O2 instead of O3) to differentiate it"
+)
+
+
+class InferenceOnlyError(RuntimeError):
+    """A backward pass reached an inference-only difforge rewrite."""
+
+
+@torch.library.custom_op("difforge::inference_only_grad", mutates_args=())
+def inference_only_grad(
+    grad: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, what: str, hint: str
+) -> torch.Tensor:
+    """Raises: a backward pass reached ``what``, which has no gradient."""
+    raise InferenceOnlyError(
+        f"difforge: {what} is inference-only: no gradient flows through it; {hint}"
+    )
+
+
+@inference_only_grad.register_fake
+def _(
+    grad: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, what: str, hint: str
+) -> torch.Tensor:
+    return grad.new_empty(shape, dtype=dtype)
+
+
+def _input_specs(inputs: Sequence[Any]) -> list[Any]:
+    """Per input: (shape, dtype) of a tensor that requires grad, None for one that does not
+    or for a non-tensor; a list of those for a tensor-list input."""
+    specs: list[Any] = []
+    for value in inputs:
+        if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+            specs.append([_spec(v) for v in value])
+        else:
+            specs.append(_spec(value))
+    return specs
+
+
+def _spec(value: object) -> tuple[torch.Size, torch.dtype] | None:
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        return value.shape, value.dtype
+    return None
+
+
+def register_inference_only(op: Any, what: str, hint: str = LOW_PRECISION_HINT) -> None:
+    """Give the ``torch.library.custom_op`` ``op`` a backward that raises
+    :class:`InferenceOnlyError` when it runs (and traces like any other)."""
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: object) -> None:
+        ctx.difforge_specs = _input_specs(inputs)
+
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        grad = next((g for g in grads if isinstance(g, torch.Tensor)), None)
+
+        def raising(spec: Any) -> torch.Tensor | None:
+            if spec is None or grad is None:
+                return None
+            return torch.ops.difforge.inference_only_grad(grad, spec[0], spec[1], what, hint)
+
+        return tuple(
+            [raising(s) for s in spec] if isinstance(spec, list) else raising(spec)
+            for spec in ctx.difforge_specs
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+class _DetachedInput(torch.autograd.Function):
+    """``out`` unchanged; a gradient reaching ``x`` through it raises."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, what: str, hint: str) -> torch.Tensor:
+        ctx.spec = (x.shape, x.dtype, what, hint)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        shape, dtype, what, hint = ctx.spec
+        x_grad = torch.ops.difforge.inference_only_grad(grad, shape, dtype, what, hint)
+        return None, x_grad, None, None
+
+
+def guard_detached_input(
+    out: torch.Tensor, x: torch.Tensor, what: str, hint: str = LOW_PRECISION_HINT
+) -> torch.Tensor:
+    """``out``, computed from a detached ``x`` (or from something computed from ``x``):
+    where ``x`` needs a gradient (grad mode on), a backward through ``out`` to ``x`` raises
+    instead of leaving ``x`` without one."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return out
+    return _DetachedInput.apply(out, x, what, hint)

@@ -1,0 +1,128 @@
+"""A backward through difforge's inference-only rewrites (fp8 linears, the Triton fp8
+quantizers, the RMSNorm + RoPE kernel) raises a clear error instead of silently leaving
+gradients out; the forward, with or without grad mode, is unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.helpers import rel_err
+from torch import nn
+
+import difforge
+from difforge.inference_only import InferenceOnlyError, guard_detached_input
+from difforge.quant import Fp8Linear
+
+
+class _Block(nn.Module):
+    """LayerNorm (parameters that require grad, as from_pretrained leaves them) -> fp8 FF."""
+
+    def __init__(self, impl: str = "auto") -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.fc1 = Fp8Linear.from_linear(nn.Linear(64, 128))
+        self.fc2 = Fp8Linear.from_linear(nn.Linear(128, 64))
+        for lin in (self.fc1, self.fc2):
+            lin.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))
+
+
+@pytest.mark.parametrize("impl", ["op", "traceable"])
+def test_eager_backward_through_an_fp8_linear_raises(impl: str) -> None:
+    model = _Block(impl)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    out = model(x)
+    assert out.requires_grad
+    with pytest.raises(InferenceOnlyError, match=r"fp8 linear.*inference-only.*O2 instead"):
+        out.sum().backward()
+
+
+def test_compiled_backward_through_an_fp8_linear_raises_and_the_forward_is_unchanged() -> None:
+    """The compile traces a backward (the norm's parameters require grad) without failing;
+    the forward matches eager; only running the backward raises."""
+    torch.manual_seed(0)
+    model = _Block()
+    x = torch.randn(2, 9, 64)
+    out = difforge.compile(model, options={"mode": "O2"})(x)
+    with torch.no_grad():
+        assert rel_err(out.detach(), model(x)) < 1e-5
+    with pytest.raises(InferenceOnlyError, match="fp8 linear"):
+        out.sum().backward()
+    assert model.norm.weight.grad is None  # nothing half-written
+
+
+def test_gradients_that_do_not_cross_an_fp8_linear_still_flow() -> None:
+    """The residual path alone: x's gradient from `x + ...` is exact when the fp8 branch is
+    cut by the user (here: its output detached), so the guard only fires on the fp8 path."""
+    model = _Block()
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    out = x + model(x).detach()
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_no_guard_without_grad() -> None:
+    out, x = torch.randn(3, 4), torch.randn(3, 5)
+    assert guard_detached_input(out, x, "w") is out
+    x.requires_grad_()
+    with torch.no_grad():
+        assert guard_detached_input(out, x, "w") is out
+    guarded = guard_detached_input(out, x, "w")
+    assert guarded is not out and guarded.requires_grad and torch.equal(guarded, out)
+
+
+def test_compiled_no_grad_graph_has_no_guard() -> None:
+    """Under torch.no_grad the traced graph carries nothing for the backward."""
+    model = _Block()
+    x = torch.randn(2, 9, 64)
+    seen: list[str] = []
+
+    def spy(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=spy, fullgraph=True)(x)
+    assert seen and not any("_DetachedInput" in t or "inference_only" in t for t in seen)
+
+
+def test_backward_through_the_triton_quantizers_raises() -> None:
+    a = torch.randn(4, 32, requires_grad=True)
+    b = torch.randn(4, 16)
+    q, scale = torch.ops.difforge.fp8_quantize_cat_rows_triton([a, b], [False, True])
+    assert q.requires_grad
+    with pytest.raises(InferenceOnlyError, match="GELU \\(\\+ cat\\) quantizer"):
+        (q.float() * scale[:, None]).sum().backward()
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    mod = torch.randn(2, 32)
+    q, scale = torch.ops.difforge.fp8_quantize_layer_norm_rows_triton(x, mod, mod, 1e-6)
+    with pytest.raises(InferenceOnlyError, match="LayerNorm quantizer"):
+        q.float().sum().backward()
+    y = torch.randn(2, 3, 32)
+    h, q, scale = torch.ops.difforge.fp8_quantize_residual_layer_norm_rows_triton(
+        x, y, None, mod, mod, 1e-6
+    )
+    with pytest.raises(InferenceOnlyError, match="LayerNorm quantizer"):
+        h.sum().backward()
+
+
+def test_compiled_quantizer_kernel_graph_with_grad_raises_on_backward() -> None:
+    """FLUX's single block in miniature, compiled outside torch.no_grad with parameters
+    that require grad: the GELU (+ cat) quantizer kernel still takes the quantization, the
+    forward matches eager, and a backward raises."""
+    from tests.quant.test_fp8_gelu_scale import _SingleBlock
+
+    torch.manual_seed(0)
+    model = _SingleBlock().eval()
+    x = torch.randn(2, 9, 64)
+    options = {"mode": "O2", "passes.fp8_gelu_scale": True, "passes.fp8_cat_quant_kernel": True}
+    out = difforge.compile(model, options=options)(x)
+    assert difforge.counters["fp8_cat_quant_kernel"] == 1
+    with torch.no_grad():
+        assert rel_err(out.detach(), model(x)) < 1e-2
+    with pytest.raises(InferenceOnlyError, match="inference-only"):
+        out.sum().backward()
+    assert model.mlp.weight.grad is None
