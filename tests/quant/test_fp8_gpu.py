@@ -186,3 +186,24 @@ def test_compiled_cat_gelu_quantization_vs_its_reference(
     diff = (q.float() - q_ref.float()).abs()
     assert diff.le(q_ref.float().abs() * 0.07 + 2e-3).all()
     assert diff.gt(0).float().mean() < 0.01
+
+
+def test_o3_with_grad_enabled_runs_forward_and_raises_on_backward() -> None:
+    """A model whose parameters require grad (fresh from from_pretrained), compiled with O3
+    and called outside torch.no_grad: it compiles, the forward equals the no_grad
+    forward, and a backward through the fp8 linears raises instead of missing them."""
+    from difforge.inference_only import InferenceOnlyError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(1152), nn.Linear(1152, 4608), nn.GELU("tanh"))
+    model.append(nn.Linear(4608, 1152))
+    model = model.cuda().to(torch.bfloat16)
+    x = torch.randn(2, 256, 1152, device="cuda", dtype=torch.bfloat16)
+    compiled = difforge.compile(model, options={"mode": "O3", "quant.skip_edges": False})
+    out = compiled(x)
+    assert isinstance(model[1], Fp8Linear) and out.requires_grad
+    with torch.no_grad():
+        # the no_grad call is its own graph: the same kernels, up to their choices
+        assert rel_err(out.detach(), compiled(x)) < 1e-3
+    with pytest.raises(InferenceOnlyError, match="fp8 linear"):
+        out.float().sum().backward()
