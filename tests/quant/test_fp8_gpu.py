@@ -205,5 +205,7 @@ def test_o3_with_grad_enabled_runs_forward_and_raises_on_backward() -> None:
     with torch.no_grad():
         # the no_grad call is its own graph: the same kernels, up to their choices
         assert rel_err(out.detach(), compiled(x)) < 1e-3
-    with pytest.raises(InferenceOnlyError, match="fp8 linear"):
+    # The first inference-only node the backward meets raises: here the GELU quantizer
+    # kernel in front of the second fp8 linear (H200, b9173c5).
+    with pytest.raises(InferenceOnlyError, match="inference-only.*O2 instead of O3"):
         out.float().sum().backward()
