@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from difforge.kernels import triton_runs_on
+
 log = logging.getLogger("difforge.attention")
 
 #: A candidate whose output differs from SDPA's by more than this (relative, on unit
@@ -113,8 +115,8 @@ def using_policy(policy: AttentionPolicy) -> Iterator[None]:
 
 def _fp8_pv_supported(device: str) -> bool:
     if not device.startswith("cuda"):
-        return True  # the interpreter emulates it
-    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
+        return True  # the interpreter emulates it (kernel_available said it runs)
+    return triton_runs_on(torch.device(device), (8, 9))
 
 
 def allowed_candidates(policy: AttentionPolicy, device: str) -> list[KernelChoice]:
@@ -126,17 +128,12 @@ def allowed_candidates(policy: AttentionPolicy, device: str) -> list[KernelChoic
 def kernel_available(device: str) -> bool:
     """Whether the 8-bit kernel can run on ``device``: a CUDA GPU with int8 tensor-core
     GEMMs (cc >= 8.0), or the CPU under Triton's interpreter (tests)."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(
-            torch.device(device)
-        ) >= (8, 0)
-    if device != "cpu":
+    if not device.startswith(("cuda", "cpu")):
         return False
-    try:
-        from difforge.kernels.attention_int8 import _interpreting
+    try:  # the CPU case asks Triton whether it interprets
+        return triton_runs_on(torch.device(device), (8, 0))
     except ImportError:  # no Triton on this machine
         return False
-    return _interpreting()
 
 
 def choose(shape: AttentionShape, policy: AttentionPolicy) -> KernelChoice | None:

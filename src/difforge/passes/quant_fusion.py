@@ -41,6 +41,9 @@ import torch.fx
 from difforge.kernels.fp8_row_quant import KERNEL_DTYPES
 from difforge.passes.activation import gelu_tanh_as_sigmoid
 from difforge.passes.registry import (
+    ADDS,
+    MULS,
+    binary_operands,
     counters,
     fill_example_values,
     node_arg,
@@ -172,19 +175,6 @@ def fp8_cat_quant_kernel(graph: torch.fx.Graph) -> int:
     return made
 
 
-_ADDS = (operator.add, torch.add)
-_MULS = (operator.mul, torch.mul)
-
-
-def _binary(node: object, targets: tuple[object, ...]) -> tuple[object, object] | None:
-    """The two operands of ``node`` when it is a plain two-operand add or mul."""
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-        return None
-    if node.target not in targets or len(node.args) != 2 or node.kwargs:
-        return None
-    return node.args[0], node.args[1]
-
-
 def _plain_layer_norm(node: object) -> tuple[torch.fx.Node, float] | None:
     """``(x, eps)`` of ``layer_norm(x, (D,), None, None, eps)`` on a 3-D ``x``."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
@@ -213,15 +203,15 @@ def _modulation(
     """``(x, eps, scale, shift, norm)`` of ``norm = layer_norm(x, eps=eps)`` in
     ``norm * (1 + scale) + shift`` (operands in either order), each intermediate read only
     by the next step."""
-    add = _binary(node, _ADDS)
+    add = binary_operands(node, ADDS)
     if add is None:
         return None
     for prod, shift in (add, add[::-1]):
-        mul = _binary(prod, _MULS)
+        mul = binary_operands(prod, MULS)
         if mul is None or not isinstance(shift, torch.fx.Node):
             continue
         for norm, one_plus in (mul, mul[::-1]):
-            operands = _binary(one_plus, _ADDS)
+            operands = binary_operands(one_plus, ADDS)
             layer_norm = _plain_layer_norm(norm)
             if operands is None or layer_norm is None:
                 continue
@@ -269,12 +259,12 @@ def _residual(
     """``(r, y, gate)`` when ``x = r + gate * y`` (``gate`` a ``[B, 1, D]`` modulation; or
     ``x = r + y``, gate None): the residual update a DiT block makes before its norm, with
     ``r`` and ``y`` of x's own shape and dtype and the product read only by the add."""
-    operands = _binary(x, _ADDS)
+    operands = binary_operands(x, ADDS)
     if operands is None or not all(isinstance(n, torch.fx.Node) for n in operands):
         return None
     kind = [_same_tensor_kind(node_tensor(n), x_value) for n in operands]  # type: ignore[arg-type]
     for (r, other), r_kind in zip((operands, operands[::-1]), kind, strict=True):
-        prod = _binary(other, _MULS) if len(other.users) == 1 else None  # type: ignore[union-attr]
+        prod = binary_operands(other, MULS) if len(other.users) == 1 else None  # type: ignore[union-attr]
         for gate, y in (prod, prod[::-1]) if prod is not None and r_kind else ():
             if (
                 isinstance(gate, torch.fx.Node)

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import inspect
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -134,6 +135,21 @@ def same_size(a: object, b: object) -> bool:
         return bool(statically_known_true(a == b))
     except Exception:  # sizes of different shape environments: not provably equal
         return False
+
+
+#: The call targets of a plain add / mul in a Dynamo FX graph.
+ADDS: tuple[object, ...] = (operator.add, torch.add)
+MULS: tuple[object, ...] = (operator.mul, torch.mul)
+
+
+def binary_operands(node: object, targets: tuple[object, ...]) -> tuple[object, object] | None:
+    """The two operands of ``node`` when it is a plain two-operand call of one of
+    ``targets`` (no ``alpha``/``out`` keywords), else None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    if node.target not in targets or len(node.args) != 2 or node.kwargs:
+        return None
+    return node.args[0], node.args[1]
 
 
 def node_arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:

@@ -25,6 +25,9 @@ import torch.fx
 import torch.nn.functional as F
 
 from difforge.passes.registry import (
+    ADDS,
+    MULS,
+    binary_operands,
     node_arg,
     node_tensor,
     register_pass,
@@ -33,8 +36,6 @@ from difforge.passes.registry import (
 )
 
 _RMS_NORMS = (F.rms_norm, torch.rms_norm)
-_MULS = (operator.mul, torch.mul)
-_ADDS = (operator.add, torch.add)
 _NEGS = (operator.neg, torch.neg)
 
 
@@ -58,9 +59,10 @@ def _float_of(node: object) -> torch.fx.Node | None:
 def _product(node: object) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     """The readings ``(a, b)`` of ``node`` as ``a.float() * b``: either operand order, and
     ``a`` itself for a float32 ``a`` (the cleanup passes drop its no-op ``.float()``)."""
-    if not _is_call(node, _MULS) or len(node.args) != 2 or node.kwargs:  # type: ignore[union-attr]
+    operands = binary_operands(node, MULS)
+    if operands is None:
         return []
-    lhs, rhs = node.args  # type: ignore[union-attr]
+    lhs, rhs = operands
     readings = []
     for first, second in ((lhs, rhs), (rhs, lhs)):
         if not isinstance(first, torch.fx.Node) or not isinstance(second, torch.fx.Node):
@@ -76,9 +78,10 @@ def _product(node: object) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
 def _rotation(total: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | None:
     """``(y, cos, sin)`` for ``total = y.float() * cos + rotated(y).float() * sin``, the
     terms and each product's operands in either order."""
-    if not _is_call(total, _ADDS) or len(total.args) != 2 or total.kwargs:
+    operands = binary_operands(total, ADDS)
+    if operands is None:
         return None
-    first, second = (_product(t) for t in total.args)
+    first, second = (_product(t) for t in operands)
     for terms in ((first, second), (second, first)):
         for y, cos in terms[0]:
             for rot, sin in terms[1]:
