@@ -57,6 +57,13 @@ _QUANT_KERNELS = {
     "O3-lnq": "O3 + LayerNorm quantizer kernel (opt-in)",
 }
 
+#: O3 against O3 + the LayerNorm quantizer kernel that also takes the residual update.
+_RESIDUAL_LNQ = {
+    "compile": "torch.compile",
+    "O3": "O3",
+    "O3-lnq": "O3 + LayerNorm quantizer with the residual (opt-in)",
+}
+
 #: (file, model, label, variants shown, their labels): one run per row group, every
 #: variant from that same run.
 STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] = (
@@ -214,6 +221,31 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         "SD3-medium fp16, batch 2",
         ("compile", "O3-nocatq", "O3", "O3-lnq"),
         _QUANT_KERNELS,
+    ),
+    (
+        "2026-11-28_h200_step_rope_flux_s23.json",
+        "flux-dev",
+        "FLUX.1-dev bf16, batch 1",
+        ("compile", "O2", "O2-rope"),
+        {
+            "compile": "torch.compile",
+            "O2": "O2 without rms_norm_rope",
+            "O2-rope": "O2 (rms_norm_rope on since this run)",
+        },
+    ),
+    (
+        "2026-11-28_h200_step_lnres_dit_s23.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "O3", "O3-lnq"),
+        _RESIDUAL_LNQ,
+    ),
+    (
+        "2026-11-28_h200_step_lnres_dit_s23.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("compile", "O3", "O3-lnq"),
+        _RESIDUAL_LNQ,
     ),
     (
         "2026-11-28_h100_step_cached_pixart_s18.json",
