@@ -18,6 +18,16 @@ ON = {"mode": "O2", "passes.rms_norm_rope": True}
 OFF = {"mode": "O2", "passes.rms_norm_rope": False}
 
 
+def _rope_negative_dims(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb(use_real_unbind_dim=-1)`` as another codebase may
+    write it: negative dims, ``.to(dtype=...)`` casts."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    rotated = x.to(dtype=torch.float32) * cos + x_rotated.to(dtype=torch.float32) * sin
+    return rotated.to(dtype=x.dtype)
+
+
 class _Attention(nn.Module):
     """FLUX's attention in miniature (diffusers' own ``apply_rotary_emb``): q/k/v
     projections, per-head RMSNorms, text tokens joined before image tokens when
@@ -43,12 +53,16 @@ class _Attention(nn.Module):
             tq, tk, tv = (
                 t.unflatten(-1, (self.heads, -1)) for t in self.txt_qkv(txt).chunk(3, dim=-1)
             )
-            q = torch.cat([self.norm_tq(tq), q], dim=1)
-            k = torch.cat([self.norm_tk(tk), k], dim=1)
+            token_dim = -3 if self.variant == "negative_dims" else 1
+            q = torch.cat([self.norm_tq(tq), q], dim=token_dim)
+            k = torch.cat([self.norm_tk(tk), k], dim=token_dim)
             v = torch.cat([tv, v], dim=1)
         unbind_dim = -2 if self.variant == "halves" else -1
-        q = apply_rotary_emb(q, (cos, sin), sequence_dim=1, use_real_unbind_dim=unbind_dim)
-        k = apply_rotary_emb(k, (cos, sin), sequence_dim=1, use_real_unbind_dim=unbind_dim)
+        if self.variant == "negative_dims":
+            q, k = _rope_negative_dims(q, cos, sin), _rope_negative_dims(k, cos, sin)
+        else:
+            q = apply_rotary_emb(q, (cos, sin), sequence_dim=1, use_real_unbind_dim=unbind_dim)
+            k = apply_rotary_emb(k, (cos, sin), sequence_dim=1, use_real_unbind_dim=unbind_dim)
         if self.variant == "read_norm":  # the un-rotated norm read elsewhere: still fine
             v = v + self.norm_q(v)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -78,6 +92,19 @@ def _compare(model: nn.Module, inputs: tuple[torch.Tensor, ...], fires: int) -> 
 def test_pass_fires_on_q_and_k(joint: bool) -> None:
     torch.manual_seed(0)
     _compare(_Attention(joint=joint).eval(), _inputs(joint=joint), fires=2)
+
+
+def test_pass_fires_on_negative_dims_and_keyword_casts() -> None:
+    """The same computation written with ``cat(dim=-3)``, ``flatten(-2)`` and
+    ``.to(dtype=...)`` (in bfloat16, so the casts are real)."""
+    torch.manual_seed(0)
+    model = _Attention(joint=True, variant="negative_dims").eval().to(torch.bfloat16)
+    inputs = tuple(t.to(torch.bfloat16) for t in _inputs(joint=True))
+    with torch.no_grad():
+        eager = model(*inputs)
+        out = difforge.compile(model, options=ON)(*inputs)
+    assert difforge.counters["rms_norm_rope"] == 2
+    assert rel_err(out.float(), eager.float()) < 2e-2
 
 
 @pytest.mark.parametrize(

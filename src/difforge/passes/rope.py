@@ -47,13 +47,28 @@ def _is_call(node: object, targets: tuple[object, ...]) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
 
 
+def _cast(node: object) -> tuple[torch.fx.Node, torch.dtype] | None:
+    """``(t, dtype)`` for ``t.float()``, ``t.to(dtype)`` or ``t.to(dtype=dtype)``."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    args, kwargs = node.args, node.kwargs
+    if _is_method(node, "float") and len(args) == 1 and not kwargs:
+        source, dtype = args[0], torch.float32
+    elif _is_method(node, "to") and len(args) == 2 and not kwargs:
+        source, dtype = args
+    elif _is_method(node, "to") and len(args) == 1 and set(kwargs) == {"dtype"}:
+        source, dtype = args[0], kwargs["dtype"]
+    else:
+        return None
+    if not isinstance(source, torch.fx.Node) or not isinstance(dtype, torch.dtype):
+        return None
+    return source, dtype
+
+
 def _float_of(node: object) -> torch.fx.Node | None:
-    """``t`` for ``t.float()`` or ``t.to(torch.float32)``."""
-    if _is_method(node, "float") and len(node.args) == 1 and not node.kwargs:  # type: ignore[union-attr]
-        return node.args[0]  # type: ignore[union-attr,return-value]
-    if _is_method(node, "to") and node.args[1:] == (torch.float32,) and not node.kwargs:  # type: ignore[union-attr]
-        return node.args[0]  # type: ignore[union-attr,return-value]
-    return None
+    """``t`` for ``t.float()`` or ``t.to(torch.float32)`` (dtype given either way)."""
+    cast = _cast(node)
+    return cast[0] if cast is not None and cast[1] == torch.float32 else None
 
 
 def _product(node: object) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
@@ -91,9 +106,9 @@ def _rotation(total: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch
 
 
 def _rotated_source(node: object) -> torch.fx.Node | None:
-    """``y`` for ``stack([-imag, real], -1).flatten(3)`` with ``real, imag`` the unbound
+    """``y`` for ``stack([-imag, real], -1).flatten(3)`` (or ``flatten(-2)``) with ``real, imag`` the unbound
     pairs of ``y.reshape(..., -1, 2)``."""
-    if not _is_method(node, "flatten") or node_arg(node, 1, "start_dim") != 3:  # type: ignore[arg-type]
+    if not _is_method(node, "flatten") or node_arg(node, 1, "start_dim") not in (3, -2):  # type: ignore[arg-type]
         return None
     stack = node.args[0]  # type: ignore[union-attr]
     if not _is_call(stack, (torch.stack,)) or node_arg(stack, 1, "dim", 0) not in (-1, 4):  # type: ignore[arg-type]
@@ -159,7 +174,7 @@ def _norms(y: torch.fx.Node, dim: int) -> _Norms | None:
     """The RMSNorms ``y`` is made of: one, or a token-axis ``cat`` of two with one eps."""
     if _is_call(y, (torch.cat,)):
         pieces = node_arg(y, 0, "tensors")
-        if node_arg(y, 1, "dim", 0) != 1 or not isinstance(pieces, (list, tuple)):
+        if node_arg(y, 1, "dim", 0) not in (1, -3) or not isinstance(pieces, (list, tuple)):
             return None
         norms = [_rms_norm(p, dim) for p in pieces]
         if len(norms) != 2 or any(n is None for n in norms):
@@ -226,8 +241,8 @@ def rms_norm_rope(graph: torch.fx.Graph) -> int:
         # The value to replace: the cast back to y's dtype, absent (a no-op the cleanup
         # passes dropped) when y is float32.
         cast = next(iter(total.users)) if len(total.users) == 1 else None
-        if _is_method(cast, "to") and cast.args[1:] == (y_value.dtype,) and not cast.kwargs:  # type: ignore[union-attr]
-            result = cast
+        if _cast(cast) == (total, y_value.dtype):
+            result = cast  # type: ignore[assignment]
         elif y_value.dtype == torch.float32:
             result = total
         else:
