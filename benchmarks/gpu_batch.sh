@@ -73,6 +73,7 @@
 #   ropeflux3 FLUX.1-dev step: O3 vs O3 + rms_norm_rope (+ the residual LayerNorm
 #            quantizer), profiled                                                ~9 min
 #   fluxgelu FLUX.1-dev step: O2 vs O2 without gelu_epilogue, profiled           ~5 min
+#   s23tests the gpu tests of the twenty-third session's changes                  ~4 min
 #   fluxnorm the O3-with-grad gpu test; FLUX.1-dev O2 vs persistent 3072-wide LayerNorms vs
 #            fuse_qkv.cached_weights                                            ~8 min
 #   o3flux   FLUX.1-dev step: compile vs O3, profiled, with each variant's SM clock   ~9 min
@@ -117,7 +118,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -388,6 +389,11 @@ case "$part" in
     V='compile;O3;O3-lnq={"mode":"O3","passes.fp8_layer_norm_quant_kernel":true}'
     run 590 step_lnres_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --variants "$V" --output-json "$out/step_lnres_dit.json" ;;
+  s23tests)  # the gpu tests of what the twenty-third session changed: O3 with gradients on,
+    # rms_norm_rope (kernel, pass, tiny FLUX under plain O2), the attention selection
+    run 300 gpu_tests_s23 python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
+      tests/quant/test_fp8_gpu.py tests/kernels/test_rope_pass.py \
+      tests/kernels/test_rms_norm_rope.py tests/kernels/test_attention_pass.py ;;
   fluxnorm)  # the O3-with-grad gpu test, then FLUX.1-dev O2 vs O2 with its 3072-wide LayerNorm
     # rows persistent (one read; Inductor loops over them at 2048) vs O2 with the q/k/v
     # (+ MLP) concatenations cached (the cost rule refuses them per call)

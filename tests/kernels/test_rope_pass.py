@@ -222,3 +222,32 @@ def test_pass_on_tiny_flux() -> None:
         out = call(difforge.compile(model, options=ON))[0]
     assert difforge.counters["rms_norm_rope"] == 2 * blocks
     assert rel_err(out, eager) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tiny_flux_o2_runs_the_kernel() -> None:
+    """Plain O2 (the pass is on there since it measured faster) on a CUDA GPU in bfloat16:
+    every q and k of tiny FLUX goes through the kernel; the step stays within bfloat16's
+    error of eager against float32."""
+    from difforge.diffusers.presets import get_preset
+    from difforge.diffusers.step_inputs import StepCall, denoiser_step_inputs
+
+    preset = get_preset("tiny-flux")
+    model = preset.build_component("transformer").eval().cuda()
+    call = denoiser_step_inputs(
+        preset, batch=1, height=64, width=64, device="cuda", dtype=torch.float32
+    )
+    blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    with torch.no_grad():
+        exact = call(model)[0]
+        model = model.to(torch.bfloat16)
+        half = StepCall(*torch.utils._pytree.tree_map_only(
+            torch.Tensor,
+            lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t,
+            (call.args, call.kwargs),
+        ))  # fmt: skip
+        eager = half(model)[0]
+        out = half(difforge.compile(model, options={"mode": "O2"}))[0]
+    assert difforge.counters["rms_norm_rope"] == 2 * blocks
+    assert rel_err(out.float(), exact) < 1.5 * rel_err(eager.float(), exact) + 1e-3
