@@ -392,7 +392,8 @@ case "$part" in
   s23tests)  # the gpu tests of what the twenty-third session changed: O3 with gradients on,
     # rms_norm_rope (kernel, pass, tiny FLUX under plain O2), the attention selection
     run 300 gpu_tests_s23 python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
-      tests/quant/test_fp8_gpu.py tests/kernels/test_rope_pass.py \
+      tests/quant/test_fp8_gpu.py::test_o3_with_grad_enabled_runs_forward_and_raises_on_backward \
+      tests/kernels/test_rope_pass.py \
       tests/kernels/test_rms_norm_rope.py tests/kernels/test_attention_pass.py ;;
   fluxnorm)  # the O3-with-grad gpu test, then FLUX.1-dev O2 vs O2 with its 3072-wide LayerNorm
     # rows persistent (one read; Inductor loops over them at 2048) vs O2 with the q/k/v
