@@ -10,6 +10,7 @@ from tests.helpers import rel_err
 from torch import nn
 
 import difforge
+from difforge.inference_only import InferenceOnlyError
 from difforge.quant import Fp8Linear
 from difforge.quant.fp8 import (
     FP8_MAX,
@@ -262,7 +263,8 @@ def test_layer_norm_quantizer_pass_is_opt_in() -> None:
 def test_triton_quantizer_pass_compiles_with_grad_enabled() -> None:
     """Outside torch.no_grad, with parameters that require grad (a model fresh from
     from_pretrained), AOTAutograd traces a backward through the Triton quantizers' ops:
-    they say "no gradient" instead of failing the compile."""
+    the compile and the forward go through (the kernels still take the quantizations), and
+    running that backward raises (difforge.inference_only) instead of missing them."""
     torch.manual_seed(0)
     model = _SingleBlock().eval()
     x = torch.randn(2, 9, 64)
@@ -271,6 +273,9 @@ def test_triton_quantizer_pass_compiles_with_grad_enabled() -> None:
     assert difforge.counters["fp8_cat_quant_kernel"] == 1
     with torch.no_grad():
         assert rel_err(out.detach(), model(x)) < 1e-2
+    with pytest.raises(InferenceOnlyError, match="inference-only"):
+        out.sum().backward()
+    assert model.mlp.weight.grad is None
     torch._dynamo.reset()
     model = _AdaLNBlock().eval()
     x, table = _adaln_inputs()
