@@ -74,9 +74,15 @@ def register_inference_only(op: Any, what: str, hint: str = LOW_PRECISION_HINT) 
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: object) -> None:
         ctx.difforge_specs = _input_specs(inputs)
+        # An output no gradient reaches must come in as None, not as materialized zeros:
+        # a raising node fed only by zeros depends on no tangent, so AOTAutograd's
+        # partitioner moves it into the *forward* graph, which then raises on every call.
+        ctx.set_materialize_grads(False)
 
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
-        grad = next((g for g in grads if isinstance(g, torch.Tensor)), None)
+    def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+        # The first gradient that really arrives (a tensor; tensor-list outputs flattened).
+        flat = torch.utils._pytree.tree_leaves(grads)
+        grad = next((g for g in flat if isinstance(g, torch.Tensor)), None)
 
         def raising(spec: Any) -> torch.Tensor | None:
             if spec is None or grad is None:
@@ -97,10 +103,13 @@ class _DetachedInput(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, what: str, hint: str) -> torch.Tensor:
         ctx.spec = (x.shape, x.dtype, what, hint)
+        ctx.set_materialize_grads(False)  # see register_inference_only
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[Any, ...]:
+        if grad is None:
+            return None, None, None, None
         shape, dtype, what, hint = ctx.spec
         x_grad = torch.ops.difforge.inference_only_grad(grad, shape, dtype, what, hint)
         return None, x_grad, None, None

@@ -109,3 +109,21 @@ def test_backward_through_the_triton_quantizers_raises() -> None:
     )
     with pytest.raises(InferenceOnlyError, match="LayerNorm quantizer"):
         h.sum().backward()
+
+
+def test_compiled_gelu_quantizer_between_fp8_linears_runs_forward_with_grad() -> None:
+    """LayerNorm -> fp8 linear -> GELU -> (quantizer kernel) fp8 linear, outside no_grad:
+    the quantizer op's fp8 output gets no gradient (the GEMM reads it detached). Were that
+    gradient materialized as zeros, the raising node would depend on no tangent and
+    AOTAutograd would partition it into the forward, which then raised on every call (an
+    H200 gpu test caught it, 04a5987). Now: the forward runs, the backward raises."""
+    torch.manual_seed(0)
+    model = _Block()
+    x = torch.randn(2, 9, 64)
+    options = {"mode": "O2", "passes.fp8_gelu_scale": True, "passes.fp8_cat_quant_kernel": True}
+    out = difforge.compile(model, options=options)(x)
+    assert difforge.counters["fp8_cat_quant_kernel"] == 1
+    with torch.no_grad():
+        assert rel_err(out.detach(), model(x)) < 1e-2
+    with pytest.raises(InferenceOnlyError, match="inference-only"):
+        out.sum().backward()
