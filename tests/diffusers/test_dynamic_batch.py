@@ -22,7 +22,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tests.diffusers.test_dynamic import DIT_SIZES, UNET_SIZES, denoiser, graphs, sweep
+from tests.diffusers.test_dynamic import (
+    DIT_SIZES,
+    SWEEP_OPTIONS,
+    UNET_SIZES,
+    denoiser,
+    graphs,
+    sweep,
+)
 from tests.helpers import rel_err
 
 import difforge
@@ -271,7 +278,7 @@ def test_flux_batches_1_2_4_at_every_size_after_one_warm_up(
     call at batch 1 (the default, ``"upward"``) or at any batch (``"warmup"``) compiles the
     batch-1 and the batch>=2 graph at the first call, nothing after."""
     module, reference = denoiser("tiny-flux")
-    options = {"mode": "O2", "dynamic": True, "recompile.strict": True}
+    options: dict[str, Any] = {"mode": "O2", **SWEEP_OPTIONS}
     if first != 1:
         options["shapes.batch"] = "warmup"
     compiled = difforge.compile(module, options=options)
@@ -290,8 +297,8 @@ def test_flux_unbacked_batches_1_2_4_at_every_size_on_one_graph(
     no_recompile_warnings: Any,
 ) -> None:
     module, reference = denoiser("tiny-flux")
-    options = {"mode": "O2", "dynamic": True, "shapes.batch": "unbacked"}
-    compiled = difforge.compile(module, options={**options, "recompile.strict": True})
+    options = {"mode": "O2", "shapes.batch": "unbacked", **SWEEP_OPTIONS}
+    compiled = difforge.compile(module, options=options)
     events = len(recompile_events)
     errors = sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (1,))
     assert graphs() == 1

@@ -205,6 +205,21 @@ def test_pass_in_half_precision(dtype: torch.dtype) -> None:
     assert rel_err(out, exact) < (2.5 if truncates else 1.1) * rel_err(eager, exact)
 
 
+def test_pass_on_symbolic_token_counts() -> None:
+    """Under ``dynamic: true`` the kernel takes symbolic token and batch counts: one graph
+    serves three token counts and two batches, every output equal to eager. (The tiny-FLUX
+    size sweeps leave this pass off: tests/diffusers/test_dynamic.py says why.)"""
+    model = _Attention(joint=True).eval()
+    compiled = difforge.compile(model, options={**ON, "dynamic": True, "recompile.strict": True})
+    with torch.no_grad():
+        for tokens, batch in ((10, 2), (7, 2), (13, 3)):
+            x, t, cos, sin = _inputs(tokens=tokens, joint=True)
+            x, t = x[:1].expand(batch, -1, -1).contiguous(), t[:1].expand(batch, -1, -1)
+            assert rel_err(compiled(x, t, cos, sin), model(x, t, cos, sin)) < 1e-5
+    assert difforge.counters["rms_norm_rope"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_pass_on_tiny_flux() -> None:
     """diffusers' FluxTransformer2DModel (tiny preset, its real block code): every q and k
     of every block, double and single, rewritten; the step unchanged."""
