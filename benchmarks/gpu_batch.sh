@@ -118,7 +118,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -389,6 +389,18 @@ case "$part" in
     V='compile;O3;O3-lnq={"mode":"O3","passes.fp8_layer_norm_quant_kernel":true}'
     run 590 step_lnres_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --variants "$V" --output-json "$out/step_lnres_dit.json" ;;
+  tunepx)  # GEMM autotuning under O2, never measured on the real models: Inductor's Triton
+    # templates (persistent TMA ones too) against cuBLAS per shape, epilogues fused into the
+    # winner where that benchmarks faster (PixArt-XL-2, fp16, batch 2)
+    V='compile;O2;O2-tune={"mode":"O2","inductor.max_autotune_gemm":true'
+    V+=',"inductor.triton.enable_persistent_tma_matmul":true}'
+    run 590 step_tune_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_tune_pixart.json" ;;
+  tuneflux)  # the same on FLUX.1-dev (bf16, batch 1)
+    V='O2;O2-tune={"mode":"O2","inductor.max_autotune_gemm":true'
+    V+=',"inductor.triton.enable_persistent_tma_matmul":true}'
+    run 590 step_tune_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --profile --output-json "$out/step_tune_flux.json" ;;
   s23tests)  # the gpu tests of what the twenty-third session changed: O3 with gradients on,
     # rms_norm_rope (kernel, pass, tiny FLUX under plain O2), the attention selection
     run 300 gpu_tests_s23 python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
