@@ -28,6 +28,14 @@ def _rope_negative_dims(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return rotated.to(dtype=x.dtype)
 
 
+def _rope_type_as(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation cast back with ``.type_as(x)``, as other codebases write it."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).type_as(x)
+
+
 class _Attention(nn.Module):
     """FLUX's attention in miniature (diffusers' own ``apply_rotary_emb``): q/k/v
     projections, per-head RMSNorms, text tokens joined before image tokens when
@@ -54,12 +62,19 @@ class _Attention(nn.Module):
                 t.unflatten(-1, (self.heads, -1)) for t in self.txt_qkv(txt).chunk(3, dim=-1)
             )
             token_dim = -3 if self.variant == "negative_dims" else 1
-            q = torch.cat([self.norm_tq(tq), q], dim=token_dim)
-            k = torch.cat([self.norm_tk(tk), k], dim=token_dim)
-            v = torch.cat([tv, v], dim=1)
+            if self.variant == "three_parts":  # a second text stream, normed alike
+                q = torch.cat([self.norm_tq(tq), self.norm_tq(tq.flip(1)), q], dim=1)
+                k = torch.cat([self.norm_tk(tk), self.norm_tk(tk.flip(1)), k], dim=1)
+                v = torch.cat([tv, tv.flip(1), v], dim=1)
+            else:
+                q = torch.cat([self.norm_tq(tq), q], dim=token_dim)
+                k = torch.cat([self.norm_tk(tk), k], dim=token_dim)
+                v = torch.cat([tv, v], dim=1)
         unbind_dim = -2 if self.variant == "halves" else -1
         if self.variant == "negative_dims":
             q, k = _rope_negative_dims(q, cos, sin), _rope_negative_dims(k, cos, sin)
+        elif self.variant == "three_parts":
+            q, k = _rope_type_as(q, cos, sin), _rope_type_as(k, cos, sin)
         else:
             q = apply_rotary_emb(q, (cos, sin), sequence_dim=1, use_real_unbind_dim=unbind_dim)
             k = apply_rotary_emb(k, (cos, sin), sequence_dim=1, use_real_unbind_dim=unbind_dim)
@@ -69,10 +84,12 @@ class _Attention(nn.Module):
         return o.transpose(1, 2).flatten(2)
 
 
-def _inputs(dim: int = 64, heads: int = 4, tokens: int = 10, txt: int = 3, joint: bool = False):
+def _inputs(
+    dim: int = 64, heads: int = 4, tokens: int = 10, txt: int = 3, joint: bool = False, streams: int = 1
+):
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(2, tokens, dim, generator=g), torch.randn(2, txt, dim, generator=g)
-    s, d = tokens + (txt if joint else 0), dim // heads
+    s, d = tokens + (streams * txt if joint else 0), dim // heads
     theta = torch.rand(s, d // 2, generator=g) * 6.3
     return x, t, theta.cos().repeat_interleave(2, -1), theta.sin().repeat_interleave(2, -1)
 
@@ -100,6 +117,19 @@ def test_pass_fires_on_negative_dims_and_keyword_casts() -> None:
     torch.manual_seed(0)
     model = _Attention(joint=True, variant="negative_dims").eval().to(torch.bfloat16)
     inputs = tuple(t.to(torch.bfloat16) for t in _inputs(joint=True))
+    with torch.no_grad():
+        eager = model(*inputs)
+        out = difforge.compile(model, options=ON)(*inputs)
+    assert difforge.counters["rms_norm_rope"] == 2
+    assert rel_err(out.float(), eager.float()) < 2e-2
+
+
+def test_pass_fires_on_three_part_cats_and_type_as() -> None:
+    """Three normed token streams joined before the rotation, cast back with
+    ``.type_as(x)`` (bfloat16, so the casts are real): one kernel each for q and k."""
+    torch.manual_seed(0)
+    model = _Attention(joint=True, variant="three_parts").eval().to(torch.bfloat16)
+    inputs = tuple(t.to(torch.bfloat16) for t in _inputs(joint=True, streams=2))
     with torch.no_grad():
         eager = model(*inputs)
         out = difforge.compile(model, options=ON)(*inputs)

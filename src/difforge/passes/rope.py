@@ -6,10 +6,10 @@ FLUX.1 runs it (its double blocks join the text tokens' normed q before the imag
 tokens'), becomes one ``difforge::rms_norm_rope`` Triton kernel
 (:mod:`difforge.kernels.rms_norm_rope`, which says why). The matched composite is::
 
-    y = rms_norm(x, (D,), w, eps)                  # or cat([rms_norm(a), rms_norm(b)], 1)
+    y = rms_norm(x, (D,), w, eps)                  # or cat([rms_norm(a), rms_norm(b), ...], 1)
     real, imag = y.reshape(*lead, -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    out = (y.float() * cos + rotated.float() * sin).to(y.dtype)
+    out = (y.float() * cos + rotated.float() * sin).to(y.dtype)   # or .type_as(y)
 
 Only on an NVIDIA GPU with bf16 (cc >= 8.0), or the CPU under Triton's interpreter, and
 only in graphs that need no gradient through q and k (the kernel has no backward).
@@ -48,12 +48,18 @@ def _is_call(node: object, targets: tuple[object, ...]) -> bool:
 
 
 def _cast(node: object) -> tuple[torch.fx.Node, torch.dtype] | None:
-    """``(t, dtype)`` for ``t.float()``, ``t.to(dtype)`` or ``t.to(dtype=dtype)``."""
+    """``(t, dtype)`` for ``t.float()``, ``t.to(dtype)``, ``t.to(dtype=dtype)`` or
+    ``t.type_as(other)``."""
     if not isinstance(node, torch.fx.Node):
         return None
     args, kwargs = node.args, node.kwargs
     if _is_method(node, "float") and len(args) == 1 and not kwargs:
         source, dtype = args[0], torch.float32
+    elif _is_method(node, "type_as") and len(args) == 2 and not kwargs:
+        other = node_tensor(args[1]) if isinstance(args[1], torch.fx.Node) else None
+        if other is None:
+            return None
+        source, dtype = args[0], other.dtype
     elif _is_method(node, "to") and len(args) == 2 and not kwargs:
         source, dtype = args
     elif _is_method(node, "to") and len(args) == 1 and set(kwargs) == {"dtype"}:
@@ -171,13 +177,14 @@ def _rms_norm(node: object, dim: int) -> tuple[torch.fx.Node, torch.fx.Node | No
 
 
 def _norms(y: torch.fx.Node, dim: int) -> _Norms | None:
-    """The RMSNorms ``y`` is made of: one, or a token-axis ``cat`` of two with one eps."""
+    """The RMSNorms ``y`` is made of: one, or a token-axis ``cat`` of several (FLUX's text
+    and image tokens; a third for extra conditioning tokens) with one eps."""
     if _is_call(y, (torch.cat,)):
         pieces = node_arg(y, 0, "tensors")
         if node_arg(y, 1, "dim", 0) not in (1, -3) or not isinstance(pieces, (list, tuple)):
             return None
         norms = [_rms_norm(p, dim) for p in pieces]
-        if len(norms) != 2 or any(n is None for n in norms):
+        if len(norms) < 2 or any(n is None for n in norms):
             return None
         if len({n[2] for n in norms}) != 1:  # type: ignore[index]
             return None
