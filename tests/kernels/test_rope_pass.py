@@ -85,7 +85,12 @@ class _Attention(nn.Module):
 
 
 def _inputs(
-    dim: int = 64, heads: int = 4, tokens: int = 10, txt: int = 3, joint: bool = False, streams: int = 1
+    dim: int = 64,
+    heads: int = 4,
+    tokens: int = 10,
+    txt: int = 3,
+    joint: bool = False,
+    streams: int = 1,
 ):
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(2, tokens, dim, generator=g), torch.randn(2, txt, dim, generator=g)
