@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: error metric and tiny-model inputs."""
+"""Helpers shared by the tests: error metric, tiny-model inputs, compile checks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,26 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm())
+
+
+def compile_with_grad_enabled(
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    options: dict[str, Any],
+    counter: str,
+    fires: int,
+    tol: float,
+) -> torch.Tensor:
+    """Compile ``model`` with ``options`` outside ``torch.no_grad`` and run it: the rewrite
+    ``counter`` fired ``fires`` times and the output is within ``tol`` of eager. Returns
+    the output, still attached to its autograd graph."""
+    import difforge
+
+    out = difforge.compile(model, options=options)(*inputs)
+    assert difforge.counters[counter] == fires
+    with torch.no_grad():
+        assert rel_err(out.detach(), model(*inputs)) < tol
+    return out
 
 
 def dit_inputs(batch: int = 2, size: int = 16, tokens: int = 7) -> tuple[torch.Tensor, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import rel_err
+from tests.helpers import compile_with_grad_enabled, rel_err
 from torch import nn
 
 import difforge
@@ -269,21 +269,14 @@ def test_triton_quantizer_pass_compiles_with_grad_enabled() -> None:
     model = _SingleBlock().eval()
     x = torch.randn(2, 9, 64)
     options = {"mode": "O2", "passes.fp8_gelu_scale": True, "passes.fp8_cat_quant_kernel": True}
-    out = difforge.compile(model, options=options)(x)
-    assert difforge.counters["fp8_cat_quant_kernel"] == 1
-    with torch.no_grad():
-        assert rel_err(out.detach(), model(x)) < 1e-2
+    out = compile_with_grad_enabled(model, (x,), options, "fp8_cat_quant_kernel", 1, 1e-2)
     with pytest.raises(InferenceOnlyError, match="inference-only"):
         out.sum().backward()
     assert model.mlp.weight.grad is None
     torch._dynamo.reset()
-    model = _AdaLNBlock().eval()
-    x, table = _adaln_inputs()
     options = {"mode": "O2", "passes.fp8_layer_norm_quant_kernel": True}
-    out = difforge.compile(model, options=options)(x, table)
-    assert difforge.counters["fp8_layer_norm_quant_kernel"] == 2
-    with torch.no_grad():
-        assert rel_err(out.detach(), model(x, table)) < 2e-2
+    counter = "fp8_layer_norm_quant_kernel"
+    compile_with_grad_enabled(_AdaLNBlock().eval(), _adaln_inputs(), options, counter, 2, 2e-2)
 
 
 def test_residual_layer_norm_quantizer_keeps_a_residual_stream_that_needs_grad() -> None:
