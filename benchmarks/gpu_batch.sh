@@ -118,7 +118,7 @@
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -396,6 +396,12 @@ case "$part" in
     V+=',"inductor.triton.enable_persistent_tma_matmul":true}'
     run 590 step_tune_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
       --variants "$V" --profile --output-json "$out/step_tune_pixart.json" ;;
+  tunepx3)  # the same under O3: Inductor's Triton scaled_mm templates (row-wise fp8) against
+    # the _scaled_mm kernel per shape (PixArt-XL-2)
+    V='O3;O3-tune={"mode":"O3","inductor.max_autotune_gemm":true'
+    V+=',"inductor.triton.enable_persistent_tma_matmul":true}'
+    run 560 step_tune3_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_tune3_pixart.json" ;;
   tuneflux)  # the same on FLUX.1-dev (bf16, batch 1)
     V='O2;O2-tune={"mode":"O2","inductor.max_autotune_gemm":true'
     V+=',"inductor.triton.enable_persistent_tma_matmul":true}'
