@@ -104,7 +104,9 @@ class _DetachedInput(torch.autograd.Function):
     def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, what: str, hint: str) -> torch.Tensor:
         ctx.spec = (x.shape, x.dtype, what, hint)
         ctx.set_materialize_grads(False)  # see register_inference_only
-        return out.view_as(out)
+        # A copy, not a view: a caller's in-place update of a Function's view output raises
+        # in the forward. Only graphs that need x's gradient pay it (see the guard below).
+        return out.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[Any, ...]:
@@ -120,7 +122,8 @@ def guard_detached_input(
 ) -> torch.Tensor:
     """``out``, computed from a detached ``x`` (or from something computed from ``x``):
     where ``x`` needs a gradient (grad mode on), a backward through ``out`` to ``x`` raises
-    instead of leaving ``x`` without one."""
+    instead of leaving ``x`` without one. Compiled backwards compute every input's gradient
+    at once, so there a backward raises even for a gradient whose path avoids ``out``."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return out
     return _DetachedInput.apply(out, x, what, hint)

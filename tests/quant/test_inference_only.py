@@ -75,18 +75,48 @@ def test_no_guard_without_grad() -> None:
 
 
 def test_compiled_no_grad_graph_has_no_guard() -> None:
-    """Under torch.no_grad the traced graph carries nothing for the backward."""
-    model = _Block()
-    x = torch.randn(2, 9, 64)
-    seen: list[str] = []
+    """Under torch.no_grad the traced graph carries nothing for the backward; with grad
+    on (the control) Dynamo records the guard as an autograd.Function application."""
 
-    def spy(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-        seen.extend(str(n.target) for n in gm.graph.nodes)
-        return gm.forward
+    def traced(x: torch.Tensor) -> list[str]:
+        torch._dynamo.reset()
+        seen: list[str] = []
 
+        def spy(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+            seen.extend(str(n.target) for n in gm.graph.nodes)
+            return gm.forward
+
+        torch.compile(_Block(), backend=spy, fullgraph=True)(x)
+        return seen
+
+    def guarded(targets: list[str]) -> bool:
+        return any("autograd_function_apply" in t or "inference_only" in t for t in targets)
+
+    assert guarded(traced(torch.randn(2, 9, 64, requires_grad=True)))
     with torch.no_grad():
-        torch.compile(model, backend=spy, fullgraph=True)(x)
-    assert seen and not any("_DetachedInput" in t or "inference_only" in t for t in seen)
+        seen = traced(torch.randn(2, 9, 64, requires_grad=True))
+    assert seen and not guarded(seen)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_in_place_update_of_a_guarded_output_runs(compiled: bool) -> None:
+    """The guard hands back a tensor of its own, not a view: a caller may update it in place
+    (a view made by an autograd.Function refuses that, in the forward)."""
+    layer = Fp8Linear.from_linear(nn.Linear(64, 32))
+    layer.impl = "traceable"
+    x = torch.randn(4, 64, requires_grad=True)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        y = layer(x)
+        y += 1.0
+        return y
+
+    run = torch.compile(step, backend="aot_eager", fullgraph=True) if compiled else step
+    out = run(x)
+    with torch.no_grad():
+        assert torch.allclose(out, layer(x) + 1.0)
+    with pytest.raises(InferenceOnlyError, match="fp8 linear"):
+        out.sum().backward()
 
 
 def test_backward_through_the_triton_quantizers_raises() -> None:
