@@ -56,7 +56,7 @@ def _cast(node: object) -> tuple[torch.fx.Node, torch.dtype] | None:
     if _is_method(node, "float") and len(args) == 1 and not kwargs:
         source, dtype = args[0], torch.float32
     elif _is_method(node, "type_as") and len(args) == 2 and not kwargs:
-        other = node_tensor(args[1]) if isinstance(args[1], torch.fx.Node) else None
+        other = node_tensor(args[1])  # None for a non-node
         if other is None:
             return None
         source, dtype = args[0], other.dtype
