@@ -97,33 +97,48 @@ def register_inference_only(op: Any, what: str, hint: str = LOW_PRECISION_HINT) 
     op.register_autograd(backward, setup_context=setup_context)
 
 
-class _DetachedInput(torch.autograd.Function):
-    """``out`` unchanged; a gradient reaching ``x`` through it raises."""
+class _DetachedInputs(torch.autograd.Function):
+    """``out`` unchanged; a gradient reaching any of the inputs through it raises."""
 
     @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, what: str, hint: str) -> torch.Tensor:
-        ctx.spec = (x.shape, x.dtype, what, hint)
+    def forward(
+        ctx: Any, out: torch.Tensor, what: str, hint: str, *xs: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.specs = [(x.shape, x.dtype) for x in xs]
+        ctx.what, ctx.hint = what, hint
         ctx.set_materialize_grads(False)  # see register_inference_only
         # A copy, not a view: a caller's in-place update of a Function's view output raises
-        # in the forward. Only graphs that need x's gradient pay it (see the guard below).
+        # in the forward. Only graphs that need an input's gradient pay it (see the guard).
         return out.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[Any, ...]:
         if grad is None:
-            return None, None, None, None
-        shape, dtype, what, hint = ctx.spec
-        x_grad = torch.ops.difforge.inference_only_grad(grad, shape, dtype, what, hint)
-        return None, x_grad, None, None
+            return (None, None, None, *(None for _ in ctx.specs))
+        x_grads = [
+            torch.ops.difforge.inference_only_grad(grad, shape, dtype, ctx.what, ctx.hint)
+            if ctx.needs_input_grad[3 + i]
+            else None
+            for i, (shape, dtype) in enumerate(ctx.specs)
+        ]
+        return (None, None, None, *x_grads)
 
 
 def guard_detached_input(
-    out: torch.Tensor, x: torch.Tensor, what: str, hint: str = LOW_PRECISION_HINT
+    out: torch.Tensor,
+    x: torch.Tensor | Sequence[torch.Tensor],
+    what: str,
+    hint: str = LOW_PRECISION_HINT,
 ) -> torch.Tensor:
-    """``out``, computed from a detached ``x`` (or from something computed from ``x``):
-    where ``x`` needs a gradient (grad mode on), a backward through ``out`` to ``x`` raises
-    instead of leaving ``x`` without one. Compiled backwards compute every input's gradient
-    at once, so there a backward raises even for a gradient whose path avoids ``out``."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    """``out``, computed from a detached ``x`` (or from something computed from ``x``;
+    ``x`` may be several tensors): where one of them needs a gradient (grad mode on), a
+    backward through ``out`` to it raises instead of leaving it without one. Compiled
+    backwards compute every input's gradient at once, so there a backward raises even for
+    a gradient whose path avoids ``out``."""
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    if not torch.is_grad_enabled():
         return out
-    return _DetachedInput.apply(out, x, what, hint)
+    needing = [t for t in xs if t.requires_grad]
+    if not needing:
+        return out
+    return _DetachedInputs.apply(out, what, hint, *needing)

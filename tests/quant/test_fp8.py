@@ -184,8 +184,10 @@ def test_scaled_mm_call_convention_on_cpu() -> None:
 
 def test_to_dtype_keeps_fp8_buffers() -> None:
     q = Fp8Linear.from_linear(nn.Linear(32, 16))
+    scale = q.weight_scale.detach().clone()
     q.half()
     assert q.weight_fp8.dtype == FP8_DTYPE and q.weight_scale.dtype == torch.float32
+    assert isinstance(q.weight_scale, nn.Parameter) and torch.equal(q.weight_scale, scale)
     assert q.bias is not None and q.bias.dtype == torch.float16
     assert q(torch.randn(3, 32, dtype=torch.float16)).dtype == torch.float16
 

@@ -154,3 +154,62 @@ def test_compiled_gelu_quantizer_between_fp8_linears_runs_forward_with_grad() ->
     out = compile_with_grad_enabled(model, (x,), options, "fp8_cat_quant_kernel", 1, 1e-2)
     with pytest.raises(InferenceOnlyError, match="inference-only"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("impl", ["op", "traceable"])
+@pytest.mark.parametrize("trainable", ["weight", "bias"])
+def test_a_trainable_weight_or_bias_is_not_left_without_a_gradient(
+    trainable: str, impl: str, compiled: bool
+) -> None:
+    """x needs no gradient, the source linear's weight (or its bias alone) does: the output
+    needs one and a backward through it raises. Before, from_linear dropped requires_grad,
+    so the backward ran and silently gave the linear nothing."""
+    source = nn.Linear(64, 32)
+    if trainable == "bias":
+        source.weight.requires_grad_(False)
+    layer = Fp8Linear.from_linear(source)
+    layer.impl = impl
+    assert layer.weight_scale.requires_grad == (trainable == "weight")
+    other = torch.ones((), requires_grad=True)  # so that a backward runs at all
+    run = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
+    x = torch.randn(4, 64)
+    out = run(x)
+    assert out.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(out, layer(x))
+    with pytest.raises(InferenceOnlyError, match="fp8 linear"):
+        (out.sum() * other).backward()
+
+
+def test_requires_grad_false_on_the_model_drops_the_guard() -> None:
+    """`model.requires_grad_(False)`, the usual way to say "inference", reaches the fp8
+    weight's stand-in: no guard, no gradient asked; the state dict keeps its keys."""
+    model = nn.Sequential(Fp8Linear.from_linear(nn.Linear(64, 32)))
+    assert set(model.state_dict()) == {"0.weight_fp8", "0.weight_scale", "0.bias"}
+    model.requires_grad_(False)
+    out = model(torch.randn(4, 64))
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_rms_norm_rope_weight_next_to_a_missing_one_is_not_silently_skipped(
+    compiled: bool,
+) -> None:
+    """torch's custom-op autograd cannot see requires_grad through a list holding a None
+    (`[None, w]`): with nothing else needing a gradient the op used to run outside autograd
+    and a backward gave w nothing. It raises instead; under no_grad it runs."""
+    import difforge.kernels.rms_norm_rope  # noqa: F401  (registers the op)
+
+    parts = [torch.randn(1, 4, 2, 8), torch.randn(1, 3, 2, 8)]
+    w = torch.ones(8, requires_grad=True)
+    cos, sin = torch.ones(7, 8), torch.zeros(7, 8)
+
+    def call(weights: list[torch.Tensor | None]) -> torch.Tensor:
+        return torch.ops.difforge.rms_norm_rope(parts, weights, 1e-6, cos, sin)
+
+    run = torch.compile(call, backend="aot_eager", fullgraph=True) if compiled else call
+    with pytest.raises(Exception, match="weight requires grad and another weight is None"):
+        run([None, w])
+    with torch.no_grad():
+        assert run([None, w]).shape == (1, 7, 2, 8)

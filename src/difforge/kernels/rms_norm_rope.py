@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from difforge.inference_only import register_inference_only
+from difforge.inference_only import InferenceOnlyError, register_inference_only
 from difforge.kernels import last_dim_dense
 
 __all__ = ["KERNEL_DTYPES", "rms_norm_rope_reference", "rms_norm_rope_triton"]
@@ -179,7 +179,28 @@ def _rms_norm_rope_op(
     sin: torch.Tensor,
 ) -> torch.Tensor:
     """``torch.ops.difforge.rms_norm_rope``: one opaque graph node."""
+    _refuse_hidden_weight_grad(weights)
     return rms_norm_rope_triton(list(parts), list(weights), eps, cos, sin)
+
+
+def _refuse_hidden_weight_grad(weights: list[torch.Tensor | None]) -> None:
+    """Raise where autograd cannot see that a weight needs a gradient.
+
+    torch's custom-op autograd asks ``_any_requires_grad`` of the arguments, which answers
+    False for a list holding a None (``[w, None]``) whatever ``w`` is. With no other input
+    needing a gradient the op then runs outside autograd: its output needs no gradient and
+    a backward silently gives ``w`` none. The implementations run with grad mode on only
+    on that path (the autograd path runs them under no_grad), so this fires exactly there.
+    """
+    if not torch.is_grad_enabled() or all(w is not None for w in weights):
+        return
+    if any(w is not None and w.requires_grad for w in weights):
+        raise InferenceOnlyError(
+            "difforge::rms_norm_rope: a weight requires grad and another weight is None: "
+            "torch's custom-op autograd cannot see the first through the list, so its "
+            "gradient would be silently lost; call it under torch.no_grad() (the kernel has "
+            "no backward)"
+        )
 
 
 @_rms_norm_rope_op.register_fake
@@ -191,6 +212,7 @@ def _rms_norm_rope_fake(
     sin: torch.Tensor,
 ) -> torch.Tensor:
     _check(list(parts), list(weights))
+    _refuse_hidden_weight_grad(weights)
     b, _, h, d = parts[0].shape
     return parts[0].new_empty((b, sum(p.shape[1] for p in parts), h, d))
 

@@ -353,12 +353,21 @@ def fp8_linear_traceable(
     # takes detached operands: the guard at the end raises on a backward that reaches x.
     # The guard reads x_scale, not x: the rewrites of the quantization that want to be
     # x's only reader still see it so (difforge.passes.quant_fusion).
-    guarded = torch.is_grad_enabled() and x.requires_grad
+    grad_on = torch.is_grad_enabled()
+    guarded = grad_on and x.requires_grad
     x_fp8, x_scale = torch.ops.difforge.fp8_quantize_rows(x2 if guarded else x2.detach())
-    scale_source = x_scale
+    # What the guard watches: x (through its scale), and the weight (its scale stands for
+    # it: Fp8Linear.from_linear keeps the source weight's requires_grad there) and bias
+    # where they need a gradient, which the detached GEMM would silently not give them.
+    sources = [x_scale] if guarded else []
     if guarded:
         x_fp8, x_scale = x_fp8.detach(), x_scale.detach()
+    if grad_on and w_scale.requires_grad:
+        sources.append(w_scale)
+        w_scale = w_scale.detach()
     if bias is not None:
+        if grad_on and bias.requires_grad:
+            sources.append(bias)
         bias = bias.detach()
     if not scaled_mm:
         out = fp8_linear_reference(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype)
@@ -383,7 +392,7 @@ def fp8_linear_traceable(
             if bias is not None:
                 out = out + bias.to(x.dtype)
     out = out.reshape(*lead, w_fp8.shape[0])
-    return guard_detached_input(out, scale_source, "an fp8 linear (`quant.fp8_linear`)")
+    return guard_detached_input(out, sources, "an fp8 linear (`quant.fp8_linear`)")
 
 
 #: Fp8Linear implementations: "auto" = traceable under torch.compile, the op eagerly.
@@ -393,9 +402,12 @@ IMPLS: tuple[str, ...] = ("auto", "traceable", "op")
 class Fp8Linear(nn.Module):
     """Drop-in for ``nn.Linear`` holding a per-channel fp8 weight (inference only).
 
-    Buffers: ``weight_fp8`` ``[out, in]`` float8_e4m3fn and ``weight_scale`` ``[out]``
+    ``weight_fp8`` ``[out, in]`` float8_e4m3fn (a buffer) and ``weight_scale`` ``[out]``
     float32, quantized once in :meth:`from_linear`; ``bias`` stays a parameter in the
-    original dtype. The output dtype is the input's. ``impl`` (:data:`IMPLS`): ``"auto"``
+    original dtype. ``weight_scale`` is a parameter, not a buffer, so that it carries the
+    source weight's ``requires_grad`` (and ``model.requires_grad_(False)`` clears it): with
+    grad mode on, a backward that would owe the weight or the bias a gradient raises
+    (:mod:`difforge.inference_only`) instead of leaving them without one. The output dtype is the input's. ``impl`` (:data:`IMPLS`): ``"auto"``
     (default) runs :func:`fp8_linear_traceable` while ``torch.compile`` traces (so the
     activation quantization fuses into its producer) and the custom op eagerly;
     ``"traceable"``/``"op"`` force one. Whether ``_scaled_mm`` is used is decided when the
@@ -405,7 +417,7 @@ class Fp8Linear(nn.Module):
     """
 
     weight_fp8: torch.Tensor
-    weight_scale: torch.Tensor
+    weight_scale: nn.Parameter
 
     def __init__(
         self,
@@ -421,8 +433,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer(
             "weight_fp8", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device)
         )
-        self.register_buffer(
-            "weight_scale", torch.ones(out_features, dtype=torch.float32, device=device)
+        self.weight_scale = nn.Parameter(
+            torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False
         )
         self.bias: nn.Parameter | None = (
             nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), False)
@@ -457,9 +469,11 @@ class Fp8Linear(nn.Module):
         )
         w_fp8, scale = quantize_weight(w)
         new.weight_fp8 = w_fp8
-        new.weight_scale = scale
+        new.weight_scale = nn.Parameter(scale, requires_grad=linear.weight.requires_grad)
         if linear.bias is not None:
-            new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            new.bias = nn.Parameter(
+                linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad
+            )
         return new
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -488,12 +502,16 @@ class Fp8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # nn.Module.to(dtype) converts every floating buffer, fp8 included; keep ours.
-        originals = {"weight_fp8": self.weight_fp8, "weight_scale": self.weight_scale}
+        # The tensors, not the attributes: _apply may swap a parameter's data in place.
+        originals = {"weight_fp8": self.weight_fp8, "weight_scale": self.weight_scale.data}
         super()._apply(fn, recurse)
         for key, before in originals.items():
             after = getattr(self, key)
             if after.dtype != before.dtype:  # re-move the original: the cast was lossy
-                setattr(self, key, before.to(after.device))
+                if isinstance(after, nn.Parameter):
+                    after.data = before.to(after.device)
+                else:
+                    setattr(self, key, before.to(after.device))
         self._refresh_gemm_flags()  # a device move can change the GEMM path
         return self
 

@@ -312,5 +312,15 @@ def quantize_linears(
         _set_submodule(module, name, new)
         report.converted.append(name)
         report.bytes_before += linear.weight.numel() * linear.weight.element_size()
-        report.bytes_after += sum(b.numel() * b.element_size() for b in new.buffers(recurse=False))
+        report.bytes_after += _weight_bytes(new)
     return report
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    """Bytes of what stands for the weight in a converted linear: its tensors but the bias
+    (which the conversion keeps as it was), parameters and buffers alike."""
+    tensors = {
+        **dict(module.named_parameters(recurse=False)),
+        **dict(module.named_buffers(recurse=False)),
+    }
+    return sum(t.numel() * t.element_size() for name, t in tensors.items() if name != "bias")
