@@ -23,6 +23,8 @@ they compute the same function (relative error against a float32 reference):
 - ``lnquant``: LayerNorm + adaLN modulation + fp8 row quantization (what O3 runs before
   each fp8 attention/FF projection of a DiT block) as O3 compiles it against difforge's
   one-kernel Triton version (not yet in any graph), next to a copy of the same bytes.
+- ``onepass``: the 8-bit attention with q quantized in its kernel and one k/v pre-pass
+  against today's two preparations and SDPA.
 - ``rope``: FLUX's per-head RMSNorm + rotary embedding of q and k, stock Inductor against
   difforge's Triton kernel, alone and with the SDPA after it.
 - ``ffblock``: PixArt-XL's feed-forward half-block (LayerNorm + adaLN, FF1, tanh GELU,
@@ -995,6 +997,52 @@ def probe_sdxl_fp8() -> list[dict[str, Any]]:
     return rows
 
 
+def probe_attention_onepass() -> list[dict[str, Any]]:
+    """The 8-bit attention (fp8 P·V) prepared three ways against SDPA, q/k/v as views of
+    one fused projection (as in a compiled DiT), all CUDA-graph timed: the Triton
+    quantizers (``attention_int8``), the torch-op preparation Inductor compiles (what the
+    attention_int8 pass emits today), and one k/v pre-pass with q quantized in the kernel
+    (``attention_int8_onepass``); plus the k/v pre-pass alone. Per shape and tile."""
+    from difforge.kernels import attention_int8 as a8
+    from difforge.kernels.attention_int8_onepass import attention_int8_onepass, quantize_kv
+
+    sdpa = F.scaled_dot_product_attention
+    fused_prep = torch.compile(a8.attention_int8_fused, dynamic=False)
+    rows: list[dict[str, Any]] = []
+    for name, b, h, sq, skv, d, dtype in ATTENTION_SHAPES:
+        if sq != skv:
+            continue
+        fused = torch.randn(b, sq, 3, h, d, device="cuda", dtype=dtype)
+        q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
+        ref = sdpa(q.float(), k.float(), v.float())
+        sdpa_ms = a8.cuda_graph_ms(lambda: sdpa(q, k, v), 40)
+        for block_m, block_n, warps, stages in INT8_ATTENTION_TILES[True]:
+            cfg = {"block_m": block_m, "block_n": block_n, "num_warps": warps,
+                   "num_stages": stages}  # fmt: skip
+            row: dict[str, Any] = {"shape": name, **cfg, "sdpa_ms": sdpa_ms}
+            variants: dict[str, Callable[[], torch.Tensor]] = {
+                "triton_prep": lambda: a8.attention_int8(q, k, v, pv_fp8=True, **cfg),
+                "inductor_prep": lambda: fused_prep(
+                    q, k, v, None, block_m, block_n, warps, stages, True
+                ),
+                "onepass": lambda: attention_int8_onepass(q, k, v, **cfg),
+            }
+            for label, fn in variants.items():
+                try:
+                    row[f"{label}_ms"] = a8.cuda_graph_ms(fn, 40)
+                    row[f"{label}_speedup"] = sdpa_ms / row[f"{label}_ms"]
+                    row[f"{label}_rel_err"] = _rel(fn(), ref)
+                except Exception as exc:  # one failing variant must not hide the others
+                    row[f"{label}_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            try:
+                row["kv_prepass_ms"] = a8.cuda_graph_ms(lambda: quantize_kv(k, v, block_n), 40)
+            except Exception as exc:
+                row["kv_prepass_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            rows.append(row)
+            torch._dynamo.reset()
+    return rows
+
+
 PROBES = {
     "attention": probe_attention,
     "gelu": probe_gelu,
@@ -1009,6 +1057,7 @@ PROBES = {
     "catquant": probe_cat_quant,
     "lnquant": probe_ln_quant,
     "rope": probe_rope,
+    "onepass": probe_attention_onepass,
 }
 
 

@@ -563,13 +563,46 @@ def _store_out(
 
 
 @triton.jit
+def _quantize_q_columns(x, mask, scale):
+    """int8 ``round(x / scale)`` clamped to ±127, 0 where masked (as the Triton quantizer:
+    padding lanes divide the scale by itself, avoiding the IEEE division's slow path)."""
+    q = round_half_even(tl.div_rn(tl.where(mask, x, scale), scale))
+    return tl.where(mask, tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0).to(tl.int8)
+
+
+@triton.jit
+def _quantize_q_block(
+    q_base, q_rows, m_mask, offs_qm, offs_qt, HEAD_DIM: tl.constexpr, QK_TAIL: tl.constexpr
+):
+    """This program's fp16/bf16 q rows as int8 main and tail tiles (zero past the head dim)
+    and their block scale: absmax / 127 over all the rows' real columns."""
+    mask_m = m_mask[:, None] & (offs_qm < HEAD_DIM)[None, :]
+    xm = tl.load(q_base + q_rows[:, None] + offs_qm[None, :], mask=mask_m, other=0.0)
+    xm = xm.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(xm), 1), 0)
+    mask_t = m_mask[:, None] & (offs_qt < HEAD_DIM)[None, :]
+    xt = xm
+    if QK_TAIL > 0:
+        xt = tl.load(q_base + q_rows[:, None] + offs_qt[None, :], mask=mask_t, other=0.0)
+        xt = xt.to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xt), 1), 0))
+    scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)
+    q_main = _quantize_q_columns(xm, mask_m, scale)
+    q_tail = q_main
+    if QK_TAIL > 0:
+        q_tail = _quantize_q_columns(xt, mask_t, scale)
+    return q_main, q_tail, scale
+
+
+@triton.jit
 def _attention_int8_kernel(
-    q_ptr,  # int8 [B, H, Sq, DQ], DQ = QK_MAIN + QK_TAIL zero-padded columns
+    q_ptr,  # int8 [B, H, Sq, DQ], DQ = QK_MAIN + QK_TAIL zero-padded columns; or (Q_FLOAT)
+    # fp16/bf16 [B, H, Sq, HEAD_DIM], quantized here
     k_ptr,  # int8 [B, H, Skv, DQ], smoothed, zero-padded the same way
     v_ptr,  # V's first PV_MAIN columns: fp16/bf16 rows [B, H, Skv, >=PV_MAIN], or fp8 Vᵀ
     vt_ptr,  # V's PV_TAIL tail columns, zero-padded: fp16/bf16 [B, H, Skv, PV_TAIL] or in Vᵀ
     o_ptr,  # fp16/bf16 [B, H, Sq, D], any row stride
-    q_scale_ptr,  # float32 [B, H, cdiv(Sq, BLOCK_M)] contiguous
+    q_scale_ptr,  # float32 [B, H, cdiv(Sq, BLOCK_M)] contiguous (unused when Q_FLOAT)
     k_scale_ptr,  # float32 [B, H, cdiv(Skv, BLOCK_N)] contiguous
     v_scale_ptr,  # float32 [B, H, DV] contiguous (PV_FP8 only)
     qk_scale,  # sm_scale * log2(e)
@@ -607,13 +640,18 @@ def _attention_int8_kernel(
     INTERPRET: tl.constexpr,
     V_ALIGN: tl.constexpr,  # stride_alignment of V's batch, head and row (fp8: column) strides
     O_ALIGN: tl.constexpr,  # stride_alignment of the output's batch, head and row strides
+    Q_FLOAT: tl.constexpr = False,  # q is fp16/bf16: quantize its block here (one read)
+    Q_ALIGN: tl.constexpr = 1,  # stride_alignment of q's batch, head and row strides
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     # int64 base offsets: B*H*S*D overflows int32 at large batch x resolution.
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    if Q_ALIGN > 1:
+        q_off = tl.multiple_of(q_off, Q_ALIGN)
+    q_base = q_ptr + q_off
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_off = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     if V_ALIGN > 1:
@@ -629,19 +667,28 @@ def _attention_int8_kernel(
     m_mask = offs_m < seq_q
     # The head dim is covered by a power-of-two main tile plus an optional narrower tail
     # (72 -> 64 + 32 for Q·Kᵀ, 64 + 16 for P·V) instead of one 128-wide padded tile.
+    q_rows = offs_m * stride_qs
+    if Q_ALIGN > 1:
+        q_rows = tl.multiple_of(q_rows, Q_ALIGN)
     offs_qm = tl.arange(0, QK_MAIN)
-    q_main = tl.load(
-        q_base + offs_m[:, None] * stride_qs + offs_qm[None, :], mask=m_mask[:, None], other=0
-    )
-    q_tail = q_main  # placeholder when there is no tail (never used then)
-    if QK_TAIL > 0:
-        offs_qt = QK_MAIN + tl.arange(0, QK_TAIL)
-        q_tail = tl.load(
-            q_base + offs_m[:, None] * stride_qs + offs_qt[None, :], mask=m_mask[:, None], other=0
+    offs_qt = QK_MAIN + tl.arange(0, QK_TAIL if QK_TAIL > 0 else 16)
+    if Q_FLOAT:
+        # One quantization block per program (its BLOCK_M rows), so q needs no pre-pass:
+        # the same math as quantize_per_block_int8, on the tile this program loads anyway.
+        q_main, q_tail, q_scale = _quantize_q_block(
+            q_base, q_rows, m_mask, offs_qm, offs_qt, HEAD_DIM, QK_TAIL
         )
-    # One q scale per program (its rows are exactly one quantization block); fold the
-    # softmax scale and log2(e) in once so the inner loop does a single multiply.
-    q_scale = tl.load(q_scale_ptr + pid_bh * n_q_blocks + pid_m) * qk_scale
+    else:
+        q_main = tl.load(q_base + q_rows[:, None] + offs_qm[None, :], mask=m_mask[:, None], other=0)
+        q_tail = q_main  # placeholder when there is no tail (never used then)
+        if QK_TAIL > 0:
+            q_tail = tl.load(
+                q_base + q_rows[:, None] + offs_qt[None, :], mask=m_mask[:, None], other=0
+            )
+        q_scale = tl.load(q_scale_ptr + pid_bh * n_q_blocks + pid_m)
+    # Fold the softmax scale and log2(e) into the one q scale so the inner loop does a
+    # single multiply.
+    q_scale = q_scale * qk_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -846,12 +893,14 @@ def _launch(
     num_warps: int,
     num_stages: int,
 ) -> None:
-    """Run the kernel on prepared operands (checked by the caller)."""
+    """Run the kernel on prepared operands (checked by the caller). ``ops.q8`` may be the
+    fp16/bf16 q itself (``ops.q_scale`` then unused): the kernel quantizes it."""
     b, h, sq, dq = ops.q8.shape
     pv_fp8 = ops.v_scale is not None
     qk_main, qk_tail = head_dim_tiles(head_dim, 32)
     pv_main, pv_tail = head_dim_tiles(head_dim, 16)
-    assert dq == qk_main + qk_tail, (dq, qk_main, qk_tail)
+    q_float = ops.q8.dtype != torch.int8
+    assert dq == (head_dim if q_float else qk_main + qk_tail), (dq, qk_main, qk_tail)
     v = ops.v_main
     if pv_fp8:  # Vᵀ: the tail is rows PV_MAIN.. of the same buffer
         v_strides = (v.stride(0), v.stride(1), 1, v.stride(2))
@@ -863,7 +912,7 @@ def _launch(
     n_q_blocks = triton.cdiv(sq, block_m)
     n_kv_blocks = triton.cdiv(seq_kv, block_n)
     _attention_int8_kernel[(n_q_blocks, b * h)](
-        ops.q8, ops.k8, v, vt, out, ops.q_scale, ops.k_scale,
+        ops.q8, ops.k8, v, vt, out, ops.k_scale if q_float else ops.q_scale, ops.k_scale,
         ops.q_scale if ops.v_scale is None else ops.v_scale,
         sm_scale * _LOG2E,
         *ops.q8.stride()[:3], *ops.k8.stride()[:3], *v_strides, *vt_strides,
@@ -875,6 +924,7 @@ def _launch(
         # fp8 Vᵀ's contiguous axis is the sequence: its column stride is the one to align.
         V_ALIGN=stride_alignment(*v_strides[:2], v_strides[3] if pv_fp8 else v_strides[2]),
         O_ALIGN=stride_alignment(*out.stride()[:3]),
+        Q_FLOAT=q_float, Q_ALIGN=stride_alignment(*ops.q8.stride()[:3]),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 

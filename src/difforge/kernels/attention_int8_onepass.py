@@ -1,0 +1,281 @@
+"""8-bit attention with one pre-pass: q quantized inside the kernel, k and v in two launches.
+
+:mod:`difforge.kernels.attention_int8`'s kernel reads int8 q, smoothed int8 k and fp8 Vᵀ.
+Made by separate quantizers (or by Inductor from torch ops), those cost PixArt-XL's
+self-attention more than the kernel saves over cuDNN. Here:
+
+* q is not pre-quantized at all: each kernel program owns exactly one quantization block
+  of q (its ``block_m`` rows), so it loads the fp16/bf16 rows, takes their absmax and
+  rounds them itself (``Q_FLOAT``), the same math as ``quantize_per_block_int8``.
+* k and v need a statistic over the whole sequence before any block can be quantized
+  (k's mean, v's per-channel absmax), hence two launches: :func:`_kv_stats_kernel` reads
+  k and v once in chunks and writes per-chunk partial sums / maxima; then
+  :func:`_kv_quantize_kernel` reduces those partials (a few KB, in a fixed order, so the
+  result is deterministic) and writes smoothed int8 k with its block scales and fp8 Vᵀ
+  with its channel scales, reading k and v a second time.
+
+Values: as :func:`~difforge.kernels.attention_int8.attention_int8` with ``pv_fp8``, except
+that k's mean is summed in chunks (float32, a different order than ``torch.mean``), so an
+int8 k value may differ by one step where a rounding tie moves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from difforge.kernels import head_dim_tiles, token_major_empty
+from difforge.kernels import interpreting as _interpreting
+from difforge.kernels.attention_int8 import (
+    DEFAULT_BLOCK_M,
+    DEFAULT_BLOCK_N,
+    DEFAULT_STAGES,
+    Operands,
+    _check_block,
+    _check_device,
+    _check_inputs,
+    _default_warps,
+    _launch,
+    _row_offsets,
+    stride_alignment,
+)
+from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32, round_half_even
+
+__all__ = ["attention_int8_onepass", "quantize_kv"]
+
+#: Rows of k/v per stats program: 4096 tokens x 32 heads -> 512 programs on 132 SMs.
+STATS_CHUNK = 256
+_STATS_ROWS = 64  # rows per load inside a chunk (registers)
+
+
+@triton.jit
+def _kv_stats_kernel(
+    k_ptr,  # fp16/bf16 [B, H, S, D], last stride 1
+    v_ptr,  # fp16/bf16 [B, H, S, D], last stride 1
+    ksum_ptr,  # float32 [B * H, n_chunks, D]: per-chunk column sums of k
+    vmax_ptr,  # float32 [B * H, n_chunks, D]: per-chunk column absmax of v
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    n_heads,
+    seq,
+    n_chunks,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ROWS: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    V_ALIGN: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    vmax = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for r in tl.static_range(CHUNK // ROWS):
+        offs_s = pid_c * CHUNK + r * ROWS + tl.arange(0, ROWS)
+        mask = (offs_s < seq)[:, None] & d_mask[None, :]
+        k_base, k_rows = _row_offsets(b, h, offs_s, stride_kb, stride_kh, stride_ks, K_ALIGN)
+        k = tl.load(k_ptr + k_base + k_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        ksum += tl.sum(k.to(tl.float32), 0)
+        v_base, v_rows = _row_offsets(b, h, offs_s, stride_vb, stride_vh, stride_vs, V_ALIGN)
+        v = tl.load(v_ptr + v_base + v_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), 0))
+    out = (pid_bh * n_chunks + pid_c) * HEAD_DIM + offs_d
+    tl.store(ksum_ptr + out, ksum, mask=d_mask)
+    tl.store(vmax_ptr + out, vmax, mask=d_mask)
+
+
+@triton.jit
+def _kv_quantize_kernel(
+    k_ptr,  # fp16/bf16 [B, H, S, D], last stride 1
+    v_ptr,  # fp16/bf16 [B, H, S, D], last stride 1
+    ksum_ptr,  # float32 [B * H, n_chunks, D] from _kv_stats_kernel
+    vmax_ptr,  # float32 [B * H, n_chunks, D]
+    k8_ptr,  # int8 [B, H, S, DQ] contiguous; columns D..DQ written as 0
+    k_scale_ptr,  # float32 [B, H, n_blocks] contiguous
+    vt8_ptr,  # fp8 e4m3 [B, H, DV, S_PAD] contiguous; rows D..DV and columns S.. are 0
+    v_scale_ptr,  # float32 [B, H, DV] contiguous; 1 past the head dim
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    n_heads,
+    seq,
+    seq_f,  # seq as a float (an int argument of 1 would be specialized to a constant)
+    seq_pad,
+    n_chunks,
+    n_blocks,
+    HEAD_DIM: tl.constexpr,
+    DQ: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    V_ALIGN: tl.constexpr,
+):
+    pid_blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    # The sequence statistics, reduced from the partials in chunk order (deterministic).
+    ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    vmax = tl.zeros([BLOCK_D], dtype=tl.float32)
+    c = 0
+    while c < n_chunks:  # a while loop: range(runtime int) breaks Triton 3.6's interpreter
+        part = (pid_bh * n_chunks + c) * HEAD_DIM + offs_d
+        ksum += tl.load(ksum_ptr + part, mask=d_mask, other=0.0)
+        vmax = tl.maximum(vmax, tl.load(vmax_ptr + part, mask=d_mask, other=0.0))
+        c += 1
+    mean = tl.div_rn(ksum, tl.zeros_like(ksum) + seq_f)
+    v_scale = tl.where(vmax > 0, tl.div_rn(vmax, 448.0), 1.0)
+    if pid_blk == 0:
+        tl.store(v_scale_ptr + pid_bh * DV + offs_d, v_scale, mask=offs_d < DV)
+
+    offs_s = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    s_mask = offs_s < seq
+    mask = s_mask[:, None] & d_mask[None, :]
+    # k: smoothed (padded rows stay 0, not -mean), one int8 scale per block of rows.
+    k_base, k_rows = _row_offsets(b, h, offs_s, stride_kb, stride_kh, stride_ks, K_ALIGN)
+    k = tl.load(k_ptr + k_base + k_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    k = tl.where(mask, k.to(tl.float32) - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(k), 1), 0)
+    k_scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)
+    k8 = round_half_even(tl.div_rn(tl.where(mask, k, k_scale), k_scale))
+    k8 = tl.where(mask, tl.minimum(tl.maximum(k8, -127.0), 127.0), 0.0)
+    k8_base = k8_ptr + pid_bh.to(tl.int64) * seq * DQ
+    k8_mask = s_mask[:, None] & (offs_d < DQ)[None, :]
+    tl.store(k8_base + offs_s[:, None] * DQ + offs_d[None, :], k8.to(tl.int8), mask=k8_mask)
+    tl.store(k_scale_ptr + pid_bh * n_blocks + pid_blk, k_scale)
+
+    # v: per channel over the whole sequence, stored transposed (the sequence contiguous,
+    # as the fp8 P·V MMA wants it), zero past the sequence up to the padded length.
+    v_base, v_rows = _row_offsets(b, h, offs_s, stride_vb, stride_vh, stride_vs, V_ALIGN)
+    v = tl.load(v_ptr + v_base + v_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    y = tl.where(mask, tl.div_rn(tl.where(mask, v.to(tl.float32), 1.0), v_scale[None, :]), 0.0)
+    if INTERPRET:
+        y = fp8_e4m3_rne_as_fp32(y)
+    vt_base = vt8_ptr + pid_bh.to(tl.int64) * DV * seq_pad
+    vt_mask = (offs_s < seq_pad)[:, None] & (offs_d < DV)[None, :]
+    tl.store(
+        vt_base + offs_d[None, :] * seq_pad + offs_s[:, None], y.to(tl.float8e4nv), mask=vt_mask
+    )
+
+
+def quantize_kv(
+    k: torch.Tensor, v: torch.Tensor, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Smoothed int8 k and fp8 Vᵀ for the kernel, in two launches.
+
+    Returns ``(k8 [B, H, S, DQ], k_scale [B, H, cdiv(S, block_n)], vt8 [B, H, DV, S_pad],
+    v_scale [B, H, DV])`` with DQ/DV the Q·Kᵀ/P·V tile widths of the head dim and S_pad
+    the sequence rounded up to whole ``block_n`` blocks (block_n >= 32, a power of two).
+    """
+    b, h, s, d = k.shape
+    dq = sum(head_dim_tiles(d, 32))
+    dv = sum(head_dim_tiles(d, 16))
+    block_d = max(16, triton.next_power_of_2(max(dq, dv)))
+    n_chunks = triton.cdiv(s, STATS_CHUNK)
+    n_blocks = triton.cdiv(s, block_n)
+    seq_pad = n_blocks * block_n
+    dev = k.device
+    ksum = torch.empty((b * h, n_chunks, d), dtype=torch.float32, device=dev)
+    vmax = torch.empty_like(ksum)
+    k_align = stride_alignment(*k.stride()[:3])
+    v_align = stride_alignment(*v.stride()[:3])
+    _kv_stats_kernel[(n_chunks, b * h)](
+        k, v, ksum, vmax, *k.stride()[:3], *v.stride()[:3], h, s, n_chunks,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=STATS_CHUNK,
+        ROWS=_STATS_ROWS, K_ALIGN=k_align, V_ALIGN=v_align, num_warps=4,
+    )  # fmt: skip
+    k8 = torch.empty((b, h, s, dq), dtype=torch.int8, device=dev)
+    k_scale = torch.empty((b, h, n_blocks), dtype=torch.float32, device=dev)
+    vt8 = torch.empty((b, h, dv, seq_pad), dtype=torch.float8_e4m3fn, device=dev)
+    v_scale = torch.empty((b, h, dv), dtype=torch.float32, device=dev)
+    _kv_quantize_kernel[(n_blocks, b * h)](
+        k, v, ksum, vmax, k8, k_scale, vt8, v_scale, *k.stride()[:3], *v.stride()[:3], h, s,
+        float(s), seq_pad, n_chunks, n_blocks, HEAD_DIM=d, DQ=dq, DV=dv, BLOCK_D=block_d, BLOCK=block_n,
+        INTERPRET=_interpreting(), K_ALIGN=k_align, V_ALIGN=v_align,
+        num_warps=8 if block_n >= 128 else 4,
+    )  # fmt: skip
+    return k8, k_scale, vt8, v_scale
+
+
+def attention_int8_onepass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None = None,
+    *,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int | None = None,
+    num_stages: int = DEFAULT_STAGES,
+) -> torch.Tensor:
+    """:func:`~difforge.kernels.attention_int8.attention_int8` with fp8 P·V, prepared in
+    two launches over k and v and none over q (module docstring). Same arguments, layout
+    and result; ``block_n`` >= 32."""
+    _check_inputs(q, k, v)
+    _check_device("attention_int8_onepass", q)
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+    if block_n < 32:
+        raise ValueError(f"attention_int8_onepass: block_n must be >= 32, got {block_n}")
+    d = q.shape[-1]
+    k8, k_scale, vt8, v_scale = quantize_kv(k, v, block_n)
+    out = token_major_empty(q)
+    ops = Operands(q, k_scale, k8, k_scale, vt8, None, v_scale)  # q: quantized in-kernel
+    _launch(
+        ops, out, 1.0 / math.sqrt(d) if sm_scale is None else sm_scale, head_dim=d,
+        seq_kv=k.shape[2], block_m=block_m, block_n=block_n,
+        num_warps=num_warps or _default_warps(block_m), num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("difforge::attention_int8_onepass", mutates_args=())
+def _attention_int8_onepass_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None = None,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = 0,
+    num_stages: int = DEFAULT_STAGES,
+) -> torch.Tensor:
+    """``torch.ops.difforge.attention_int8_onepass``: one opaque graph node (``num_warps``
+    0: the default for ``block_m``)."""
+    return attention_int8_onepass(
+        q, k, v, sm_scale, block_m=block_m, block_n=block_n, num_warps=num_warps or None,
+        num_stages=num_stages,
+    )  # fmt: skip
+
+
+@_attention_int8_onepass_op.register_fake
+def _attention_int8_onepass_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None = None,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = 0,
+    num_stages: int = DEFAULT_STAGES,
+) -> torch.Tensor:
+    _check_inputs(q, k, v)
+    return token_major_empty(q)
