@@ -1004,7 +1004,7 @@ def probe_attention_onepass() -> list[dict[str, Any]]:
     attention_int8 pass emits today), and one k/v pre-pass with q quantized in the kernel
     (``attention_int8_onepass``); plus the k/v pre-pass alone. Per shape and tile."""
     from difforge.kernels import attention_int8 as a8
-    from difforge.kernels.attention_int8_onepass import attention_int8_onepass, quantize_kv
+    from difforge.kernels.attention_int8_onepass import attention_int8_onepass
 
     sdpa = F.scaled_dot_product_attention
     fused_prep = torch.compile(a8.attention_int8_fused, dynamic=False)
@@ -1035,12 +1035,47 @@ def probe_attention_onepass() -> list[dict[str, Any]]:
                 except Exception as exc:  # one failing variant must not hide the others
                     row[f"{label}_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             try:
-                row["kv_prepass_ms"] = a8.cuda_graph_ms(lambda: quantize_kv(k, v, block_n), 40)
+                row.update(_onepass_pieces(q, k, v, block_m, block_n, warps, stages))
             except Exception as exc:
-                row["kv_prepass_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                row["pieces_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             rows.append(row)
             torch._dynamo.reset()
     return rows
+
+
+def _onepass_pieces(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
+    warps: int, stages: int,
+) -> dict[str, float]:  # fmt: skip
+    """CUDA-graph ms of each launch of the one-pass attention, the kernel on int8 q
+    (prepared) against the same kernel quantizing q itself, and a copy of k and v."""
+    from difforge.kernels import attention_int8 as a8
+    from difforge.kernels.attention_int8_onepass import (
+        kv_stats,
+        quantize_kv,
+        quantize_kv_from_stats,
+    )
+
+    d, seq_kv = q.shape[-1], k.shape[2]
+    ksum, vmax = kv_stats(k, v)
+    k8, k_scale, vt8, v_scale = quantize_kv(k, v, block_n)
+    prepared = a8.prepare_operands(q, k, v, block_m, block_n, True)
+    in_kernel = a8.Operands(q, k_scale, k8, k_scale, vt8, None, v_scale)
+    out = a8.token_major_empty(q)
+    launch = partial(
+        a8._launch, out=out, sm_scale=d**-0.5, head_dim=d, seq_kv=seq_kv, block_m=block_m,
+        block_n=block_n, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    kc, vc = torch.empty_like(k), torch.empty_like(v)
+    return {
+        "kv_stats_ms": a8.cuda_graph_ms(lambda: kv_stats(k, v), 40),
+        "kv_quant_ms": a8.cuda_graph_ms(
+            lambda: quantize_kv_from_stats(k, v, ksum, vmax, block_n), 40
+        ),
+        "kv_copy_ms": a8.cuda_graph_ms(lambda: (kc.copy_(k), vc.copy_(v)), 40),
+        "kernel_int8_q_ms": a8.cuda_graph_ms(lambda: launch(prepared), 40),
+        "kernel_float_q_ms": a8.cuda_graph_ms(lambda: launch(in_kernel), 40),
+    }
 
 
 PROBES = {

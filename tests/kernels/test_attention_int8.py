@@ -454,7 +454,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
                   "QK_TAIL": qk[1], "PV_MAIN": pv[0], "PV_TAIL": pv[1], "BLOCK_M": 128,
                   "BLOCK_N": 64, "EVEN_KV": d != 72 or fp8, "PV_FP8": fp8, "INTERPRET": False,
                   "stride_vs" if fp8 else "stride_vd": 1, "stride_vts" if fp8 else "stride_vtd": 1,
-                  "V_ALIGN": 8, "O_ALIGN": 8}
+                  "V_ALIGN": 8, "O_ALIGN": 8, "Q_FLOAT": False, "Q_ALIGN": 16}
         asm = build(m._attention_int8_kernel, types, consts, num_warps=8, num_stages=2)
         assert "cubin" in asm, "ptxas did not run"
         assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in asm["ptx"], "no int8 wgmma"
@@ -477,6 +477,11 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
                             aligned=ptrs + rows, num_warps=8, num_stages=2)
                 assert (count(r"ld\.global(\.\w+)*\.b16 ", asm["ptx"]) > 0) == narrow, align
                 assert (count(r"st\.global(\.\w+)*\.b16 ", asm["ptx"]) > 0) == narrow, align
+        if fp8:  # q quantized in the kernel (attention_int8_onepass): same MMAs, no spills
+            asm = build(m._attention_int8_kernel, {**types, "q_ptr": f"*{dt}"},
+                        {**consts, "Q_FLOAT": True, "Q_ALIGN": 8}, num_warps=8, num_stages=3)
+            assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in asm["ptx"]
+            assert "ld.local" not in asm["ptx"] and "st.local" not in asm["ptx"], "spills"
     types = {"v_ptr": "*fp16", "scale_ptr": "*fp32", "out_ptr": "*fp8e4nv"}
     for align, narrow in ((1, True), (8, False)):
         consts = {"HEAD_DIM": 72, "DV": 80, "BLOCK_D": 128, "BLOCK_S": 64, "INTERPRET": False,

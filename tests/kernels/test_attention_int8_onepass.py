@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from difforge.kernels import attention_int8 as a8
+from difforge.kernels import attention_int8_onepass as onepass
 from difforge.kernels.attention_int8_onepass import attention_int8_onepass, quantize_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,8 +17,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 2, 37, 53, 64), (2, 1, 16, 130, 72), (1, 1, 65, 17, 128), (1, 1, 1, 1, 72)]
 BLOCKS = {"block_m": 16, "block_n": 32}
 #: Against the three-quantizer path: same quantized operands (k's mean summed in another
-#: order may move an int8 k value by a step at a tie), so the outputs agree up to that.
-SAME_PATH_TOL = 1e-3
+#: order may move an int8 k value by a step at a tie), so the outputs agree up to that:
+#: 0 on the CPU shapes, 1.4e-3 at FLUX's bf16 4608 tokens (H200, 15b1a1d).
+SAME_PATH_TOL = 3e-3
 #: fp8 P·V against exact attention (test_attention_int8 measured 3.1e-2 .. 3.7e-2).
 FP8_PV_VS_SDPA_TOL = 5e-2
 
@@ -51,11 +53,17 @@ def test_matches_the_three_quantizer_path(shape: tuple[int, ...], dtype: torch.d
     assert rel_err(out, exact) < FP8_PV_VS_SDPA_TOL
 
 
-@pytest.mark.parametrize("s", [1, 17, 300])
-def test_quantize_kv_matches_the_torch_quantizers(s: int) -> None:
+@pytest.mark.parametrize("s,max_chunks", [(1, 32), (17, 32), (700, 32), (700, 2)])
+def test_quantize_kv_matches_the_torch_quantizers(
+    s: int, max_chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Smoothed int8 k and fp8 Vᵀ as prepare_operands_torch makes them: V's values and
     scales bit for bit (a max is exact), k within one step and its scales within float
-    rounding (the mean is summed in chunks); zero padding where the kernel expects it."""
+    rounding (the mean is summed in chunks); zero padding where the kernel expects it.
+    700 tokens: 3 partials (a masked 4th in the quantize kernel's load); with at most 2
+    partials allowed, chunks of 512 rows."""
+    monkeypatch.setattr(onepass, "MAX_CHUNKS", max_chunks)
+    assert -(-s // onepass.stats_chunk(s)) <= max_chunks
     q, k, v = fused_qkv(2, 3, s, 72, torch.float16)
     k = k * 3 + 1.5  # an offset for the smoothing to remove
     v[0, 0, :, 5] = 0  # an all-zero channel keeps scale 1

@@ -44,10 +44,12 @@ from difforge.kernels.attention_int8 import (
 )
 from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32, round_half_even
 
-__all__ = ["attention_int8_onepass", "quantize_kv"]
+__all__ = ["attention_int8_onepass", "kv_stats", "quantize_kv", "quantize_kv_from_stats"]
 
 #: Rows of k/v per stats program: 4096 tokens x 32 heads -> 512 programs on 132 SMs.
 STATS_CHUNK = 256
+#: At most this many partials per (batch, head): longer sequences take longer chunks.
+MAX_CHUNKS = 32
 _STATS_ROWS = 64  # rows per load inside a chunk (registers)
 
 
@@ -122,6 +124,7 @@ def _kv_quantize_kernel(
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK: tl.constexpr,
+    CHUNKS_P2: tl.constexpr,  # n_chunks rounded up to a power of two
     INTERPRET: tl.constexpr,
     K_ALIGN: tl.constexpr,
     V_ALIGN: tl.constexpr,
@@ -132,15 +135,13 @@ def _kv_quantize_kernel(
     h = pid_bh % n_heads
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    # The sequence statistics, reduced from the partials in chunk order (deterministic).
-    ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    vmax = tl.zeros([BLOCK_D], dtype=tl.float32)
-    c = 0
-    while c < n_chunks:  # a while loop: range(runtime int) breaks Triton 3.6's interpreter
-        part = (pid_bh * n_chunks + c) * HEAD_DIM + offs_d
-        ksum += tl.load(ksum_ptr + part, mask=d_mask, other=0.0)
-        vmax = tl.maximum(vmax, tl.load(vmax_ptr + part, mask=d_mask, other=0.0))
-        c += 1
+    # The sequence statistics from the partials: one 2-D load (a loop over chunks would
+    # wait out one L2 round trip per chunk), reduced by a fixed tree (deterministic).
+    offs_c = tl.arange(0, CHUNKS_P2)
+    part = (pid_bh * n_chunks + offs_c[:, None]) * HEAD_DIM + offs_d[None, :]
+    part_mask = (offs_c < n_chunks)[:, None] & d_mask[None, :]
+    ksum = tl.sum(tl.load(ksum_ptr + part, mask=part_mask, other=0.0), 0)
+    vmax = tl.max(tl.load(vmax_ptr + part, mask=part_mask, other=0.0), 0)
     mean = tl.div_rn(ksum, tl.zeros_like(ksum) + seq_f)
     v_scale = tl.where(vmax > 0, tl.div_rn(vmax, 448.0), 1.0)
     if pid_blk == 0:
@@ -176,6 +177,32 @@ def _kv_quantize_kernel(
     )
 
 
+def kv_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk partials of k's column sums and v's column absmax, float32
+    ``[B * H, n_chunks, D]`` each (the first launch of :func:`quantize_kv`)."""
+    b, h, s, d = k.shape
+    chunk = stats_chunk(s)
+    n_chunks = triton.cdiv(s, chunk)
+    ksum = torch.empty((b * h, n_chunks, d), dtype=torch.float32, device=k.device)
+    vmax = torch.empty_like(ksum)
+    _kv_stats_kernel[(n_chunks, b * h)](
+        k, v, ksum, vmax, *k.stride()[:3], *v.stride()[:3], h, s, n_chunks,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=chunk,
+        ROWS=_STATS_ROWS, K_ALIGN=stride_alignment(*k.stride()[:3]),
+        V_ALIGN=stride_alignment(*v.stride()[:3]), num_warps=4,
+    )  # fmt: skip
+    return ksum, vmax
+
+
+def stats_chunk(seq: int) -> int:
+    """Rows per stats program: :data:`STATS_CHUNK`, doubled until at most
+    :data:`MAX_CHUNKS` partials remain (the quantize kernel loads them all at once)."""
+    chunk = STATS_CHUNK
+    while triton.cdiv(seq, chunk) > MAX_CHUNKS:
+        chunk *= 2
+    return chunk
+
+
 def quantize_kv(
     k: torch.Tensor, v: torch.Tensor, block_n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,31 +212,31 @@ def quantize_kv(
     v_scale [B, H, DV])`` with DQ/DV the Q·Kᵀ/P·V tile widths of the head dim and S_pad
     the sequence rounded up to whole ``block_n`` blocks (block_n >= 32, a power of two).
     """
+    ksum, vmax = kv_stats(k, v)
+    return quantize_kv_from_stats(k, v, ksum, vmax, block_n)
+
+
+def quantize_kv_from_stats(
+    k: torch.Tensor, v: torch.Tensor, ksum: torch.Tensor, vmax: torch.Tensor, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The second launch of :func:`quantize_kv`, on :func:`kv_stats`' partials."""
     b, h, s, d = k.shape
     dq = sum(head_dim_tiles(d, 32))
     dv = sum(head_dim_tiles(d, 16))
-    block_d = max(16, triton.next_power_of_2(max(dq, dv)))
-    n_chunks = triton.cdiv(s, STATS_CHUNK)
+    n_chunks = ksum.shape[1]
     n_blocks = triton.cdiv(s, block_n)
     seq_pad = n_blocks * block_n
     dev = k.device
-    ksum = torch.empty((b * h, n_chunks, d), dtype=torch.float32, device=dev)
-    vmax = torch.empty_like(ksum)
-    k_align = stride_alignment(*k.stride()[:3])
-    v_align = stride_alignment(*v.stride()[:3])
-    _kv_stats_kernel[(n_chunks, b * h)](
-        k, v, ksum, vmax, *k.stride()[:3], *v.stride()[:3], h, s, n_chunks,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=STATS_CHUNK,
-        ROWS=_STATS_ROWS, K_ALIGN=k_align, V_ALIGN=v_align, num_warps=4,
-    )  # fmt: skip
     k8 = torch.empty((b, h, s, dq), dtype=torch.int8, device=dev)
     k_scale = torch.empty((b, h, n_blocks), dtype=torch.float32, device=dev)
     vt8 = torch.empty((b, h, dv, seq_pad), dtype=torch.float8_e4m3fn, device=dev)
     v_scale = torch.empty((b, h, dv), dtype=torch.float32, device=dev)
     _kv_quantize_kernel[(n_blocks, b * h)](
         k, v, ksum, vmax, k8, k_scale, vt8, v_scale, *k.stride()[:3], *v.stride()[:3], h, s,
-        float(s), seq_pad, n_chunks, n_blocks, HEAD_DIM=d, DQ=dq, DV=dv, BLOCK_D=block_d, BLOCK=block_n,
-        INTERPRET=_interpreting(), K_ALIGN=k_align, V_ALIGN=v_align,
+        float(s), seq_pad, n_chunks, n_blocks, HEAD_DIM=d, DQ=dq, DV=dv,
+        BLOCK_D=max(16, triton.next_power_of_2(max(dq, dv))), BLOCK=block_n,
+        CHUNKS_P2=triton.next_power_of_2(n_chunks), INTERPRET=_interpreting(),
+        K_ALIGN=stride_alignment(*k.stride()[:3]), V_ALIGN=stride_alignment(*v.stride()[:3]),
         num_warps=8 if block_n >= 128 else 4,
     )  # fmt: skip
     return k8, k_scale, vt8, v_scale
