@@ -1057,7 +1057,7 @@ def _onepass_pieces(
     )
 
     d, seq_kv = q.shape[-1], k.shape[2]
-    ksum, vmax = kv_stats(k, v)
+    mean, v_scale = kv_stats(k, v)
     k8, k_scale, vt8, v_scale = quantize_kv(k, v, block_n)
     prepared = a8.prepare_operands(q, k, v, block_m, block_n, True)
     in_kernel = a8.Operands(q, k_scale, k8, k_scale, vt8, None, v_scale)
@@ -1070,7 +1070,7 @@ def _onepass_pieces(
     return {
         "kv_stats_ms": a8.cuda_graph_ms(lambda: kv_stats(k, v), 40),
         "kv_quant_ms": a8.cuda_graph_ms(
-            lambda: quantize_kv_from_stats(k, v, ksum, vmax, block_n), 40
+            lambda: quantize_kv_from_stats(k, v, mean, v_scale, block_n), 40
         ),
         "kv_copy_ms": a8.cuda_graph_ms(lambda: (kc.copy_(k), vc.copy_(v)), 40),
         "kernel_int8_q_ms": a8.cuda_graph_ms(lambda: launch(prepared), 40),

@@ -60,7 +60,7 @@ def test_quantize_kv_matches_the_torch_quantizers(
     """Smoothed int8 k and fp8 Vᵀ as prepare_operands_torch makes them: V's values and
     scales bit for bit (a max is exact), k within one step and its scales within float
     rounding (the mean is summed in chunks); zero padding where the kernel expects it.
-    700 tokens: 3 partials (a masked 4th in the quantize kernel's load); with at most 2
+    700 tokens: 6 partials (masked to 8 in the finishing kernel's load); with at most 2
     partials allowed, chunks of 512 rows."""
     monkeypatch.setattr(onepass, "MAX_CHUNKS", max_chunks)
     assert -(-s // onepass.stats_chunk(s)) <= max_chunks

@@ -1,4 +1,4 @@
-"""8-bit attention with one pre-pass: q quantized inside the kernel, k and v in two launches.
+"""8-bit attention with one pre-pass: q quantized inside the kernel, k and v in three launches.
 
 :mod:`difforge.kernels.attention_int8`'s kernel reads int8 q, smoothed int8 k and fp8 Vᵀ.
 Made by separate quantizers (or by Inductor from torch ops), those cost PixArt-XL's
@@ -8,11 +8,12 @@ self-attention more than the kernel saves over cuDNN. Here:
   of q (its ``block_m`` rows), so it loads the fp16/bf16 rows, takes their absmax and
   rounds them itself (``Q_FLOAT``), the same math as ``quantize_per_block_int8``.
 * k and v need a statistic over the whole sequence before any block can be quantized
-  (k's mean, v's per-channel absmax), hence two launches: :func:`_kv_stats_kernel` reads
-  k and v once in chunks and writes per-chunk partial sums / maxima; then
-  :func:`_kv_quantize_kernel` reduces those partials (a few KB, in a fixed order, so the
-  result is deterministic) and writes smoothed int8 k with its block scales and fp8 Vᵀ
-  with its channel scales, reading k and v a second time.
+  (k's mean, v's per-channel absmax), hence three launches: :func:`_kv_stats_kernel` reads
+  k and v once in chunks and writes per-chunk partial sums / maxima;
+  :func:`_kv_finish_kernel` reduces them per (batch, head) in a fixed order (so the result
+  is deterministic; reducing them in every quantize program instead read ~32 MB of
+  partials from L2 at PixArt's size); :func:`_kv_quantize_kernel` writes smoothed int8 k
+  with its block scales and fp8 Vᵀ, reading k and v a second time.
 
 Values: as :func:`~difforge.kernels.attention_int8.attention_int8` with ``pv_fp8``, except
 that k's mean is summed in chunks (float32, a different order than ``torch.mean``), so an
@@ -46,11 +47,11 @@ from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32, round_half_even
 
 __all__ = ["attention_int8_onepass", "kv_stats", "quantize_kv", "quantize_kv_from_stats"]
 
-#: Rows of k/v per stats program: 4096 tokens x 32 heads -> 512 programs on 132 SMs.
-STATS_CHUNK = 256
+#: Rows of k/v per stats program: 4096 tokens x 32 heads -> 1024 programs on 132 SMs.
+STATS_CHUNK = 128
 #: At most this many partials per (batch, head): longer sequences take longer chunks.
-MAX_CHUNKS = 32
-_STATS_ROWS = 64  # rows per load inside a chunk (registers)
+MAX_CHUNKS = 64
+_STATS_ROWS = 32  # rows per load inside a chunk (registers)
 
 
 @triton.jit
@@ -98,15 +99,43 @@ def _kv_stats_kernel(
 
 
 @triton.jit
+def _kv_finish_kernel(
+    ksum_ptr,  # float32 [B * H, n_chunks, D] from _kv_stats_kernel
+    vmax_ptr,  # float32 [B * H, n_chunks, D]
+    mean_ptr,  # float32 [B * H, D]: k's mean over the sequence
+    v_scale_ptr,  # float32 [B, H, DV] contiguous: v's channel scales, 1 past the head dim
+    seq_f,  # the sequence length as a float (an int argument of 1 would be specialized)
+    n_chunks,
+    HEAD_DIM: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKS_P2: tl.constexpr,  # n_chunks rounded up to a power of two
+):
+    # One program per (batch, head): the partials in one 2-D load, reduced by a fixed tree
+    # (deterministic), once; the quantize kernel's programs then read D floats each.
+    pid_bh = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_c = tl.arange(0, CHUNKS_P2)
+    part = (pid_bh * n_chunks + offs_c[:, None]) * HEAD_DIM + offs_d[None, :]
+    part_mask = (offs_c < n_chunks)[:, None] & d_mask[None, :]
+    ksum = tl.sum(tl.load(ksum_ptr + part, mask=part_mask, other=0.0), 0)
+    vmax = tl.max(tl.load(vmax_ptr + part, mask=part_mask, other=0.0), 0)
+    mean = tl.div_rn(ksum, tl.zeros_like(ksum) + seq_f)
+    tl.store(mean_ptr + pid_bh * HEAD_DIM + offs_d, mean, mask=d_mask)
+    v_scale = tl.where(vmax > 0, tl.div_rn(vmax, 448.0), 1.0)
+    tl.store(v_scale_ptr + pid_bh * DV + offs_d, v_scale, mask=offs_d < DV)
+
+
+@triton.jit
 def _kv_quantize_kernel(
     k_ptr,  # fp16/bf16 [B, H, S, D], last stride 1
     v_ptr,  # fp16/bf16 [B, H, S, D], last stride 1
-    ksum_ptr,  # float32 [B * H, n_chunks, D] from _kv_stats_kernel
-    vmax_ptr,  # float32 [B * H, n_chunks, D]
+    mean_ptr,  # float32 [B * H, D] from _kv_finish_kernel
+    v_scale_ptr,  # float32 [B, H, DV] from _kv_finish_kernel
     k8_ptr,  # int8 [B, H, S, DQ] contiguous; columns D..DQ written as 0
     k_scale_ptr,  # float32 [B, H, n_blocks] contiguous
     vt8_ptr,  # fp8 e4m3 [B, H, DV, S_PAD] contiguous; rows D..DV and columns S.. are 0
-    v_scale_ptr,  # float32 [B, H, DV] contiguous; 1 past the head dim
     stride_kb,
     stride_kh,
     stride_ks,
@@ -115,16 +144,13 @@ def _kv_quantize_kernel(
     stride_vs,
     n_heads,
     seq,
-    seq_f,  # seq as a float (an int argument of 1 would be specialized to a constant)
     seq_pad,
-    n_chunks,
     n_blocks,
     HEAD_DIM: tl.constexpr,
     DQ: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK: tl.constexpr,
-    CHUNKS_P2: tl.constexpr,  # n_chunks rounded up to a power of two
     INTERPRET: tl.constexpr,
     K_ALIGN: tl.constexpr,
     V_ALIGN: tl.constexpr,
@@ -135,17 +161,8 @@ def _kv_quantize_kernel(
     h = pid_bh % n_heads
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    # The sequence statistics from the partials: one 2-D load (a loop over chunks would
-    # wait out one L2 round trip per chunk), reduced by a fixed tree (deterministic).
-    offs_c = tl.arange(0, CHUNKS_P2)
-    part = (pid_bh * n_chunks + offs_c[:, None]) * HEAD_DIM + offs_d[None, :]
-    part_mask = (offs_c < n_chunks)[:, None] & d_mask[None, :]
-    ksum = tl.sum(tl.load(ksum_ptr + part, mask=part_mask, other=0.0), 0)
-    vmax = tl.max(tl.load(vmax_ptr + part, mask=part_mask, other=0.0), 0)
-    mean = tl.div_rn(ksum, tl.zeros_like(ksum) + seq_f)
-    v_scale = tl.where(vmax > 0, tl.div_rn(vmax, 448.0), 1.0)
-    if pid_blk == 0:
-        tl.store(v_scale_ptr + pid_bh * DV + offs_d, v_scale, mask=offs_d < DV)
+    mean = tl.load(mean_ptr + pid_bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+    v_scale = tl.load(v_scale_ptr + pid_bh * DV + offs_d, mask=offs_d < DV, other=1.0)
 
     offs_s = pid_blk * BLOCK + tl.arange(0, BLOCK)
     s_mask = offs_s < seq
@@ -178,25 +195,35 @@ def _kv_quantize_kernel(
 
 
 def kv_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-chunk partials of k's column sums and v's column absmax, float32
-    ``[B * H, n_chunks, D]`` each (the first launch of :func:`quantize_kv`)."""
+    """k's mean over the sequence, float32 ``[B * H, D]``, and v's fp8 channel scales,
+    float32 ``[B, H, DV]`` (1 past the head dim): the first two launches of
+    :func:`quantize_kv` (per-chunk partials, then their reduction)."""
     b, h, s, d = k.shape
     chunk = stats_chunk(s)
     n_chunks = triton.cdiv(s, chunk)
+    dv = sum(head_dim_tiles(d, 16))
     ksum = torch.empty((b * h, n_chunks, d), dtype=torch.float32, device=k.device)
     vmax = torch.empty_like(ksum)
+    block_d = max(16, triton.next_power_of_2(d))
     _kv_stats_kernel[(n_chunks, b * h)](
         k, v, ksum, vmax, *k.stride()[:3], *v.stride()[:3], h, s, n_chunks,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CHUNK=chunk,
+        HEAD_DIM=d, BLOCK_D=block_d, CHUNK=chunk,
         ROWS=_STATS_ROWS, K_ALIGN=stride_alignment(*k.stride()[:3]),
         V_ALIGN=stride_alignment(*v.stride()[:3]), num_warps=4,
     )  # fmt: skip
-    return ksum, vmax
+    mean = torch.empty((b * h, d), dtype=torch.float32, device=k.device)
+    v_scale = torch.empty((b, h, dv), dtype=torch.float32, device=k.device)
+    _kv_finish_kernel[(b * h,)](
+        ksum, vmax, mean, v_scale, float(s), n_chunks, HEAD_DIM=d, DV=dv,
+        BLOCK_D=max(block_d, triton.next_power_of_2(dv)),
+        CHUNKS_P2=triton.next_power_of_2(n_chunks), num_warps=4,
+    )  # fmt: skip
+    return mean, v_scale
 
 
 def stats_chunk(seq: int) -> int:
     """Rows per stats program: :data:`STATS_CHUNK`, doubled until at most
-    :data:`MAX_CHUNKS` partials remain (the quantize kernel loads them all at once)."""
+    :data:`MAX_CHUNKS` partials remain (the finishing kernel loads them all at once)."""
     chunk = STATS_CHUNK
     while triton.cdiv(seq, chunk) > MAX_CHUNKS:
         chunk *= 2
@@ -206,38 +233,35 @@ def stats_chunk(seq: int) -> int:
 def quantize_kv(
     k: torch.Tensor, v: torch.Tensor, block_n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Smoothed int8 k and fp8 Vᵀ for the kernel, in two launches.
+    """Smoothed int8 k and fp8 Vᵀ for the kernel, in three launches (two small).
 
     Returns ``(k8 [B, H, S, DQ], k_scale [B, H, cdiv(S, block_n)], vt8 [B, H, DV, S_pad],
     v_scale [B, H, DV])`` with DQ/DV the Q·Kᵀ/P·V tile widths of the head dim and S_pad
     the sequence rounded up to whole ``block_n`` blocks (block_n >= 32, a power of two).
     """
-    ksum, vmax = kv_stats(k, v)
-    return quantize_kv_from_stats(k, v, ksum, vmax, block_n)
+    mean, v_scale = kv_stats(k, v)
+    return quantize_kv_from_stats(k, v, mean, v_scale, block_n)
 
 
 def quantize_kv_from_stats(
-    k: torch.Tensor, v: torch.Tensor, ksum: torch.Tensor, vmax: torch.Tensor, block_n: int
+    k: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, v_scale: torch.Tensor, block_n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The second launch of :func:`quantize_kv`, on :func:`kv_stats`' partials."""
+    """The last launch of :func:`quantize_kv`, on :func:`kv_stats`' results."""
     b, h, s, d = k.shape
     dq = sum(head_dim_tiles(d, 32))
-    dv = sum(head_dim_tiles(d, 16))
-    n_chunks = ksum.shape[1]
+    dv = v_scale.shape[-1]
     n_blocks = triton.cdiv(s, block_n)
     seq_pad = n_blocks * block_n
     dev = k.device
     k8 = torch.empty((b, h, s, dq), dtype=torch.int8, device=dev)
     k_scale = torch.empty((b, h, n_blocks), dtype=torch.float32, device=dev)
     vt8 = torch.empty((b, h, dv, seq_pad), dtype=torch.float8_e4m3fn, device=dev)
-    v_scale = torch.empty((b, h, dv), dtype=torch.float32, device=dev)
     _kv_quantize_kernel[(n_blocks, b * h)](
-        k, v, ksum, vmax, k8, k_scale, vt8, v_scale, *k.stride()[:3], *v.stride()[:3], h, s,
-        float(s), seq_pad, n_chunks, n_blocks, HEAD_DIM=d, DQ=dq, DV=dv,
+        k, v, mean, v_scale, k8, k_scale, vt8, *k.stride()[:3], *v.stride()[:3], h, s,
+        seq_pad, n_blocks, HEAD_DIM=d, DQ=dq, DV=dv,
         BLOCK_D=max(16, triton.next_power_of_2(max(dq, dv))), BLOCK=block_n,
-        CHUNKS_P2=triton.next_power_of_2(n_chunks), INTERPRET=_interpreting(),
-        K_ALIGN=stride_alignment(*k.stride()[:3]), V_ALIGN=stride_alignment(*v.stride()[:3]),
-        num_warps=8 if block_n >= 128 else 4,
+        INTERPRET=_interpreting(), K_ALIGN=stride_alignment(*k.stride()[:3]),
+        V_ALIGN=stride_alignment(*v.stride()[:3]), num_warps=8 if block_n >= 128 else 4,
     )  # fmt: skip
     return k8, k_scale, vt8, v_scale
 
