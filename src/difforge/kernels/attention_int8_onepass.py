@@ -15,6 +15,13 @@ self-attention more than the kernel saves over cuDNN. Here:
   partials from L2 at PixArt's size); :func:`_kv_quantize_kernel` writes smoothed int8 k
   with its block scales and fp8 Vᵀ, reading k and v a second time.
 
+Measured (H200, PixArt self-attention 2x16x4096² d72, CUDA-graph timed;
+``benchmarks/results/2026-11-29_h200_probe_onepass_v*_s25.json``): the kernel quantizing q
+itself takes 0.400 ms against 0.371 on int8 q, and the k/v launches 0.07-0.09 ms, so the
+whole (0.48-0.50 ms) loses to the torch-op preparation that Inductor fuses (0.45-0.47) and
+to cuDNN's SDPA (0.46). The attention_int8 pass therefore does not use it; it stays for
+the probe and as the starting point for a faster pre-pass.
+
 Values: as :func:`~difforge.kernels.attention_int8.attention_int8` with ``pv_fp8``, except
 that k's mean is summed in chunks (float32, a different order than ``torch.mean``), so an
 int8 k value may differ by one step where a rounding tie moves.
