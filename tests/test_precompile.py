@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -114,14 +115,40 @@ def _child(
     return run_child(_CHILD, json.dumps(options), *(["new-size"] if new_size else []), env=env)
 
 
-@needs_precompile
-def test_a_new_process_loads_the_trace_instead_of_tracing(tmp_path: Path) -> None:
-    root = tmp_path / "cache"
-    options = {"mode": "O2:cache-all", "cache.precompile": True}
-    cold = _child(options, root)
+_OPTIONS = {"mode": "O2:cache-all", "cache.precompile": True}
+
+
+@pytest.fixture(scope="module")
+def cold_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A cache root filled by one cold child under ``_OPTIONS`` (the first process of a
+    user's), and that child's result; tests copy it (``_copy``) before they change it."""
+    if precompile.support() is not None:
+        pytest.skip(f"no precompile: {precompile.support()}")
+    root = tmp_path_factory.mktemp("precompile") / "cache"
+    cold = _child(_OPTIONS, root)
     assert cold["miss"] == 1 and cold["traced"] == 1 and cold["err"] < 1e-4
     entries = list((root / "precompile").glob("*/dynamo/*/entry"))
     assert len(entries) == 1  # one key folder, one function
+    return root, cold
+
+
+def _copy(cold_cache: tuple[Path, dict], tmp_path: Path) -> tuple[Path, dict]:
+    """A private copy of the module's cold cache root (the folder moves: see below)."""
+    root = tmp_path / "cache"
+    shutil.copytree(cold_cache[0], root)
+    return root, cold_cache[1]
+
+
+@needs_precompile
+def test_a_new_process_loads_the_trace_instead_of_tracing(
+    tmp_path: Path, cold_cache: tuple[Path, dict]
+) -> None:
+    """The cold child (``cold_cache``) stored one entry; a new process loads it instead of
+    tracing, and other options, a damaged entry or a patched forward trace afresh."""
+    root, cold = _copy(cold_cache, tmp_path)
+    options = _OPTIONS
+    entries = list((root / "precompile").glob("*/dynamo/*/entry"))
+    assert len(entries) == 1
 
     warm = _child(options, root, new_size=True)
     assert warm["hit"] == 1 and warm["traced"] == 0 and warm["compiles"] == 0
@@ -212,15 +239,14 @@ def test_functions_behind_wrappers_pickle_by_name_and_depth() -> None:
 
 
 @needs_precompile
-def test_an_entry_whose_guards_cannot_be_built_is_a_miss(tmp_path: Path) -> None:
+def test_an_entry_whose_guards_cannot_be_built_is_a_miss(
+    tmp_path: Path, cold_cache: tuple[Path, dict]
+) -> None:
     # torch 2.13 stored a guard on FLUX.1-dev's decorated forward (the closure variable's
     # __defaults__) that it could not build when loading: an AttributeError from inside
     # torch.compile, and torch's own fallback then failed to re-initialize the package.
-    root = tmp_path / "cache"
-    options = {"mode": "O2:cache-all", "cache.precompile": True}
-    cold = _child(options, root)
-    assert cold["traced"] == 1 and cold["err"] < 1e-4
-    warm = _child(options, root, new_size=True, unbuildable=True)
+    root, cold = _copy(cold_cache, tmp_path)
+    warm = _child(_OPTIONS, root, new_size=True, unbuildable=True)
     assert warm["hit"] == 0 and warm["load_errors"] == 1 and warm["traced"] == 1
     assert warm["err"] == pytest.approx(cold["err"], rel=1e-6, abs=1e-9)
     assert len(warm["warnings"]) == 1 and "__defaults__" in warm["warnings"][0]
@@ -253,12 +279,13 @@ def test_module_of_globals_is_scoped_and_leaves_plain_functions_alone() -> None:
 
 
 @needs_precompile
-def test_an_entry_whose_guards_cannot_load_is_a_miss_and_is_rewritten(tmp_path: Path) -> None:
+def test_an_entry_whose_guards_cannot_load_is_a_miss_and_is_rewritten(
+    tmp_path: Path, cold_cache: tuple[Path, dict]
+) -> None:
     # torch handles only a RuntimeError while it installs an entry; torch 2.11's TypeError
     # from unpickling a guard source escaped from torch.compile (H100, 2026-11-27).
-    root = tmp_path / "cache"
-    options = {"mode": "O2:cache-all", "cache.precompile": True}
-    assert _child(options, root)["traced"] == 1
+    root, _ = _copy(cold_cache, tmp_path)
+    options = _OPTIONS
     broken = _child(options, root, broken=True)
     assert broken["hit"] == 0 and broken["load_errors"] == 1 and broken["traced"] == 1
     assert broken["err"] < 1e-4
