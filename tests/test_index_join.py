@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -13,7 +14,7 @@ from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 import difforge
 from difforge import index_join
 from difforge.bench.output_code import logged_code
-from difforge.diffusers.presets import build_component
+from difforge.diffusers.presets import build_component, get_preset
 from difforge.diffusers.step_inputs import denoiser_step_inputs
 from difforge.passes import counters
 
@@ -88,11 +89,16 @@ def test_the_patch_is_scoped_and_reentrant() -> None:
 
 def _kernel_launches(dynamic: bool) -> tuple[list[str], float, int]:
     """(Inductor's kernel names per launch, without serial numbers; error vs eager; joins)
-    of the tiny SDXL UNet compiled at O2 channels_last, at a size whose downsampled
+    of the tiny SDXL UNet (one transformer layer per level) compiled at O2 channels_last, at a size whose downsampled
     token count is a symbolic sum."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build_component("tiny-sdxl", "unet", dtype=torch.float32, device="cpu").eval()
+    # One transformer layer per level (tiny SDXL has two at its second level): the same
+    # LayerNorm -> linear views at a downsampled, symbolic token count, in half the blocks.
+    tiny = get_preset("tiny-sdxl")
+    config = {**tiny.denoiser_config, "transformer_layers_per_block": [1, 1]}
+    preset = dataclasses.replace(tiny, denoiser_config=config)
+    model = build_component(preset, "unet", dtype=torch.float32, device="cpu").eval()
     options = {"mode": "O2", "memory_format": "channels_last", "dynamic": dynamic}
     compiled = difforge.compile(model, options=options)
     call = denoiser_step_inputs(
