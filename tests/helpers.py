@@ -36,6 +36,19 @@ def compile_with_grad_enabled(
     return out
 
 
+def tiny_sdxl_one_layer() -> Any:
+    """The tiny-sdxl preset with one transformer layer per level (the preset has two at its
+    second level, and so in the mid block and the first up block): the same down/mid/up
+    blocks and cross-attention, half the BasicTransformerBlocks, ~15% less compile time."""
+    import dataclasses
+
+    from difforge.diffusers.presets import get_preset
+
+    tiny = get_preset("tiny-sdxl")
+    config = {**tiny.denoiser_config, "transformer_layers_per_block": [1, 1]}
+    return dataclasses.replace(tiny, denoiser_config=config)
+
+
 def dit_inputs(batch: int = 2, size: int = 16, tokens: int = 7) -> tuple[torch.Tensor, ...]:
     return (
         torch.randn(batch, 4, size, size),

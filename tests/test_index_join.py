@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
@@ -14,9 +13,11 @@ from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 import difforge
 from difforge import index_join
 from difforge.bench.output_code import logged_code
-from difforge.diffusers.presets import build_component, get_preset
+from difforge.diffusers.presets import build_component
 from difforge.diffusers.step_inputs import denoiser_step_inputs
 from difforge.passes import counters
+
+from .helpers import tiny_sdxl_one_layer
 
 s1, s2, i, j = sympy.symbols("s1 s2 i j", integer=True, nonnegative=True)
 # Tokens below one stride-2 convolution of an h x w map, as Dynamo derives them.
@@ -93,12 +94,9 @@ def _kernel_launches(dynamic: bool) -> tuple[list[str], float, int]:
     token count is a symbolic sum."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    # One transformer layer per level (tiny SDXL has two at its second level): the same
-    # LayerNorm -> linear views at a downsampled, symbolic token count, in half the blocks.
-    tiny = get_preset("tiny-sdxl")
-    config = {**tiny.denoiser_config, "transformer_layers_per_block": [1, 1]}
-    preset = dataclasses.replace(tiny, denoiser_config=config)
-    model = build_component(preset, "unet", dtype=torch.float32, device="cpu").eval()
+    # One transformer layer per level: the same LayerNorm -> linear views at a downsampled,
+    # symbolic token count, in half the blocks.
+    model = build_component(tiny_sdxl_one_layer(), "unet", dtype=torch.float32).eval()
     options = {"mode": "O2", "memory_format": "channels_last", "dynamic": dynamic}
     compiled = difforge.compile(model, options=options)
     call = denoiser_step_inputs(

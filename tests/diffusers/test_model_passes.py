@@ -12,10 +12,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 
-from tests.helpers import rel_err
+from tests.helpers import rel_err, tiny_sdxl_one_layer
 
 import difforge
-from difforge.diffusers.presets import build_component, get_preset
+from difforge.diffusers.presets import Preset, build_component, get_preset
 from difforge.diffusers.step_inputs import denoiser_step_inputs
 
 
@@ -24,7 +24,7 @@ def _first(out: Any) -> torch.Tensor:
 
 
 def _compiled_matches_eager(
-    name: str, options: dict[str, Any], *, batch: int, size: int
+    name: str | Preset, options: dict[str, Any], *, batch: int, size: int
 ) -> torch.nn.Module:
     """One float32 denoiser step of preset ``name`` at ``size``², compiled with ``options``,
     against eager (relative error < 1e-5); returns the eager model."""
@@ -159,11 +159,13 @@ def test_sdxl_unet_under_freezing_fuses_the_groups_the_cost_rule_leaves_apart(
     from difforge.passes import fuse_linear
 
     monkeypatch.setattr(fuse_linear, "SMALL_GROUP_ELEMENTS", 1)
-    _compiled_matches_eager("tiny-sdxl", {"mode": "O2"}, batch=2, size=64)
+    # One transformer layer per level: the widths the cost rule judges are the preset's.
+    unet = tiny_sdxl_one_layer()
+    _compiled_matches_eager(unet, {"mode": "O2"}, batch=2, size=64)
     rule_only = difforge.counters["fuse_qkv"]
     torch._dynamo.reset()
     difforge.counters.clear()
-    _compiled_matches_eager("tiny-sdxl", {"mode": "O2:freezing"}, batch=2, size=64)
+    _compiled_matches_eager(unet, {"mode": "O2:freezing"}, batch=2, size=64)
     frozen = difforge.counters["fuse_qkv"]
     assert frozen > rule_only
     # fuse_qkv.cached_weights: the same groups fuse without freezing, the concatenations
@@ -171,7 +173,7 @@ def test_sdxl_unet_under_freezing_fuses_the_groups_the_cost_rule_leaves_apart(
     torch._dynamo.reset()
     difforge.counters.clear()
     options = {"mode": "O2", "fuse_qkv.cached_weights": True}
-    _compiled_matches_eager("tiny-sdxl", options, batch=2, size=64)
+    _compiled_matches_eager(unet, options, batch=2, size=64)
     assert difforge.counters["fuse_qkv"] == frozen
     assert frozen <= difforge.counters["fused_weights.cached"] <= 2 * frozen
 
