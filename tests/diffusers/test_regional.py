@@ -19,7 +19,7 @@ import difforge
 from difforge import regional
 from difforge.diffusers import compile_pipe
 from difforge.diffusers.pipe import pipe_state
-from difforge.diffusers.presets import build_component, build_pipeline, get_preset
+from difforge.diffusers.presets import Preset, build_component, build_pipeline, get_preset
 from difforge.diffusers.step_inputs import denoiser_step_inputs
 
 pytestmark = pytest.mark.skipif(
@@ -40,11 +40,17 @@ def _first(out: Any) -> torch.Tensor:
         # FLUX declares them; its single block returns two slices of one tensor (aliasing
         # outputs, which a region refuses unless difforge clones them)
         ("tiny-flux", {"FluxSingleTransformerBlock": 2}),
-        # the UNet declares BasicTransformerBlock; 2 widths -> 2 regions
-        pytest.param("tiny-sdxl", {"BasicTransformerBlock": 8}, marks=pytest.mark.slow),
+        # the UNet declares BasicTransformerBlock; 2 widths -> 2 regions (one transformer
+        # layer per level: 4 blocks, not the preset's 8)
+        pytest.param(
+            tiny_sdxl_one_layer(),
+            {"BasicTransformerBlock": 4},
+            marks=pytest.mark.slow,
+            id="tiny-sdxl-blocks2",
+        ),
     ],
 )
-def test_denoiser_regional_matches_eager(name: str, blocks: dict[str, int]) -> None:
+def test_denoiser_regional_matches_eager(name: str | Preset, blocks: dict[str, int]) -> None:
     preset = get_preset(name)
     model = build_component(preset, preset.denoiser, dtype=torch.float32)
     call = denoiser_step_inputs(
