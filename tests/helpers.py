@@ -49,6 +49,21 @@ def tiny_sdxl_one_layer() -> Any:
     return dataclasses.replace(tiny, denoiser_config=config)
 
 
+def tiny_vae_two_levels(name: str) -> Any:
+    """Preset ``name`` with its tiny VAE cut to the first two of four levels (one upsampler
+    instead of three): the same resnets, GroupNorms, mid-block attention and latent
+    channels in about half the decoder's compile time. Its decoder still takes the latents
+    that ``vae_decode_inputs`` makes (sized for 8x); it outputs 2x them."""
+    import dataclasses
+
+    from difforge.diffusers.presets import get_preset
+
+    preset = get_preset(name)
+    vae = preset.vae_config
+    cut = ("down_block_types", "up_block_types", "block_out_channels")
+    return dataclasses.replace(preset, vae_config={**vae, **{k: vae[k][:2] for k in cut}})
+
+
 def dit_inputs(batch: int = 2, size: int = 16, tokens: int = 7) -> tuple[torch.Tensor, ...]:
     return (
         torch.randn(batch, 4, size, size),

@@ -9,7 +9,6 @@ compared with an eager model built from the same seed and never adapted.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -22,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tests.helpers import rel_err, tiny_sdxl_one_layer
+from tests.helpers import rel_err, tiny_sdxl_one_layer, tiny_vae_two_levels
 
 import difforge
 from difforge.diffusers.presets import Preset, build_component, get_preset
@@ -281,17 +280,9 @@ def _vae_rewrites(device: str, dtype: torch.dtype, dynamic: bool) -> dict[str, i
     from difforge.diffusers.step_inputs import VaeDecode, vae_decode_inputs
 
     torch._dynamo.reset()
-    preset = get_preset("tiny-sdxl")
-    if device == "cpu":
-        # Two of the four levels on the CPU (half the decoder's compile time): the same
-        # resnet GroupNorms and mid-block attention whose rewrites are counted.
-        vae_config = {
-            **preset.vae_config,
-            "down_block_types": preset.vae_config["down_block_types"][:2],
-            "up_block_types": preset.vae_config["up_block_types"][:2],
-            "block_out_channels": preset.vae_config["block_out_channels"][:2],
-        }
-        preset = dataclasses.replace(preset, vae_config=vae_config)
+    # Two of the four levels on the CPU (half the decoder's compile time): the same resnet
+    # GroupNorms and mid-block attention whose rewrites are counted.
+    preset = tiny_vae_two_levels("tiny-sdxl") if device == "cpu" else get_preset("tiny-sdxl")
     vae = build_component(preset, "vae", dtype=dtype, device=device)
     options = {"mode": "O2", "memory_format": "channels_last", "dynamic": dynamic}
     compiled = difforge.compile(VaeDecode(vae).eval(), options=options)
