@@ -314,9 +314,9 @@ def test_flux_unbacked_batches_1_2_4_at_every_size_on_one_graph(
 @pytest.mark.slow
 def test_flux_recompiles_at_batch_2_without_the_unbacked_batch() -> None:
     module, reference = denoiser("tiny-flux")
-    compiled = difforge.compile(
-        module, options={"mode": "O2", "dynamic": True, "shapes.batch": "dynamo"}
-    )
+    # rms_norm_rope off as in the sweeps (its kernel runs in Triton's interpreter here).
+    options = {"mode": "O2", "dynamic": True, "shapes.batch": "dynamo"}
+    compiled = difforge.compile(module, options={**options, "passes.rms_norm_rope": False})
     sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (1,))
     with pytest.warns(UserWarning, match="recompiling .*hidden_states.* size mismatch at index 0"):
         sweep("tiny-flux", compiled, reference, DIT_SIZES[:1], (2,))
