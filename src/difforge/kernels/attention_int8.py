@@ -208,6 +208,18 @@ def _load_row_block(
 
 
 @triton.jit
+def quantize_int8_lanes(x, mask, scale):
+    """int8 ``round(x / scale)`` (ties to even) clamped to ±127, 0 where ``mask`` is false.
+
+    Padding lanes divide the scale by itself, not 0 by the scale: a zero numerator takes
+    the IEEE division's slow path, and with 56 of 128 columns padding at head dim 72 that
+    made the quantizer 4.5x slower per byte than at head dim 128 (H100, 2026-11-28).
+    IEEE division (div_rn, not Triton's approximate '/') so the GPU matches torch exactly."""
+    q = round_half_even(tl.div_rn(tl.where(mask, x, scale), scale))
+    return tl.where(mask, tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0).to(tl.int8)
+
+
+@triton.jit
 def _quantize_per_block_int8_kernel(
     x_ptr,  # fp16/bf16/fp32 [B, H, S, D], any strides with the last one 1
     mean_ptr,  # float32 [B, H, D] contiguous (only read when SUBTRACT_MEAN)
@@ -238,14 +250,10 @@ def _quantize_per_block_int8_kernel(
     amax = tl.max(tl.max(tl.abs(x), 1), 0)
     # IEEE divisions (div_rn, not Triton's approximate '/') so the GPU matches torch exactly.
     scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)
-    # Padding lanes divide scale by itself, not 0 by scale: a zero numerator takes the IEEE
-    # division's slow path, and with 56 of 128 columns padding at head dim 72 that made
-    # this kernel 4.5x slower per byte than at head dim 128 (H100, 2026-11-28).
-    q = round_half_even(tl.div_rn(tl.where(mask, x, scale), scale))
-    q = tl.where(mask, tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0)
+    q = quantize_int8_lanes(x, mask, scale)
     out_base = out_ptr + pid_bh.to(tl.int64) * seq * D_OUT
     out_mask = (offs_s < seq)[:, None] & (offs_d < D_OUT)[None, :]
-    tl.store(out_base + offs_s[:, None] * D_OUT + offs_d[None, :], q.to(tl.int8), mask=out_mask)
+    tl.store(out_base + offs_s[:, None] * D_OUT + offs_d[None, :], q, mask=out_mask)
     tl.store(scale_ptr + pid_bh * n_blocks + pid_blk, scale)
 
 
@@ -563,14 +571,6 @@ def _store_out(
 
 
 @triton.jit
-def _quantize_q_columns(x, mask, scale):
-    """int8 ``round(x / scale)`` clamped to ±127, 0 where masked (as the Triton quantizer:
-    padding lanes divide the scale by itself, avoiding the IEEE division's slow path)."""
-    q = round_half_even(tl.div_rn(tl.where(mask, x, scale), scale))
-    return tl.where(mask, tl.minimum(tl.maximum(q, -127.0), 127.0), 0.0).to(tl.int8)
-
-
-@triton.jit
 def _quantize_q_block(
     q_base, q_rows, m_mask, offs_qm, offs_qt, HEAD_DIM: tl.constexpr, QK_TAIL: tl.constexpr
 ):
@@ -587,10 +587,10 @@ def _quantize_q_block(
         xt = xt.to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xt), 1), 0))
     scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)
-    q_main = _quantize_q_columns(xm, mask_m, scale)
+    q_main = quantize_int8_lanes(xm, mask_m, scale)
     q_tail = q_main
     if QK_TAIL > 0:
-        q_tail = _quantize_q_columns(xt, mask_t, scale)
+        q_tail = quantize_int8_lanes(xt, mask_t, scale)
     return q_main, q_tail, scale
 
 

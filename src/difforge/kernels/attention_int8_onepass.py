@@ -48,9 +48,10 @@ from difforge.kernels.attention_int8 import (
     _default_warps,
     _launch,
     _row_offsets,
+    quantize_int8_lanes,
     stride_alignment,
 )
-from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32, round_half_even
+from difforge.kernels.rounding import fp8_e4m3_rne_as_fp32
 
 __all__ = ["attention_int8_onepass", "kv_stats", "quantize_kv", "quantize_kv_from_stats"]
 
@@ -181,11 +182,10 @@ def _kv_quantize_kernel(
     k = tl.where(mask, k.to(tl.float32) - mean[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(k), 1), 0)
     k_scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)
-    k8 = round_half_even(tl.div_rn(tl.where(mask, k, k_scale), k_scale))
-    k8 = tl.where(mask, tl.minimum(tl.maximum(k8, -127.0), 127.0), 0.0)
+    k8 = quantize_int8_lanes(k, mask, k_scale)
     k8_base = k8_ptr + pid_bh.to(tl.int64) * seq * DQ
     k8_mask = s_mask[:, None] & (offs_d < DQ)[None, :]
-    tl.store(k8_base + offs_s[:, None] * DQ + offs_d[None, :], k8.to(tl.int8), mask=k8_mask)
+    tl.store(k8_base + offs_s[:, None] * DQ + offs_d[None, :], k8, mask=k8_mask)
     tl.store(k_scale_ptr + pid_bh * n_blocks + pid_blk, k_scale)
 
     # v: per channel over the whole sequence, stored transposed (the sequence contiguous,
