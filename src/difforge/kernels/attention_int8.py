@@ -647,10 +647,9 @@ def _attention_int8_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # int64 base offsets: B*H*S*D overflows int32 at large batch x resolution.
-    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    if Q_ALIGN > 1:
-        q_off = tl.multiple_of(q_off, Q_ALIGN)
+    q_off, q_rows = _row_offsets(b, h, offs_m, stride_qb, stride_qh, stride_qs, Q_ALIGN)
     q_base = q_ptr + q_off
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_off = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -663,13 +662,9 @@ def _attention_int8_kernel(
         o_off = tl.multiple_of(o_off, O_ALIGN)
     o_base = o_ptr + o_off
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seq_q
     # The head dim is covered by a power-of-two main tile plus an optional narrower tail
     # (72 -> 64 + 32 for Q·Kᵀ, 64 + 16 for P·V) instead of one 128-wide padded tile.
-    q_rows = offs_m * stride_qs
-    if Q_ALIGN > 1:
-        q_rows = tl.multiple_of(q_rows, Q_ALIGN)
     offs_qm = tl.arange(0, QK_MAIN)
     offs_qt = QK_MAIN + tl.arange(0, QK_TAIL if QK_TAIL > 0 else 16)
     if Q_FLOAT:
