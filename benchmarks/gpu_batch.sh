@@ -117,8 +117,12 @@
 #   qualitypx32 PixArt-XL's float32 yardstick, both weight sets                   ~4 min
 #   qualitysdxl SDXL base quality report, weights as built: eager, compile, O3, fp8, fp32 ~9 min
 #   qualitysdxlo SDXL base, planted outliers: eager, O3, fp8, fp32                 ~8 min
+#   s26px    the attention kernels' gpu tests (after the s25 refactors), then PixArt-XL step:
+#            compile vs O3 vs O3 + quant.fuse_qkv (to_qkv 1152x3456 passes the fp8 size filter)
+#            vs the same + the LayerNorm quantizer kernel, profiled                ~8 min
+#   s26sdxl  SDXL UNet step: compile vs O3 vs O3 + quant.fuse_qkv (1280x3840), profiled ~9 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -407,6 +411,20 @@ case "$part" in
     V+=',"inductor.triton.enable_persistent_tma_matmul":true}'
     run 590 step_tune_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --profile --output-json "$out/step_tune_flux.json" ;;
+  s26px)  # the attention kernels' gpu tests (refactors 9ae3e3b/0f43b88 never ran on a GPU),
+    # then does fp8 on PixArt's fused q/k/v pay now that the LayerNorm + modulation producer
+    # fuses its quantization? (quant.fuse_qkv was within noise on an H100 in session 4)
+    run 150 gpu_tests_attention python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
+      tests/kernels/test_attention_int8.py tests/kernels/test_attention_int8_onepass.py
+    V='compile;O3;O3-fq={"mode":"O3","quant.fuse_qkv":true}'
+    V+=';O3-fq-lnq={"mode":"O3","quant.fuse_qkv":true,"passes.fp8_layer_norm_quant_kernel":true}'
+    run 420 step_fq_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --profile --output-json "$out/step_fq_pixart.json" ;;
+  s26sdxl)  # SDXL's 1280-wide q/k/v fused before the fp8 swap pass the size filter (3840x1280)
+    V='compile;O3={"mode":"O3","memory_format":"channels_last"}'
+    V+=';O3-fq={"mode":"O3","memory_format":"channels_last","quant.fuse_qkv":true}'
+    run 580 step_fq_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_fq_sdxl.json" ;;
   s25step)  # PixArt-XL-2 compile vs O3 after Fp8Linear.weight_scale became a parameter
     # (the twenty-fifth session's inference-only fix): no step-time change expected
     run 400 step_o3_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
