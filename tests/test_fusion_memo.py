@@ -31,7 +31,8 @@ def _inductor_code(model: torch.nn.Module, inputs: tuple, memo: bool) -> list[st
 
 
 def test_memo_fires_and_leaves_inductor_code_unchanged() -> None:
-    model, inputs = TinyDiT().eval(), dit_inputs()
+    # One block: its fusion checks still repeat reuse keys (about 100 hits to 7 misses).
+    model, inputs = TinyDiT(depth=1).eval(), dit_inputs()
     plain = _inductor_code(model, inputs, memo=False)
     assert difforge.counters[HIT] == 0  # no memo outside the context
     memoized = _inductor_code(model, inputs, memo=True)
@@ -52,7 +53,7 @@ def test_patch_is_scoped_and_reentrant() -> None:
 
 
 def test_difforge_compile_uses_the_memo_and_matches_eager() -> None:
-    model, inputs = TinyDiT().eval(), dit_inputs()
+    model, inputs = TinyDiT(depth=1).eval(), dit_inputs()
     compiled = difforge.compile(model, options={"mode": "O2", "dynamic": True})
     # no FX-graph cache hit (another test may have compiled this model): Inductor must run
     with inductor_config.patch(force_disable_caches=True), torch.no_grad():
