@@ -103,6 +103,10 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         # at FLUX/PixArt/SD3 shapes, PixArt-XL's O3 step 30.07 -> 28.94 ms, same error
         # (benchmarks/results/2026-11-28_h200_*catquant*_s21.*).
         "passes.fp8_cat_quant_kernel": True,
+        # diffusers' q/k/v fusion before the swap, so PixArt's 1152x3456 and SDXL's
+        # 1280x3840 q/k/v pass the size filter as one fp8 GEMM: H200, PixArt-XL O3 28.97 ->
+        # 27.87 ms, SDXL UNet 29.40 -> 28.68 ms, same error (2026-11-29_h200_step_fq_*_s26).
+        "quant.fuse_qkv": True,
         "inductor.triton.codegen_upcast_to_fp32": False,
         "inductor.emulate_precision_casts": False,
         "inductor.use_fast_math": True,
@@ -299,8 +303,9 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "fp8 swap: first call the module's diffusers fuse_qkv_projections(), so each "
         "attention's q/k/v (and k/v, added q/k/v) become one wider fp8 linear (PixArt's "
         "1152x3456 to_qkv passes the size filter where 1152x1152 to_q does not); the graph "
-        "pass fuse_qkv cannot fuse fp8 linears. Off: PixArt O3 31.99 vs 32.05 ms on an H100 "
-        "(within noise) while the unfused linears stay in memory",
+        "pass fuse_qkv cannot fuse fp8 linears. The unfused linears become views of the "
+        "fused rows (difforge.quant.fused_projections), so no weight is held twice. On in "
+        "low-precision",
     ),
     "attention.select": (
         "measured",

@@ -286,17 +286,25 @@ def test_fuse_qkv_option_quantizes_the_fused_projections(fp8_here: None) -> None
         "skip_cross_attention_kv" in report.skipped[n] for n in text_kv
     )
     assert 0 < err < 0.05
+    # the unfused q/k/v are fp8 views of the fused rows, not quantized twice
+    attn1 = model.transformer_blocks[0].attn1
+    assert "unfused twin" in report.skipped["transformer_blocks.0.attn1.to_q"]
+    assert isinstance(attn1.to_q, Fp8Linear)
+    assert attn1.to_q.weight_fp8.untyped_storage().data_ptr() == (
+        attn1.to_qkv.weight_fp8.untyped_storage().data_ptr()
+    )
     # What is left for the graph pass: the two blocks' high-precision to_kv read the same
     # caption tokens, so they become one GEMM.
     assert difforge.counters["fuse_qkv"] == 1
 
 
-def test_fuse_qkv_option_is_off_by_default_and_harmless_without_diffusers_fusion(
+def test_fuse_qkv_option_is_on_in_o3_and_harmless_without_diffusers_fusion(
     fp8_here: None,
 ) -> None:
     from difforge.options import parse_options
 
-    assert parse_options({"mode": "O3"}).settings["quant.fuse_qkv"] is False
+    assert parse_options({"mode": "O3"}).settings["quant.fuse_qkv"] is True
+    assert parse_options({"mode": "O2"}).settings["quant.fuse_qkv"] is False
     model = _ToyDiT().eval()  # no fuse_qkv_projections(): logged, nothing else changes
     with torch.no_grad():
         difforge.compile(model, options={"mode": "O3", "quant.fuse_qkv": True, **SMALL})(*_inputs())

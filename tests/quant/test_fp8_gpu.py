@@ -150,6 +150,7 @@ def test_o3_tiny_pixart_pipeline_psnr() -> None:
     report = swap_report(getattr(pipe.transformer, "_orig_mod", pipe.transformer))
     assert report is not None and report.converted
     assert all(n.startswith("transformer_blocks.") for n in report.converted)
+    assert "transformer_blocks.0.attn1.to_qkv" in report.converted  # quant.fuse_qkv
     mse = float(((out.astype(np.float64) - ref) ** 2).mean())
     psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
     print(f"O3 tiny PixArt fp16: {len(report.converted)} fp8 linears, PSNR {psnr:.1f} dB")
@@ -159,6 +160,22 @@ def test_o3_tiny_pixart_pipeline_psnr() -> None:
     compile_pipe(pipe2, options={"mode": "O3", **small})
     assert swap_report(getattr(pipe2.transformer, "_orig_mod", pipe2.transformer)) is None
     assert len(quant_report(pipe2).converted) == len(report.converted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 37, 4096])
+def test_row_views_run_their_rows_of_the_fused_linear(dtype: torch.dtype, m: int) -> None:
+    """What an unfused q/k/v projection is after quant.fuse_qkv: rows of the fused fp8
+    linear (storage offsets into its weight), through _scaled_mm like the fused one."""
+    fused = Fp8Linear.from_linear(nn.Linear(1152, 3456, device="cuda", dtype=dtype))
+    x = torch.randn(m, 1152, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        full = fused(x).float()
+        for start, stop in ((0, 1152), (1152, 2304), (2304, 3456), (16, 48)):
+            view = fused.row_view(start, stop)
+            assert view.use_scaled_mm
+            rows = view(x).float()
+            assert rel_err(rows, full[:, start:stop]) < 2e-3, (start, stop)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -111,8 +111,10 @@ def test_quantize_pipe_end_to_end_image() -> None:
     pipe = _quiet_quantize(_pipe(), min_features=0, min_weight_elements=0)
     report = quant_report(pipe)
     assert report is not None and report.component == "transformer"
-    # 2 blocks x 8: q/k/v/out of self-attention, q/out of cross-attention, the FF pair.
-    assert len(report.converted) == 16 and report.bytes_saved > 0
+    # 2 blocks x 6: the fused q/k/v and out of self-attention, q/out of cross-attention,
+    # the FF pair (fuse_qkv_projections is on by default, as quant.fuse_qkv in O3).
+    assert len(report.converted) == 12 and report.bytes_saved > 0
+    assert "transformer_blocks.0.attn1.to_qkv" in report.converted
     out = _image(pipe)
     assert np.isfinite(out).all()
     mse = float(((out.astype(np.float64) - ref) ** 2).mean())
@@ -120,16 +122,17 @@ def test_quantize_pipe_end_to_end_image() -> None:
     assert psnr > MIN_PSNR_DB, f"PSNR {psnr:.1f} dB vs unquantized"
 
 
-def test_fuse_qkv_projections_before_quantizing() -> None:
+def test_without_fusion_each_projection_is_quantized() -> None:
     ref = _image(_pipe())
     pipe = _quiet_quantize(
-        _pipe(), min_features=0, min_weight_elements=0, fuse_qkv_projections=True
+        _pipe(), min_features=0, min_weight_elements=0, fuse_qkv_projections=False
     )
     report = quant_report(pipe)
     assert report is not None
-    assert "transformer_blocks.0.attn1.to_qkv" in report.converted
-    # The cross-attention's fused k/v still read only the caption: skip_cross_attention_kv.
-    assert "skip_cross_attention_kv" in report.skipped["transformer_blocks.0.attn2.to_kv"]
+    # 2 blocks x 8: q/k/v/out of self-attention, q/out of cross-attention, the FF pair.
+    assert len(report.converted) == 16
+    assert not any("to_qkv" in n or "to_kv" in n for n in [*report.converted, *report.skipped])
+    assert "skip_cross_attention_kv" in report.skipped["transformer_blocks.0.attn2.to_k"]
     out = _image(pipe)
     mse = float(((out.astype(np.float64) - ref) ** 2).mean())
     assert 10 * np.log10(1.0 / max(mse, 1e-20)) > MIN_PSNR_DB

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from difforge.errors import DifforgeError, warn
+from difforge.quant.fused_projections import FusedGroup, share_fused_rows, unfused_twins
+from difforge.quant.fused_projections import fuse_qkv_projections as fuse_projections_of
 from difforge.quant.select import (
     DEFAULT_EXCLUDE,
     DEFAULT_MIN_FEATURES,
@@ -90,7 +92,7 @@ def quantize_pipe(
     min_features: int = DEFAULT_MIN_FEATURES,
     exclude: Sequence[str] | str | None = None,
     include: Sequence[str] | str | None = None,
-    fuse_qkv_projections: bool = False,
+    fuse_qkv_projections: bool = True,
     min_weight_elements: int = DEFAULT_MIN_WEIGHT_ELEMENTS,
     skip_edges: bool = True,
     skip_gated_outputs: bool = True,
@@ -108,10 +110,12 @@ def quantize_pipe(
     ``low-precision`` mode's swap (``quant.*`` options), so ``quantize_pipe(pipe)`` then
     ``compile_pipe(pipe, options={"mode": "O3"})`` converts what ``O3`` alone would, and
     the compile swaps nothing more (a denoiser holding fp8 linears is left as it is).
-    ``fuse_qkv_projections``: call the denoiser's diffusers ``fuse_qkv_projections()``
-    first, so the fused ``to_qkv``/``to_kv`` linears are what gets quantized (fp8 weights
-    cannot be concatenated afterwards: ``compile_pipe(fuse_qkv_projections=True)`` on a
-    quantized pipe logs that it cannot fuse and leaves attention unfused).
+    ``fuse_qkv_projections`` (default on, as ``quant.fuse_qkv`` in ``low-precision``): call
+    the denoiser's diffusers ``fuse_qkv_projections()`` first, so the fused
+    ``to_qkv``/``to_kv`` linears are what gets quantized (fp8 weights cannot be
+    concatenated afterwards); the unfused ones become views of the fused rows
+    (:mod:`difforge.quant.fused_projections`). Off, ``compile_pipe(fuse_qkv_projections=True)``
+    on the quantized pipe logs that it cannot fuse and leaves attention unfused.
 
     Raises :class:`QuantizeOrderError` on a compiled pipe (compiled graphs captured the
     high-precision weights). A second call does nothing (with other settings it raises:
@@ -173,11 +177,12 @@ def quantize_pipe(
         )
     name, denoiser = found[0]
 
+    groups: list[FusedGroup] = []
     if fuse_qkv_projections:
-        fuse = getattr(denoiser, "fuse_qkv_projections", None)
-        if fuse is None:
+        if not callable(getattr(denoiser, "fuse_qkv_projections", None)):
             raise ValueError(f"quantize_pipe: {name} has no fuse_qkv_projections()")
-        fuse()  # the user's own fusion as far as compile_pipe is concerned: it keeps it
+        # the user's own fusion as far as compile_pipe is concerned: it keeps it
+        groups = fuse_projections_of(denoiser)
 
     why_slow = _fp8_gemm_reason()
     if why_slow is not None:
@@ -186,7 +191,8 @@ def quantize_pipe(
             "reference path, which is slow here",
             RuntimeWarning,
         )
-    base = quantize_linears(denoiser, module_filter)
+    base = quantize_linears(denoiser, module_filter, keep=unfused_twins(groups))
+    share_fused_rows(denoiser, groups)
     report = PipeQuantReport(
         converted=base.converted,
         skipped=base.skipped,

@@ -28,6 +28,11 @@ from torch import nn
 
 from difforge.errors import warn
 from difforge.quant.fp8 import Fp8Linear, scaled_mm_available
+from difforge.quant.fused_projections import (
+    fuse_qkv_projections,
+    share_fused_rows,
+    unfused_twins,
+)
 from difforge.quant.select import DEFAULT_EXCLUDE, ModuleFilter, QuantizeReport, quantize_linears
 
 log = logging.getLogger("difforge.quant")
@@ -86,20 +91,6 @@ def _warn_once(message: str) -> None:
     warn(message, RuntimeWarning)
 
 
-def _fuse_qkv_projections(module: nn.Module) -> None:
-    """diffusers' own q/k/v fusion, before quantizing (fp8 weights cannot be concatenated
-    later). Its unfused ``to_q``/``to_k``/``to_v`` stay as attributes, unused by the fused
-    processors; ``quantize_linears`` converts them too, which costs memory only."""
-    fuse = getattr(module, "fuse_qkv_projections", None)
-    if not callable(fuse):
-        log.info(
-            "difforge: quant.fuse_qkv: %s has no fuse_qkv_projections(); q/k/v stay separate",
-            type(module).__name__,
-        )
-        return
-    fuse()
-
-
 def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport | None:
     """Apply ``quant.fp8_linear`` to ``module`` in place; the report, or None if nothing
     was swapped (off, not an ``nn.Module``, already quantized, or no fp8 GEMM here)."""
@@ -125,9 +116,9 @@ def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport
             "own precision (set 'quant.fp8_linear': false to silence this)"
         )
         return None
-    if settings.get("quant.fuse_qkv"):
-        _fuse_qkv_projections(module)
-    report = quantize_linears(module, module_filter)
+    groups = fuse_qkv_projections(module) if settings.get("quant.fuse_qkv") else []
+    report = quantize_linears(module, module_filter, keep=unfused_twins(groups))
+    share_fused_rows(module, groups)
     setattr(module, SWAP_ATTR, report)
     log.info("difforge: quant.fp8_linear on %s: %s", type(module).__name__, report.summary())
     return report

@@ -476,6 +476,26 @@ class Fp8Linear(nn.Module):
             )
         return new
 
+    def row_view(self, start: int, stop: int) -> Fp8Linear:
+        """Output rows ``[start, stop)`` of this linear as a module sharing its tensors
+        (views, no copy): what an unfused q/k/v projection is of a fused one."""
+        if not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"rows [{start}, {stop}) outside 0..{self.out_features}")
+        new = type(self)(
+            self.in_features, stop - start, bias=False, device="meta", dtype=self.orig_dtype
+        )
+        new.weight_fp8 = self.weight_fp8[start:stop]
+        new.weight_scale = nn.Parameter(
+            self.weight_scale.detach()[start:stop], requires_grad=self.weight_scale.requires_grad
+        )
+        if self.bias is not None:
+            new.bias = nn.Parameter(
+                self.bias.detach()[start:stop], requires_grad=self.bias.requires_grad
+            )
+        new.impl = self.impl
+        new._refresh_gemm_flags()
+        return new
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this module actually multiplies by, as ``dtype``."""
         return dequantize(self.weight_fp8, self.weight_scale).to(dtype)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -289,19 +289,25 @@ def quantize_linears(
     module_filter: ModuleFilter | Callable[[str, nn.Module], bool] | None = None,
     *,
     converter: Callable[[nn.Linear], nn.Module] = Fp8Linear.from_linear,
+    keep: Mapping[str, str] | None = None,
 ) -> QuantizeReport:
     """Replace the linears of ``module`` chosen by ``module_filter`` in place.
 
     Each weight is quantized once, here. A plain callable filter gives no reasons; its
-    skipped linears are reported as "rejected by filter". Returns a :class:`QuantizeReport`.
+    skipped linears are reported as "rejected by filter". ``keep``: linears left as they
+    are whatever the filter says, name -> the reason reported. Returns a
+    :class:`QuantizeReport`.
     """
+    keep = keep or {}
     module_filter = module_filter if module_filter is not None else ModuleFilter()
     report = QuantizeReport()
     # Collect first: replacing while iterating named_modules would visit the new modules.
     linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     plan = module_filter.plan(module) if isinstance(module_filter, ModuleFilter) else {}
     for name, linear in linears:
-        if isinstance(module_filter, ModuleFilter):
+        if name in keep:
+            why: str | None = keep[name]
+        elif isinstance(module_filter, ModuleFilter):
             why = plan[name]
         else:
             why = None if module_filter(name, linear) else "rejected by filter"

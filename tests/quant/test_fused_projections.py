@@ -1,0 +1,146 @@
+"""quant.fuse_qkv's fusion before quantizing: which fused projections count, the unfused
+twins left out of the quantization, then made views of the fused rows (fp8 or not), and
+an unfuse that still runs the same numbers."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("diffusers")
+
+from difforge.diffusers.presets import build_component, get_preset
+from difforge.diffusers.step_inputs import denoiser_step_inputs
+from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
+from difforge.quant.fused_projections import (
+    FusedGroup,
+    fuse_qkv_projections,
+    share_fused_rows,
+    unfused_twins,
+)
+
+ALL_SIZES = ModuleFilter(min_features=0, min_weight_elements=0)
+
+
+def _model(name: str) -> nn.Module:
+    preset = get_preset(name)
+    return build_component(preset, preset.denoiser, dtype=torch.float32).eval()
+
+
+def _run(model: nn.Module, name: str) -> torch.Tensor:
+    call = denoiser_step_inputs(
+        get_preset(name), batch=1, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    with torch.no_grad():
+        return call(model)[0]
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_groups_are_the_projections_the_fusion_made() -> None:
+    model = _model("tiny-pixart")
+    groups = fuse_qkv_projections(model)
+    blocks = range(len(model.transformer_blocks))
+    assert set(groups) == {
+        *(
+            FusedGroup(f"transformer_blocks.{i}.attn1", "to_qkv", ("to_q", "to_k", "to_v"))
+            for i in blocks
+        ),
+        *(FusedGroup(f"transformer_blocks.{i}.attn2", "to_kv", ("to_k", "to_v")) for i in blocks),
+    }
+    assert len(groups) == 2 * len(blocks)
+    # a second fusion makes nothing new
+    assert fuse_qkv_projections(model) == []
+
+
+def test_joint_attention_has_its_added_projections_fused_too() -> None:
+    model = _model("tiny-sd3")
+    fused = {g.fused for g in fuse_qkv_projections(model)}
+    assert fused == {"to_qkv", "to_added_qkv"}
+
+
+def test_a_module_without_the_method_fuses_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="difforge.quant"):
+        assert fuse_qkv_projections(nn.Linear(16, 16)) == []
+    assert "has no fuse_qkv_projections" in caplog.text
+
+
+def test_twins_are_kept_out_of_the_quantization_then_share_the_fused_rows() -> None:
+    model = _model("tiny-pixart")
+    originals = copy.deepcopy(model)
+    groups = fuse_qkv_projections(model)
+    report = quantize_linears(model, ALL_SIZES, keep=unfused_twins(groups))
+    attn1 = model.transformer_blocks[0].attn1
+    attn2 = model.transformer_blocks[0].attn2
+    assert "transformer_blocks.0.attn1.to_qkv" in report.converted
+    assert "unfused twin of to_qkv" in report.skipped["transformer_blocks.0.attn1.to_q"]
+    assert "skip_cross_attention_kv" in report.skipped["transformer_blocks.0.attn2.to_kv"]
+    assert "unfused twin of to_kv" in report.skipped["transformer_blocks.0.attn2.to_k"]
+    assert type(attn1.to_q) is nn.Linear  # not yet shared: quantize_linears left it
+
+    freed = share_fused_rows(model, groups)
+    # fp8 fused: each part is an fp8 view of its rows, equal to the part quantized alone
+    start = 0
+    for attr in ("to_q", "to_k", "to_v"):
+        part = getattr(attn1, attr)
+        alone = Fp8Linear.from_linear(getattr(originals.transformer_blocks[0].attn1, attr))
+        assert isinstance(part, Fp8Linear) and part.out_features == alone.out_features
+        assert _same_storage(part.weight_fp8, attn1.to_qkv.weight_fp8)
+        assert _same_storage(part.weight_scale, attn1.to_qkv.weight_scale)
+        assert part.weight_fp8.data_ptr() == attn1.to_qkv.weight_fp8[start:].data_ptr()
+        assert torch.equal(part.weight_fp8.view(torch.uint8), alone.weight_fp8.view(torch.uint8))
+        assert torch.equal(part.weight_scale, alone.weight_scale)
+        assert torch.equal(part.bias, alone.bias)
+        start += part.out_features
+    # high-precision fused (the caption's k/v): the parts' weights are row views of it
+    orig2 = originals.transformer_blocks[0].attn2
+    assert type(attn2.to_k) is nn.Linear
+    assert _same_storage(attn2.to_k.weight, attn2.to_kv.weight)
+    assert torch.equal(attn2.to_k.weight, orig2.to_k.weight)
+    assert torch.equal(attn2.to_v.weight, orig2.to_v.weight)
+    assert torch.equal(attn2.to_v.bias, orig2.to_v.bias)
+    twins = [m for n, m in originals.named_modules() if n in unfused_twins(groups)]
+    assert freed == sum(p.numel() * p.element_size() for m in twins for p in m.parameters())
+
+
+def test_unfused_after_sharing_runs_the_fused_numbers() -> None:
+    model = _model("tiny-pixart")
+    groups = fuse_qkv_projections(model)
+    quantize_linears(model, ALL_SIZES, keep=unfused_twins(groups))
+    share_fused_rows(model, groups)
+    fused = _run(model, "tiny-pixart")
+    model.unfuse_qkv_projections()
+    assert not any(type(p).__name__.startswith("Fused") for p in model.attn_processors.values())
+    unfused = _run(model, "tiny-pixart")
+    torch.testing.assert_close(unfused, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_that_differ_are_not_a_group() -> None:
+    model = _model("tiny-pixart")
+    attn = model.transformer_blocks[0].attn1
+    real = attn.fuse_projections
+
+    def fuse_then_drift(*args: object, **kwargs: object) -> None:  # to_qkv != its parts
+        real(*args, **kwargs)
+        with torch.no_grad():
+            attn.to_qkv.weight[0, 0] += 1
+
+    attn.fuse_projections = fuse_then_drift
+    owners = {g.owner for g in fuse_qkv_projections(model)}
+    assert "transformer_blocks.0.attn1" not in owners
+    assert "transformer_blocks.1.attn1" in owners
+
+
+def test_row_view_checks_its_range() -> None:
+    linear = Fp8Linear.from_linear(nn.Linear(32, 48))
+    view = linear.row_view(16, 32)
+    assert view.out_features == 16 and view.weight_fp8.shape == (16, 32)
+    assert torch.equal(view.bias, linear.bias[16:32])
+    with pytest.raises(ValueError, match="outside"):
+        linear.row_view(32, 64)
