@@ -121,8 +121,11 @@
 #            compile vs O3 vs O3 + quant.fuse_qkv (to_qkv 1152x3456 passes the fp8 size filter)
 #            vs the same + the LayerNorm quantizer kernel, profiled                ~8 min
 #   s26sdxl  SDXL UNet step: compile vs O3 vs O3 + quant.fuse_qkv (1280x3840), profiled ~9 min
+#   s26sd3   the fp8 gpu tests (row views), then SD3-medium step: compile vs O3 without
+#            quant.fuse_qkv vs O3 (fused q/k/v and added q/k/v), profiled            ~7 min
+#   s26flux  FLUX.1-dev step: O3 without quant.fuse_qkv vs O3, profiled          ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -425,6 +428,17 @@ case "$part" in
     V+=';O3-fq={"mode":"O3","memory_format":"channels_last","quant.fuse_qkv":true}'
     run 580 step_fq_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
       --variants "$V" --profile --output-json "$out/step_fq_sdxl.json" ;;
+  s26sd3)  # quant.fuse_qkv became O3's default on PixArt's and SDXL's numbers: does it keep
+    # SD3 (its 1536-wide q/k/v were fp8 already; joint_linear wrote them into one buffer)?
+    run 150 gpu_tests_fp8 python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
+      tests/quant/test_fp8_gpu.py -k "row_views or pipeline_psnr"
+    V='compile;O3-nofq={"mode":"O3","quant.fuse_qkv":false};O3'
+    run 420 step_fq_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
+      --variants "$V" --profile --output-json "$out/step_fq_sd3.json" ;;
+  s26flux)  # the same question for FLUX.1-dev (3072-wide q/k/v, fp8 already; rms_norm_rope)
+    V='O3-nofq={"mode":"O3","quant.fuse_qkv":false};O3'
+    run 580 step_fq_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --profile --output-json "$out/step_fq_flux.json" ;;
   s25step)  # PixArt-XL-2 compile vs O3 after Fp8Linear.weight_scale became a parameter
     # (the twenty-fifth session's inference-only fix): no step-time change expected
     run 400 step_o3_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
