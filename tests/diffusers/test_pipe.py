@@ -20,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from tests.helpers import tiny_sdxl_one_layer, tiny_vae_two_levels  # noqa: E402
+
 import difforge  # noqa: E402
 from difforge.diffusers import compile_pipe  # noqa: E402
 from difforge.diffusers.pipe import pipe_state  # noqa: E402
@@ -42,7 +44,7 @@ def run(pipe: Any, kwargs: dict[str, Any]) -> np.ndarray:
     return image
 
 
-def tiny(name: str, *, text_encoders: bool = False) -> tuple[Any, dict[str, Any]]:
+def tiny(name: Any, *, text_encoders: bool = False) -> tuple[Any, dict[str, Any]]:
     """A tiny pipeline and the keyword arguments of one 64x64, 2-step call."""
     preset = get_preset(name)
     pipe = build_pipeline(preset, text_encoders=text_encoders)
@@ -135,8 +137,9 @@ def test_pixart_with_text_encoders_and_second_call_compiles_nothing(
 def test_sdxl_fp16_vae_with_force_upcast() -> None:
     """SDXL casts an fp16 VAE to fp32 around decode when ``force_upcast`` is set. The
     compiled decoder shares the VAE's parameters, so each dtype gets its own graph (a
-    guard failure and recompile), never a stale one."""
-    pipe, kwargs = tiny("tiny-sdxl")
+    guard failure and recompile), never a stale one. The VAE is the tiny one's first two
+    levels and the UNet has one transformer layer per level (it only runs the pipeline)."""
+    pipe, kwargs = tiny(tiny_vae_two_levels(tiny_sdxl_one_layer()))
     pipe.vae.to(torch.float16)
     assert pipe.vae.config.force_upcast
     ref = run(pipe, kwargs)
