@@ -18,8 +18,8 @@ from difforge.diffusers.step_inputs import denoiser_step_inputs
 from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
 from difforge.quant.fused_projections import (
     FusedGroup,
+    fp8_converter,
     fuse_qkv_projections,
-    share_fused_rows,
     unfused_twins,
 )
 
@@ -71,20 +71,44 @@ def test_a_module_without_the_method_fuses_nothing(caplog: pytest.LogCaptureFixt
     assert "has no fuse_qkv_projections" in caplog.text
 
 
-def test_twins_are_kept_out_of_the_quantization_then_share_the_fused_rows() -> None:
+def _quantize(model: nn.Module, groups: list[FusedGroup]):  # type: ignore[no-untyped-def]
+    return quantize_linears(
+        model, ALL_SIZES, keep=unfused_twins(groups), converter=fp8_converter(model, groups)
+    )
+
+
+def test_parts_share_the_fused_rows_from_the_fusion_on() -> None:
+    model = _model("tiny-pixart")
+    originals = copy.deepcopy(model)
+    assert len(fuse_qkv_projections(model)) == 2 * len(model.transformer_blocks)
+    # right after the fusion: high-precision row views, the originals' memory released
+    for block, orig in zip(model.transformer_blocks, originals.transformer_blocks, strict=True):
+        for attn, o, fused, parts in (
+            (block.attn1, orig.attn1, "to_qkv", ("to_q", "to_k", "to_v")),
+            (block.attn2, orig.attn2, "to_kv", ("to_k", "to_v")),
+        ):
+            for attr in parts:
+                part = getattr(attn, attr)
+                assert type(part) is nn.Linear
+                assert _same_storage(part.weight, getattr(attn, fused).weight)
+                assert _same_storage(part.bias, getattr(attn, fused).bias)
+                assert torch.equal(part.weight, getattr(o, attr).weight)
+                assert torch.equal(part.bias, getattr(o, attr).bias)
+
+
+def test_twins_are_kept_out_of_the_quantization_and_become_fp8_views() -> None:
     model = _model("tiny-pixart")
     originals = copy.deepcopy(model)
     groups = fuse_qkv_projections(model)
-    report = quantize_linears(model, ALL_SIZES, keep=unfused_twins(groups))
+    report = _quantize(model, groups)
     attn1 = model.transformer_blocks[0].attn1
     attn2 = model.transformer_blocks[0].attn2
     assert "transformer_blocks.0.attn1.to_qkv" in report.converted
     assert "unfused twin of to_qkv" in report.skipped["transformer_blocks.0.attn1.to_q"]
     assert "skip_cross_attention_kv" in report.skipped["transformer_blocks.0.attn2.to_kv"]
     assert "unfused twin of to_kv" in report.skipped["transformer_blocks.0.attn2.to_k"]
-    assert type(attn1.to_q) is nn.Linear  # not yet shared: quantize_linears left it
-
-    freed = share_fused_rows(model, groups)
+    # (the cross-attention's to_q, outside any group, is converted on its own)
+    assert not any(n.endswith(("attn1.to_q", "to_k", "to_v")) for n in report.converted)
     # fp8 fused: each part is an fp8 view of its rows, equal to the part quantized alone
     start = 0
     for attr in ("to_q", "to_k", "to_v"):
@@ -98,27 +122,33 @@ def test_twins_are_kept_out_of_the_quantization_then_share_the_fused_rows() -> N
         assert torch.equal(part.weight_scale, alone.weight_scale)
         assert torch.equal(part.bias, alone.bias)
         start += part.out_features
-    # high-precision fused (the caption's k/v): the parts' weights are row views of it
-    orig2 = originals.transformer_blocks[0].attn2
-    assert type(attn2.to_k) is nn.Linear
-    assert _same_storage(attn2.to_k.weight, attn2.to_kv.weight)
-    assert torch.equal(attn2.to_k.weight, orig2.to_k.weight)
-    assert torch.equal(attn2.to_v.weight, orig2.to_v.weight)
-    assert torch.equal(attn2.to_v.bias, orig2.to_v.bias)
-    twins = [m for n, m in originals.named_modules() if n in unfused_twins(groups)]
-    assert freed == sum(p.numel() * p.element_size() for m in twins for p in m.parameters())
+    # the caption's k/v stay in high precision: still row views of the fused to_kv
+    assert type(attn2.to_k) is nn.Linear and type(attn2.to_kv) is nn.Linear
+    assert _same_storage(attn2.to_v.weight, attn2.to_kv.weight)
 
 
 def test_unfused_after_sharing_runs_the_fused_numbers() -> None:
     model = _model("tiny-pixart")
-    groups = fuse_qkv_projections(model)
-    quantize_linears(model, ALL_SIZES, keep=unfused_twins(groups))
-    share_fused_rows(model, groups)
+    _quantize(model, fuse_qkv_projections(model))
     fused = _run(model, "tiny-pixart")
     model.unfuse_qkv_projections()
     assert not any(type(p).__name__.startswith("Fused") for p in model.attn_processors.values())
     unfused = _run(model, "tiny-pixart")
     torch.testing.assert_close(unfused, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_newer_attention_modules_share_too() -> None:
+    """FLUX's attention (diffusers' AttentionModuleMixin) deletes its fused linears on
+    unfuse; the parts, views, keep the rows alive and give the same output."""
+    model = _model("tiny-flux")
+    reference = _run(model, "tiny-flux")
+    groups = fuse_qkv_projections(model)
+    assert {g.fused for g in groups} == {"to_qkv", "to_added_qkv"}
+    fused = _run(model, "tiny-flux")
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    model.unfuse_qkv_projections()
+    assert not any(hasattr(m, "to_qkv") for m in model.modules())
+    torch.testing.assert_close(_run(model, "tiny-flux"), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_that_differ_are_not_a_group() -> None:

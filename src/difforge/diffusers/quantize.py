@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from difforge.errors import DifforgeError, warn
-from difforge.quant.fused_projections import FusedGroup, share_fused_rows, unfused_twins
+from difforge.quant.fused_projections import FusedGroup, fp8_converter, unfused_twins
 from difforge.quant.fused_projections import fuse_qkv_projections as fuse_projections_of
 from difforge.quant.select import (
     DEFAULT_EXCLUDE,
@@ -191,8 +191,12 @@ def quantize_pipe(
             "reference path, which is slow here",
             RuntimeWarning,
         )
-    base = quantize_linears(denoiser, module_filter, keep=unfused_twins(groups))
-    share_fused_rows(denoiser, groups)
+    base = quantize_linears(
+        denoiser,
+        module_filter,
+        keep=unfused_twins(groups),
+        converter=fp8_converter(denoiser, groups),
+    )
     report = PipeQuantReport(
         converted=base.converted,
         skipped=base.skipped,

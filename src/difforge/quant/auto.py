@@ -29,8 +29,8 @@ from torch import nn
 from difforge.errors import warn
 from difforge.quant.fp8 import Fp8Linear, scaled_mm_available
 from difforge.quant.fused_projections import (
+    fp8_converter,
     fuse_qkv_projections,
-    share_fused_rows,
     unfused_twins,
 )
 from difforge.quant.select import DEFAULT_EXCLUDE, ModuleFilter, QuantizeReport, quantize_linears
@@ -117,8 +117,12 @@ def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport
         )
         return None
     groups = fuse_qkv_projections(module) if settings.get("quant.fuse_qkv") else []
-    report = quantize_linears(module, module_filter, keep=unfused_twins(groups))
-    share_fused_rows(module, groups)
+    report = quantize_linears(
+        module,
+        module_filter,
+        keep=unfused_twins(groups),
+        converter=fp8_converter(module, groups),
+    )
     setattr(module, SWAP_ATTR, report)
     log.info("difforge: quant.fp8_linear on %s: %s", type(module).__name__, report.summary())
     return report

@@ -2,22 +2,25 @@
 
 ``fuse_qkv_projections()`` adds ``to_qkv`` (``to_kv``, ``to_added_qkv``) beside ``to_q`` /
 ``to_k`` / ``to_v`` and keeps those: they serve again after ``unfuse_qkv_projections()``.
-Quantized as they were, each projection's weight then lived twice: on an H200 with
-``quant.fuse_qkv`` (``benchmarks/results/2026-11-29_h200_step_fq_*_s26.json``) PixArt-XL's
-peak memory went 1.5 -> 2.0 GiB and the SDXL UNet's 5.7 -> 7.3 GiB. Here the unfused
-linears are left out of the quantization (:func:`unfused_twins`) and afterwards become
-views of their rows of the fused linear (:func:`share_fused_rows`): an ``Fp8Linear``
-where the fused one was converted (per-output-channel scales make a row slice of the
-quantized concatenation equal to each part quantized alone), else an ``nn.Linear`` whose
-weight and bias are row views. An unfuse then runs the same numbers, in fp8 where the
-fused linear is. The views share storage until something copies parameters one by one
-(``.to(device)``, offloading), which makes each a copy again: correct, as large as before.
+Quantized as they were, each projection's weight lived twice: on an H200
+(``benchmarks/results/2026-11-29_h200_step_fq_*_s26.json``) PixArt-XL's peak memory went
+1.5 -> 2.0 GiB and the SDXL UNet's 5.7 -> 7.3 GiB. Here each unfused linear becomes a view
+of its rows of the fused one: as each attention fuses (an ``nn.Linear`` whose weight and
+bias are row views, so the originals' memory goes at once), then as the fused linear is
+quantized (:func:`fp8_converter`: an ``Fp8Linear`` view; per-output-channel scales make a
+row slice of the quantized concatenation equal each part quantized alone). An unfuse then
+runs the same numbers, in fp8 where the fused linear is. The quantization leaves the parts
+alone (:func:`unfused_twins`). Views share storage until something copies parameters one
+by one (``.to(device)``, offloading), which makes each a copy again: correct, as large as
+before.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +32,8 @@ log = logging.getLogger("difforge.quant")
 __all__ = [
     "FUSED_GROUPS",
     "FusedGroup",
+    "fp8_converter",
     "fuse_qkv_projections",
-    "share_fused_rows",
     "unfused_twins",
 ]
 
@@ -56,15 +59,6 @@ class FusedGroup:
         return f"{self.owner}.{attr}" if self.owner else attr
 
 
-def _present(module: nn.Module) -> set[tuple[str, str]]:
-    return {
-        (name, fused)
-        for name, sub in module.named_modules()
-        for fused, _ in FUSED_GROUPS
-        if isinstance(getattr(sub, fused, None), nn.Linear)
-    }
-
-
 def _rows_match(fused: nn.Linear, parts: list[nn.Linear]) -> bool:
     """Whether ``fused`` is exactly ``parts`` concatenated by rows (weights and biases)."""
     if any(type(p) is not nn.Linear or p.in_features != fused.in_features for p in parts):
@@ -84,10 +78,55 @@ def _rows_match(fused: nn.Linear, parts: list[nn.Linear]) -> bool:
     return True
 
 
+def _share_rows(owner: nn.Module, group: FusedGroup) -> int:
+    """Make ``group``'s parts row views of ``owner``'s fused linear; the bytes they held."""
+    fused = getattr(owner, group.fused)
+    freed, start = 0, 0
+    for attr in group.parts:
+        part = getattr(owner, attr)
+        stop = start + part.out_features
+        if isinstance(fused, Fp8Linear):
+            view: nn.Module = fused.row_view(start, stop)
+        else:
+            view = _row_view(fused, start, stop, part)
+        if isinstance(part, nn.Linear) and not _shares(part.weight, fused):
+            freed += sum(t.numel() * t.element_size() for t in part.parameters())
+        setattr(owner, attr, view)
+        start = stop
+    return freed
+
+
+def _shares(weight: torch.Tensor, fused: nn.Module) -> bool:
+    other = getattr(fused, "weight", None)
+    return other is not None and (
+        weight.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+    )
+
+
+def _new_groups(sub: nn.Module, owner: str, before: set[str]) -> list[FusedGroup]:
+    """The fused projections ``sub`` gained since ``before`` whose rows are their parts."""
+    groups = []
+    for fused_attr, attrs in FUSED_GROUPS:
+        fused = getattr(sub, fused_attr, None)
+        if fused_attr in before or type(fused) is not nn.Linear:
+            continue
+        parts = [getattr(sub, a, None) for a in attrs]
+        if all(isinstance(p, nn.Linear) for p in parts) and _rows_match(fused, parts):
+            groups.append(FusedGroup(owner, fused_attr, attrs))
+    return groups
+
+
+def _fused_attrs(sub: nn.Module) -> set[str]:
+    return {f for f, _ in FUSED_GROUPS if isinstance(getattr(sub, f, None), nn.Linear)}
+
+
 @torch.no_grad()
 def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
-    """Call ``module.fuse_qkv_projections()`` (diffusers) and return the fused projections
-    it made whose rows equal their parts (none where the module has no such method)."""
+    """Call ``module.fuse_qkv_projections()`` (diffusers); return the fused projections it
+    made whose rows equal their parts, the parts now row views of them (none where the
+    module has no such method). Each attention's parts are shared as soon as it fuses (its
+    ``fuse_projections`` is wrapped for the call), so the fusion never holds a second copy
+    of more than one attention's weights."""
     fuse = getattr(module, "fuse_qkv_projections", None)
     if not callable(fuse):
         log.info(
@@ -95,17 +134,45 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
             type(module).__name__,
         )
         return []
-    before = _present(module)
-    fuse()
-    groups = []
-    for owner, fused_attr in sorted(_present(module) - before):
-        sub = module.get_submodule(owner)
-        attrs = dict(FUSED_GROUPS)[fused_attr]
-        parts = [getattr(sub, a, None) for a in attrs]
-        fused = getattr(sub, fused_attr)
-        if all(isinstance(p, nn.Linear) for p in parts) and _rows_match(fused, parts):
-            groups.append(FusedGroup(owner, fused_attr, attrs))
-    return groups
+    subs = dict(module.named_modules())
+    before = {name: _fused_attrs(sub) for name, sub in subs.items()}
+    groups: dict[tuple[str, str], FusedGroup] = {}
+    freed = 0
+
+    def sharing(name: str, sub: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
+        def fuse_projections(*args: Any, **kwargs: Any) -> Any:
+            nonlocal freed
+            result = original(*args, **kwargs)
+            for group in _new_groups(sub, name, before[name]):
+                freed += _share_rows(sub, group)
+                groups[(name, group.fused)] = group
+            return result
+
+        return fuse_projections
+
+    wrapped = []
+    for name, sub in subs.items():
+        original = getattr(sub, "fuse_projections", None)
+        if callable(original) and "fuse_projections" not in vars(sub):
+            sub.fuse_projections = sharing(name, sub, original)
+            wrapped.append(sub)
+    try:
+        fuse()
+    finally:
+        for sub in wrapped:
+            del sub.fuse_projections
+    # Fusions made some other way than through fuse_projections: checked and shared now.
+    for name, sub in module.named_modules():
+        for group in _new_groups(sub, name, before.get(name, set())):
+            if (name, group.fused) not in groups:
+                freed += _share_rows(sub, group)
+                groups[(name, group.fused)] = group
+    if freed:
+        log.info(
+            "difforge: quant.fuse_qkv: the unfused q/k/v share the fused rows (%.1f MiB)",
+            freed / 2**20,
+        )
+    return sorted(groups.values(), key=lambda g: (g.owner, g.fused))
 
 
 def unfused_twins(groups: list[FusedGroup]) -> dict[str, str]:
@@ -117,7 +184,7 @@ def unfused_twins(groups: list[FusedGroup]) -> dict[str, str]:
     }
 
 
-def _row_view(fused: nn.Linear, start: int, stop: int, like: nn.Linear) -> nn.Linear:
+def _row_view(fused: nn.Linear, start: int, stop: int, like: nn.Module) -> nn.Linear:
     """An ``nn.Linear`` whose weight and bias are rows of ``fused``'s (no copy); grad flags
     from ``like``, the part it stands for."""
     view = nn.Linear(fused.in_features, stop - start, bias=False, device="meta")
@@ -125,40 +192,27 @@ def _row_view(fused: nn.Linear, start: int, stop: int, like: nn.Linear) -> nn.Li
         fused.weight.detach()[start:stop], requires_grad=like.weight.requires_grad
     )
     if fused.bias is not None:
-        assert like.bias is not None  # checked by _rows_match
         view.bias = nn.Parameter(
             fused.bias.detach()[start:stop], requires_grad=like.bias.requires_grad
         )
     return view
 
 
-def share_fused_rows(module: nn.Module, groups: list[FusedGroup]) -> int:
-    """After quantizing: each part of ``groups`` becomes a view of its rows of the fused
-    linear (fp8 where that one is). Returns the bytes the parts no longer hold."""
-    freed = 0
+def fp8_converter(module: nn.Module, groups: list[FusedGroup]) -> Callable[[nn.Linear], nn.Module]:
+    """``Fp8Linear.from_linear``, except that converting a fused linear of ``groups`` also
+    makes its parts fp8 row views of the result, so the high-precision fused weight is
+    freed with it (for :func:`~difforge.quant.select.quantize_linears`)."""
+    owners = {}
     for group in groups:
         owner = module.get_submodule(group.owner)
-        fused = getattr(owner, group.fused)
-        start = 0
-        for attr in group.parts:
-            part = getattr(owner, attr)
-            stop = start + part.out_features
-            if isinstance(fused, Fp8Linear):
-                new: nn.Module = fused.row_view(start, stop)
-            elif type(fused) is nn.Linear:
-                new = _row_view(fused, start, stop, part)
-            else:  # converted to something else since: leave this group as it is
-                log.info(
-                    "difforge: %s is a %s: its parts keep their own weights",
-                    group.name(group.fused),
-                    type(fused).__name__,
-                )
-                break
-            freed += sum(t.numel() * t.element_size() for t in part.parameters())
-            setattr(owner, attr, new)
-            start = stop
-    if freed:
-        log.info(
-            "difforge: quant.fuse_qkv: unfused q/k/v share the fused rows (%.1f MiB)", freed / 2**20
-        )
-    return freed
+        owners[id(getattr(owner, group.fused))] = (owner, group)
+
+    def convert(linear: nn.Linear) -> nn.Module:
+        new = Fp8Linear.from_linear(linear)
+        if id(linear) in owners:
+            owner, group = owners[id(linear)]
+            setattr(owner, group.fused, new)
+            _share_rows(owner, group)
+        return new
+
+    return convert
