@@ -5,7 +5,9 @@ an unfuse that still runs the same numbers."""
 from __future__ import annotations
 
 import copy
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -174,3 +176,38 @@ def test_row_view_checks_its_range() -> None:
     assert torch.equal(view.bias, linear.bias[16:32])
     with pytest.raises(ValueError, match="outside"):
         linear.row_view(32, 64)
+
+
+def test_the_o3_swap_frees_each_high_precision_weight_as_it_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Peak memory: the unfused q/k/v are gone before quantizing starts, and each converted
+    weight is freed before the next conversion (nothing holds the old modules)."""
+    import difforge.quant.auto as auto
+    from difforge.options import parse_options
+
+    monkeypatch.setattr(auto, "scaled_mm_available", lambda device: True)
+    model = _model("tiny-flux")
+    parts = [
+        weakref.ref(m.weight)
+        for n, m in model.named_modules()
+        if n.endswith(("to_q", "to_k", "to_v", "add_q_proj"))
+    ]
+    converted: list[weakref.ref[torch.Tensor]] = []
+    alive: list[int] = []
+    real = Fp8Linear.from_linear
+
+    def from_linear(linear: nn.Linear) -> Fp8Linear:
+        gc.collect()
+        alive.append(sum(r() is not None for r in [*parts, *converted]))
+        converted.append(weakref.ref(linear.weight))
+        return real(linear)
+
+    monkeypatch.setattr(Fp8Linear, "from_linear", from_linear)
+    settings = parse_options(
+        {"mode": "O3", "quant.min_features": 0, "quant.min_weight_elements": 0}
+    ).settings
+    report = auto.swap_fp8_linears(model, settings)
+    assert report is not None and len(converted) == len(report.converted) > 4
+    assert any(n.endswith("to_qkv") for n in report.converted)
+    assert alive == [0] * len(alive)

@@ -105,11 +105,13 @@ def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport
         return None
     module_filter = filter_from_settings(settings)
     plan = module_filter.plan(module)
-    chosen = [module.get_submodule(n) for n, why in plan.items() if why is None]
-    if not chosen:
+    # Devices only: a list of the chosen modules would keep the unfused q/k/v that
+    # quant.fuse_qkv replaces by views alive through the quantization (FLUX.1-dev: 4 GiB).
+    devices = {module.get_submodule(n).weight.device for n, why in plan.items() if why is None}
+    if not devices:
         log.info("difforge: quant.fp8_linear: no linear of %s qualifies", type(module).__name__)
         return None
-    why = unavailable_reason(m.weight.device for m in chosen)
+    why = unavailable_reason(devices)
     if why is not None:
         _warn_once(
             f"difforge: fp8 linears not available here: {why}; the linears stay in their "

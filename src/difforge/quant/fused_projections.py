@@ -209,8 +209,8 @@ def fp8_converter(module: nn.Module, groups: list[FusedGroup]) -> Callable[[nn.L
 
     def convert(linear: nn.Linear) -> nn.Module:
         new = Fp8Linear.from_linear(linear)
-        if id(linear) in owners:
-            owner, group = owners[id(linear)]
+        if id(linear) in owners:  # popped: once converted, its id may be reused
+            owner, group = owners.pop(id(linear))
             setattr(owner, group.fused, new)
             _share_rows(owner, group)
         return new

@@ -301,10 +301,13 @@ def quantize_linears(
     keep = keep or {}
     module_filter = module_filter if module_filter is not None else ModuleFilter()
     report = QuantizeReport()
-    # Collect first: replacing while iterating named_modules would visit the new modules.
-    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    # Collect names first: replacing while iterating named_modules would visit the new
+    # modules. Names, not modules: each high-precision weight is freed as soon as it is
+    # converted, so the swap never holds the whole model twice (FLUX.1-dev O3's peak).
+    names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     plan = module_filter.plan(module) if isinstance(module_filter, ModuleFilter) else {}
-    for name, linear in linears:
+    for name in names:
+        linear = module.get_submodule(name)
         if name in keep:
             why: str | None = keep[name]
         elif isinstance(module_filter, ModuleFilter):
