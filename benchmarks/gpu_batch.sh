@@ -124,8 +124,10 @@
 #   s26sd3   the fp8 gpu tests (row views), then SD3-medium step: compile vs O3 without
 #            quant.fuse_qkv vs O3 (fused q/k/v and added q/k/v), profiled            ~7 min
 #   s26flux  FLUX.1-dev step: O3 without quant.fuse_qkv vs O3, profiled          ~8 min
+#   s26mem   FLUX.1-dev then PixArt-XL O3 alone: peak memory once the swap frees each weight
+#            as it converts it (FLUX O3 was 30.6 GiB, 34.6 with quant.fuse_qkv)       ~6 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux|s26mem}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -439,6 +441,11 @@ case "$part" in
     V='O3-nofq={"mode":"O3","quant.fuse_qkv":false};O3'
     run 580 step_fq_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --profile --output-json "$out/step_fq_flux.json" ;;
+  s26mem)  # peak memory of O3 after 78c0131 (the swap frees each weight as it converts it)
+    run 290 step_mem_flux python3 benchmarks/bench_step.py --models flux-dev --variants O3 \
+      --output-json "$out/step_mem_flux.json"
+    run 80 step_mem_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants O3 --output-json "$out/step_mem_pixart.json" ;;
   s25step)  # PixArt-XL-2 compile vs O3 after Fp8Linear.weight_scale became a parameter
     # (the twenty-fifth session's inference-only fix): no step-time change expected
     run 400 step_o3_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
