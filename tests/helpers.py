@@ -36,16 +36,20 @@ def compile_with_grad_enabled(
     return out
 
 
-def tiny_sdxl_one_layer() -> Any:
+def tiny_sdxl_one_layer(*, mid_block: bool = True) -> Any:
     """The tiny-sdxl preset with one transformer layer per level (the preset has two at its
     second level, and so in the mid block and the first up block): the same down/mid/up
-    blocks and cross-attention, half the BasicTransformerBlocks, ~15% less compile time."""
+    blocks and cross-attention, half the BasicTransformerBlocks, ~15% less compile time.
+    ``mid_block=False`` leaves the mid block out too (its resnets and transformer are the
+    kinds the second down level and the first up level have, at the same size)."""
     import dataclasses
 
     from difforge.diffusers.presets import get_preset
 
     tiny = get_preset("tiny-sdxl")
     config = {**tiny.denoiser_config, "transformer_layers_per_block": [1, 1]}
+    if not mid_block:
+        config["mid_block_type"] = None
     return dataclasses.replace(tiny, denoiser_config=config)
 
 
