@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
@@ -98,10 +97,7 @@ def _kernel_launches(dynamic: bool) -> tuple[list[str], float, int]:
     # One transformer layer per level and no mid block (its blocks are the down and up
     # blocks' kinds at the same level): the same LayerNorm -> linear views at a
     # downsampled, symbolic token count (9 joins), in fewer blocks.
-    preset = tiny_sdxl_one_layer()
-    preset = dataclasses.replace(
-        preset, denoiser_config={**preset.denoiser_config, "mid_block_type": None}
-    )
+    preset = tiny_sdxl_one_layer(mid_block=False)
     model = build_component(preset, "unet", dtype=torch.float32).eval()
     options = {"mode": "O2", "memory_format": "channels_last", "dynamic": dynamic}
     compiled = difforge.compile(model, options=options)
