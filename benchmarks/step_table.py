@@ -64,6 +64,15 @@ _RESIDUAL_LNQ = {
     "O3-lnq": "O3 + LayerNorm quantizer with the residual (opt-in)",
 }
 
+#: O3 with and without quant.fuse_qkv (diffusers' q/k/v fusion before the fp8 swap; O3's
+#: default since 2026-11-29's twenty-sixth session).
+_FUSED_QKV = {
+    "compile": "torch.compile",
+    "O3": "O3 then (q/k/v quantized apart, where the size filter let them)",
+    "O3-fq": "O3 + quant.fuse_qkv (today's O3)",
+    "O3-nofq": "O3 without quant.fuse_qkv",
+}
+
 #: (file, model, label, variants shown, their labels): one run per row group, every
 #: variant from that same run.
 STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] = (
@@ -246,6 +255,27 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         "SD3-medium fp16, batch 2",
         ("compile", "O3", "O3-lnq"),
         _RESIDUAL_LNQ,
+    ),
+    (
+        "2026-11-29_h200_step_fq_pixart_s26.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "O3", "O3-fq"),
+        _FUSED_QKV,
+    ),
+    (
+        "2026-11-29_h200_step_fq_sd3_s26.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("compile", "O3-nofq", "O3"),
+        {**_FUSED_QKV, "O3": "O3 (+ quant.fuse_qkv)"},
+    ),
+    (
+        "2026-11-29_h200_step_fq_sdxl_s26.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (channels_last)",
+        ("compile", "O3", "O3-fq"),
+        _FUSED_QKV,
     ),
     (
         "2026-11-28_h100_step_cached_pixart_s18.json",
