@@ -304,7 +304,7 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
         "attention's q/k/v (and k/v, added q/k/v) become one wider fp8 linear (PixArt's "
         "1152x3456 to_qkv passes the size filter where 1152x1152 to_q does not); the graph "
         "pass fuse_qkv cannot fuse fp8 linears. The unfused linears become views of the "
-        "fused rows (difforge.quant.fused_projections), so no weight is held twice. On in "
+        "fused rows (difforge.fused_projections), so no weight is held twice. On in "
         "low-precision",
     ),
     "attention.select": (

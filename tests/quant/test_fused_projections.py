@@ -17,13 +17,13 @@ pytest.importorskip("diffusers")
 
 from difforge.diffusers.presets import build_component, get_preset
 from difforge.diffusers.step_inputs import denoiser_step_inputs
-from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
-from difforge.quant.fused_projections import (
+from difforge.fused_projections import (
     FusedGroup,
     fp8_converter,
     fuse_qkv_projections,
     unfused_twins,
 )
+from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
 
 ALL_SIZES = ModuleFilter(min_features=0, min_weight_elements=0)
 

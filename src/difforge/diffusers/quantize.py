@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from difforge.errors import DifforgeError, warn
-from difforge.quant.fused_projections import FusedGroup, fp8_converter, unfused_twins
-from difforge.quant.fused_projections import fuse_qkv_projections as fuse_projections_of
+from difforge.fused_projections import FusedGroup, fp8_converter, unfused_twins
+from difforge.fused_projections import fuse_qkv_projections as fuse_projections_of
 from difforge.quant.select import (
     DEFAULT_EXCLUDE,
     DEFAULT_MIN_FEATURES,
@@ -114,7 +114,7 @@ def quantize_pipe(
     the denoiser's diffusers ``fuse_qkv_projections()`` first, so the fused
     ``to_qkv``/``to_kv`` linears are what gets quantized (fp8 weights cannot be
     concatenated afterwards); the unfused ones become views of the fused rows
-    (:mod:`difforge.quant.fused_projections`). Off, ``compile_pipe(fuse_qkv_projections=True)``
+    (:mod:`difforge.fused_projections`). Off, ``compile_pipe(fuse_qkv_projections=True)``
     on the quantized pipe logs that it cannot fuse and leaves attention unfused.
 
     Raises :class:`QuantizeOrderError` on a compiled pipe (compiled graphs captured the

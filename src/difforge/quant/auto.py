@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from difforge.errors import warn
-from difforge.quant.fp8 import Fp8Linear, scaled_mm_available
-from difforge.quant.fused_projections import (
+from difforge.fused_projections import (
     fp8_converter,
     fuse_qkv_projections,
     unfused_twins,
 )
+from difforge.quant.fp8 import Fp8Linear, scaled_mm_available
 from difforge.quant.select import DEFAULT_EXCLUDE, ModuleFilter, QuantizeReport, quantize_linears
 
 log = logging.getLogger("difforge.quant")
