@@ -126,8 +126,10 @@
 #   s26flux  FLUX.1-dev step: O3 without quant.fuse_qkv vs O3, profiled          ~8 min
 #   s26mem   FLUX.1-dev then PixArt-XL O3 alone: peak memory once the swap frees each weight
 #            as it converts it (FLUX O3 was 30.6 GiB, 34.6 with quant.fuse_qkv)       ~6 min
+#   s27o2    SDXL UNet step: compile vs O2 vs O2 + fuse_qkv.modules (channels_last), profiled ~7 min
+#   s27o2dit PixArt-XL and SD3-medium steps: compile vs O2 vs O2 + fuse_qkv.modules   ~8 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux|s26mem}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux|s26mem|s27o2|s27o2dit}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -446,6 +448,16 @@ case "$part" in
       --output-json "$out/step_mem_flux.json"
     run 80 step_mem_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
       --variants O3 --output-json "$out/step_mem_pixart.json" ;;
+  s27o2)  # module-level q/k/v fusion under O2 (fuse_qkv.modules, opt-in since 2026-11-29):
+    # freezing got the SDXL UNet 1.152x -> 1.191x by fusing these groups in the graph
+    V='compile;O2={"mode":"O2","memory_format":"channels_last"}'
+    V+=';O2-fm={"mode":"O2","memory_format":"channels_last","fuse_qkv.modules":true}'
+    run 580 step_fm_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --profile --output-json "$out/step_fm_sdxl.json" ;;
+  s27o2dit)  # the same on the DiTs (PixArt's q/k/v concatenated per call by fuse_qkv today)
+    V='compile;O2;O2-fm={"mode":"O2","fuse_qkv.modules":true}'
+    run 580 step_fm_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
+      --variants "$V" --profile --output-json "$out/step_fm_dit.json" ;;
   s25step)  # PixArt-XL-2 compile vs O3 after Fp8Linear.weight_scale became a parameter
     # (the twenty-fifth session's inference-only fix): no step-time change expected
     run 400 step_o3_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \

@@ -21,6 +21,7 @@ from difforge.batch import BatchAxis, resolve_batch_mode, with_batch_axis
 from difforge.dynamic import apply_shape_adapters
 from difforge.entry import wrap_entry
 from difforge.errors import DifforgeError, OptionsError, PassError
+from difforge.fused_projections import fuse_qkv_projections
 from difforge.graph_pool import GraphPool, graphs_of, requires_grad, reset_graphs, with_graph_pool
 from difforge.memory_format import (
     convert_conv_weights,
@@ -155,6 +156,9 @@ def compile(
         # Weights now; the inputs once the regional style is known (below).
         remove_input_hook(module)
         convert_conv_weights(module, config.memory_format)
+    if isinstance(module, nn.Module) and config.settings["fuse_qkv.modules"]:
+        # Module-level q/k/v fusion, before the fp8 swap so that it quantizes fused weights.
+        fuse_qkv_projections(module)
     # low-precision / quant.fp8_linear: nn.Linear -> Fp8Linear, in place, weights quantized
     # once here (difforge.quant.auto says why here and not in the backend).
     swap_fp8_linears(module, config.settings)

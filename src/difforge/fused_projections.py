@@ -135,6 +135,23 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
         )
         return []
     subs = dict(module.named_modules())
+    already = sorted(
+        f"{name}.{attr}" if name else attr
+        for name, sub in subs.items()
+        for attr, _ in FUSED_GROUPS
+        if isinstance(getattr(sub, attr, None), nn.Module)
+    )
+    if already:
+        # diffusers' older attention modules fuse again on a second call (new weights, and
+        # the fused processors saved as the "originals" an unfuse restores): never twice.
+        # What an earlier call of ours shared is still a group (the fp8 swap after
+        # fuse_qkv.modules quantizes it as one).
+        log.info(
+            "difforge: %s already has fused projections (%s...); not fusing again",
+            type(module).__name__,
+            already[0],
+        )
+        return _shared_groups(module)
     before = {name: _fused_attrs(sub) for name, sub in subs.items()}
     groups: dict[tuple[str, str], FusedGroup] = {}
     freed = 0
@@ -173,6 +190,28 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
             freed / 2**20,
         )
     return sorted(groups.values(), key=lambda g: (g.owner, g.fused))
+
+
+def _shared_groups(module: nn.Module) -> list[FusedGroup]:
+    """The groups whose parts are already high-precision row views of their fused linear
+    (what :func:`fuse_qkv_projections` left), in order and at the right offsets."""
+    groups = []
+    for name, sub in module.named_modules():
+        for fused_attr, attrs in FUSED_GROUPS:
+            fused = getattr(sub, fused_attr, None)
+            parts = [getattr(sub, a, None) for a in attrs]
+            if type(fused) is not nn.Linear or not all(type(p) is nn.Linear for p in parts):
+                continue
+            row_bytes = fused.weight.stride(0) * fused.weight.element_size()
+            offset, shared = 0, True
+            for part in parts:
+                shared &= _shares(part.weight, fused) and (
+                    part.weight.data_ptr() == fused.weight.data_ptr() + offset * row_bytes
+                )
+                offset += part.out_features
+            if shared and offset == fused.out_features:
+                groups.append(FusedGroup(name, fused_attr, attrs))
+    return groups
 
 
 def unfused_twins(groups: list[FusedGroup]) -> dict[str, str]:

@@ -57,8 +57,6 @@ def test_groups_are_the_projections_the_fusion_made() -> None:
         *(FusedGroup(f"transformer_blocks.{i}.attn2", "to_kv", ("to_k", "to_v")) for i in blocks),
     }
     assert len(groups) == 2 * len(blocks)
-    # a second fusion makes nothing new
-    assert fuse_qkv_projections(model) == []
 
 
 def test_joint_attention_has_its_added_projections_fused_too() -> None:
@@ -211,3 +209,61 @@ def test_the_o3_swap_frees_each_high_precision_weight_as_it_goes(
     assert report is not None and len(converted) == len(report.converted) > 4
     assert any(n.endswith("to_qkv") for n in report.converted)
     assert alive == [0] * len(alive)
+
+
+def test_a_second_fusion_returns_what_the_first_shared_and_fuses_nothing_new() -> None:
+    model = _model("tiny-pixart")
+    first = fuse_qkv_projections(model)
+    fused = {g.owner: model.get_submodule(g.owner).to_qkv for g in first if g.fused == "to_qkv"}
+    processors = dict(model.original_attn_processors)
+    assert fuse_qkv_projections(model) == first
+    for owner, linear in fused.items():
+        assert model.get_submodule(owner).to_qkv is linear  # not rebuilt
+    # an unfuse still restores the real originals, not the fused processors
+    assert {k: type(v) for k, v in model.original_attn_processors.items()} == {
+        k: type(v) for k, v in processors.items()
+    }
+
+
+def test_a_plain_diffusers_fusion_is_left_alone() -> None:
+    model = _model("tiny-pixart")
+    model.fuse_qkv_projections()  # the user's own: parts keep their own weights
+    to_qkv = model.transformer_blocks[0].attn1.to_qkv
+    assert fuse_qkv_projections(model) == []
+    assert model.transformer_blocks[0].attn1.to_qkv is to_qkv
+
+
+def test_fuse_qkv_modules_option_fuses_before_tracing() -> None:
+    import difforge
+
+    model = _model("tiny-pixart")
+    reference = _run(model, "tiny-pixart")
+    compiled = difforge.compile(model, options={"fuse_qkv.modules": True})
+    out = _run(compiled, "tiny-pixart")
+    attn1 = model.transformer_blocks[0].attn1
+    assert type(attn1.to_qkv) is nn.Linear
+    assert _same_storage(attn1.to_v.weight, attn1.to_qkv.weight)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fp8_swap_after_fuse_qkv_modules_quantizes_the_shared_groups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import difforge.quant.auto as auto
+    from difforge.options import parse_options
+
+    monkeypatch.setattr(auto, "scaled_mm_available", lambda device: True)
+    model = _model("tiny-sd3")
+    groups = fuse_qkv_projections(model)  # what fuse_qkv.modules does first
+    settings = parse_options(
+        {"mode": "O3", "quant.min_features": 0, "quant.min_weight_elements": 0}
+    ).settings
+    report = auto.swap_fp8_linears(model, settings)
+    assert report is not None
+    assert {n for n in report.converted if n.endswith(("to_qkv", "to_added_qkv"))} == {
+        g.name(g.fused) for g in groups
+    }
+    attn = model.transformer_blocks[0].attn
+    assert isinstance(attn.add_k_proj, Fp8Linear)
+    assert _same_storage(attn.add_k_proj.weight_fp8, attn.to_added_qkv.weight_fp8)
+    assert not any(n.endswith(("attn.to_q", "add_q_proj")) for n in report.converted)
