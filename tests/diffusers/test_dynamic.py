@@ -9,6 +9,7 @@ compared with an eager model built from the same seed and never adapted.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -98,8 +99,12 @@ def test_o2_sweep_of_sizes_and_batches_compiles_only_at_the_warm_up(
     graph: the default ``shapes.batch`` (``"upward"``) compiles no batch-1 graph for a
     first call at batch 2 (tests/diffusers/test_dynamic_batch.py covers batch 1)."""
     # The UNet with one transformer layer per level and no mid block (the down and up
-    # levels still resample every size): the sizes, not the depth, are the point.
+    # levels still resample every size), PixArt with one block: the sizes, not the depth,
+    # are the point.
     preset = tiny_sdxl_one_layer(mid_block=False) if name == "tiny-sdxl" else get_preset(name)
+    if name == "tiny-pixart":
+        config = {**preset.denoiser_config, "num_layers": 1}
+        preset = dataclasses.replace(preset, denoiser_config=config)
     module, reference = denoiser(preset)
     compiled = difforge.compile(module, options={"mode": "O2", **SWEEP_OPTIONS})
     events = len(recompile_events)
