@@ -225,12 +225,27 @@ def test_a_second_fusion_returns_what_the_first_shared_and_fuses_nothing_new() -
     }
 
 
-def test_a_plain_diffusers_fusion_is_left_alone() -> None:
+def test_a_plain_diffusers_fusion_is_not_redone_but_shared() -> None:
     model = _model("tiny-pixart")
     model.fuse_qkv_projections()  # the user's own: parts keep their own weights
-    to_qkv = model.transformer_blocks[0].attn1.to_qkv
-    assert fuse_qkv_projections(model) == []
-    assert model.transformer_blocks[0].attn1.to_qkv is to_qkv
+    attn1 = model.transformer_blocks[0].attn1
+    to_qkv, to_k = attn1.to_qkv, attn1.to_k.weight.detach().clone()
+    assert not _same_storage(attn1.to_k.weight, to_qkv.weight)
+    groups = fuse_qkv_projections(model)
+    assert len(groups) == 2 * len(model.transformer_blocks)
+    assert attn1.to_qkv is to_qkv  # not rebuilt
+    assert _same_storage(attn1.to_k.weight, to_qkv.weight)
+    assert torch.equal(attn1.to_k.weight, to_k)
+    # parts that no longer equal their rows (the fused weight edited after a plain fusion)
+    # are not a group, and keep their own weights
+    other = _model("tiny-pixart")
+    other.fuse_qkv_projections()
+    with torch.no_grad():
+        other.transformer_blocks[1].attn1.to_qkv.weight[0, 0] += 1
+    owners = {g.owner for g in fuse_qkv_projections(other)}
+    edited = other.transformer_blocks[1].attn1
+    assert not _same_storage(edited.to_q.weight, edited.to_qkv.weight)
+    assert "transformer_blocks.1.attn1" not in owners and "transformer_blocks.0.attn1" in owners
 
 
 def test_fuse_qkv_modules_option_fuses_before_tracing() -> None:

@@ -151,7 +151,9 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
             type(module).__name__,
             already[0],
         )
-        return _shared_groups(module)
+        groups, freed = _existing_groups(module)
+        _log_freed(freed)
+        return groups
     before = {name: _fused_attrs(sub) for name, sub in subs.items()}
     groups: dict[tuple[str, str], FusedGroup] = {}
     freed = 0
@@ -184,34 +186,35 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
             if (name, group.fused) not in groups:
                 freed += _share_rows(sub, group)
                 groups[(name, group.fused)] = group
-    if freed:
-        log.info(
-            "difforge: quant.fuse_qkv: the unfused q/k/v share the fused rows (%.1f MiB)",
-            freed / 2**20,
-        )
+    _log_freed(freed)
     return sorted(groups.values(), key=lambda g: (g.owner, g.fused))
 
 
-def _shared_groups(module: nn.Module) -> list[FusedGroup]:
-    """The groups whose parts are already high-precision row views of their fused linear
-    (what :func:`fuse_qkv_projections` left), in order and at the right offsets."""
-    groups = []
+def _log_freed(freed: int) -> None:
+    if freed:
+        log.info(
+            "difforge: the unfused q/k/v share the fused rows (%.1f MiB released)",
+            freed / 2**20,
+        )
+
+
+def _existing_groups(module: nn.Module) -> tuple[list[FusedGroup], int]:
+    """The fused projections ``module`` already has whose parts are their rows: the row
+    views an earlier call left, and a plain diffusers fusion's parts (equal values, own
+    memory), which become views now. Returns them and the bytes so released."""
+    groups, freed = [], 0
     for name, sub in module.named_modules():
         for fused_attr, attrs in FUSED_GROUPS:
             fused = getattr(sub, fused_attr, None)
             parts = [getattr(sub, a, None) for a in attrs]
             if type(fused) is not nn.Linear or not all(type(p) is nn.Linear for p in parts):
                 continue
-            row_bytes = fused.weight.stride(0) * fused.weight.element_size()
-            offset, shared = 0, True
-            for part in parts:
-                shared &= _shares(part.weight, fused) and (
-                    part.weight.data_ptr() == fused.weight.data_ptr() + offset * row_bytes
-                )
-                offset += part.out_features
-            if shared and offset == fused.out_features:
-                groups.append(FusedGroup(name, fused_attr, attrs))
-    return groups
+            group = FusedGroup(name, fused_attr, attrs)
+            if _rows_match(fused, parts):  # values: views of the right rows match too
+                if not all(_shares(p.weight, fused) for p in parts):
+                    freed += _share_rows(sub, group)
+                groups.append(group)
+    return groups, freed
 
 
 def unfused_twins(groups: list[FusedGroup]) -> dict[str, str]:
