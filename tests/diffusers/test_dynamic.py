@@ -57,6 +57,14 @@ def denoiser(name: str | Preset) -> tuple[torch.nn.Module, torch.nn.Module]:
     return build_component(name, component), build_component(name, component)
 
 
+def one_block_pixart() -> Preset:
+    """tiny-pixart with one transformer block: what the size tests are about (PatchEmbed's
+    table, the sizes' symbols) comes before and after the blocks."""
+    preset = get_preset("tiny-pixart")
+    config = {**preset.denoiser_config, "num_layers": 1}
+    return dataclasses.replace(preset, denoiser_config=config)
+
+
 def sweep(
     name: str | Preset,
     compiled: Any,
@@ -103,8 +111,7 @@ def test_o2_sweep_of_sizes_and_batches_compiles_only_at_the_warm_up(
     # are the point.
     preset = tiny_sdxl_one_layer(mid_block=False) if name == "tiny-sdxl" else get_preset(name)
     if name == "tiny-pixart":
-        config = {**preset.denoiser_config, "num_layers": 1}
-        preset = dataclasses.replace(preset, denoiser_config=config)
+        preset = one_block_pixart()
     module, reference = denoiser(preset)
     compiled = difforge.compile(module, options={"mode": "O2", **SWEEP_OPTIONS})
     events = len(recompile_events)
@@ -125,7 +132,7 @@ def test_pixart_at_its_training_size_uses_the_same_graph() -> None:
     from difforge.diffusers import _configs
     from diffusers import PixArtTransformer2DModel
 
-    config = {**_configs.TINY_PIXART_ALPHA, "sample_size": 16}
+    config = {**_configs.TINY_PIXART_ALPHA, "sample_size": 16, "num_layers": 1}
     torch.manual_seed(0)
     module = PixArtTransformer2DModel(**config).eval()
     reference = PixArtTransformer2DModel(**config).eval()
@@ -152,24 +159,26 @@ def test_adapters_apply_only_with_dynamic_true() -> None:
 
 def test_without_adapters_pixart_recompiles_for_square_sizes() -> None:
     """The negative case: ``shapes.adapters`` off leaves diffusers' square branch."""
-    module, reference = denoiser("tiny-pixart")
+    preset = one_block_pixart()
+    module, reference = denoiser(preset)
     options = {"dynamic": True, "shapes.adapters": False, "shapes.batch": "dynamo"}
     compiled = difforge.compile(module, options=options)
     assert shape_adapters(module) == {}
     with pytest.warns(UserWarning, match="recompiling .*grid"):
-        sweep("tiny-pixart", compiled, reference, [(96, 128), (128, 128)], (2,))
+        sweep(preset, compiled, reference, [(96, 128), (128, 128)], (2,))
     assert graphs() == 2
 
 
 def test_strict_recompile_cap_raises_on_static_shapes() -> None:
-    module, reference = denoiser("tiny-pixart")
+    preset = one_block_pixart()
+    module, reference = denoiser(preset)
     compiled = difforge.compile(
         module,
         options={"mode": "O2", "dynamic": False, "recompile.limit": 0, "recompile.strict": True},
     )
-    sweep("tiny-pixart", compiled, reference, [(96, 128)], (2,))
+    sweep(preset, compiled, reference, [(96, 128)], (2,))
     with pytest.raises(Exception, match="more than recompile.limit=0") as info:
-        sweep("tiny-pixart", compiled, reference, [(128, 96)], (2,))
+        sweep(preset, compiled, reference, [(128, 96)], (2,))
     chain: BaseException | None = info.value  # Dynamo wraps backend errors
     while chain is not None and not isinstance(chain, DifforgeError):
         chain = chain.__cause__ or chain.__context__
