@@ -66,7 +66,7 @@ def test_joint_attention_has_its_added_projections_fused_too() -> None:
 
 
 def test_a_module_without_the_method_fuses_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="difforge.quant"):
+    with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
         assert fuse_qkv_projections(nn.Linear(16, 16)) == []
     assert "has no fuse_qkv_projections" in caplog.text
 
@@ -282,3 +282,77 @@ def test_the_fp8_swap_after_fuse_qkv_modules_quantizes_the_shared_groups(
     assert isinstance(attn.add_k_proj, Fp8Linear)
     assert _same_storage(attn.add_k_proj.weight_fp8, attn.to_added_qkv.weight_fp8)
     assert not any(n.endswith(("attn.to_q", "add_q_proj")) for n in report.converted)
+
+
+def test_originals_are_released_while_the_model_fuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peak memory of the fusion itself: each attention's unfused weights go as it fuses."""
+    from diffusers.models.attention_processor import Attention
+
+    model = _model("tiny-pixart")
+    originals = [
+        weakref.ref(m.weight) for n, m in model.named_modules() if n.endswith(("to_k", "to_v"))
+    ]
+    alive: list[int] = []
+    real = Attention.fuse_projections
+
+    def counting(self: Attention, *args: object, **kwargs: object) -> None:
+        gc.collect()
+        alive.append(sum(r() is not None for r in originals))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Attention, "fuse_projections", counting)
+    fuse_qkv_projections(model)
+    gc.collect()
+    assert alive[0] == len(originals) and alive == sorted(alive, reverse=True)
+    assert alive[-1] < alive[0] and all(r() is None for r in originals)
+
+
+def test_a_model_diffusers_refuses_to_fuse_is_left_unfused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _model("tiny-pixart")
+
+    def refuse() -> None:  # what diffusers raises for added-KV processors
+        raise ValueError("not supported for models having added KV projections")
+
+    model.fuse_qkv_projections = refuse
+    with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
+        assert fuse_qkv_projections(model) == []
+    assert "cannot fuse" in caplog.text
+    assert not hasattr(model.transformer_blocks[0].attn1, "to_qkv")
+    assert "fuse_projections" not in vars(model.transformer_blocks[0].attn1)  # unwrapped
+
+
+def test_custom_attention_processors_are_kept_and_nothing_fuses() -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Mine(AttnProcessor2_0):
+        pass
+
+    model = _model("tiny-pixart")
+    model.transformer_blocks[1].attn1.set_processor(Mine())
+    assert fuse_qkv_projections(model) == []
+    assert isinstance(model.transformer_blocks[1].attn1.processor, Mine)
+    assert not hasattr(model.transformer_blocks[0].attn1, "to_qkv")
+
+
+def test_a_frozen_model_stays_frozen() -> None:
+    model = _model("tiny-pixart").requires_grad_(False)
+    fuse_qkv_projections(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    trainable = _model("tiny-pixart").requires_grad_(True)
+    trainable.transformer_blocks[0].attn1.to_k.requires_grad_(False)
+    fuse_qkv_projections(trainable)
+    assert trainable.transformer_blocks[0].attn1.to_qkv.weight.requires_grad  # q and v do
+
+
+def test_meta_weights_make_no_groups() -> None:
+    model = _model("tiny-pixart").to("meta")
+    assert fuse_qkv_projections(model) == []
+
+
+def test_a_native_to_kv_without_its_parts_does_not_count_as_fused() -> None:
+    model = _model("tiny-pixart")
+    model.perceiver = nn.Module()  # e.g. a Perceiver attention's own to_kv
+    model.perceiver.to_kv = nn.Linear(8, 16)
+    assert len(fuse_qkv_projections(model)) == 2 * len(model.transformer_blocks)

@@ -27,7 +27,7 @@ from torch import nn
 
 from difforge.quant.fp8 import Fp8Linear
 
-log = logging.getLogger("difforge.quant")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FUSED_GROUPS",
@@ -43,6 +43,23 @@ FUSED_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("to_qkv", ("to_q", "to_k", "to_v")),
     ("to_kv", ("to_k", "to_v")),
     ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+    ("to_added_kv", ("add_k_proj", "add_v_proj")),  # Wan's image-conditioning k/v
+)
+
+#: The attention processors diffusers' ``fuse_qkv_projections()`` replaces by their fused
+#: kind (older modules) or keeps (newer ones). Any other processor (IP-Adapter's, a user's
+#: own) would be replaced silently, so a model holding one is not fused.
+STOCK_PROCESSORS: frozenset[str] = frozenset(
+    {
+        "AttnProcessor",
+        "AttnProcessor2_0",
+        "FusedAttnProcessor2_0",
+        "JointAttnProcessor2_0",
+        "FusedJointAttnProcessor2_0",
+        "FluxAttnProcessor",
+        "FluxAttnProcessor2_0",
+        "FusedFluxAttnProcessor2_0",
+    }
 )
 
 
@@ -56,6 +73,7 @@ class FusedGroup:
     parts: tuple[str, ...]
 
     def name(self, attr: str) -> str:
+        """The dotted name of ``attr`` of the owner."""
         return f"{self.owner}.{attr}" if self.owner else attr
 
 
@@ -63,6 +81,9 @@ def _rows_match(fused: nn.Linear, parts: list[nn.Linear]) -> bool:
     """Whether ``fused`` is exactly ``parts`` concatenated by rows (weights and biases)."""
     if any(type(p) is not nn.Linear or p.in_features != fused.in_features for p in parts):
         return False
+    tensors = [t for m in (fused, *parts) for t in m.parameters()]
+    if any(t.is_meta or t.device != fused.weight.device for t in tensors):
+        return False  # no values to compare (meta) or parts elsewhere (offloaded)
     if sum(p.out_features for p in parts) != fused.out_features:
         return False
     if any((p.bias is None) != (fused.bias is None) for p in parts):
@@ -81,6 +102,14 @@ def _rows_match(fused: nn.Linear, parts: list[nn.Linear]) -> bool:
 def _share_rows(owner: nn.Module, group: FusedGroup) -> int:
     """Make ``group``'s parts row views of ``owner``'s fused linear; the bytes they held."""
     fused = getattr(owner, group.fused)
+    if type(fused) is nn.Linear:
+        # diffusers builds the fused linear anew (requires_grad=True): it needs a gradient
+        # only where a part did (a frozen model stays frozen, GraphPool's grad check too).
+        parts = [getattr(owner, a) for a in group.parts]
+        for key in ("weight", "bias"):
+            tensor = getattr(fused, key)
+            if tensor is not None:
+                tensor.requires_grad_(any(getattr(p, key).requires_grad for p in parts))
     freed, start = 0, 0
     for attr in group.parts:
         part = getattr(owner, attr)
@@ -97,6 +126,7 @@ def _share_rows(owner: nn.Module, group: FusedGroup) -> int:
 
 
 def _shares(weight: torch.Tensor, fused: nn.Module) -> bool:
+    """Whether ``weight`` lives in the storage of ``fused``'s weight."""
     other = getattr(fused, "weight", None)
     return other is not None and (
         weight.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
@@ -120,42 +150,54 @@ def _fused_attrs(sub: nn.Module) -> set[str]:
     return {f for f, _ in FUSED_GROUPS if isinstance(getattr(sub, f, None), nn.Linear)}
 
 
+def _already_fused(module: nn.Module) -> str | None:
+    """The first fused projection found beside its parts (diffusers' fusion ran), if any;
+    a native ``to_kv`` without ``to_k``/``to_v`` (a Perceiver's) does not count."""
+    for name, sub in module.named_modules():
+        for fused_attr, attrs in FUSED_GROUPS:
+            present = [getattr(sub, a, None) for a in (fused_attr, *attrs)]
+            if all(isinstance(m, nn.Module) for m in present):
+                return f"{name}.{fused_attr}" if name else fused_attr
+    return None
+
+
 @torch.no_grad()
 def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
     """Call ``module.fuse_qkv_projections()`` (diffusers); return the fused projections it
-    made whose rows equal their parts, the parts now row views of them (none where the
-    module has no such method). Each attention's parts are shared as soon as it fuses (its
-    ``fuse_projections`` is wrapped for the call), so the fusion never holds a second copy
-    of more than one attention's weights."""
+    made whose rows equal their parts, the parts now row views of them. None where the
+    module has no such method, holds attention processors the fusion would replace
+    (:data:`STOCK_PROCESSORS`) or cannot fuse (diffusers raises for added-KV processors).
+    Each attention's parts are shared as soon as it fuses (its ``fuse_projections`` is
+    wrapped for the call: not thread-safe for one module), so the fusion holds a second
+    copy of one attention's weights at most."""
+    kind = type(module).__name__
     fuse = getattr(module, "fuse_qkv_projections", None)
     if not callable(fuse):
+        log.info("difforge: %s has no fuse_qkv_projections(); q/k/v stay separate", kind)
+        return []
+    processors = getattr(module, "attn_processors", None)
+    custom = sorted({type(p).__name__ for p in (processors or {}).values()} - STOCK_PROCESSORS)
+    if custom:
         log.info(
-            "difforge: quant.fuse_qkv: %s has no fuse_qkv_projections(); q/k/v stay separate",
-            type(module).__name__,
+            "difforge: %s has attention processors %s that diffusers' fusion would replace; "
+            "q/k/v stay separate",
+            kind,
+            ", ".join(custom),
         )
         return []
-    subs = dict(module.named_modules())
-    already = sorted(
-        f"{name}.{attr}" if name else attr
-        for name, sub in subs.items()
-        for attr, _ in FUSED_GROUPS
-        if isinstance(getattr(sub, attr, None), nn.Module)
-    )
-    if already:
+    found = _already_fused(module)
+    if found is not None:
         # diffusers' older attention modules fuse again on a second call (new weights, and
         # the fused processors saved as the "originals" an unfuse restores): never twice.
         # What an earlier call of ours shared is still a group (the fp8 swap after
         # fuse_qkv.modules quantizes it as one).
-        log.info(
-            "difforge: %s already has fused projections (%s...); not fusing again",
-            type(module).__name__,
-            already[0],
-        )
+        log.info("difforge: %s already has fused projections (%s); not fusing again", kind, found)
         groups, freed = _existing_groups(module)
         _log_freed(freed)
         return groups
-    before = {name: _fused_attrs(sub) for name, sub in subs.items()}
-    groups: dict[tuple[str, str], FusedGroup] = {}
+    # Names only: a reference to a part kept here would keep its memory through the fusion.
+    before = {name: _fused_attrs(sub) for name, sub in module.named_modules()}
+    shared: dict[tuple[str, str], FusedGroup] = {}
     freed = 0
 
     def sharing(name: str, sub: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -164,30 +206,35 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
             result = original(*args, **kwargs)
             for group in _new_groups(sub, name, before[name]):
                 freed += _share_rows(sub, group)
-                groups[(name, group.fused)] = group
+                shared[(name, group.fused)] = group
             return result
 
         return fuse_projections
 
-    wrapped = []
-    for name, sub in subs.items():
-        original = getattr(sub, "fuse_projections", None)
-        if callable(original) and "fuse_projections" not in vars(sub):
-            sub.fuse_projections = sharing(name, sub, original)
-            wrapped.append(sub)
+    wrapped = [
+        (name, sub)
+        for name, sub in module.named_modules()
+        if callable(getattr(sub, "fuse_projections", None)) and "fuse_projections" not in vars(sub)
+    ]
+    for name, sub in wrapped:
+        sub.fuse_projections = sharing(name, sub, sub.fuse_projections)
     try:
         fuse()
+    except (ValueError, NotImplementedError, AttributeError) as err:
+        # e.g. "not supported for models having added KV projections": eager stays correct;
+        # whatever was fused before the error is still checked and shared below.
+        log.info("difforge: %s cannot fuse its q/k/v projections (%s)", kind, err)
     finally:
-        for sub in wrapped:
+        for _, sub in wrapped:
             del sub.fuse_projections
     # Fusions made some other way than through fuse_projections: checked and shared now.
     for name, sub in module.named_modules():
         for group in _new_groups(sub, name, before.get(name, set())):
-            if (name, group.fused) not in groups:
+            if (name, group.fused) not in shared:
                 freed += _share_rows(sub, group)
-                groups[(name, group.fused)] = group
+                shared[(name, group.fused)] = group
     _log_freed(freed)
-    return sorted(groups.values(), key=lambda g: (g.owner, g.fused))
+    return sorted(shared.values(), key=lambda g: (g.owner, g.fused))
 
 
 def _log_freed(freed: int) -> None:
@@ -244,14 +291,16 @@ def fp8_converter(module: nn.Module, groups: list[FusedGroup]) -> Callable[[nn.L
     """``Fp8Linear.from_linear``, except that converting a fused linear of ``groups`` also
     makes its parts fp8 row views of the result, so the high-precision fused weight is
     freed with it (for :func:`~difforge.quant.select.quantize_linears`)."""
-    owners = {}
+    # Keyed by id, not holding the fused linear: it must be freed once converted (the
+    # entry is popped then, before its id can be reused).
+    owners: dict[int, tuple[nn.Module, FusedGroup]] = {}
     for group in groups:
         owner = module.get_submodule(group.owner)
         owners[id(getattr(owner, group.fused))] = (owner, group)
 
     def convert(linear: nn.Linear) -> nn.Module:
         new = Fp8Linear.from_linear(linear)
-        if id(linear) in owners:  # popped: once converted, its id may be reused
+        if id(linear) in owners:
             owner, group = owners.pop(id(linear))
             setattr(owner, group.fused, new)
             _share_rows(owner, group)

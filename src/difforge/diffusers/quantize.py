@@ -179,9 +179,9 @@ def quantize_pipe(
 
     groups: list[FusedGroup] = []
     if fuse_qkv_projections:
-        if not callable(getattr(denoiser, "fuse_qkv_projections", None)):
-            raise ValueError(f"quantize_pipe: {name} has no fuse_qkv_projections()")
-        # the user's own fusion as far as compile_pipe is concerned: it keeps it
+        # The user's own fusion as far as compile_pipe is concerned: it keeps it. Where the
+        # denoiser cannot fuse (no method, custom processors, added KV), it logs why and
+        # the q/k/v are quantized apart.
         groups = fuse_projections_of(denoiser)
 
     why_slow = _fp8_gemm_reason()
