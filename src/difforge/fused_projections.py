@@ -34,6 +34,7 @@ __all__ = [
     "FusedGroup",
     "fp8_converter",
     "fuse_qkv_projections",
+    "share_fused_rows",
     "unfused_twins",
 ]
 
@@ -192,9 +193,7 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
         # What an earlier call of ours shared is still a group (the fp8 swap after
         # fuse_qkv.modules quantizes it as one).
         log.info("difforge: %s already has fused projections (%s); not fusing again", kind, found)
-        groups, freed = _existing_groups(module)
-        _log_freed(freed)
-        return groups
+        return share_fused_rows(module)
     # Names only: a reference to a part kept here would keep its memory through the fusion.
     before = {name: _fused_attrs(sub) for name, sub in module.named_modules()}
     shared: dict[tuple[str, str], FusedGroup] = {}
@@ -262,6 +261,15 @@ def _existing_groups(module: nn.Module) -> tuple[list[FusedGroup], int]:
                     freed += _share_rows(sub, group)
                 groups.append(group)
     return groups, freed
+
+
+def share_fused_rows(module: nn.Module) -> list[FusedGroup]:
+    """For a module diffusers already fused (``compile_pipe(fuse_qkv_projections=True)``):
+    the unfused q/k/v whose values are their fused rows become views of them (memory once,
+    not twice); returns every such group."""
+    groups, freed = _existing_groups(module)
+    _log_freed(freed)
+    return groups
 
 
 def unfused_twins(groups: list[FusedGroup]) -> dict[str, str]:

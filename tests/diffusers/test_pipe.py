@@ -331,6 +331,11 @@ def test_fuse_qkv_projections_where_supported(caplog: pytest.LogCaptureFixture) 
     processors = pipe.transformer._orig_mod.attn_processors.values()
     assert all(type(p).__name__ == "FusedAttnProcessor2_0" for p in processors)
     assert '"fuse_qkv": true' in pipe._difforge_compiled["transformer"]
+    attn = pipe.transformer._orig_mod.transformer_blocks[0].attn1
+    # the unfused q/k/v are views of the fused rows: the weights are held once
+    assert attn.to_k.weight.untyped_storage().data_ptr() == (
+        attn.to_qkv.weight.untyped_storage().data_ptr()
+    )
 
     # Unfused behind our back (e.g. a benchmark restoring its snapshot): fused again, and
     # the compiled module, whose key says "fused", stays valid.
@@ -340,6 +345,10 @@ def test_fuse_qkv_projections_where_supported(caplog: pytest.LogCaptureFixture) 
     assert pipe.transformer is transformer
     processors = pipe.transformer._orig_mod.attn_processors.values()
     assert all(type(p).__name__ == "FusedAttnProcessor2_0" for p in processors)
+    # diffusers rebuilt to_qkv: the parts now view the new one, not the old one's memory
+    assert attn.to_k.weight.untyped_storage().data_ptr() == (
+        attn.to_qkv.weight.untyped_storage().data_ptr()
+    )
 
     # Without fusion: unfused and recompiled; the VAE, never fused, keeps its graph.
     decoder = pipe.vae.decoder

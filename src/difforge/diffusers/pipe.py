@@ -28,6 +28,7 @@ from difforge.batch import KEY as BATCH_KEY
 from difforge.batch import has_group_norm, resolve_batch_mode
 from difforge.dynamic import remove_shape_adapters
 from difforge.errors import warn
+from difforge.fused_projections import share_fused_rows
 from difforge.memory_format import apply_memory_format
 from difforge.options import CompileConfig, load_options, parse_options
 
@@ -264,6 +265,9 @@ def _set_fusion(pipe: Any, owner: str, fuse: bool, state: PipeState) -> bool:
         log.info("difforge: %s cannot fuse its QKV projections (%s); left unfused", owner, err)
         return False
     state.fused.add(owner)
+    # diffusers keeps the unfused q/k/v beside the fused ones: make them views of the
+    # fused rows, so the weights are held once (difforge.fused_projections).
+    share_fused_rows(module)
     return _is_fused(module)
 
 
