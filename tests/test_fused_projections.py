@@ -356,3 +356,44 @@ def test_a_native_to_kv_without_its_parts_does_not_count_as_fused() -> None:
     model.perceiver = nn.Module()  # e.g. a Perceiver attention's own to_kv
     model.perceiver.to_kv = nn.Linear(8, 16)
     assert len(fuse_qkv_projections(model)) == 2 * len(model.transformer_blocks)
+
+
+def test_state_dict_keeps_the_unfused_layout_and_loads_both_ways(tmp_path: object) -> None:
+    """Shared memory and safetensors: the fused linears are left out of state_dict (the
+    parts hold the same values); a fresh unfused model loads it, and an unfused checkpoint
+    loads into the fused model, its rows reaching the fused weight."""
+    from safetensors.torch import load_file, save_file
+
+    original = _model("tiny-pixart")
+    model = copy.deepcopy(original)
+    fuse_qkv_projections(model)
+    state = model.state_dict()
+    assert set(state) == set(original.state_dict())  # no to_qkv / to_kv keys
+    path = f"{tmp_path}/model.safetensors"
+    save_file(state, path)  # raised "Some tensors share memory" with the fused keys in
+    fresh = _model("tiny-pixart")
+    fresh.load_state_dict(load_file(path), strict=True)
+    torch.testing.assert_close(_run(fresh, "tiny-pixart"), _run(original, "tiny-pixart"))
+
+    doubled = {k: v * 2 for k, v in original.state_dict().items()}
+    model.load_state_dict(doubled, strict=True)  # no to_qkv keys: built from the parts'
+    attn1 = model.transformer_blocks[0].attn1
+    assert torch.equal(
+        attn1.to_qkv.weight[:48], 2 * original.transformer_blocks[0].attn1.to_q.weight
+    )
+    assert _same_storage(attn1.to_q.weight, attn1.to_qkv.weight)
+
+
+def test_an_fp8_state_dict_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("tiny-pixart")
+    groups = fuse_qkv_projections(model)
+    _quantize(model, groups)
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # not views of the model
+    assert not any(".to_qkv." in k for k in state)
+    assert "transformer_blocks.0.attn1.to_q.weight_fp8" in state
+    before = _run(model, "tiny-pixart")
+    zeroed = {k: torch.zeros_like(v) for k, v in state.items()}
+    model.load_state_dict(zeroed, strict=True)
+    assert not model.transformer_blocks[0].attn1.to_qkv.weight_scale.any()
+    model.load_state_dict(state, strict=True)  # the fp8 rows rebuilt from the parts'
+    torch.testing.assert_close(_run(model, "tiny-pixart"), before)

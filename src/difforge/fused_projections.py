@@ -12,7 +12,9 @@ row slice of the quantized concatenation equal each part quantized alone). An un
 runs the same numbers, in fp8 where the fused linear is. The quantization leaves the parts
 alone (:func:`unfused_twins`). Views share storage until something copies parameters one
 by one (``.to(device)``, offloading), which makes each a copy again: correct, as large as
-before.
+before. While the parts view it, an attention's ``state_dict`` leaves the fused linear out
+(safetensors refuses shared memory; the checkpoint keeps diffusers' unfused layout) and
+loading fills the fused entries from the parts'.
 """
 
 from __future__ import annotations
@@ -123,7 +125,79 @@ def _share_rows(owner: nn.Module, group: FusedGroup) -> int:
             freed += sum(t.numel() * t.element_size() for t in part.parameters())
         setattr(owner, attr, view)
         start = stop
+    _hook_state_dict(owner)
     return freed
+
+
+#: Set on an attention module once its state-dict hooks are in place.
+_HOOKED = "_difforge_row_view_hooks"
+
+
+def _data(module: nn.Module) -> torch.Tensor | None:
+    """The tensor that holds a linear's weight: ``weight_fp8`` or ``weight``."""
+    for key in ("weight_fp8", "weight"):
+        tensor = getattr(module, key, None)
+        if isinstance(tensor, torch.Tensor):
+            return tensor
+    return None
+
+
+def _viewed_groups(owner: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """The (fused attribute, parts) of ``owner`` whose parts all view the fused memory."""
+    found = []
+    for fused_attr, attrs in FUSED_GROUPS:
+        tensors = [
+            _data(m) if isinstance(m, nn.Module) else None
+            for m in (getattr(owner, fused_attr, None), *(getattr(owner, a, None) for a in attrs))
+        ]
+        if all(t is not None for t in tensors):
+            base = tensors[0].untyped_storage().data_ptr()  # type: ignore[union-attr]
+            if all(t.untyped_storage().data_ptr() == base for t in tensors[1:]):  # type: ignore[union-attr]
+                found.append((fused_attr, attrs))
+    return found
+
+
+def _drop_fused_entries(
+    owner: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """state_dict post-hook: leave out fused linears whose parts view them."""
+    for fused_attr, _ in _viewed_groups(owner):
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{fused_attr}.")]:
+            del state_dict[key]
+
+
+def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if tensors[0].element_size() == 1 and tensors[0].is_floating_point():  # fp8: as bytes
+        return torch.cat([t.view(torch.uint8) for t in tensors]).view(tensors[0].dtype)
+    return torch.cat(tensors)
+
+
+def _fill_fused_entries(
+    owner: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """load_state_dict pre-hook: where the fused linear's entries are missing but its parts'
+    are there (a checkpoint in the unfused layout), build them from the parts'."""
+    for fused_attr, attrs in _viewed_groups(owner):
+        fused = getattr(owner, fused_attr)
+        names = [n for n, _ in fused.named_parameters(recurse=False)]
+        names += [n for n, _ in fused.named_buffers(recurse=False)]
+        for name in names:
+            key = f"{prefix}{fused_attr}.{name}"
+            parts = [state_dict.get(f"{prefix}{a}.{name}") for a in attrs]
+            if key not in state_dict and all(isinstance(t, torch.Tensor) for t in parts):
+                state_dict[key] = _cat_rows(parts)  # type: ignore[arg-type]
+
+
+def _hook_state_dict(owner: nn.Module) -> None:
+    """Once per attention module whose parts view a fused linear: its state_dict leaves
+    the fused linear out (the parts hold the same values, safetensors refuses shared
+    memory, and the checkpoint keeps diffusers' unfused layout, which a fresh model
+    loads), and loading such a state dict builds the fused entries from the parts'."""
+    if owner.__dict__.get(_HOOKED):
+        return
+    owner.register_state_dict_post_hook(_drop_fused_entries)
+    owner.register_load_state_dict_pre_hook(_fill_fused_entries)
+    owner.__dict__[_HOOKED] = True
 
 
 def _shares(weight: torch.Tensor, fused: nn.Module) -> bool:
