@@ -174,6 +174,26 @@ def test_row_view_checks_its_range() -> None:
     assert torch.equal(view.bias, linear.bias[16:32])
     with pytest.raises(ValueError, match="outside"):
         linear.row_view(32, 64)
+    with pytest.raises(ValueError, match="16-row bounds"):
+        linear.row_view(8, 24)
+
+
+def test_parts_off_the_16_row_grid_make_no_group() -> None:
+    """Their fp8 row views could not run _scaled_mm: such parts keep their own weights."""
+    from difforge.fused_projections import _rows_match
+
+    parts = [nn.Linear(32, 8), nn.Linear(32, 8)]
+    fused = nn.Linear(32, 16)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    assert not _rows_match(fused, parts)
+    aligned = [nn.Linear(32, 16), nn.Linear(32, 16)]
+    whole = nn.Linear(32, 32)
+    with torch.no_grad():
+        whole.weight.copy_(torch.cat([p.weight for p in aligned]))
+        whole.bias.copy_(torch.cat([p.bias for p in aligned]))
+    assert _rows_match(whole, aligned)
 
 
 def test_the_o3_swap_frees_each_high_precision_weight_as_it_goes(

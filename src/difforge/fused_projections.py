@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difforge.quant.fp8 import Fp8Linear
+from difforge.quant.fp8 import ALIGNMENT, Fp8Linear
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def _rows_match(fused: nn.Linear, parts: list[nn.Linear]) -> bool:
         return False  # no values to compare (meta) or parts elsewhere (offloaded)
     if sum(p.out_features for p in parts) != fused.out_features:
         return False
+    if any(p.out_features % ALIGNMENT for p in parts):
+        return False  # an fp8 row view of it could not run _scaled_mm (16-multiples only)
     if any((p.bias is None) != (fused.bias is None) for p in parts):
         return False
     start = 0

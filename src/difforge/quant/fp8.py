@@ -481,6 +481,8 @@ class Fp8Linear(nn.Module):
         (views, no copy): what an unfused q/k/v projection is of a fused one."""
         if not 0 <= start < stop <= self.out_features:
             raise ValueError(f"rows [{start}, {stop}) outside 0..{self.out_features}")
+        if start % ALIGNMENT or stop % ALIGNMENT:
+            raise ValueError(f"rows [{start}, {stop}) not on {ALIGNMENT}-row bounds (_scaled_mm)")
         new = type(self)(
             self.in_features, stop - start, bias=False, device="meta", dtype=self.orig_dtype
         )
