@@ -17,13 +17,8 @@ pytest.importorskip("diffusers")
 
 from difforge.diffusers.presets import build_component, get_preset
 from difforge.diffusers.step_inputs import denoiser_step_inputs
-from difforge.fused_projections import (
-    FusedGroup,
-    fp8_converter,
-    fuse_qkv_projections,
-    unfused_twins,
-)
-from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
+from difforge.fused_projections import FusedGroup, fuse_qkv_projections, quantize_fused
+from difforge.quant import Fp8Linear, ModuleFilter
 
 ALL_SIZES = ModuleFilter(min_features=0, min_weight_elements=0)
 
@@ -72,9 +67,7 @@ def test_a_module_without_the_method_fuses_nothing(caplog: pytest.LogCaptureFixt
 
 
 def _quantize(model: nn.Module, groups: list[FusedGroup]):  # type: ignore[no-untyped-def]
-    return quantize_linears(
-        model, ALL_SIZES, keep=unfused_twins(groups), converter=fp8_converter(model, groups)
-    )
+    return quantize_fused(model, ALL_SIZES, groups)
 
 
 def test_parts_share_the_fused_rows_from_the_fusion_on() -> None:

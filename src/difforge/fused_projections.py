@@ -7,12 +7,11 @@ Quantized as they were, each projection's weight lived twice: on an H200
 1.5 -> 2.0 GiB and the SDXL UNet's 5.7 -> 7.3 GiB. Here each unfused linear becomes a view
 of its rows of the fused one: as each attention fuses (an ``nn.Linear`` whose weight and
 bias are row views, so the originals' memory goes at once), then as the fused linear is
-quantized (:func:`fp8_converter`: an ``Fp8Linear`` view; per-output-channel scales make a
+quantized (:func:`quantize_fused`: an ``Fp8Linear`` view; per-output-channel scales make a
 row slice of the quantized concatenation equal each part quantized alone). An unfuse then
 runs the same numbers, in fp8 where the fused linear is. The quantization leaves the parts
-alone (:func:`unfused_twins`). Views share storage until something copies parameters one
-by one (``.to(device)``, offloading), which makes each a copy again: correct, as large as
-before. While the parts view it, an attention's ``state_dict`` leaves the fused linear out
+alone. Views share storage until something copies parameters one by one (``.to(device)``,
+offloading), which makes each a copy again: correct, as large as before. While the parts view it, an attention's ``state_dict`` leaves the fused linear out
 (safetensors refuses shared memory; the checkpoint keeps diffusers' unfused layout) and
 loading fills the fused entries from the parts'.
 """
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from difforge.quant.fp8 import ALIGNMENT, Fp8Linear
+from difforge.quant.select import ModuleFilter, QuantizeReport, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ __all__ = [
     "FusedGroup",
     "fp8_converter",
     "fuse_qkv_projections",
+    "quantize_fused",
     "share_fused_rows",
     "unfused_twins",
 ]
@@ -80,8 +81,9 @@ class FusedGroup:
         return f"{self.owner}.{attr}" if self.owner else attr
 
 
-def _rows_match(fused: nn.Linear, parts: list[nn.Linear]) -> bool:
-    """Whether ``fused`` is exactly ``parts`` concatenated by rows (weights and biases)."""
+def _rows_match(fused: nn.Linear, parts: list[nn.Module | None]) -> bool:
+    """Whether ``fused`` is exactly ``parts`` (plain ``nn.Linear``s, else False)
+    concatenated by rows (weights and biases)."""
     if any(type(p) is not nn.Linear or p.in_features != fused.in_features for p in parts):
         return False
     tensors = [t for m in (fused, *parts) for t in m.parameters()]
@@ -123,7 +125,7 @@ def _share_rows(owner: nn.Module, group: FusedGroup) -> int:
             view: nn.Module = fused.row_view(start, stop)
         else:
             view = _row_view(fused, start, stop, part)
-        if isinstance(part, nn.Linear) and not _shares(part.weight, fused):
+        if isinstance(part, nn.Linear) and not _same_memory(part, fused):
             freed += sum(t.numel() * t.element_size() for t in part.parameters())
         setattr(owner, attr, view)
         start = stop
@@ -144,18 +146,26 @@ def _data(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def _same_memory(a: nn.Module, b: nn.Module) -> bool:
+    """Whether the weights of linears ``a`` and ``b`` (fp8 or not) live in one storage."""
+    x, y = _data(a), _data(b)
+    return (
+        x is not None
+        and y is not None
+        and x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    )
+
+
 def _viewed_groups(owner: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
     """The (fused attribute, parts) of ``owner`` whose parts all view the fused memory."""
     found = []
     for fused_attr, attrs in FUSED_GROUPS:
-        tensors = [
-            _data(m) if isinstance(m, nn.Module) else None
-            for m in (getattr(owner, fused_attr, None), *(getattr(owner, a, None) for a in attrs))
-        ]
-        if all(t is not None for t in tensors):
-            base = tensors[0].untyped_storage().data_ptr()  # type: ignore[union-attr]
-            if all(t.untyped_storage().data_ptr() == base for t in tensors[1:]):  # type: ignore[union-attr]
-                found.append((fused_attr, attrs))
+        fused = getattr(owner, fused_attr, None)
+        parts = [getattr(owner, a, None) for a in attrs]
+        if isinstance(fused, nn.Module) and all(
+            isinstance(p, nn.Module) and _same_memory(p, fused) for p in parts
+        ):
+            found.append((fused_attr, attrs))
     return found
 
 
@@ -202,23 +212,17 @@ def _hook_state_dict(owner: nn.Module) -> None:
     owner.__dict__[_HOOKED] = True
 
 
-def _shares(weight: torch.Tensor, fused: nn.Module) -> bool:
-    """Whether ``weight`` lives in the storage of ``fused``'s weight."""
-    other = getattr(fused, "weight", None)
-    return other is not None and (
-        weight.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
-    )
-
-
-def _new_groups(sub: nn.Module, owner: str, before: set[str]) -> list[FusedGroup]:
-    """The fused projections ``sub`` gained since ``before`` whose rows are their parts."""
+def _matching_groups(
+    sub: nn.Module, owner: str, skip: set[str] | frozenset[str] = frozenset()
+) -> list[FusedGroup]:
+    """The high-precision fused projections of ``sub`` (but those named in ``skip``) whose
+    rows equal their parts; ``owner`` is ``sub``'s dotted name."""
     groups = []
     for fused_attr, attrs in FUSED_GROUPS:
         fused = getattr(sub, fused_attr, None)
-        if fused_attr in before or type(fused) is not nn.Linear:
+        if fused_attr in skip or type(fused) is not nn.Linear:
             continue
-        parts = [getattr(sub, a, None) for a in attrs]
-        if all(isinstance(p, nn.Linear) for p in parts) and _rows_match(fused, parts):
+        if _rows_match(fused, [getattr(sub, a, None) for a in attrs]):
             groups.append(FusedGroup(owner, fused_attr, attrs))
     return groups
 
@@ -279,7 +283,7 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
         def fuse_projections(*args: Any, **kwargs: Any) -> Any:
             nonlocal freed
             result = original(*args, **kwargs)
-            for group in _new_groups(sub, name, before[name]):
+            for group in _matching_groups(sub, name, before[name]):
                 freed += _share_rows(sub, group)
                 shared[(name, group.fused)] = group
             return result
@@ -304,7 +308,7 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
             del sub.fuse_projections
     # Fusions made some other way than through fuse_projections: checked and shared now.
     for name, sub in module.named_modules():
-        for group in _new_groups(sub, name, before.get(name, set())):
+        for group in _matching_groups(sub, name, before.get(name, set())):
             if (name, group.fused) not in shared:
                 freed += _share_rows(sub, group)
                 shared[(name, group.fused)] = group
@@ -326,16 +330,11 @@ def _existing_groups(module: nn.Module) -> tuple[list[FusedGroup], int]:
     memory), which become views now. Returns them and the bytes so released."""
     groups, freed = [], 0
     for name, sub in module.named_modules():
-        for fused_attr, attrs in FUSED_GROUPS:
-            fused = getattr(sub, fused_attr, None)
-            parts = [getattr(sub, a, None) for a in attrs]
-            if type(fused) is not nn.Linear or not all(type(p) is nn.Linear for p in parts):
-                continue
-            group = FusedGroup(name, fused_attr, attrs)
-            if _rows_match(fused, parts):  # values: views of the right rows match too
-                if not all(_shares(p.weight, fused) for p in parts):
-                    freed += _share_rows(sub, group)
-                groups.append(group)
+        for group in _matching_groups(sub, name):  # views of the right rows match too
+            fused = getattr(sub, group.fused)
+            if not all(_same_memory(getattr(sub, a), fused) for a in group.parts):
+                freed += _share_rows(sub, group)
+            groups.append(group)
     return groups, freed
 
 
@@ -391,3 +390,14 @@ def fp8_converter(module: nn.Module, groups: list[FusedGroup]) -> Callable[[nn.L
         return new
 
     return convert
+
+
+def quantize_fused(
+    module: nn.Module, module_filter: ModuleFilter, groups: list[FusedGroup]
+) -> QuantizeReport:
+    """:func:`~difforge.quant.select.quantize_linears` for a module fused by
+    :func:`fuse_qkv_projections`: the parts of ``groups`` are left out (reported as such)
+    and become fp8 row views of their fused linear as it is converted."""
+    return quantize_linears(
+        module, module_filter, keep=unfused_twins(groups), converter=fp8_converter(module, groups)
+    )

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from difforge.errors import DifforgeError, warn
-from difforge.fused_projections import FusedGroup, fp8_converter, unfused_twins
+from difforge.fused_projections import FusedGroup, quantize_fused
 from difforge.fused_projections import fuse_qkv_projections as fuse_projections_of
 from difforge.quant.select import (
     DEFAULT_EXCLUDE,
@@ -29,7 +29,6 @@ from difforge.quant.select import (
     DEFAULT_MIN_WEIGHT_ELEMENTS,
     ModuleFilter,
     QuantizeReport,
-    quantize_linears,
 )
 
 log = logging.getLogger("difforge.diffusers")
@@ -191,12 +190,7 @@ def quantize_pipe(
             "reference path, which is slow here",
             RuntimeWarning,
         )
-    base = quantize_linears(
-        denoiser,
-        module_filter,
-        keep=unfused_twins(groups),
-        converter=fp8_converter(denoiser, groups),
-    )
+    base = quantize_fused(denoiser, module_filter, groups)
     report = PipeQuantReport(
         converted=base.converted,
         skipped=base.skipped,

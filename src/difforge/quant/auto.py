@@ -27,13 +27,9 @@ import torch
 from torch import nn
 
 from difforge.errors import warn
-from difforge.fused_projections import (
-    fp8_converter,
-    fuse_qkv_projections,
-    unfused_twins,
-)
+from difforge.fused_projections import fuse_qkv_projections, quantize_fused
 from difforge.quant.fp8 import Fp8Linear, scaled_mm_available
-from difforge.quant.select import DEFAULT_EXCLUDE, ModuleFilter, QuantizeReport, quantize_linears
+from difforge.quant.select import DEFAULT_EXCLUDE, ModuleFilter, QuantizeReport
 
 log = logging.getLogger("difforge.quant")
 
@@ -119,12 +115,7 @@ def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport
         )
         return None
     groups = fuse_qkv_projections(module) if settings.get("quant.fuse_qkv") else []
-    report = quantize_linears(
-        module,
-        module_filter,
-        keep=unfused_twins(groups),
-        converter=fp8_converter(module, groups),
-    )
+    report = quantize_fused(module, module_filter, groups)
     setattr(module, SWAP_ATTR, report)
     log.info("difforge: quant.fp8_linear on %s: %s", type(module).__name__, report.summary())
     return report
