@@ -410,3 +410,120 @@ def test_an_fp8_state_dict_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not model.transformer_blocks[0].attn1.to_qkv.weight_scale.any()
     model.load_state_dict(state, strict=True)  # the fp8 rows rebuilt from the parts'
     torch.testing.assert_close(_run(model, "tiny-pixart"), before)
+
+
+def _parts_view_fused(model: nn.Module) -> bool:
+    """Whether every attn1 q/k/v (weight and bias, fp8 or not) lives in its to_qkv."""
+    for block in model.transformer_blocks:
+        attn = block.attn1
+        for attr in ("to_q", "to_k", "to_v"):
+            for a, b in zip(
+                getattr(attn, attr).parameters(), attn.to_qkv.parameters(), strict=False
+            ):
+                if not _same_storage(a, b):
+                    return False
+    return True
+
+
+def test_a_dtype_conversion_keeps_the_parts_views_of_the_fused_rows() -> None:
+    model = _model("tiny-pixart")
+    fuse_qkv_projections(model)
+    q_weight = model.transformer_blocks[0].attn1.to_q.weight
+    reference = _run(model, "tiny-pixart").double()
+    model.double()  # nn.Module._apply copies each tensor on its own
+    assert _parts_view_fused(model)
+    assert model.transformer_blocks[0].attn1.to_q.weight is q_weight  # same Parameter
+    assert q_weight.dtype == torch.float64
+    call = denoiser_step_inputs(
+        get_preset("tiny-pixart"), batch=1, height=64, width=64, device="cpu", dtype=torch.float64
+    )
+    with torch.no_grad():
+        out = call(model)[0]
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    model.unfuse_qkv_projections()  # the parts hold the converted rows
+    with torch.no_grad():
+        torch.testing.assert_close(call(model)[0], out, rtol=1e-10, atol=1e-10)
+
+
+def test_a_device_move_keeps_the_fp8_parts_views_too() -> None:
+    model = _model("tiny-pixart")
+    _quantize(model, fuse_qkv_projections(model))
+    attn1 = model.transformer_blocks[0].attn1
+    assert isinstance(attn1.to_k, Fp8Linear)
+    before = _run(model, "tiny-pixart")
+    model._apply(lambda t: t.clone())  # what a move to another device does, tensor by tensor
+    assert not _same_storage(attn1.to_k.weight_fp8, attn1.to_k.weight_fp8.clone())
+    assert _parts_view_fused(model)
+    assert _same_storage(attn1.to_k.weight_fp8, attn1.to_qkv.weight_fp8)
+    torch.testing.assert_close(_run(model, "tiny-pixart"), before, rtol=0, atol=0)
+
+
+def test_a_conversion_that_changes_values_leaves_copies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _model("tiny-pixart")
+    fuse_qkv_projections(model)
+    with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
+        model._apply(lambda t: t + torch.randn_like(t) if t.is_floating_point() else t)
+    assert not _parts_view_fused(model)  # each tensor got its own noise: no rows to share
+    assert "no longer equals its fused rows" in caplog.text
+
+
+def test_a_deep_copy_converts_into_its_own_views() -> None:
+    model = _model("tiny-pixart")
+    fuse_qkv_projections(model)
+    twin = copy.deepcopy(model)
+    twin.double()
+    assert _parts_view_fused(twin)
+    attn, twin_attn = model.transformer_blocks[0].attn1, twin.transformer_blocks[0].attn1
+    assert not _same_storage(twin_attn.to_q.weight, attn.to_qkv.weight)
+    assert attn.to_q.weight.dtype == torch.float32  # the original untouched
+
+
+def test_a_fused_model_pickles_and_runs() -> None:
+    import pickle
+
+    model = _model("tiny-pixart")
+    fuse_qkv_projections(model)
+    reference = _run(model, "tiny-pixart")
+    loaded = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(_run(loaded, "tiny-pixart"), reference, rtol=0, atol=0)
+
+
+class _AdapterLinear(nn.Module):
+    """A LoRA-style wrapper (as PEFT's): ``.weight`` is the base weight, the output adds
+    a low-rank update that a concatenation of ``.weight`` would lose."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.down = nn.Linear(base.in_features, 4, bias=False)
+        self.up = nn.Linear(4, base.out_features, bias=False)
+        nn.init.normal_(self.up.weight)
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.up(self.down(x))
+
+
+def test_an_adapter_wrapped_projection_stops_the_fusion(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _model("tiny-pixart")
+    attn1 = model.transformer_blocks[0].attn1
+    attn1.to_v = _AdapterLinear(attn1.to_v)
+    reference = _run(model, "tiny-pixart")
+    with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
+        assert fuse_qkv_projections(model) == []
+    assert "transformer_blocks.0.attn1.to_v (_AdapterLinear)" in caplog.text
+    assert getattr(attn1, "to_qkv", None) is None
+    assert not any(type(p).__name__.startswith("Fused") for p in model.attn_processors.values())
+    torch.testing.assert_close(_run(model, "tiny-pixart"), reference, rtol=0, atol=0)

@@ -10,15 +10,19 @@ bias are row views, so the originals' memory goes at once), then as the fused li
 quantized (:func:`quantize_fused`: an ``Fp8Linear`` view; per-output-channel scales make a
 row slice of the quantized concatenation equal each part quantized alone). An unfuse then
 runs the same numbers, in fp8 where the fused linear is. The quantization leaves the parts
-alone. Views share storage until something copies parameters one by one (``.to(device)``,
-offloading), which makes each a copy again: correct, as large as before. While the parts view it, an attention's ``state_dict`` leaves the fused linear out
+alone. A module conversion (``.to(device)``, ``.half()``, a model CPU offload's moves)
+copies each tensor on its own; each fused attention's ``_apply`` then makes its parts views
+again (where their values are still the fused rows), so they do not stay twice in memory.
+While the parts view it, an attention's ``state_dict`` leaves the fused linear out
 (safetensors refuses shared memory; the checkpoint keeps diffusers' unfused layout) and
-loading fills the fused entries from the parts'.
+loading fills the fused entries from the parts'. Parts that are not plain ``nn.Linear``s
+(a PEFT LoRA layer: diffusers would concatenate its base weight only) stop the fusion.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,12 +133,17 @@ def _share_rows(owner: nn.Module, group: FusedGroup) -> int:
             freed += sum(t.numel() * t.element_size() for t in part.parameters())
         setattr(owner, attr, view)
         start = stop
-    _hook_state_dict(owner)
+    _hook_owner(owner)
+    viewed = owner.__dict__.setdefault(_VIEWED, [])
+    if (group.fused, group.parts) not in viewed:
+        viewed.append((group.fused, group.parts))
     return freed
 
 
-#: Set on an attention module once its state-dict hooks are in place.
+#: Set on an attention module once its state-dict hooks and ``_apply`` are in place.
 _HOOKED = "_difforge_row_view_hooks"
+#: On an attention module: the (fused attribute, parts) whose parts were made row views.
+_VIEWED = "_difforge_row_view_groups"
 
 
 def _data(module: nn.Module) -> torch.Tensor | None:
@@ -200,15 +209,80 @@ def _fill_fused_entries(
                 state_dict[key] = _cat_rows(parts)  # type: ignore[arg-type]
 
 
-def _hook_state_dict(owner: nn.Module) -> None:
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal, fp8 too (compared as bytes: not every device compares fp8)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.element_size() == 1 and a.is_floating_point():
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return torch.equal(a, b)
+
+
+def _view_rows_again(owner: nn.Module) -> None:
+    """After a conversion copied them one by one: make each recorded group's parts views of
+    the fused rows again, tensor by tensor (same Parameter objects), where each still
+    equals its rows; a group whose values differ (the conversion changed them) stays
+    copies."""
+    for fused_attr, attrs in owner.__dict__.get(_VIEWED, []):
+        fused = getattr(owner, fused_attr, None)
+        parts = [getattr(owner, a, None) for a in attrs]
+        if not isinstance(fused, nn.Module) or not all(isinstance(p, nn.Module) for p in parts):
+            continue
+        rows = [getattr(p, "out_features", 0) for p in parts]
+        if sum(rows) != getattr(fused, "out_features", -1):
+            continue
+        plan: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
+        start = 0
+        for part, count in zip(parts, rows, strict=True):
+            own = [(n, t, True) for n, t in part.named_parameters(recurse=False)]
+            own += [(n, t, False) for n, t in part.named_buffers(recurse=False)]
+            for name, tensor, is_param in own:
+                source = getattr(fused, name, None)
+                if not isinstance(source, torch.Tensor) or source.dim() == 0:
+                    break
+                rows_of = source.detach()[start : start + count]
+                if not _same_bytes(rows_of, tensor.detach()):
+                    break
+                plan.append((part, name, rows_of, is_param))
+            else:
+                start += count
+                continue
+            log.info("difforge: %s no longer equals its fused rows; kept as a copy", fused_attr)
+            plan = []
+            break
+        for part, name, rows_of, is_param in plan:
+            if is_param:
+                getattr(part, name).data = rows_of
+            else:
+                part._buffers[name] = rows_of
+
+
+def _apply_keeping_views(self: nn.Module, fn: Callable[..., Any], recurse: bool = True) -> Any:
+    """``nn.Module._apply`` (what ``.to()``, ``.half()``, ``.cuda()`` run), then the row
+    views made again: otherwise each part would keep its own copy of its rows."""
+    result = type(self)._apply(self, fn, recurse)
+    with torch.no_grad():
+        _view_rows_again(self)
+    return result
+
+
+# So that pickling the bound method resolves to a plain ``_apply`` (nothing to import).
+_apply_keeping_views.__name__ = "_apply"
+
+
+def _hook_owner(owner: nn.Module) -> None:
     """Once per attention module whose parts view a fused linear: its state_dict leaves
     the fused linear out (the parts hold the same values, safetensors refuses shared
     memory, and the checkpoint keeps diffusers' unfused layout, which a fresh model
-    loads), and loading such a state dict builds the fused entries from the parts'."""
+    loads), loading such a state dict builds the fused entries from the parts', and a
+    conversion (``.to()``) makes the parts views again."""
     if owner.__dict__.get(_HOOKED):
         return
     owner.register_state_dict_post_hook(_drop_fused_entries)
     owner.register_load_state_dict_pre_hook(_fill_fused_entries)
+    # An instance attribute: only fused attentions convert this way (deepcopy rebinds it
+    # to the copy).
+    owner._apply = types.MethodType(_apply_keeping_views, owner)  # type: ignore[method-assign]
     owner.__dict__[_HOOKED] = True
 
 
@@ -239,6 +313,20 @@ def _already_fused(module: nn.Module) -> str | None:
             present = [getattr(sub, a, None) for a in (fused_attr, *attrs)]
             if all(isinstance(m, nn.Module) for m in present):
                 return f"{name}.{fused_attr}" if name else fused_attr
+    return None
+
+
+def _foreign_part(module: nn.Module) -> str | None:
+    """The first projection diffusers' fusion would read that is not a plain
+    ``nn.Linear`` (an adapter-wrapped or already quantized one), as ``name (type)``."""
+    attrs = {a for _, parts in FUSED_GROUPS for a in parts}
+    for name, sub in module.named_modules():
+        if not callable(getattr(sub, "fuse_projections", None)):
+            continue
+        for attr in sorted(attrs):
+            part = getattr(sub, attr, None)
+            if isinstance(part, nn.Module) and type(part) is not nn.Linear:
+                return f"{name}.{attr} ({type(part).__name__})"
     return None
 
 
@@ -274,6 +362,17 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
         # fuse_qkv.modules quantizes it as one).
         log.info("difforge: %s already has fused projections (%s); not fusing again", kind, found)
         return share_fused_rows(module)
+    foreign = _foreign_part(module)
+    if foreign is not None:
+        # A PEFT LoRA layer (say) answers .weight with its base weight only: diffusers'
+        # fusion would run without the adapter, silently.
+        log.info(
+            "difforge: %s has a q/k/v projection that is not a plain nn.Linear (%s); "
+            "q/k/v stay separate",
+            kind,
+            foreign,
+        )
+        return []
     # Names only: a reference to a part kept here would keep its memory through the fusion.
     before = {name: _fused_attrs(sub) for name, sub in module.named_modules()}
     shared: dict[tuple[str, str], FusedGroup] = {}

@@ -74,7 +74,8 @@ def test_sd3_joint_attention_keeps_one_buffer_with_cached_fused_weights(
 
     monkeypatch.setattr(joint_linear, "MIN_ELEMENTS", 1)
     monkeypatch.setattr(fuse_linear, "SMALL_GROUP_ELEMENTS", 1)
-    options = {"mode": "O2", "fuse_qkv.cached_weights": True}
+    # (the graph's fusion: fuse_qkv.modules would fuse the module before tracing)
+    options = {"mode": "O2", "fuse_qkv.cached_weights": True, "fuse_qkv.modules": False}
     model = _compiled_matches_eager("tiny-sd3", options, batch=2, size=64)
     assert difforge.counters["fuse_qkv"] == 2 * len(model.transformer_blocks)
     assert difforge.counters["joint_linear"] == 2
@@ -88,7 +89,7 @@ def test_flux_double_blocks_write_v_into_one_buffer(monkeypatch: pytest.MonkeyPa
     from difforge.passes import joint_linear
 
     monkeypatch.setattr(joint_linear, "MIN_ELEMENTS", 1)
-    options = {"mode": "O2", "passes.fuse_qkv": False}
+    options = {"mode": "O2", "passes.fuse_qkv": False, "fuse_qkv.modules": False}
     model = _compiled_matches_eager("tiny-flux", options, batch=1, size=64)
     assert difforge.counters["joint_linear"] == len(model.transformer_blocks)
 

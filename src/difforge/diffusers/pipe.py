@@ -28,7 +28,7 @@ from difforge.batch import KEY as BATCH_KEY
 from difforge.batch import has_group_norm, resolve_batch_mode
 from difforge.dynamic import remove_shape_adapters
 from difforge.errors import warn
-from difforge.fused_projections import share_fused_rows
+from difforge.fused_projections import fuse_qkv_projections as fuse_module_projections
 from difforge.memory_format import apply_memory_format
 from difforge.options import CompileConfig, load_options, parse_options
 
@@ -254,21 +254,16 @@ def _set_fusion(pipe: Any, owner: str, fuse: bool, state: PipeState) -> bool:
         return fused
     if fused:
         return True
-    method = getattr(module, "fuse_qkv_projections", None)
-    if method is None:
-        log.info("difforge: %s has no fuse_qkv_projections(); left unfused", owner)
+    if module is None:
         return False
-    try:
-        method()
-    except (ValueError, NotImplementedError, AttributeError) as err:
-        # diffusers refuses e.g. models with added KV projections; eager stays correct.
-        log.info("difforge: %s cannot fuse its QKV projections (%s); left unfused", owner, err)
+    # diffusers' fusion with difforge's checks (custom processors, adapter-wrapped
+    # projections and models diffusers refuses stay unfused, each logged), the unfused
+    # q/k/v made views of the fused rows so the weights are held once.
+    fuse_module_projections(module)
+    if not _is_fused(module):
         return False
     state.fused.add(owner)
-    # diffusers keeps the unfused q/k/v beside the fused ones: make them views of the
-    # fused rows, so the weights are held once (difforge.fused_projections).
-    share_fused_rows(module)
-    return _is_fused(module)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
