@@ -574,6 +574,32 @@ def test_step_variants_each_start_from_the_built_layout(monkeypatch: pytest.Monk
     assert seen == [("cl", True), ("eager", True), ("keep", True)]
 
 
+def test_a_variant_that_fuses_the_module_leaves_the_next_an_unfused_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fuse_qkv.modules (on in O2) fuses the shared module in place: a variant after it
+    (here O2 without the fusion, then stock compile) must get a fresh, unfused build."""
+    from difforge.bench import step
+
+    seen: list[tuple[str, bool]] = []
+    real = step._compile
+
+    def spy(module, variant, extra, preset_name):  # type: ignore[no-untyped-def]
+        fused = any(hasattr(m, "to_qkv") for m in module.modules())
+        seen.append((variant.partition("=")[0], fused))
+        return real(module, variant, extra, preset_name)
+
+    monkeypatch.setattr(step, "_compile", spy)
+    argv = ["--models", "tiny-pixart", "--height", "64", "--width", "64", "--warmup", "0"]
+    argv += ["--iters", "1", "--dtype", "float32", "--variants"]
+    argv += ['fm={"mode": "O1", "fuse_qkv.modules": true};O1;compile']
+    results = step.bench_model("tiny-pixart", step.parse_args(argv), torch.device("cpu"), {})
+    assert all(r.error is None for r in results)
+    assert seen == [("fm", False), ("O1", False), ("compile", False)]
+    # the fused variant computed the same function
+    assert results[0].rel_err_vs_fp32 is not None and results[0].rel_err_vs_fp32 < 1e-5
+
+
 def test_compile_phases_reports_dynamos_timers_for_one_cold_compile(tmp_path: Path) -> None:
     import importlib.util
 

@@ -74,7 +74,7 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {
         "passes.fuse_qkv": True,
         # diffusers' q/k/v fusion on the module (row views: no second copy): H200, same
         # run, O2 step PixArt-XL 31.42 -> 31.00 ms, SD3 38.17 -> 37.60, SDXL UNet 31.60 ->
-        # 31.03, cold compile 15-24% shorter, same error (2026-11-29_h200_step_fm_*_s27).
+        # 31.03, same error (2026-11-29_h200_step_fm_*_s27); FLUX not yet compared.
         "fuse_qkv.modules": True,
         "passes.gelu_epilogue": True,
         "passes.split_cat_linear": True,

@@ -34,9 +34,10 @@ from difforge.diffusers.step_inputs import (
     denoiser_step_inputs,
     vae_decode_inputs,
 )
+from difforge.fused_projections import fuse_qkv_projections, quantize_fused
 from difforge.kernels import attention_select
 from difforge.memory_format import apply_memory_format, convert_conv_weights
-from difforge.quant import Fp8Linear, ModuleFilter, quantize_linears
+from difforge.quant import Fp8Linear, ModuleFilter
 from difforge.quant.auto import swap_report
 
 # Kernel-name fragments per category (cuDNN/flash/efficient attention, cuBLAS/CUTLASS/
@@ -288,8 +289,9 @@ def _compile(
         return module
     if variant == "fp8":
         # Quantization alone, run eagerly: fp8 linears (the float32 reference path where
-        # this device has no fp8 GEMM). In place: the caller rebuilds the module afterwards.
-        quantize_linears(module, fp8_filter(preset_name))
+        # this device has no fp8 GEMM), q/k/v fused first as quantize_pipe and O3 do. In
+        # place: the caller rebuilds the module afterwards.
+        quantize_fused(module, fp8_filter(preset_name), fuse_qkv_projections(module))
         return module
     if variant in STOCK_STEP_MODES:
         return torch.compile(module, mode=STOCK_STEP_MODES[variant])
@@ -344,6 +346,13 @@ def _cast_call(call: StepCall, dtype: torch.dtype) -> StepCall:
     return StepCall(tuple(cast(a) for a in call.args), {k: cast(v) for k, v in call.kwargs.items()})
 
 
+def _structure(module: Any) -> list[tuple[str, type]]:
+    """Each submodule's name and type: what an in-place swap or fusion changes."""
+    if not isinstance(module, nn.Module):
+        return []
+    return [(name, type(sub)) for name, sub in module.named_modules()]
+
+
 def bench_model(
     spec: str, args: argparse.Namespace, device: torch.device, extra: dict[str, Any]
 ) -> list[VariantResult]:
@@ -375,6 +384,7 @@ def bench_model(
     flops = _count_flops(module, call)
 
     results = []
+    structure = _structure(module)
     for variant in args.variants:
         torch._dynamo.reset()
         if isinstance(module, nn.Module):
@@ -434,9 +444,11 @@ def bench_model(
         swapped = swap_report(module) if isinstance(module, nn.Module) else None
         fp8_modules = sum(isinstance(m, Fp8Linear) for m in module.modules())
         if swapped is not None or fp8_modules:
-            # The fp8 swap (or the fp8 variant) changed the module in place: later variants
-            # get a fresh build (the same seeded weights), never the quantized one.
             result.fp8_linears = len(swapped.converted) if swapped is not None else fp8_modules
+        if _structure(module) != structure:
+            # The variant changed the module in place (the fp8 swap, the fp8 variant, a q/k/v
+            # fusion such as fuse_qkv.modules): later variants get a fresh build (the same
+            # seeded weights), never the changed one.
             del fn, module
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
