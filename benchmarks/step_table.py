@@ -73,6 +73,14 @@ _FUSED_QKV = {
     "O3-nofq": "O3 without quant.fuse_qkv",
 }
 
+#: O2 with and without fuse_qkv.modules (module-level q/k/v fusion; O2's default since
+#: 2026-11-29's twenty-seventh session).
+_MODULE_QKV = {
+    "compile": "torch.compile",
+    "O2": "O2 then (q/k/v fused in the graph, where the cost rule let them)",
+    "O2-fm": "O2 + fuse_qkv.modules (today's O2)",
+}
+
 #: (file, model, label, variants shown, their labels): one run per row group, every
 #: variant from that same run.
 STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] = (
@@ -255,6 +263,27 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         "SD3-medium fp16, batch 2",
         ("compile", "O3", "O3-lnq"),
         _RESIDUAL_LNQ,
+    ),
+    (
+        "2026-11-29_h200_step_fm_dit_s27.json",
+        "pixart-xl-2-1024",
+        "PixArt-XL-2 fp16, batch 2",
+        ("compile", "O2", "O2-fm"),
+        _MODULE_QKV,
+    ),
+    (
+        "2026-11-29_h200_step_fm_dit_s27.json",
+        "sd3-medium",
+        "SD3-medium fp16, batch 2",
+        ("compile", "O2", "O2-fm"),
+        _MODULE_QKV,
+    ),
+    (
+        "2026-11-29_h200_step_fm_sdxl_s27.json",
+        "sdxl-base",
+        "SDXL UNet fp16, batch 2 (channels_last)",
+        ("compile", "O2", "O2-fm"),
+        _MODULE_QKV,
     ),
     (
         "2026-11-29_h200_step_fq_pixart_s26.json",
