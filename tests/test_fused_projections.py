@@ -527,3 +527,88 @@ def test_an_adapter_wrapped_projection_stops_the_fusion(
     assert getattr(attn1, "to_qkv", None) is None
     assert not any(type(p).__name__.startswith("Fused") for p in model.attn_processors.values())
     torch.testing.assert_close(_run(model, "tiny-pixart"), reference, rtol=0, atol=0)
+
+
+def _with_adapter(model: nn.Module, path: str, seed: int = 0) -> _AdapterLinear:
+    """Wrap the linear at dotted ``path`` in an _AdapterLinear with seeded weights."""
+    owner_name, _, attr = path.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    torch.manual_seed(seed)
+    adapter = _AdapterLinear(getattr(owner, attr))
+    setattr(owner, attr, adapter)
+    return adapter
+
+
+@pytest.mark.parametrize(
+    "name,path,fused_attr,other",
+    [
+        # older Attention
+        ("tiny-pixart", "transformer_blocks.0.attn1.to_q", "to_qkv", "transformer_blocks.1.attn1"),
+        # AttentionModuleMixin
+        (
+            "tiny-flux",
+            "transformer_blocks.0.attn.to_k",
+            "to_qkv",
+            "single_transformer_blocks.0.attn",
+        ),
+        (
+            "tiny-sd3",
+            "transformer_blocks.0.attn.add_v_proj",
+            "to_added_qkv",
+            "transformer_blocks.1.attn",
+        ),
+    ],
+)
+def test_an_adapter_added_after_the_fusion_runs_as_that_attention_unfuses(
+    name: str, path: str, fused_attr: str, other: str
+) -> None:
+    model = _model(name)
+    reference = copy.deepcopy(model)
+    fuse_qkv_projections(model)
+    with pytest.warns(UserWarning, match="runs unfused from now on"):
+        _with_adapter(model, path)
+    _with_adapter(reference, path)
+    owner = model.get_submodule(path.rpartition(".")[0])
+    assert getattr(owner, fused_attr, None) is None
+    assert not type(owner.processor).__name__.startswith("Fused")
+    assert isinstance(getattr(model.get_submodule(other), "to_qkv"), nn.Linear)  # still fused
+    torch.testing.assert_close(_run(model, name), _run(reference, name), rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_added_after_compiling_reaches_the_compiled_model() -> None:
+    import difforge
+
+    model = _model("tiny-pixart")
+    reference = copy.deepcopy(model)
+    compiled = difforge.compile(model, options={"fuse_qkv.modules": True})
+    _run(compiled, "tiny-pixart")
+    with pytest.warns(UserWarning, match="runs unfused"):
+        _with_adapter(model, "transformer_blocks.1.attn1.to_v")
+    _with_adapter(reference, "transformer_blocks.1.attn1.to_v")
+    expected = _run(reference, "tiny-pixart")
+    torch.testing.assert_close(_run(compiled, "tiny-pixart"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_diffusers_fusion_unfuses_by_its_processors_name() -> None:
+    model = _model("tiny-pixart")
+    reference = copy.deepcopy(model)
+    model.fuse_qkv_projections()  # diffusers alone: no processor of ours recorded
+    fuse_qkv_projections(model)  # then shared (what compile_pipe's fusion did before)
+    with pytest.warns(UserWarning, match="runs unfused"):
+        _with_adapter(model, "transformer_blocks.0.attn2.to_k")
+    _with_adapter(reference, "transformer_blocks.0.attn2.to_k")
+    attn2 = model.transformer_blocks[0].attn2
+    assert type(attn2.processor).__name__ == "AttnProcessor2_0"
+    torch.testing.assert_close(
+        _run(model, "tiny-pixart"), _run(reference, "tiny-pixart"), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_our_own_fp8_views_replacing_the_parts_do_not_unfuse(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    model = _model("tiny-pixart")
+    _quantize(model, fuse_qkv_projections(model))
+    assert isinstance(model.transformer_blocks[0].attn1.to_q, Fp8Linear)
+    assert isinstance(model.transformer_blocks[0].attn1.to_qkv, Fp8Linear)
+    assert not [w for w in recwarn if "fused q/k/v" in str(w.message)]

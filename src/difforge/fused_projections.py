@@ -16,13 +16,16 @@ again (where their values are still the fused rows), so they do not stay twice i
 While the parts view it, an attention's ``state_dict`` leaves the fused linear out
 (safetensors refuses shared memory; the checkpoint keeps diffusers' unfused layout) and
 loading fills the fused entries from the parts'. Parts that are not plain ``nn.Linear``s
-(a PEFT LoRA layer: diffusers would concatenate its base weight only) stop the fusion.
+(a PEFT LoRA layer: diffusers would concatenate its base weight only) stop the fusion; a
+part replaced after it (a LoRA loaded after compiling) unfuses its attention, with a
+warning, so that the new part runs (a global sub-module registration hook).
 """
 
 from __future__ import annotations
 
 import logging
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +132,7 @@ def _share_rows(owner: nn.Module, group: FusedGroup) -> int:
             view: nn.Module = fused.row_view(start, stop)
         else:
             view = _row_view(fused, start, stop, part)
+        view.__dict__[_ROW_VIEW] = True  # before the assignment: _on_part_replaced skips it
         if isinstance(part, nn.Linear) and not _same_memory(part, fused):
             freed += sum(t.numel() * t.element_size() for t in part.parameters())
         setattr(owner, attr, view)
@@ -144,6 +148,11 @@ def _share_rows(owner: nn.Module, group: FusedGroup) -> int:
 _HOOKED = "_difforge_row_view_hooks"
 #: On an attention module: the (fused attribute, parts) whose parts were made row views.
 _VIEWED = "_difforge_row_view_groups"
+#: On a part module this fusion made (a row view).
+_ROW_VIEW = "_difforge_row_view"
+#: On an older diffusers attention: the processor it had before the fusion replaced it.
+_UNFUSED_PROCESSOR = "_difforge_unfused_processor"
+_watch_installed = False
 
 
 def _data(module: nn.Module) -> torch.Tensor | None:
@@ -284,6 +293,83 @@ def _hook_owner(owner: nn.Module) -> None:
     # to the copy).
     owner._apply = types.MethodType(_apply_keeping_views, owner)  # type: ignore[method-assign]
     owner.__dict__[_HOOKED] = True
+    _install_replacement_watch()
+
+
+def _install_replacement_watch() -> None:
+    global _watch_installed
+    if not _watch_installed:
+        torch.nn.modules.module.register_module_module_registration_hook(_on_part_replaced)
+        _watch_installed = True
+
+
+def _on_part_replaced(owner: nn.Module, name: str, value: Any) -> None:
+    """Global sub-module registration hook: a fused attention's q/k/v part replaced by
+    anything but our row view (a PEFT LoRA layer wrapping it, a user's own linear) would
+    never run, as the attention runs its fused projection: unfuse that attention first, so
+    the new part does."""
+    viewed = owner.__dict__.get(_VIEWED)
+    if not viewed or getattr(value, "__dict__", {}).get(_ROW_VIEW):
+        return
+    if not any(name in parts for _, parts in viewed) or owner._modules.get(name) is value:
+        return
+    if _unfuse_owner(owner):
+        warnings.warn(
+            "difforge: a fused q/k/v projection's part was replaced (an adapter such as a "
+            "LoRA loaded after compiling?); that attention runs unfused from now on, so the "
+            "new part is used. Load adapters before compiling to keep the fusion.",
+            UserWarning,
+            stacklevel=3,
+        )
+    else:
+        warnings.warn(
+            f"difforge: {name} of a fused {type(owner).__name__} was replaced, but its "
+            f"processor {type(getattr(owner, 'processor', None)).__name__} has no known "
+            "unfused form: the attention still runs its fused projection, without the new "
+            "part. Unfuse the model (unfuse_qkv_projections()) before replacing parts.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _unfused_processor(owner: nn.Module) -> Any:
+    """The processor an older diffusers attention runs unfused: the one it had before our
+    fusion, else the fused one's unfused class by name (a fusion made by diffusers alone);
+    None where its processor needs no change (newer modules read ``fused_projections``)."""
+    recorded = owner.__dict__.get(_UNFUSED_PROCESSOR)
+    if recorded is not None:
+        return recorded
+    kind = type(getattr(owner, "processor", None)).__name__
+    if not kind.startswith("Fused"):
+        return None
+    from diffusers.models import attention_processor
+
+    unfused = getattr(attention_processor, kind.removeprefix("Fused"), None)
+    return unfused() if isinstance(unfused, type) else False
+
+
+def _unfuse_owner(owner: nn.Module) -> bool:
+    """Undo the fusion of one attention: its fused linears go (the parts, views, keep the
+    rows), its unfused processor comes back (older modules). False, and nothing changed,
+    where the fused processor has no unfused form to go back to."""
+    processor = _unfused_processor(owner)
+    if processor is False:
+        return False
+    unfuse = getattr(owner, "unfuse_projections", None)
+    if callable(unfuse):
+        unfuse()  # diffusers' AttentionModuleMixin: drops the fused linears, flag off
+    else:
+        for fused_attr, attrs in FUSED_GROUPS:
+            present = [getattr(owner, a, None) for a in (fused_attr, *attrs)]
+            if all(isinstance(m, nn.Module) for m in present):
+                delattr(owner, fused_attr)
+        if getattr(owner, "fused_projections", False):
+            owner.fused_projections = False
+    if processor is not None:
+        owner.set_processor(processor)
+    owner.__dict__.pop(_UNFUSED_PROCESSOR, None)
+    owner.__dict__[_VIEWED] = []
+    return True
 
 
 def _matching_groups(
@@ -375,6 +461,13 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
         return []
     # Names only: a reference to a part kept here would keep its memory through the fusion.
     before = {name: _fused_attrs(sub) for name, sub in module.named_modules()}
+    # Older diffusers attentions get a fused processor from the model's fusion; each keeps
+    # its own to come back to if a part is replaced later (_on_part_replaced).
+    processors = {
+        name: sub.processor
+        for name, sub in module.named_modules()
+        if callable(getattr(sub, "fuse_projections", None)) and hasattr(sub, "processor")
+    }
     shared: dict[tuple[str, str], FusedGroup] = {}
     freed = 0
 
@@ -411,6 +504,10 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
             if (name, group.fused) not in shared:
                 freed += _share_rows(sub, group)
                 shared[(name, group.fused)] = group
+    for owner in {name for name, _ in shared}:
+        sub = module.get_submodule(owner)
+        if owner in processors and getattr(sub, "processor", None) is not processors[owner]:
+            sub.__dict__[_UNFUSED_PROCESSOR] = processors[owner]
     _log_freed(freed)
     return sorted(shared.values(), key=lambda g: (g.owner, g.fused))
 
