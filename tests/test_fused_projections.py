@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import logging
 import weakref
 
@@ -458,15 +459,50 @@ def test_a_device_move_keeps_the_fp8_parts_views_too() -> None:
     torch.testing.assert_close(_run(model, "tiny-pixart"), before, rtol=0, atol=0)
 
 
-def test_a_conversion_that_changes_values_leaves_copies(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_a_conversion_moves_each_row_once_and_the_parts_follow_the_fused_linear() -> None:
     model = _model("tiny-pixart")
     fuse_qkv_projections(model)
+    seen: list[int] = []
+
+    def noisy(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.numel())
+        return t + torch.randn_like(t) if t.is_floating_point() else t
+
+    tensors = [*model.parameters(), *model.buffers()]
+    parts = {
+        id(t)
+        for block in model.transformer_blocks
+        for attn, attrs in ((block.attn1, "to_q to_k to_v"), (block.attn2, "to_k to_v"))
+        for attr in attrs.split()
+        for t in getattr(attn, attr).parameters()
+    }
+    once = sum(t.numel() for t in tensors if id(t) not in parts)
+    model._apply(noisy)
+    # each q/k/v row went through the conversion once, inside the fused linear: the parts'
+    # tensors were emptied for it
+    assert sum(seen) == once
+    assert _parts_view_fused(model)  # views of the converted rows, whatever fn did
+    attn1 = model.transformer_blocks[0].attn1
+    assert torch.equal(
+        attn1.to_k.weight, attn1.to_qkv.weight[attn1.to_q.out_features :][: attn1.to_k.out_features]
+    )
+
+
+def test_copies_that_no_longer_equal_their_rows_stay_copies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = copy.deepcopy(_fused("tiny-pixart"))  # deepcopy: each part its own copy
+    assert not _parts_view_fused(model)
     with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
         model._apply(lambda t: t + torch.randn_like(t) if t.is_floating_point() else t)
-    assert not _parts_view_fused(model)  # each tensor got its own noise: no rows to share
+    assert not _parts_view_fused(model)  # each copy got its own noise: not its rows
     assert "no longer equals its fused rows" in caplog.text
+
+
+def _fused(name: str) -> nn.Module:
+    model = _model(name)
+    fuse_qkv_projections(model)
+    return model
 
 
 def test_a_deep_copy_converts_into_its_own_views() -> None:
@@ -480,14 +516,19 @@ def test_a_deep_copy_converts_into_its_own_views() -> None:
     assert attn.to_q.weight.dtype == torch.float32  # the original untouched
 
 
-def test_a_fused_model_pickles_and_runs() -> None:
-    import pickle
-
+def test_a_fused_model_saved_whole_loads_and_runs() -> None:
     model = _model("tiny-pixart")
     fuse_qkv_projections(model)
     reference = _run(model, "tiny-pixart")
-    loaded = pickle.loads(pickle.dumps(model))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(_run(loaded, "tiny-pixart"), reference, rtol=0, atol=0)
+    assert _parts_view_fused(loaded)  # torch.save keeps shared storage
+    loaded.double()  # ... and the loaded attentions still convert keeping their views
+    assert _parts_view_fused(loaded)
+    assert not any(".to_qkv." in k for k in loaded.state_dict())
 
 
 class _AdapterLinear(nn.Module):

@@ -23,8 +23,8 @@ warning, so that the new part runs (a global sub-module registration hook).
 
 from __future__ import annotations
 
+import functools
 import logging
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,56 +227,93 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _view_rows_again(owner: nn.Module) -> None:
-    """After a conversion copied them one by one: make each recorded group's parts views of
-    the fused rows again, tensor by tensor (same Parameter objects), where each still
-    equals its rows; a group whose values differ (the conversion changed them) stays
-    copies."""
+#: One tensor of a part: (the part, its attribute name, whether a parameter, the tensor).
+_PartTensor = tuple[nn.Module, str, bool, torch.Tensor]
+
+
+def _group_tensors(owner: nn.Module, fused_attr: str, attrs: tuple[str, ...]) -> list[Any]:
+    """Each part tensor of one recorded group with its rows of the fused linear's tensor of
+    the same name, as (part, name, is_param, tensor, rows); [] where the group no longer
+    has that form (a part or the fused linear replaced, other row counts)."""
+    fused = getattr(owner, fused_attr, None)
+    parts = [getattr(owner, a, None) for a in attrs]
+    if not isinstance(fused, nn.Module) or not all(isinstance(p, nn.Module) for p in parts):
+        return []
+    counts = [getattr(p, "out_features", 0) for p in parts]
+    if sum(counts) != getattr(fused, "out_features", -1):
+        return []
+    found, start = [], 0
+    for part, count in zip(parts, counts, strict=True):
+        own = [(n, t, True) for n, t in part.named_parameters(recurse=False)]
+        own += [(n, t, False) for n, t in part.named_buffers(recurse=False)]
+        for name, tensor, is_param in own:
+            source = getattr(fused, name, None)
+            if not isinstance(source, torch.Tensor) or source.dim() == 0:
+                return []
+            found.append((part, name, is_param, tensor, source.detach()[start : start + count]))
+        start += count
+    return found
+
+
+def _set_tensor(part: nn.Module, name: str, is_param: bool, value: torch.Tensor) -> None:
+    """Give a part's parameter (same Parameter object) or buffer new data."""
+    if is_param:
+        getattr(part, name).data = value
+    else:
+        part._buffers[name] = value
+
+
+def _park_views(owner: nn.Module) -> list[_PartTensor]:
+    """Before a conversion: the part tensors that are views of their fused rows now become
+    empty (so the conversion moves each row once, in the fused linear); returns them, to
+    put back if the conversion fails."""
+    parked: list[_PartTensor] = []
     for fused_attr, attrs in owner.__dict__.get(_VIEWED, []):
-        fused = getattr(owner, fused_attr, None)
-        parts = [getattr(owner, a, None) for a in attrs]
-        if not isinstance(fused, nn.Module) or not all(isinstance(p, nn.Module) for p in parts):
-            continue
-        rows = [getattr(p, "out_features", 0) for p in parts]
-        if sum(rows) != getattr(fused, "out_features", -1):
-            continue
-        plan: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
-        start = 0
-        for part, count in zip(parts, rows, strict=True):
-            own = [(n, t, True) for n, t in part.named_parameters(recurse=False)]
-            own += [(n, t, False) for n, t in part.named_buffers(recurse=False)]
-            for name, tensor, is_param in own:
-                source = getattr(fused, name, None)
-                if not isinstance(source, torch.Tensor) or source.dim() == 0:
-                    break
-                rows_of = source.detach()[start : start + count]
-                if not _same_bytes(rows_of, tensor.detach()):
-                    break
-                plan.append((part, name, rows_of, is_param))
-            else:
-                start += count
-                continue
+        group = _group_tensors(owner, fused_attr, attrs)
+        if not group or not all(
+            t.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
+            and t.data_ptr() == rows.data_ptr()
+            for _, _, _, t, rows in group
+        ):
+            continue  # copies already (a deepcopy, a pickle): _view_rows_again compares
+        for part, name, is_param, tensor, _ in group:
+            parked.append((part, name, is_param, tensor.detach()))
+            _set_tensor(part, name, is_param, tensor.new_empty(0))
+    return parked
+
+
+def _view_rows_again(owner: nn.Module, parked: list[_PartTensor]) -> None:
+    """After a conversion: each recorded group's parts become views of the converted fused
+    rows again (same Parameter objects). Parked parts take their rows as they are (they
+    were views of them); parts that were copies only where they still equal their rows."""
+    parked_parts = {id(part) for part, _, _, _ in parked}
+    for fused_attr, attrs in owner.__dict__.get(_VIEWED, []):
+        group = _group_tensors(owner, fused_attr, attrs)
+        fits = all(
+            id(part) in parked_parts or _same_bytes(rows, tensor.detach())
+            for part, _, _, tensor, rows in group
+        )
+        if not fits:
             log.info("difforge: %s no longer equals its fused rows; kept as a copy", fused_attr)
-            plan = []
-            break
-        for part, name, rows_of, is_param in plan:
-            if is_param:
-                getattr(part, name).data = rows_of
-            else:
-                part._buffers[name] = rows_of
+            continue
+        for part, name, is_param, _, rows in group:
+            _set_tensor(part, name, is_param, rows)
 
 
 def _apply_keeping_views(self: nn.Module, fn: Callable[..., Any], recurse: bool = True) -> Any:
-    """``nn.Module._apply`` (what ``.to()``, ``.half()``, ``.cuda()`` run), then the row
-    views made again: otherwise each part would keep its own copy of its rows."""
-    result = type(self)._apply(self, fn, recurse)
+    """``nn.Module._apply`` (what ``.to()``, ``.half()``, ``.cuda()`` run) for a fused
+    attention: the parts' rows move once, inside the fused linear, and are views of it
+    again afterwards; otherwise each part would be copied on its own and kept twice."""
+    parked = _park_views(self)
+    try:
+        result = type(self)._apply(self, fn, recurse)
+    except BaseException:
+        for part, name, is_param, tensor in parked:
+            _set_tensor(part, name, is_param, tensor)
+        raise
     with torch.no_grad():
-        _view_rows_again(self)
+        _view_rows_again(self, parked)
     return result
-
-
-# So that pickling the bound method resolves to a plain ``_apply`` (nothing to import).
-_apply_keeping_views.__name__ = "_apply"
 
 
 def _hook_owner(owner: nn.Module) -> None:
@@ -289,9 +326,9 @@ def _hook_owner(owner: nn.Module) -> None:
         return
     owner.register_state_dict_post_hook(_drop_fused_entries)
     owner.register_load_state_dict_pre_hook(_fill_fused_entries)
-    # An instance attribute: only fused attentions convert this way (deepcopy rebinds it
-    # to the copy).
-    owner._apply = types.MethodType(_apply_keeping_views, owner)  # type: ignore[method-assign]
+    # An instance attribute: only fused attentions convert this way. A partial, not a bound
+    # method: deepcopy and pickle rebuild it around the copy.
+    owner._apply = functools.partial(_apply_keeping_views, owner)  # type: ignore[method-assign]
     owner.__dict__[_HOOKED] = True
     _install_replacement_watch()
 
