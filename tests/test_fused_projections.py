@@ -172,22 +172,82 @@ def test_row_view_checks_its_range() -> None:
         linear.row_view(8, 24)
 
 
-def test_parts_off_the_16_row_grid_make_no_group() -> None:
-    """Their fp8 row views could not run _scaled_mm: such parts keep their own weights."""
-    from difforge.fused_projections import _rows_match
+class _OddAttention(nn.Module):
+    """One diffusers Attention whose q/k/v have 24 rows (off fp8's 16-row grid), with the
+    model-level fuse_qkv_projections() diffusers' models have."""
 
-    parts = [nn.Linear(32, 8), nn.Linear(32, 8)]
-    fused = nn.Linear(32, 16)
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn = Attention(query_dim=24, heads=2, dim_head=12, bias=True)
+
+    def fuse_qkv_projections(self) -> None:
+        from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+        self.attn.fuse_projections(fuse=True)
+        self.attn.set_processor(FusedAttnProcessor2_0())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)
+
+
+def test_parts_off_the_16_row_grid_share_rows_but_stay_out_of_fp8() -> None:
+    """Row views of a high-precision linear need no alignment; fp8 row views of it could
+    not run _scaled_mm, so the fp8 swap keeps such a fused linear in high precision."""
+    model = _OddAttention()
+    x = torch.randn(2, 5, 24)
     with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        fused.bias.copy_(torch.cat([p.bias for p in parts]))
-    assert not _rows_match(fused, parts)
-    aligned = [nn.Linear(32, 16), nn.Linear(32, 16)]
-    whole = nn.Linear(32, 32)
+        reference = model(x)
+    groups = fuse_qkv_projections(model)
+    assert groups == [FusedGroup("attn", "to_qkv", ("to_q", "to_k", "to_v"))]
+    assert _same_storage(model.attn.to_k.weight, model.attn.to_qkv.weight)
     with torch.no_grad():
-        whole.weight.copy_(torch.cat([p.weight for p in aligned]))
-        whole.bias.copy_(torch.cat([p.bias for p in aligned]))
-    assert _rows_match(whole, aligned)
+        torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
+    report = _quantize(model, groups)
+    assert "16-row grid" in report.skipped["attn.to_qkv"]
+    assert type(model.attn.to_qkv) is nn.Linear and type(model.attn.to_q) is nn.Linear
+    assert "attn.to_qkv" not in report.converted
+
+
+def test_a_fusion_whose_rows_cannot_be_shared_is_undone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import difforge.fused_projections as fp
+
+    model = _model("tiny-pixart")
+    reference = _run(model, "tiny-pixart")
+    monkeypatch.setattr(fp, "_rows_match", lambda fused, parts: False)
+    with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
+        assert fuse_qkv_projections(model) == []
+    assert "left unfused" in caplog.text
+    attn1 = model.transformer_blocks[0].attn1
+    assert getattr(attn1, "to_qkv", None) is None
+    assert type(attn1.processor).__name__ == "AttnProcessor2_0"
+    torch.testing.assert_close(_run(model, "tiny-pixart"), reference, rtol=0, atol=0)
+
+
+def test_offloading_hooks_stop_the_fusion(caplog: pytest.LogCaptureFixture) -> None:
+    model = _model("tiny-pixart")
+    model.transformer_blocks[0].attn1.to_q._hf_hook = object()  # as accelerate's offload
+    with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
+        assert fuse_qkv_projections(model) == []
+    assert "accelerate hook" in caplog.text
+    assert getattr(model.transformer_blocks[1].attn1, "to_qkv", None) is None
+
+
+def test_a_processor_set_after_the_fusion_survives_a_part_replacement() -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = _model("tiny-pixart")
+    fuse_qkv_projections(model)
+    attn2 = model.transformer_blocks[0].attn2
+    mine = AttnProcessor()
+    attn2.set_processor(mine)  # the user's, unfused, after the fusion
+    with pytest.warns(UserWarning, match="runs unfused"):
+        _with_adapter(model, "transformer_blocks.0.attn2.to_k")
+    assert attn2.processor is mine
+    assert getattr(attn2, "to_kv", None) is None
 
 
 def test_the_o3_swap_frees_each_high_precision_weight_as_it_goes(
@@ -363,6 +423,34 @@ def test_a_frozen_model_stays_frozen() -> None:
 def test_meta_weights_make_no_groups() -> None:
     model = _model("tiny-pixart").to("meta")
     assert fuse_qkv_projections(model) == []
+    assert getattr(model.transformer_blocks[0].attn1, "to_qkv", None) is None  # not fused
+
+
+def test_o3_without_quant_fuse_qkv_quantizes_the_groups_fuse_qkv_modules_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fuse_qkv.modules (on in O2/O3) fused first: with quant.fuse_qkv off the swap still
+    treats those groups as groups (quantizing a part alone would unfuse its attention)."""
+    import difforge.quant.auto as auto
+    from difforge.options import parse_options
+
+    monkeypatch.setattr(auto, "scaled_mm_available", lambda device: True)
+    model = _model("tiny-sd3")
+    groups = fuse_qkv_projections(model)
+    settings = parse_options(
+        {
+            "mode": "O3",
+            "quant.fuse_qkv": False,
+            "quant.min_features": 0,
+            "quant.min_weight_elements": 0,
+        }
+    ).settings
+    report = auto.swap_fp8_linears(model, settings)
+    assert report is not None
+    assert {g.name(g.fused) for g in groups} <= set(report.converted)
+    attn = model.transformer_blocks[0].attn
+    assert isinstance(attn.to_qkv, Fp8Linear) and isinstance(attn.to_q, Fp8Linear)
+    assert _same_storage(attn.to_q.weight_fp8, attn.to_qkv.weight_fp8)
 
 
 def test_a_native_to_kv_without_its_parts_does_not_count_as_fused() -> None:

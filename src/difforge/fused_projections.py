@@ -98,8 +98,6 @@ def _rows_match(fused: nn.Linear, parts: list[nn.Module | None]) -> bool:
         return False  # no values to compare (meta) or parts elsewhere (offloaded)
     if sum(p.out_features for p in parts) != fused.out_features:
         return False
-    if any(p.out_features % ALIGNMENT for p in parts):
-        return False  # an fp8 row view of it could not run _scaled_mm (16-multiples only)
     if any((p.bias is None) != (fused.bias is None) for p in parts):
         return False
     start = 0
@@ -370,15 +368,16 @@ def _on_part_replaced(owner: nn.Module, name: str, value: Any) -> None:
 
 
 def _unfused_processor(owner: nn.Module) -> Any:
-    """The processor an older diffusers attention runs unfused: the one it had before our
-    fusion, else the fused one's unfused class by name (a fusion made by diffusers alone);
-    None where its processor needs no change (newer modules read ``fused_projections``)."""
+    """The processor an older diffusers attention runs unfused, while it holds a fused one:
+    the one it had before our fusion, else the fused one's unfused class by name (a fusion
+    made by diffusers alone); None where the processor stays (newer modules read
+    ``fused_projections``; a processor set since the fusion), False where none is known."""
+    kind = type(getattr(owner, "processor", None)).__name__
+    if not kind.startswith("Fused"):
+        return None  # a processor set since the fusion (the user's): left as it is
     recorded = owner.__dict__.get(_UNFUSED_PROCESSOR)
     if recorded is not None:
         return recorded
-    kind = type(getattr(owner, "processor", None)).__name__
-    if not kind.startswith("Fused"):
-        return None
     from diffusers.models import attention_processor
 
     unfused = getattr(attention_processor, kind.removeprefix("Fused"), None)
@@ -428,10 +427,23 @@ def _fused_attrs(sub: nn.Module) -> set[str]:
     return {f for f, _ in FUSED_GROUPS if isinstance(getattr(sub, f, None), nn.Linear)}
 
 
+def _runs_fused(sub: nn.Module) -> bool:
+    """Whether attention ``sub`` runs its fused projections now: older diffusers processors
+    (``attention_processor``) by their fused kind, newer ones by ``fused_projections``
+    (older modules keep that flag, and their fused linears, after a model's unfuse)."""
+    processor = getattr(sub, "processor", None)
+    if type(processor).__module__.endswith("attention_processor"):
+        return type(processor).__name__.startswith("Fused")
+    return bool(getattr(sub, "fused_projections", False))
+
+
 def _already_fused(module: nn.Module) -> str | None:
-    """The first fused projection found beside its parts (diffusers' fusion ran), if any;
-    a native ``to_kv`` without ``to_k``/``to_v`` (a Perceiver's) does not count."""
+    """The first fused projection found beside its parts in an attention that runs it
+    (diffusers' fusion ran and was not undone), if any; a native ``to_kv`` without
+    ``to_k``/``to_v`` (a Perceiver's) does not count."""
     for name, sub in module.named_modules():
+        if not _runs_fused(sub):
+            continue
         for fused_attr, attrs in FUSED_GROUPS:
             present = [getattr(sub, a, None) for a in (fused_attr, *attrs)]
             if all(isinstance(m, nn.Module) for m in present):
@@ -439,17 +451,34 @@ def _already_fused(module: nn.Module) -> str | None:
     return None
 
 
-def _foreign_part(module: nn.Module) -> str | None:
-    """The first projection diffusers' fusion would read that is not a plain
-    ``nn.Linear`` (an adapter-wrapped or already quantized one), as ``name (type)``."""
-    attrs = {a for _, parts in FUSED_GROUPS for a in parts}
+def _unfusable_reason(module: nn.Module) -> str | None:
+    """Why diffusers' fusion must not run on ``module``, if it must not: a projection it
+    would read that is not a plain ``nn.Linear`` (an adapter-wrapped or quantized one), or
+    weights it could not concatenate for real (meta: offloaded or not loaded; parts on
+    different devices), or offloading hooks on the attentions (accelerate's sequential
+    offload, diffusers' group offloading) that a new fused linear would escape."""
+    attrs = sorted({a for _, parts in FUSED_GROUPS for a in parts})
     for name, sub in module.named_modules():
+        if sub is not module and getattr(sub, "_hf_hook", None) is not None:
+            return f"{name} has an accelerate hook (offloading)"
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is not None and getattr(registry, "hooks", None):
+            return f"{name or type(module).__name__} has diffusers hooks (offloading, casting)"
         if not callable(getattr(sub, "fuse_projections", None)):
             continue
-        for attr in sorted(attrs):
+        devices = set()
+        for attr in attrs:
             part = getattr(sub, attr, None)
-            if isinstance(part, nn.Module) and type(part) is not nn.Linear:
-                return f"{name}.{attr} ({type(part).__name__})"
+            if not isinstance(part, nn.Module):
+                continue
+            if type(part) is not nn.Linear:
+                return f"{name}.{attr} ({type(part).__name__}) is not a plain nn.Linear"
+            for tensor in part.parameters():
+                if tensor.is_meta:
+                    return f"{name}.{attr} has meta weights"
+                devices.add(tensor.device)
+        if len(devices) > 1:
+            return f"{name}'s projections are on several devices"
     return None
 
 
@@ -485,19 +514,18 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
         # fuse_qkv.modules quantizes it as one).
         log.info("difforge: %s already has fused projections (%s); not fusing again", kind, found)
         return share_fused_rows(module)
-    foreign = _foreign_part(module)
-    if foreign is not None:
-        # A PEFT LoRA layer (say) answers .weight with its base weight only: diffusers'
+    reason = _unfusable_reason(module)
+    if reason is not None:
+        # e.g. a PEFT LoRA layer answers .weight with its base weight only: diffusers'
         # fusion would run without the adapter, silently.
-        log.info(
-            "difforge: %s has a q/k/v projection that is not a plain nn.Linear (%s); "
-            "q/k/v stay separate",
-            kind,
-            foreign,
-        )
+        log.info("difforge: not fusing the q/k/v of %s: %s", kind, reason)
         return []
     # Names only: a reference to a part kept here would keep its memory through the fusion.
-    before = {name: _fused_attrs(sub) for name, sub in module.named_modules()}
+    # (Fused linears an unfuse left behind count as new: diffusers builds them again.)
+    before = {
+        name: _fused_attrs(sub) if _runs_fused(sub) else set()
+        for name, sub in module.named_modules()
+    }
     # Older diffusers attentions get a fused processor from the model's fusion; each keeps
     # its own to come back to if a part is replaced later (_on_part_replaced).
     processors = {
@@ -541,10 +569,17 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
             if (name, group.fused) not in shared:
                 freed += _share_rows(sub, group)
                 shared[(name, group.fused)] = group
-    for owner in {name for name, _ in shared}:
-        sub = module.get_submodule(owner)
-        if owner in processors and getattr(sub, "processor", None) is not processors[owner]:
-            sub.__dict__[_UNFUSED_PROCESSOR] = processors[owner]
+    for name, sub in module.named_modules():
+        if name in processors and getattr(sub, "processor", None) is not processors[name]:
+            sub.__dict__[_UNFUSED_PROCESSOR] = processors[name]
+        made = _fused_attrs(sub) - before.get(name, set())
+        if made and not all((name, f) in shared for f in made):
+            # Fused, but its rows could not be shared (they differ from the parts'): it
+            # would hold q/k/v twice, unwatched for later part replacements; undo it.
+            log.info("difforge: %s: fused q/k/v not its parts' rows; left unfused", name)
+            _unfuse_owner(sub)
+            for fused_attr in made:
+                shared.pop((name, fused_attr), None)
     _log_freed(freed)
     return sorted(shared.values(), key=lambda g: (g.owner, g.fused))
 
@@ -630,7 +665,17 @@ def quantize_fused(
 ) -> QuantizeReport:
     """:func:`~difforge.quant.select.quantize_linears` for a module fused by
     :func:`fuse_qkv_projections`: the parts of ``groups`` are left out (reported as such)
-    and become fp8 row views of their fused linear as it is converted."""
+    and become fp8 row views of their fused linear as it is converted. A fused linear whose
+    parts are off the 16-row grid stays in high precision: an fp8 row view of it could not
+    run ``_scaled_mm`` (16-multiples only)."""
+    keep = unfused_twins(groups)
+    aligned = []
+    for group in groups:
+        owner = module.get_submodule(group.owner)
+        if any(getattr(owner, a).out_features % ALIGNMENT for a in group.parts):
+            keep[group.name(group.fused)] = f"parts off the {ALIGNMENT}-row grid of fp8 GEMMs"
+        else:
+            aligned.append(group)
     return quantize_linears(
-        module, module_filter, keep=unfused_twins(groups), converter=fp8_converter(module, groups)
+        module, module_filter, keep=keep, converter=fp8_converter(module, aligned)
     )

@@ -132,6 +132,19 @@ def test_pixart_with_text_encoders_and_second_call_compiles_nothing(
     assert not pipe_state(pipe).ran
 
 
+def test_o2_twice_compiles_nothing_the_second_time(compile_calls: list[str]) -> None:
+    """O2 fuses the transformer's q/k/v while compiling (fuse_qkv.modules): the second
+    identical call must find the key the first recorded, not a 'fused' one that differs."""
+    pipe, _ = tiny("tiny-pixart")
+    compile_pipe(pipe, options={"mode": "O2"})
+    assert hasattr(pipe.transformer._orig_mod.transformer_blocks[0].attn1, "to_qkv")
+    calls = len(compile_calls)
+    compiled = pipe.transformer
+    compile_pipe(pipe, options={"mode": "O2"})
+    assert len(compile_calls) == calls
+    assert pipe.transformer is compiled
+
+
 @pytest.mark.filterwarnings("ignore:.*upcast_vae.*:FutureWarning")
 @pytest.mark.filterwarnings("ignore:difforge. recompiling:UserWarning")  # the fp16 graph: wanted
 def test_sdxl_fp16_vae_with_force_upcast() -> None:
@@ -323,9 +336,9 @@ def test_fuse_qkv_projections_where_supported(caplog: pytest.LogCaptureFixture) 
         raise ValueError("added KV projections")
 
     object.__setattr__(pipe.vae, "fuse_qkv_projections", unsupported)
-    with caplog.at_level(logging.INFO, logger="difforge.diffusers"):
+    with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
         compile_pipe(pipe, fuse_qkv_projections=True)
-    assert "vae cannot fuse its QKV projections" in caplog.text
+    assert "AutoencoderKL cannot fuse its q/k/v projections (added KV" in caplog.text
     state = pipe_state(pipe)
     assert state.fused == {"transformer"}
     processors = pipe.transformer._orig_mod.attn_processors.values()

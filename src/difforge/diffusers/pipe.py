@@ -388,7 +388,10 @@ def compile_pipe(
     for name in targets:
         raw, config = plans[name]
         owner = _fusion_owner(name)
-        key = _key(backend, raw, config, bool(owner and fused.get(owner)))
+        # fuse_qkv.modules (on in O2/O3) fuses while compiling: recorded as fused from the
+        # first call on, so the same call again finds the same key.
+        fuses_itself = config is not None and bool(config.settings["fuse_qkv.modules"])
+        key = _key(backend, raw, config, bool(owner and (fused.get(owner) or fuses_itself)))
         current = _get(pipe, name)
         # 'compile.regional': 'blocks' compiles the blocks in place and keeps the module.
         if isinstance(current, _OptimizedModule) or name in state.compiled:

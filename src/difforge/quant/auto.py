@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from difforge.errors import warn
-from difforge.fused_projections import fuse_qkv_projections, quantize_fused
+from difforge.fused_projections import fuse_qkv_projections, quantize_fused, share_fused_rows
 from difforge.quant.fp8 import Fp8Linear, scaled_mm_available
 from difforge.quant.select import DEFAULT_EXCLUDE, ModuleFilter, QuantizeReport
 
@@ -114,7 +114,11 @@ def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport
             "own precision (set 'quant.fp8_linear': false to silence this)"
         )
         return None
-    groups = fuse_qkv_projections(module) if settings.get("quant.fuse_qkv") else []
+    # Fused already (fuse_qkv.modules, on in O2/O3, or the user): those groups whatever
+    # quant.fuse_qkv says, so the parts stay row views (quantizing a part on its own would
+    # unfuse its attention: difforge.fused_projections._on_part_replaced).
+    fuse = fuse_qkv_projections if settings.get("quant.fuse_qkv") else share_fused_rows
+    groups = fuse(module)
     report = quantize_fused(module, module_filter, groups)
     setattr(module, SWAP_ATTR, report)
     log.info("difforge: quant.fp8_linear on %s: %s", type(module).__name__, report.summary())

@@ -307,7 +307,12 @@ def quantize_linears(
     names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     plan = module_filter.plan(module) if isinstance(module_filter, ModuleFilter) else {}
     for name in names:
-        linear = module.get_submodule(name)
+        try:
+            linear = module.get_submodule(name)
+        except AttributeError:
+            continue  # removed by an earlier conversion (an attention unfused as its part went)
+        if not isinstance(linear, nn.Linear):
+            continue
         if name in keep:
             why: str | None = keep[name]
         elif isinstance(module_filter, ModuleFilter):
