@@ -741,3 +741,31 @@ def test_our_own_fp8_views_replacing_the_parts_do_not_unfuse(
     assert isinstance(model.transformer_blocks[0].attn1.to_q, Fp8Linear)
     assert isinstance(model.transformer_blocks[0].attn1.to_qkv, Fp8Linear)
     assert not [w for w in recwarn if "fused q/k/v" in str(w.message)]
+
+
+def test_excluding_the_fused_names_keeps_q_k_v_in_high_precision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the README advises for outlier-heavy attention inputs under O3."""
+    import difforge.quant.auto as auto
+    from difforge.options import parse_options
+    from difforge.quant import DEFAULT_EXCLUDE
+
+    monkeypatch.setattr(auto, "scaled_mm_available", lambda device: True)
+    model = _model("tiny-sd3")
+    fuse_qkv_projections(model)  # what fuse_qkv.modules does first under O3
+    settings = parse_options(
+        {
+            "mode": "O3",
+            "quant.exclude": [*DEFAULT_EXCLUDE, "to_qkv", "to_added_qkv"],
+            "quant.min_features": 0,
+            "quant.min_weight_elements": 0,
+        }
+    ).settings
+    report = auto.swap_fp8_linears(model, settings)
+    assert report is not None and report.converted  # the feed-forwards, say
+    for block in model.transformer_blocks:
+        attn = block.attn
+        for attr in ("to_qkv", "to_q", "to_k", "to_v", "to_added_qkv", "add_k_proj"):
+            assert type(getattr(attn, attr)) is nn.Linear, attr
+        assert _same_storage(attn.to_v.weight, attn.to_qkv.weight)
