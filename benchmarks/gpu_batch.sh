@@ -460,7 +460,9 @@ case "$part" in
     run 580 step_fm_dit python3 benchmarks/bench_step.py --models pixart-xl-2-1024,sd3-medium \
       --variants "$V" --profile --output-json "$out/step_fm_dit.json" ;;
   s27flux)  # fuse_qkv.modules on by default in O2 since 2026-11-29 (PixArt, SD3, SDXL
-    # measured); FLUX's cost rule left its groups apart, cached weights changed nothing
+    # measured); FLUX's cost rule left its groups apart, cached weights changed nothing.
+    # Its first run (8a5543e) compared nothing: O2-nofm reused the module O2 had fused
+    # (bench_step rebuilds it since 2d0893f)
     V='compile;O2;O2-nofm={"mode":"O2","fuse_qkv.modules":false}'
     run 590 step_fm_flux python3 benchmarks/bench_step.py --models flux-dev \
       --variants "$V" --profile --output-json "$out/step_fm_flux.json" ;;
