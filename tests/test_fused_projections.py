@@ -769,3 +769,32 @@ def test_excluding_the_fused_names_keeps_q_k_v_in_high_precision(
         for attr in ("to_qkv", "to_q", "to_k", "to_v", "to_added_qkv", "add_k_proj"):
             assert type(getattr(attn, attr)) is nn.Linear, attr
         assert _same_storage(attn.to_v.weight, attn.to_qkv.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fused_on_the_cpu_then_moved_keeps_views_and_runs_fp8_after() -> None:
+    """The path of a pipeline fused, then moved (or offloaded) with .to(): the q/k/v rows
+    move once, inside the fused linears, and are views of them on the GPU; the fp8 swap
+    afterwards makes fp8 views; every step matches the CPU float32 model."""
+    model = _model("tiny-pixart")
+    reference = _run(model, "tiny-pixart")
+    fuse_qkv_projections(model)
+    model.to("cuda", torch.float16)
+    assert _parts_view_fused(model)
+    assert model.transformer_blocks[0].attn1.to_q.weight.device.type == "cuda"
+    call = denoiser_step_inputs(
+        get_preset("tiny-pixart"), batch=1, height=64, width=64, device="cuda", dtype=torch.float16
+    )
+    with torch.no_grad():
+        half = call(model)[0].float().cpu()
+    assert ((half - reference).norm() / reference.norm()).item() < 2e-2
+    groups = fuse_qkv_projections(model)  # already fused: the shared groups
+    _quantize(model, groups)
+    assert isinstance(model.transformer_blocks[0].attn1.to_q, Fp8Linear)
+    assert _parts_view_fused(model)
+    with torch.no_grad():
+        fp8 = call(model)[0].float().cpu()
+    assert ((fp8 - reference).norm() / reference.norm()).item() < 1e-1
+    model.to("cpu")  # and back (what a model CPU offload does after each call)
+    assert _parts_view_fused(model)
