@@ -213,11 +213,11 @@ def test_parts_off_the_16_row_grid_share_rows_but_stay_out_of_fp8() -> None:
 def test_a_fusion_whose_rows_cannot_be_shared_is_undone(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import difforge.fused_projections as fp
+    from difforge.fused_projections import groups
 
     model = _model("tiny-pixart")
     reference = _run(model, "tiny-pixart")
-    monkeypatch.setattr(fp, "_rows_match", lambda fused, parts: False)
+    monkeypatch.setattr(groups, "rows_match", lambda fused, parts: False)
     with caplog.at_level(logging.INFO, logger="difforge.fused_projections"):
         assert fuse_qkv_projections(model) == []
     assert "left unfused" in caplog.text

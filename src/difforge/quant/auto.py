@@ -116,7 +116,7 @@ def swap_fp8_linears(module: Any, settings: Mapping[str, Any]) -> QuantizeReport
         return None
     # Fused already (fuse_qkv.modules, on in O2/O3, or the user): those groups whatever
     # quant.fuse_qkv says, so the parts stay row views (quantizing a part on its own would
-    # unfuse its attention: difforge.fused_projections._on_part_replaced).
+    # unfuse its attention: difforge.fused_projections.watch).
     fuse = fuse_qkv_projections if settings.get("quant.fuse_qkv") else share_fused_rows
     groups = fuse(module)
     report = quantize_fused(module, module_filter, groups)
