@@ -39,7 +39,7 @@ def test_cpu_defaults(cpu_only: None) -> None:
     assert c.device == "cpu"
     assert c.steps == bench_args.CPU_DEFAULT_STEPS
     assert c.compilers == ("difforge",)
-    assert (c.warmups, c.runs, c.batch) == (2, 3, 1)
+    assert (c.warmups, c.runs, c.batch) == (2, bench_args.CPU_DEFAULT_RUNS, 1)
     assert c.scheduler is None and c.dtype is None and c.text_encoders is None
     assert c.output_json is None and c.chart is None
 
@@ -50,6 +50,7 @@ def test_gpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert c.model == "pixart-xl-2-1024"
     assert c.device == "cuda"
     assert c.steps is None  # the preset's default, resolved once the pipeline exists
+    assert c.runs == 3
 
 
 def test_seed_aliases(cpu_only: None) -> None:
@@ -321,7 +322,8 @@ def test_compare_writes_json_with_three_results(compare_run: dict[str, Any]) -> 
     for r in data["results"]:
         assert r["error"] is None
         assert r["first_run_s"] > 0 and r["warmup_s"] >= r["first_run_s"]
-        assert r["inference_s"] > 0 and len(r["inference_runs_s"]) == 3
+        assert r["inference_s"] > 0
+        assert len(r["inference_runs_s"]) == bench_args.CPU_DEFAULT_RUNS
         assert r["iterations_per_s"] == pytest.approx(2 / r["inference_s"])
         assert r["peak_memory_bytes"] is None  # CPU
         assert r["recompiles_in_timed_runs"] == 0

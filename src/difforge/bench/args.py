@@ -37,6 +37,10 @@ def default_model() -> str:
 #: Denoising steps when none are given on the CPU: enough to exercise the scheduler
 #: loop, few enough to finish in seconds.
 CPU_DEFAULT_STEPS = 4
+#: Timed runs when none are given on the CPU: the tiny preset's runs last ~10 ms each, where
+#: three of them on a 2-core machine gave difforge 0.96x, 1.47x and 2.21x of eager in three
+#: back-to-back runs of scripts/bench (2026-11-29); the median of 25 costs a second.
+CPU_DEFAULT_RUNS = 25
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed, 8k"
 
 DTYPES: dict[str, torch.dtype] = {
@@ -283,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="untimed runs first; the first compiles (default: 2)",
     )
-    runs.add_argument("--runs", type=_positive_int, default=3, help="timed runs (default: 3)")
+    runs.add_argument(
+        "--runs",
+        type=_positive_int,
+        help=f"timed runs (default: 3; {CPU_DEFAULT_RUNS} on the CPU)",
+    )
     for flag, what in (
         ("run_multiple_resolutions", "1024x1024, 768x1024, 1024x768, 512x512"),
         ("run_rare_resolutions", "960x720 and 544x408"),
@@ -414,7 +422,7 @@ def resolve(ns: argparse.Namespace) -> BenchConfig:
         width=ns.width,
         batch=ns.batch,
         warmups=ns.warmups,
-        runs=ns.runs,
+        runs=ns.runs if ns.runs is not None else (3 if on_gpu else CPU_DEFAULT_RUNS),
         seed=ns.seed,
         prompt=ns.prompt,
         guidance_scale=ns.guidance_scale,
