@@ -107,13 +107,12 @@ def fuse_qkv_projections(module: nn.Module) -> list[FusedGroup]:
     finally:
         for _, sub in wrapped:
             del sub.fuse_projections
-    # Fusions made some other way than through fuse_projections: checked and shared now.
     for name, sub in module.named_modules():
+        # Fusions made some other way than through fuse_projections: checked and shared now.
         for group in matching_groups(sub, name, before.get(name, set())):
             if (name, group.fused) not in shared:
                 freed += share_rows(sub, group)
                 shared[(name, group.fused)] = group
-    for name, sub in module.named_modules():
         if name in processors and getattr(sub, "processor", None) is not processors[name]:
             sub.__dict__[UNFUSED_PROCESSOR] = processors[name]
         made = fused_attrs(sub) - before.get(name, set())

@@ -137,17 +137,23 @@ def runs_fused(sub: nn.Module) -> bool:
     return bool(getattr(sub, "fused_projections", False))
 
 
+def fused_beside_parts(sub: nn.Module) -> list[str]:
+    """The fused projections of ``sub`` held beside all their parts (what diffusers'
+    fusion leaves); a native ``to_kv`` without ``to_k``/``to_v`` (a Perceiver's) is not one."""
+    return [
+        fused_attr
+        for fused_attr, attrs in FUSED_GROUPS
+        if all(isinstance(getattr(sub, a, None), nn.Module) for a in (fused_attr, *attrs))
+    ]
+
+
 def already_fused(module: nn.Module) -> str | None:
     """The first fused projection found beside its parts in an attention that runs it
-    (diffusers' fusion ran and was not undone), if any; a native ``to_kv`` without
-    ``to_k``/``to_v`` (a Perceiver's) does not count."""
+    (diffusers' fusion ran and was not undone), if any."""
     for name, sub in module.named_modules():
-        if not runs_fused(sub):
-            continue
-        for fused_attr, attrs in FUSED_GROUPS:
-            present = [getattr(sub, a, None) for a in (fused_attr, *attrs)]
-            if all(isinstance(m, nn.Module) for m in present):
-                return f"{name}.{fused_attr}" if name else fused_attr
+        found = fused_beside_parts(sub) if runs_fused(sub) else []
+        if found:
+            return f"{name}.{found[0]}" if name else found[0]
     return None
 
 

@@ -92,10 +92,13 @@ def _drop_fused_entries(
             del state_dict[key]
 
 
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as their bytes (not every device concatenates or compares fp8)."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+
+
 def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if tensors[0].element_size() == 1 and tensors[0].is_floating_point():  # fp8: as bytes
-        return torch.cat([t.view(torch.uint8) for t in tensors]).view(tensors[0].dtype)
-    return torch.cat(tensors)
+    return torch.cat([_as_bytes(t) for t in tensors]).view(tensors[0].dtype)
 
 
 def _fill_fused_entries(
@@ -115,12 +118,10 @@ def _fill_fused_entries(
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch.equal, fp8 too (compared as bytes: not every device compares fp8)."""
+    """torch.equal, fp8 too."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
-    if a.element_size() == 1 and a.is_floating_point():
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return torch.equal(a, b)
+    return torch.equal(_as_bytes(a), _as_bytes(b))
 
 
 #: One tensor of a part: (the part, its attribute name, whether a parameter, the tensor).
@@ -166,11 +167,7 @@ def _park_views(owner: nn.Module) -> list[_PartTensor]:
     parked: list[_PartTensor] = []
     for fused_attr, attrs in owner.__dict__.get(VIEWED, []):
         group = _group_tensors(owner, fused_attr, attrs)
-        if not group or not all(
-            t.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
-            and t.data_ptr() == rows.data_ptr()
-            for _, _, _, t, rows in group
-        ):
+        if not group or not all(t.data_ptr() == rows.data_ptr() for _, _, _, t, rows in group):
             continue  # copies already (a deepcopy, a pickle): _view_rows_again compares
         for part, name, is_param, tensor, _ in group:
             parked.append((part, name, is_param, tensor.detach()))

@@ -9,7 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from difforge.fused_projections.groups import FUSED_GROUPS, ROW_VIEW, UNFUSED_PROCESSOR, VIEWED
+from difforge.fused_projections.groups import (
+    ROW_VIEW,
+    UNFUSED_PROCESSOR,
+    VIEWED,
+    fused_beside_parts,
+)
 
 _watch_installed = False
 
@@ -79,10 +84,8 @@ def unfuse_owner(owner: nn.Module) -> bool:
     if callable(unfuse):
         unfuse()  # diffusers' AttentionModuleMixin: drops the fused linears, flag off
     else:
-        for fused_attr, attrs in FUSED_GROUPS:
-            present = [getattr(owner, a, None) for a in (fused_attr, *attrs)]
-            if all(isinstance(m, nn.Module) for m in present):
-                delattr(owner, fused_attr)
+        for fused_attr in fused_beside_parts(owner):
+            delattr(owner, fused_attr)
         if getattr(owner, "fused_projections", False):
             owner.fused_projections = False
     if processor is not None:
