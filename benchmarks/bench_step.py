@@ -1,7 +1,8 @@
 """One denoising step (or one VAE decode) per model: eager vs stock compile vs difforge.
 
 Everything for one model runs in one process on the same weights and inputs: compile
-time (first call) apart from run time (median of CUDA-event timings after warm-up),
+time (first call; later variants reuse earlier ones' kernels and caches, so cold compile
+times come from bench_compile.py) apart from run time (median of CUDA-event timings after warm-up),
 achieved TFLOP/s, peak memory, relative error against a float32 eager reference, and,
 with --profile, where the kernel time goes (attention / GEMM / conv / elementwise /
 other / idle gaps between kernels). --plant-outliers scales a few input columns of every

@@ -76,6 +76,10 @@ class VariantResult:
     model: str
     variant: str
     compile_s: float | None
+    """The first call's time in this process: a later variant reuses the Triton kernels,
+    autotuning results and FX graphs that earlier ones compiled (``fx_cache_hits`` counts
+    the last), so compare it within one variant order only; cold times come from
+    ``benchmarks/bench_compile.py`` (a fresh process and cache per case)."""
     median_ms: float | None
     min_ms: float | None
     tflops: float | None
