@@ -107,8 +107,20 @@ def test_malformed_json_reports_position() -> None:
         parse_options('{"mode": "O2",, }', env={})
     with pytest.raises(OptionsError, match="must be an object"):
         parse_options('["O2"]', env={})
-    with pytest.raises(OptionsError, match="must be a dict, a JSON string or None"):
+    with pytest.raises(OptionsError, match="must be a dict, a JSON string, a mode string or None"):
         parse_options(42, env={})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["O2", " O3 ", "max-autotune:cudagraphs", "O2:cache-all"])
+def test_a_bare_mode_string_is_the_mode(text: str) -> None:
+    assert parse_options(text, env={}) == parse_options({"mode": text.strip()}, env={})
+
+
+def test_a_string_neither_json_nor_modes_names_both() -> None:
+    with pytest.raises(OptionsError, match=r"not valid JSON \(or a mode such as 'O2'\)"):
+        parse_options("O4", env={})
+    with pytest.raises(OptionsError, match=r"not valid JSON \(or"):
+        parse_options("O2:fast", env={})
 
 
 def test_conflicts_are_errors() -> None:

@@ -644,17 +644,30 @@ class CompileConfig:
         )
 
 
+def _bare_mode(text: str) -> str | None:
+    """``text`` when it is a mode string alone (``"O2"``, ``"O3:cache-all"``), else None."""
+    tokens = [t.strip() for t in text.split(":")]
+    if all(t in PRESETS or t in MODES for t in tokens):
+        return ":".join(tokens)
+    return None
+
+
 def load_options(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
-    """Options as a plain dict: JSON strings decoded, with position-bearing errors."""
+    """Options as a plain dict: JSON strings decoded, with position-bearing errors; a bare
+    mode string (``"O2"``, ``"max-autotune:cudagraphs"``) is ``{"mode": ...}``."""
     if options is None:
         return {}
     if isinstance(options, str):
         try:
             loaded = json.loads(options) if options.strip() else {}
         except json.JSONDecodeError as exc:
+            mode = _bare_mode(options)
+            if mode is not None:
+                return {"mode": mode}
+            hint = "" if options.lstrip().startswith("{") else " (or a mode such as 'O2')"
             raise OptionsError(
-                f"options are not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
-                f"(char {exc.pos}) in {options!r}"
+                f"options are not valid JSON{hint}: {exc.msg} at line {exc.lineno} column "
+                f"{exc.colno} (char {exc.pos}) in {options!r}"
             ) from None
         if not isinstance(loaded, dict):
             raise OptionsError(f"options JSON must be an object, got {type(loaded).__name__}")
@@ -665,7 +678,7 @@ def load_options(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
             raise OptionsError(f"option keys must be strings, got {bad!r}")
         return dict(options)
     raise OptionsError(
-        f"options must be a dict, a JSON string or None, got {type(options).__name__}"
+        f"options must be a dict, a JSON string, a mode string or None, got {type(options).__name__}"
     )
 
 
@@ -738,7 +751,7 @@ def parse_options(
     fullgraph: bool | None = None,
     env: Mapping[str, str] | None = None,
 ) -> CompileConfig:
-    """Validate ``options`` (dict or JSON string) against the modes, env and torch configs.
+    """Validate ``options`` (dict, JSON string or a bare mode such as ``"O2"``) against the modes, env and torch configs.
 
     Raises :class:`OptionsError` for anything wrong, before any tracing happens.
     """

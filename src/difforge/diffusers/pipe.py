@@ -353,7 +353,7 @@ def compile_pipe(
 ) -> Any:
     """Compile the pipeline's text encoders, denoiser, controlnet and VAE halves in place.
 
-    ``options`` (dict or JSON string) are validated before anything changes.
+    ``options`` (dict, JSON string or a mode such as ``"O2"``) are validated before anything changes.
     ``ignores``: component names or dotted prefixes left eager (``"vae"`` = both halves);
     names this pipeline does not have raise ``ValueError``. ``fuse_qkv_projections`` calls
     diffusers' ``fuse_qkv_projections()`` on the denoiser and the VAE first, where the model
