@@ -26,6 +26,7 @@ import difforge
 from difforge import regional
 from difforge.batch import KEY as BATCH_KEY
 from difforge.batch import has_group_norm, resolve_batch_mode
+from difforge.diffusers.lora import pass_lora_methods_through
 from difforge.dynamic import remove_shape_adapters
 from difforge.errors import warn
 from difforge.fused_projections import fuse_qkv_projections as fuse_module_projections
@@ -421,4 +422,6 @@ def compile_pipe(
         _set(pipe, name, compiled)
         state.compiled[name] = key
         state.configs[name] = config
+    # diffusers' pipeline LoRA methods skip compiled components (difforge.diffusers.lora).
+    pass_lora_methods_through(pipe, tuple(n for n in COMPONENTS if "." not in n))
     return pipe

@@ -1,0 +1,110 @@
+"""diffusers' pipeline-level LoRA methods on a pipeline compile_pipe compiled (tiny FLUX,
+random weights, a PEFT LoRA with a non-zero update), against the same calls on an eager
+pipeline: without difforge.diffusers.lora, set_adapters raises and unload_lora_weights
+silently keeps the LoRA (diffusers skips components that are not a ModelMixin)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from difforge.diffusers import compile_pipe
+from difforge.diffusers import lora as lora_module
+from difforge.diffusers.presets import build_component, build_pipeline, get_preset
+
+OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
+PRESET = get_preset("tiny-flux")
+
+
+def _pipe() -> Any:
+    torch.manual_seed(0)
+    return build_pipeline(PRESET, text_encoders=False)
+
+
+def _run(pipe: Any) -> np.ndarray:
+    kwargs = {**PRESET.prompt_kwargs(batch=1), **PRESET.call_kwargs(), "output_type": "np"}
+    return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+
+
+def _lora() -> dict[str, torch.Tensor]:
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    source = build_component(PRESET, PRESET.denoiser, dtype=torch.float32)
+    source.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    torch.manual_seed(1)
+    for name, p in source.named_parameters():
+        if "lora_" in name:
+            p.data.normal_(0, 0.1)
+    return {f"transformer.{k}": v for k, v in get_peft_model_state_dict(source).items()}
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.abs(a - b).max()) < 1e-4
+
+
+def test_pipeline_lora_methods_reach_the_compiled_denoiser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lora = _lora()
+    eager = _pipe()
+    base = _run(eager)
+    eager.load_lora_weights(copy.deepcopy(lora), adapter_name="style")
+    full = _run(eager)
+    eager.set_adapters(["style"], [0.5])
+    half = _run(eager)
+    assert not _close(full, base) and not _close(half, full)  # each call changes the image
+
+    pipe = _pipe()
+    compile_pipe(pipe, options="O2", ignores="vae")
+    compiled = pipe.transformer
+    assert isinstance(compiled, OptimizedModule)
+    reset: list[Any] = []
+    monkeypatch.setattr(lora_module, "reset_graphs", reset.append)
+    assert _close(_run(pipe), base)
+
+    with pytest.warns(UserWarning, match="runs unfused"):  # O2 had fused q/k/v
+        pipe.load_lora_weights(copy.deepcopy(lora), adapter_name="style")
+    assert _close(_run(pipe), full)
+    assert pipe.get_list_adapters() == {"transformer": ["style"]}
+    pipe.set_adapters(["style"], [0.5])
+    assert _close(_run(pipe), half)
+    pipe.disable_lora()
+    assert _close(_run(pipe), base)
+    pipe.enable_lora()
+    assert _close(_run(pipe), half)
+    pipe.unload_lora_weights()
+    assert _close(_run(pipe), base)
+    assert pipe.get_list_adapters() == {}
+
+    assert pipe.transformer is compiled  # the compiled module is back in its slot
+    assert reset and all(r is compiled for r in reset)  # its graphs dropped after each
+
+
+def test_the_methods_are_wrapped_once_on_the_instance_only() -> None:
+    pipe = _pipe()
+    compile_pipe(pipe, options={"mode": "O1"}, ignores="vae")
+    first = pipe.set_adapters
+    compile_pipe(pipe, options={"mode": "O2"}, ignores="vae")
+    assert pipe.set_adapters is first
+    assert first.__wrapped__.__func__ is type(pipe).set_adapters  # one layer, the class's
+    assert "set_adapters" not in vars(type(pipe))  # the class is untouched
+    assert not hasattr(_pipe().set_adapters, "__wrapped__")
+
+
+def test_a_method_that_fails_still_puts_the_compiled_module_back() -> None:
+    pipe = _pipe()
+    compile_pipe(pipe, options={"mode": "O1"}, ignores="vae")
+    compiled = pipe.transformer
+    with pytest.raises(ValueError, match="not in the list of present adapters"):
+        pipe.set_adapters(["missing"])
+    assert pipe.transformer is compiled
