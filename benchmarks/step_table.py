@@ -286,6 +286,17 @@ STEP_RESULTS: tuple[tuple[str, str, str, tuple[str, ...], dict[str, str]], ...] 
         _MODULE_QKV,
     ),
     (
+        "2026-11-29_h200_step_fm_flux_s28.json",
+        "flux-dev",
+        "FLUX.1-dev bf16, batch 1",
+        ("compile", "O2-nofm", "O2"),
+        {
+            "compile": "torch.compile",
+            "O2-nofm": "O2 without fuse_qkv.modules",
+            "O2": "O2 (+ fuse_qkv.modules, today's O2)",
+        },
+    ),
+    (
         "2026-11-29_h200_step_fq_pixart_s26.json",
         "pixart-xl-2-1024",
         "PixArt-XL-2 fp16, batch 2",
