@@ -110,6 +110,48 @@ def test_a_method_that_fails_still_puts_the_compiled_module_back() -> None:
     assert pipe.transformer is compiled
 
 
+def _o3_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """O3's fp8 swap made to happen here (fp8 availability mocked, tiny widths allowed)."""
+    import difforge.quant.auto as auto
+
+    monkeypatch.setattr(auto, "scaled_mm_available", lambda device: True)
+    return {"mode": "O3", "quant.min_features": 0, "quant.min_weight_elements": 0}
+
+
+def test_a_lora_loaded_before_o3_runs_on_fp8_base_linears(monkeypatch: pytest.MonkeyPatch) -> None:
+    lora = _lora()
+    eager = _pipe()
+    base = _run(eager)
+    eager.load_lora_weights(copy.deepcopy(lora), adapter_name="style")
+    full = _run(eager)
+
+    pipe = _pipe()
+    pipe.load_lora_weights(copy.deepcopy(lora), adapter_name="style")
+    compile_pipe(pipe, options=_o3_on_the_cpu(monkeypatch), ignores="vae")
+    denoiser = pipe.transformer._orig_mod
+    bases = [m.base_layer for m in denoiser.modules() if hasattr(m, "lora_A")]
+    assert any(type(b).__name__ == "Fp8Linear" for b in bases)  # (edges stay high precision)
+    out = _run(pipe)
+    # fp8 rounding moves the image, but it stays nearer the LoRA's than the base model's
+    assert np.abs(out - full).max() < 0.5 * np.abs(full - base).max()
+    with pytest.raises(lora_module.LoraOnFp8Error, match="fuse_lora.*before compile_pipe"):
+        pipe.fuse_lora()
+    pipe.unload_lora_weights()  # PEFT puts the fp8 base linears back in their slots
+    assert not any(hasattr(m, "lora_A") for m in denoiser.modules())
+
+
+def test_a_lora_loaded_after_o3_fails_clearly_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipe = _pipe()
+    compile_pipe(pipe, options=_o3_on_the_cpu(monkeypatch), ignores="vae")
+    before = _run(pipe)
+    with pytest.raises(lora_module.LoraOnFp8Error, match="transformer of this pipeline has fp8"):
+        pipe.load_lora_weights(_lora(), adapter_name="style")
+    assert pipe.get_list_adapters() == {}
+    np.testing.assert_array_equal(_run(pipe), before)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_a_new_lora_scale_reaches_the_replayed_graphs() -> None:

@@ -10,6 +10,14 @@ those methods on the pipeline instance (never the class): during each call the o
 module stands in every compiled component's slot, then the compiled one goes back and its
 CUDA graphs are dropped, since a LoRA scale is a plain attribute that a graph replay would
 not see (:mod:`difforge.module_watch`).
+
+A denoiser compiled with ``low-precision``/``O3`` has fp8 linears that PEFT can neither wrap
+(a LoRA loaded after compiling) nor merge into (``fuse_lora``), and diffusers' FLUX loader
+looks for their ``.weight``: the errors say ``KeyError: '...to_k.weight'`` or name our class
+and nothing else, after part of the LoRA went in. So ``load_lora_weights``, ``fuse_lora`` and
+``unfuse_lora`` raise :class:`LoraOnFp8Error` first, saying what to do instead. A LoRA loaded
+before compiling works: the swap quantizes the base linear inside PEFT's layer, the LoRA's
+own matrices stay in high precision, and it can be scaled, disabled and unloaded.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from typing import Any
 
 import torch
 
+from difforge.errors import DifforgeError
 from difforge.graph_pool import reset_graphs
 
-__all__ = ["LORA_METHODS", "originals_in_place", "pass_lora_methods_through"]
+__all__ = ["LORA_METHODS", "LoraOnFp8Error", "originals_in_place", "pass_lora_methods_through"]
 
 #: diffusers' LoraBaseMixin methods that look components up on the pipeline.
 LORA_METHODS: tuple[str, ...] = (
@@ -40,7 +49,16 @@ LORA_METHODS: tuple[str, ...] = (
     "set_lora_device",
 )
 
+#: The methods that would read or write the base weights of LoRA-targeted linears.
+NEEDS_HIGH_PRECISION: frozenset[str] = frozenset({"load_lora_weights", "fuse_lora", "unfuse_lora"})
+
 _WRAPPED = "__difforge_lora_passthrough__"
+
+
+class LoraOnFp8Error(DifforgeError, ValueError):
+    """A LoRA method met a linear that ``low-precision``/``O3`` made fp8."""
+
+
 _OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
 
 
@@ -65,13 +83,29 @@ def originals_in_place(pipe: Any, names: tuple[str, ...]) -> Iterator[list[str]]
 
 
 def _passing_through(method: Callable[..., Any], pipe: Any, names: tuple[str, ...]) -> Any:
+    checks_fp8 = method.__name__ in NEEDS_HIGH_PRECISION
+
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with originals_in_place(pipe, names):
+        with originals_in_place(pipe, names) as swapped:
+            if checks_fp8 and (quantized := _with_fp8_linears(pipe, swapped)):
+                raise LoraOnFp8Error(
+                    f"{method.__name__}: {', '.join(quantized)} of this pipeline has fp8 "
+                    "linears (difforge low-precision / O3), which PEFT cannot wrap or merge "
+                    "LoRA weights into. Load LoRAs before compile_pipe (the swap then keeps "
+                    "each LoRA's own weights in high precision); to merge one for good, call "
+                    "fuse_lora() and unload_lora_weights() before compile_pipe."
+                )
             return method(*args, **kwargs)
 
     setattr(call, _WRAPPED, True)
     return call
+
+
+def _with_fp8_linears(pipe: Any, names: list[str]) -> list[str]:
+    from difforge.quant import Fp8Linear
+
+    return [n for n in names if any(isinstance(m, Fp8Linear) for m in pipe.__dict__[n].modules())]
 
 
 def pass_lora_methods_through(pipe: Any, names: tuple[str, ...]) -> list[str]:
