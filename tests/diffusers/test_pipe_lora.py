@@ -134,6 +134,9 @@ def test_a_lora_loaded_before_o3_runs_on_fp8_base_linears(monkeypatch: pytest.Mo
     out = _run(pipe)
     # fp8 rounding moves the image, but it stays nearer the LoRA's than the base model's
     assert np.abs(out - full).max() < 0.5 * np.abs(full - base).max()
+    pipe.disable_lora()
+    assert np.abs(_run(pipe) - base).max() < 0.5 * np.abs(full - base).max()
+    pipe.enable_lora()
     with pytest.raises(lora_module.LoraOnFp8Error, match="fuse_lora.*before compile_pipe"):
         pipe.fuse_lora()
     pipe.unload_lora_weights()  # PEFT puts the fp8 base linears back in their slots
