@@ -49,6 +49,9 @@ LORA_METHODS: tuple[str, ...] = (
     "set_lora_device",
 )
 
+#: The methods that change nothing: no graphs to drop after them.
+READ_ONLY: frozenset[str] = frozenset({"get_active_adapters", "get_list_adapters"})
+
 #: The methods that would read or write the base weights of LoRA-targeted linears.
 NEEDS_HIGH_PRECISION: frozenset[str] = frozenset({"load_lora_weights", "fuse_lora", "unfuse_lora"})
 
@@ -63,9 +66,12 @@ _OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
 
 
 @contextmanager
-def originals_in_place(pipe: Any, names: tuple[str, ...]) -> Iterator[list[str]]:
+def originals_in_place(
+    pipe: Any, names: tuple[str, ...], changes: bool = True
+) -> Iterator[list[str]]:
     """Put the original module of every compiled component among ``names`` in its slot
-    (the instance dict: no config change) for the duration; yields the names swapped."""
+    (the instance dict: no config change) for the duration; yields the names swapped.
+    ``changes``: the caller may change the modules, so their CUDA graphs go after."""
     swapped = {
         name: module
         for name in names
@@ -79,15 +85,17 @@ def originals_in_place(pipe: Any, names: tuple[str, ...]) -> Iterator[list[str]]
         for name, compiled in swapped.items():
             if pipe.__dict__.get(name) is compiled._orig_mod:  # unless the method replaced it
                 pipe.__dict__[name] = compiled
-            reset_graphs(compiled)
+            if changes:
+                reset_graphs(compiled)
 
 
 def _passing_through(method: Callable[..., Any], pipe: Any, names: tuple[str, ...]) -> Any:
     checks_fp8 = method.__name__ in NEEDS_HIGH_PRECISION
+    changes = method.__name__ not in READ_ONLY
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with originals_in_place(pipe, names) as swapped:
+        with originals_in_place(pipe, names, changes) as swapped:
             if checks_fp8 and (quantized := _with_fp8_linears(pipe, swapped)):
                 raise LoraOnFp8Error(
                     f"{method.__name__}: {', '.join(quantized)} of this pipeline has fp8 "
