@@ -31,6 +31,7 @@ import torch
 
 from difforge.errors import DifforgeError
 from difforge.graph_pool import reset_graphs
+from difforge.quant import Fp8Linear
 
 __all__ = ["LORA_METHODS", "LoraOnFp8Error", "originals_in_place", "pass_lora_methods_through"]
 
@@ -111,8 +112,6 @@ def _passing_through(method: Callable[..., Any], pipe: Any, names: tuple[str, ..
 
 
 def _with_fp8_linears(pipe: Any, names: list[str]) -> list[str]:
-    from difforge.quant import Fp8Linear
-
     return [n for n in names if any(isinstance(m, Fp8Linear) for m in pipe.__dict__[n].modules())]
 
 
