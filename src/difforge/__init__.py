@@ -8,6 +8,7 @@ model = torch.compile(model, backend="difforge", options={"mode": "O3"})
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
@@ -29,6 +30,7 @@ from difforge.memory_format import (
     install_input_hook,
     remove_input_hook,
 )
+from difforge.module_hooks import hooks_reason
 from difforge.module_watch import ModuleWatch
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
@@ -223,6 +225,7 @@ def compile(
     if not pooled:
         return compiled
     grad_sensitive = requires_grad(module)
+    is_module = isinstance(module, nn.Module)
     return with_graph_pool(
         compiled,
         lambda call: GraphPool(
@@ -230,7 +233,8 @@ def compile(
             max_graphs=int(config.settings["cudagraphs.max_graphs"]),
             name=name,
             grad_sensitive=grad_sensitive,
-            watch=ModuleWatch(module) if isinstance(module, nn.Module) else None,
+            watch=ModuleWatch(module) if is_module else None,
+            hooked=functools.partial(hooks_reason, module) if is_module else None,
         ),
     )
 

@@ -168,6 +168,10 @@ class GraphPool:
     """Whether ``fn`` has parameters that need gradients (then grad mode runs eagerly)."""
     watch: ModuleWatch | None = None
     """The compiled module's changes; every graph is dropped when it reports one."""
+    hooked: Callable[[], str | None] | None = None
+    """Why the module has hooks that a replay would skip (offloading, weight casting,
+    diffusers' block caches: :func:`difforge.module_hooks.hooks_reason`), asked before each
+    capture: then that signature runs without graphs."""
 
     def __post_init__(self) -> None:
         if self.max_graphs < 1:
@@ -279,6 +283,19 @@ class GraphPool:
 
     def _capture(self, key: Hashable, leaves: list[Any], spec: pytree.TreeSpec) -> Any:
         """Run the call once for real, then record it; returns the real call's result."""
+        hooked = self.hooked() if self.hooked is not None else None
+        if hooked is not None:
+            # Their Python moves or casts weights at each call; a replay would run none of
+            # it and read the memory the weights had while it was recorded.
+            self._failed.add(key)
+            self._warn_once(
+                "hooks",
+                f"difforge cudagraphs: {self.name}: {hooked}, which a graph replay would "
+                "skip; its calls run without CUDA graphs",
+            )
+            counters["cudagraphs.eager_call"] += 1
+            args, kwargs = pytree.tree_unflatten(leaves, spec)
+            return self.fn(*args, **kwargs)
         static_leaves = [_static_copy(x) if isinstance(x, torch.Tensor) else x for x in leaves]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         originals = [x for x in leaves if isinstance(x, torch.Tensor)]

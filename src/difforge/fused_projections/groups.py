@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from difforge.module_hooks import hooks_reason
+
 #: (fused attribute, the attributes it concatenates in order), as diffusers' attention
 #: modules (``Attention.fuse_projections``, ``AttentionModuleMixin``) build them.
 FUSED_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -163,13 +165,11 @@ def unfusable_reason(module: nn.Module) -> str | None:
     weights it could not concatenate for real (meta: offloaded or not loaded; parts on
     different devices), or offloading hooks on the attentions (accelerate's sequential
     offload, diffusers' group offloading) that a new fused linear would escape."""
+    hooked = hooks_reason(module)
+    if hooked is not None:
+        return hooked
     attrs = sorted({a for _, parts in FUSED_GROUPS for a in parts})
     for name, sub in module.named_modules():
-        if sub is not module and getattr(sub, "_hf_hook", None) is not None:
-            return f"{name} has an accelerate hook (offloading)"
-        registry = getattr(sub, "_diffusers_hook", None)
-        if registry is not None and getattr(registry, "hooks", None):
-            return f"{name or type(module).__name__} has diffusers hooks (offloading, casting)"
         if not callable(getattr(sub, "fuse_projections", None)):
             continue
         devices = set()

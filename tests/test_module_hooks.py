@@ -1,0 +1,115 @@
+"""difforge.module_hooks: which hooks count (accelerate's below the root, diffusers' hook
+registry), with the real libraries, and a graph pool that runs such a module without
+capturing it (a replay would skip the hooks' weight moves)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import difforge
+from difforge.graph_pool import GraphPool
+from difforge.module_hooks import hooks_reason
+from tests.test_graph_pool import FakeCapturer
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+
+def test_a_plain_module_has_no_such_hooks() -> None:
+    assert hooks_reason(_mlp()) is None
+
+
+def test_accelerate_sequential_offload_counts_and_a_root_hook_does_not() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    model = _mlp()
+    accelerate.hooks.add_hook_to_module(model, accelerate.hooks.ModelHook())  # model offload
+    assert hooks_reason(model) is None
+    offloaded = _mlp()
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert hooks_reason(offloaded) == "0 has an accelerate hook (offloading)"
+
+
+@pytest.mark.parametrize("offload_type", ["leaf_level", "block_level"])
+def test_diffusers_group_offloading_counts(offload_type: str) -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    model = _mlp()
+    kwargs = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    hooks.apply_group_offloading(
+        model, onload_device=torch.device("cpu"), offload_type=offload_type, **kwargs
+    )
+    assert "diffusers hooks" in (hooks_reason(model) or "")
+
+
+@torch.no_grad()
+def test_a_pool_runs_a_hooked_module_without_capturing_it() -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    model = _mlp()
+    hooks.apply_group_offloading(
+        model, onload_device=torch.device("cpu"), offload_type="leaf_level"
+    )
+    capturer = FakeCapturer()
+    pool = GraphPool(
+        model, max_graphs=4, capturer=capturer, hooked=functools.partial(hooks_reason, model)
+    )
+    before = difforge.counters["cudagraphs.eager_call"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.randn(2, 8)
+            torch.testing.assert_close(pool(x), model(x))
+    assert capturer.captures == 0
+    assert difforge.counters["cudagraphs.eager_call"] - before == 3
+    messages = [str(w.message) for w in seen if "cudagraphs" in str(w.message)]
+    assert len(messages) == 1 and "a graph replay would skip" in messages[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offload", ["group_streamed", "group_leaf", "sequential"])
+def test_gpu_o2_over_an_offloaded_denoiser_matches_eager(offload: str) -> None:
+    """Offloading set up before compiling: the weights live on the CPU between calls and
+    the hooks bring them over at each call; O2 must neither fuse around the hooks nor
+    replay graphs that read where the weights were while recording."""
+    pytest.importorskip("diffusers")
+    from difforge.diffusers.presets import build_component, get_preset
+    from difforge.diffusers.step_inputs import denoiser_step_inputs
+
+    preset = get_preset("tiny-flux")
+    torch.manual_seed(0)
+    model = build_component(preset, preset.denoiser, dtype=torch.bfloat16).eval()
+    call = denoiser_step_inputs(
+        preset, batch=1, height=64, width=64, device="cuda", dtype=torch.bfloat16
+    )
+    with torch.no_grad():
+        expected = call(model.to("cuda"))[0].float()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    if offload == "sequential":
+        import accelerate
+
+        accelerate.cpu_offload(model.to(cpu), execution_device=cuda)
+    elif offload == "group_streamed":
+        model.enable_group_offload(
+            onload_device=cuda,
+            offload_device=cpu,
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
+    else:
+        model.enable_group_offload(
+            onload_device=cuda, offload_device=cpu, offload_type="leaf_level"
+        )
+    compiled = difforge.compile(model, options="O2")
+    before = difforge.counters["cudagraphs.capture"]
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(call(compiled)[0].float(), expected, rtol=0.05, atol=0.05)
+    assert difforge.counters["cudagraphs.capture"] == before
+    assert not any(isinstance(getattr(m, "to_qkv", None), nn.Linear) for m in model.modules())
