@@ -131,7 +131,8 @@
 #   s27flux  FLUX.1-dev step: compile vs O2 (fuse_qkv.modules on) vs O2 with it off, profiled ~9 min
 #   s28tests the gpu tests of the fused projections (moves, fp8 after), quant and pipe   ~4 min
 #   s29tests the gpu tests of the pipeline LoRA methods (a new LoRA scale under replayed graphs)
-#            and of O2 over offloaded denoisers (group offloading, sequential)        ~3 min
+#            and of O2 over offloaded denoisers (group offloading, sequential, also set up
+#            after compile_pipe)                                                      ~4 min
 set -uo pipefail
 part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux|s26mem|s27o2|s27o2dit|s27flux|s28tests|s29tests}"
 out="${OUT:-out}"
@@ -475,7 +476,7 @@ case "$part" in
       tests/test_fused_projections.py tests/quant tests/diffusers/test_pipe.py ;;
   s29tests)  # the twenty-eighth session's compile_pipe LoRA pass-through under O2's graphs
     run 300 gpu_tests_s29 python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
-      tests/diffusers/test_pipe_lora.py tests/test_module_hooks.py ;;
+      tests/diffusers/test_pipe_lora.py tests/diffusers/test_pipe_offload.py tests/test_module_hooks.py ;;
   s25step)  # PixArt-XL-2 compile vs O3 after Fp8Linear.weight_scale became a parameter
     # (the twenty-fifth session's inference-only fix): no step-time change expected
     run 400 step_o3_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \

@@ -126,6 +126,20 @@ def test_accelerate_sequential_offload_set_up_first_refuses_the_fusion() -> None
     torch.testing.assert_close(_run(model), expected, rtol=0, atol=0)
 
 
+def test_accelerate_sequential_offload_after_unfusing_the_shared_rows() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    from difforge.fused_projections import unfuse_shared_rows
+
+    model = _model()
+    expected = _run(model)
+    attentions = _count(model, "to_q")
+    assert fuse_qkv_projections(model)
+    assert unfuse_shared_rows(model) == attentions
+    assert _fused_count(model) == 0 and unfuse_shared_rows(model) == 0
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    torch.testing.assert_close(_run(model), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 def test_group_offloading_after_the_fusion_runs_the_fused_model(offload_type: str) -> None:
     model = _model()

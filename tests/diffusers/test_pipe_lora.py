@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from difforge.diffusers import compile_pipe
+from difforge.diffusers import compile_pipe, pipe_methods
 from difforge.diffusers import lora as lora_module
 from difforge.diffusers.presets import build_component, build_pipeline, get_preset
 
@@ -69,7 +69,7 @@ def test_pipeline_lora_methods_reach_the_compiled_denoiser(
     compiled = pipe.transformer
     assert isinstance(compiled, OptimizedModule)
     reset: list[Any] = []
-    monkeypatch.setattr(lora_module, "reset_graphs", reset.append)
+    monkeypatch.setattr(pipe_methods, "reset_graphs", reset.append)
     assert _close(_run(pipe), base)
 
     with pytest.warns(UserWarning, match="runs unfused"):  # O2 had fused q/k/v

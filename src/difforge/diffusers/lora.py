@@ -6,10 +6,10 @@ component is torch's ``OptimizedModule`` (stock ``torch.compile`` makes the same
 methods skip it: ``set_adapters`` raises that the adapter is not there,
 ``unload_lora_weights`` and ``fuse_lora`` leave the LoRA as it was without a word, and a
 text encoder's LoRA loads under names PEFT does not find. ``compile_pipe`` therefore wraps
-those methods on the pipeline instance (never the class): during each call the original
-module stands in every compiled component's slot, then the compiled one goes back and its
-CUDA graphs are dropped, since a LoRA scale is a plain attribute that a graph replay would
-not see (:mod:`difforge.module_watch`).
+those methods on the pipeline instance (:mod:`difforge.diffusers.pipe_methods`): during each
+call the original module stands in every compiled component's slot, then the compiled one
+goes back and its CUDA graphs are dropped, since a LoRA scale is a plain attribute that a
+graph replay would not see (:mod:`difforge.module_watch`).
 
 A denoiser compiled with ``low-precision``/``O3`` has fp8 linears that PEFT can neither wrap
 (a LoRA loaded after compiling) nor merge into (``fuse_lora``), and diffusers' FLUX loader
@@ -23,17 +23,14 @@ own matrices stay in high precision, and it can be scaled, disabled and unloaded
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from difforge.diffusers.pipe_methods import originals_in_place, wrap_once
 from difforge.errors import DifforgeError
-from difforge.graph_pool import reset_graphs
 from difforge.quant import Fp8Linear
 
-__all__ = ["LORA_METHODS", "LoraOnFp8Error", "originals_in_place", "pass_lora_methods_through"]
+__all__ = ["LORA_METHODS", "LoraOnFp8Error", "pass_lora_methods_through"]
 
 #: diffusers' LoraBaseMixin methods that look components up on the pipeline.
 LORA_METHODS: tuple[str, ...] = (
@@ -56,50 +53,23 @@ READ_ONLY: frozenset[str] = frozenset({"get_active_adapters", "get_list_adapters
 #: The methods that would read or write the base weights of LoRA-targeted linears.
 NEEDS_HIGH_PRECISION: frozenset[str] = frozenset({"load_lora_weights", "fuse_lora", "unfuse_lora"})
 
-_WRAPPED = "__difforge_lora_passthrough__"
-
 
 class LoraOnFp8Error(DifforgeError, ValueError):
     """A LoRA method met a linear that ``low-precision``/``O3`` made fp8."""
 
 
-_OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
-
-
-@contextmanager
-def originals_in_place(
-    pipe: Any, names: tuple[str, ...], changes: bool = True
-) -> Iterator[list[str]]:
-    """Put the original module of every compiled component among ``names`` in its slot
-    (the instance dict: no config change) for the duration; yields the names swapped.
-    ``changes``: the caller may change the modules, so their CUDA graphs go after."""
-    swapped = {
-        name: module
-        for name in names
-        if isinstance(module := pipe.__dict__.get(name), _OptimizedModule)
-    }
-    for name, compiled in swapped.items():
-        pipe.__dict__[name] = compiled._orig_mod
-    try:
-        yield list(swapped)
-    finally:
-        for name, compiled in swapped.items():
-            if pipe.__dict__.get(name) is compiled._orig_mod:  # unless the method replaced it
-                pipe.__dict__[name] = compiled
-            if changes:
-                reset_graphs(compiled)
-
-
-def _passing_through(method: Callable[..., Any], pipe: Any, names: tuple[str, ...]) -> Any:
-    checks_fp8 = method.__name__ in NEEDS_HIGH_PRECISION
-    changes = method.__name__ not in READ_ONLY
+def _passing_through(
+    method_name: str, method: Callable[..., Any], pipe: Any, names: tuple[str, ...]
+) -> Any:
+    checks_fp8 = method_name in NEEDS_HIGH_PRECISION
+    changes = method_name not in READ_ONLY
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
         with originals_in_place(pipe, names, changes) as swapped:
             if checks_fp8 and (quantized := _with_fp8_linears(pipe, swapped)):
                 raise LoraOnFp8Error(
-                    f"{method.__name__}: {', '.join(quantized)} of this pipeline has fp8 "
+                    f"{method_name}: {', '.join(quantized)} of this pipeline has fp8 "
                     "linears (difforge low-precision / O3), which PEFT cannot wrap or merge "
                     "LoRA weights into. Load LoRAs before compile_pipe (the swap then keeps "
                     "each LoRA's own weights in high precision); to merge one for good, call "
@@ -107,7 +77,6 @@ def _passing_through(method: Callable[..., Any], pipe: Any, names: tuple[str, ..
                 )
             return method(*args, **kwargs)
 
-    setattr(call, _WRAPPED, True)
     return call
 
 
@@ -118,12 +87,6 @@ def _with_fp8_linears(pipe: Any, names: list[str]) -> list[str]:
 def pass_lora_methods_through(pipe: Any, names: tuple[str, ...]) -> list[str]:
     """Wrap ``pipe``'s LoRA methods (once) so that they reach the compiled components among
     ``names``; returns the methods wrapped now."""
-    wrapped = []
-    for method_name in LORA_METHODS:
-        method = getattr(pipe, method_name, None)
-        if not callable(method) or getattr(method, _WRAPPED, False):
-            continue
-        # object.__setattr__: diffusers' pipeline __setattr__ would touch its config.
-        object.__setattr__(pipe, method_name, _passing_through(method, pipe, names))
-        wrapped.append(method_name)
-    return wrapped
+    return wrap_once(
+        pipe, LORA_METHODS, lambda name, method: _passing_through(name, method, pipe, names)
+    )

@@ -27,6 +27,7 @@ from difforge import regional
 from difforge.batch import KEY as BATCH_KEY
 from difforge.batch import has_group_norm, resolve_batch_mode
 from difforge.diffusers.lora import pass_lora_methods_through
+from difforge.diffusers.offload import prepare_offloading
 from difforge.dynamic import remove_shape_adapters
 from difforge.errors import warn
 from difforge.fused_projections import fuse_qkv_projections as fuse_module_projections
@@ -422,6 +423,9 @@ def compile_pipe(
         _set(pipe, name, compiled)
         state.compiled[name] = key
         state.configs[name] = config
-    # diffusers' pipeline LoRA methods skip compiled components (difforge.diffusers.lora).
-    pass_lora_methods_through(pipe, tuple(n for n in COMPONENTS if "." not in n))
+    # diffusers' pipeline methods that skip compiled components or change their weights
+    # unseen (difforge.diffusers.lora, .offload).
+    top_level = tuple(n for n in COMPONENTS if "." not in n)
+    pass_lora_methods_through(pipe, top_level)
+    prepare_offloading(pipe, top_level)
     return pipe

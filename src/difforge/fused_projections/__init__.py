@@ -21,7 +21,11 @@ part replaced after it (a LoRA loaded after compiling) unfuses its attention, wi
 warning, so that the new part runs (a global sub-module registration hook).
 """
 
-from difforge.fused_projections.fusion import fuse_qkv_projections, share_fused_rows
+from difforge.fused_projections.fusion import (
+    fuse_qkv_projections,
+    share_fused_rows,
+    unfuse_shared_rows,
+)
 from difforge.fused_projections.groups import FUSED_GROUPS, STOCK_PROCESSORS, FusedGroup
 from difforge.fused_projections.quantize import fp8_converter, quantize_fused, unfused_twins
 
@@ -33,5 +37,6 @@ __all__ = [
     "fuse_qkv_projections",
     "quantize_fused",
     "share_fused_rows",
+    "unfuse_shared_rows",
     "unfused_twins",
 ]

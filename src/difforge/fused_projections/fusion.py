@@ -13,6 +13,7 @@ from torch import nn
 from difforge.fused_projections.groups import (
     STOCK_PROCESSORS,
     UNFUSED_PROCESSOR,
+    VIEWED,
     FusedGroup,
     already_fused,
     fused_attrs,
@@ -156,3 +157,12 @@ def share_fused_rows(module: nn.Module) -> list[FusedGroup]:
     groups, freed = _existing_groups(module)
     _log_freed(freed)
     return groups
+
+
+def unfuse_shared_rows(module: nn.Module) -> int:
+    """Undo the fusion of every attention in ``module`` whose parts view its fused rows
+    (the parts keep the rows); returns how many. For what maps weights through
+    ``state_dict``, which leaves such fused linears out (accelerate's sequential offload)."""
+    return sum(
+        bool(sub.__dict__.get(VIEWED)) and unfuse_owner(sub) for sub in list(module.modules())
+    )

@@ -1,0 +1,68 @@
+"""diffusers' pipeline offloading methods on a compiled pipeline.
+
+``enable_sequential_cpu_offload`` (accelerate) maps every weight from the model's
+``state_dict``, which leaves out the fused q/k/v linears whose parts view their rows
+(:mod:`difforge.fused_projections`): the first call then fails with a ``KeyError`` on
+``...to_qkv.weight``. ``enable_group_offload`` with ``use_stream`` swaps ``param.data``, which
+no hook reports, under CUDA graphs recorded before. ``compile_pipe`` wraps both on the
+instance (:mod:`difforge.diffusers.pipe_methods`): the sequential one unfuses the
+components' shared q/k/v first (the parts keep the rows), and after either the compiled
+components' CUDA graphs are dropped, so the next call finds the hooks and runs without
+graphs (:mod:`difforge.graph_pool`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from difforge.diffusers.pipe_methods import compiled_slots, reset_compiled_graphs, wrap_once
+from difforge.fused_projections import unfuse_shared_rows
+
+__all__ = ["OFFLOAD_METHODS", "prepare_offloading"]
+
+log = logging.getLogger("difforge.diffusers")
+
+#: diffusers' DiffusionPipeline methods that hook offloading into the components.
+OFFLOAD_METHODS: tuple[str, ...] = ("enable_sequential_cpu_offload", "enable_group_offload")
+
+#: Those that map weights from the state_dict (which leaves shared fused linears out).
+UNFUSE_FIRST: frozenset[str] = frozenset({"enable_sequential_cpu_offload"})
+
+
+def _offloading(
+    method_name: str, method: Callable[..., Any], pipe: Any, names: tuple[str, ...]
+) -> Any:
+    unfuse = method_name in UNFUSE_FIRST
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        compiled = compiled_slots(pipe, names)
+        if unfuse:
+            for name in names:
+                module = getattr(pipe.__dict__.get(name), "_orig_mod", pipe.__dict__.get(name))
+                count = unfuse_shared_rows(module) if module is not None else 0
+                if count:
+                    log.info(
+                        "difforge: %s: %d attentions unfused for %s (it cannot map fused "
+                        "q/k/v that share their parts' rows)",
+                        name,
+                        count,
+                        method_name,
+                    )
+        try:
+            return method(*args, **kwargs)
+        finally:
+            reset_compiled_graphs(compiled)
+
+    return call
+
+
+def prepare_offloading(pipe: Any, names: tuple[str, ...]) -> list[str]:
+    """Wrap ``pipe``'s offloading methods (once) for the components ``names``; returns the
+    methods wrapped now."""
+    return wrap_once(
+        pipe, OFFLOAD_METHODS, lambda name, method: _offloading(name, method, pipe, names)
+    )

@@ -1,0 +1,75 @@
+"""diffusers' pipeline offloading methods after compile_pipe (tiny FLUX): every offloading
+method drops the compiled components' graphs (CPU), and sequential offload unfuses the
+shared q/k/v first, as accelerate maps weights from a state_dict that leaves them out (GPU:
+on the CPU a pipeline under accelerate's hooks makes its latents on the meta device)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+accelerate = pytest.importorskip("accelerate")
+
+from difforge.diffusers import compile_pipe, pipe_methods  # noqa: E402
+from difforge.diffusers.presets import build_pipeline, get_preset  # noqa: E402
+
+PRESET = get_preset("tiny-flux")
+CPU = torch.device("cpu")
+
+
+def _pipe() -> Any:
+    torch.manual_seed(0)
+    return build_pipeline(PRESET, text_encoders=False)
+
+
+def _run(pipe: Any) -> np.ndarray:
+    kwargs = {**PRESET.prompt_kwargs(batch=1), **PRESET.call_kwargs(), "output_type": "np"}
+    return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+
+
+def _fused(module: nn.Module) -> int:
+    return sum(isinstance(getattr(m, "to_qkv", None), nn.Linear) for m in module.modules())
+
+
+def test_group_offload_after_compile_pipe_drops_the_graphs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipe = _pipe()
+    expected = _run(pipe)
+    compile_pipe(pipe, options="O2", ignores="vae")
+    compiled = pipe.transformer
+    reset: list[Any] = []
+    monkeypatch.setattr(pipe_methods, "reset_graphs", reset.append)
+    pipe.enable_group_offload(onload_device=CPU, offload_type="leaf_level")
+    assert reset == [compiled]
+    np.testing.assert_allclose(_run(pipe), expected, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_sequential_offload_after_compile_pipe_unfuses_and_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def pipe() -> Any:
+        torch.manual_seed(0)
+        return build_pipeline(PRESET, dtype=torch.bfloat16, device="cuda")
+
+    expected = _run(pipe())
+    compiled = pipe()
+    compile_pipe(compiled, options="O2", ignores="vae")
+    _run(compiled)
+    assert _fused(compiled.transformer._orig_mod) > 0
+    with caplog.at_level(logging.INFO, logger="difforge.diffusers"):
+        compiled.enable_sequential_cpu_offload()
+    assert "attentions unfused for enable_sequential_cpu_offload" in caplog.text
+    assert _fused(compiled.transformer._orig_mod) == 0
+    for _ in range(2):
+        np.testing.assert_allclose(_run(compiled), expected, atol=0.05)
