@@ -5,10 +5,11 @@
 (:mod:`difforge.fused_projections`): the first call then fails with a ``KeyError`` on
 ``...to_qkv.weight``. ``enable_group_offload`` with ``use_stream`` swaps ``param.data``, which
 no hook reports, under CUDA graphs recorded before. ``compile_pipe`` wraps both on the
-instance (:mod:`difforge.diffusers.pipe_methods`): the sequential one unfuses the
-components' shared q/k/v first (the parts keep the rows), and after either the compiled
-components' CUDA graphs are dropped, so the next call finds the hooks and runs without
-graphs (:mod:`difforge.graph_pool`).
+instance (:mod:`difforge.diffusers.pipe_methods`): during the call the original modules
+stand in the compiled components' slots (diffusers then offloads a ``ModelMixin`` by its
+own rules), the sequential one unfuses the components' shared q/k/v first (the parts keep
+the rows), and after either the compiled components' CUDA graphs are dropped, so the next
+call finds the hooks and runs without graphs (:mod:`difforge.graph_pool`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from difforge.diffusers.pipe_methods import compiled_slots, reset_compiled_graphs, wrap_once
+from torch import nn
+
+from difforge.diffusers.pipe_methods import originals_in_place, wrap_once
 from difforge.fused_projections import unfuse_shared_rows
 
 __all__ = ["OFFLOAD_METHODS", "prepare_offloading"]
@@ -39,11 +42,12 @@ def _offloading(
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
-        compiled = compiled_slots(pipe, names)
-        if unfuse:
-            for name in names:
-                module = getattr(pipe.__dict__.get(name), "_orig_mod", pipe.__dict__.get(name))
-                count = unfuse_shared_rows(module) if module is not None else 0
+        # The originals in their slots: diffusers then offloads a ModelMixin by its own
+        # rules (block-level groups of its blocks, not one group of the whole wrapper).
+        with originals_in_place(pipe, names):
+            for name in names if unfuse else ():
+                module = pipe.__dict__.get(name)
+                count = unfuse_shared_rows(module) if isinstance(module, nn.Module) else 0
                 if count:
                     log.info(
                         "difforge: %s: %d attentions unfused for %s (it cannot map fused "
@@ -52,10 +56,7 @@ def _offloading(
                         count,
                         method_name,
                     )
-        try:
             return method(*args, **kwargs)
-        finally:
-            reset_compiled_graphs(compiled)
 
     return call
 

@@ -17,25 +17,10 @@ import torch
 
 from difforge.graph_pool import reset_graphs
 
-__all__ = ["compiled_slots", "originals_in_place", "reset_compiled_graphs", "wrap_once"]
+__all__ = ["originals_in_place", "wrap_once"]
 
 _WRAPPED = "__difforge_pipe_method__"
 _OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
-
-
-def compiled_slots(pipe: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    """The compiled modules among the components ``names``, by name."""
-    return {
-        name: module
-        for name in names
-        if isinstance(module := pipe.__dict__.get(name), _OptimizedModule)
-    }
-
-
-def reset_compiled_graphs(compiled: dict[str, Any]) -> None:
-    """Drop the CUDA graphs of each compiled module (after a change a replay cannot see)."""
-    for module in compiled.values():
-        reset_graphs(module)
 
 
 @contextmanager
@@ -45,7 +30,11 @@ def originals_in_place(
     """Put the original module of every compiled component among ``names`` in its slot
     (the instance dict: no config change) for the duration; yields the names swapped.
     ``changes``: the caller may change the modules, so their CUDA graphs go after."""
-    swapped = compiled_slots(pipe, names)
+    swapped = {
+        name: module
+        for name in names
+        if isinstance(module := pipe.__dict__.get(name), _OptimizedModule)
+    }
     for name, compiled in swapped.items():
         pipe.__dict__[name] = compiled._orig_mod
     try:
@@ -54,8 +43,8 @@ def originals_in_place(
         for name, compiled in swapped.items():
             if pipe.__dict__.get(name) is compiled._orig_mod:  # unless the method replaced it
                 pipe.__dict__[name] = compiled
-        if changes:
-            reset_compiled_graphs(swapped)
+            if changes:
+                reset_graphs(compiled)
 
 
 def wrap_once(
