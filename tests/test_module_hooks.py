@@ -36,6 +36,18 @@ def test_accelerate_sequential_offload_counts_and_a_root_hook_does_not() -> None
     assert hooks_reason(offloaded) == "0 has an accelerate hook (offloading)"
 
 
+def test_accelerate_hooks_that_only_place_inputs_on_one_device_do_not_count() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    model = _mlp()  # as a device_map dispatch onto one device hooks it
+    accelerate.hooks.attach_execution_device_hook(model, "cpu")
+    assert model[0]._hf_hook is not None
+    assert hooks_reason(model) is None
+    split = _mlp()
+    accelerate.hooks.attach_execution_device_hook(split[0], "cpu")
+    accelerate.hooks.attach_execution_device_hook(split[2], "meta")
+    assert hooks_reason(split) == "accelerate hooks spread it over cpu, meta"
+
+
 @pytest.mark.parametrize("offload_type", ["leaf_level", "block_level"])
 def test_diffusers_group_offloading_counts(offload_type: str) -> None:
     hooks = pytest.importorskip("diffusers.hooks")
@@ -44,7 +56,7 @@ def test_diffusers_group_offloading_counts(offload_type: str) -> None:
     hooks.apply_group_offloading(
         model, onload_device=torch.device("cpu"), offload_type=offload_type, **kwargs
     )
-    assert "diffusers hooks" in (hooks_reason(model) or "")
+    assert "has diffusers hooks (group_offloading)" in (hooks_reason(model) or "")
 
 
 @torch.no_grad()

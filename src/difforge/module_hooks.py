@@ -1,27 +1,54 @@
 """Hooks around a module's sub-module calls that rewrites and CUDA graphs would bypass.
 
-accelerate's sequential CPU offload hooks every sub-module that holds weights (a model CPU
-offload hooks the root alone, and its moves are module conversions that
-:mod:`difforge.module_watch` sees); diffusers' hook registry carries group offloading,
-layerwise casting and its block caches. Each of them runs Python around a sub-module's
-call that moves, casts or skips weights: a fused q/k/v linear made beside hooked parts
-would escape the offloading, and a CUDA graph replay runs none of that Python while the
-weights it recorded move away (:mod:`difforge.graph_pool`).
+accelerate's sequential CPU offload hooks every sub-module that holds weights with an
+``AlignDevicesHook`` that offloads (a model CPU offload hooks the root alone, and its moves
+are module conversions that :mod:`difforge.module_watch` sees; a ``device_map`` dispatch
+onto one device hooks sub-modules only to move inputs there, which changes nothing).
+diffusers' hook registry carries group offloading, layerwise casting, its block caches and
+context-parallel splits. Such hooks run Python around a sub-module's call that moves, casts
+or skips weights (or splits the work across devices): a fused q/k/v linear made beside
+hooked parts would escape the offloading, and a CUDA graph replay runs none of that Python
+while the weights it recorded move away (:mod:`difforge.graph_pool`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 __all__ = ["hooks_reason"]
 
 
+def _accelerate_hooks(hook: Any) -> list[Any]:
+    return list(getattr(hook, "hooks", None) or [hook])  # a SequentialHook holds several
+
+
+def _moves_weights(hook: Any) -> bool:
+    """Whether an accelerate hook may move weights: an AlignDevicesHook that offloads (or
+    maps weights), or a kind we do not know."""
+    if type(hook).__name__ != "AlignDevicesHook":
+        return True
+    return bool(getattr(hook, "offload", False)) or getattr(hook, "weights_map", None) is not None
+
+
 def hooks_reason(module: nn.Module) -> str | None:
     """Where ``module``'s tree has such hooks, in words; None when it has none."""
+    devices: set[str] = set()
     for name, sub in module.named_modules():
-        if sub is not module and getattr(sub, "_hf_hook", None) is not None:
-            return f"{name} has an accelerate hook (offloading)"
+        hook = getattr(sub, "_hf_hook", None)
+        if sub is not module and hook is not None:
+            if any(_moves_weights(h) for h in _accelerate_hooks(hook)):
+                return f"{name} has an accelerate hook (offloading)"
+            devices.update(
+                str(h.execution_device)
+                for h in _accelerate_hooks(hook)
+                if getattr(h, "execution_device", None) is not None
+            )
         registry = getattr(sub, "_diffusers_hook", None)
         if registry is not None and getattr(registry, "hooks", None):
-            return f"{name or type(module).__name__} has diffusers hooks (offloading, casting)"
+            hooks = ", ".join(sorted(registry.hooks))
+            return f"{name or type(module).__name__} has diffusers hooks ({hooks})"
+    if len(devices) > 1:
+        return f"accelerate hooks spread it over {', '.join(sorted(devices))}"
     return None
