@@ -125,3 +125,29 @@ def test_gpu_o2_over_an_offloaded_denoiser_matches_eager(offload: str) -> None:
             torch.testing.assert_close(call(compiled)[0].float(), expected, rtol=0.05, atol=0.05)
     assert difforge.counters["cudagraphs.capture"] == before
     assert not any(isinstance(getattr(m, "to_qkv", None), nn.Linear) for m in model.modules())
+
+
+def test_hooks_on_a_compiled_wrapper_count_and_its_graphs_stay_reachable() -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    from difforge.graph_pool import graphs_of
+
+    model = _mlp()
+    compiled = difforge.compile(model, options="O2")
+    pool = graphs_of(compiled)
+    assert pool is not None and hooks_reason(compiled) is None
+    # diffusers offloading a compiled component hooks the wrapper, around the pool
+    hooks.HookRegistry.check_if_exists_or_initialize(compiled).register_hook(
+        hooks.ModelHook(), "probe"
+    )
+    assert hooks_reason(compiled) == "_mlp has diffusers hooks (probe)".replace(
+        "_mlp", type(compiled).__name__
+    )
+    assert graphs_of(compiled) is pool  # through the hook's forward wrapper
+
+
+def test_an_accelerate_hook_on_either_root_of_a_compiled_module_does_not_count() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    model = _mlp()
+    compiled = difforge.compile(model, options="O1")
+    accelerate.hooks.add_hook_to_module(model, accelerate.hooks.CpuOffload())
+    assert hooks_reason(compiled) is None

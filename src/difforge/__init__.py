@@ -234,7 +234,13 @@ def compile(
             name=name,
             grad_sensitive=grad_sensitive,
             watch=ModuleWatch(module) if is_module else None,
-            hooked=functools.partial(hooks_reason, module) if is_module else None,
+            # The wrapper too: hooks put on it (diffusers offloading a compiled component)
+            # run outside the graph but move the weights it recorded.
+            hooked=functools.partial(
+                hooks_reason, compiled if isinstance(compiled, nn.Module) else module
+            )
+            if is_module
+            else None,
         ),
     )
 

@@ -481,9 +481,17 @@ def with_graph_pool(compiled: Any, pool_of: Callable[[Callable[..., Any]], Graph
 
 
 def graphs_of(compiled: Any) -> GraphPool | None:
-    """The graph pool behind a compiled module or function, if it has one."""
+    """The graph pool behind a compiled module or function, if it has one; also behind
+    the ``forward`` wrappers that diffusers' and accelerate's hooks install (each keeps
+    what it wraps as ``__wrapped__``)."""
     entry = compiled.forward if isinstance(compiled, nn.Module) else compiled
-    return entry if isinstance(entry, GraphPool) else None
+    for _ in range(16):
+        if isinstance(entry, GraphPool):
+            return entry
+        entry = getattr(entry, "__wrapped__", None)
+        if entry is None:
+            return None
+    return None
 
 
 def reset_graphs(compiled: Any) -> bool:

@@ -33,11 +33,15 @@ def _moves_weights(hook: Any) -> bool:
 
 
 def hooks_reason(module: nn.Module) -> str | None:
-    """Where ``module``'s tree has such hooks, in words; None when it has none."""
+    """Where ``module``'s tree has such hooks, in words; None when it has none. A compiled
+    module (``OptimizedModule``) counts with the module it wraps: hooks put on the wrapper
+    (diffusers offloading a compiled component) count, an accelerate hook on either root
+    (a model CPU offload) does not."""
+    roots = {id(module), id(getattr(module, "_orig_mod", module))}
     devices: set[str] = set()
     for name, sub in module.named_modules():
         hook = getattr(sub, "_hf_hook", None)
-        if sub is not module and hook is not None:
+        if id(sub) not in roots and hook is not None:
             if any(_moves_weights(h) for h in _accelerate_hooks(hook)):
                 return f"{name} has an accelerate hook (offloading)"
             devices.update(

@@ -330,15 +330,24 @@ def marked_blocks(module: nn.Module) -> dict[str, str]:
     return {n: m.__dict__[_MARK] for n, m in module.named_modules() if _MARK in m.__dict__}
 
 
+def compiled_blocks(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, compiled block) of every block :func:`compile_blocks` put in
+    ``module`` ('blocks' style); the original block is the compiled one's ``_orig_mod``."""
+    return [
+        (parent, attr, sub)
+        for _, parent in list(module.named_modules())
+        for attr, sub in list(parent._modules.items())
+        if isinstance(sub, _OptimizedModule) and _MARK in sub.__dict__
+    ]
+
+
 def unmark_regions(module: nn.Module) -> int:
     """Undo :func:`mark_regions` and :func:`compile_blocks`; returns how many blocks."""
     count = 0
     # 'blocks' style: compiled blocks (OptimizedModules) go back to their originals.
-    for _, parent in list(module.named_modules()):
-        for attr, sub in list(parent._modules.items()):
-            if isinstance(sub, _OptimizedModule) and _MARK in sub.__dict__:
-                parent._modules[attr] = sub._orig_mod
-                count += 1
+    for parent, attr, sub in compiled_blocks(module):
+        parent._modules[attr] = sub._orig_mod
+        count += 1
     # 'nested' style: drop the instance forward that calls the region.
     for _, block in module.named_modules():
         if _MARK in block.__dict__:

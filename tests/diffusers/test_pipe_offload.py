@@ -49,7 +49,7 @@ def test_group_offload_after_compile_pipe_drops_the_graphs(
     reset: list[Any] = []
     monkeypatch.setattr(pipe_methods, "reset_graphs", reset.append)
     pipe.enable_group_offload(onload_device=CPU, offload_type="leaf_level")
-    assert reset == [compiled]
+    assert reset[0] is compiled and pipe.vae.decoder in reset and pipe.vae.encoder in reset
     np.testing.assert_allclose(_run(pipe), expected, atol=1e-4)
 
 

@@ -26,7 +26,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from difforge.diffusers.pipe_methods import originals_in_place, wrap_once
+from torch import nn
+
+from difforge.diffusers.pipe_methods import component, originals_in_place, wrap_once
 from difforge.errors import DifforgeError
 from difforge.quant import Fp8Linear
 
@@ -66,22 +68,30 @@ def _passing_through(
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with originals_in_place(pipe, names, changes) as swapped:
-            if checks_fp8 and (quantized := _with_fp8_linears(pipe, swapped)):
-                raise LoraOnFp8Error(
-                    f"{method_name}: {', '.join(quantized)} of this pipeline has fp8 "
-                    "linears (difforge low-precision / O3), which PEFT cannot wrap or merge "
-                    "LoRA weights into. Load LoRAs before compile_pipe (the swap then keeps "
-                    "each LoRA's own weights in high precision); to merge one for good, call "
-                    "fuse_lora() and unload_lora_weights() before compile_pipe."
-                )
+        if checks_fp8 and (quantized := _with_fp8_linears(pipe, names)):
+            raise LoraOnFp8Error(
+                f"{method_name}: {', '.join(quantized)} of this pipeline has fp8 linears "
+                "(difforge low-precision / O3), which PEFT cannot wrap or merge LoRA weights "
+                "into. Load LoRAs before compile_pipe (the swap then keeps each LoRA's own "
+                "weights in high precision); to merge one for good, call fuse_lora() and "
+                "unload_lora_weights() before compile_pipe."
+            )
+        with originals_in_place(pipe, names, changes):
             return method(*args, **kwargs)
 
     return call
 
 
-def _with_fp8_linears(pipe: Any, names: list[str]) -> list[str]:
-    return [n for n in names if any(isinstance(m, Fp8Linear) for m in pipe.__dict__[n].modules())]
+def _with_fp8_linears(pipe: Any, names: tuple[str, ...]) -> list[str]:
+    """The top-level components among ``names`` that hold fp8 linears (whatever the LoRA
+    targets: a text-encoder-only one is refused too while the denoiser has them)."""
+    return [
+        name
+        for name in names
+        if "." not in name
+        and isinstance(found := component(pipe, name), nn.Module)
+        and any(isinstance(m, Fp8Linear) for m in found.modules())
+    ]
 
 
 def pass_lora_methods_through(pipe: Any, names: tuple[str, ...]) -> list[str]:

@@ -5,11 +5,13 @@
 (:mod:`difforge.fused_projections`): the first call then fails with a ``KeyError`` on
 ``...to_qkv.weight``. ``enable_group_offload`` with ``use_stream`` swaps ``param.data``, which
 no hook reports, under CUDA graphs recorded before. ``compile_pipe`` wraps both on the
-instance (:mod:`difforge.diffusers.pipe_methods`): during the call the original modules
-stand in the compiled components' slots (diffusers then offloads a ``ModelMixin`` by its
-own rules), the sequential one unfuses the components' shared q/k/v first (the parts keep
-the rows), and after either the compiled components' CUDA graphs are dropped, so the next
-call finds the hooks and runs without graphs (:mod:`difforge.graph_pool`).
+instance (:mod:`difforge.diffusers.pipe_methods`): the sequential one unfuses every
+component's shared q/k/v first (the VAE's too, which ``fuse_qkv_projections=True`` fuses;
+the parts keep the rows), and after either every compiled component's CUDA graphs are
+dropped (the VAE halves' included), so the next call finds the hooks and runs without
+graphs (:mod:`difforge.graph_pool`). The compiled wrappers stay in their slots: diffusers
+then offloads each as one module (block-level groups of a denoiser's blocks need
+``enable_group_offload`` on the module before ``compile_pipe``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from difforge.diffusers.pipe_methods import originals_in_place, wrap_once
+from difforge.diffusers.pipe_methods import component, reset_component_graphs, wrap_once
 from difforge.fused_projections import unfuse_shared_rows
 
 __all__ = ["OFFLOAD_METHODS", "prepare_offloading"]
@@ -42,21 +44,24 @@ def _offloading(
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
-        # The originals in their slots: diffusers then offloads a ModelMixin by its own
-        # rules (block-level groups of its blocks, not one group of the whole wrapper).
-        with originals_in_place(pipe, names):
-            for name in names if unfuse else ():
-                module = pipe.__dict__.get(name)
-                count = unfuse_shared_rows(module) if isinstance(module, nn.Module) else 0
-                if count:
-                    log.info(
-                        "difforge: %s: %d attentions unfused for %s (it cannot map fused "
-                        "q/k/v that share their parts' rows)",
-                        name,
-                        count,
-                        method_name,
-                    )
+        # No swap of the originals into the slots here: accelerate keeps the forward it
+        # replaces on the module it hooks, and remove_all_hooks() would later put the
+        # original's eager forward on the compiled wrapper.
+        for name in names if unfuse else ():
+            found = component(pipe, name)
+            count = unfuse_shared_rows(found) if isinstance(found, nn.Module) else 0
+            if count:
+                log.info(
+                    "difforge: %s: %d attentions unfused for %s (it cannot map fused q/k/v "
+                    "that share their parts' rows)",
+                    name,
+                    count,
+                    method_name,
+                )
+        try:
             return method(*args, **kwargs)
+        finally:
+            reset_component_graphs(pipe, names)
 
     return call
 

@@ -425,7 +425,6 @@ def compile_pipe(
         state.configs[name] = config
     # diffusers' pipeline methods that skip compiled components or change their weights
     # unseen (difforge.diffusers.lora, .offload).
-    top_level = tuple(n for n in COMPONENTS if "." not in n)
-    pass_lora_methods_through(pipe, top_level)
-    prepare_offloading(pipe, top_level)
+    pass_lora_methods_through(pipe, COMPONENTS)
+    prepare_offloading(pipe, COMPONENTS)
     return pipe

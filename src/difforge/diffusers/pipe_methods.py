@@ -1,10 +1,13 @@
 """Wrapping a diffusers pipeline's own methods, on the instance, for compiled components.
 
-``compile_pipe`` puts torch's ``OptimizedModule`` in a component's slot; diffusers methods
-that pick components by class (``ModelMixin``, ``PreTrainedModel``) skip it, and methods that
-change a component's weights behind attributes leave difforge's CUDA graphs stale. The
-LoRA (:mod:`difforge.diffusers.lora`) and offloading (:mod:`difforge.diffusers.offload`)
-families wrap such methods here: once per pipeline instance, never on the class.
+``compile_pipe`` puts torch's ``OptimizedModule`` in a component's slot (or, under
+``compile.regional: 'blocks'``, in its repeated blocks' slots); diffusers methods that pick
+components by class (``ModelMixin``, ``PreTrainedModel``) skip it, PEFT would see the
+wrappers' ``_orig_mod`` in module names, and methods that change a component's weights
+behind attributes leave difforge's CUDA graphs stale. The LoRA
+(:mod:`difforge.diffusers.lora`) and offloading (:mod:`difforge.diffusers.offload`)
+families wrap such methods here: once per pipeline instance, never on the class. Not
+thread-safe: while a wrapped method runs, the pipeline's slots hold the eager modules.
 """
 
 from __future__ import annotations
@@ -14,37 +17,67 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from difforge.graph_pool import reset_graphs
+from difforge.regional import compiled_blocks
 
-__all__ = ["originals_in_place", "wrap_once"]
+__all__ = ["component", "originals_in_place", "reset_component_graphs", "wrap_once"]
 
 _WRAPPED = "__difforge_pipe_method__"
 _OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
+
+
+def component(pipe: Any, name: str) -> Any:
+    """The object in slot ``name`` (``"transformer"``, or ``"vae.decoder"`` inside the VAE)."""
+    head, _, attr = name.partition(".")
+    found = pipe.__dict__.get(head)
+    return getattr(found, attr, None) if attr and found is not None else found
+
+
+def reset_component_graphs(pipe: Any, names: tuple[str, ...]) -> None:
+    """Drop the CUDA graphs of every component among ``names`` (after a change that a
+    replay cannot see); components without a graph pool are left alone."""
+    for name in names:
+        found = component(pipe, name)
+        if isinstance(found, nn.Module):
+            reset_graphs(found)
 
 
 @contextmanager
 def originals_in_place(
     pipe: Any, names: tuple[str, ...], changes: bool = True
 ) -> Iterator[list[str]]:
-    """Put the original module of every compiled component among ``names`` in its slot
-    (the instance dict: no config change) for the duration; yields the names swapped.
-    ``changes``: the caller may change the modules, so their CUDA graphs go after."""
+    """Put the original module of every compiled top-level component among ``names`` in
+    its slot (the instance dict: no config change), and the original of every block
+    compiled in place, for the duration; yields the component names swapped. ``changes``:
+    the caller may change the modules, so their CUDA graphs go after."""
     swapped = {
         name: module
         for name in names
-        if isinstance(module := pipe.__dict__.get(name), _OptimizedModule)
+        if "." not in name and isinstance(module := pipe.__dict__.get(name), _OptimizedModule)
     }
     for name, compiled in swapped.items():
         pipe.__dict__[name] = compiled._orig_mod
+    blocks = [
+        found
+        for name in names
+        if "." not in name and isinstance(module := pipe.__dict__.get(name), nn.Module)
+        for found in compiled_blocks(module)
+    ]
+    for parent, attr, block in blocks:
+        parent._modules[attr] = block._orig_mod
     try:
         yield list(swapped)
     finally:
+        for parent, attr, block in blocks:
+            if parent._modules.get(attr) is block._orig_mod:
+                parent._modules[attr] = block
         for name, compiled in swapped.items():
             if pipe.__dict__.get(name) is compiled._orig_mod:  # unless the method replaced it
                 pipe.__dict__[name] = compiled
-            if changes:
-                reset_graphs(compiled)
+        if changes:
+            reset_component_graphs(pipe, names)
 
 
 def wrap_once(

@@ -4,6 +4,7 @@ linear as soon as its attention fuses."""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -162,7 +163,21 @@ def share_fused_rows(module: nn.Module) -> list[FusedGroup]:
 def unfuse_shared_rows(module: nn.Module) -> int:
     """Undo the fusion of every attention in ``module`` whose parts view its fused rows
     (the parts keep the rows); returns how many. For what maps weights through
-    ``state_dict``, which leaves such fused linears out (accelerate's sequential offload)."""
-    return sum(
-        bool(sub.__dict__.get(VIEWED)) and unfuse_owner(sub) for sub in list(module.modules())
-    )
+    ``state_dict``, which leaves such fused linears out (accelerate's sequential offload).
+    An attention whose fused processor has no known unfused form stays fused, with a
+    warning naming it."""
+    count = 0
+    for name, sub in list(module.named_modules()):
+        if not sub.__dict__.get(VIEWED):
+            continue
+        if unfuse_owner(sub):
+            count += 1
+        else:
+            warnings.warn(
+                f"difforge: {name or type(module).__name__} keeps its fused q/k/v: its "
+                f"processor {type(getattr(sub, 'processor', None)).__name__} has no known "
+                "unfused form (what maps weights through state_dict will miss them)",
+                UserWarning,
+                stacklevel=2,
+            )
+    return count
