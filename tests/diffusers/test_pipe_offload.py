@@ -53,6 +53,26 @@ def test_group_offload_after_compile_pipe_drops_the_graphs(
     np.testing.assert_allclose(_run(pipe), expected, atol=1e-4)
 
 
+def test_sequential_offload_after_compile_pipe_unfuses_every_component_first(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its own run needs an accelerator (the gpu test below); here the method is a probe
+    that records what it found, as accelerate would map the state_dicts."""
+    pipe = _pipe()
+    seen: dict[str, int] = {}
+
+    def probe(self: Any, *args: Any, **kwargs: Any) -> None:
+        seen.update(transformer=_fused(self.transformer), vae=_fused(self.vae))
+
+    monkeypatch.setattr(type(pipe), "enable_sequential_cpu_offload", probe)
+    compile_pipe(pipe, options="O2", fuse_qkv_projections=True)  # no call: nothing compiles
+    assert _fused(pipe.transformer) > 0 and _fused(pipe.vae) > 0
+    with caplog.at_level(logging.INFO, logger="difforge.diffusers"):
+        pipe.enable_sequential_cpu_offload()
+    assert seen == {"transformer": 0, "vae": 0}
+    assert "transformer: 3 attentions unfused" in caplog.text and "vae.decoder: " in caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_sequential_offload_after_compile_pipe_unfuses_and_runs(
