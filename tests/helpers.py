@@ -110,3 +110,21 @@ def compile_for_sm90(script: str) -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0 and "sm90 ok" in res.stdout, res.stderr[-3000:]
+
+
+def tiny_pipeline(name: str, **kwargs: Any) -> Any:
+    """A tiny preset pipeline without text encoders (random prompt embeddings), seeded."""
+    from difforge.diffusers.presets import build_pipeline, get_preset
+
+    torch.manual_seed(0)
+    return build_pipeline(get_preset(name), text_encoders=False, **kwargs)
+
+
+def tiny_images(pipe: Any, name: str) -> Any:
+    """The images (numpy) of one seeded call of a :func:`tiny_pipeline` at its preset's
+    call arguments."""
+    from difforge.diffusers.presets import get_preset
+
+    preset = get_preset(name)
+    kwargs = {**preset.prompt_kwargs(batch=1), **preset.call_kwargs(), "output_type": "np"}
+    return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images

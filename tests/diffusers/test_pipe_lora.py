@@ -17,22 +17,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from tests.helpers import tiny_images, tiny_pipeline
+
 from difforge.diffusers import compile_pipe, pipe_methods
 from difforge.diffusers import lora as lora_module
-from difforge.diffusers.presets import build_component, build_pipeline, get_preset
+from difforge.diffusers.presets import build_component, get_preset
 
 OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
 PRESET = get_preset("tiny-flux")
 
 
 def _pipe() -> Any:
-    torch.manual_seed(0)
-    return build_pipeline(PRESET, text_encoders=False)
+    return tiny_pipeline("tiny-flux")
 
 
 def _run(pipe: Any) -> np.ndarray:
-    kwargs = {**PRESET.prompt_kwargs(batch=1), **PRESET.call_kwargs(), "output_type": "np"}
-    return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+    return tiny_images(pipe, "tiny-flux")
 
 
 def _lora() -> dict[str, torch.Tensor]:
@@ -93,14 +93,19 @@ def test_pipeline_lora_methods_reach_the_compiled_denoiser(
     assert not reset  # a question changes nothing: the graphs stay
 
 
+def _eager_images(lora: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """The eager pipeline's image without and with ``lora``."""
+    eager = _pipe()
+    base = _run(eager)
+    eager.load_lora_weights(copy.deepcopy(lora), adapter_name="style")
+    return base, _run(eager)
+
+
 def test_a_lora_reaches_blocks_compiled_in_place() -> None:
     """compile.regional 'blocks' leaves the denoiser in its slot but its blocks compiled:
     PEFT must see the blocks' own names, not ``..._orig_mod...``."""
     lora = _lora()
-    eager = _pipe()
-    base = _run(eager)
-    eager.load_lora_weights(copy.deepcopy(lora), adapter_name="style")
-    full = _run(eager)
+    base, full = _eager_images(lora)
 
     pipe = _pipe()
     compile_pipe(pipe, options={"mode": "O2", "compile.regional": "blocks"}, ignores="vae")
@@ -143,10 +148,7 @@ def _o3_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def test_a_lora_loaded_before_o3_runs_on_fp8_base_linears(monkeypatch: pytest.MonkeyPatch) -> None:
     lora = _lora()
-    eager = _pipe()
-    base = _run(eager)
-    eager.load_lora_weights(copy.deepcopy(lora), adapter_name="style")
-    full = _run(eager)
+    base, full = _eager_images(lora)
 
     pipe = _pipe()
     pipe.load_lora_weights(copy.deepcopy(lora), adapter_name="style")
@@ -186,8 +188,7 @@ def test_gpu_a_new_lora_scale_reaches_the_replayed_graphs() -> None:
     lora = {k: v * 3 for k, v in _lora().items()}  # an effect well above fp16 noise
 
     def pipe() -> Any:
-        torch.manual_seed(0)
-        return build_pipeline(PRESET, dtype=torch.float16, device="cuda")
+        return tiny_pipeline("tiny-flux", dtype=torch.float16, device="cuda")
 
     eager = pipe()
     eager.load_lora_weights(copy.deepcopy(lora), adapter_name="style")

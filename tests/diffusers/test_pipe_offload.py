@@ -16,23 +16,21 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
-accelerate = pytest.importorskip("accelerate")
+pytest.importorskip("accelerate")
 
-from difforge.diffusers import compile_pipe, pipe_methods  # noqa: E402
-from difforge.diffusers.presets import build_pipeline, get_preset  # noqa: E402
+from tests.helpers import tiny_images, tiny_pipeline
 
-PRESET = get_preset("tiny-flux")
+from difforge.diffusers import compile_pipe, pipe_methods
+
 CPU = torch.device("cpu")
 
 
 def _pipe() -> Any:
-    torch.manual_seed(0)
-    return build_pipeline(PRESET, text_encoders=False)
+    return tiny_pipeline("tiny-flux")
 
 
 def _run(pipe: Any) -> np.ndarray:
-    kwargs = {**PRESET.prompt_kwargs(batch=1), **PRESET.call_kwargs(), "output_type": "np"}
-    return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
+    return tiny_images(pipe, "tiny-flux")
 
 
 def _fused(module: nn.Module) -> int:
@@ -79,8 +77,7 @@ def test_gpu_sequential_offload_after_compile_pipe_unfuses_and_runs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def pipe() -> Any:
-        torch.manual_seed(0)
-        return build_pipeline(PRESET, dtype=torch.bfloat16, device="cuda")
+        return tiny_pipeline("tiny-flux", dtype=torch.bfloat16, device="cuda")
 
     expected = _run(pipe())
     compiled = pipe()
