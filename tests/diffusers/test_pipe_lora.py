@@ -129,6 +129,17 @@ def test_the_methods_are_wrapped_once_on_the_instance_only() -> None:
     assert not hasattr(_pipe().set_adapters, "__wrapped__")
 
 
+def test_copies_and_pickles_of_the_pipeline_carry_wrappers_for_themselves() -> None:
+    import pickle
+
+    pipe = _pipe()
+    compile_pipe(pipe, backend="inductor", ignores="vae")  # difforge's configs do not copy
+    for clone in (copy.deepcopy(pipe), pickle.loads(pickle.dumps(pipe))):
+        assert clone.set_adapters.pipe is clone
+        assert clone.set_adapters.__wrapped__.__func__ is type(pipe).set_adapters
+        assert clone.get_list_adapters() == {}
+
+
 def test_a_method_that_fails_still_puts_the_compiled_module_back() -> None:
     pipe = _pipe()
     compile_pipe(pipe, options={"mode": "O1"}, ignores="vae")

@@ -22,7 +22,6 @@ own matrices stay in high precision, and it can be scaled, disabled and unloaded
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,25 +60,23 @@ class LoraOnFp8Error(DifforgeError, ValueError):
 
 
 def _passing_through(
-    method_name: str, method: Callable[..., Any], pipe: Any, names: tuple[str, ...]
+    pipe: Any,
+    method_name: str,
+    method: Callable[..., Any],
+    names: tuple[str, ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
-    checks_fp8 = method_name in NEEDS_HIGH_PRECISION
-    changes = method_name not in READ_ONLY
-
-    @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if checks_fp8 and (quantized := _with_fp8_linears(pipe, names)):
-            raise LoraOnFp8Error(
-                f"{method_name}: {', '.join(quantized)} of this pipeline has fp8 linears "
-                "(difforge low-precision / O3), which PEFT cannot wrap or merge LoRA weights "
-                "into. Load LoRAs before compile_pipe (the swap then keeps each LoRA's own "
-                "weights in high precision); to merge one for good, call fuse_lora() and "
-                "unload_lora_weights() before compile_pipe."
-            )
-        with originals_in_place(pipe, names, changes):
-            return method(*args, **kwargs)
-
-    return call
+    if method_name in NEEDS_HIGH_PRECISION and (quantized := _with_fp8_linears(pipe, names)):
+        raise LoraOnFp8Error(
+            f"{method_name}: {', '.join(quantized)} of this pipeline has fp8 linears "
+            "(difforge low-precision / O3), which PEFT cannot wrap or merge LoRA weights "
+            "into. Load LoRAs before compile_pipe (the swap then keeps each LoRA's own "
+            "weights in high precision); to merge one for good, call fuse_lora() and "
+            "unload_lora_weights() before compile_pipe."
+        )
+    with originals_in_place(pipe, names, changes=method_name not in READ_ONLY):
+        return method(*args, **kwargs)
 
 
 def _with_fp8_linears(pipe: Any, names: tuple[str, ...]) -> list[str]:
@@ -97,6 +94,4 @@ def _with_fp8_linears(pipe: Any, names: tuple[str, ...]) -> list[str]:
 def pass_lora_methods_through(pipe: Any, names: tuple[str, ...]) -> list[str]:
     """Wrap ``pipe``'s LoRA methods (once) so that they reach the compiled components among
     ``names``; returns the methods wrapped now."""
-    return wrap_once(
-        pipe, LORA_METHODS, lambda name, method: _passing_through(name, method, pipe, names)
-    )
+    return wrap_once(pipe, LORA_METHODS, names, _passing_through)

@@ -16,7 +16,6 @@ then offloads each as one module (block-level groups of a denoiser's blocks need
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -38,37 +37,34 @@ UNFUSE_FIRST: frozenset[str] = frozenset({"enable_sequential_cpu_offload"})
 
 
 def _offloading(
-    method_name: str, method: Callable[..., Any], pipe: Any, names: tuple[str, ...]
+    pipe: Any,
+    method_name: str,
+    method: Callable[..., Any],
+    names: tuple[str, ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
-    unfuse = method_name in UNFUSE_FIRST
-
-    @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        # No swap of the originals into the slots here: accelerate keeps the forward it
-        # replaces on the module it hooks, and remove_all_hooks() would later put the
-        # original's eager forward on the compiled wrapper.
-        for name in names if unfuse else ():
-            found = component(pipe, name)
-            count = unfuse_shared_rows(found) if isinstance(found, nn.Module) else 0
-            if count:
-                log.info(
-                    "difforge: %s: %d attentions unfused for %s (it cannot map fused q/k/v "
-                    "that share their parts' rows)",
-                    name,
-                    count,
-                    method_name,
-                )
-        try:
-            return method(*args, **kwargs)
-        finally:
-            reset_component_graphs(pipe, names)
-
-    return call
+    # No swap of the originals into the slots here: accelerate keeps the forward it
+    # replaces on the module it hooks, and remove_all_hooks() would later put the
+    # original's eager forward on the compiled wrapper.
+    for name in names if method_name in UNFUSE_FIRST else ():
+        found = component(pipe, name)
+        count = unfuse_shared_rows(found) if isinstance(found, nn.Module) else 0
+        if count:
+            log.info(
+                "difforge: %s: %d attentions unfused for %s (it cannot map fused q/k/v "
+                "that share their parts' rows)",
+                name,
+                count,
+                method_name,
+            )
+    try:
+        return method(*args, **kwargs)
+    finally:
+        reset_component_graphs(pipe, names)
 
 
 def prepare_offloading(pipe: Any, names: tuple[str, ...]) -> list[str]:
     """Wrap ``pipe``'s offloading methods (once) for the components ``names``; returns the
     methods wrapped now."""
-    return wrap_once(
-        pipe, OFFLOAD_METHODS, lambda name, method: _offloading(name, method, pipe, names)
-    )
+    return wrap_once(pipe, OFFLOAD_METHODS, names, _offloading)

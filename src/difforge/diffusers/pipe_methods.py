@@ -22,9 +22,8 @@ from torch import nn
 from difforge.graph_pool import reset_graphs
 from difforge.regional import compiled_blocks
 
-__all__ = ["component", "originals_in_place", "reset_component_graphs", "wrap_once"]
+__all__ = ["PipeMethod", "component", "originals_in_place", "reset_component_graphs", "wrap_once"]
 
-_WRAPPED = "__difforge_pipe_method__"
 _OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
 
 
@@ -80,19 +79,56 @@ def originals_in_place(
             reset_component_graphs(pipe, names)
 
 
+#: How a family runs a wrapped method: ``around(pipe, name, method, names, args, kwargs)``
+#: with ``method`` the class's method bound to ``pipe``. A module-level function, so that
+#: a wrapper pickles and deep-copies with its pipeline.
+Around = Callable[
+    [Any, str, Callable[..., Any], tuple[str, ...], tuple[Any, ...], dict[str, Any]], Any
+]
+
+
+class PipeMethod:
+    """One pipeline method wrapped by difforge, stored on the instance under its name.
+
+    It holds the pipeline, the method's name, the components it concerns and its family's
+    ``around``, and finds the class's method at each call: a ``deepcopy`` or a pickle of
+    the pipeline carries wrappers that act on the copy (a closure would act on the
+    original, or not pickle at all)."""
+
+    def __init__(self, pipe: Any, name: str, names: tuple[str, ...], around: Around) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.names = names
+        self.around = around
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """The class's method, bound to the pipeline."""
+        return getattr(type(self.pipe), self.name).__get__(self.pipe)
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self.__wrapped__.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.around(self.pipe, self.name, self.__wrapped__, self.names, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<difforge-wrapped {type(self.pipe).__name__}.{self.name}>"
+
+
 def wrap_once(
-    pipe: Any, method_names: tuple[str, ...], wrap: Callable[[str, Callable[..., Any]], Any]
+    pipe: Any, method_names: tuple[str, ...], names: tuple[str, ...], around: Around
 ) -> list[str]:
-    """Replace each of ``pipe``'s bound methods ``method_names`` (those it has) by
-    ``wrap(name, method)``, unless an earlier call did; returns the names wrapped now."""
+    """Put a :class:`PipeMethod` for each of ``pipe``'s methods ``method_names`` (those its
+    class has) on the instance, unless one is there; returns the names wrapped now."""
     wrapped = []
     for method_name in method_names:
-        method = getattr(pipe, method_name, None)
-        if not callable(method) or getattr(method, _WRAPPED, False):
+        if not callable(getattr(type(pipe), method_name, None)):
             continue
-        wrapper = wrap(method_name, method)
-        setattr(wrapper, _WRAPPED, True)
+        if isinstance(pipe.__dict__.get(method_name), PipeMethod):
+            continue
         # object.__setattr__: diffusers' pipeline __setattr__ would touch its config.
-        object.__setattr__(pipe, method_name, wrapper)
+        object.__setattr__(pipe, method_name, PipeMethod(pipe, method_name, names, around))
         wrapped.append(method_name)
     return wrapped
