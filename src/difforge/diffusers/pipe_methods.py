@@ -106,10 +106,6 @@ class PipeMethod:
         """The class's method, bound to the pipeline."""
         return getattr(type(self.pipe), self.name).__get__(self.pipe)
 
-    @property
-    def __doc__(self) -> str | None:  # type: ignore[override]
-        return self.__wrapped__.__doc__
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.around(self.pipe, self.name, self.__wrapped__, self.names, args, kwargs)
 
