@@ -151,3 +151,20 @@ def test_an_accelerate_hook_on_either_root_of_a_compiled_module_does_not_count()
     compiled = difforge.compile(model, options="O1")
     accelerate.hooks.add_hook_to_module(model, accelerate.hooks.CpuOffload())
     assert hooks_reason(compiled) is None
+
+
+@torch.no_grad()
+def test_a_pool_captures_once_the_hooks_are_gone() -> None:
+    reason: list[str | None] = ["x has diffusers hooks (first_block_cache)"]
+    model = _mlp()
+    capturer = FakeCapturer()
+    pool = GraphPool(model, max_graphs=4, capturer=capturer, hooked=lambda: reason[0])
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="a graph replay would skip"):
+        pool(x)
+    pool(x)
+    assert capturer.captures == 0
+    reason[0] = None  # e.g. the cache disabled
+    for _ in range(2):
+        torch.testing.assert_close(pool(x), model(x))
+    assert capturer.captures == 1

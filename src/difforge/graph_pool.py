@@ -171,7 +171,8 @@ class GraphPool:
     hooked: Callable[[], str | None] | None = None
     """Why the module has hooks that a replay would skip (offloading, weight casting,
     diffusers' block caches: :func:`difforge.module_hooks.hooks_reason`), asked before each
-    capture: then that signature runs without graphs."""
+    capture: then that call runs without graphs, and so does every call while the hooks
+    stay (each asks again: a walk over the module tree, small beside what offloading costs)."""
 
     def __post_init__(self) -> None:
         if self.max_graphs < 1:
@@ -286,8 +287,9 @@ class GraphPool:
         hooked = self.hooked() if self.hooked is not None else None
         if hooked is not None:
             # Their Python moves or casts weights at each call; a replay would run none of
-            # it and read the memory the weights had while it was recorded.
-            self._failed.add(key)
+            # it and read the memory the weights had while it was recorded. Not marked
+            # failed: once the hooks are gone (a cache disabled, offloading removed) the
+            # next call captures.
             self._warn_once(
                 "hooks",
                 f"difforge cudagraphs: {self.name}: {hooked}, which a graph replay would "
