@@ -226,6 +226,9 @@ def compile(
         return compiled
     grad_sensitive = requires_grad(module)
     is_module = isinstance(module, nn.Module)
+    # The wrapper too: hooks put on it (diffusers offloading a compiled component) run
+    # outside the graph but move the weights it recorded.
+    hooked_root = compiled if isinstance(compiled, nn.Module) else module
     return with_graph_pool(
         compiled,
         lambda call: GraphPool(
@@ -234,13 +237,7 @@ def compile(
             name=name,
             grad_sensitive=grad_sensitive,
             watch=ModuleWatch(module) if is_module else None,
-            # The wrapper too: hooks put on it (diffusers offloading a compiled component)
-            # run outside the graph but move the weights it recorded.
-            hooked=functools.partial(
-                hooks_reason, compiled if isinstance(compiled, nn.Module) else module
-            )
-            if is_module
-            else None,
+            hooked=functools.partial(hooks_reason, hooked_root) if is_module else None,
         ),
     )
 

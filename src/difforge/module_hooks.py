@@ -42,17 +42,18 @@ def hooks_reason(module: nn.Module) -> str | None:
     for name, sub in module.named_modules():
         hook = getattr(sub, "_hf_hook", None)
         if id(sub) not in roots and hook is not None:
-            if any(_moves_weights(h) for h in _accelerate_hooks(hook)):
+            hooks = _accelerate_hooks(hook)
+            if any(_moves_weights(h) for h in hooks):
                 return f"{name} has an accelerate hook (offloading)"
             devices.update(
                 str(h.execution_device)
-                for h in _accelerate_hooks(hook)
+                for h in hooks
                 if getattr(h, "execution_device", None) is not None
             )
         registry = getattr(sub, "_diffusers_hook", None)
         if registry is not None and getattr(registry, "hooks", None):
-            hooks = ", ".join(sorted(registry.hooks))
-            return f"{name or type(module).__name__} has diffusers hooks ({hooks})"
+            kinds = ", ".join(sorted(registry.hooks))
+            return f"{name or type(module).__name__} has diffusers hooks ({kinds})"
     if len(devices) > 1:
         return f"accelerate hooks spread it over {', '.join(sorted(devices))}"
     return None

@@ -678,7 +678,8 @@ def load_options(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
             raise OptionsError(f"option keys must be strings, got {bad!r}")
         return dict(options)
     raise OptionsError(
-        f"options must be a dict, a JSON string, a mode string or None, got {type(options).__name__}"
+        "options must be a dict, a JSON string, a mode string or None, got "
+        f"{type(options).__name__}"
     )
 
 
@@ -751,7 +752,8 @@ def parse_options(
     fullgraph: bool | None = None,
     env: Mapping[str, str] | None = None,
 ) -> CompileConfig:
-    """Validate ``options`` (dict, JSON string or a bare mode such as ``"O2"``) against the modes, env and torch configs.
+    """Validate ``options`` (dict, JSON string or a bare mode such as ``"O2"``) against the
+    modes, env and torch configs.
 
     Raises :class:`OptionsError` for anything wrong, before any tracing happens.
     """

@@ -34,7 +34,8 @@ import torch
 
 import difforge
 from difforge.cache import CacheLayout, using_cache
-from difforge.diffusers.pipe import PipeState, _get, _original, pipe_state
+from difforge.diffusers.pipe import PipeState, _original, pipe_state
+from difforge.diffusers.pipe_methods import component
 from difforge.errors import DifforgeError, warn
 
 __all__ = ["ARTIFACTS_FILE", "META_FILE", "LoadResult", "environment", "load_pipe", "save_pipe"]
@@ -113,7 +114,7 @@ def _pipe_device(pipe: Any, state: PipeState) -> torch.device:
         if isinstance(device, torch.device):
             return device
     for name in state.compiled:
-        module = _original(_get(pipe, name))
+        module = _original(component(pipe, name))
         param = next(iter(module.parameters()), None) if module is not None else None
         if param is not None:
             return param.device

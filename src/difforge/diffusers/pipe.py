@@ -28,6 +28,7 @@ from difforge.batch import KEY as BATCH_KEY
 from difforge.batch import has_group_norm, resolve_batch_mode
 from difforge.diffusers.lora import pass_lora_methods_through
 from difforge.diffusers.offload import prepare_offloading
+from difforge.diffusers.pipe_methods import component
 from difforge.dynamic import remove_shape_adapters
 from difforge.errors import warn
 from difforge.fused_projections import fuse_qkv_projections as fuse_module_projections
@@ -100,11 +101,6 @@ def _owner_and_attr(pipe: Any, name: str) -> tuple[Any, str]:
     return pipe, name
 
 
-def _get(pipe: Any, name: str) -> Any:
-    owner, attr = _owner_and_attr(pipe, name)
-    return getattr(owner, attr, None) if owner is not None else None
-
-
 def _set(pipe: Any, name: str, module: nn.Module) -> None:
     owner, attr = _owner_and_attr(pipe, name)
     setattr(owner, attr, module)
@@ -115,7 +111,7 @@ def _slots(pipe: Any) -> list[str]:
     registered = set(getattr(pipe, "components", None) or ())
     slots = [n for n in COMPONENTS if "." not in n and (n in registered or hasattr(pipe, n))]
     if getattr(pipe, "vae", None) is not None:
-        slots += [n for n in COMPONENTS if n.startswith("vae.") and _get(pipe, n) is not None]
+        slots += [n for n in COMPONENTS if n.startswith("vae.") and component(pipe, n) is not None]
     if "vae" in registered or hasattr(pipe, "vae"):
         slots.append("vae")  # the prefix of both halves, valid even when the VAE is absent
     return slots
@@ -123,7 +119,7 @@ def _slots(pipe: Any) -> list[str]:
 
 def _modules(pipe: Any) -> list[str]:
     """Component names whose current value is an ``nn.Module``."""
-    return [n for n in COMPONENTS if isinstance(_get(pipe, n), nn.Module)]
+    return [n for n in COMPONENTS if isinstance(component(pipe, n), nn.Module)]
 
 
 def _check_ignores(pipe: Any, ignores: Iterable[str] | str) -> tuple[str, ...]:
@@ -323,7 +319,7 @@ def _mark_ran(state: PipeState, name: str) -> Callable[..., None]:
 
 def _restore(pipe: Any, name: str, state: PipeState, why: str) -> nn.Module:
     """Put the original module of ``name`` back on the pipe and forget its record."""
-    original = _original(_get(pipe, name))
+    original = _original(component(pipe, name))
     regional.unmark_regions(original)  # blocks compiled regionally go back to eager
     _set(pipe, name, original)
     state.compiled.pop(name, None)
@@ -355,7 +351,8 @@ def compile_pipe(
 ) -> Any:
     """Compile the pipeline's text encoders, denoiser, controlnet and VAE halves in place.
 
-    ``options`` (dict, JSON string or a mode such as ``"O2"``) are validated before anything changes.
+    ``options`` (dict, JSON string or a mode such as ``"O2"``) are validated before anything
+    changes.
     ``ignores``: component names or dotted prefixes left eager (``"vae"`` = both halves);
     names this pipeline does not have raise ``ValueError``. ``fuse_qkv_projections`` calls
     diffusers' ``fuse_qkv_projections()`` on the denoiser and the VAE first, where the model
@@ -374,7 +371,7 @@ def compile_pipe(
     # Parse everything first: a bad option must fail before the pipe is touched.
     plans = {
         n: _component_options(
-            options, backend, n in CONV_COMPONENTS, n in DENOISERS, _original(_get(pipe, n))
+            options, backend, n in CONV_COMPONENTS, n in DENOISERS, _original(component(pipe, n))
         )
         for n in targets
     }
@@ -394,7 +391,7 @@ def compile_pipe(
         # first call on, so the same call again finds the same key.
         fuses_itself = config is not None and bool(config.settings["fuse_qkv.modules"])
         key = _key(backend, raw, config, bool(owner and (fused.get(owner) or fuses_itself)))
-        current = _get(pipe, name)
+        current = component(pipe, name)
         # 'compile.regional': 'blocks' compiles the blocks in place and keeps the module.
         if isinstance(current, _OptimizedModule) or name in state.compiled:
             recorded = state.compiled.get(name)

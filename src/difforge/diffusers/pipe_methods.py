@@ -30,7 +30,7 @@ _OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
 def component(pipe: Any, name: str) -> Any:
     """The object in slot ``name`` (``"transformer"``, or ``"vae.decoder"`` inside the VAE)."""
     head, _, attr = name.partition(".")
-    found = pipe.__dict__.get(head)
+    found = getattr(pipe, head, None)
     return getattr(found, attr, None) if attr and found is not None else found
 
 
