@@ -122,9 +122,11 @@ def tiny_pipeline(name: str, **kwargs: Any) -> Any:
 
 def tiny_images(pipe: Any, name: str) -> Any:
     """The images (numpy) of one seeded call of a :func:`tiny_pipeline` at its preset's
-    call arguments."""
+    call arguments, the prompt embeddings on the pipeline's execution device and dtype (the
+    pipeline makes its latents in their dtype)."""
     from difforge.diffusers.presets import get_preset
 
     preset = get_preset(name)
-    kwargs = {**preset.prompt_kwargs(batch=1), **preset.call_kwargs(), "output_type": "np"}
+    prompt = preset.prompt_kwargs(batch=1, device=pipe._execution_device, dtype=pipe.dtype)
+    kwargs = {**prompt, **preset.call_kwargs(), "output_type": "np"}
     return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0)).images
