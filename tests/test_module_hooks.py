@@ -13,7 +13,7 @@ from torch import nn
 
 import difforge
 from difforge.graph_pool import GraphPool
-from difforge.module_hooks import hooks_reason
+from difforge.module_hooks import hooks_reason, hooks_stamp
 from tests.test_graph_pool import FakeCapturer
 
 
@@ -168,3 +168,151 @@ def test_a_pool_captures_once_the_hooks_are_gone() -> None:
     for _ in range(2):
         torch.testing.assert_close(pool(x), model(x))
     assert capturer.captures == 1
+
+
+class _Doubling:
+    """A diffusers hook that doubles its module's output (what a replay must not skip)."""
+
+    @staticmethod
+    def make() -> object:
+        hooks = pytest.importorskip("diffusers.hooks")
+
+        class Doubling(hooks.ModelHook):
+            def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+                return output * 2
+
+        return Doubling()
+
+
+def _stamped_pool(model: nn.Module) -> tuple[GraphPool, FakeCapturer]:
+    capturer = FakeCapturer(rerun=False)  # a replay leaves what it recorded, as a graph would
+    pool = GraphPool(
+        model,
+        max_graphs=4,
+        capturer=capturer,
+        hooked=functools.partial(hooks_reason, model),
+        hooks_stamp=functools.partial(hooks_stamp, model),
+    )
+    return pool, capturer
+
+
+@torch.no_grad()
+def test_diffusers_hooks_set_up_after_a_capture_drop_its_graphs() -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    model = _mlp()
+    pool, capturer = _stamped_pool(model)
+    x = torch.randn(2, 8)
+    plain = model(x)
+    pool(x)
+    replays = difforge.counters["cudagraphs.replay"]
+    torch.testing.assert_close(pool(x), plain)
+    assert difforge.counters["cudagraphs.replay"] == replays + 1
+    registry = hooks.HookRegistry.check_if_exists_or_initialize(model[2])
+    registry.register_hook(_Doubling.make(), "doubling")
+    dropped = difforge.counters["cudagraphs.hooks_invalidation"]
+    with pytest.warns(UserWarning, match="a graph replay would skip"):
+        torch.testing.assert_close(pool(x), plain * 2)  # a stale replay gives `plain`
+    assert difforge.counters["cudagraphs.hooks_invalidation"] == dropped + 1
+    assert len(pool) == 0 and capturer.captures == 1
+    registry.remove_hook("doubling")
+    for _ in range(2):  # the hooks gone, it captures again and replays
+        torch.testing.assert_close(pool(x), plain)
+    assert capturer.captures == 2
+
+
+@torch.no_grad()
+def test_hooks_set_up_elsewhere_keep_the_graphs() -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    model, other = _mlp(), _mlp()
+    pool, capturer = _stamped_pool(model)
+    x = torch.randn(2, 8)
+    pool(x)
+    hooks.HookRegistry.check_if_exists_or_initialize(other[0]).register_hook(
+        _Doubling.make(), "doubling"
+    )
+    dropped = difforge.counters["cudagraphs.hooks_invalidation"]
+    replays = difforge.counters["cudagraphs.replay"]
+    torch.testing.assert_close(pool(x), model(x))
+    assert difforge.counters["cudagraphs.replay"] == replays + 1
+    assert difforge.counters["cudagraphs.hooks_invalidation"] == dropped
+    assert capturer.captures == 1 and len(pool) == 1
+
+
+@torch.no_grad()
+def test_accelerate_offloading_set_up_after_a_capture_drops_its_graphs() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    model = _mlp()
+    pool, capturer = _stamped_pool(model)
+    x = torch.randn(2, 8)
+    plain = model(x)
+    pool(x)
+    # the offloaded weights live in this map (the module holds meta tensors): zeroed
+    # there, the hooks make the output zero, a stale replay would still give `plain`
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"), state_dict=weights)
+    for tensor in weights.values():
+        tensor.zero_()
+    with pytest.warns(UserWarning, match="accelerate hook"):
+        out = pool(x)
+    torch.testing.assert_close(out, torch.zeros_like(plain))
+    assert len(pool) == 0 and capturer.captures == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hook", ["layer_skip", "group_leaf"])
+def test_gpu_hooks_set_up_after_o2_ran_are_not_replayed_over(hook: str) -> None:
+    """What a user does to a compiled pipeline's denoiser between generations (a guider's
+    layer skip, offloading turned on): O2's graphs, recorded without the hooks, must go."""
+    diffusers_hooks = pytest.importorskip("diffusers.hooks")
+    from difforge.diffusers.presets import build_component, get_preset
+    from difforge.diffusers.step_inputs import denoiser_step_inputs
+
+    preset = get_preset("tiny-flux")
+    torch.manual_seed(0)
+    model = build_component(preset, preset.denoiser, dtype=torch.bfloat16).eval().to("cuda")
+    call = denoiser_step_inputs(
+        preset, batch=1, height=64, width=64, device="cuda", dtype=torch.bfloat16
+    )
+    compiled = difforge.compile(model, options="O2")
+    with torch.no_grad():
+        plain = call(model)[0].float()
+        for _ in range(3):
+            torch.testing.assert_close(call(compiled)[0].float(), plain, rtol=0.05, atol=0.05)
+        assert difforge.graphs_of(compiled) is not None and len(difforge.graphs_of(compiled))
+        dropped = difforge.counters["cudagraphs.hooks_invalidation"]
+        if hook == "layer_skip":
+            config = diffusers_hooks.LayerSkipConfig(indices=[0], fqn="transformer_blocks")
+            diffusers_hooks.apply_layer_skip(model, config)
+        else:
+            model.enable_group_offload(
+                onload_device=torch.device("cuda"),
+                offload_device=torch.device("cpu"),
+                offload_type="leaf_level",
+            )
+        expected = call(model)[0].float()
+        if hook == "layer_skip":
+            assert (expected - plain).abs().max() > 0.1  # the skip shows
+        for _ in range(2):
+            torch.testing.assert_close(call(compiled)[0].float(), expected, rtol=0.05, atol=0.05)
+        assert difforge.counters["cudagraphs.hooks_invalidation"] == dropped + 1
+
+
+@torch.no_grad()
+def test_hooks_that_come_and_go_at_every_other_call_stop_the_captures() -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    model = _mlp()
+    pool, capturer = _stamped_pool(model)
+    registry = hooks.HookRegistry.check_if_exists_or_initialize(model[0])
+    x = torch.randn(2, 8)
+    plain = model(x)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):  # a guider's normal pass, then its layer-skip pass
+            torch.testing.assert_close(pool(x), plain)
+            registry.register_hook(_Doubling.make(), "skip")
+            torch.testing.assert_close(pool(x), model(x))
+            registry.remove_hook("skip")
+        torch.testing.assert_close(pool(x), plain)
+    assert capturer.captures == 2  # then it stopped: each graph was dropped unreplayed
+    assert any("hooks came and went" in str(w.message) for w in seen)

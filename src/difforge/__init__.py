@@ -30,7 +30,7 @@ from difforge.memory_format import (
     install_input_hook,
     remove_input_hook,
 )
-from difforge.module_hooks import hooks_reason
+from difforge.module_hooks import hooks_reason, hooks_stamp
 from difforge.module_watch import ModuleWatch
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
@@ -238,6 +238,7 @@ def compile(
             grad_sensitive=grad_sensitive,
             watch=ModuleWatch(module) if is_module else None,
             hooked=functools.partial(hooks_reason, hooked_root) if is_module else None,
+            hooks_stamp=functools.partial(hooks_stamp, hooked_root) if is_module else None,
         ),
     )
 

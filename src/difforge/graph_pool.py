@@ -173,6 +173,11 @@ class GraphPool:
     diffusers' block caches: :func:`difforge.module_hooks.hooks_reason`), asked before each
     capture: then that call runs without graphs, and so does every call while the hooks
     stay (each asks again: a walk over the module tree, small beside what offloading costs)."""
+    hooks_stamp: Callable[[], Hashable] | None = None
+    """A cheap value that changes when hooks may have been added
+    (:func:`difforge.module_hooks.hooks_stamp`), compared at every call: when it changed,
+    ``hooked`` is asked and, if hooks are there, the graphs are dropped (their replays would
+    skip them) and the call runs eagerly."""
 
     def __post_init__(self) -> None:
         if self.max_graphs < 1:
@@ -187,12 +192,15 @@ class GraphPool:
         """Module changes that dropped only never-replayed graphs since the last replay; at
         :data:`VOLATILE_INVALIDATIONS` capturing stops."""
         self._generation = self.watch.generation if self.watch is not None else 0
+        self._stamp = self.hooks_stamp() if self.hooks_stamp is not None else None
 
     # ------------------------------------------------------------------ public
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.watch is not None and self.watch.generation != self._generation:
             self._invalidate()
+        if self.hooks_stamp is not None:
+            self._check_hooks()
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._signature(leaves, spec)
         entry = self._entries.get(key) if key is not None else None
@@ -369,28 +377,46 @@ class GraphPool:
         )
         return result
 
+    def _check_hooks(self) -> None:
+        """Drop the graphs when hooks came since the last call (set up on a module that
+        already ran: offloading, a block cache, a guider's layer skip); the capture that
+        follows finds them and runs the call eagerly."""
+        assert self.hooks_stamp is not None
+        stamp = self.hooks_stamp()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        reason = self.hooked() if self._entries and self.hooked is not None else None
+        if reason is not None:
+            self._drop_graphs("hooks_invalidation", f"{self.name}: {reason}")
+
     def _invalidate(self) -> None:
         """The module changed (a weight or sub-module replaced, a dtype or device
         conversion): every graph holds the old memory, so all are dropped."""
         assert self.watch is not None
         self._generation = self.watch.generation
+        self._drop_graphs("invalidated", f"{self.name} changed")
+
+    def _drop_graphs(self, counter: str, why: str) -> None:
+        """Drop every graph, counting drops that wasted all of them (never replayed)."""
         if not (self._entries or self._failed):
             return
         wasted = bool(self._entries) and all(e.replays == 0 for e in self._entries.values())
         kept = self._unreplayed_invalidations + 1 if wasted else 0
         self.reset()
         self._unreplayed_invalidations = kept
-        counters["cudagraphs.invalidated"] += 1
-        log.info("difforge cudagraphs: %s changed; its graphs were dropped", self.name)
+        counters[f"cudagraphs.{counter}"] += 1
+        log.info("difforge cudagraphs: %s; its graphs were dropped", why)
 
     def _volatile(self) -> bool:
         """Whether the module changed so often that no graph of it lived to be replayed."""
         return self._stop_capturing(
             "volatile",
             self._unreplayed_invalidations >= VOLATILE_INVALIDATIONS,
-            f"{self.name}'s weights changed {self._unreplayed_invalidations} times before any "
-            "graph of it was replayed (e.g. a diffusers pipeline casting an fp16 VAE with "
-            "force_upcast to fp32 around every decode)",
+            f"{self.name}'s graphs were dropped {self._unreplayed_invalidations} times before "
+            "any was replayed: its weights changed (e.g. a diffusers pipeline casting an fp16 "
+            "VAE with force_upcast to fp32 around every decode) or hooks came and went (e.g. "
+            "a guider's layer skip on every other call)",
         )
 
     def _thrashing(self) -> bool:

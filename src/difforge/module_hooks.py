@@ -9,15 +9,31 @@ context-parallel splits. Such hooks run Python around a sub-module's call that m
 or skips weights (or splits the work across devices): a fused q/k/v linear made beside
 hooked parts would escape the offloading, and a CUDA graph replay runs none of that Python
 while the weights it recorded move away (:mod:`difforge.graph_pool`).
+
+:func:`hooks_reason` walks the whole tree, too slow for every replay. :func:`hooks_stamp` is
+the cheap part a pool compares at each call: a count of the hooks registered or removed
+through diffusers' ``HookRegistry`` anywhere (its two methods are wrapped once per process,
+as every diffusers hook, model-level ``enable_group_offload``, ``enable_cache``, a guider's
+per-step layer skip, goes through them) and the accelerate hooks on the module's roots
+(``accelerate.cpu_offload`` and ``dispatch_model`` hook the root along with the parts).
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["hooks_reason"]
+__all__ = ["hooks_reason", "hooks_stamp"]
+
+_lock = threading.Lock()
+_registrations = 0
+"""Hooks registered or removed through diffusers' ``HookRegistry`` since counting began."""
+_counting = False
 
 
 def _accelerate_hooks(hook: Any) -> list[Any]:
@@ -57,3 +73,43 @@ def hooks_reason(module: nn.Module) -> str | None:
     if len(devices) > 1:
         return f"accelerate hooks spread it over {', '.join(sorted(devices))}"
     return None
+
+
+def _counted(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        global _registrations
+        try:
+            return method(*args, **kwargs)
+        finally:
+            with _lock:
+                _registrations += 1
+
+    counted.__difforge_counted__ = True  # type: ignore[attr-defined]
+    return counted
+
+
+def _count_diffusers_hooks() -> bool:
+    """Wrap ``HookRegistry.register_hook``/``remove_hook`` once diffusers' hooks module is
+    loaded (a module of diffusers' models imports it); False while it is not."""
+    registry = getattr(sys.modules.get("diffusers.hooks.hooks"), "HookRegistry", None)
+    if registry is None:
+        return False
+    with _lock:
+        for name in ("register_hook", "remove_hook"):
+            method = getattr(registry, name, None)
+            if callable(method) and not getattr(method, "__difforge_counted__", False):
+                setattr(registry, name, _counted(method))
+    return True
+
+
+def hooks_stamp(module: nn.Module) -> tuple[Any, ...]:
+    """A cheap value that changes whenever ``module``'s hooks may have changed (then ask
+    :func:`hooks_reason` again). Hooks put by hand on a part, other than through diffusers'
+    registry, do not change it: after those, ``difforge.reset_graphs``. It holds the root
+    hooks themselves, not their ids: a hook replaced at once may reuse the freed address."""
+    global _counting
+    if not _counting:
+        _counting = _count_diffusers_hooks()
+    inner = getattr(module, "_orig_mod", module)
+    return (_registrations, getattr(module, "_hf_hook", None), getattr(inner, "_hf_hook", None))
