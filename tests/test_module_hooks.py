@@ -258,6 +258,10 @@ def test_accelerate_offloading_set_up_after_a_capture_drops_its_graphs() -> None
     assert len(pool) == 0 and capturer.captures == 1
 
 
+def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out.float() - reference).norm() / reference.norm())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("hook", ["layer_skip", "group_leaf"])
@@ -278,7 +282,7 @@ def test_gpu_hooks_set_up_after_o2_ran_are_not_replayed_over(hook: str) -> None:
     with torch.no_grad():
         plain = call(model)[0].float()
         for _ in range(3):
-            torch.testing.assert_close(call(compiled)[0].float(), plain, rtol=0.05, atol=0.05)
+            assert _relative_error(call(compiled)[0], plain) < 0.02
         assert difforge.graphs_of(compiled) is not None and len(difforge.graphs_of(compiled))
         dropped = difforge.counters["cudagraphs.hooks_invalidation"]
         if hook == "layer_skip":
@@ -292,9 +296,9 @@ def test_gpu_hooks_set_up_after_o2_ran_are_not_replayed_over(hook: str) -> None:
             )
         expected = call(model)[0].float()
         if hook == "layer_skip":
-            assert (expected - plain).abs().max() > 0.1  # the skip shows
+            assert _relative_error(expected, plain) > 0.2  # the skip shows
         for _ in range(2):
-            torch.testing.assert_close(call(compiled)[0].float(), expected, rtol=0.05, atol=0.05)
+            assert _relative_error(call(compiled)[0], expected) < 0.02
         assert difforge.counters["cudagraphs.hooks_invalidation"] == dropped + 1
 
 
