@@ -58,6 +58,7 @@ DENOISERS: tuple[str, ...] = ("transformer", "unet")
 
 STATE_ATTR = "_difforge_state"
 COMPILED_ATTR = "_difforge_compiled"
+RECORD_ATTR = "_difforge_record"
 
 _OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
 
@@ -81,6 +82,16 @@ class PipeState:
     def ran(self) -> bool:
         """Whether any compiled component has run (so this process has compiled graphs)."""
         return bool(self.ran_components)
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    """What ``compile_pipe`` compiled a component with, kept on the compiled module itself
+    (``_difforge_record``): a pipeline made from this one (``from_pipe``) shares the
+    module, and ``compile_pipe`` on it adopts the module instead of compiling it again."""
+
+    key: str
+    config: CompileConfig | None
 
 
 def pipe_state(pipe: Any) -> PipeState | None:
@@ -320,6 +331,7 @@ def _mark_ran(state: PipeState, name: str) -> Callable[..., None]:
 def _restore(pipe: Any, name: str, state: PipeState, why: str) -> nn.Module:
     """Put the original module of ``name`` back on the pipe and forget its record."""
     original = _original(component(pipe, name))
+    original.__dict__.pop(RECORD_ATTR, None)  # 'blocks' style records on the module itself
     regional.unmark_regions(original)  # blocks compiled regionally go back to eager
     _set(pipe, name, original)
     state.compiled.pop(name, None)
@@ -330,6 +342,41 @@ def _restore(pipe: Any, name: str, state: PipeState, why: str) -> nn.Module:
     remove_shape_adapters(original)  # the next compile applies them again if dynamic
     log.info("difforge: %s: %s", name, why)
     return original
+
+
+def _same_folder(before: CompileConfig | None, config: CompileConfig | None) -> bool:
+    """The key leaves out the cache folder (it is saved with the pipe and must stay
+    portable); a new folder still recompiles, or nothing would be written there."""
+    return config is None or before is None or before.placement_key() == config.placement_key()
+
+
+def _adopt(pipe: Any, name: str, state: PipeState, key: str, config: CompileConfig | None) -> bool:
+    """Take over ``name``'s module if ``compile_pipe`` compiled it for another pipeline
+    with the same key (``Img2ImgPipeline.from_pipe(pipe)`` shares the compiled modules)."""
+    current = component(pipe, name)
+    record = current.__dict__.get(RECORD_ATTR) if isinstance(current, nn.Module) else None
+    if not isinstance(record, ComponentRecord) or record.key != key:
+        return False
+    if not _same_folder(record.config, config):
+        return False
+    _track(state, name, current, key, config)
+    log.info("difforge: %s was compiled with these options for another pipeline; adopted", name)
+    return True
+
+
+def _track(
+    state: PipeState, name: str, compiled: nn.Module, key: str, config: CompileConfig | None
+) -> None:
+    """Record ``compiled`` as this pipeline's ``name`` (and on the module, for pipelines
+    made from this one), with a hook that notes when it first runs."""
+    in_place = not isinstance(compiled, _OptimizedModule)  # 'compile.regional': 'blocks'
+    if not in_place or name not in state.hooked:
+        compiled.register_forward_pre_hook(_mark_ran(state, name))
+        if in_place:
+            state.hooked.add(name)
+    compiled.__dict__[RECORD_ATTR] = ComponentRecord(key, config)
+    state.compiled[name] = key
+    state.configs[name] = config
 
 
 def _ensure_state(pipe: Any) -> PipeState:
@@ -391,19 +438,13 @@ def compile_pipe(
         # first call on, so the same call again finds the same key.
         fuses_itself = config is not None and bool(config.settings["fuse_qkv.modules"])
         key = _key(backend, raw, config, bool(owner and (fused.get(owner) or fuses_itself)))
+        if name not in state.compiled and _adopt(pipe, name, state, key, config):
+            continue
         current = component(pipe, name)
         # 'compile.regional': 'blocks' compiles the blocks in place and keeps the module.
         if isinstance(current, _OptimizedModule) or name in state.compiled:
             recorded = state.compiled.get(name)
-            # The key leaves out the cache folder (it is saved with the pipe and must stay
-            # portable); a new folder still recompiles, or nothing would be written there.
-            before = state.configs.get(name)
-            same_folder = (
-                config is None
-                or before is None
-                or (before.placement_key() == config.placement_key())
-            )
-            if recorded == key and same_folder:
+            if recorded == key and _same_folder(state.configs.get(name), config):
                 log.debug("difforge: %s is already compiled with these options", name)
                 continue
             why = "was compiled outside difforge" if recorded is None else "compile options changed"
@@ -413,13 +454,8 @@ def compile_pipe(
         compiled = difforge.compile(current, backend=backend, options=raw)
         if compiled is current and not regional.marked_blocks(current):
             continue  # "disable": true returns the module unchanged
-        if compiled is not current or name not in state.hooked:
-            compiled.register_forward_pre_hook(_mark_ran(state, name))
-            if compiled is current:
-                state.hooked.add(name)
         _set(pipe, name, compiled)
-        state.compiled[name] = key
-        state.configs[name] = config
+        _track(state, name, compiled, key, config)
     # diffusers' pipeline methods that skip compiled components or change their weights
     # unseen (difforge.diffusers.lora, .offload).
     pass_lora_methods_through(pipe, COMPONENTS)
