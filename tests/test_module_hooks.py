@@ -319,3 +319,33 @@ def test_hooks_that_come_and_go_at_every_other_call_stop_the_captures() -> None:
         torch.testing.assert_close(pool(x), plain)
     assert capturer.captures == 2  # then it stopped: each graph was dropped unreplayed
     assert any("hooks came and went" in str(w.message) for w in seen)
+
+
+@torch.no_grad()
+def test_recompiles_under_offloading_hooks_are_reported_once_together() -> None:
+    """accelerate's offload hooks each part of a tiny FLUX: Dynamo breaks the graph at
+    every hook and recompiles the frames it resumes in for parts of other shapes (11 here);
+    one warning says so instead of one per frame and reason."""
+    accelerate = pytest.importorskip("accelerate")
+    pytest.importorskip("diffusers")
+    from difforge.diffusers.presets import build_component, get_preset
+    from difforge.diffusers.step_inputs import denoiser_step_inputs
+    from difforge.recompiles import recompile_events
+
+    preset = get_preset("tiny-flux")
+    torch.manual_seed(0)
+    model = build_component(preset, preset.denoiser).eval()
+    call = denoiser_step_inputs(
+        preset, batch=1, height=64, width=64, device="cpu", dtype=torch.float32
+    )
+    expected = call(model)[0]
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    compiled = difforge.compile(model, options="O1")
+    before = len(recompile_events)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(call(compiled)[0], expected, rtol=1e-4, atol=1e-4)
+    ours = [str(w.message) for w in seen if str(w.message).startswith("difforge")]
+    assert len(recompile_events) - before >= 2  # recompiles happened, and were recorded
+    assert len(ours) == 1 and "has an accelerate hook (offloading)" in ours[0]
+    assert "Dynamo breaks the graph at each hook" in ours[0]

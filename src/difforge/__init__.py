@@ -176,7 +176,9 @@ def compile(
     # (difforge.graph_pool), so Inductor must not record its own graphs inside them.
     pooled = config.cudagraph_impl() == "pooled"
     backend_fn = DifforgeBackend(
-        config.without_inductor_cudagraphs() if pooled else config, name=name
+        config.without_inductor_cudagraphs() if pooled else config,
+        name=name,
+        hooked=functools.partial(hooks_reason, module) if isinstance(module, nn.Module) else None,
     )
     style = _apply_regional(module, config)
 

@@ -97,11 +97,19 @@ def _mark_cacheable_targets(patches: dict[str, Any]) -> None:
 class DifforgeBackend:
     """A compiler for ``torch.compile(backend=...)`` bound to one parsed config."""
 
-    def __init__(self, config: CompileConfig, name: str = "a compiled function") -> None:
+    def __init__(
+        self,
+        config: CompileConfig,
+        name: str = "a compiled function",
+        hooked: Callable[[], str | None] | None = None,
+    ) -> None:
         self.config = config
         self.records: list[CompileRecord] = []
         self.recompiles = RecompileTracker(
-            config.settings["recompile.limit"], bool(config.settings["recompile.strict"]), name
+            config.settings["recompile.limit"],
+            bool(config.settings["recompile.strict"]),
+            name,
+            hooked=hooked,
         )
 
     def __call__(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +67,20 @@ def dynamo_recompile_limit() -> int:
 class RecompileTracker:
     """Counts compilations per function for one backend and reports the recompiles."""
 
-    def __init__(self, limit: int | None, strict: bool, name: str = "a compiled function") -> None:
+    def __init__(
+        self,
+        limit: int | None,
+        strict: bool,
+        name: str = "a compiled function",
+        hooked: Callable[[], str | None] | None = None,
+    ) -> None:
         self.name = name
         self.limit = limit
         self.strict = strict
+        self.hooked = hooked
+        """Why the module has hooks around its parts (:func:`difforge.module_hooks
+        .hooks_reason`): then recompiles are expected and reported once, together."""
+        self._hooks_reported = False
         self._seen: dict[int, set[int]] = {}
         self._reported: set[tuple[int, str]] = set()
         self._expected = 0
@@ -112,6 +122,21 @@ class RecompileTracker:
                 f"{event.reason}. Use 'dynamic': true for resolution/batch changes, or raise "
                 "recompile.limit"
             )
+        log.info("difforge recompile #%d of %s: %s", event.compile_index, function, event.reason)
+        hooked = self.hooked() if self.hooked is not None else None
+        if hooked is not None:
+            # Offloading hooks run Python around every part: Dynamo breaks the graph there
+            # and the frames it resumes in serve parts of other shapes, so it compiles them
+            # again and again (a tiny FLUX under accelerate's offload: 11 recompiles).
+            if not self._hooks_reported:
+                self._hooks_reported = True
+                warn(
+                    f"difforge: {function}: {hooked}; Dynamo breaks the graph at each hook and "
+                    "recompiles the frames it resumes in for parts of other shapes (expected "
+                    "here, not reported one by one: difforge.recompiles.recompile_events lists "
+                    "them; past torch._dynamo.config.recompile_limit those frames run eagerly)",
+                )
+            return event
         if (frame_id, event.reason) not in self._reported:
             self._reported.add((frame_id, event.reason))
             warn(
@@ -124,5 +149,4 @@ class RecompileTracker:
                 f"{dynamo_recompile_limit()}; inputs needing yet another compilation will run "
                 "EAGERLY (slow). Use 'dynamic': true or raise the limit.",
             )
-        log.info("difforge recompile #%d of %s: %s", event.compile_index, function, event.reason)
         return event
