@@ -216,3 +216,36 @@ def test_gpu_a_new_lora_scale_reaches_the_replayed_graphs() -> None:
     compiled.set_adapters(["style"], [0.3])
     for _ in range(3):
         assert float(np.abs(_run(compiled) - scaled).max()) < 0.25 * step
+
+
+def test_under_o3_calls_that_leave_the_fp8_denoiser_alone_are_not_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipe = _pipe()
+    compile_pipe(pipe, options=_o3_on_the_cpu(monkeypatch), ignores="vae")
+    before = _run(pipe)
+    q_proj = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    text_only = {
+        f"{q_proj}.lora_A.weight": torch.zeros(4, 32),
+        f"{q_proj}.lora_B.weight": torch.zeros(32, 4),
+    }
+    # This tiny pipeline has no text encoders (and PEFT 0.21 cannot wrap transformers 5's):
+    # what diffusers would load into one is recorded instead.
+    loaded: list[str] = []
+    monkeypatch.setattr(
+        type(pipe),
+        "load_lora_into_text_encoder",
+        lambda _pipe, state_dict, *a, **k: loaded.extend(state_dict),
+    )
+    pipe.load_lora_weights(copy.deepcopy(text_only), adapter_name="text")
+    assert sorted(loaded) == sorted(text_only)
+    pipe.fuse_lora(components=["text_encoder"])
+    pipe.unfuse_lora(components=["text_encoder"])
+    np.testing.assert_array_equal(_run(pipe), before)
+    with pytest.raises(lora_module.LoraOnFp8Error, match="load_lora_weights"):
+        pipe.load_lora_weights({**text_only, **_lora()}, adapter_name="both")
+    with pytest.raises(lora_module.LoraOnFp8Error, match="fuse_lora"):
+        pipe.fuse_lora(components=["transformer"])
+    with pytest.raises(lora_module.LoraOnFp8Error, match="unfuse_lora"):
+        pipe.unfuse_lora()  # FLUX's default components include the transformer
+    assert pipe.get_list_adapters() == {}
