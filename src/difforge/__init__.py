@@ -31,7 +31,7 @@ from difforge.memory_format import (
     remove_input_hook,
 )
 from difforge.module_hooks import hooks_reason, hooks_stamp
-from difforge.module_watch import ModuleWatch
+from difforge.module_watch import ModuleWatch, weight_addresses
 from difforge.options import MODES, PRESETS, CompileConfig, load_options, parse_options
 from difforge.passes import counters
 from difforge.precompile import (
@@ -241,6 +241,7 @@ def compile(
             watch=ModuleWatch(module) if is_module else None,
             hooked=functools.partial(hooks_reason, hooked_root) if is_module else None,
             hooks_stamp=functools.partial(hooks_stamp, hooked_root) if is_module else None,
+            weights=functools.partial(weight_addresses, module) if is_module else None,
         ),
     )
 

@@ -174,10 +174,15 @@ class GraphPool:
     capture: then that call runs without graphs, and so does every call while the hooks
     stay (each asks again: a walk over the module tree, small beside what offloading costs)."""
     hooks_stamp: Callable[[], Hashable] | None = None
-    """A cheap value that changes when hooks may have been added
-    (:func:`difforge.module_hooks.hooks_stamp`), compared at every call: when it changed,
-    ``hooked`` is asked and, if hooks are there, the graphs are dropped (their replays would
-    skip them) and the call runs eagerly."""
+    """A cheap value that changes when hooks may have come or gone
+    (:func:`difforge.module_hooks.hooks_stamp`), compared at every call. When it changed,
+    ``hooked`` is asked: while hooks are there every call runs eagerly (a replay would skip
+    them); the graphs are kept unless the weights moved since they were recorded
+    (``weights``), so a guider's per-step layer skip costs no capture when it goes again."""
+    weights: Callable[[], Hashable] | None = None
+    """Where the module's weights live (:func:`difforge.module_watch.weight_addresses`):
+    hooks that offload move them by ``param.data = ...``, which ``watch`` does not see.
+    Without it, hooks drop the graphs."""
 
     def __post_init__(self) -> None:
         if self.max_graphs < 1:
@@ -193,6 +198,10 @@ class GraphPool:
         :data:`VOLATILE_INVALIDATIONS` capturing stops."""
         self._generation = self.watch.generation if self.watch is not None else 0
         self._stamp = self.hooks_stamp() if self.hooks_stamp is not None else None
+        self._hooked_since: str | None = None
+        """Why calls run eagerly since hooks came (after a capture), until they go."""
+        self._captured_weights: Hashable | None = None
+        """``weights()`` at the last capture."""
 
     # ------------------------------------------------------------------ public
 
@@ -201,6 +210,8 @@ class GraphPool:
             self._invalidate()
         if self.hooks_stamp is not None:
             self._check_hooks()
+        if self._hooked_since is not None:
+            return self._run_hooked(self._hooked_since, args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._signature(leaves, spec)
         entry = self._entries.get(key) if key is not None else None
@@ -243,6 +254,7 @@ class GraphPool:
         self._failed.clear()
         self._unreplayed_evictions = 0
         self._unreplayed_invalidations = 0
+        self._hooked_since = None  # the next capture asks about hooks again
 
     # ----------------------------------------------------------------- helpers
 
@@ -294,18 +306,10 @@ class GraphPool:
         """Run the call once for real, then record it; returns the real call's result."""
         hooked = self.hooked() if self.hooked is not None else None
         if hooked is not None:
-            # Their Python moves or casts weights at each call; a replay would run none of
-            # it and read the memory the weights had while it was recorded. Not marked
-            # failed: once the hooks are gone (a cache disabled, offloading removed) the
-            # next call captures.
-            self._warn_once(
-                "hooks",
-                f"difforge cudagraphs: {self.name}: {hooked}, which a graph replay would "
-                "skip; its calls run without CUDA graphs",
-            )
-            counters["cudagraphs.eager_call"] += 1
+            # Not marked failed: once the hooks are gone (a cache disabled, offloading
+            # removed) the next call captures.
             args, kwargs = pytree.tree_unflatten(leaves, spec)
-            return self.fn(*args, **kwargs)
+            return self._run_hooked(hooked, args, kwargs)
         static_leaves = [_static_copy(x) if isinstance(x, torch.Tensor) else x for x in leaves]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         originals = [x for x in leaves if isinstance(x, torch.Tensor)]
@@ -372,23 +376,38 @@ class GraphPool:
             before_replay=tuple(hooks),
         )
         counters["cudagraphs.capture"] += 1
+        if self.weights is not None:
+            self._captured_weights = self.weights()
         log.info(
             "difforge cudagraphs: %s captured graph %d/%d", self.name, len(self), self.max_graphs
         )
         return result
 
+    def _run_hooked(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run a call eagerly: the module has hooks whose Python moves, casts or skips
+        weights at each call, which a replay would skip."""
+        self._warn_once(
+            "hooks",
+            f"difforge cudagraphs: {self.name}: {reason}, which a graph replay would skip; "
+            "its calls run without CUDA graphs while they are there",
+        )
+        counters["cudagraphs.eager_call"] += 1
+        return self.fn(*args, **kwargs)
+
     def _check_hooks(self) -> None:
-        """Drop the graphs when hooks came since the last call (set up on a module that
-        already ran: offloading, a block cache, a guider's layer skip); the capture that
-        follows finds them and runs the call eagerly."""
+        """When hooks came or went since the last call (set up on a module that already ran:
+        offloading, a block cache, a guider's layer skip): run eagerly while they are there,
+        and drop the graphs if the weights moved since they were recorded."""
         assert self.hooks_stamp is not None
         stamp = self.hooks_stamp()
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        reason = self.hooked() if self._entries and self.hooked is not None else None
-        if reason is not None:
-            self._drop_graphs("hooks_invalidation", f"{self.name}: {reason}")
+        reason = self.hooked() if self.hooked is not None else None
+        if self._entries and (self.weights is None or self.weights() != self._captured_weights):
+            why = reason or "hooks came and went"
+            self._drop_graphs("hooks_invalidation", f"{self.name}: {why}, its weights moved")
+        self._hooked_since = reason  # after the drop, whose reset clears it
 
     def _invalidate(self) -> None:
         """The module changed (a weight or sub-module replaced, a dtype or device
@@ -413,10 +432,9 @@ class GraphPool:
         return self._stop_capturing(
             "volatile",
             self._unreplayed_invalidations >= VOLATILE_INVALIDATIONS,
-            f"{self.name}'s graphs were dropped {self._unreplayed_invalidations} times before "
-            "any was replayed: its weights changed (e.g. a diffusers pipeline casting an fp16 "
-            "VAE with force_upcast to fp32 around every decode) or hooks came and went (e.g. "
-            "a guider's layer skip on every other call)",
+            f"{self.name}'s weights changed {self._unreplayed_invalidations} times before any "
+            "graph of it was replayed (e.g. a diffusers pipeline casting an fp16 VAE with "
+            "force_upcast to fp32 around every decode)",
         )
 
     def _thrashing(self) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -91,7 +92,10 @@ def _counted(method: Callable[..., Any]) -> Callable[..., Any]:
 
 def _count_diffusers_hooks() -> bool:
     """Wrap ``HookRegistry.register_hook``/``remove_hook`` once diffusers' hooks module is
-    loaded (a module of diffusers' models imports it); False while it is not."""
+    loaded (a module of diffusers' models imports it); False while it is not. Wrapping
+    counts as a registration: hooks may have been registered, uncounted, since diffusers
+    was imported after an earlier stamp."""
+    global _registrations
     registry = getattr(sys.modules.get("diffusers.hooks.hooks"), "HookRegistry", None)
     if registry is None:
         return False
@@ -100,16 +104,28 @@ def _count_diffusers_hooks() -> bool:
             method = getattr(registry, name, None)
             if callable(method) and not getattr(method, "__difforge_counted__", False):
                 setattr(registry, name, _counted(method))
+        _registrations += 1
     return True
+
+
+def _ref(hook: Any) -> Any:
+    """A weak reference to ``hook`` (equal while it lives; a dead one equals no new hook at
+    the freed address), so a stamp keeps no removed hook, nor what it holds, alive."""
+    if hook is None:
+        return None
+    try:
+        return weakref.ref(hook)
+    except TypeError:  # a hook type without weak references: hold it
+        return hook
 
 
 def hooks_stamp(module: nn.Module) -> tuple[Any, ...]:
     """A cheap value that changes whenever ``module``'s hooks may have changed (then ask
     :func:`hooks_reason` again). Hooks put by hand on a part, other than through diffusers'
-    registry, do not change it: after those, ``difforge.reset_graphs``. It holds the root
-    hooks themselves, not their ids: a hook replaced at once may reuse the freed address."""
+    registry, do not change it: after those, ``difforge.reset_graphs``."""
     global _counting
     if not _counting:
         _counting = _count_diffusers_hooks()
     inner = getattr(module, "_orig_mod", module)
-    return (_registrations, getattr(module, "_hf_hook", None), getattr(inner, "_hf_hook", None))
+    root_hooks = (getattr(module, "_hf_hook", None), getattr(inner, "_hf_hook", None))
+    return (_registrations, *(_ref(hook) for hook in root_hooks))

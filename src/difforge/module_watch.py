@@ -89,6 +89,13 @@ def _address(tensor: torch.Tensor) -> int | None:
         return None
 
 
+def weight_addresses(module: nn.Module) -> tuple[int | None, ...]:
+    """Where every parameter and buffer of ``module``'s tree lives now: hooks that move
+    weights by ``param.data = ...`` (diffusers' streamed group offloading, accelerate's
+    offload to meta) change it, which no registration hook or ``_apply`` shows."""
+    return tuple(_address(t) for t in (*module.parameters(), *module.buffers()))
+
+
 def _own_memory(module: nn.Module) -> list[tuple[int, int | None, torch.dtype, torch.device]]:
     """Identity, address, dtype and device of ``module``'s own parameters and buffers."""
     tensors = [*module._parameters.values(), *module._buffers.values()]
@@ -127,4 +134,4 @@ def _install_hooks() -> None:
     _installed = True
 
 
-__all__ = ["ModuleWatch"]
+__all__ = ["ModuleWatch", "weight_addresses"]

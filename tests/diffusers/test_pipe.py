@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -50,20 +49,6 @@ def tiny(name: Any, *, text_encoders: bool = False) -> tuple[Any, dict[str, Any]
     pipe = build_pipeline(preset, text_encoders=text_encoders)
     prompt = {"prompt": "a red fox"} if text_encoders else preset.prompt_kwargs(batch=1)
     return pipe, {**prompt, **preset.call_kwargs(), "output_type": "np"}
-
-
-@pytest.fixture
-def compile_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Records the class of every module handed to difforge.compile."""
-    calls: list[str] = []
-    real = difforge.compile
-
-    def spy(module: Any, **kwargs: Any) -> Any:
-        calls.append(type(module).__name__)
-        return real(module, **kwargs)
-
-    monkeypatch.setattr(difforge, "compile", spy)
-    yield calls
 
 
 def assert_compiled(pipe: Any, names: list[str]) -> None:

@@ -16,23 +16,9 @@ pytest.importorskip("diffusers")
 
 from tests.helpers import tiny_images, tiny_pipeline
 
-import difforge
 from difforge.diffusers import compile_pipe, pipe_methods
 
 OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
-
-
-def _counting_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The class names of what difforge.compile is asked to compile from now on."""
-    asked: list[str] = []
-    original = difforge.compile
-
-    def counting(module: Any, **kwargs: Any) -> Any:
-        asked.append(type(module).__name__)
-        return original(module, **kwargs)
-
-    monkeypatch.setattr(difforge, "compile", counting)
-    return asked
 
 
 def _from_pipe(pipe: Any) -> Any:
@@ -42,15 +28,15 @@ def _from_pipe(pipe: Any) -> Any:
 
 
 def test_a_pipeline_from_a_compiled_one_adopts_its_compiled_modules(
-    monkeypatch: pytest.MonkeyPatch,
+    compile_calls: list[str],
 ) -> None:
     pipe = compile_pipe(tiny_pipeline("tiny-flux"), options="O2")
     shared = _from_pipe(pipe)
     assert shared.transformer is pipe.transformer  # from_pipe shares the compiled modules
     assert "set_adapters" not in vars(shared)  # but not the wrappers on the instance
-    asked = _counting_compiles(monkeypatch)
+    compiled_before = len(compile_calls)
     assert compile_pipe(shared, options="O2") is shared
-    assert asked == []
+    assert len(compile_calls) == compiled_before
     assert shared.transformer is pipe.transformer
     assert shared.vae.decoder is pipe.vae.decoder  # the VAE is shared, its halves compiled
     assert dict(shared._difforge_compiled) == dict(pipe._difforge_compiled)
@@ -58,26 +44,21 @@ def test_a_pipeline_from_a_compiled_one_adopts_its_compiled_modules(
     np.testing.assert_allclose(tiny_images(shared, "tiny-flux"), tiny_images(pipe, "tiny-flux"))
 
 
-def test_other_options_recompile_from_the_original_module(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_other_options_recompile_from_the_original_module(compile_calls: list[str]) -> None:
     pipe = compile_pipe(tiny_pipeline("tiny-flux"), options="O2", ignores="vae")
     shared = _from_pipe(pipe)
-    asked = _counting_compiles(monkeypatch)
+    compile_calls.clear()
     compile_pipe(shared, options="O1", ignores="vae")
-    assert asked == ["FluxTransformer2DModel"]
+    assert compile_calls == ["FluxTransformer2DModel"]
     assert isinstance(shared.transformer, OptimizedModule)
     assert shared.transformer is not pipe.transformer
     assert shared.transformer._orig_mod is pipe.transformer._orig_mod
 
 
-def test_a_module_compiled_outside_difforge_is_not_adopted(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_module_compiled_outside_difforge_is_not_adopted(compile_calls: list[str]) -> None:
     pipe = tiny_pipeline("tiny-flux")
     pipe.transformer = torch.compile(pipe.transformer)
     shared = _from_pipe(pipe)
-    asked = _counting_compiles(monkeypatch)
     compile_pipe(shared, options="O2", ignores="vae")
-    assert asked == ["FluxTransformer2DModel"]
+    assert compile_calls == ["FluxTransformer2DModel"]
     assert shared.transformer is not pipe.transformer
