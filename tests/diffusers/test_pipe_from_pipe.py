@@ -62,3 +62,34 @@ def test_a_module_compiled_outside_difforge_is_not_adopted(compile_calls: list[s
     compile_pipe(shared, options="O2", ignores="vae")
     assert compile_calls == ["FluxTransformer2DModel"]
     assert shared.transformer is not pipe.transformer
+
+
+def test_a_recompile_through_one_pipeline_is_seen_by_the_other(
+    compile_calls: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both pipelines share the transformer's original and the VAE itself: after the first
+    recompiles with other options, the second's record of what it holds is stale, and the
+    modules in its slots (an old wrapper, the shared VAE's new decoder) say so."""
+    first = compile_pipe(tiny_pipeline("tiny-flux"), options="O2")
+    second = compile_pipe(_from_pipe(first), options="O2")  # adopted
+    compile_pipe(first, options="O1")
+    assert second.vae.decoder is first.vae.decoder  # the O1 decoder, in the shared VAE
+    compile_calls.clear()
+    with caplog.at_level("INFO", logger="difforge.diffusers"):
+        compile_pipe(second, options="O2")
+    assert sorted(compile_calls) == ["Decoder", "Encoder", "FluxTransformer2DModel"]
+    assert "was recompiled by a pipeline sharing it" in caplog.text
+    assert second.transformer is not first.transformer
+    state = second._difforge_state
+    for name, module in (("transformer", second.transformer), ("vae.decoder", second.vae.decoder)):
+        assert module._difforge_record.key == state.compiled[name]
+
+
+def test_an_adopted_module_that_ran_counts_as_run(compile_calls: list[str]) -> None:
+    from difforge.diffusers.pipe import pipe_state
+
+    first = compile_pipe(tiny_pipeline("tiny-flux"), options="O1", ignores="vae")
+    tiny_images(first, "tiny-flux")
+    second = compile_pipe(_from_pipe(first), options="O1", ignores="vae")
+    state = pipe_state(second)
+    assert state is not None and state.ran_components == {"transformer"}

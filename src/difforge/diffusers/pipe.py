@@ -84,14 +84,24 @@ class PipeState:
         return bool(self.ran_components)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ComponentRecord:
     """What ``compile_pipe`` compiled a component with, kept on the compiled module itself
     (``_difforge_record``): a pipeline made from this one (``from_pipe``) shares the
-    module, and ``compile_pipe`` on it adopts the module instead of compiling it again."""
+    module, and ``compile_pipe`` on it adopts the module instead of compiling it again.
+    Pipelines sharing a module (or the VAE whose halves it is) see each other's
+    recompiles there: the record, not a pipeline's state, says what the module is."""
 
     key: str
     config: CompileConfig | None
+    ran: bool = False
+    """Whether the module has run since it was compiled (through any pipeline)."""
+
+
+def _record(module: Any) -> ComponentRecord | None:
+    """The record on ``module`` itself (not on a module it wraps)."""
+    found = module.__dict__.get(RECORD_ATTR) if isinstance(module, nn.Module) else None
+    return found if isinstance(found, ComponentRecord) else None
 
 
 def pipe_state(pipe: Any) -> PipeState | None:
@@ -324,14 +334,20 @@ def _mark_ran(state: PipeState, name: str) -> Callable[..., None]:
     # Runs outside the compiled frame (OptimizedModule's own hooks), so it adds no guards.
     def hook(module: nn.Module, _args: tuple[Any, ...]) -> None:
         state.ran_components.add(name)
+        if (record := _record(module)) is not None:
+            record.ran = True
 
     return hook
 
 
 def _restore(pipe: Any, name: str, state: PipeState, why: str) -> nn.Module:
     """Put the original module of ``name`` back on the pipe and forget its record."""
-    original = _original(component(pipe, name))
-    original.__dict__.pop(RECORD_ATTR, None)  # 'blocks' style records on the module itself
+    current = component(pipe, name)
+    original = _original(current)
+    # What it records stops being true: a pipeline sharing the wrapper must not adopt it,
+    # nor the original ('blocks' style records there).
+    current.__dict__.pop(RECORD_ATTR, None)
+    original.__dict__.pop(RECORD_ATTR, None)
     regional.unmark_regions(original)  # blocks compiled regionally go back to eager
     _set(pipe, name, original)
     state.compiled.pop(name, None)
@@ -354,12 +370,12 @@ def _adopt(pipe: Any, name: str, state: PipeState, key: str, config: CompileConf
     """Take over ``name``'s module if ``compile_pipe`` compiled it for another pipeline
     with the same key (``Img2ImgPipeline.from_pipe(pipe)`` shares the compiled modules)."""
     current = component(pipe, name)
-    record = current.__dict__.get(RECORD_ATTR) if isinstance(current, nn.Module) else None
-    if not isinstance(record, ComponentRecord) or record.key != key:
-        return False
-    if not _same_folder(record.config, config):
+    record = _record(current)
+    if record is None or record.key != key or not _same_folder(record.config, config):
         return False
     _track(state, name, current, key, config)
+    if record.ran:
+        state.ran_components.add(name)
     log.info("difforge: %s was compiled with these options for another pipeline; adopted", name)
     return True
 
@@ -374,7 +390,8 @@ def _track(
         compiled.register_forward_pre_hook(_mark_ran(state, name))
         if in_place:
             state.hooked.add(name)
-    compiled.__dict__[RECORD_ATTR] = ComponentRecord(key, config)
+    if (record := _record(compiled)) is None or record.key != key:
+        compiled.__dict__[RECORD_ATTR] = ComponentRecord(key, config)
     state.compiled[name] = key
     state.configs[name] = config
 
@@ -444,10 +461,23 @@ def compile_pipe(
         # 'compile.regional': 'blocks' compiles the blocks in place and keeps the module.
         if isinstance(current, _OptimizedModule) or name in state.compiled:
             recorded = state.compiled.get(name)
-            if recorded == key and _same_folder(state.configs.get(name), config):
+            record = _record(current)
+            if (
+                recorded == key
+                and record is not None
+                and record.key == key
+                and _same_folder(state.configs.get(name), config)
+            ):
                 log.debug("difforge: %s is already compiled with these options", name)
                 continue
-            why = "was compiled outside difforge" if recorded is None else "compile options changed"
+            if record is None and recorded is None:
+                why = "was compiled outside difforge"
+            elif recorded is None:
+                why = "was compiled for another pipeline with other options"
+            elif record is None or record.key != recorded:
+                why = "was recompiled by a pipeline sharing it"
+            else:
+                why = "compile options changed"
             current = _restore(pipe, name, state, f"{why}; recompiling from the original module")
         if name.startswith("text_encoder"):
             _install_output_hooks(current)
