@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -361,16 +362,12 @@ def test_hooks_registered_before_diffusers_hooks_were_counted_still_show(
         torch.testing.assert_close(pool(x), plain * 2)
 
 
-@torch.no_grad()
-def test_recompiles_under_offloading_hooks_are_reported_once_together() -> None:
-    """accelerate's offload hooks each part of a tiny FLUX: Dynamo breaks the graph at
-    every hook and recompiles the frames it resumes in for parts of other shapes (11 here);
-    one warning says so instead of one per frame and reason."""
+def _offloaded_tiny_flux() -> tuple[nn.Module, Any, torch.Tensor]:
+    """A tiny FLUX under accelerate's offload (on the CPU), its step call, eager output."""
     accelerate = pytest.importorskip("accelerate")
     pytest.importorskip("diffusers")
     from difforge.diffusers.presets import build_component, get_preset
     from difforge.diffusers.step_inputs import denoiser_step_inputs
-    from difforge.recompiles import recompile_events
 
     preset = get_preset("tiny-flux")
     torch.manual_seed(0)
@@ -378,8 +375,20 @@ def test_recompiles_under_offloading_hooks_are_reported_once_together() -> None:
     call = denoiser_step_inputs(
         preset, batch=1, height=64, width=64, device="cpu", dtype=torch.float32
     )
-    expected = call(model)[0]
+    with torch.no_grad():
+        expected = call(model)[0]
     accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    return model, call, expected
+
+
+@torch.no_grad()
+def test_recompiles_under_offloading_hooks_are_reported_once_together() -> None:
+    """accelerate's offload hooks each part of a tiny FLUX: Dynamo breaks the graph at
+    every hook and recompiles the frames it resumes in for parts of other shapes (11 here);
+    one warning says so instead of one per frame and reason."""
+    from difforge.recompiles import recompile_events
+
+    model, call, expected = _offloaded_tiny_flux()
     compiled = difforge.compile(model, options="O1")
     before = len(recompile_events)
     with warnings.catch_warnings(record=True) as seen:
@@ -389,3 +398,13 @@ def test_recompiles_under_offloading_hooks_are_reported_once_together() -> None:
     assert len(recompile_events) - before >= 2  # recompiles happened, and were recorded
     assert len(ours) == 1 and "has an accelerate hook (offloading)" in ours[0]
     assert "Dynamo breaks the graph at each hook" in ours[0]
+
+
+@torch.no_grad()
+def test_strict_recompiles_under_offloading_hooks_name_the_hooks() -> None:
+    model, call, _ = _offloaded_tiny_flux()
+    options = {"mode": "O1", "recompile.strict": True, "recompile.limit": 1}
+    compiled = difforge.compile(model, options=options)
+    # Dynamo wraps what a backend raises (BackendCompilerFailed); the message stays
+    with pytest.raises(Exception, match="accelerate hook.*recompile.strict off"):
+        call(compiled)

@@ -1,4 +1,6 @@
-"""Recompilations are never silent: each is reported once with Dynamo's guard-failure reason.
+"""Recompilations are never silent: each is reported once with Dynamo's guard-failure reason
+(under offloading or other hooks around a module's parts, where Dynamo recompiles by design,
+all of them in one warning that names the hook).
 
 Dynamo recompiles a function when a guard fails (a new resolution with static shapes, a
 new dtype …) and, past ``torch._dynamo.config.recompile_limit``, runs new inputs eagerly
@@ -115,15 +117,20 @@ class RecompileTracker:
         event = RecompileEvent(function, index, _reason())
         recompile_events.append(event)
         limit = self.limit if self.limit is not None else dynamo_recompile_limit()
+        hooked = self.hooked() if self.hooked is not None else None
         if self.strict and event.compile_index > limit:
+            advice = (
+                f"{hooked}: Dynamo recompiles the frames it resumes in after each hook; "
+                "compile it without the hooks, or turn recompile.strict off"
+                if hooked is not None
+                else "Use 'dynamic': true for resolution/batch changes, or raise recompile.limit"
+            )
             raise DifforgeError(
                 f"{function} was recompiled {event.compile_index} times, more than "
                 f"recompile.limit={limit} allows (recompile.strict is on); last reason: "
-                f"{event.reason}. Use 'dynamic': true for resolution/batch changes, or raise "
-                "recompile.limit"
+                f"{event.reason}. {advice}"
             )
         log.info("difforge recompile #%d of %s: %s", event.compile_index, function, event.reason)
-        hooked = self.hooked() if self.hooked is not None else None
         if hooked is not None:
             # Offloading hooks run Python around every part: Dynamo breaks the graph there
             # and the frames it resumes in serve parts of other shapes, so it compiles them
