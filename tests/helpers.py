@@ -122,8 +122,9 @@ def tiny_pipeline(name: str, **kwargs: Any) -> Any:
 
 def tiny_images(pipe: Any, name: str) -> Any:
     """The images (numpy) of one seeded call of a :func:`tiny_pipeline` at its preset's
-    call arguments, the prompt embeddings on the pipeline's execution device and dtype (the
-    pipeline makes its latents in their dtype)."""
+    call arguments, the prompt embeddings on the pipeline's execution device and in its
+    dtype (its first module's: one dtype throughout in these tests), as FLUX makes its
+    latents in the embeddings' dtype."""
     from difforge.diffusers.presets import get_preset
 
     preset = get_preset(name)
