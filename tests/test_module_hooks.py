@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import difforge
-from difforge.graph_pool import GraphPool
+from difforge.graph_pool import HOOKED_CALLS_KEPT, GraphPool
 from difforge.module_hooks import hooks_reason, hooks_stamp
 from difforge.module_watch import weight_addresses
 from tests.helpers import rel_err
@@ -142,9 +142,7 @@ def test_hooks_on_a_compiled_wrapper_count_and_its_graphs_stay_reachable() -> No
     hooks.HookRegistry.check_if_exists_or_initialize(compiled).register_hook(
         hooks.ModelHook(), "probe"
     )
-    assert hooks_reason(compiled) == "_mlp has diffusers hooks (probe)".replace(
-        "_mlp", type(compiled).__name__
-    )
+    assert hooks_reason(compiled) == "Sequential has diffusers hooks (probe)"
     assert graphs_of(compiled) is pool  # through the hook's forward wrapper
 
 
@@ -261,9 +259,11 @@ def test_accelerate_offloading_set_up_after_a_capture_drops_its_graphs() -> None
         tensor.zero_()
     dropped = difforge.counters["cudagraphs.hooks_invalidation"]
     with pytest.warns(UserWarning, match="accelerate hook"):
-        out = pool(x)
-    torch.testing.assert_close(out, torch.zeros_like(plain))
-    # the weights moved (to meta here): the graph, reading where they were, is dropped
+        torch.testing.assert_close(pool(x), torch.zeros_like(plain))
+    assert len(pool) == 1  # kept for a while, in case the hooks go again
+    for _ in range(HOOKED_CALLS_KEPT):
+        torch.testing.assert_close(pool(x), torch.zeros_like(plain))
+    # hooks that stay: the graph's memory goes back
     assert difforge.counters["cudagraphs.hooks_invalidation"] == dropped + 1
     assert len(pool) == 0 and capturer.captures == 1
 
@@ -408,3 +408,62 @@ def test_strict_recompiles_under_offloading_hooks_name_the_hooks() -> None:
     # Dynamo wraps what a backend raises (BackendCompilerFailed); the message stays
     with pytest.raises(Exception, match="accelerate hook.*recompile.strict off"):
         call(compiled)
+
+
+def test_a_stamp_keeps_no_removed_root_hook_alive() -> None:
+    import gc
+    import weakref
+
+    accelerate = pytest.importorskip("accelerate")
+    model = _mlp()
+    hook = accelerate.hooks.ModelHook()
+    accelerate.hooks.add_hook_to_module(model, hook)
+    stamp = hooks_stamp(model)
+    gone = weakref.ref(hook)
+    accelerate.hooks.remove_hook_from_module(model)
+    del hook
+    gc.collect()
+    assert gone() is None
+    assert hooks_stamp(model) != stamp
+
+
+@torch.no_grad()
+def test_weights_moved_while_hooks_were_there_drop_the_graphs() -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    model = _mlp()
+    pool, capturer = _stamped_pool(model)
+    x = torch.randn(2, 8)
+    pool(x)
+    registry = hooks.HookRegistry.check_if_exists_or_initialize(model[2])
+    registry.register_hook(_Doubling.make(), "doubling")
+    with pytest.warns(UserWarning, match="a graph replay would skip"):
+        pool(x)
+    model[0].weight.data = model[0].weight.data * 2  # new memory, as offloading would
+    registry.remove_hook("doubling")
+    dropped = difforge.counters["cudagraphs.hooks_invalidation"]
+    torch.testing.assert_close(pool(x), model(x))  # a stale replay gives the old output
+    assert difforge.counters["cudagraphs.hooks_invalidation"] == dropped + 1
+    assert capturer.captures == 2
+
+
+@torch.no_grad()
+def test_without_weight_addresses_graphs_are_not_replayed_after_hooks() -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    model = _mlp()
+    capturer = FakeCapturer(rerun=False)
+    pool = GraphPool(
+        model,
+        max_graphs=4,
+        capturer=capturer,
+        hooked=functools.partial(hooks_reason, model),
+        hooks_stamp=functools.partial(hooks_stamp, model),
+    )
+    x = torch.randn(2, 8)
+    pool(x)
+    registry = hooks.HookRegistry.check_if_exists_or_initialize(model[2])
+    registry.register_hook(_Doubling.make(), "doubling")
+    with pytest.warns(UserWarning, match="a graph replay would skip"):
+        pool(x)
+    registry.remove_hook("doubling")
+    pool(x)
+    assert capturer.captures == 2

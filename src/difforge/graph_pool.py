@@ -74,6 +74,11 @@ _PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 #: loaded after the first call) keeps the graphs.
 VOLATILE_INVALIDATIONS = 2
 
+#: Calls in a row under hooks that came after a capture, through which the graphs are kept
+#: for when the hooks go (a guider's layer-skip pass is one a step); past it the hooks look
+#: lasting (offloading, a block cache) and the graphs' memory goes back to the pool.
+HOOKED_CALLS_KEPT = 3
+
 
 class Capturer(Protocol):
     """How graphs are made and replayed; the CUDA one below, a fake in CPU tests."""
@@ -171,18 +176,19 @@ class GraphPool:
     hooked: Callable[[], str | None] | None = None
     """Why the module has hooks that a replay would skip (offloading, weight casting,
     diffusers' block caches: :func:`difforge.module_hooks.hooks_reason`), asked before each
-    capture: then that call runs without graphs, and so does every call while the hooks
-    stay (each asks again: a walk over the module tree, small beside what offloading costs)."""
+    capture (a walk over the module tree, small beside what offloading costs) and when
+    ``hooks_stamp`` changes: then calls run without graphs while the hooks stay."""
     hooks_stamp: Callable[[], Hashable] | None = None
     """A cheap value that changes when hooks may have come or gone
     (:func:`difforge.module_hooks.hooks_stamp`), compared at every call. When it changed,
     ``hooked`` is asked: while hooks are there every call runs eagerly (a replay would skip
-    them); the graphs are kept unless the weights moved since they were recorded
-    (``weights``), so a guider's per-step layer skip costs no capture when it goes again."""
+    them). The graphs are kept through :data:`HOOKED_CALLS_KEPT` such calls, and when the
+    hooks go they replay again unless the weights moved meanwhile (``weights``): a guider's
+    per-step layer skip costs no capture."""
     weights: Callable[[], Hashable] | None = None
     """Where the module's weights live (:func:`difforge.module_watch.weight_addresses`):
     hooks that offload move them by ``param.data = ...``, which ``watch`` does not see.
-    Without it, hooks drop the graphs."""
+    Without it, graphs are not replayed after hooks went."""
 
     def __post_init__(self) -> None:
         if self.max_graphs < 1:
@@ -200,6 +206,8 @@ class GraphPool:
         self._stamp = self.hooks_stamp() if self.hooks_stamp is not None else None
         self._hooked_since: str | None = None
         """Why calls run eagerly since hooks came (after a capture), until they go."""
+        self._hooked_calls = 0
+        """Calls since then."""
         self._captured_weights: Hashable | None = None
         """``weights()`` at the last capture."""
 
@@ -210,8 +218,14 @@ class GraphPool:
             self._invalidate()
         if self.hooks_stamp is not None:
             self._check_hooks()
-        if self._hooked_since is not None:
-            return self._run_hooked(self._hooked_since, args, kwargs)
+        if (reason := self._hooked_since) is not None:
+            self._hooked_calls += 1
+            if self._entries and self._hooked_calls > HOOKED_CALLS_KEPT:
+                self._drop_graphs(
+                    "hooks_invalidation", f"{self.name}: {reason} for {HOOKED_CALLS_KEPT} calls"
+                )
+                self._hooked_since = reason  # reset() clears it; the hooks are still there
+            return self._run_hooked(reason, args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._signature(leaves, spec)
         entry = self._entries.get(key) if key is not None else None
@@ -396,18 +410,22 @@ class GraphPool:
 
     def _check_hooks(self) -> None:
         """When hooks came or went since the last call (set up on a module that already ran:
-        offloading, a block cache, a guider's layer skip): run eagerly while they are there,
-        and drop the graphs if the weights moved since they were recorded."""
+        offloading, a block cache, a guider's layer skip): run eagerly while they are there;
+        when they went, drop the graphs if the weights moved meanwhile."""
         assert self.hooks_stamp is not None
         stamp = self.hooks_stamp()
         if stamp == self._stamp:
             return
         self._stamp = stamp
         reason = self.hooked() if self.hooked is not None else None
-        if self._entries and (self.weights is None or self.weights() != self._captured_weights):
-            why = reason or "hooks came and went"
-            self._drop_graphs("hooks_invalidation", f"{self.name}: {why}, its weights moved")
-        self._hooked_since = reason  # after the drop, whose reset clears it
+        if reason is None and self._entries:
+            if self.weights is None:
+                self._drop_graphs("hooks_invalidation", f"{self.name}: hooks came and went")
+            elif self.weights() != self._captured_weights:
+                self._drop_graphs("hooks_invalidation", f"{self.name}: its weights moved")
+        # set after a drop, whose reset() clears it
+        self._hooked_since = reason
+        self._hooked_calls = 0
 
     def _invalidate(self) -> None:
         """The module changed (a weight or sub-module replaced, a dtype or device

@@ -56,24 +56,36 @@ def hooks_reason(module: nn.Module) -> str | None:
     (a model CPU offload) does not."""
     roots = {id(module), id(getattr(module, "_orig_mod", module))}
     devices: set[str] = set()
-    for name, sub in module.named_modules():
-        hook = getattr(sub, "_hf_hook", None)
+    # modules(), not named_modules(): a name is built only for the one reported (this walk
+    # runs whenever hooks may have come or gone, e.g. twice a step under a guider).
+    for sub in module.modules():
+        hook = sub.__dict__.get("_hf_hook")
         if id(sub) not in roots and hook is not None:
             hooks = _accelerate_hooks(hook)
             if any(_moves_weights(h) for h in hooks):
-                return f"{name} has an accelerate hook (offloading)"
+                return f"{_name_in(module, sub)} has an accelerate hook (offloading)"
             devices.update(
                 str(h.execution_device)
                 for h in hooks
                 if getattr(h, "execution_device", None) is not None
             )
-        registry = getattr(sub, "_diffusers_hook", None)
+        registry = sub.__dict__.get("_diffusers_hook")
         if registry is not None and getattr(registry, "hooks", None):
             kinds = ", ".join(sorted(registry.hooks))
-            return f"{name or type(module).__name__} has diffusers hooks ({kinds})"
+            return f"{_name_in(module, sub)} has diffusers hooks ({kinds})"
     if len(devices) > 1:
         return f"accelerate hooks spread it over {', '.join(sorted(devices))}"
     return None
+
+
+def _name_in(root: nn.Module, sub: nn.Module) -> str:
+    """``sub``'s dotted name in the model (its class name for the model itself); a compiled
+    wrapper's ``_orig_mod.`` left out."""
+    model = getattr(root, "_orig_mod", root)
+    for name, candidate in model.named_modules():
+        if candidate is sub:
+            return name or type(model).__name__
+    return type(model).__name__  # the wrapper itself
 
 
 def _counted(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,14 +121,16 @@ def _count_diffusers_hooks() -> bool:
 
 
 def _ref(hook: Any) -> Any:
-    """A weak reference to ``hook`` (equal while it lives; a dead one equals no new hook at
-    the freed address), so a stamp keeps no removed hook, nor what it holds, alive."""
+    """``hook``'s identity without holding it: its id (two live hooks never share one, and
+    an equal-valued replacement is still another hook) and a weak reference (a dead one
+    equals no new hook that reuses the freed address), so a stamp keeps no removed hook,
+    nor what it holds, alive."""
     if hook is None:
         return None
     try:
-        return weakref.ref(hook)
+        return (id(hook), weakref.ref(hook))
     except TypeError:  # a hook type without weak references: hold it
-        return hook
+        return (id(hook), hook)
 
 
 def hooks_stamp(module: nn.Module) -> tuple[Any, ...]:

@@ -89,11 +89,17 @@ def _address(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def weight_addresses(module: nn.Module) -> tuple[int | None, ...]:
-    """Where every parameter and buffer of ``module``'s tree lives now: hooks that move
-    weights by ``param.data = ...`` (diffusers' streamed group offloading, accelerate's
-    offload to meta) change it, which no registration hook or ``_apply`` shows."""
-    return tuple(_address(t) for t in (*module.parameters(), *module.buffers()))
+def weight_addresses(module: nn.Module) -> tuple[tuple[Any, ...], ...]:
+    """Where every parameter and buffer of ``module``'s tree lives now (address, dtype,
+    device): hooks that move weights by ``param.data = ...`` (diffusers' streamed group
+    offloading, accelerate's offload to meta) change it, which no registration hook or
+    ``_apply`` shows. Read from each module's own tensors (no names built)."""
+    return tuple(
+        (_address(t), t.dtype, t.device)
+        for sub in module.modules()
+        for t in (*sub._parameters.values(), *sub._buffers.values())
+        if t is not None
+    )
 
 
 def _own_memory(module: nn.Module) -> list[tuple[int, int | None, torch.dtype, torch.device]]:

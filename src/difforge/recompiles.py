@@ -140,8 +140,9 @@ class RecompileTracker:
                 warn(
                     f"difforge: {function}: {hooked}; Dynamo breaks the graph at each hook and "
                     "recompiles the frames it resumes in for parts of other shapes (expected "
-                    "here, not reported one by one: difforge.recompiles.recompile_events lists "
-                    "them; past torch._dynamo.config.recompile_limit those frames run eagerly)",
+                    "here; these and any other recompiles while hooks are there are not "
+                    "reported one by one: difforge.recompiles.recompile_events lists them; past "
+                    "torch._dynamo.config.recompile_limit a frame runs eagerly)",
                 )
             return event
         if (frame_id, event.reason) not in self._reported:

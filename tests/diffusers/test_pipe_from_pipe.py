@@ -93,3 +93,34 @@ def test_an_adopted_module_that_ran_counts_as_run(compile_calls: list[str]) -> N
     second = compile_pipe(_from_pipe(first), options="O1", ignores="vae")
     state = pipe_state(second)
     assert state is not None and state.ran_components == {"transformer"}
+
+
+def test_a_sibling_recompiled_to_the_options_asked_is_adopted_again(
+    compile_calls: list[str],
+) -> None:
+    first = compile_pipe(tiny_pipeline("tiny-flux"), options="O2")
+    second = compile_pipe(_from_pipe(first), options="O2")
+    compile_pipe(first, options="O1")
+    compile_calls.clear()
+    compile_pipe(second, options="O1")
+    # its own slot held the old O2 wrapper; the shared VAE's halves are O1 already
+    assert compile_calls == ["FluxTransformer2DModel"]
+    assert second.vae.decoder is first.vae.decoder
+
+
+def test_pipelines_made_per_request_leave_no_hooks_behind() -> None:
+    import gc
+    import weakref
+
+    from difforge.diffusers.pipe import pipe_state
+
+    first = compile_pipe(tiny_pipeline("tiny-flux"), options="O1", ignores="vae")
+    states = []
+    for _ in range(5):
+        made = compile_pipe(_from_pipe(first), options="O1", ignores="vae")
+        states.append(weakref.ref(pipe_state(made)))
+        del made
+    gc.collect()
+    assert all(state() is None for state in states)
+    compile_pipe(_from_pipe(first), options="O1", ignores="vae")  # prunes the dead ones
+    assert len(first.transformer._forward_pre_hooks) == 2  # the first's and the last's

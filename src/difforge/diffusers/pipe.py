@@ -6,21 +6,24 @@ Components, by pipeline attribute: the text encoders, the denoiser (``transforme
 ``unet``), ``controlnet``, and the VAE's ``decoder`` and ``encoder``. The VAE itself stays
 an ``AutoencoderKL`` (its ``config``, ``dtype`` and the pipelines' fp32-upcast logic keep
 working); only its two halves are swapped for compiled modules, since ``vae.decode`` calls
-``self.decoder``. What was compiled, with which options, is recorded on the pipe, so a
-second call compiles nothing twice and a call with other options recompiles from the
-original modules.
+``self.decoder``. What was compiled, with which options, is recorded on the pipe and on
+each compiled module, so a second call compiles nothing twice, a call with other options
+recompiles from the original modules, and a pipeline sharing the modules (``from_pipe``)
+adopts them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 import difforge
 from difforge import regional
@@ -73,8 +76,6 @@ class PipeState:
     """Component name -> parsed config (None for a backend other than difforge)."""
     fused: set[str] = field(default_factory=set)
     """Modules whose QKV projections we fused (``"transformer"``, ``"unet"``, ``"vae"``)."""
-    hooked: set[str] = field(default_factory=set)
-    """Components compiled in place ('compile.regional': 'blocks') that carry our run hook."""
     ran_components: set[str] = field(default_factory=set)
     """Compiled components called since they were (re)compiled: their graphs now exist."""
 
@@ -96,6 +97,30 @@ class ComponentRecord:
     config: CompileConfig | None
     ran: bool = False
     """Whether the module has run since it was compiled (through any pipeline)."""
+    marks: list[tuple[weakref.ref[PipeState], RemovableHandle]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+    """The pipelines it serves, each with the pre-hook that tells it of a run; weak, so a
+    pipeline made per request with ``from_pipe`` leaves neither hook nor state behind."""
+
+    def mark(self, module: nn.Module, state: PipeState, name: str) -> None:
+        """Tell ``state`` when ``module`` runs, once per live pipeline state."""
+        alive = []
+        for ref, handle in self.marks:
+            if ref() is None:
+                handle.remove()
+            else:
+                alive.append((ref, handle))
+        self.marks = alive
+        if not any(ref() is state for ref, _ in alive):
+            ref = weakref.ref(state)
+            self.marks.append((ref, module.register_forward_pre_hook(_mark_ran(ref, name))))
+
+    def unmark(self) -> None:
+        """Remove every pre-hook (the module is no longer what this records)."""
+        for _, handle in self.marks:
+            handle.remove()
+        self.marks = []
 
 
 def _record(module: Any) -> ComponentRecord | None:
@@ -330,10 +355,11 @@ def _install_output_hooks(module: nn.Module) -> None:
             pending.extend(current.children())
 
 
-def _mark_ran(state: PipeState, name: str) -> Callable[..., None]:
+def _mark_ran(state_ref: weakref.ref[PipeState], name: str) -> Callable[..., None]:
     # Runs outside the compiled frame (OptimizedModule's own hooks), so it adds no guards.
     def hook(module: nn.Module, _args: tuple[Any, ...]) -> None:
-        state.ran_components.add(name)
+        if (state := state_ref()) is not None:
+            state.ran_components.add(name)
         if (record := _record(module)) is not None:
             record.ran = True
 
@@ -346,8 +372,10 @@ def _restore(pipe: Any, name: str, state: PipeState, why: str) -> nn.Module:
     original = _original(current)
     # What it records stops being true: a pipeline sharing the wrapper must not adopt it,
     # nor the original ('blocks' style records there).
-    current.__dict__.pop(RECORD_ATTR, None)
-    original.__dict__.pop(RECORD_ATTR, None)
+    for module in (current, original):
+        if (record := _record(module)) is not None:
+            record.unmark()
+            del module.__dict__[RECORD_ATTR]
     regional.unmark_regions(original)  # blocks compiled regionally go back to eager
     _set(pipe, name, original)
     state.compiled.pop(name, None)
@@ -366,32 +394,19 @@ def _same_folder(before: CompileConfig | None, config: CompileConfig | None) -> 
     return config is None or before is None or before.placement_key() == config.placement_key()
 
 
-def _adopt(pipe: Any, name: str, state: PipeState, key: str, config: CompileConfig | None) -> bool:
-    """Take over ``name``'s module if ``compile_pipe`` compiled it for another pipeline
-    with the same key (``Img2ImgPipeline.from_pipe(pipe)`` shares the compiled modules)."""
-    current = component(pipe, name)
-    record = _record(current)
-    if record is None or record.key != key or not _same_folder(record.config, config):
-        return False
-    _track(state, name, current, key, config)
-    if record.ran:
-        state.ran_components.add(name)
-    log.info("difforge: %s was compiled with these options for another pipeline; adopted", name)
-    return True
-
-
 def _track(
     state: PipeState, name: str, compiled: nn.Module, key: str, config: CompileConfig | None
 ) -> None:
     """Record ``compiled`` as this pipeline's ``name`` (and on the module, for pipelines
-    made from this one), with a hook that notes when it first runs."""
-    in_place = not isinstance(compiled, _OptimizedModule)  # 'compile.regional': 'blocks'
-    if not in_place or name not in state.hooked:
-        compiled.register_forward_pre_hook(_mark_ran(state, name))
-        if in_place:
-            state.hooked.add(name)
-    if (record := _record(compiled)) is None or record.key != key:
-        compiled.__dict__[RECORD_ATTR] = ComponentRecord(key, config)
+    made from this one or sharing its VAE), with a hook that notes when it first runs."""
+    record = _record(compiled)
+    if record is None or record.key != key:
+        if record is not None:
+            record.unmark()
+        record = compiled.__dict__[RECORD_ATTR] = ComponentRecord(key, config)
+    record.mark(compiled, state, name)
+    if record.ran:
+        state.ran_components.add(name)
     state.compiled[name] = key
     state.configs[name] = config
 
@@ -455,21 +470,18 @@ def compile_pipe(
         # first call on, so the same call again finds the same key.
         fuses_itself = config is not None and bool(config.settings["fuse_qkv.modules"])
         key = _key(backend, raw, config, bool(owner and (fused.get(owner) or fuses_itself)))
-        if name not in state.compiled and _adopt(pipe, name, state, key, config):
-            continue
         current = component(pipe, name)
+        record = _record(current)
+        recorded = state.compiled.get(name)
+        # The record on the module in the slot says what it is: compiled with these options
+        # by this pipeline, or by one it shares the module with (from_pipe: adopted).
+        if record is not None and record.key == key and _same_folder(record.config, config):
+            if recorded != key:
+                log.info("difforge: %s is compiled with these options already; adopted", name)
+            _track(state, name, current, key, config)
+            continue
         # 'compile.regional': 'blocks' compiles the blocks in place and keeps the module.
-        if isinstance(current, _OptimizedModule) or name in state.compiled:
-            recorded = state.compiled.get(name)
-            record = _record(current)
-            if (
-                recorded == key
-                and record is not None
-                and record.key == key
-                and _same_folder(state.configs.get(name), config)
-            ):
-                log.debug("difforge: %s is already compiled with these options", name)
-                continue
+        if isinstance(current, _OptimizedModule) or recorded is not None:
             if record is None and recorded is None:
                 why = "was compiled outside difforge"
             elif recorded is None:
