@@ -1,5 +1,6 @@
-"""diffusers' pipeline offloading methods after compile_pipe (tiny FLUX): every offloading
-method drops the compiled components' graphs (CPU), and sequential offload unfuses the
+"""diffusers' pipeline offloading methods after compile_pipe (tiny FLUX): model CPU offload
+hooks the compiled components and runs them; group and sequential offloading drop the
+compiled components' graphs (CPU), and sequential offload unfuses the
 shared q/k/v first, as accelerate maps weights from a state_dict that leaves them out (GPU:
 on the CPU a pipeline under accelerate's hooks makes its latents on the meta device)."""
 
@@ -69,6 +70,49 @@ def test_sequential_offload_after_compile_pipe_unfuses_every_component_first(
         pipe.enable_sequential_cpu_offload()
     assert seen == {"transformer": 0, "vae": 0}
     assert "transformer: 3 attentions unfused" in caplog.text and "vae.decoder: " in caplog.text
+
+
+def test_model_cpu_offload_after_compile_pipe_hooks_the_compiled_components() -> None:
+    """diffusers' most used offloading moves each whole component to the accelerator before
+    its call: a root hook on the compiled wrapper, which the graph pool does not count
+    (the moves are module conversions the module watch sees). On the CPU the moves are
+    no-ops; the gpu test below moves for real."""
+    from difforge.module_hooks import hooks_reason
+
+    pipe = _pipe()
+    expected = _run(pipe)
+    compile_pipe(pipe, options="O2")
+    _run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    compiled = pipe.transformer
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert type(compiled._hf_hook).__name__ == "CpuOffload"
+    assert hooks_reason(compiled) is None and hooks_reason(pipe.vae) is None
+    for _ in range(2):
+        np.testing.assert_allclose(_run(pipe), expected, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_model_cpu_offload_after_compile_pipe_moves_and_replays() -> None:
+    import difforge
+
+    def pipe() -> Any:
+        return tiny_pipeline("tiny-flux", dtype=torch.bfloat16, device="cuda")
+
+    expected = _run(pipe())
+    compiled = pipe()
+    compile_pipe(compiled, options="O2")
+    _run(compiled)
+    compiled.enable_model_cpu_offload()
+    for _ in range(2):
+        replays = difforge.counters["cudagraphs.replay"]
+        np.testing.assert_allclose(_run(compiled), expected, atol=0.05)
+        # each generation moves the denoiser over (new memory: its graphs are captured
+        # again) and its second step replays
+        assert difforge.counters["cudagraphs.replay"] > replays
+        weight = next(compiled.transformer._orig_mod.parameters())
+        assert weight.device.type == "cpu"  # offloaded again after the call
 
 
 @pytest.mark.gpu
