@@ -41,10 +41,10 @@ call (the frozen-weight check raises, a stale concatenation is recomputed in pla
 :mod:`difforge.replay_checks`) runs before each of its replays. Replacing a module's
 parameters, buffers or sub-modules (a LoRA load, fused projections) drops every graph
 before the next call, which then captures afresh
-(:mod:`difforge.module_watch`). Changes no registration shows (``param.data = other``, a
-new attention processor object, a LoRA scale) need :meth:`GraphPool.reset`
-(``difforge.reset_graphs``).
-"""
+(:mod:`difforge.module_watch`; diffusers' attention-processor and attention-backend
+switches too). Changes it does not show (``param.data = other``, a LoRA scale set on a
+PEFT layer by hand) need :meth:`GraphPool.reset` (``difforge.reset_graphs``); hooks set up
+after a capture are asked about when they come or go (``hooks_stamp``)."""
 
 from __future__ import annotations
 

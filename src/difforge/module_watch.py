@@ -16,14 +16,20 @@ asks Dynamo, so :mod:`difforge.graph_pool` must learn of such changes another wa
   memory access on an H100). torch has no hook for it, so ``_apply`` is wrapped once per
   process.
 
+- diffusers' attention switches: ``set_processor`` (behind ``set_attn_processor``) and
+  ``set_attention_backend``/``reset_attention_backend`` change what a module computes
+  through plain attributes; those methods are wrapped once (when diffusers' modules are
+  loaded) to count as a change of the module they act on.
+
 Not seen: in-place updates, which graphs see anyway (same memory); ``param.data = other``
-written by hand; plain attributes such as diffusers attention processors or a LoRA scale.
-After those, call ``difforge.reset_graphs(compiled)``.
+written by hand; other plain attributes, such as a LoRA scale set on a PEFT layer
+directly. After those, call ``difforge.reset_graphs(compiled)``.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -127,8 +133,42 @@ def _watching_apply(original: Callable[..., Any]) -> Callable[..., Any]:
     return _apply
 
 
+#: diffusers' methods that change what a module computes through plain attributes:
+#: (module, class, method).
+DIFFUSERS_SWITCHES: tuple[tuple[str, str, str], ...] = (
+    ("diffusers.models.attention_processor", "Attention", "set_processor"),
+    ("diffusers.models.attention", "AttentionModuleMixin", "set_processor"),
+    ("diffusers.models.attention", "AttentionModuleMixin", "set_attention_backend"),
+    ("diffusers.models.modeling_utils", "ModelMixin", "set_attention_backend"),
+    ("diffusers.models.modeling_utils", "ModelMixin", "reset_attention_backend"),
+)
+
+
+def _reporting(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` that reports its module as changed (as an assignment would)."""
+
+    @functools.wraps(method)
+    def switch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, *args, **kwargs)
+        _on_registration(self, method.__name__, None)
+        return result
+
+    switch.__difforge_watch__ = True  # type: ignore[attr-defined]
+    return switch
+
+
+def _watch_diffusers_switches() -> None:
+    """Wrap :data:`DIFFUSERS_SWITCHES` whose classes are loaded (each once)."""
+    for module_name, class_name, method_name in DIFFUSERS_SWITCHES:
+        owner = getattr(sys.modules.get(module_name), class_name, None)
+        method = owner.__dict__.get(method_name) if owner is not None else None
+        if callable(method) and not getattr(method, "__difforge_watch__", False):
+            setattr(owner, method_name, _reporting(method))
+
+
 def _install_hooks() -> None:
     global _installed
+    _watch_diffusers_switches()  # diffusers may have been loaded since the last watch
     if _installed:
         return
     module_hooks.register_module_parameter_registration_hook(_on_registration)

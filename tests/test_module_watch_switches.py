@@ -1,0 +1,54 @@
+"""diffusers' attention switches (``set_processor``, ``set_attention_backend``) change what a
+module computes through plain attributes: the module watch counts them, so a graph pool
+drops graphs recorded before the switch (a stale replay computes the old attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difforge.graph_pool import GraphPool
+from difforge.module_watch import ModuleWatch
+from tests.test_graph_pool import FakeCapturer
+
+pytest.importorskip("diffusers")
+
+
+@torch.no_grad()
+def test_an_attention_processor_switched_after_a_capture_is_not_replayed_over() -> None:
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    class Doubled(AttnProcessor2_0):
+        def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
+            return super().__call__(*args, **kwargs) * 2
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    capturer = FakeCapturer(rerun=False)  # a replay leaves what it recorded, as a graph would
+    pool = GraphPool(attn, max_graphs=4, capturer=capturer, watch=ModuleWatch(attn))
+    x = torch.randn(1, 5, 16)
+    plain = attn(x)
+    pool(x)
+    torch.testing.assert_close(pool(x), plain)
+    attn.set_processor(Doubled())
+    torch.testing.assert_close(pool(x), plain * 2)
+    assert capturer.captures == 2
+
+
+def test_attention_backend_switches_count_as_changes_of_the_model() -> None:
+    from difforge.diffusers.presets import build_component, get_preset
+
+    preset = get_preset("tiny-flux")
+    model = build_component(preset, preset.denoiser)
+    other = build_component(preset, preset.denoiser)
+    watch = ModuleWatch(model)
+    before = watch.generation
+    other.set_attention_backend("_native_math")  # another model: not this watch's
+    assert watch.generation == before
+    model.set_attention_backend("_native_math")
+    assert watch.generation > before
+    switched = watch.generation
+    model.reset_attention_backend()
+    assert watch.generation > switched
+    model.set_attn_processor(dict(model.attn_processors))  # the model-level setter too
+    assert watch.generation > switched + 1
