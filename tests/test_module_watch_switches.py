@@ -52,3 +52,28 @@ def test_attention_backend_switches_count_as_changes_of_the_model() -> None:
     assert watch.generation > switched
     model.set_attn_processor(dict(model.attn_processors))  # the model-level setter too
     assert watch.generation > switched + 1
+
+
+def test_a_models_own_lora_methods_count_as_changes() -> None:
+    """The model-level methods (the pipeline's are wrapped by compile_pipe): a LoRA scale is
+    a plain attribute, and fuse_lora writes the base weights by ``param.data = ...``."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    from difforge.diffusers.presets import build_component, get_preset
+
+    preset = get_preset("tiny-flux")
+    model = build_component(preset, preset.denoiser)
+    model.add_adapter(LoraConfig(r=4, target_modules=["to_q"]), adapter_name="style")
+    watch = ModuleWatch(model)
+    for call in (
+        lambda: model.set_adapters("style", 0.5),
+        model.disable_lora,
+        model.enable_lora,
+        model.fuse_lora,
+        model.unfuse_lora,
+        model.unload_lora,
+    ):
+        before = watch.generation
+        call()
+        assert watch.generation > before

@@ -16,14 +16,16 @@ asks Dynamo, so :mod:`difforge.graph_pool` must learn of such changes another wa
   memory access on an H100). torch has no hook for it, so ``_apply`` is wrapped once per
   process.
 
-- diffusers' attention switches: ``set_processor`` (behind ``set_attn_processor``) and
-  ``set_attention_backend``/``reset_attention_backend`` change what a module computes
-  through plain attributes; those methods are wrapped once (when diffusers' modules are
-  loaded) to count as a change of the module they act on.
+- diffusers' switches: ``set_processor`` (behind ``set_attn_processor``),
+  ``set_attention_backend``/``reset_attention_backend`` and a model's own LoRA methods
+  (``set_adapters``, ``disable_lora``, ``fuse_lora`` ...) change what a module computes
+  through plain attributes or ``param.data = ...``; those methods
+  (:data:`DIFFUSERS_SWITCHES`) are wrapped once, when diffusers' modules are loaded, to
+  count as a change of the module they act on.
 
 Not seen: in-place updates, which graphs see anyway (same memory); ``param.data = other``
 written by hand; other plain attributes, such as a LoRA scale set on a PEFT layer
-directly. After those, call ``difforge.reset_graphs(compiled)``.
+directly (not through the model's methods). After those, call ``difforge.reset_graphs(compiled)``.
 """
 
 from __future__ import annotations
@@ -133,14 +135,30 @@ def _watching_apply(original: Callable[..., Any]) -> Callable[..., Any]:
     return _apply
 
 
-#: diffusers' methods that change what a module computes through plain attributes:
-#: (module, class, method).
+#: diffusers' methods that change what a module computes through plain attributes (an
+#: attention processor or backend, a LoRA's scale or on/off switch) or by
+#: ``param.data = ...`` (fusing a LoRA into its base weights): (module, class, method).
 DIFFUSERS_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("diffusers.models.attention_processor", "Attention", "set_processor"),
     ("diffusers.models.attention", "AttentionModuleMixin", "set_processor"),
     ("diffusers.models.attention", "AttentionModuleMixin", "set_attention_backend"),
     ("diffusers.models.modeling_utils", "ModelMixin", "set_attention_backend"),
     ("diffusers.models.modeling_utils", "ModelMixin", "reset_attention_backend"),
+    *(
+        ("diffusers.loaders.peft", "PeftAdapterMixin", name)
+        for name in (
+            "set_adapters",
+            "set_adapter",
+            "enable_adapters",
+            "disable_adapters",
+            "enable_lora",
+            "disable_lora",
+            "fuse_lora",
+            "unfuse_lora",
+            "unload_lora",
+            "delete_adapters",
+        )
+    ),
 )
 
 
