@@ -4,6 +4,8 @@ drops graphs recorded before the switch (a stale replay computes the old attenti
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -76,4 +78,29 @@ def test_a_models_own_lora_methods_count_as_changes() -> None:
     ):
         before = watch.generation
         call()
+        assert watch.generation > before
+
+
+@pytest.mark.parametrize(
+    ("preset_name", "on", "off"),
+    [
+        ("tiny-sdxl", lambda m: m.enable_freeu(0.9, 0.2, 1.1, 1.2), lambda m: m.disable_freeu()),
+        (
+            "tiny-sd3",
+            lambda m: m.enable_forward_chunking(2),
+            lambda m: m.disable_forward_chunking(),
+        ),
+    ],
+)
+def test_freeu_and_feed_forward_chunking_count_as_changes(
+    preset_name: str, on: Any, off: Any
+) -> None:
+    from difforge.diffusers.presets import build_component, get_preset
+
+    preset = get_preset(preset_name)
+    model = build_component(preset, preset.denoiser)
+    watch = ModuleWatch(model)
+    for switch in (on, off):
+        before = watch.generation
+        switch(model)
         assert watch.generation > before

@@ -136,14 +136,27 @@ def _watching_apply(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 #: diffusers' methods that change what a module computes through plain attributes (an
-#: attention processor or backend, a LoRA's scale or on/off switch) or by
-#: ``param.data = ...`` (fusing a LoRA into its base weights): (module, class, method).
+#: attention processor or backend, FreeU's factors, SD3's feed-forward chunking, a LoRA's
+#: scale or on/off switch) or by ``param.data = ...`` (fusing a LoRA into its base
+#: weights): (module, class, method).
 DIFFUSERS_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("diffusers.models.attention_processor", "Attention", "set_processor"),
     ("diffusers.models.attention", "AttentionModuleMixin", "set_processor"),
     ("diffusers.models.attention", "AttentionModuleMixin", "set_attention_backend"),
     ("diffusers.models.modeling_utils", "ModelMixin", "set_attention_backend"),
     ("diffusers.models.modeling_utils", "ModelMixin", "reset_attention_backend"),
+    ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel", "enable_freeu"),
+    ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel", "disable_freeu"),
+    (
+        "diffusers.models.transformers.transformer_sd3",
+        "SD3Transformer2DModel",
+        "enable_forward_chunking",
+    ),
+    (
+        "diffusers.models.transformers.transformer_sd3",
+        "SD3Transformer2DModel",
+        "disable_forward_chunking",
+    ),
     *(
         ("diffusers.loaders.peft", "PeftAdapterMixin", name)
         for name in (
