@@ -199,13 +199,21 @@ def _stamped_pool(model: nn.Module) -> tuple[GraphPool, FakeCapturer]:
 
 
 @torch.no_grad()
-def test_diffusers_hooks_set_up_after_a_capture_run_eagerly_until_they_go() -> None:
-    hooks = pytest.importorskip("diffusers.hooks")
+def _captured() -> tuple[nn.Sequential, GraphPool, FakeCapturer, torch.Tensor, torch.Tensor]:
+    """A stamped pool over an MLP that has captured one call: model, pool, capturer, the
+    call's input and its eager output."""
     model = _mlp()
     pool, capturer = _stamped_pool(model)
     x = torch.randn(2, 8)
     plain = model(x)
     pool(x)
+    return model, pool, capturer, x, plain
+
+
+@torch.no_grad()
+def test_diffusers_hooks_set_up_after_a_capture_run_eagerly_until_they_go() -> None:
+    hooks = pytest.importorskip("diffusers.hooks")
+    model, pool, capturer, x, plain = _captured()
     replays = difforge.counters["cudagraphs.replay"]
     torch.testing.assert_close(pool(x), plain)
     assert difforge.counters["cudagraphs.replay"] == replays + 1
@@ -246,11 +254,7 @@ def test_hooks_set_up_elsewhere_keep_the_graphs() -> None:
 @torch.no_grad()
 def test_accelerate_offloading_set_up_after_a_capture_drops_its_graphs() -> None:
     accelerate = pytest.importorskip("accelerate")
-    model = _mlp()
-    pool, capturer = _stamped_pool(model)
-    x = torch.randn(2, 8)
-    plain = model(x)
-    pool(x)
+    model, pool, capturer, x, plain = _captured()
     # the offloaded weights live in this map (the module holds meta tensors): zeroed
     # there, the hooks make the output zero, a stale replay would still give `plain`
     weights = {k: v.clone() for k, v in model.state_dict().items()}
