@@ -185,7 +185,9 @@ class _Doubling:
         return Doubling()
 
 
-def _stamped_pool(model: nn.Module) -> tuple[GraphPool, FakeCapturer]:
+def _stamped_pool(model: nn.Module, *, weights: bool = True) -> tuple[GraphPool, FakeCapturer]:
+    """A pool over ``model`` that asks about hooks as ``difforge.compile``'s does (without
+    the weights' addresses if ``weights`` is false)."""
     capturer = FakeCapturer(rerun=False)  # a replay leaves what it recorded, as a graph would
     pool = GraphPool(
         model,
@@ -193,7 +195,7 @@ def _stamped_pool(model: nn.Module) -> tuple[GraphPool, FakeCapturer]:
         capturer=capturer,
         hooked=functools.partial(hooks_reason, model),
         hooks_stamp=functools.partial(hooks_stamp, model),
-        weights=functools.partial(weight_addresses, model),
+        weights=functools.partial(weight_addresses, model) if weights else None,
     )
     return pool, capturer
 
@@ -454,14 +456,7 @@ def test_weights_moved_while_hooks_were_there_drop_the_graphs() -> None:
 def test_without_weight_addresses_graphs_are_not_replayed_after_hooks() -> None:
     hooks = pytest.importorskip("diffusers.hooks")
     model = _mlp()
-    capturer = FakeCapturer(rerun=False)
-    pool = GraphPool(
-        model,
-        max_graphs=4,
-        capturer=capturer,
-        hooked=functools.partial(hooks_reason, model),
-        hooks_stamp=functools.partial(hooks_stamp, model),
-    )
+    pool, capturer = _stamped_pool(model, weights=False)
     x = torch.randn(2, 8)
     pool(x)
     registry = hooks.HookRegistry.check_if_exists_or_initialize(model[2])

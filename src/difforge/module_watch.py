@@ -103,17 +103,19 @@ def weight_addresses(module: nn.Module) -> tuple[tuple[Any, ...], ...]:
     offloading, accelerate's offload to meta) change it, which no registration hook or
     ``_apply`` shows. Read from each module's own tensors (no names built)."""
     return tuple(
-        (_address(t), t.dtype, t.device)
-        for sub in module.modules()
-        for t in (*sub._parameters.values(), *sub._buffers.values())
-        if t is not None
+        (_address(t), t.dtype, t.device) for sub in module.modules() for t in _own_tensors(sub)
     )
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s own parameters and buffers (not its children's)."""
+    tensors = [*module._parameters.values(), *module._buffers.values()]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
 
 
 def _own_memory(module: nn.Module) -> list[tuple[int, int | None, torch.dtype, torch.device]]:
     """Identity, address, dtype and device of ``module``'s own parameters and buffers."""
-    tensors = [*module._parameters.values(), *module._buffers.values()]
-    return [(id(t), _address(t), t.dtype, t.device) for t in tensors if isinstance(t, torch.Tensor)]
+    return [(id(t), _address(t), t.dtype, t.device) for t in _own_tensors(module)]
 
 
 def _watching_apply(original: Callable[..., Any]) -> Callable[..., Any]:
