@@ -482,8 +482,9 @@ case "$part" in
       tests/diffusers/test_pipe_lora.py tests/diffusers/test_pipe_offload.py tests/test_module_hooks.py ;;
   s29hooks)  # hooks set up on a compiled module that already ran (every gpu test of
     # tests/diffusers, tried after it at 420 s, passed only its first six in that time)
+    # (no -p no:logging: the sequential-offload test reads caplog)
     run 300 gpu_tests_hooks_s29 python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
-      -p no:logging --tb=short -W ignore::UserWarning tests/test_module_hooks.py \
+      --tb=short -W ignore::UserWarning tests/test_module_hooks.py \
       tests/diffusers/test_pipe_offload.py ;;
   s25step)  # PixArt-XL-2 compile vs O3 after Fp8Linear.weight_scale became a parameter
     # (the twenty-fifth session's inference-only fix): no step-time change expected
