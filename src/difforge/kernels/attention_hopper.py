@@ -86,9 +86,14 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_MAIN], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_MAIN], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_MAIN], v_desc.layout)
-        qt_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_TAIL], qt_desc.layout)
-        kt_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_TAIL], kt_desc.layout)
-        vt_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_TAIL], vt_desc.layout)
+        if HAS_TAIL:
+            qt_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_TAIL], qt_desc.layout)
+            kt_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_TAIL], kt_desc.layout)
+            vt_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_TAIL], vt_desc.layout)
+        else:  # never read: no shared memory spent on a tail that is not there
+            qt_smem = q_smem
+            kt_smem = k_smem
+            vt_smem = v_smem
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -134,6 +139,22 @@ if HAVE_GLUON:
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         s = _scores(q_smem, qt_smem, k_smem.index(0), kt_smem.index(0), s, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        _refill_k(
+            k_desc,
+            kt_desc,
+            k_bars,
+            k_smem,
+            kt_smem,
+            0,
+            STAGES,
+            n_blocks,
+            kv_row,
+            k_bytes,
+            BLOCK_N,
+            HEAD_MAIN,
+            HAS_TAIL,
+            num_warps,
+        )
         m_i = gl.max(s, axis=1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, axis=1)
@@ -159,6 +180,23 @@ if HAVE_GLUON:
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
             else:
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            # K_j is consumed: its buffer takes block j+STAGES while the softmax runs
+            _refill_k(
+                k_desc,
+                kt_desc,
+                k_bars,
+                k_smem,
+                kt_smem,
+                slot,
+                j + STAGES,
+                n_blocks,
+                kv_row,
+                k_bytes,
+                BLOCK_N,
+                HEAD_MAIN,
+                HAS_TAIL,
+                num_warps,
+            )
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -168,22 +206,11 @@ if HAVE_GLUON:
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
             if HAS_TAIL:
                 acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
-            # block j-1's buffers are free (its Q·Kᵀ and P·V are done in every warp):
-            # refill them with block j-1+STAGES
+            # block j-1's V buffer is free (its P·V is done): refill it with block j-1+STAGES
             nxt = j - 1 + STAGES
             if nxt < n_blocks:
-                gl.thread_barrier()
-                _load_kv(
-                    k_desc,
-                    kt_desc,
-                    k_bars.index(prev),
-                    k_smem.index(prev),
-                    kt_smem.index(prev),
-                    kv_row + nxt * BLOCK_N,
-                    k_bytes,
-                    HEAD_MAIN,
-                    HAS_TAIL,
-                )
+                if num_warps > 4:  # one warp group's wgmma wait does not cover the other
+                    gl.thread_barrier()
                 _load_kv(
                     v_desc,
                     vt_desc,
@@ -212,15 +239,15 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(k_bars.index(i))
             mbarrier.invalidate(v_bars.index(i))
-        o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_MAIN], o_desc.layout)
-        o_smem.store((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(dtype))
+        # the output goes out through Q's buffers (same block shape, dtype and layout):
+        # every read of Q is done, and a separate buffer would cost a kv ring stage
+        q_smem.store((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(dtype))
         if HAS_TAIL:
-            ot_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_TAIL], ot_desc.layout)
-            ot_smem.store((acc_t / gl.convert_layout(l_i, t_rows)[:, None]).to(dtype))
+            qt_smem.store((acc_t / gl.convert_layout(l_i, t_rows)[:, None]).to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_row, 0], o_smem)
+        tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
         if HAS_TAIL:
-            tma.async_copy_shared_to_global(ot_desc, [q_row, HEAD_MAIN], ot_smem)
+            tma.async_copy_shared_to_global(ot_desc, [q_row, HEAD_MAIN], qt_smem)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -240,6 +267,39 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(desc, [row, 0], bar, smem)
         if HAS_TAIL:
             tma.async_copy_global_to_shared(tail_desc, [row, HEAD_MAIN], bar, tail_smem)
+
+    @gluon.jit
+    def _refill_k(
+        k_desc,
+        kt_desc,
+        k_bars,
+        k_smem,
+        kt_smem,
+        slot,
+        block,
+        n_blocks,
+        kv_row,
+        nbytes: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        HEAD_MAIN: gl.constexpr,
+        HAS_TAIL: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """Load K block ``block`` (if it exists) into ring slot ``slot``, whose Q·Kᵀ is done."""
+        if block < n_blocks:
+            if num_warps > 4:  # one warp group's wgmma wait does not cover the other
+                gl.thread_barrier()
+            _load_kv(
+                k_desc,
+                kt_desc,
+                k_bars.index(slot),
+                k_smem.index(slot),
+                kt_smem.index(slot),
+                kv_row + block * BLOCK_N,
+                nbytes,
+                HEAD_MAIN,
+                HAS_TAIL,
+            )
 
     @gluon.jit
     def _scores(q_smem, qt_smem, k_smem, kt_smem, s, HAS_TAIL: gl.constexpr):
