@@ -60,6 +60,7 @@ if HAVE_GLUON:
         HEAD_TAIL: gl.constexpr,
         HAS_TAIL: gl.constexpr,
         STAGES: gl.constexpr,
+        P_SMEM: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = q_desc.dtype
@@ -94,6 +95,13 @@ if HAVE_GLUON:
             qt_smem = q_smem
             kt_smem = k_smem
             vt_smem = v_smem
+        # P as the P·V's A operand from shared memory: from registers, ptxas reuses the
+        # operand's registers for the next softmax and waits for the P·V before it
+        p_smem = gl.allocate_shared_memory(
+            dtype,
+            [BLOCK_M, BLOCK_N],
+            gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        )
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -158,6 +166,9 @@ if HAVE_GLUON:
         m_i = gl.max(s, axis=1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, axis=1)
+        if P_SMEM:
+            p_smem.store(p.to(dtype))
+            fence_async_shared()
         acc = gl.zeros([BLOCK_M, HEAD_MAIN], gl.float32, o_layout)
         acc_t = gl.zeros([BLOCK_M, HEAD_TAIL], gl.float32, t_layout)
 
@@ -166,21 +177,45 @@ if HAVE_GLUON:
             prev = (j - 1) % STAGES
             # S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} both in flight; the softmax of S_j
             # runs while the second one occupies the tensor cores
+            # every wait on a TMA barrier comes before the MMAs are issued, and every
+            # refill after their waits: ptxas waits for all pending wgmma at a branch
+            # (a barrier's spin loop, a conditional refill) between issue and wait
             mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
-            s = _scores(q_smem, qt_smem, k_smem.index(slot), kt_smem.index(slot), s, HAS_TAIL)
             mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            p16 = p.to(dtype)
-            acc = warpgroup_mma(
-                gl.convert_layout(p16, p_layout), v_smem.index(prev), acc, is_async=True
-            )
+            s = _scores(q_smem, qt_smem, k_smem.index(slot), kt_smem.index(slot), s, HAS_TAIL)
+            if P_SMEM:
+                p_op = p_smem
+                pt_op = p_smem
+            else:
+                p16 = p.to(dtype)
+                p_op = gl.convert_layout(p16, p_layout)
+                pt_op = gl.convert_layout(p16, pt_layout)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             if HAS_TAIL:
-                acc_t = warpgroup_mma(
-                    gl.convert_layout(p16, pt_layout), vt_smem.index(prev), acc_t, is_async=True
-                )
+                acc_t = warpgroup_mma(pt_op, vt_smem.index(prev), acc_t, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
             else:
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            # K_j is consumed: its buffer takes block j+STAGES while the softmax runs
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            m_i = m_new
+            # P_{j-1} stays an operand of the wait: the P·V reads it from registers while
+            # it runs, and a dead P lets the allocator give its registers to the new
+            # probabilities, which makes ptxas wait for the P·V before the softmax
+            if P_SMEM:
+                acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
+                p_smem.store(p.to(dtype))
+                fence_async_shared()
+            else:
+                acc, acc_t, p_op, pt_op = warpgroup_mma_wait(
+                    num_outstanding=0, deps=(acc, acc_t, p_op, pt_op)
+                )
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            if HAS_TAIL:
+                acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
+            # K_j and V_{j-1} are consumed: their buffers take the blocks STAGES further on
             _refill_k(
                 k_desc,
                 kt_desc,
@@ -197,16 +232,6 @@ if HAVE_GLUON:
                 HAS_TAIL,
                 num_warps,
             )
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
-            acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            if HAS_TAIL:
-                acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
-            # block j-1's V buffer is free (its P·V is done): refill it with block j-1+STAGES
             nxt = j - 1 + STAGES
             if nxt < n_blocks:
                 if num_warps > 4:  # one warp group's wgmma wait does not cover the other
@@ -225,14 +250,16 @@ if HAVE_GLUON:
 
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
-        p16 = p.to(dtype)
-        acc = warpgroup_mma(
-            gl.convert_layout(p16, p_layout), v_smem.index(last), acc, is_async=True
-        )
+        if P_SMEM:
+            p_op = p_smem
+            pt_op = p_smem
+        else:
+            p16 = p.to(dtype)
+            p_op = gl.convert_layout(p16, p_layout)
+            pt_op = gl.convert_layout(p16, pt_layout)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         if HAS_TAIL:
-            acc_t = warpgroup_mma(
-                gl.convert_layout(p16, pt_layout), vt_smem.index(last), acc_t, is_async=True
-            )
+            acc_t = warpgroup_mma(pt_op, vt_smem.index(last), acc_t, is_async=True)
         acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
 
         mbarrier.invalidate(q_bar)
@@ -355,6 +382,7 @@ def attention_hopper(
     block_n: int = 128,
     stages: int = 2,
     num_warps: int = 8,
+    p_smem: bool = True,
 ) -> torch.Tensor:
     """``softmax(q kᵀ · scale) v`` for contiguous ``[B, H, S, D]`` fp16/bf16 q, k, v."""
     if not HAVE_GLUON:
@@ -380,6 +408,7 @@ def attention_hopper(
         HEAD_TAIL=tail or 16,
         HAS_TAIL=tail > 0,
         STAGES=stages,
+        P_SMEM=p_smem,
         num_warps=num_warps,
     )
     return out.view(b, h, s, d)
