@@ -4,15 +4,23 @@ Why: cuDNN's flash attention is ~45% of a compiled DiT step and runs at ~340-380
 PixArt's head dim 72 on an H100/H200. Triton's own ``tl.dot`` pipeline waits for each
 warp group's MMAs before the softmax (FlashAttention-2's shape; Triton 3.6 warp-specializes
 loops only on Blackwell), so a plain Triton kernel loses to cuDNN. Gluon exposes Hopper's
-asynchronous ``wgmma`` directly, so this kernel overlaps the softmax of kv block ``j`` with
-the P·V product of block ``j - 1`` on the tensor cores (FlashAttention-3's intra-warpgroup
-pipelining) and streams K and V through a TMA ring of ``STAGES`` buffers.
+asynchronous ``wgmma`` directly, so this kernel issues the Q·Kᵀ of kv block ``j`` and the
+P·V of block ``j - 1`` together and runs the softmax of block ``j`` while the second is in
+flight (FlashAttention-3's intra-warpgroup pipelining), with K and V streamed through a TMA
+ring of ``STAGES`` buffers.
 
-Inputs are ``[B*H*S, D]`` row-major views (one row per token of one head); a head dim that is
-not a multiple of 16 (72) is read as the next multiple: the TMA box reaches past the
-tensor's last column and TMA fills those columns with zeros, which add nothing to q·kᵀ and
-give output columns that the TMA store clips. Sequence lengths must be multiples of the kv
-block (no masking yet).
+Status (H200, ``benchmarks/results/2026-11-29_h200_probe_hopperattn_v*_s30.json``): exact
+(SDPA's own error) but 0.82-0.94x cuDNN at the DiT shapes (1.06-1.13x at SDXL's 1024-token
+level), so nothing uses it yet. The PTX has the overlap; ptxas does not keep it: it moves the
+wait for the P·V to the first warp shuffle of the softmax's row max (``WARPGROUP.DEPBAR.LE
+gsb0, 0x0`` before the ``MUFU.EX2``s in the SASS), so the softmax and the P·V run one after
+the other. P from shared memory instead of registers did not change that (slower).
+
+Inputs are ``[B*H*S, D]`` row-major views (one row per token of one head). Triton's tensor
+shapes are powers of two, so a head dim such as 72 is read as a 64-column block and a
+16-column tail whose TMA box reaches past the tensor's last column: TMA fills those columns
+with zeros, which add nothing to q·kᵀ, and the TMA store clips them from the output.
+Sequence lengths must be multiples of the blocks (no masking yet).
 """
 
 from __future__ import annotations
@@ -60,7 +68,6 @@ if HAVE_GLUON:
         HEAD_TAIL: gl.constexpr,
         HAS_TAIL: gl.constexpr,
         STAGES: gl.constexpr,
-        P_SMEM: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = q_desc.dtype
@@ -95,13 +102,6 @@ if HAVE_GLUON:
             qt_smem = q_smem
             kt_smem = k_smem
             vt_smem = v_smem
-        # P as the P·V's A operand from shared memory: from registers, ptxas reuses the
-        # operand's registers for the next softmax and waits for the P·V before it
-        p_smem = gl.allocate_shared_memory(
-            dtype,
-            [BLOCK_M, BLOCK_N],
-            gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
-        )
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -166,9 +166,6 @@ if HAVE_GLUON:
         m_i = gl.max(s, axis=1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, axis=1)
-        if P_SMEM:
-            p_smem.store(p.to(dtype))
-            fence_async_shared()
         acc = gl.zeros([BLOCK_M, HEAD_MAIN], gl.float32, o_layout)
         acc_t = gl.zeros([BLOCK_M, HEAD_TAIL], gl.float32, t_layout)
 
@@ -183,13 +180,9 @@ if HAVE_GLUON:
             mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
             s = _scores(q_smem, qt_smem, k_smem.index(slot), kt_smem.index(slot), s, HAS_TAIL)
-            if P_SMEM:
-                p_op = p_smem
-                pt_op = p_smem
-            else:
-                p16 = p.to(dtype)
-                p_op = gl.convert_layout(p16, p_layout)
-                pt_op = gl.convert_layout(p16, pt_layout)
+            p16 = p.to(dtype)
+            p_op = gl.convert_layout(p16, p_layout)
+            pt_op = gl.convert_layout(p16, pt_layout)
             acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             if HAS_TAIL:
                 acc_t = warpgroup_mma(pt_op, vt_smem.index(prev), acc_t, is_async=True)
@@ -204,14 +197,9 @@ if HAVE_GLUON:
             # P_{j-1} stays an operand of the wait: the P·V reads it from registers while
             # it runs, and a dead P lets the allocator give its registers to the new
             # probabilities, which makes ptxas wait for the P·V before the softmax
-            if P_SMEM:
-                acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
-                p_smem.store(p.to(dtype))
-                fence_async_shared()
-            else:
-                acc, acc_t, p_op, pt_op = warpgroup_mma_wait(
-                    num_outstanding=0, deps=(acc, acc_t, p_op, pt_op)
-                )
+            acc, acc_t, p_op, pt_op = warpgroup_mma_wait(
+                num_outstanding=0, deps=(acc, acc_t, p_op, pt_op)
+            )
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
             if HAS_TAIL:
                 acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
@@ -250,13 +238,9 @@ if HAVE_GLUON:
 
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
-        if P_SMEM:
-            p_op = p_smem
-            pt_op = p_smem
-        else:
-            p16 = p.to(dtype)
-            p_op = gl.convert_layout(p16, p_layout)
-            pt_op = gl.convert_layout(p16, pt_layout)
+        p16 = p.to(dtype)
+        p_op = gl.convert_layout(p16, p_layout)
+        pt_op = gl.convert_layout(p16, pt_layout)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         if HAS_TAIL:
             acc_t = warpgroup_mma(pt_op, vt_smem.index(last), acc_t, is_async=True)
@@ -382,7 +366,6 @@ def attention_hopper(
     block_n: int = 128,
     stages: int = 2,
     num_warps: int = 8,
-    p_smem: bool = True,
 ) -> torch.Tensor:
     """``softmax(q kᵀ · scale) v`` for contiguous ``[B, H, S, D]`` fp16/bf16 q, k, v."""
     if not HAVE_GLUON:
@@ -408,7 +391,6 @@ def attention_hopper(
         HEAD_TAIL=tail or 16,
         HAS_TAIL=tail > 0,
         STAGES=stages,
-        P_SMEM=p_smem,
         num_warps=num_warps,
     )
     return out.view(b, h, s, d)
