@@ -1088,13 +1088,16 @@ HOPPER_ATTENTION_SHAPES = [
     ("sdxl_640", 2, 10, 4096, 64, torch.float16),
     ("sdxl_1280", 2, 20, 1024, 64, torch.float16),
 ]
-#: (block_m, block_n, stages, num_warps) tried per shape.
+#: (block_m, block_n, stages, num_warps, Q·Kᵀ's A operand from registers) tried per shape.
 HOPPER_ATTENTION_TILES = [
-    (64, 64, 2, 4),
-    (64, 64, 3, 4),
-    (64, 128, 3, 4),
-    (128, 64, 4, 8),
-    (128, 128, 3, 8),
+    (64, 64, 2, 4, False),
+    (64, 64, 2, 4, True),
+    (64, 128, 2, 4, True),
+    (64, 64, 3, 4, True),
+    (128, 64, 4, 8, False),
+    (128, 64, 4, 8, True),
+    (128, 128, 3, 8, True),
+    (128, 128, 2, 8, True),
 ]
 
 
@@ -1126,12 +1129,13 @@ def probe_hopper_attention() -> list[dict[str, Any]]:
                     )
                 except Exception as exc:
                     base[f"{backend.split('_')[0].lower()}_error"] = str(exc)[:120]
-        for block_m, block_n, stages, warps in HOPPER_ATTENTION_TILES:
+        for block_m, block_n, stages, warps, q_in_regs in HOPPER_ATTENTION_TILES:
             row = {**base, "block_m": block_m, "block_n": block_n, "stages": stages,
-                   "num_warps": warps}  # fmt: skip
+                   "num_warps": warps, "q_in_regs": q_in_regs}  # fmt: skip
             fn = lambda: attention_hopper(  # noqa: E731
-                q, k, v, block_m=block_m, block_n=block_n, stages=stages, num_warps=warps
-            )
+                q, k, v, block_m=block_m, block_n=block_n, stages=stages, num_warps=warps,
+                q_in_regs=q_in_regs,
+            )  # fmt: skip
             try:
                 row["rel_err"] = _rel(fn(), ref)
                 row["ms"] = a8.cuda_graph_ms(fn, 40)

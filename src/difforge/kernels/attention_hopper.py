@@ -68,6 +68,7 @@ if HAVE_GLUON:
         HEAD_TAIL: gl.constexpr,
         HAS_TAIL: gl.constexpr,
         STAGES: gl.constexpr,
+        Q_IN_REGS: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = q_desc.dtype
@@ -143,9 +144,15 @@ if HAVE_GLUON:
 
         # kv block 0: scores, then the first probabilities (nothing to overlap yet)
         mbarrier.wait(q_bar, 0)
+        if Q_IN_REGS:  # Q·Kᵀ's A operand from registers: half the shared-memory reads
+            q_a = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+            qt_a = qt_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        else:
+            q_a = q_smem
+            qt_a = qt_smem
         mbarrier.wait(k_bars.index(0), 0)
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        s = _scores(q_smem, qt_smem, k_smem.index(0), kt_smem.index(0), s, HAS_TAIL)
+        s = _scores(q_a, qt_a, k_smem.index(0), kt_smem.index(0), s, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         _refill_k(
             k_desc,
@@ -166,6 +173,8 @@ if HAVE_GLUON:
         m_i = gl.max(s, axis=1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, axis=1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        pt_op = gl.convert_layout(p.to(dtype), pt_layout)
         acc = gl.zeros([BLOCK_M, HEAD_MAIN], gl.float32, o_layout)
         acc_t = gl.zeros([BLOCK_M, HEAD_TAIL], gl.float32, t_layout)
 
@@ -179,10 +188,7 @@ if HAVE_GLUON:
             # (a barrier's spin loop, a conditional refill) between issue and wait
             mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            s = _scores(q_smem, qt_smem, k_smem.index(slot), kt_smem.index(slot), s, HAS_TAIL)
-            p16 = p.to(dtype)
-            p_op = gl.convert_layout(p16, p_layout)
-            pt_op = gl.convert_layout(p16, pt_layout)
+            s = _scores(q_a, qt_a, k_smem.index(slot), kt_smem.index(slot), s, HAS_TAIL)
             acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             if HAS_TAIL:
                 acc_t = warpgroup_mma(pt_op, vt_smem.index(prev), acc_t, is_async=True)
@@ -194,15 +200,16 @@ if HAVE_GLUON:
             p = gl.exp2(s * qk_scale - m_new[:, None])
             l_i = l_i * alpha + gl.sum(p, axis=1)
             m_i = m_new
-            # P_{j-1} stays an operand of the wait: the P·V reads it from registers while
-            # it runs, and a dead P lets the allocator give its registers to the new
-            # probabilities, which makes ptxas wait for the P·V before the softmax
-            acc, acc_t, p_op, pt_op = warpgroup_mma_wait(
-                num_outstanding=0, deps=(acc, acc_t, p_op, pt_op)
-            )
+            acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
             if HAS_TAIL:
                 acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
+            # P_j becomes the P·V operand only now: the loop carries the 16-bit operand,
+            # not the float32 probabilities. Carried in float32 and converted at the top,
+            # the new exponentials take the registers of the operand the running P·V
+            # reads, and ptxas then waits for that P·V before the softmax (no overlap)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            pt_op = gl.convert_layout(p.to(dtype), pt_layout)
             # K_j and V_{j-1} are consumed: their buffers take the blocks STAGES further on
             _refill_k(
                 k_desc,
@@ -238,9 +245,6 @@ if HAVE_GLUON:
 
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
-        p16 = p.to(dtype)
-        p_op = gl.convert_layout(p16, p_layout)
-        pt_op = gl.convert_layout(p16, pt_layout)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         if HAS_TAIL:
             acc_t = warpgroup_mma(pt_op, vt_smem.index(last), acc_t, is_async=True)
@@ -313,11 +317,11 @@ if HAVE_GLUON:
             )
 
     @gluon.jit
-    def _scores(q_smem, qt_smem, k_smem, kt_smem, s, HAS_TAIL: gl.constexpr):
+    def _scores(q, qt, k_smem, kt_smem, s, HAS_TAIL: gl.constexpr):
         """Issue S = Q Kᵀ (main head-dim columns, then the tail) without waiting."""
-        s = warpgroup_mma(q_smem, k_smem.permute((1, 0)), s, use_acc=False, is_async=True)
+        s = warpgroup_mma(q, k_smem.permute((1, 0)), s, use_acc=False, is_async=True)
         if HAS_TAIL:
-            s = warpgroup_mma(qt_smem, kt_smem.permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(qt, kt_smem.permute((1, 0)), s, is_async=True)
         return s
 
 
@@ -366,6 +370,7 @@ def attention_hopper(
     block_n: int = 128,
     stages: int = 2,
     num_warps: int = 8,
+    q_in_regs: bool = False,
 ) -> torch.Tensor:
     """``softmax(q kᵀ · scale) v`` for contiguous ``[B, H, S, D]`` fp16/bf16 q, k, v."""
     if not HAVE_GLUON:
@@ -391,6 +396,7 @@ def attention_hopper(
         HEAD_TAIL=tail or 16,
         HAS_TAIL=tail > 0,
         STAGES=stages,
+        Q_IN_REGS=q_in_regs,
         num_warps=num_warps,
     )
     return out.view(b, h, s, d)
