@@ -1091,13 +1091,14 @@ HOPPER_ATTENTION_SHAPES = [
 #: (block_m, block_n, stages, num_warps, Q·Kᵀ's A operand from registers) tried per shape.
 HOPPER_ATTENTION_TILES = [
     (64, 64, 2, 4, False),
-    (64, 64, 2, 4, True),
-    (64, 128, 2, 4, True),
-    (64, 64, 3, 4, True),
+    (128, 64, 3, 8, False),
     (128, 64, 4, 8, False),
     (128, 64, 4, 8, True),
-    (128, 128, 3, 8, True),
-    (128, 128, 2, 8, True),
+    (128, 64, 5, 8, False),
+    (128, 32, 6, 8, False),
+    (256, 64, 3, 16, False),
+    (256, 64, 4, 16, False),
+    (128, 128, 2, 8, False),
 ]
 
 
