@@ -1088,16 +1088,14 @@ HOPPER_ATTENTION_SHAPES = [
     ("sdxl_640", 2, 10, 4096, 64, torch.float16),
     ("sdxl_1280", 2, 20, 1024, 64, torch.float16),
 ]
-#: (block_m, block_n, stages, num_warps, Q·Kᵀ's A operand from registers) tried per shape.
+#: (block_m, block_n, stages, num_warps, FlashAttention-3's issue order) tried per shape.
 HOPPER_ATTENTION_TILES = [
     (64, 64, 2, 4, False),
+    (64, 64, 3, 4, False),
+    (64, 128, 2, 4, False),
     (128, 64, 3, 8, False),
     (128, 64, 4, 8, False),
     (128, 64, 4, 8, True),
-    (128, 64, 5, 8, False),
-    (128, 32, 6, 8, False),
-    (256, 64, 3, 16, False),
-    (256, 64, 4, 16, False),
     (128, 128, 2, 8, False),
 ]
 
@@ -1130,12 +1128,12 @@ def probe_hopper_attention() -> list[dict[str, Any]]:
                     )
                 except Exception as exc:
                     base[f"{backend.split('_')[0].lower()}_error"] = str(exc)[:120]
-        for block_m, block_n, stages, warps, q_in_regs in HOPPER_ATTENTION_TILES:
+        for block_m, block_n, stages, warps, overlap_qk in HOPPER_ATTENTION_TILES:
             row = {**base, "block_m": block_m, "block_n": block_n, "stages": stages,
-                   "num_warps": warps, "q_in_regs": q_in_regs}  # fmt: skip
+                   "num_warps": warps, "overlap_qk": overlap_qk}  # fmt: skip
             fn = lambda: attention_hopper(  # noqa: E731
                 q, k, v, block_m=block_m, block_n=block_n, stages=stages, num_warps=warps,
-                q_in_regs=q_in_regs,
+                overlap_qk=overlap_qk,
             )  # fmt: skip
             try:
                 row["rel_err"] = _rel(fn(), ref)

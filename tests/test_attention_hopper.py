@@ -58,7 +58,7 @@ for d in (64, 72, 128):
     sig.update(seq_len="i32", qk_scale="fp32")
     main, tail = ah.split_head_dim(d)
     consts = dict(BLOCK_M=64, BLOCK_N=64, HEAD_MAIN=main, HEAD_TAIL=tail or 16,
-                  HAS_TAIL=tail > 0, STAGES=3, Q_IN_REGS=False,
+                  HAS_TAIL=tail > 0, STAGES=3, Q_IN_REGS=False, OVERLAP_QK=False,
                   num_warps=4)
     sig.update(dict.fromkeys(consts, "constexpr"))
     kernel = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),

@@ -69,6 +69,7 @@ if HAVE_GLUON:
         HAS_TAIL: gl.constexpr,
         STAGES: gl.constexpr,
         Q_IN_REGS: gl.constexpr,
+        OVERLAP_QK: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = q_desc.dtype
@@ -181,20 +182,29 @@ if HAVE_GLUON:
         for j in range(1, n_blocks):
             slot = j % STAGES
             prev = (j - 1) % STAGES
-            # S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} both in flight; the softmax of S_j
-            # runs while the second one occupies the tensor cores
             # every wait on a TMA barrier comes before the MMAs are issued, and every
             # refill after their waits: ptxas waits for all pending wgmma at a branch
             # (a barrier's spin loop, a conditional refill) between issue and wait
             mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
             s = _scores(q_a, qt_a, k_smem.index(slot), kt_smem.index(slot), s, HAS_TAIL)
-            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            if HAS_TAIL:
-                acc_t = warpgroup_mma(pt_op, vt_smem.index(prev), acc_t, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
+            if OVERLAP_QK:
+                # FlashAttention-3's order: S_j and P_{j-1}·V_{j-1} both in flight, S_j
+                # waited for alone. ptxas then waits for the P·V too at the softmax's
+                # first warp shuffle, so in practice nothing overlaps
+                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                if HAS_TAIL:
+                    acc_t = warpgroup_mma(pt_op, vt_smem.index(prev), acc_t, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
+                else:
+                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
             else:
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+                # S_j waited for first; then only P_{j-1}·V_{j-1} is in flight while the
+                # softmax of S_j runs, an order ptxas keeps overlapped
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                if HAS_TAIL:
+                    acc_t = warpgroup_mma(pt_op, vt_smem.index(prev), acc_t, is_async=True)
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -371,6 +381,7 @@ def attention_hopper(
     stages: int = 2,
     num_warps: int = 8,
     q_in_regs: bool = False,
+    overlap_qk: bool = False,
 ) -> torch.Tensor:
     """``softmax(q kᵀ · scale) v`` for contiguous ``[B, H, S, D]`` fp16/bf16 q, k, v."""
     if not HAVE_GLUON:
@@ -397,6 +408,7 @@ def attention_hopper(
         HAS_TAIL=tail > 0,
         STAGES=stages,
         Q_IN_REGS=q_in_regs,
+        OVERLAP_QK=overlap_qk,
         num_warps=num_warps,
     )
     return out.view(b, h, s, d)
