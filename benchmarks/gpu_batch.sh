@@ -136,8 +136,8 @@
 #   s29hooks the gpu tests of tests/test_module_hooks.py (hooks set up after O2 ran: a hook
 #            that doubles an output, group offloading; offloading set up before) and of
 #            tests/diffusers/test_pipe_offload.py (model CPU offload, sequential)   ~4 min
-#   hopperattn  the Gluon attention (async wgmma, overlapped softmax) per shape and tile
-#               against cuDNN and flash SDPA                                      ~3 min
+#   hopperattn  the Gluon attention's gpu tests, then per shape, layout and tile against
+#               cuDNN and flash SDPA                                              ~4 min
 set -uo pipefail
 part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux|s26mem|s27o2|s27o2dit|s27flux|s28tests|s29tests|s29hooks|hopperattn}"
 out="${OUT:-out}"
@@ -488,7 +488,9 @@ case "$part" in
     run 300 gpu_tests_hooks_s29 python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
       --tb=short -W ignore::UserWarning tests/test_module_hooks.py \
       tests/diffusers/test_pipe_offload.py ;;
-  hopperattn)  # the Gluon Hopper attention against SDPA (contiguous q/k/v)
+  hopperattn)  # the Gluon Hopper attention: its gpu tests, then against SDPA
+    run 200 gpu_tests_attention_hopper python3 -m pytest -m gpu -q -p no:cacheprovider -rs \
+      --tb=short tests/test_attention_hopper.py
     run 500 probe_hopperattn python3 benchmarks/probe_ops.py --probes hopperattn \
       --output-json "$out/probe_hopperattn.json" ;;
   s25step)  # PixArt-XL-2 compile vs O3 after Fp8Linear.weight_scale became a parameter

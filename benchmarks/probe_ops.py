@@ -1088,22 +1088,22 @@ HOPPER_ATTENTION_SHAPES = [
     ("sdxl_640", 2, 10, 4096, 64, torch.float16),
     ("sdxl_1280", 2, 20, 1024, 64, torch.float16),
 ]
-#: (block_m, block_n, stages, num_warps, FlashAttention-3's issue order) tried per shape.
+#: (block_m, block_n, stages, num_warps) tried per shape.
 HOPPER_ATTENTION_TILES = [
-    (64, 64, 2, 4, False),
-    (64, 64, 3, 4, False),
-    (64, 128, 2, 4, False),
-    (128, 64, 3, 8, False),
-    (128, 64, 4, 8, False),
-    (128, 64, 4, 8, True),
-    (128, 128, 2, 8, False),
+    (64, 64, 2, 4),
+    (64, 128, 2, 4),
+    (128, 64, 3, 8),
+    (128, 64, 4, 8),
+    (128, 128, 2, 8),
 ]
 
 
 def probe_hopper_attention() -> list[dict[str, Any]]:
-    """difforge's Gluon attention (async wgmma, softmax overlapped with the previous block's
-    P·V) per shape and tile against SDPA's default (cuDNN) and flash backends, CUDA-graph
-    timed, contiguous ``[B, H, S, D]`` inputs; error against float32 SDPA."""
+    """difforge's Gluon attention (async wgmma, the softmax overlapped with the previous
+    block's P·V) per shape, layout and tile against SDPA's default (cuDNN) and flash
+    backends, CUDA-graph timed; error against float32 SDPA. Layouts: contiguous
+    ``[B, H, S, D]``, and views of one fused projection ``[B, S, 3, H, D]`` (SDPA's output
+    then still needs the ``[B, S, H*D]`` copy the Gluon kernel writes directly)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from difforge.kernels import attention_int8 as a8
@@ -1112,38 +1112,43 @@ def probe_hopper_attention() -> list[dict[str, Any]]:
     sdpa = F.scaled_dot_product_attention
     rows: list[dict[str, Any]] = []
     for name, b, h, s, d, dtype in HOPPER_ATTENTION_SHAPES:
-        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
-        ref = sdpa(q.float(), k.float(), v.float())
-        flops = 4 * b * h * s * s * d
-        base: dict[str, Any] = {
-            "shape": name,
-            "sdpa_ms": a8.cuda_graph_ms(lambda: sdpa(q, k, v), 40),
-        }
-        base["sdpa_rel_err"] = _rel(sdpa(q, k, v), ref)
-        for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
-            with sdpa_kernel([getattr(SDPBackend, backend)]):
+        for layout in ("bhsd", "fused"):
+            if layout == "bhsd":
+                q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
+            else:
+                fused = torch.randn(b, s, 3, h, d, device="cuda", dtype=dtype)
+                q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
+            ref = sdpa(q.float(), k.float(), v.float())
+            flops = 4 * b * h * s * s * d
+            # what the model needs after attention: [B, S, H*D] rows
+            sdpa_rows = lambda: sdpa(q, k, v).transpose(1, 2).reshape(b, s, h * d)  # noqa: E731
+            base: dict[str, Any] = {
+                "shape": name,
+                "layout": layout,
+                "sdpa_ms": a8.cuda_graph_ms(lambda: sdpa(q, k, v), 40),
+                "sdpa_rows_ms": a8.cuda_graph_ms(sdpa_rows, 40),
+                "sdpa_rel_err": _rel(sdpa(q, k, v), ref),
+            }
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                base["flash_ms"] = a8.cuda_graph_ms(lambda: sdpa(q, k, v), 40)
+            for block_m, block_n, stages, warps in HOPPER_ATTENTION_TILES:
+                row = {**base, "block_m": block_m, "block_n": block_n, "stages": stages,
+                       "num_warps": warps}  # fmt: skip
+                fn = lambda: attention_hopper(  # noqa: E731
+                    q, k, v, block_m=block_m, block_n=block_n, stages=stages, num_warps=warps
+                )
+                rows_fn = lambda: fn().transpose(1, 2).reshape(b, s, h * d)  # noqa: E731
                 try:
-                    base[f"{backend.split('_')[0].lower()}_ms"] = a8.cuda_graph_ms(
-                        lambda: sdpa(q, k, v), 40
-                    )
-                except Exception as exc:
-                    base[f"{backend.split('_')[0].lower()}_error"] = str(exc)[:120]
-        for block_m, block_n, stages, warps, overlap_qk in HOPPER_ATTENTION_TILES:
-            row = {**base, "block_m": block_m, "block_n": block_n, "stages": stages,
-                   "num_warps": warps, "overlap_qk": overlap_qk}  # fmt: skip
-            fn = lambda: attention_hopper(  # noqa: E731
-                q, k, v, block_m=block_m, block_n=block_n, stages=stages, num_warps=warps,
-                overlap_qk=overlap_qk,
-            )  # fmt: skip
-            try:
-                row["rel_err"] = _rel(fn(), ref)
-                row["ms"] = a8.cuda_graph_ms(fn, 40)
-                row["speedup"] = row["sdpa_ms"] / row["ms"]
-                row["tflops"] = flops / row["ms"] / 1e9
-            except Exception as exc:  # one failing tile must not hide the others
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-            print(row, flush=True)
+                    row["rel_err"] = _rel(fn(), ref)
+                    row["ms"] = a8.cuda_graph_ms(fn, 40)
+                    row["rows_ms"] = a8.cuda_graph_ms(rows_fn, 40)
+                    row["speedup"] = row["sdpa_ms"] / row["ms"]
+                    row["rows_speedup"] = row["sdpa_rows_ms"] / row["rows_ms"]
+                    row["tflops"] = flops / row["ms"] / 1e9
+                except Exception as exc:  # one failing tile must not hide the others
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                print(row, flush=True)
     return rows
 
 

@@ -36,6 +36,20 @@ def test_rejects_a_sequence_that_is_not_a_multiple_of_the_blocks():
 
 
 @needs_gluon
+def test_rejects_a_head_dim_that_is_not_contiguous():
+    q = torch.zeros(1, 2, 128, 64, dtype=torch.float16).transpose(2, 3)[..., :64, :]
+    with pytest.raises(ValueError, match="contiguous head dim"):
+        ah.attention_hopper(q, q, q, block_m=64, block_n=64)
+
+
+@needs_gluon
+def test_rejects_rows_that_tma_cannot_address():
+    q = torch.zeros(1, 2, 128, 68, dtype=torch.float16)  # 136-byte rows
+    with pytest.raises(ValueError, match="16-byte strides"):
+        ah.attention_hopper(q, q, q, block_m=64, block_n=64)
+
+
+@needs_gluon
 def test_rejects_float32():
     q = torch.zeros(1, 2, 128, 64)
     with pytest.raises(ValueError, match="fp16 or bf16"):
@@ -47,32 +61,32 @@ import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
+from triton.tools.disasm import get_sass
 from difforge.kernels import attention_hopper as ah
 
 out = {}
 for d in (64, 72, 128):
-    q = torch.empty(2 * 256, d, dtype=torch.float16)
-    descs = ah.descriptors(q, q, q, torch.empty_like(q), 64, 64)
+    q = torch.empty(2, 256, 3, d, dtype=torch.float16)  # [B, S, H, D]
+    descs = ah.descriptors(q, q, q, torch.empty_like(q), 128, 64)
     fn = ah._attention_hopper_kernel
     sig = {n: mangle_type(a) for n, a in zip(fn.arg_names[:8], descs, strict=True)}
-    sig.update(seq_len="i32", qk_scale="fp32")
+    sig.update(seq_len="i32", heads="i32", qk_scale="fp32")
     main, tail = ah.split_head_dim(d)
-    consts = dict(BLOCK_M=64, BLOCK_N=64, HEAD_MAIN=main, HEAD_TAIL=tail or 16,
-                  HAS_TAIL=tail > 0, STAGES=3, Q_IN_REGS=False, OVERLAP_QK=False,
-                  num_warps=4)
+    consts = dict(BLOCK_M=128, BLOCK_N=64, HEAD_MAIN=main, HEAD_TAIL=tail or 16,
+                  HAS_TAIL=tail > 0, STAGES=3, num_warps=8)
     sig.update(dict.fromkeys(consts, "constexpr"))
     kernel = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4})
-    out[d] = kernel.asm["ptx"]
+                            options={"num_warps": 8})
+    out[d] = {"ptx": kernel.asm["ptx"], "sass": get_sass(kernel.asm["cubin"])}
 json.dump(out, sys.stdout)
 """
 
 
 @pytest.fixture(scope="module")
-def sm90_ptx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The kernel's PTX for an H100 at head dims 64 / 72 / 128 (64x64 tiles, 3 stages, 4
-    warps), lowered in a fresh process: this session decorates Triton functions for the
-    interpreter, which cannot be lowered, and an empty cache makes it really compile."""
+def sm90_code(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    """The kernel's PTX and SASS for an H100 at head dims 64 / 72 / 128 (128x64 tiles, 3
+    stages, 8 warps), built in a fresh process: this session decorates Triton functions for
+    the interpreter, which cannot be lowered, and an empty cache makes it really compile."""
     import json
     import os
     import subprocess
@@ -87,18 +101,50 @@ def sm90_ptx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return json.loads(done.stdout)
 
 
+def _loop_overlaps(sass: str) -> bool:
+    """Whether some P·V HGMMA (A operand from registers) is followed by softmax
+    exponentials (MUFU.EX2) before the next wait for all wgmma groups: the overlap the
+    kernel is built for, as ptxas scheduled it."""
+    ops = []
+    for raw in sass.splitlines():
+        text = raw.split("\t")[-1].strip()  # get_sass: "<control>\t<instruction>"
+        if not text or text.startswith(("Function", "/", ".")):
+            continue
+        tokens = text.split()
+        ops.append(tokens[1] if tokens[0].startswith("@") and len(tokens) > 1 else tokens[0])
+    waiting_pv = False
+    for op in ops:
+        if op.startswith("HGMMA"):
+            waiting_pv = True
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            waiting_pv = False
+        elif op.startswith("MUFU.EX2") and waiting_pv:
+            return True
+    return False
+
+
 @needs_gluon
-@pytest.mark.parametrize(("d", "in_flight"), [(64, 1), (72, 2), (128, 1)])
-def test_lowers_with_the_scores_waited_for_while_the_previous_pv_runs(
-    sm90_ptx: dict[str, str], d: int, in_flight: int
+@pytest.mark.parametrize("d", [64, 72, 128])
+def test_lowers_with_the_softmax_overlapping_the_previous_pv(
+    sm90_code: dict[str, dict[str, str]], d: int
 ):
-    """Q·Kᵀ of block j is waited for with the P·V of block j-1 (and its head-dim tail)
-    still in flight: the overlap the kernel exists for is in its PTX."""
-    ptx = sm90_ptx[str(d)]
-    assert "wgmma.mma_async" in ptx
-    assert f"wgmma.wait_group.sync.aligned {in_flight};" in ptx
-    assert "cp.async.bulk.tensor.2d" in ptx  # K/V stream through TMA
-    assert "ld.local" not in ptx and "st.local" not in ptx
+    """ptxas keeps P_{j-1}·V_{j-1} in flight while the softmax of block j exponentiates, K/V
+    stream through 4-D TMA boxes of the [B, S, H, D] view, and nothing spills."""
+    code = sm90_code[str(d)]
+    assert _loop_overlaps(code["sass"])
+    assert "cp.async.bulk.tensor.4d" in code["ptx"]
+    assert "ld.local" not in code["ptx"] and "st.local" not in code["ptx"]
+
+
+def test_overlap_check_tells_serial_from_overlapped_code():
+    """The SASS check itself: a wait between the HGMMA and the exponentials is serial."""
+    hgmma, wait, exp = (
+        "HGMMA.64x64x16.F32 R24 ;",
+        "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;",
+        "MUFU.EX2 R1, R1 ;",
+    )
+    assert not _loop_overlaps("\n".join([hgmma, wait, exp]))
+    assert _loop_overlaps("\n".join([hgmma, exp, wait]))
 
 
 @pytest.mark.gpu
@@ -110,11 +156,21 @@ def test_lowers_with_the_scores_waited_for_while_the_previous_pv_runs(
     ((1, 2, 512, 128), (64, 128, 2, 4)),
     ((3, 1, 128, 80), (128, 128, 2, 8)),
 ])  # fmt: skip
-def test_gpu_matches_sdpa(dtype: torch.dtype, shape: tuple[int, ...], tile: tuple[int, ...]):
+@pytest.mark.parametrize("layout", ["bhsd", "fused_bs3hd"])
+def test_gpu_matches_sdpa(
+    dtype: torch.dtype, shape: tuple[int, ...], tile: tuple[int, ...], layout: str
+):
+    """Against float32 SDPA, for contiguous q/k/v and for views of one fused projection
+    ``[B, S, 3, H, D]`` (what a DiT's compiled graph hands attention)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("wgmma and TMA need Hopper")
     torch.manual_seed(0)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
+    b, h, s, d = shape
+    if layout == "bhsd":
+        q, k, v = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
+    else:
+        fused = torch.randn(b, s, 3, h, d, device="cuda", dtype=dtype)
+        q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     bm, bn, stages, warps = tile
     out = ah.attention_hopper(q, k, v, block_m=bm, block_n=bn, stages=stages, num_warps=warps)
@@ -122,3 +178,4 @@ def test_gpu_matches_sdpa(dtype: torch.dtype, shape: tuple[int, ...], tile: tupl
     err = (out.float() - ref).norm() / ref.norm()
     sdpa_err = (sdpa.float() - ref).norm() / ref.norm()
     assert err <= 1.5 * sdpa_err + 1e-4, (err, sdpa_err)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()

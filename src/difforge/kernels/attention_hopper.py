@@ -1,25 +1,33 @@
 """Exact fp16/bf16 attention for Hopper written in Gluon (Triton's explicit-layout dialect).
 
 Why: cuDNN's flash attention is ~45% of a compiled DiT step and runs at ~340-380 TFLOP/s at
-PixArt's head dim 72 on an H100/H200. Triton's own ``tl.dot`` pipeline waits for each
-warp group's MMAs before the softmax (FlashAttention-2's shape; Triton 3.6 warp-specializes
-loops only on Blackwell), so a plain Triton kernel loses to cuDNN. Gluon exposes Hopper's
-asynchronous ``wgmma`` directly, so this kernel issues the Q·Kᵀ of kv block ``j`` and the
-P·V of block ``j - 1`` together and runs the softmax of block ``j`` while the second is in
-flight (FlashAttention-3's intra-warpgroup pipelining), with K and V streamed through a TMA
-ring of ``STAGES`` buffers.
+PixArt's head dim 72 on an H100/H200. Triton's own ``tl.dot`` pipeline waits for each MMA
+before the softmax (FlashAttention-2's shape; Triton 3.6 warp-specializes loops only on
+Blackwell), so a plain Triton kernel loses to cuDNN. Gluon exposes Hopper's asynchronous
+``wgmma`` directly: here the softmax of kv block ``j`` runs while the P·V of block ``j - 1``
+is in flight on the tensor cores, with K and V streamed through a TMA ring of ``STAGES``
+buffers.
+
+The issue order matters more than the PTX suggests. FlashAttention-3 issues ``S_j = Q K_jᵀ``
+and ``P_{j-1} V_{j-1}`` together and waits for the first alone; ptxas then waits for both at
+the softmax's first warp shuffle (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` before the exponentials
+in the SASS), so nothing overlaps. Waiting for ``S_j`` before issuing the P·V keeps one group
+in flight through the softmax, and ptxas interleaves the P·V's HGMMAs with it. And the loop
+carries P as the 16-bit MMA operand, converted after the P·V's wait: carried in float32 and
+converted at the top, the new exponentials took the registers the running P·V reads.
 
 Status (H200, ``benchmarks/results/2026-11-29_h200_probe_hopperattn_v*_s30.json``): exact
-(SDPA's own error) but 0.82-0.94x cuDNN at the DiT shapes (1.06-1.13x at SDXL's 1024-token
-level), so nothing uses it yet. The PTX has the overlap; ptxas does not keep it: it moves the
-wait for the P·V to the first warp shuffle of the softmax's row max (``WARPGROUP.DEPBAR.LE
-gsb0, 0x0`` before the ``MUFU.EX2``s in the SASS), so the softmax and the P·V run one after
-the other. P from shared memory instead of registers did not change that (slower).
+(SDPA's own error); against cuDNN 1.04x at PixArt's self-attention, 1.27x at SDXL's
+1024-token level, 0.87-0.98x at SD3's, FLUX's and SDXL's 4096-token shapes. No mode uses it
+yet (what is missing: FlashAttention-3's ping-pong of two warp groups, kv masking).
 
-Inputs are ``[B*H*S, D]`` row-major views (one row per token of one head). Triton's tensor
-shapes are powers of two, so a head dim such as 72 is read as a 64-column block and a
-16-column tail whose TMA box reaches past the tensor's last column: TMA fills those columns
-with zeros, which add nothing to q·kᵀ, and the TMA store clips them from the output.
+q, k, v are ``[B, H, S, D]`` with any strides but a contiguous head dim (views of one fused
+projection included): TMA reads them through 4-D descriptors over the ``[B, S, H, D]`` view,
+and the output is written ``[B, S, H, D]``-contiguous (returned as its ``[B, H, S, D]``
+view, so the usual ``transpose(1, 2).reshape(B, S, H * D)`` after attention is free).
+Triton's tensor shapes are powers of two, so a head dim such as 72 is read as a 64-column
+block and a 16-column tail whose TMA box reaches past the last column: TMA fills those
+columns with zeros, which add nothing to q·kᵀ, and the TMA store clips them from the output.
 Sequence lengths must be multiples of the blocks (no masking yet).
 """
 
@@ -61,6 +69,7 @@ if HAVE_GLUON:
         vt_desc,
         ot_desc,
         seq_len,
+        heads,
         qk_scale,
         BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr,
@@ -68,15 +77,12 @@ if HAVE_GLUON:
         HEAD_TAIL: gl.constexpr,
         HAS_TAIL: gl.constexpr,
         STAGES: gl.constexpr,
-        Q_IN_REGS: gl.constexpr,
-        OVERLAP_QK: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = q_desc.dtype
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-        q_row = bh * seq_len + pid_m * BLOCK_M
-        kv_row = bh * seq_len
+        m0 = gl.program_id(0) * BLOCK_M
+        b = gl.program_id(1) // heads
+        h = gl.program_id(1) % heads
         n_blocks = seq_len // BLOCK_N
 
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -93,13 +99,19 @@ if HAVE_GLUON:
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         t_rows: gl.constexpr = gl.SliceLayout(1, t_layout)
 
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_MAIN], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_MAIN], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_MAIN], v_desc.layout)
+        # TMA boxes are [1, rows, 1, cols] of the [B, S, H, D] view; the MMAs see them as
+        # [rows, cols] through reshape
+        q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, 1, HEAD_MAIN], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_MAIN], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_MAIN], v_desc.layout)
         if HAS_TAIL:
-            qt_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_TAIL], qt_desc.layout)
-            kt_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_TAIL], kt_desc.layout)
-            vt_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_TAIL], vt_desc.layout)
+            qt_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, 1, HEAD_TAIL], qt_desc.layout)
+            kt_smem = gl.allocate_shared_memory(
+                dtype, [STAGES, 1, BLOCK_N, 1, HEAD_TAIL], kt_desc.layout
+            )
+            vt_smem = gl.allocate_shared_memory(
+                dtype, [STAGES, 1, BLOCK_N, 1, HEAD_TAIL], vt_desc.layout
+            )
         else:  # never read: no shared memory spent on a tail that is not there
             qt_smem = q_smem
             kt_smem = k_smem
@@ -113,64 +125,31 @@ if HAVE_GLUON:
             mbarrier.init(v_bars.index(i), count=1)
 
         q_bytes: gl.constexpr = q_desc.block_type.nbytes + HAS_TAIL * qt_desc.block_type.nbytes
-        k_bytes: gl.constexpr = k_desc.block_type.nbytes + HAS_TAIL * kt_desc.block_type.nbytes
+        kv_bytes: gl.constexpr = k_desc.block_type.nbytes + HAS_TAIL * kt_desc.block_type.nbytes
         mbarrier.expect(q_bar, q_bytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bar, q_smem)
         if HAS_TAIL:
-            tma.async_copy_global_to_shared(qt_desc, [q_row, HEAD_MAIN], q_bar, qt_smem)
+            tma.async_copy_global_to_shared(qt_desc, [b, m0, h, HEAD_MAIN], q_bar, qt_smem)
         for i in gl.static_range(STAGES):
             if i < n_blocks:
-                _load_kv(
-                    k_desc,
-                    kt_desc,
-                    k_bars.index(i),
-                    k_smem.index(i),
-                    kt_smem.index(i),
-                    kv_row + i * BLOCK_N,
-                    k_bytes,
-                    HEAD_MAIN,
-                    HAS_TAIL,
-                )
-                _load_kv(
-                    v_desc,
-                    vt_desc,
-                    v_bars.index(i),
-                    v_smem.index(i),
-                    vt_smem.index(i),
-                    kv_row + i * BLOCK_N,
-                    k_bytes,
-                    HEAD_MAIN,
-                    HAS_TAIL,
-                )
+                _load_kv(k_desc, kt_desc, k_bars, k_smem, kt_smem, i, i * BLOCK_N, b, h,
+                         kv_bytes, HEAD_MAIN, HAS_TAIL)  # fmt: skip
+                _load_kv(v_desc, vt_desc, v_bars, v_smem, vt_smem, i, i * BLOCK_N, b, h,
+                         kv_bytes, HEAD_MAIN, HAS_TAIL)  # fmt: skip
 
+        q_a = q_smem.reshape([BLOCK_M, HEAD_MAIN])
+        if HAS_TAIL:  # noqa: SIM108 (a constexpr branch: the other reshape must not exist)
+            qt_a = qt_smem.reshape([BLOCK_M, HEAD_TAIL])
+        else:
+            qt_a = q_a
         # kv block 0: scores, then the first probabilities (nothing to overlap yet)
         mbarrier.wait(q_bar, 0)
-        if Q_IN_REGS:  # Q·Kᵀ's A operand from registers: half the shared-memory reads
-            q_a = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-            qt_a = qt_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        else:
-            q_a = q_smem
-            qt_a = qt_smem
         mbarrier.wait(k_bars.index(0), 0)
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        s = _scores(q_a, qt_a, k_smem.index(0), kt_smem.index(0), s, HAS_TAIL)
+        s = _scores(q_a, qt_a, k_smem, kt_smem, 0, s, BLOCK_N, HEAD_MAIN, HEAD_TAIL, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        _refill_k(
-            k_desc,
-            kt_desc,
-            k_bars,
-            k_smem,
-            kt_smem,
-            0,
-            STAGES,
-            n_blocks,
-            kv_row,
-            k_bytes,
-            BLOCK_N,
-            HEAD_MAIN,
-            HAS_TAIL,
-            num_warps,
-        )
+        _refill(k_desc, kt_desc, k_bars, k_smem, kt_smem, 0, STAGES, n_blocks, b, h, kv_bytes,
+                BLOCK_N, HEAD_MAIN, HAS_TAIL, num_warps)  # fmt: skip
         m_i = gl.max(s, axis=1) * qk_scale
         p = gl.exp2(s * qk_scale - m_i[:, None])
         l_i = gl.sum(p, axis=1)
@@ -182,29 +161,16 @@ if HAVE_GLUON:
         for j in range(1, n_blocks):
             slot = j % STAGES
             prev = (j - 1) % STAGES
-            # every wait on a TMA barrier comes before the MMAs are issued, and every
-            # refill after their waits: ptxas waits for all pending wgmma at a branch
-            # (a barrier's spin loop, a conditional refill) between issue and wait
+            # barrier waits before the MMAs are issued and refills after their waits:
+            # ptxas waits for every pending wgmma at a branch between issue and wait
             mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            s = _scores(q_a, qt_a, k_smem.index(slot), kt_smem.index(slot), s, HAS_TAIL)
-            if OVERLAP_QK:
-                # FlashAttention-3's order: S_j and P_{j-1}·V_{j-1} both in flight, S_j
-                # waited for alone. ptxas then waits for the P·V too at the softmax's
-                # first warp shuffle, so in practice nothing overlaps
-                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                if HAS_TAIL:
-                    acc_t = warpgroup_mma(pt_op, vt_smem.index(prev), acc_t, is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=2, deps=(s,))
-                else:
-                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            else:
-                # S_j waited for first; then only P_{j-1}·V_{j-1} is in flight while the
-                # softmax of S_j runs, an order ptxas keeps overlapped
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                if HAS_TAIL:
-                    acc_t = warpgroup_mma(pt_op, vt_smem.index(prev), acc_t, is_async=True)
+            s = _scores(q_a, qt_a, k_smem, kt_smem, slot, s, BLOCK_N, HEAD_MAIN, HEAD_TAIL,
+                        HAS_TAIL)  # fmt: skip
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            # only P_{j-1}·V_{j-1} is in flight while the softmax of S_j runs
+            acc, acc_t = _pv(p_op, pt_op, v_smem, vt_smem, prev, acc, acc_t, BLOCK_N,
+                             HEAD_MAIN, HEAD_TAIL, HAS_TAIL)  # fmt: skip
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -214,125 +180,80 @@ if HAVE_GLUON:
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
             if HAS_TAIL:
                 acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
-            # P_j becomes the P·V operand only now: the loop carries the 16-bit operand,
-            # not the float32 probabilities. Carried in float32 and converted at the top,
-            # the new exponentials take the registers of the operand the running P·V
-            # reads, and ptxas then waits for that P·V before the softmax (no overlap)
+            # P_j becomes the P·V operand only now, after the wait (see the module notes)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             pt_op = gl.convert_layout(p.to(dtype), pt_layout)
             # K_j and V_{j-1} are consumed: their buffers take the blocks STAGES further on
-            _refill_k(
-                k_desc,
-                kt_desc,
-                k_bars,
-                k_smem,
-                kt_smem,
-                slot,
-                j + STAGES,
-                n_blocks,
-                kv_row,
-                k_bytes,
-                BLOCK_N,
-                HEAD_MAIN,
-                HAS_TAIL,
-                num_warps,
-            )
-            nxt = j - 1 + STAGES
-            if nxt < n_blocks:
-                if num_warps > 4:  # one warp group's wgmma wait does not cover the other
-                    gl.thread_barrier()
-                _load_kv(
-                    v_desc,
-                    vt_desc,
-                    v_bars.index(prev),
-                    v_smem.index(prev),
-                    vt_smem.index(prev),
-                    kv_row + nxt * BLOCK_N,
-                    k_bytes,
-                    HEAD_MAIN,
-                    HAS_TAIL,
-                )
+            _refill(k_desc, kt_desc, k_bars, k_smem, kt_smem, slot, j + STAGES, n_blocks, b,
+                    h, kv_bytes, BLOCK_N, HEAD_MAIN, HAS_TAIL, num_warps)  # fmt: skip
+            _refill(v_desc, vt_desc, v_bars, v_smem, vt_smem, prev, j - 1 + STAGES, n_blocks,
+                    b, h, kv_bytes, BLOCK_N, HEAD_MAIN, HAS_TAIL, num_warps)  # fmt: skip
 
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        if HAS_TAIL:
-            acc_t = warpgroup_mma(pt_op, vt_smem.index(last), acc_t, is_async=True)
+        acc, acc_t = _pv(p_op, pt_op, v_smem, vt_smem, last, acc, acc_t, BLOCK_N, HEAD_MAIN,
+                         HEAD_TAIL, HAS_TAIL)  # fmt: skip
         acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
 
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(k_bars.index(i))
             mbarrier.invalidate(v_bars.index(i))
-        # the output goes out through Q's buffers (same block shape, dtype and layout):
-        # every read of Q is done, and a separate buffer would cost a kv ring stage
-        q_smem.store((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(dtype))
+        # the output leaves through Q's buffers (same box, dtype and layout): every read of
+        # Q is done, and a separate buffer would cost a kv ring stage
+        q_a.store((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(dtype))
         if HAS_TAIL:
-            qt_smem.store((acc_t / gl.convert_layout(l_i, t_rows)[:, None]).to(dtype))
+            qt_a.store((acc_t / gl.convert_layout(l_i, t_rows)[:, None]).to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
+        tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], q_smem)
         if HAS_TAIL:
-            tma.async_copy_shared_to_global(ot_desc, [q_row, HEAD_MAIN], qt_smem)
+            tma.async_copy_shared_to_global(ot_desc, [b, m0, h, HEAD_MAIN], qt_smem)
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _load_kv(
-        desc,
-        tail_desc,
-        bar,
-        smem,
-        tail_smem,
-        row,
-        nbytes: gl.constexpr,
-        HEAD_MAIN: gl.constexpr,
-        HAS_TAIL: gl.constexpr,
-    ):
-        """One kv block (and its head-dim tail) into a ring slot, completing ``bar``."""
+    def _load_kv(desc, tail_desc, bars, smem, tail_smem, slot, row, b, h,
+                 nbytes: gl.constexpr, HEAD_MAIN: gl.constexpr, HAS_TAIL: gl.constexpr):  # fmt: skip
+        """One kv block (and its head-dim tail) into ring ``slot``, completing its barrier."""
+        bar = bars.index(slot)
         mbarrier.expect(bar, nbytes)
-        tma.async_copy_global_to_shared(desc, [row, 0], bar, smem)
+        tma.async_copy_global_to_shared(desc, [b, row, h, 0], bar, smem.index(slot))
         if HAS_TAIL:
-            tma.async_copy_global_to_shared(tail_desc, [row, HEAD_MAIN], bar, tail_smem)
-
-    @gluon.jit
-    def _refill_k(
-        k_desc,
-        kt_desc,
-        k_bars,
-        k_smem,
-        kt_smem,
-        slot,
-        block,
-        n_blocks,
-        kv_row,
-        nbytes: gl.constexpr,
-        BLOCK_N: gl.constexpr,
-        HEAD_MAIN: gl.constexpr,
-        HAS_TAIL: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        """Load K block ``block`` (if it exists) into ring slot ``slot``, whose Q·Kᵀ is done."""
-        if block < n_blocks:
-            if num_warps > 4:  # one warp group's wgmma wait does not cover the other
-                gl.thread_barrier()
-            _load_kv(
-                k_desc,
-                kt_desc,
-                k_bars.index(slot),
-                k_smem.index(slot),
-                kt_smem.index(slot),
-                kv_row + block * BLOCK_N,
-                nbytes,
-                HEAD_MAIN,
-                HAS_TAIL,
+            tma.async_copy_global_to_shared(
+                tail_desc, [b, row, h, HEAD_MAIN], bar, tail_smem.index(slot)
             )
 
     @gluon.jit
-    def _scores(q, qt, k_smem, kt_smem, s, HAS_TAIL: gl.constexpr):
-        """Issue S = Q Kᵀ (main head-dim columns, then the tail) without waiting."""
-        s = warpgroup_mma(q, k_smem.permute((1, 0)), s, use_acc=False, is_async=True)
+    def _refill(desc, tail_desc, bars, smem, tail_smem, slot, block, n_blocks, b, h,
+                nbytes: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_MAIN: gl.constexpr,
+                HAS_TAIL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        """Load kv block ``block`` (if it exists) into ``slot``, whose MMA is done."""
+        if block < n_blocks:
+            if num_warps > 4:  # one warp group's wgmma wait does not cover the other
+                gl.thread_barrier()
+            _load_kv(desc, tail_desc, bars, smem, tail_smem, slot, block * BLOCK_N, b, h,
+                     nbytes, HEAD_MAIN, HAS_TAIL)  # fmt: skip
+
+    @gluon.jit
+    def _scores(q, qt, k_smem, kt_smem, slot, s, BLOCK_N: gl.constexpr,
+                HEAD_MAIN: gl.constexpr, HEAD_TAIL: gl.constexpr, HAS_TAIL: gl.constexpr):  # fmt: skip
+        """Issue S = Q Kᵀ over ring ``slot`` (main head-dim columns, then the tail)."""
+        k = k_smem.index(slot).reshape([BLOCK_N, HEAD_MAIN])
+        s = warpgroup_mma(q, k.permute((1, 0)), s, use_acc=False, is_async=True)
         if HAS_TAIL:
-            s = warpgroup_mma(qt, kt_smem.permute((1, 0)), s, is_async=True)
+            kt = kt_smem.index(slot).reshape([BLOCK_N, HEAD_TAIL])
+            s = warpgroup_mma(qt, kt.permute((1, 0)), s, is_async=True)
         return s
+
+    @gluon.jit
+    def _pv(p_op, pt_op, v_smem, vt_smem, slot, acc, acc_t, BLOCK_N: gl.constexpr,
+            HEAD_MAIN: gl.constexpr, HEAD_TAIL: gl.constexpr, HAS_TAIL: gl.constexpr):  # fmt: skip
+        """Issue O += P V over ring ``slot`` (and the tail columns' accumulator)."""
+        v = v_smem.index(slot).reshape([BLOCK_N, HEAD_MAIN])
+        acc = warpgroup_mma(p_op, v, acc, is_async=True)
+        if HAS_TAIL:
+            vt = vt_smem.index(slot).reshape([BLOCK_N, HEAD_TAIL])
+            acc_t = warpgroup_mma(pt_op, vt, acc_t, is_async=True)
+        return acc, acc_t
 
 
 _GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -355,19 +276,42 @@ def descriptors(
     block_m: int,
     block_n: int,
 ) -> list[object]:
-    """TMA descriptors of ``[rows, D]`` q/k/v/out: boxes over the main head-dim columns,
-    then over the tail (the same descriptors again when there is none)."""
+    """TMA descriptors of ``[B, S, H, D]`` q/k/v/out views with boxes ``[1, rows, 1, cols]``:
+    over the main head-dim columns, then over the tail (16 columns when there is none)."""
     main, tail = split_head_dim(q.shape[-1])
     dtype = getattr(gl, _GL_DTYPES[q.dtype])
 
     def desc(t: torch.Tensor, rows: int, cols: int) -> object:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cols], layout)
+        box = [1, rows, 1, cols]
+        layout = gl.NVMMASharedLayout.get_default_for(box, dtype)
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), box, layout)
 
     rows = (block_m, block_n, block_n, block_m)
-    mains = [desc(t, r, main) for t, r in zip((q, k, v, out), rows, strict=True)]
-    tails = [desc(t, r, tail or 16) for t, r in zip((q, k, v, out), rows, strict=True)]
+    tensors = (q, k, v, out)
+    mains = [desc(t, r, main) for t, r in zip(tensors, rows, strict=True)]
+    tails = [desc(t, r, tail or 16) for t, r in zip(tensors, rows, strict=True)]
     return mains + tails
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int):
+    """Raise ``ValueError`` for what the kernel does not take (before any GPU work)."""
+    if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention_hopper takes fp16 or bf16 q/k/v, got {q.dtype}")
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"attention_hopper takes equal [B, H, S, D] q/k/v, got {q.shape}")
+    s, d = q.shape[2], q.shape[3]
+    if s % block_n or s % block_m:
+        raise ValueError(f"sequence length {s} must be a multiple of {block_m} and {block_n}")
+    elem = q.element_size()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1 or any(st * elem % 16 for st in t.stride()[:3]):
+            raise ValueError(
+                f"{name} needs a contiguous head dim and 16-byte strides (TMA), got {t.stride()}"
+            )
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name} must start 16-byte aligned (TMA)")
+    if d * elem % 16:
+        raise ValueError(f"head dim {d} must span a multiple of 16 bytes (TMA)")
 
 
 def attention_hopper(
@@ -377,29 +321,25 @@ def attention_hopper(
     *,
     scale: float | None = None,
     block_m: int = 128,
-    block_n: int = 128,
-    stages: int = 2,
+    block_n: int = 64,
+    stages: int = 3,
     num_warps: int = 8,
-    q_in_regs: bool = False,
-    overlap_qk: bool = False,
 ) -> torch.Tensor:
-    """``softmax(q kᵀ · scale) v`` for contiguous ``[B, H, S, D]`` fp16/bf16 q, k, v."""
+    """``softmax(q kᵀ · scale) v`` for ``[B, H, S, D]`` fp16/bf16 q, k, v (any strides with a
+    contiguous head dim); the result is a ``[B, H, S, D]`` view of a ``[B, S, H, D]`` tensor."""
     if not HAVE_GLUON:
         raise RuntimeError("attention_hopper needs Triton's Gluon (triton >= 3.5)")
+    check_inputs(q, k, v, block_m, block_n)
     b, h, s, d = q.shape
-    if s % block_n or s % block_m:
-        raise ValueError(f"sequence length {s} must be a multiple of {block_m} and {block_n}")
-    if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention_hopper takes fp16 or bf16 q/k/v, got {q.dtype}")
-    q2, k2, v2 = (t.contiguous().view(b * h * s, d) for t in (q, k, v))
-    out = torch.empty_like(q2)
-    descs = descriptors(q2, k2, v2, out, block_m, block_n)
+    out = torch.empty(b, s, h, d, device=q.device, dtype=q.dtype)
+    views = [t.transpose(1, 2) for t in (q, k, v)]
+    descs = descriptors(*views, out, block_m, block_n)
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
     main, tail = split_head_dim(d)
-    grid = (s // block_m, b * h)
-    _attention_hopper_kernel[grid](
+    _attention_hopper_kernel[(s // block_m, b * h)](
         *descs,
         s,
+        h,
         sm_scale * LOG2E,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -407,8 +347,6 @@ def attention_hopper(
         HEAD_TAIL=tail or 16,
         HAS_TAIL=tail > 0,
         STAGES=stages,
-        Q_IN_REGS=q_in_regs,
-        OVERLAP_QK=overlap_qk,
         num_warps=num_warps,
     )
-    return out.view(b, h, s, d)
+    return out.transpose(1, 2)
