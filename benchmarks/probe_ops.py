@@ -1088,13 +1088,16 @@ HOPPER_ATTENTION_SHAPES = [
     ("sdxl_640", 2, 10, 4096, 64, torch.float16),
     ("sdxl_1280", 2, 20, 1024, 64, torch.float16),
 ]
-#: (block_m, block_n, stages, num_warps) tried per shape.
+#: (kernel, block_m, block_n, stages, num_warps) tried per shape; "ws" is the
+#: warp-specialized kernel (block_m rows per consumer warp group, two per CTA).
 HOPPER_ATTENTION_TILES = [
-    (64, 64, 2, 4),
-    (64, 128, 2, 4),
-    (128, 64, 3, 8),
-    (128, 64, 4, 8),
-    (128, 128, 2, 8),
+    ("plain", 64, 128, 2, 4),
+    ("plain", 128, 64, 3, 8),
+    ("plain", 128, 128, 2, 8),
+    ("ws", 64, 64, 3, 4),
+    ("ws", 64, 64, 4, 4),
+    ("ws", 64, 128, 2, 4),
+    ("ws", 64, 128, 3, 4),
 ]
 
 
@@ -1108,6 +1111,7 @@ def probe_hopper_attention() -> list[dict[str, Any]]:
 
     from difforge.kernels import attention_int8 as a8
     from difforge.kernels.attention_hopper import attention_hopper
+    from difforge.kernels.attention_hopper_ws import attention_hopper_ws
 
     sdpa = F.scaled_dot_product_attention
     rows: list[dict[str, Any]] = []
@@ -1131,12 +1135,17 @@ def probe_hopper_attention() -> list[dict[str, Any]]:
             }
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                 base["flash_ms"] = a8.cuda_graph_ms(lambda: sdpa(q, k, v), 40)
-            for block_m, block_n, stages, warps in HOPPER_ATTENTION_TILES:
-                row = {**base, "block_m": block_m, "block_n": block_n, "stages": stages,
-                       "num_warps": warps}  # fmt: skip
-                fn = lambda: attention_hopper(  # noqa: E731
-                    q, k, v, block_m=block_m, block_n=block_n, stages=stages, num_warps=warps
-                )
+            for kernel, block_m, block_n, stages, warps in HOPPER_ATTENTION_TILES:
+                row = {**base, "kernel": kernel, "block_m": block_m, "block_n": block_n,
+                       "stages": stages, "num_warps": warps}  # fmt: skip
+                if kernel == "ws":
+                    fn = lambda: attention_hopper_ws(  # noqa: E731
+                        q, k, v, block_m=block_m, block_n=block_n, stages=stages
+                    )
+                else:
+                    fn = lambda: attention_hopper(  # noqa: E731
+                        q, k, v, block_m=block_m, block_n=block_n, stages=stages, num_warps=warps
+                    )
                 rows_fn = lambda: fn().transpose(1, 2).reshape(b, s, h * d)  # noqa: E731
                 try:
                     row["rel_err"] = _rel(fn(), ref)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from difforge.kernels import attention_hopper as ah
+from difforge.kernels.attention_hopper_ws import attention_hopper_ws
 
 needs_gluon = pytest.mark.skipif(not ah.HAVE_GLUON, reason="needs Triton's Gluon")
 
@@ -63,6 +64,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 from triton.tools.disasm import get_sass
 from difforge.kernels import attention_hopper as ah
+from difforge.kernels.attention_hopper_ws import attention_hopper_ws
 
 out = {}
 for d in (64, 72, 128):
@@ -157,8 +159,9 @@ def test_overlap_check_tells_serial_from_overlapped_code():
     ((3, 1, 128, 80), (128, 128, 2, 8)),
 ])  # fmt: skip
 @pytest.mark.parametrize("layout", ["bhsd", "fused_bs3hd"])
+@pytest.mark.parametrize("kernel", ["plain", "ws"])
 def test_gpu_matches_sdpa(
-    dtype: torch.dtype, shape: tuple[int, ...], tile: tuple[int, ...], layout: str
+    dtype: torch.dtype, shape: tuple[int, ...], tile: tuple[int, ...], layout: str, kernel: str
 ):
     """Against float32 SDPA, for contiguous q/k/v and for views of one fused projection
     ``[B, S, 3, H, D]`` (what a DiT's compiled graph hands attention)."""
@@ -173,7 +176,10 @@ def test_gpu_matches_sdpa(
         q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     bm, bn, stages, warps = tile
-    out = ah.attention_hopper(q, k, v, block_m=bm, block_n=bn, stages=stages, num_warps=warps)
+    if kernel == "ws":
+        out = attention_hopper_ws(q, k, v, block_m=64, block_n=bn, stages=stages)
+    else:
+        out = ah.attention_hopper(q, k, v, block_m=bm, block_n=bn, stages=stages, num_warps=warps)
     sdpa = F.scaled_dot_product_attention(q, k, v)
     err = (out.float() - ref).norm() / ref.norm()
     sdpa_err = (sdpa.float() - ref).norm() / ref.norm()

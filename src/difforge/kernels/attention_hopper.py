@@ -277,7 +277,8 @@ def descriptors(
     block_n: int,
 ) -> list[object]:
     """TMA descriptors of ``[B, S, H, D]`` q/k/v/out views with boxes ``[1, rows, 1, cols]``:
-    over the main head-dim columns, then over the tail (16 columns when there is none)."""
+    over the main head-dim columns, then over the tail (8 columns when there is none, which
+    is how a kernel tells: a real tail is at least 16)."""
     main, tail = split_head_dim(q.shape[-1])
     dtype = getattr(gl, _GL_DTYPES[q.dtype])
 
@@ -289,7 +290,7 @@ def descriptors(
     rows = (block_m, block_n, block_n, block_m)
     tensors = (q, k, v, out)
     mains = [desc(t, r, main) for t, r in zip(tensors, rows, strict=True)]
-    tails = [desc(t, r, tail or 16) for t, r in zip(tensors, rows, strict=True)]
+    tails = [desc(t, r, tail or 8) for t, r in zip(tensors, rows, strict=True)]
     return mains + tails
 
 
