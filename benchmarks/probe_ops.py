@@ -1092,12 +1092,11 @@ HOPPER_ATTENTION_SHAPES = [
 #: warp-specialized kernel (block_m rows per consumer warp group, two per CTA).
 HOPPER_ATTENTION_TILES = [
     ("plain", 64, 128, 2, 4),
-    ("plain", 128, 64, 3, 8),
-    ("plain", 128, 128, 2, 8),
-    ("ws", 64, 64, 3, 4),
-    ("ws", 64, 64, 4, 4),
-    ("ws", 64, 128, 2, 4),
     ("ws", 64, 128, 3, 4),
+    ("ws", 64, 128, 4, 4),
+    ("ws", 64, 256, 2, 4),
+    ("ws", 64, 256, 3, 4),
+    ("ws", 64, 64, 6, 4),
 ]
 
 
