@@ -325,10 +325,10 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
     "attention.select": (
         "measured",
         str,
-        "how the attention_int8 pass (low-precision) picks SDPA or difforge's 8-bit attention "
-        "per shape: 'measured' = time both (and each candidate tile) on this GPU at compile "
-        "time and use 8-bit only where it wins by attention.min_speedup; 'always' = every "
-        "eligible call, untimed (A/B runs)",
+        "how the attention_int8 pass (low-precision) and the attention_hopper pass pick SDPA "
+        "or their kernel per shape: 'measured' = time both (and each candidate tile) on this "
+        "GPU at compile time and use the kernel only where it wins by "
+        "attention.min_speedup; 'always' = every eligible call, untimed (A/B runs)",
     ),
     "attention.pv_fp8": (
         False,
@@ -339,8 +339,8 @@ OWN_SETTINGS: dict[str, tuple[Any, type | tuple[type, ...], str]] = {
     "attention.min_speedup": (
         1.03,
         (int, float),
-        "attention.select 'measured': the 8-bit kernel (quantization included) must be this "
-        "many times faster than SDPA to replace it",
+        "attention.select 'measured': the 8-bit kernel (quantization included) or the Gluon "
+        "attention must be this many times faster than SDPA to replace it",
     ),
     "attention.wide_max_score_bytes": (
         1 << 30,

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from difforge.kernels import token_major_empty
 from difforge.kernels.attention_hopper import (
     HAVE_GLUON,
     LOG2E,
@@ -272,3 +273,31 @@ def attention_hopper_ws(
         num_warps=4,
     )
     return out.transpose(1, 2)
+
+
+@torch.library.custom_op("difforge::attention_hopper", mutates_args=())
+def _attention_hopper_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    block_m: int,
+    block_n: int,
+    stages: int,
+) -> torch.Tensor:
+    """What the ``attention_hopper`` pass inserts: :func:`attention_hopper_ws` as one op."""
+    return attention_hopper_ws(q, k, v, scale=scale, block_m=block_m, block_n=block_n,
+                               stages=stages)  # fmt: skip
+
+
+@_attention_hopper_op.register_fake
+def _attention_hopper_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    block_m: int,
+    block_n: int,
+    stages: int,
+) -> torch.Tensor:
+    return token_major_empty(q)

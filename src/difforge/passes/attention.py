@@ -25,6 +25,14 @@ quantization in torch ops, which Inductor fuses into the producers of q, k and v
 :func:`difforge.kernels.attention_select.choose` picks, measured on this GPU against SDPA
 (the ``attention.*`` options); where SDPA is faster the call is left alone. Calls with a
 mask (PixArt's cross-attention to padded prompts) always stay SDPA.
+
+``attention_hopper`` (``optimize`` tier, opt-in with ``passes.attention_hopper: true``; no
+preset enables it until a whole step is measured with it): on a Hopper GPU, a plain SDPA
+call (as above) of self-attention whose q/k/v TMA can read in place becomes
+``torch.ops.difforge.attention_hopper``, the exact warp-specialized Gluon attention
+(:mod:`difforge.kernels.attention_hopper_ws`), where
+:func:`difforge.kernels.attention_hopper_select.choose` times it faster than SDPA on this GPU
+(H200: 1.19x cuDNN at PixArt-XL's head dim 72, slower at 64 and 128).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from difforge.kernels import token_major_empty
 
 # Importing the kernel module registers the ops this pass inserts (torch.ops.difforge.*), so
 # a graph stored with one of them (the compile cache, cache.precompile) loads in a new process.
+from difforge.kernels.attention_hopper_ws import _attention_hopper_op  # noqa: F401 (registers)
 from difforge.kernels.attention_int8 import attention_int8_fused
 from difforge.passes.registry import (
     cacheable_target,
@@ -202,6 +211,48 @@ def attention_int8(graph: torch.fx.Graph) -> int:
         with graph.inserting_before(node):
             new = graph.call_function(attention_int8_fused, (q, k, v, scale, *choice.op_args()))
         fake_q = node_tensor(q)
+        mode = getattr(fake_q, "fake_mode", None)
+        if mode is not None:
+            with mode:
+                new.meta["example_value"] = token_major_empty(fake_q)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        made += 1
+    return made
+
+
+def _tma_readable(t: torch.Tensor) -> bool:
+    """Whether TMA can read ``t`` in place: a contiguous last dim, 16-byte strides."""
+    strides = [size_hint(st) for st in t.stride()]
+    if any(st is None for st in strides) or strides[-1] != 1:
+        return False
+    return all(st * t.element_size() % 16 == 0 for st in strides[:-1])
+
+
+@register_pass("attention_hopper", stage="fx", tier="optimize")
+def attention_hopper(graph: torch.fx.Graph) -> int:
+    """SDPA -> difforge's Gluon attention on Hopper where measured faster (opt-in)."""
+    from difforge.kernels.attention_hopper_select import available, choose
+    from difforge.kernels.attention_select import current_policy
+
+    policy = current_policy()
+    made = 0
+    for node in list(graph.nodes):
+        shape = _eligible_shape(node)
+        if shape is None or not available(shape.device):  # type: ignore[attr-defined]
+            continue
+        tensors = [node_tensor(a) for a in node.args[:3]]
+        if not all(t is not None and _tma_readable(t) for t in tensors):
+            continue
+        tile = choose(shape, policy)  # type: ignore[arg-type]
+        if tile is None:
+            continue
+        q, k, v = node.args[:3]
+        scale = node_arg(node, 6, "scale")
+        op = torch.ops.difforge.attention_hopper.default
+        with graph.inserting_before(node):
+            new = graph.call_function(op, (q, k, v, scale, *tile))
+        fake_q = tensors[0]
         mode = getattr(fake_q, "fake_mode", None)
         if mode is not None:
             with mode:
