@@ -3,6 +3,8 @@ any machine: Triton ships ptxas) and, on a GPU, its output against SDPA."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,19 @@ for d in (64, 72, 128):
     kernel = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})
     out[d] = {"ptx": kernel.asm["ptx"], "sass": get_sass(kernel.asm["cubin"])}
+
+from difforge.kernels import attention_hopper_ws as ws
+q = torch.empty(2, 256, 3, 72, dtype=torch.float16)
+descs = ah.descriptors(q, q, q, torch.empty_like(q), 64, 128)
+fn = ws._attention_hopper_ws_kernel
+sig = {n: mangle_type(a) for n, a in zip(fn.arg_names[:8], descs, strict=True)}
+sig.update(seq_len="i32", heads="i32", qk_scale="fp32")
+consts = dict(BLOCK_M=64, BLOCK_N=128, HEAD_MAIN=64, HEAD_TAIL=16, HAS_TAIL=True, STAGES=4,
+              PRODUCER_REGS=40, CONSUMER_REGS=232, num_warps=4)
+sig.update(dict.fromkeys(consts, "constexpr"))
+kernel = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": 4})
+out["ws72"] = {"ptx": kernel.asm["ptx"], "sass": get_sass(kernel.asm["cubin"])}
 json.dump(out, sys.stdout)
 """
 
@@ -135,6 +150,20 @@ def test_lowers_with_the_softmax_overlapping_the_previous_pv(
     code = sm90_code[str(d)]
     assert _loop_overlaps(code["sass"])
     assert "cp.async.bulk.tensor.4d" in code["ptx"]
+    assert "ld.local" not in code["ptx"] and "st.local" not in code["ptx"]
+
+
+@needs_gluon
+def test_warp_specialized_kernel_lowers_to_a_producer_and_two_consumers(
+    sm90_code: dict[str, dict[str, str]],
+):
+    """The producer warp gives registers back and the consumers take them (setmaxnreg), the
+    consumers still overlap softmax and P·V, and nothing spills (PixArt's tile: 64x128, 4
+    stages, head dim 72)."""
+    code = sm90_code["ws72"]
+    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40;", code["ptx"])
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", code["ptx"])
+    assert _loop_overlaps(code["sass"])
     assert "ld.local" not in code["ptx"] and "st.local" not in code["ptx"]
 
 

@@ -17,9 +17,12 @@ carries P as the 16-bit MMA operand, converted after the P·V's wait: carried in
 converted at the top, the new exponentials took the registers the running P·V reads.
 
 Status (H200, ``benchmarks/results/2026-11-29_h200_probe_hopperattn_v*_s30.json``): exact
-(SDPA's own error); against cuDNN 1.04x at PixArt's self-attention, 1.27x at SDXL's
-1024-token level, 0.87-0.98x at SD3's, FLUX's and SDXL's 4096-token shapes. No mode uses it
-yet (what is missing: FlashAttention-3's ping-pong of two warp groups, kv masking).
+(SDPA's own error); against cuDNN 1.0-1.04x at PixArt's self-attention, 1.27x at SDXL's
+1024-token level, 0.87-0.98x at SD3's, FLUX's and SDXL's 4096-token shapes. Its two warp
+groups run in step (a CTA-wide barrier before each refill), so both do their softmax at once;
+:mod:`difforge.kernels.attention_hopper_ws` splits them with a producer warp and is the one
+the ``attention_hopper`` pass uses (1.19x cuDNN at PixArt). This module keeps the per-block
+math both share (``_scores``, ``_pv``), the descriptors and the input checks.
 
 q, k, v are ``[B, H, S, D]`` with any strides but a contiguous head dim (views of one fused
 projection included): TMA reads them through 4-D descriptors over the ``[B, S, H, D]`` view,

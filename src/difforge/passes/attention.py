@@ -32,7 +32,8 @@ call (as above) of self-attention whose q/k/v TMA can read in place becomes
 ``torch.ops.difforge.attention_hopper``, the exact warp-specialized Gluon attention
 (:mod:`difforge.kernels.attention_hopper_ws`), where
 :func:`difforge.kernels.attention_hopper_select.choose` times it faster than SDPA on this GPU
-(H200: 1.19x cuDNN at PixArt-XL's head dim 72, slower at 64 and 128).
+(H200: 1.19x cuDNN at PixArt-XL's head dim 72, slower at 64 and 128; PixArt-XL-2's O2
+step 30.78 -> 28.72 ms, ``benchmarks/results/2026-11-29_h200_step_hopper_pixart_s30.json``).
 """
 
 from __future__ import annotations
