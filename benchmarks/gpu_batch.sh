@@ -140,8 +140,14 @@
 #               cuDNN and flash SDPA                                              ~4 min
 #   hopperstep  PixArt-XL-2 step: O2, and O2 + the attention_hopper pass (Gluon
 #               attention where measured faster)                                  ~4 min
+#   hoppertests the gpu tests of both Gluon attention kernels and of the attention_hopper
+#               pass (a compiled block against eager)                             ~2 min
+#   hopperpx    PixArt-XL-2: compile, O2, O2 + attention_hopper, O3, O3 + it        ~6 min
+#   hopperdit   SD3-medium and SDXL UNet: O2 and O2 + attention_hopper (the measured
+#               choice should keep SDPA: is compile time or the step hurt?)     ~8 min
+#   hopperflux  FLUX.1-dev: O2 and O2 + attention_hopper                          ~6 min
 set -uo pipefail
-part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux|s26mem|s27o2|s27o2dit|s27flux|s28tests|s29tests|s29hooks|hopperattn|hopperstep}"
+part="${1:?part: tests|testsnew|testsdiff|pixart|sdxlfix|o3warm|fluxpre|fluxwarm|precompile|dynvae|dynunet|dynkern|o2dit|o2unet|o2flux|splitflux|fluxkern|flux|vae|compile|sdxl|o2cg|misc|wprof|fp8|fp8next|attn|attn8|attn8step|attn8dit|o3fast|o3unet|fluxo2|pool|compilepx|vaewide|unetgn|quality|qualitysd3|qualityflux|joint|geglu|qualitysd3o|jointflux|jointo3|headpad|ablatepx|ablatesd3|qualityfluxc|qualityfluxo|qualityflux32|fp8block|sdxl8|o3sdxl|qualitypx32|qualitysdxl|qualitysdxlo|freezesdxl|freezepx|catquant|catquantdit|catquantflux|lnquantflux|ropekern|ropeflux|ropeflux3|lnres|lnresdit|fluxgelu|fluxnorm|s23tests|tunepx|tuneflux|tunepx3|onepass|s25step|s26px|s26sdxl|s26sd3|s26flux|s26mem|s27o2|s27o2dit|s27flux|s28tests|s29tests|s29hooks|hopperattn|hopperstep|hoppertests|hopperpx|hopperdit|hopperflux}"
 out="${OUT:-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -499,6 +505,26 @@ case "$part" in
     V='O2={"mode":"O2"};O2-gluon={"mode":"O2","passes.attention_hopper":true}'
     run 230 step_hopper_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
       --variants "$V" --output-json "$out/step_hopper_pixart.json" ;;
+  hoppertests)  # both Gluon kernels and the pass, on the GPU
+    run 300 gpu_tests_hopper python3 -m pytest -m gpu -q -p no:cacheprovider -rs --tb=short \
+      tests/kernels/test_attention_hopper.py tests/kernels/test_attention_hopper_pass.py ;;
+  hopperpx)  # whether attention_hopper should be on in max-optimize (O2, O3): PixArt
+    V='compile;O2={"mode":"O2"};O2-gluon={"mode":"O2","passes.attention_hopper":true}'
+    V+=';O3={"mode":"O3"};O3-gluon={"mode":"O3","passes.attention_hopper":true}'
+    run 580 step_hopper_px python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
+      --variants "$V" --output-json "$out/step_hopper_px.json" ;;
+  hopperdit)  # ... the models where the measured choice should keep SDPA
+    V='O2={"mode":"O2"};O2-gluon={"mode":"O2","passes.attention_hopper":true}'
+    run 290 step_hopper_sd3 python3 benchmarks/bench_step.py --models sd3-medium \
+      --variants "$V" --output-json "$out/step_hopper_sd3.json"
+    V='O2={"mode":"O2","memory_format":"channels_last"}'
+    V+=';O2-gluon={"mode":"O2","memory_format":"channels_last","passes.attention_hopper":true}'
+    run 290 step_hopper_sdxl python3 benchmarks/bench_step.py --models sdxl-base \
+      --variants "$V" --output-json "$out/step_hopper_sdxl.json" ;;
+  hopperflux)  # ... and FLUX (head dim 128: the kernel measured 0.98x cuDNN)
+    V='O2={"mode":"O2"};O2-gluon={"mode":"O2","passes.attention_hopper":true}'
+    run 580 step_hopper_flux python3 benchmarks/bench_step.py --models flux-dev \
+      --variants "$V" --output-json "$out/step_hopper_flux.json" ;;
   s25step)  # PixArt-XL-2 compile vs O3 after Fp8Linear.weight_scale became a parameter
     # (the twenty-fifth session's inference-only fix): no step-time change expected
     run 400 step_o3_pixart python3 benchmarks/bench_step.py --models pixart-xl-2-1024 \
