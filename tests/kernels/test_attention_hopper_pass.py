@@ -90,6 +90,13 @@ def test_pass_keeps_an_explicit_scale(hopper: None) -> None:
         ("head dim 20", lambda: (_sdpa, _views(d=20))),
         ("head dim 256", lambda: (_sdpa, _views(d=256))),
         ("float32", lambda: (_sdpa, _views(dtype=torch.float32))),
+        ("negative scale", lambda: (lambda q, k, v: _sdpa(q, k, v, scale=-0.1), _views())),
+        ("start 8 bytes into a row", lambda: (
+            _sdpa, tuple(torch.randn(2, 256, 224, dtype=torch.float16)[..., 4:220]
+                         .view(2, 256, 3, 72).transpose(1, 2) for _ in range(3)))),
+        ("broadcast batch", lambda: (
+            _sdpa, tuple(torch.randn(1, 3, 256, 72, dtype=torch.float16).expand(2, 3, 256, 72)
+                         for _ in range(3)))),
         ("rows TMA cannot read", lambda: (
             _sdpa, tuple(torch.randn(2, 256, 3, 68, dtype=torch.float16)[..., :64].transpose(1, 2)
                          for _ in range(3)))),
@@ -100,6 +107,43 @@ def test_pass_leaves_what_the_kernel_does_not_take(hopper: None, case: str, make
     made, graph = _rewrites(fn, *inputs)
     assert made == 0, case
     assert not any(n.target is OP for n in graph.nodes)
+
+
+def test_pass_leaves_dynamic_shapes_alone(hopper: None) -> None:
+    """With a symbolic token count the block multiples would need a guard: SDPA stays (a
+    later resolution that is not a multiple of 128 must not reach the kernel)."""
+    q, k, v = _views()
+    for t in (q, k, v):
+        torch._dynamo.mark_dynamic(t, 2)
+    made, graph = _rewrites(_sdpa, q, k, v)
+    assert made == 0
+    assert not any(n.target is OP for n in graph.nodes)
+
+
+def test_always_picks_a_tile_that_fits_shared_memory(hopper: None) -> None:
+    """Head dim 128 leaves out the 4-stage ring (295 KB of shared memory, over Hopper's 227)."""
+    from difforge.kernels.attention_hopper import SHARED_MEMORY_LIMIT, shared_memory_bytes
+
+    assert shared_memory_bytes(64, 128, 4, 128, q_tiles=2) > SHARED_MEMORY_LIMIT
+    assert sel.fitting_tiles(72) == list(sel.TILES)
+    assert sel.fitting_tiles(128) == [(64, 128, 3)]
+    made, graph = _rewrites(_sdpa, *_views(d=128))
+    assert made == 1
+    (call,) = [n for n in graph.nodes if n.target is OP]
+    assert tuple(call.args[4:]) == (64, 128, 3)
+
+
+def test_available_only_on_nvidia_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert sel.available("cuda:0")
+    assert not sel.available("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert not sel.available("cuda:0")  # Blackwell: no wgmma
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not sel.available("cuda:0")  # ROCm's MI300 reports cc 9.4 on "cuda"
 
 
 def test_pass_leaves_sdpa_off_hopper() -> None:

@@ -24,8 +24,8 @@ groups run in step (a CTA-wide barrier before each refill), so both do their sof
 the ``attention_hopper`` pass uses (1.19x cuDNN at PixArt). This module keeps the per-block
 math both share (``_scores``, ``_pv``), the descriptors and the input checks.
 
-q, k, v are ``[B, H, S, D]`` with any strides but a contiguous head dim (views of one fused
-projection included): TMA reads them through 4-D descriptors over the ``[B, S, H, D]`` view,
+q, k, v are ``[B, H, S, D]`` with any strides that are 16-byte multiples, a contiguous head
+dim and a 16-byte-aligned start (views of one fused projection included): TMA reads them through 4-D descriptors over the ``[B, S, H, D]`` view,
 and the output is written ``[B, S, H, D]``-contiguous (returned as its ``[B, H, S, D]``
 view, so the usual ``transpose(1, 2).reshape(B, S, H * D)`` after attention is free).
 Triton's tensor shapes are powers of two, so a head dim such as 72 is read as a 64-column
@@ -297,25 +297,66 @@ def descriptors(
     return mains + tails
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int):
-    """Raise ``ValueError`` for what the kernel does not take (before any GPU work)."""
+#: The most shared memory a Hopper CTA may use (H100/H200: 227 KiB).
+SHARED_MEMORY_LIMIT = 232448
+#: Grid dimension y (one program per batch x head) is limited to this.
+MAX_BATCH_HEADS = 65535
+
+
+def tma_readable(shape: tuple[int, ...], strides: tuple[int, ...], offset: int, elem: int) -> bool:
+    """Whether TMA can read a tensor of these sizes in place: a contiguous last dim, other
+    strides 16-byte multiples (none 0 along a dim longer than 1: no broadcast views), and a
+    16-byte-aligned start relative to an aligned base (its storage offset)."""
+    if strides[-1] != 1 or offset * elem % 16:
+        return False
+    for size, stride in zip(shape[:-1], strides[:-1], strict=True):
+        if stride * elem % 16 or (stride == 0 and size > 1):
+            return False
+    return True
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+) -> None:
+    """Raise ``ValueError`` for what the kernels do not take (before any GPU work)."""
     if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention_hopper takes fp16 or bf16 q/k/v, got {q.dtype}")
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"attention_hopper takes equal [B, H, S, D] q/k/v, got {q.shape}")
-    s, d = q.shape[2], q.shape[3]
+    b, h, s, d = q.shape
     if s % block_n or s % block_m:
         raise ValueError(f"sequence length {s} must be a multiple of {block_m} and {block_n}")
-    elem = q.element_size()
+    if d % 8 or not 16 <= d <= 128:
+        raise ValueError(f"head dim {d} must be a multiple of 8 in 16..128")
+    if b * h > MAX_BATCH_HEADS:
+        raise ValueError(f"batch x heads {b * h} is over the grid's {MAX_BATCH_HEADS}")
+    if scale is not None and not scale > 0:
+        # the running row max is taken before scaling: a negative scale would pick the
+        # minimum and overflow the exponentials
+        raise ValueError(f"scale must be positive, got {scale}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(3) != 1 or any(st * elem % 16 for st in t.stride()[:3]):
+        if not tma_readable(tuple(t.shape), t.stride(), 0, t.element_size()):
             raise ValueError(
                 f"{name} needs a contiguous head dim and 16-byte strides (TMA), got {t.stride()}"
             )
         if t.data_ptr() % 16:
             raise ValueError(f"{name} must start 16-byte aligned (TMA)")
-    if d * elem % 16:
-        raise ValueError(f"head dim {d} must span a multiple of 16 bytes (TMA)")
+
+
+def shared_memory_bytes(
+    block_m: int, block_n: int, stages: int, head_dim: int, q_tiles: int
+) -> int:
+    """Shared memory a tile takes: ``q_tiles`` Q blocks (reused for the output) and a ring
+    of K and V blocks over the head dim's main and tail columns, plus its barriers."""
+    main, tail = split_head_dim(head_dim)
+    row_bytes = 2 * (main + tail)
+    barriers = 8 * (q_tiles + 3 * stages)
+    return q_tiles * block_m * row_bytes + 2 * stages * block_n * row_bytes + barriers
 
 
 def attention_hopper(
@@ -333,7 +374,9 @@ def attention_hopper(
     contiguous head dim); the result is a ``[B, H, S, D]`` view of a ``[B, S, H, D]`` tensor."""
     if not HAVE_GLUON:
         raise RuntimeError("attention_hopper needs Triton's Gluon (triton >= 3.5)")
-    check_inputs(q, k, v, block_m, block_n)
+    check_inputs(q, k, v, block_m, block_n, scale)
+    if block_m < 16 * num_warps:
+        raise ValueError(f"block_m {block_m} is under 16 rows per warp of {num_warps} warps")
     b, h, s, d = q.shape
     out = torch.empty(b, s, h, d, device=q.device, dtype=q.dtype)
     views = [t.transpose(1, 2) for t in (q, k, v)]
@@ -348,7 +391,7 @@ def attention_hopper(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HEAD_MAIN=main,
-        HEAD_TAIL=tail or 16,
+        HEAD_TAIL=tail or 8,
         HAS_TAIL=tail > 0,
         STAGES=stages,
         num_warps=num_warps,

@@ -48,22 +48,32 @@ def available(device: str) -> bool:
 
     if not HAVE_GLUON or not device.startswith("cuda") or not torch.cuda.is_available():
         return False
+    if torch.version.hip is not None:  # ROCm calls its GPUs "cuda" too (MI300: cc 9.4)
+        return False
     return torch.cuda.get_device_capability(torch.device(device))[0] == 9
+
+
+def fitting_tiles(head_dim: int) -> list[tuple[int, int, int]]:
+    """The :data:`TILES` whose shared memory fits a Hopper CTA at ``head_dim`` (head dim 128
+    leaves out the 4-stage ring)."""
+    from difforge.kernels.attention_hopper import SHARED_MEMORY_LIMIT, shared_memory_bytes
+
+    return [
+        t
+        for t in TILES
+        if shared_memory_bytes(t[0], t[1], t[2], head_dim, q_tiles=2) <= SHARED_MEMORY_LIMIT
+    ]
 
 
 def supports(shape: AttentionShape) -> bool:
     """Whether the kernel takes ``shape``: self-attention (q and kv of one length) over whole
     CTA and kv blocks (no masking yet), a head dim TMA can address (a multiple of 8, 16-128)."""
-    rows = 2 * max(t[0] for t in TILES)
-    kv = max(t[1] for t in TILES)
     d = shape.head_dim
-    return (
-        shape.seq_q == shape.seq_kv
-        and shape.seq_q % rows == 0
-        and shape.seq_q % kv == 0
-        and d % 8 == 0
-        and 16 <= d <= 128
-    )
+    if d % 8 or not 16 <= d <= 128 or shape.seq_q != shape.seq_kv:
+        return False
+    tiles = fitting_tiles(d)
+    return bool(tiles) and all(shape.seq_q % (2 * bm) == 0 and shape.seq_q % bn == 0
+                               for bm, bn, _ in tiles)  # fmt: skip
 
 
 def choose(shape: AttentionShape, policy: AttentionPolicy) -> tuple[int, int, int] | None:
@@ -71,7 +81,7 @@ def choose(shape: AttentionShape, policy: AttentionPolicy) -> tuple[int, int, in
     if not available(shape.device) or not supports(shape):
         return None
     if policy.select == "always":
-        return TILES[0]
+        return fitting_tiles(shape.head_dim)[0]
     name = torch.cuda.get_device_name(torch.device(shape.device))
     key = (name, shape, policy.min_speedup, TILES)
     if key not in measurements:
@@ -105,7 +115,7 @@ def _measure(shape: AttentionShape, min_speedup: float) -> HopperMeasurement:
         ref = sdpa(q, k, v).float()
         sdpa_ms = cuda_graph_ms(lambda: sdpa(q, k, v))
         best: tuple[float, tuple[int, int, int]] | None = None
-        for tile in TILES:
+        for tile in fitting_tiles(shape.head_dim):
             bm, bn, stages = tile
 
             def run(bm: int = bm, bn: int = bn, stages: int = stages) -> torch.Tensor:

@@ -37,9 +37,6 @@ if HAVE_GLUON:
 
     from difforge.kernels.attention_hopper import _pv, _scores
 
-    #: Consumer warp groups per CTA.
-    CONSUMERS = 2
-
     @gluon.jit
     def _attention_hopper_ws_kernel(
         q_desc,
@@ -250,7 +247,10 @@ def attention_hopper_ws(
     ``2 * block_m`` rows)."""
     if not HAVE_GLUON:
         raise RuntimeError("attention_hopper_ws needs Triton's Gluon (triton >= 3.5)")
-    check_inputs(q, k, v, 2 * block_m, block_n)
+    check_inputs(q, k, v, 2 * block_m, block_n, scale)
+    if stages < 2:
+        # a consumer needs K_j while it still holds V_{j-1}: one slot would deadlock
+        raise ValueError(f"stages must be at least 2, got {stages}")
     b, h, s, d = q.shape
     out = torch.empty(b, s, h, d, device=q.device, dtype=q.dtype)
     views = [t.transpose(1, 2) for t in (q, k, v)]
@@ -265,7 +265,7 @@ def attention_hopper_ws(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HEAD_MAIN=main,
-        HEAD_TAIL=tail or 16,
+        HEAD_TAIL=tail or 8,
         HAS_TAIL=tail > 0,
         STAGES=stages,
         PRODUCER_REGS=producer_regs,

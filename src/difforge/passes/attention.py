@@ -92,7 +92,8 @@ def _plain_sdpa(node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _eligible_shape(node: torch.fx.Node) -> object | None:
-    """The call's :class:`AttentionShape`, or None when the 8-bit kernel must not take it."""
+    """The call's :class:`AttentionShape` (sizes judged by their hints), or None when neither
+    of difforge's attention kernels may take it."""
     from difforge.kernels.attention_select import AttentionShape
 
     tensors = _plain_sdpa(node)
@@ -207,27 +208,44 @@ def attention_int8(graph: torch.fx.Graph) -> int:
         choice = choose(shape, policy)  # type: ignore[arg-type]
         if choice is None:
             continue
-        q, k, v = node.args[:3]
         scale = node_arg(node, 6, "scale")
-        with graph.inserting_before(node):
-            new = graph.call_function(attention_int8_fused, (q, k, v, scale, *choice.op_args()))
-        fake_q = node_tensor(q)
-        mode = getattr(fake_q, "fake_mode", None)
-        if mode is not None:
-            with mode:
-                new.meta["example_value"] = token_major_empty(fake_q)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        _swap_attention(graph, node, attention_int8_fused, (scale, *choice.op_args()))
         made += 1
     return made
 
 
-def _tma_readable(t: torch.Tensor) -> bool:
-    """Whether TMA can read ``t`` in place: a contiguous last dim, 16-byte strides."""
-    strides = [size_hint(st) for st in t.stride()]
-    if any(st is None for st in strides) or strides[-1] != 1:
-        return False
-    return all(st * t.element_size() % 16 == 0 for st in strides[:-1])
+def _swap_attention(
+    graph: torch.fx.Graph, node: torch.fx.Node, target: object, extra: tuple[object, ...]
+) -> None:
+    """Replace the SDPA ``node`` by ``target(q, k, v, *extra)``, whose output (fake value
+    included) is laid out as ``[B, Sq, H, D]`` like SDPA's flash kernels'."""
+    q, k, v = node.args[:3]
+    with graph.inserting_before(node):
+        new = graph.call_function(target, (q, k, v, *extra))  # type: ignore[arg-type]
+    fake_q = node_tensor(q)
+    mode = getattr(fake_q, "fake_mode", None)
+    if mode is not None:
+        with mode:
+            new.meta["example_value"] = token_major_empty(fake_q)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _static_tma_operands(node: torch.fx.Node) -> bool:
+    """Whether the call's fake q/k/v have static sizes and strides (no dynamic-shape
+    graph: the kernel's block multiples would need guards) that TMA can read in place."""
+    from difforge.kernels.attention_hopper import tma_readable
+
+    for a in node.args[:3]:
+        t = node_tensor(a)
+        if t is None:
+            return False
+        dims = (*t.shape, *t.stride(), t.storage_offset())
+        if not all(isinstance(x, int) for x in dims):
+            return False
+        if not tma_readable(tuple(t.shape), t.stride(), t.storage_offset(), t.element_size()):
+            return False
+    return True
 
 
 @register_pass("attention_hopper", stage="fx", tier="optimize")
@@ -242,23 +260,14 @@ def attention_hopper(graph: torch.fx.Graph) -> int:
         shape = _eligible_shape(node)
         if shape is None or not available(shape.device):  # type: ignore[attr-defined]
             continue
-        tensors = [node_tensor(a) for a in node.args[:3]]
-        if not all(t is not None and _tma_readable(t) for t in tensors):
+        scale = node_arg(node, 6, "scale")
+        if scale is not None and not scale > 0:  # the kernels take a positive scale only
+            continue
+        if not _static_tma_operands(node):
             continue
         tile = choose(shape, policy)  # type: ignore[arg-type]
         if tile is None:
             continue
-        q, k, v = node.args[:3]
-        scale = node_arg(node, 6, "scale")
-        op = torch.ops.difforge.attention_hopper.default
-        with graph.inserting_before(node):
-            new = graph.call_function(op, (q, k, v, scale, *tile))
-        fake_q = tensors[0]
-        mode = getattr(fake_q, "fake_mode", None)
-        if mode is not None:
-            with mode:
-                new.meta["example_value"] = token_major_empty(fake_q)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        _swap_attention(graph, node, torch.ops.difforge.attention_hopper.default, (scale, *tile))
         made += 1
     return made
