@@ -93,10 +93,11 @@ def run_child(script: str, *args: str, env: dict[str, str]) -> Any:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def compile_for_sm90(script: str) -> None:
-    """Run ``script`` (which compiles Triton kernels for sm_90a and prints ``sm90 ok``) in a
-    new process without ``TRITON_INTERPRET``: kernels imported here may have been built for
-    the interpreter. Skips where Triton has no NVIDIA backend."""
+def run_without_interpreter(script: str, cache_dir: str | None = None) -> str:
+    """Run ``script`` in a new process without ``TRITON_INTERPRET`` (kernels imported here
+    may have been built for the interpreter, which cannot be lowered) and return its
+    stdout; ``cache_dir`` as Triton's cache makes it really compile. Skips where Triton has
+    no NVIDIA backend."""
     import os
     from pathlib import Path
 
@@ -106,10 +107,32 @@ def compile_for_sm90(script: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src_dir = Path(__file__).resolve().parents[1] / "src"
     env["PYTHONPATH"] = os.pathsep.join([str(src_dir), env.get("PYTHONPATH", "")])
+    if cache_dir is not None:
+        env["TRITON_CACHE_DIR"] = cache_dir
     res = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
-    assert res.returncode == 0 and "sm90 ok" in res.stdout, res.stderr[-3000:]
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def compile_for_sm90(script: str) -> None:
+    """Run ``script`` (which compiles Triton kernels for sm_90a and prints ``sm90 ok``)
+    through :func:`run_without_interpreter`."""
+    assert "sm90 ok" in run_without_interpreter(script)
+
+
+def dynamo_graphs(fn: Any, *inputs: torch.Tensor) -> list[torch.fx.Graph]:
+    """The graphs Dynamo captures from ``fn`` (with their fake values), not compiled."""
+    graphs: list[torch.fx.Graph] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> Any:
+        graphs.append(gm.graph)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=record)(*inputs)
+    return graphs
 
 
 def tiny_pipeline(name: str, **kwargs: Any) -> Any:

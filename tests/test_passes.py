@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import difforge
 from difforge.errors import PassError
 from difforge.passes import PostGradPasses, all_passes, enabled_passes, registry
 
-from .helpers import rel_err
+from .helpers import dynamo_graphs, rel_err
 
 
 def _run(fn, *inputs, options=None):  # type: ignore[no-untyped-def]
@@ -894,19 +893,6 @@ def test_writes_no_other_node_reads_leave_the_rewrites_on() -> None:
     assert difforge.counters["fx_pass_skipped_mutation"] == 0
 
 
-def _dynamo_graphs(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> list[torch.fx.Graph]:
-    """The graphs Dynamo captures from ``fn`` (with their fake values), not compiled."""
-    graphs: list[torch.fx.Graph] = []
-
-    def record(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> Callable[..., object]:
-        graphs.append(gm.graph)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=record)(*inputs)
-    return graphs
-
-
 def test_write_is_visible_follows_readers_and_aliases() -> None:
     from difforge.passes.mutation import graph_mutates, write_is_visible
 
@@ -964,7 +950,7 @@ def test_write_is_visible_follows_readers_and_aliases() -> None:
         return h + 1
 
     x = torch.randn(4, 6)
-    (graph,) = _dynamo_graphs(fresh, x.clone())
+    (graph,) = dynamo_graphs(fresh, x.clone())
     assert not any(write_is_visible(n) for n in graph.nodes)
     assert not graph_mutates(graph)
     cases = (
@@ -972,7 +958,7 @@ def test_write_is_visible_follows_readers_and_aliases() -> None:
         item_assignment, inplace_by_position,
     )  # fmt: skip
     for fn in cases:
-        graphs = _dynamo_graphs(fn, x.clone())
+        graphs = dynamo_graphs(fn, x.clone())
         assert any(graph_mutates(g) for g in graphs), fn.__name__
 
 
@@ -987,7 +973,7 @@ def test_mutates_reads_inplace_by_position_and_item_assignment() -> None:
         a[0] = 1.0
         return a + b
 
-    (graph,) = _dynamo_graphs(fn, torch.randn(3, 4))
+    (graph,) = dynamo_graphs(fn, torch.randn(3, 4))
     calls = [n for n in graph.nodes if n.op == "call_function"]
     flags = [(getattr(n.target, "__name__", str(n.target)), mutates(n)) for n in calls]
     assert flags == [
@@ -1061,7 +1047,7 @@ def test_graph_mutates_reads_each_fake_storage_once(monkeypatch: pytest.MonkeyPa
             h = h.mul_(2)
         return h
 
-    (graph,) = _dynamo_graphs(fn, torch.randn(8))
+    (graph,) = dynamo_graphs(fn, torch.randn(8))
     calls = 0
     storage = mutation._storage
 

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers import run_without_interpreter
 
 from difforge.kernels import attention_hopper as ah
 from difforge.kernels.attention_hopper_ws import attention_hopper_ws
@@ -100,6 +101,7 @@ from triton.runtime.jit import mangle_type
 from triton.tools.disasm import get_sass
 from difforge.kernels import attention_hopper as ah
 from difforge.kernels.attention_hopper_ws import attention_hopper_ws
+from tests.helpers import run_without_interpreter
 
 out = {}
 for d in (64, 72, 128):
@@ -147,17 +149,9 @@ def sm90_code(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, s
     stages, 8 warps), built in a fresh process: this session decorates Triton functions for
     the interpreter, which cannot be lowered, and an empty cache makes it really compile."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    done = subprocess.run(
-        [sys.executable, "-c", _LOWER], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
+    out = run_without_interpreter(_LOWER, str(tmp_path_factory.mktemp("triton_cache")))
+    return json.loads(out)
 
 
 def _loop_overlaps(sass: str) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers import dynamo_graphs
 
 import difforge
 from difforge.kernels import attention_hopper_select as sel
@@ -24,16 +25,8 @@ OP = torch.ops.difforge.attention_hopper.default
 
 def _graph(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.fx.Graph:
     """The one graph Dynamo captures from ``fn`` (with fake values), not compiled."""
-    graphs: list[torch.fx.Graph] = []
-
-    def record(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> Callable[..., object]:
-        graphs.append(gm.graph)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=record)(*inputs)
-    assert len(graphs) == 1
-    return graphs[0]
+    (graph,) = dynamo_graphs(fn, *inputs)
+    return graph
 
 
 def _views(b: int = 2, s: int = 256, h: int = 3, d: int = 72, dtype=torch.float16):  # type: ignore[no-untyped-def]

@@ -153,11 +153,8 @@ if HAVE_GLUON:
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         _refill(k_desc, kt_desc, k_bars, k_smem, kt_smem, 0, STAGES, n_blocks, b, h, kv_bytes,
                 BLOCK_N, HEAD_MAIN, HAS_TAIL, num_warps)  # fmt: skip
-        m_i = gl.max(s, axis=1) * qk_scale
-        p = gl.exp2(s * qk_scale - m_i[:, None])
-        l_i = gl.sum(p, axis=1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        pt_op = gl.convert_layout(p.to(dtype), pt_layout)
+        m_i, p, l_i = _first_probs(s, qk_scale)
+        p_op, pt_op = _operands(p, dtype, p_layout, pt_layout)
         acc = gl.zeros([BLOCK_M, HEAD_MAIN], gl.float32, o_layout)
         acc_t = gl.zeros([BLOCK_M, HEAD_TAIL], gl.float32, t_layout)
 
@@ -174,18 +171,11 @@ if HAVE_GLUON:
             # only P_{j-1}·V_{j-1} is in flight while the softmax of S_j runs
             acc, acc_t = _pv(p_op, pt_op, v_smem, vt_smem, prev, acc, acc_t, BLOCK_N,
                              HEAD_MAIN, HEAD_TAIL, HAS_TAIL)  # fmt: skip
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
+            m_i, alpha, p, l_i = _next_probs(s, m_i, l_i, qk_scale)
             acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            if HAS_TAIL:
-                acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
+            acc, acc_t = _rescaled(acc, acc_t, alpha, o_rows, t_rows, HAS_TAIL)
             # P_j becomes the P·V operand only now, after the wait (see the module notes)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            pt_op = gl.convert_layout(p.to(dtype), pt_layout)
+            p_op, pt_op = _operands(p, dtype, p_layout, pt_layout)
             # K_j and V_{j-1} are consumed: their buffers take the blocks STAGES further on
             _refill(k_desc, kt_desc, k_bars, k_smem, kt_smem, slot, j + STAGES, n_blocks, b,
                     h, kv_bytes, BLOCK_N, HEAD_MAIN, HAS_TAIL, num_warps)  # fmt: skip
@@ -204,14 +194,51 @@ if HAVE_GLUON:
             mbarrier.invalidate(v_bars.index(i))
         # the output leaves through Q's buffers (same box, dtype and layout): every read of
         # Q is done, and a separate buffer would cost a kv ring stage
-        q_a.store((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(dtype))
-        if HAS_TAIL:
-            qt_a.store((acc_t / gl.convert_layout(l_i, t_rows)[:, None]).to(dtype))
+        _store_normalized(q_a, qt_a, acc, acc_t, l_i, o_rows, t_rows, dtype, HAS_TAIL)
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], q_smem)
         if HAS_TAIL:
             tma.async_copy_shared_to_global(ot_desc, [b, m0, h, HEAD_MAIN], qt_smem)
         tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _first_probs(s, qk_scale):
+        """Row max, probabilities and row sums of the first score block (log2 domain)."""
+        m_i = gl.max(s, axis=1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+        return m_i, p, gl.sum(p, axis=1)
+
+    @gluon.jit
+    def _next_probs(s, m_i, l_i, qk_scale):
+        """Online softmax over the next score block: the new row max, the factor ``alpha``
+        that moves the running sums to it, the block's probabilities and the row sums."""
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        return m_new, alpha, p, l_i * alpha + gl.sum(p, axis=1)
+
+    @gluon.jit
+    def _rescaled(acc, acc_t, alpha, o_rows: gl.constexpr, t_rows: gl.constexpr,
+                  HAS_TAIL: gl.constexpr):  # fmt: skip
+        """The output accumulators (main and tail columns) moved to the new row max."""
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        if HAS_TAIL:
+            acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
+        return acc, acc_t
+
+    @gluon.jit
+    def _operands(p, dtype: gl.constexpr, p_layout: gl.constexpr, pt_layout: gl.constexpr):
+        """P as the 16-bit register A operand of the main and tail P·V MMAs."""
+        p16 = p.to(dtype)
+        return gl.convert_layout(p16, p_layout), gl.convert_layout(p16, pt_layout)
+
+    @gluon.jit
+    def _store_normalized(q_a, qt_a, acc, acc_t, l_i, o_rows: gl.constexpr,
+                          t_rows: gl.constexpr, dtype: gl.constexpr, HAS_TAIL: gl.constexpr):  # fmt: skip
+        """O = acc / l into Q's buffers (main and tail columns), for the TMA store."""
+        q_a.store((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(dtype))
+        if HAS_TAIL:
+            qt_a.store((acc_t / gl.convert_layout(l_i, t_rows)[:, None]).to(dtype))
 
     @gluon.jit
     def _load_kv(desc, tail_desc, bars, smem, tail_smem, slot, row, b, h,

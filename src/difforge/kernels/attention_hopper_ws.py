@@ -35,7 +35,15 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from difforge.kernels.attention_hopper import _pv, _scores
+    from difforge.kernels.attention_hopper import (
+        _first_probs,
+        _next_probs,
+        _operands,
+        _pv,
+        _rescaled,
+        _scores,
+        _store_normalized,
+    )
 
     @gluon.jit
     def _attention_hopper_ws_kernel(
@@ -183,11 +191,8 @@ if HAVE_GLUON:
         s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         s = _scores(q_a, qt_a, k_smem, kt_smem, 0, s, BLOCK_N, HEAD_MAIN, HEAD_TAIL, HAS_TAIL)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        m_i = gl.max(s, axis=1) * qk_scale
-        p = gl.exp2(s * qk_scale - m_i[:, None])
-        l_i = gl.sum(p, axis=1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        pt_op = gl.convert_layout(p.to(dtype), pt_layout)
+        m_i, p, l_i = _first_probs(s, qk_scale)
+        p_op, pt_op = _operands(p, dtype, p_layout, pt_layout)
         acc = gl.zeros([BLOCK_M, HEAD_MAIN], gl.float32, o_layout)
         acc_t = gl.zeros([BLOCK_M, HEAD_TAIL], gl.float32, t_layout)
 
@@ -201,28 +206,20 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             acc, acc_t = _pv(p_op, pt_op, v_smem, vt_smem, prev, acc, acc_t, BLOCK_N,
                              HEAD_MAIN, HEAD_TAIL, HAS_TAIL)  # fmt: skip
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
+            m_i, alpha, p, l_i = _next_probs(s, m_i, l_i, qk_scale)
             acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
             # this consumer is done with block j-1's K and V
             mbarrier.arrive(kv_empty.index(prev))
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            if HAS_TAIL:
-                acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            pt_op = gl.convert_layout(p.to(dtype), pt_layout)
+            acc, acc_t = _rescaled(acc, acc_t, alpha, o_rows, t_rows, HAS_TAIL)
+            # P_j becomes the P·V operand only now, after the wait (see the module notes)
+            p_op, pt_op = _operands(p, dtype, p_layout, pt_layout)
 
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_full.index(last), ((n_blocks - 1) // STAGES) & 1)
         acc, acc_t = _pv(p_op, pt_op, v_smem, vt_smem, last, acc, acc_t, BLOCK_N, HEAD_MAIN,
                          HEAD_TAIL, HAS_TAIL)  # fmt: skip
         acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
-        q_a.store((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(dtype))
-        if HAS_TAIL:
-            qt_a.store((acc_t / gl.convert_layout(l_i, t_rows)[:, None]).to(dtype))
+        _store_normalized(q_a, qt_a, acc, acc_t, l_i, o_rows, t_rows, dtype, HAS_TAIL)
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [b, m, h, 0], q_smem)
         if HAS_TAIL:
