@@ -161,21 +161,13 @@ if HAVE_GLUON:
         for j in range(1, n_blocks):
             slot = j % STAGES
             prev = (j - 1) % STAGES
-            # barrier waits before the MMAs are issued and refills after their waits:
-            # ptxas waits for every pending wgmma at a branch between issue and wait
             mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            s = _scores(q_a, qt_a, k_smem, kt_smem, slot, s, BLOCK_N, HEAD_MAIN, HEAD_TAIL,
-                        HAS_TAIL)  # fmt: skip
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            # only P_{j-1}·V_{j-1} is in flight while the softmax of S_j runs
-            acc, acc_t = _pv(p_op, pt_op, v_smem, vt_smem, prev, acc, acc_t, BLOCK_N,
-                             HEAD_MAIN, HEAD_TAIL, HAS_TAIL)  # fmt: skip
-            m_i, alpha, p, l_i = _next_probs(s, m_i, l_i, qk_scale)
-            acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
-            acc, acc_t = _rescaled(acc, acc_t, alpha, o_rows, t_rows, HAS_TAIL)
-            # P_j becomes the P·V operand only now, after the wait (see the module notes)
-            p_op, pt_op = _operands(p, dtype, p_layout, pt_layout)
+            s, acc, acc_t, m_i, l_i, p_op, pt_op = _attend_block(
+                q_a, qt_a, k_smem, kt_smem, v_smem, vt_smem, slot, prev, s, p_op, pt_op, acc,
+                acc_t, m_i, l_i, qk_scale, dtype, p_layout, pt_layout, o_rows, t_rows, BLOCK_N,
+                HEAD_MAIN, HEAD_TAIL, HAS_TAIL,
+            )  # fmt: skip
             # K_j and V_{j-1} are consumed: their buffers take the blocks STAGES further on
             _refill(k_desc, kt_desc, k_bars, k_smem, kt_smem, slot, j + STAGES, n_blocks, b,
                     h, kv_bytes, BLOCK_N, HEAD_MAIN, HAS_TAIL, num_warps)  # fmt: skip
@@ -239,6 +231,29 @@ if HAVE_GLUON:
         q_a.store((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(dtype))
         if HAS_TAIL:
             qt_a.store((acc_t / gl.convert_layout(l_i, t_rows)[:, None]).to(dtype))
+
+    @gluon.jit
+    def _attend_block(q_a, qt_a, k_smem, kt_smem, v_smem, vt_smem, slot, prev, s, p_op, pt_op,
+                      acc, acc_t, m_i, l_i, qk_scale, dtype: gl.constexpr,
+                      p_layout: gl.constexpr, pt_layout: gl.constexpr, o_rows: gl.constexpr,
+                      t_rows: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_MAIN: gl.constexpr,
+                      HEAD_TAIL: gl.constexpr, HAS_TAIL: gl.constexpr):  # fmt: skip
+        """One kv block (K in ring ``slot``; the previous block's V in ``prev``, whose
+        probabilities are ``p_op``): S_j = Q K_jᵀ waited for first, then only
+        P_{j-1}·V_{j-1} in flight while the softmax of S_j runs, then the accumulators
+        rescaled and P_j made the next P·V operand, after that wait (see the module notes).
+        The caller's barrier waits come before and its refills after: ptxas waits for every
+        pending wgmma at a branch between issue and wait."""
+        s = _scores(q_a, qt_a, k_smem, kt_smem, slot, s, BLOCK_N, HEAD_MAIN, HEAD_TAIL,
+                    HAS_TAIL)  # fmt: skip
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        acc, acc_t = _pv(p_op, pt_op, v_smem, vt_smem, prev, acc, acc_t, BLOCK_N, HEAD_MAIN,
+                         HEAD_TAIL, HAS_TAIL)  # fmt: skip
+        m_i, alpha, p, l_i = _next_probs(s, m_i, l_i, qk_scale)
+        acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
+        acc, acc_t = _rescaled(acc, acc_t, alpha, o_rows, t_rows, HAS_TAIL)
+        p_op, pt_op = _operands(p, dtype, p_layout, pt_layout)
+        return s, acc, acc_t, m_i, l_i, p_op, pt_op
 
     @gluon.jit
     def _load_kv(desc, tail_desc, bars, smem, tail_smem, slot, row, b, h,

@@ -36,11 +36,10 @@ if HAVE_GLUON:
     )
 
     from difforge.kernels.attention_hopper import (
+        _attend_block,
         _first_probs,
-        _next_probs,
         _operands,
         _pv,
-        _rescaled,
         _scores,
         _store_normalized,
     )
@@ -201,18 +200,13 @@ if HAVE_GLUON:
             prev = (j - 1) % STAGES
             mbarrier.wait(k_full.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
-            s = _scores(q_a, qt_a, k_smem, kt_smem, slot, s, BLOCK_N, HEAD_MAIN, HEAD_TAIL,
-                        HAS_TAIL)  # fmt: skip
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            acc, acc_t = _pv(p_op, pt_op, v_smem, vt_smem, prev, acc, acc_t, BLOCK_N,
-                             HEAD_MAIN, HEAD_TAIL, HAS_TAIL)  # fmt: skip
-            m_i, alpha, p, l_i = _next_probs(s, m_i, l_i, qk_scale)
-            acc, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_t))
+            s, acc, acc_t, m_i, l_i, p_op, pt_op = _attend_block(
+                q_a, qt_a, k_smem, kt_smem, v_smem, vt_smem, slot, prev, s, p_op, pt_op, acc,
+                acc_t, m_i, l_i, qk_scale, dtype, p_layout, pt_layout, o_rows, t_rows, BLOCK_N,
+                HEAD_MAIN, HEAD_TAIL, HAS_TAIL,
+            )  # fmt: skip
             # this consumer is done with block j-1's K and V
             mbarrier.arrive(kv_empty.index(prev))
-            acc, acc_t = _rescaled(acc, acc_t, alpha, o_rows, t_rows, HAS_TAIL)
-            # P_j becomes the P·V operand only now, after the wait (see the module notes)
-            p_op, pt_op = _operands(p, dtype, p_layout, pt_layout)
 
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_full.index(last), ((n_blocks - 1) // STAGES) & 1)
