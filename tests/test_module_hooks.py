@@ -201,11 +201,13 @@ def _stamped_pool(model: nn.Module, *, weights: bool = True) -> tuple[GraphPool,
 
 
 @torch.no_grad()
-def _captured() -> tuple[nn.Sequential, GraphPool, FakeCapturer, torch.Tensor, torch.Tensor]:
+def _captured(
+    *, weights: bool = True
+) -> tuple[nn.Sequential, GraphPool, FakeCapturer, torch.Tensor, torch.Tensor]:
     """A stamped pool over an MLP that has captured one call: model, pool, capturer, the
-    call's input and its eager output."""
+    call's input and its eager output (``weights``: see :func:`_stamped_pool`)."""
     model = _mlp()
-    pool, capturer = _stamped_pool(model)
+    pool, capturer = _stamped_pool(model, weights=weights)
     x = torch.randn(2, 8)
     plain = model(x)
     pool(x)
@@ -436,10 +438,7 @@ def test_a_stamp_keeps_no_removed_root_hook_alive() -> None:
 @torch.no_grad()
 def test_weights_moved_while_hooks_were_there_drop_the_graphs() -> None:
     hooks = pytest.importorskip("diffusers.hooks")
-    model = _mlp()
-    pool, capturer = _stamped_pool(model)
-    x = torch.randn(2, 8)
-    pool(x)
+    model, pool, capturer, x, _ = _captured()
     registry = hooks.HookRegistry.check_if_exists_or_initialize(model[2])
     registry.register_hook(_Doubling.make(), "doubling")
     with pytest.warns(UserWarning, match="a graph replay would skip"):
@@ -455,10 +454,7 @@ def test_weights_moved_while_hooks_were_there_drop_the_graphs() -> None:
 @torch.no_grad()
 def test_without_weight_addresses_graphs_are_not_replayed_after_hooks() -> None:
     hooks = pytest.importorskip("diffusers.hooks")
-    model = _mlp()
-    pool, capturer = _stamped_pool(model, weights=False)
-    x = torch.randn(2, 8)
-    pool(x)
+    model, pool, capturer, x, _ = _captured(weights=False)
     registry = hooks.HookRegistry.check_if_exists_or_initialize(model[2])
     registry.register_hook(_Doubling.make(), "doubling")
     with pytest.warns(UserWarning, match="a graph replay would skip"):
